@@ -1,0 +1,322 @@
+"""Shared utilities for every stage: distributed start-up, devices, seeding, schedules,
+JSONL I/O (atomic writes), metrics, FSDP2/DDP wrapping and HF-format checkpoints.
+
+Numerics do not live here (the model is in model.py, log-probs in kernels/logprob.py, each loss
+in the stage that owns it); this module is the plumbing the stages share.
+"""
+import json
+import math
+import os
+import random
+import tempfile
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# ----------------------------------------------------------------------------------------------
+# JSONL: one JSON object per line. Reads name the file and line of a bad record; writes are atomic
+# (temp file in the same folder + os.replace) so a crash never leaves a half-written file behind.
+
+
+def read_jsonl(path):
+    """Return the list of records in a JSONL file. Blank lines are skipped; a line that is not a
+    JSON object raises ValueError naming the file and the 1-based line number."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    return records
+
+
+def atomic_write_text(path, text):
+    """Write text to path atomically: a temp file beside it, fsync, then rename over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_jsonl(path, records):
+    """Write records (dicts) as JSONL, atomically. Non-ASCII text is kept as UTF-8."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+class MetricsLogger:
+    """Per-step metrics as JSONL (rank 0 only). A log, so lines are appended and flushed as they
+    come; a rerun of a stage starts the file afresh."""
+
+    def __init__(self, path, enabled=True):
+        self.file = None
+        if enabled and path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "w", encoding="utf-8")
+
+    def log(self, **metrics):
+        if self.file is not None:
+            self.file.write(json.dumps(metrics) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed start-up: the same script runs as `python x.py` (one process) or under
+# `torchrun --nproc_per_node N x.py`, which sets RANK / LOCAL_RANK / WORLD_SIZE.
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def init_distributed(device=None):
+    """Start the process group if launched by torchrun (NCCL on GPU, gloo on CPU); pick the device.
+    `device` overrides the choice ("cpu" / "cuda")."""
+    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in
+                                    (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Dist(rank, local_rank, world_size, dev)
+
+
+def destroy_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def default_dtype(device):
+    """bf16 on GPUs that support it (training keeps fp32 master weights, see wrap_model), fp32 on CPU."""
+    if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def all_reduce_sum(value, device):
+    """Sum a number over ranks (returns a Python float); identity in a single process."""
+    t = torch.tensor(float(value), device=device, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.item()
+
+
+def shard_indices(n, rank, world_size):
+    """Indices of this rank's shard of n items: every item lands on exactly one rank, none dropped."""
+    return list(range(rank, n, world_size))
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule
+
+
+def cosine_lr(step, total_steps, peak_lr, warmup_ratio=0.03, min_lr_ratio=0.0):
+    """Linear warmup over ceil(warmup_ratio * total) steps, then cosine decay to min_lr_ratio * peak.
+    `step` counts optimizer steps from 0."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if step < warmup:
+        return peak_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return peak_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data parallelism: FSDP2 (`fully_shard` each decoder block, then the root) or DDP.
+
+
+def wrap_model(model, mode, device, param_dtype=None):
+    """mode: "fsdp" | "ddp" | "none". The model's own parameters stay fp32 (the optimizer's master
+    weights); FSDP casts them to `param_dtype` (bf16 on GPU) for compute and reduces grads in fp32."""
+    model.to(device)
+    if mode == "none" or not dist.is_initialized():
+        return model
+    if mode == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if mode != "fsdp":
+        raise ValueError(f"unknown parallel mode {mode!r} (fsdp, ddp, none)")
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype or torch.float32, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def unwrap(model):
+    """The Transformer inside a DDP wrapper (FSDP2 shards the module in place, so it is itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def gradient_sync(model, sync):
+    """Context for one micro-batch of gradient accumulation: skip the gradient all-reduce on all
+    but the last micro-batch (DDP no_sync; FSDP2's requires_gradient_sync)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return nullcontext() if sync else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+    return nullcontext()
+
+
+def clip_grad_norm(model, max_norm):
+    """Global grad-norm clipping that also works on FSDP2's sharded (DTensor) gradients."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item()
+
+
+def full_state_dict(model):
+    """The whole model's state dict on rank 0, on CPU (an empty dict on other ranks under FSDP).
+    Every rank must call it: under FSDP the shards are gathered collectively."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+def save_checkpoint(model, out_dir, tokenizer, source_dir=None, dtype=None):
+    """A full HF-format folder (config, safetensors, tokenizer, generation config) written by rank 0.
+    Collective: call it on every rank."""
+    state = full_state_dict(model)
+    if int(os.environ.get("RANK", 0)) == 0:
+        unwrap(model).save_pretrained(out_dir, state_dict=state, dtype=dtype, tokenizer=tokenizer)
+        generation_config = Path(source_dir or "", "generation_config.json")
+        if source_dir is not None and generation_config.exists():
+            atomic_write_text(Path(out_dir, "generation_config.json"), generation_config.read_text())
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and chat formatting.
+#
+# Token boundary rule (the one place it is decided): a (prompt, response) pair is encoded as
+#     encode(render(prompt, add_generation_prompt=True)) + encode(response) + end_of_turn_ids
+# with the prompt text and the response text tokenized SEPARATELY. Generation sees exactly the
+# prompt ids and then produces response tokens one by one, so no BPE merge can ever straddle the
+# boundary; encoding the two texts separately reproduces that split at training time (tokenizing
+# the concatenated string could merge the last prompt characters with the first response ones).
+# `add_special_tokens=False` everywhere: the chat template itself writes BOS where the model wants it.
+
+
+def load_tokenizer(path):
+    """The checkpoint's tokenizer with its chat template (tokenizer_config.json or chat_template.jinja)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token_id is None:
+        # Padding positions are always masked by explicit lengths, never found by comparing ids
+        # (pad may equal eos in many checkpoints), so any id is safe here.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def render_chat(tokenizer, messages, add_generation_prompt):
+    if not tokenizer.chat_template:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template: add one "
+                         "(chat_template.jinja or tokenizer_config.json['chat_template'])")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def encode_text(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def end_of_turn_ids(tokenizer):
+    """The ids the chat template writes right after an assistant message, up to and including its
+    first special token (e.g. <|im_end|>, <|eot_id|>, </s>). This is what the model must learn to
+    emit to end its turn, and what generation stops on. Falls back to [eos] if the template writes
+    no special token there."""
+    probe = "PROBE"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}]
+    text = render_chat(tokenizer, messages, add_generation_prompt=False)
+    suffix_ids = encode_text(tokenizer, text[text.rindex(probe) + len(probe):])
+    special = set(tokenizer.all_special_ids)
+    for i, token in enumerate(suffix_ids):
+        if token in special:
+            return suffix_ids[: i + 1]
+    return [tokenizer.eos_token_id]
+
+
+def stop_token_ids(tokenizer):
+    """Tokens that end a generated response: the end-of-turn token and eos."""
+    return sorted({end_of_turn_ids(tokenizer)[-1], tokenizer.eos_token_id})
+
+
+def encode_prompt(tokenizer, messages):
+    """Prompt ids exactly as generation is fed them: the chat template with the assistant header."""
+    return encode_text(tokenizer, render_chat(tokenizer, messages, add_generation_prompt=True))
+
+
+def encode_response(tokenizer, response, end_of_turn=None):
+    """Response ids: the response text tokenized alone, then the end-of-turn token(s)."""
+    return encode_text(tokenizer, response) + list(end_of_turn if end_of_turn is not None else end_of_turn_ids(tokenizer))
+
+
+def encode_conversation(tokenizer, messages, end_of_turn=None):
+    """A whole chat for SFT: returns (ids, is_assistant) where is_assistant[i] marks the tokens the
+    loss trains on (each assistant message's content and its end-of-turn token). Every assistant
+    turn is split exactly as in encode_prompt + encode_response, so SFT, DPO and generation agree.
+    Requires a template whose rendering of a conversation extends its rendering of every prefix
+    (true of ChatML, Llama-3, Qwen2, SmolLM2, Mistral); otherwise raises ValueError."""
+    end_of_turn = end_of_turn if end_of_turn is not None else end_of_turn_ids(tokenizer)
+    eot_text = tokenizer.decode(end_of_turn)
+    ids, is_assistant, rendered = [], [], ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt_text = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        if not prompt_text.startswith(rendered):
+            raise ValueError("chat template does not render conversations prefix-consistently; "
+                             "cannot split this multi-turn chat into prompt/response tokens")
+        context_ids = encode_text(tokenizer, prompt_text[len(rendered):])
+        response_ids = encode_response(tokenizer, message["content"], end_of_turn)
+        ids += context_ids + response_ids
+        is_assistant += [False] * len(context_ids) + [True] * len(response_ids)
+        rendered = prompt_text + message["content"] + eot_text
+    return ids, is_assistant

@@ -1,0 +1,404 @@
+"""A Llama-family decoder written from scratch: Llama-2/3, TinyLlama, Mistral, Qwen2, SmolLM2.
+
+    from model import Transformer
+    model = Transformer.from_pretrained("path/to/hf_folder", device="cuda", dtype=torch.bfloat16)
+    logits = model(input_ids)                 # (B, T, V)
+    hidden = model.hidden_states(input_ids)   # (B, T, H) final-normed, for kernels/logprob.py
+    model.save_pretrained("out/")             # loads unchanged in transformers.AutoModelForCausalLM
+
+Architecture (one decoder block):  x = x + Attn(RMSNorm(x));  x = x + MLP(RMSNorm(x))
+  - RMSNorm computed in fp32 and cast back, as the reference implementation does;
+  - rotary position embeddings on q and k (rotate-half layout), with Llama-3 "rope_scaling";
+  - grouped-query attention (n_kv_heads ≤ n_heads) through F.scaled_dot_product_attention;
+  - SwiGLU MLP: down(silu(gate(x)) * up(x));
+  - optional q/k/v bias (Qwen2), tied or untied input/output embeddings.
+
+Parameter names deliberately equal the Hugging Face names (`model.layers.3.self_attn.q_proj.weight`, ...)
+so a checkpoint's state dict loads and saves with no renaming table to get wrong.
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.logprob import token_logprobs
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+# ----------------------------------------------------------------------------------------------
+# Config: read from an HF config.json; the raw dict is kept so save_pretrained writes it back.
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None          # None, {"rope_type": "linear"|"llama3", ...}
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool                     # Qwen2 (always) or Llama's attention_bias
+    o_bias: bool                       # Llama's attention_bias also biases o_proj
+    mlp_bias: bool
+    sliding_window: int | None         # Mistral; we only run sequences shorter than it
+    raw: dict                          # the original config.json contents
+
+    @classmethod
+    def from_dict(cls, d):
+        model_type = d.get("model_type", "llama")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model_type {model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {d.get('hidden_act')!r} is not supported (only silu / SwiGLU)")
+        # Two config styles exist: older `rope_theta` + `rope_scaling`, newer `rope_parameters`
+        # (transformers >= 5) holding rope_type, rope_theta and the scaling keys together.
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope_theta = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"rope scaling type {rope_type!r} is not supported (default, linear, llama3)")
+        attention_bias = bool(d.get("attention_bias", False))
+        n_heads = d["num_attention_heads"]
+        use_sliding = d.get("use_sliding_window", model_type == "mistral")
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=n_heads,
+            num_key_value_heads=d.get("num_key_value_heads") or n_heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // n_heads,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=attention_bias or model_type == "qwen2",
+            o_bias=attention_bias and model_type != "qwen2",
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            sliding_window=d.get("sliding_window") if use_sliding else None,
+            raw=dict(d),
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary embeddings
+
+
+def rope_inverse_frequencies(config):
+    """inv_freq[i] = theta^(-2i/D), adjusted by the checkpoint's rope scaling. Shape (D/2,), fp32."""
+    D = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq.float()
+    if scaling["rope_type"] == "linear":  # position interpolation: positions / factor
+        return (inv_freq / scaling["factor"]).float()
+    # Llama-3.1 "llama3": long wavelengths are slowed by `factor`, short ones are kept, and the band
+    # between low_freq_factor and high_freq_factor is interpolated smoothly (Meta's reference code).
+    factor = scaling["factor"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_context = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    low_freq_wavelength, high_freq_wavelength = old_context / low, old_context / high
+    scaled = torch.where(wavelength > low_freq_wavelength, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelength - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelength >= high_freq_wavelength) & (wavelength <= low_freq_wavelength)
+    return torch.where(is_medium, smoothed, scaled).float()
+
+
+def rope_cos_sin(inv_freq, position_ids, dtype):
+    """cos/sin tables for the given positions: (B, T) -> two (B, 1, T, D) tensors (fp32 math)."""
+    angles = position_ids[..., None].float() * inv_freq  # (B, T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)          # (B, T, D): rotate-half layout
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, n_heads, T, D). Rotate-half form: pairs (i, i + D/2), as HF checkpoints expect."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalise in fp32 (bf16 variance loses precision), cast back, then scale.
+        x_float = x.float()
+        x_float = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x_float.to(x.dtype)
+
+
+class KVCache:
+    """A preallocated static cache: per layer k, v of shape (B, n_kv_heads, max_len, D).
+
+    All rows advance together: `length` tokens are filled for every row. Rows of different prompt
+    lengths are left-padded by the caller, who passes `key_padding_mask` (B, max_len) with False at
+    padded slots so no query attends to them, and per-row position_ids that count real tokens.
+    """
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.key_padding_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+        self.max_len = max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        H = config.hidden_size
+        self.q_proj = nn.Linear(H, self.n_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(H, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(H, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=config.o_bias)
+
+    def forward(self, x, cos, sin, attn_mask, cache=None, layer_index=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # write the new keys/values, attend over everything filled so far
+            start, end = cache.length, cache.length + T
+            cache.k[layer_index][:, :, start:end] = k
+            cache.v[layer_index][:, :, start:end] = v
+            k, v = cache.k[layer_index][:, :, :end], cache.v[layer_index][:, :, :end]
+        # is_causal only when there is no explicit mask (the fast flash path on GPU).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        H, I, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(H, I, bias=bias)
+        self.up_proj = nn.Linear(H, I, bias=bias)
+        self.down_proj = nn.Linear(I, H, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, attn_mask, cache=None, layer_index=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, layer_index)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embeddings + decoder blocks + final norm (HF's `model.` prefix)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Not a parameter and not saved: recomputed from the config on every construction.
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+
+    @property
+    def lm_head_weight(self):
+        """(V, H) output projection; the embedding matrix itself when embeddings are tied."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden_states(self, input_ids, position_ids=None, document_ids=None, cache=None):
+        """Final-normed hidden states (B, T, H).
+
+        position_ids (B, T): default 0..T-1 (or continuing after the cache).
+        document_ids (B, T): for packed blocks; a token attends only to earlier tokens with the same
+            document id, so packed documents never see each other (pass positions restarting per doc).
+        cache: a KVCache; the new tokens are appended after cache.length and attend to all of it.
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        start = cache.length if cache is not None else 0
+        if self.config.sliding_window is not None and start + T > self.config.sliding_window:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the sliding window "
+                             f"({self.config.sliding_window}), which this implementation does not apply")
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=device).expand(B, T)
+        attn_mask = None  # None = plain causal
+        if document_ids is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+            same_document = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+            attn_mask = (same_document & causal)[:, None]                         # (B, 1, T, T)
+        elif cache is not None:
+            # New query i (absolute position start+i) sees cached keys 0..start+i that are not padding.
+            key_index = torch.arange(start + T, device=device)
+            causal = key_index[None, :] <= (start + torch.arange(T, device=device))[:, None]  # (T, S)
+            attn_mask = (causal[None] & cache.key_padding_mask[:, None, :start + T])[:, None]  # (B, 1, T, S)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, attn_mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.model.norm(x)
+
+    def forward(self, input_ids, position_ids=None, document_ids=None, cache=None, targets=None, temperature=1.0):
+        """Logits (B, T, V) in the model's dtype; or, given `targets` (B, T) (-100 = ignored), the
+        per-token log-probs log p(target | prefix) (B, T) in fp32, computed by kernels/logprob.py from
+        the hidden states and the LM head without materialising the logits. The log-prob path goes
+        through forward (not a separate method) so that FSDP's forward hooks gather the LM head."""
+        hidden = self.hidden_states(input_ids, position_ids, document_ids, cache)
+        if targets is None:
+            return F.linear(hidden, self.lm_head_weight)
+        B, T, H = hidden.shape
+        return token_logprobs(hidden.reshape(B * T, H), self.lm_head_weight, targets.reshape(B * T),
+                              temperature=temperature).view(B, T)
+
+    def init_weights(self, std=None):
+        """Random init for training from scratch: normal(0, initializer_range) linears/embeddings."""
+        std = std if std is not None else self.config.raw.get("initializer_range", 0.02)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def num_parameters(self, exclude_embeddings=False):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.model.embed_tokens.weight.numel() if exclude_embeddings else n
+
+    # ------------------------------------------------------------------------------------------
+    # HF-format checkpoints
+
+    @classmethod
+    def from_config(cls, path_or_dict, device="cpu", dtype=torch.float32):
+        """A randomly initialised model from a config.json (path, folder or dict): training from scratch."""
+        d = path_or_dict
+        if not isinstance(d, dict):
+            p = Path(d)
+            d = json.loads((p / "config.json" if p.is_dir() else p).read_text())
+        model = cls(ModelConfig.from_dict(d))
+        model.init_weights()
+        return model.to(device=device, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
+        """Load an HF checkpoint folder: config.json + model.safetensors (or a sharded
+        model.safetensors.index.json). Weights are cast to `dtype` (bf16 or fp32 on disk both work)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}/config.json not found: expected a Hugging Face checkpoint folder")
+        config = ModelConfig.from_dict(json.loads((path / "config.json").read_text()))
+        if (path / "model.safetensors.index.json").exists():
+            weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (path / "model.safetensors").exists():
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                                    "(for a new model from a config.json use Transformer.from_config)")
+        with torch.device("meta"):
+            model = cls(config)
+        expected = model.state_dict()
+        state = {}
+        for file in files:
+            with safe_open(str(path / file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name in expected:
+                        state[name] = f.get_tensor(name).to(dtype)
+                    elif not (name == "lm_head.weight" and config.tie_word_embeddings) and not name.endswith("rotary_emb.inv_freq"):
+                        raise ValueError(f"{path}/{file}: unexpected tensor {name!r}")
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+        model.load_state_dict(state, assign=True, strict=True)
+        model.inv_freq = rope_inverse_frequencies(config)  # buffers built on meta need real values
+        return model.to(device=device)
+
+    def save_pretrained(self, path, state_dict=None, dtype=None, tokenizer=None):
+        """Write config.json + model.safetensors (+ the tokenizer's files) atomically (temp folder,
+        then rename), in a form transformers.AutoModelForCausalLM loads unchanged. `state_dict` lets a
+        caller pass a full state dict gathered from FSDP shards; `dtype` casts the saved tensors."""
+        from safetensors.torch import save_file
+
+        state = state_dict if state_dict is not None else self.state_dict()
+        state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items() if k != "inv_freq"}
+        saved_dtype = next(iter(state.values())).dtype
+        config = dict(self.config.raw)
+        config["torch_dtype"] = str(saved_dtype).removeprefix("torch.")
+        config.pop("dtype", None)
+        config.setdefault("architectures", [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                                             "qwen2": "Qwen2ForCausalLM"}[config.get("model_type", "llama")]])
+        atomic_save_folder(path, lambda tmp: (
+            save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"}),
+            Path(tmp, "config.json").write_text(json.dumps(config, indent=2) + "\n"),
+            tokenizer.save_pretrained(tmp) if tokenizer is not None else None,
+        ))
+
+
+def atomic_save_folder(path, write_into):
+    """Fill a fresh temp folder beside `path` with write_into(tmp), then swap it in. Files already in
+    `path` that write_into did not produce (tokenizer files, metrics) are carried over, so saving a
+    model into an existing checkpoint folder replaces weights and config but keeps the rest."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        write_into(tmp)
+        if path.exists():
+            for item in path.iterdir():
+                if not Path(tmp, item.name).exists():
+                    (shutil.copytree if item.is_dir() else shutil.copy2)(item, Path(tmp, item.name))
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,332 @@
+"""The project's tests: CPU-first and hermetic (tiny models and tokenizers built here, Triton kernels
+under TRITON_INTERPRET=1, distributed runs under torchrun with gloo). Run: pytest test_all.py"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from common import (atomic_write_text, cosine_lr, encode_conversation, encode_prompt, encode_response, end_of_turn_ids,
+                    load_tokenizer, read_jsonl, stop_token_ids, write_jsonl)
+from model import KVCache, Transformer
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# ----------------------------------------------------------------------------------------------
+# Fixtures: a tiny character-level tokenizer with a ChatML template, and tiny HF checkpoints.
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_char_tokenizer(folder):
+    """A character-level HF tokenizer (every printable ASCII char + newline) with ChatML specials."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {token: i for i, token in enumerate(specials + chars)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+                                        eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return len(vocab)
+
+
+def tiny_config(vocab_size, **overrides):
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=vocab_size, hidden_size=64,
+                  intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+                  hidden_act="silu", bos_token_id=None, eos_token_id=3, pad_token_id=0)
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama checkpoint + char tokenizer, saved by our own save_pretrained."""
+    folder = tmp_path_factory.mktemp("tiny_model")
+    vocab_size = build_char_tokenizer(folder)
+    torch.manual_seed(0)
+    model = Transformer.from_config(tiny_config(vocab_size))
+    model.save_pretrained(folder)
+    return folder
+
+
+def run_script(args, nproc=1, timeout=600):
+    """Run a stage script (optionally under torchrun on CPU) and return its stdout; fail loudly."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    else:
+        command = [sys.executable, *args]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# model.py against transformers
+
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+PARITY_CASES = {
+    "llama-tied": (LlamaForCausalLM, LlamaConfig, dict(tie_word_embeddings=True)),
+    "llama-untied-gqa": (LlamaForCausalLM, LlamaConfig, dict(tie_word_embeddings=False)),
+    "llama3-rope-scaling": (LlamaForCausalLM, LlamaConfig, dict(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0)),
+    "linear-rope-scaling": (LlamaForCausalLM, LlamaConfig, dict(rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    "qwen2-untied": (Qwen2ForCausalLM, Qwen2Config, dict(tie_word_embeddings=False)),
+    "qwen2-tied": (Qwen2ForCausalLM, Qwen2Config, dict(tie_word_embeddings=True)),
+}
+
+
+@pytest.mark.parametrize("case", PARITY_CASES)
+def test_model_logits_match_transformers(case, tmp_path):
+    hf_class, config_class, extra = PARITY_CASES[case]
+    torch.manual_seed(0)
+    config = config_class(vocab_size=123, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **extra)
+    reference = hf_class(config).eval()
+    with torch.no_grad():  # random (non-zero) biases so Qwen2's q/k/v bias is actually exercised
+        for name, p in reference.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    reference.save_pretrained(tmp_path / "hf")
+    ours = Transformer.from_pretrained(tmp_path / "hf").eval()
+    input_ids = torch.randint(0, 123, (2, 47))
+    with torch.no_grad():
+        expected = reference(input_ids).logits
+        got = ours(input_ids)
+    assert got.shape == (2, 47, 123)
+    assert (got - expected).abs().max().item() <= 1e-4
+    # save → transformers load → the same logits
+    ours.save_pretrained(tmp_path / "ours")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    assert type(reloaded) is hf_class
+    with torch.no_grad():
+        assert (reloaded(input_ids).logits - got).abs().max().item() <= 1e-4
+
+
+def test_model_loads_old_style_rope_config_sharded_and_bf16(tmp_path):
+    """Older config.json style (rope_theta + rope_scaling keys), a sharded bf16 checkpoint."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=123, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, rope_scaling=LLAMA3_ROPE, rope_theta=500000.0,
+                         tie_word_embeddings=False)
+    reference = LlamaForCausalLM(config).eval()
+    reference.to(torch.bfloat16).save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    config_json = json.loads((tmp_path / "hf" / "config.json").read_text())
+    rope = config_json.pop("rope_parameters")
+    config_json["rope_theta"] = rope.pop("rope_theta")
+    config_json["rope_scaling"] = rope
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config_json))
+    ours = Transformer.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    input_ids = torch.randint(0, 123, (1, 40))
+    with torch.no_grad():
+        expected = reference.float()(input_ids).logits  # same bf16-rounded weights, computed in fp32
+        assert (ours(input_ids) - expected).abs().max().item() <= 1e-4
+    assert ours.model.layers[0].self_attn.k_proj.weight.dtype == torch.float32
+
+
+def test_model_rejects_unsupported_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config(10, model_type="gpt2")))
+    with pytest.raises(ValueError, match="gpt2"):
+        Transformer.from_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config(10)))
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_kv_cache_incremental_decoding_equals_full_forward():
+    torch.manual_seed(0)
+    model = Transformer.from_config(tiny_config(50)).eval()
+    input_ids = torch.randint(0, 50, (3, 20))
+    with torch.no_grad():
+        full = model(input_ids)
+        cache = KVCache(model.config, batch_size=3, max_len=32, device="cpu", dtype=torch.float32)
+        pieces = [model(input_ids[:, :12], cache=cache)]                # prefill
+        for t in range(12, 20):                                           # one token at a time
+            pieces.append(model(input_ids[:, t:t + 1], cache=cache))
+    assert cache.length == 20
+    assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= 1e-5
+
+
+def test_kv_cache_left_padded_rows_match_unpadded():
+    """Rows of different prompt lengths, left-padded: each row's logits equal its own unpadded run."""
+    torch.manual_seed(0)
+    model = Transformer.from_config(tiny_config(50)).eval()
+    prompts = [torch.randint(0, 50, (n,)) for n in (7, 4)]
+    continuation = torch.randint(0, 50, (2, 3))
+    width = 7
+    input_ids = torch.zeros(2, width, dtype=torch.long)
+    cache = KVCache(model.config, batch_size=2, max_len=16, device="cpu", dtype=torch.float32)
+    position_ids = torch.zeros(2, width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        pad = width - len(prompt)
+        input_ids[row, pad:] = prompt
+        cache.key_padding_mask[row, :pad] = False
+        position_ids[row, pad:] = torch.arange(len(prompt))
+    with torch.no_grad():
+        model(input_ids, position_ids=position_ids, cache=cache)
+        lengths = torch.tensor([len(p) for p in prompts])
+        steps = [model(continuation[:, t:t + 1], position_ids=(lengths + t)[:, None], cache=cache) for t in range(3)]
+        for row, prompt in enumerate(prompts):
+            alone = model(torch.cat([prompt, continuation[row]])[None])
+            assert (torch.cat(steps, 1)[row] - alone[0, len(prompt):]).abs().max().item() <= 1e-5
+
+
+def test_packing_documents_do_not_see_each_other():
+    """Changing document 1 leaves document 2's logits unchanged, and document 2 packed after
+    document 1 (positions restarting) equals document 2 run alone."""
+    torch.manual_seed(0)
+    model = Transformer.from_config(tiny_config(50)).eval()
+    doc1, doc1_changed, doc2 = torch.randint(0, 50, (9,)), torch.randint(0, 50, (9,)), torch.randint(0, 50, (6,))
+    document_ids = torch.tensor([[0] * 9 + [1] * 6])
+    position_ids = torch.cat([torch.arange(9), torch.arange(6)])[None]
+    with torch.no_grad():
+        packed = model(torch.cat([doc1, doc2])[None], position_ids=position_ids, document_ids=document_ids)
+        packed_changed = model(torch.cat([doc1_changed, doc2])[None], position_ids=position_ids, document_ids=document_ids)
+        alone = model(doc2[None])
+    assert (packed[0, 9:] - packed_changed[0, 9:]).abs().max().item() == 0.0
+    assert (packed[0, 9:] - alone[0]).abs().max().item() <= 1e-5
+    assert (packed[0, :9] - packed_changed[0, :9]).abs().max().item() > 0  # document 1 did change
+
+
+def test_model_targets_path_equals_log_softmax_of_logits():
+    torch.manual_seed(0)
+    model = Transformer.from_config(tiny_config(50)).eval()
+    input_ids = torch.randint(0, 50, (2, 11))
+    targets = torch.randint(0, 50, (2, 11))
+    targets[0, :4] = -100
+    with torch.no_grad():
+        expected = torch.log_softmax(model(input_ids).float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        expected = torch.where(targets == -100, 0.0, expected)
+        got = model(input_ids, targets=targets)
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and chat formatting
+
+
+def test_chat_encoding_masks_only_assistant_tokens(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"},
+                {"role": "assistant", "content": "6!"}]
+    ids, is_assistant = encode_conversation(tokenizer, messages)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn_ids(tokenizer) == [im_end]
+    assert stop_token_ids(tokenizer) == [im_end]
+    # The trained tokens are exactly each answer's characters followed by <|im_end|>.
+    trained = [i for i, a in zip(ids, is_assistant) if a]
+    assert trained == tokenizer.convert_tokens_to_ids(["4", "<|im_end|>", "6", "!", "<|im_end|>"])
+    # The whole sequence decodes to the template's own rendering (minus its final newline).
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert tokenizer.decode(ids) == rendered.rstrip("\n")
+    # The first turn is split exactly as generation sees it: prompt ids, then response ids.
+    prompt_ids = encode_prompt(tokenizer, messages[:2])
+    response_ids = encode_response(tokenizer, "4")
+    assert ids[:len(prompt_ids) + len(response_ids)] == prompt_ids + response_ids
+    assert not any(is_assistant[:len(prompt_ids)])
+
+
+# ----------------------------------------------------------------------------------------------
+# common.py utilities
+
+
+def test_cosine_schedule_warmup_and_decay():
+    lrs = [cosine_lr(s, 100, 1.0, warmup_ratio=0.03) for s in range(100)]
+    assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # monotone decay after warmup
+    assert lrs[-1] == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(torch.pi * 96 / 97)).item()), abs=1e-6)
+    assert cosine_lr(51, 100, 1.0, warmup_ratio=0.0, min_lr_ratio=0.1) < 0.56
+
+
+def test_jsonl_roundtrip_atomic_and_errors_name_the_line(tmp_path):
+    path = tmp_path / "x.jsonl"
+    write_jsonl(path, [{"a": 1}, {"text": "héllo ✓"}])
+    assert read_jsonl(path) == [{"a": 1}, {"text": "héllo ✓"}]
+    assert [p.name for p in tmp_path.iterdir()] == ["x.jsonl"]  # no temp file left behind
+    atomic_write_text(path, '{"a": 1}\n\n{"a": 2\n')
+    with pytest.raises(ValueError, match=r"x.jsonl:3"):
+        read_jsonl(path)
+    atomic_write_text(path, '[1, 2]\n')
+    with pytest.raises(ValueError, match=r"x.jsonl:1: expected a JSON object"):
+        read_jsonl(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# sft.py
+
+
+def write_sft_data(path, n=64):
+    """Conversations the tiny model can fit: echo a short string back reversed."""
+    import random
+    rng = random.Random(0)
+    rows = []
+    for _ in range(n):
+        word = "".join(rng.choice("abcdef") for _ in range(rng.randint(3, 6)))
+        rows.append({"messages": [{"role": "user", "content": f"reverse {word}"},
+                                  {"role": "assistant", "content": word[::-1]}]})
+    write_jsonl(path, rows)
+
+
+def test_sft_lowers_loss_and_checkpoint_loads_in_transformers(tiny_model_dir, tmp_path):
+    write_sft_data(tmp_path / "sft.jsonl", n=128)
+    out = tmp_path / "sft_out"
+    run_script(["sft.py", "--model", str(tiny_model_dir), "--scratch", "--data", str(tmp_path / "sft.jsonl"),
+                "--out", str(out), "--block-size", "128", "--batch-size", "8", "--micro-batch-size", "4",
+                "--epochs", "4", "--lr", "3e-3", "--device", "cpu", "--log-every", "100"])
+    losses = [r["loss"] for r in read_jsonl(out / "metrics.jsonl")]
+    assert len(losses) >= 10
+    assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3
+    from transformers import AutoTokenizer
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "reverse abc"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    generated = hf.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    ours = Transformer.from_pretrained(out)
+    with torch.no_grad():
+        assert (ours(generated) - hf(generated).logits).abs().max().item() <= 1e-4
+    # A rerun with the checkpoint already there does nothing.
+    assert "skipping" in run_script(["sft.py", "--model", str(tiny_model_dir), "--data", str(tmp_path / "sft.jsonl"),
+                                     "--out", str(out), "--device", "cpu"])
+
+
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_sft_distributed_matches_single_process(parallel, tiny_model_dir, tmp_path):
+    """Two gloo ranks (FSDP2 or DDP) on the same global batch give the same weights as one process
+    (fp32 on CPU; tolerance 1e-5 absolute on every weight after 3 AdamW steps)."""
+    write_sft_data(tmp_path / "sft.jsonl", n=48)
+    common_args = ["sft.py", "--model", str(tiny_model_dir), "--data", str(tmp_path / "sft.jsonl"),
+                   "--block-size", "64", "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "3",
+                   "--lr", "1e-3", "--device", "cpu", "--parallel", parallel]
+    run_script(common_args + ["--out", str(tmp_path / "one")], nproc=1)
+    run_script(common_args + ["--out", str(tmp_path / "two")], nproc=2)
+    from safetensors.torch import load_file
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert one.keys() == two.keys()
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    for name in one:
+        assert (one[name] - two[name]).abs().max().item() <= 1e-5, name
+    assert any((one[n] - initial[n]).abs().max() > 1e-4 for n in one)  # training moved the weights
