@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import shutil
 import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------
 # JSONL: one JSON object per line. Reads name the file and line of a bad record; writes are atomic
@@ -149,6 +151,44 @@ def all_reduce_sum(value, device):
 def shard_indices(n, rank, world_size):
     """Indices of this rank's shard of n items: every item lands on exactly one rank, none dropped."""
     return list(range(rank, n, world_size))
+
+
+def process_in_chunks(records, out_path, process, dist_info, chunk_size=64, desc="processing"):
+    """Apply `process(list of records) -> list of records` to `records` chunk by chunk and write the
+    concatenated results, in input order, to out_path (JSONL). Crash-safe and rank-count-free:
+      - chunk c (records[c*chunk_size:(c+1)*chunk_size]) runs on rank c % world_size;
+      - each finished chunk is written atomically to OUT.parts-n{N}-c{chunk_size}/{c}.jsonl, and a
+        rerun skips chunks already there (so no record is lost or done twice);
+      - rank 0 finally merges the chunks into out_path (atomically) and removes the parts folder.
+    Collective under torchrun: every rank must call it. Returns nothing; read out_path."""
+    out_path = Path(out_path)
+    n_chunks = math.ceil(len(records) / chunk_size)
+    parts = out_path.with_name(f"{out_path.name}.parts-n{len(records)}-c{chunk_size}")
+    mine = [c for c in range(n_chunks) if c % dist_info.world_size == dist_info.rank]
+    todo = [c for c in mine if not (parts / f"{c:06d}.jsonl").exists()]
+    if len(todo) < len(mine):
+        print0(f"{desc}: resuming, {len(mine) - len(todo)} of {len(mine)} chunks already done")
+    for c in tqdm(todo, desc=desc, disable=not dist_info.is_main):
+        results = process(records[c * chunk_size:(c + 1) * chunk_size])
+        write_jsonl(parts / f"{c:06d}.jsonl", results)
+    if dist.is_initialized():
+        dist.barrier()
+    if dist_info.is_main:
+        merged = [r for c in range(n_chunks) for r in read_jsonl(parts / f"{c:06d}.jsonl")]
+        write_jsonl(out_path, merged)
+        shutil.rmtree(parts, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def right_pad(sequences, pad_id, device=None):
+    """Token lists -> (ids (B, T) right-padded, lengths (B,)). Real tokens are found through
+    `lengths`, never by comparing with pad_id (pad often equals eos)."""
+    lengths = torch.tensor([len(s) for s in sequences])
+    ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return ids.to(device), lengths.to(device)
 
 
 # ----------------------------------------------------------------------------------------------

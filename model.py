@@ -234,18 +234,35 @@ class Backbone(nn.Module):
 # The model
 
 
+ARCHITECTURES = {("llama", "lm"): "LlamaForCausalLM", ("mistral", "lm"): "MistralForCausalLM", ("qwen2", "lm"): "Qwen2ForCausalLM",
+                 ("llama", "score"): "LlamaForSequenceClassification", ("mistral", "score"): "MistralForSequenceClassification",
+                 ("qwen2", "score"): "Qwen2ForSequenceClassification"}
+
+
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """head="lm": a causal LM (logits over the vocabulary).
+    head="score": a reward model, the same backbone with a linear scalar head `score` (H -> 1, no
+    bias) in place of the LM head, saved as HF's *ForSequenceClassification with num_labels=1."""
+
+    def __init__(self, config: ModelConfig, head="lm"):
         super().__init__()
-        self.config = config
+        if head not in ("lm", "score"):
+            raise ValueError(f"head must be 'lm' or 'score', got {head!r}")
+        self.config, self.head = config, head
         self.model = Backbone(config)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None
+        if head == "lm" and not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if head == "score":
+            self.score = nn.Linear(config.hidden_size, 1, bias=False)
         # Not a parameter and not saved: recomputed from the config on every construction.
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
 
     @property
     def lm_head_weight(self):
         """(V, H) output projection; the embedding matrix itself when embeddings are tied."""
+        if self.head != "lm":
+            raise AttributeError("a reward model (head='score') has no LM head")
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def hidden_states(self, input_ids, position_ids=None, document_ids=None, cache=None):
@@ -283,11 +300,13 @@ class Transformer(nn.Module):
         return self.model.norm(x)
 
     def forward(self, input_ids, position_ids=None, document_ids=None, cache=None, targets=None, temperature=1.0):
-        """Logits (B, T, V) in the model's dtype; or, given `targets` (B, T) (-100 = ignored), the
+        """Logits (B, T, V) in the model's dtype (scores (B, T) for a reward model); or, given `targets` (B, T) (-100 = ignored), the
         per-token log-probs log p(target | prefix) (B, T) in fp32, computed by kernels/logprob.py from
         the hidden states and the LM head without materialising the logits. The log-prob path goes
         through forward (not a separate method) so that FSDP's forward hooks gather the LM head."""
         hidden = self.hidden_states(input_ids, position_ids, document_ids, cache)
+        if self.head == "score":  # a scalar per position (B, T); the caller reads the last real token
+            return F.linear(hidden, self.score.weight).squeeze(-1).float()
         if targets is None:
             return F.linear(hidden, self.lm_head_weight)
         B, T, H = hidden.shape
@@ -313,20 +332,22 @@ class Transformer(nn.Module):
     # HF-format checkpoints
 
     @classmethod
-    def from_config(cls, path_or_dict, device="cpu", dtype=torch.float32):
+    def from_config(cls, path_or_dict, device="cpu", dtype=torch.float32, head="lm"):
         """A randomly initialised model from a config.json (path, folder or dict): training from scratch."""
         d = path_or_dict
         if not isinstance(d, dict):
             p = Path(d)
             d = json.loads((p / "config.json" if p.is_dir() else p).read_text())
-        model = cls(ModelConfig.from_dict(d))
+        model = cls(ModelConfig.from_dict(d), head=head)
         model.init_weights()
         return model.to(device=device, dtype=dtype)
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, head="lm"):
         """Load an HF checkpoint folder: config.json + model.safetensors (or a sharded
-        model.safetensors.index.json). Weights are cast to `dtype` (bf16 or fp32 on disk both work)."""
+        model.safetensors.index.json). Weights are cast to `dtype` (bf16 or fp32 on disk both work).
+        head="score" from a causal-LM checkpoint drops its LM head and starts a new scalar head with
+        std 1/sqrt(H + 1) (as OpenRLHF and TRL do); from a reward-model checkpoint it loads `score`."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -342,7 +363,7 @@ class Transformer(nn.Module):
             raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
                                     "(for a new model from a config.json use Transformer.from_config)")
         with torch.device("meta"):
-            model = cls(config)
+            model = cls(config, head=head)
         expected = model.state_dict()
         state = {}
         for file in files:
@@ -350,8 +371,11 @@ class Transformer(nn.Module):
                 for name in f.keys():
                     if name in expected:
                         state[name] = f.get_tensor(name).to(dtype)
-                    elif not (name == "lm_head.weight" and config.tie_word_embeddings) and not name.endswith("rotary_emb.inv_freq"):
+                    elif not (name == "lm_head.weight" and (config.tie_word_embeddings or head == "score")) \
+                            and not name.endswith("rotary_emb.inv_freq"):
                         raise ValueError(f"{path}/{file}: unexpected tensor {name!r}")
+        if head == "score" and "score.weight" not in state:
+            state["score.weight"] = torch.randn(1, config.hidden_size, dtype=dtype) / math.sqrt(config.hidden_size + 1)
         missing = sorted(set(expected) - set(state))
         if missing:
             raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
@@ -371,8 +395,9 @@ class Transformer(nn.Module):
         config = dict(self.config.raw)
         config["torch_dtype"] = str(saved_dtype).removeprefix("torch.")
         config.pop("dtype", None)
-        config.setdefault("architectures", [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                                             "qwen2": "Qwen2ForCausalLM"}[config.get("model_type", "llama")]])
+        config["architectures"] = [ARCHITECTURES[config.get("model_type", "llama"), self.head]]
+        if self.head == "score":
+            config.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
         atomic_save_folder(path, lambda tmp: (
             save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"}),
             Path(tmp, "config.json").write_text(json.dumps(config, indent=2) + "\n"),

@@ -1,0 +1,402 @@
+"""Reward modelling: a Bradley-Terry reward model or a pairwise preference model, their evaluation,
+and reward scoring of sampled responses for the online loop (paper 1, RLHF Workflow, §2).
+
+    # train a Bradley-Terry RM from the SFT checkpoint (paper 1: 1 epoch, lr 2e-6, batch 512)
+    python train_rm.py --model runs/builtin/sft --pairs data/builtin/pairs_train.jsonl \\
+        --eval-pairs data/builtin/pairs_eval.jsonl --out runs/builtin/rm --type bt
+    torchrun --nproc_per_node 8 train_rm.py --model runs/sft --pairs pairs.jsonl --out runs/rm --type bt
+
+    # a pairwise preference model: "[CONTEXT] x [RESPONSE A] a1 [RESPONSE B] a2" -> "A" / "B"
+    python train_rm.py --model runs/builtin/sft --pairs data/builtin/pairs_train.jsonl --out runs/builtin/pm \\
+        --type pairwise --lr 5e-6
+
+    # score n samples per prompt for the online loop (batched, sharded under torchrun, resumable)
+    python train_rm.py --score --rm runs/builtin/rm --samples samples.jsonl --out rewards.jsonl
+
+    # evaluate: held-out accuracy (overall and per `source`) and the length-bias statistic
+    python train_rm.py --eval --rm runs/builtin/rm --pairs data/builtin/pairs_eval.jsonl --samples samples.jsonl
+
+Bradley-Terry (paper 1, eq. (1)): P(a_w ≻ a_l | x) = σ(r(x, a_w) − r(x, a_l)), trained by
+L = −log σ(r_w − r_l). The reward r(x, a) is a linear head on the backbone's last hidden state,
+read at the last real token of prompt + response (the end-of-turn token), found from the sequence
+lengths — never by searching for the pad id, which many checkpoints set equal to eos.
+The saved RM is an HF *ForSequenceClassification folder (num_labels=1, head `score`), so other
+tools load it; its pad_token_id is set to an id that never occurs inside a scored sequence, because
+transformers finds the last real token as the last non-pad one.
+"""
+import argparse
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import (MetricsLogger, all_reduce_sum, atomic_write_text, clip_grad_norm, cosine_lr, default_dtype, destroy_distributed,
+                    encode_prompt, encode_response, end_of_turn_ids, gradient_sync, init_distributed, load_tokenizer,
+                    print0, process_in_chunks, right_pad, save_checkpoint, seed_everything, wrap_model)
+from data.schema import load_records, render_context
+from model import Transformer
+
+PAIRWISE_TEMPLATE = "[CONTEXT] {context} [RESPONSE A] {response_a} [RESPONSE B] {response_b}"
+
+# ----------------------------------------------------------------------------------------------
+# The math: the BT loss and how a reward is read off the model.
+
+
+def bt_loss(chosen_rewards, rejected_rewards, margin=None, center_coef=0.0):
+    """Per-pair Bradley-Terry loss −log σ(r_w − r_l − m)  (paper 1 §2.1; m is Llama-2's optional
+    margin, 0 by default), plus the optional reward-centering term c·(r_w + r_l)² (Eisenstein et
+    al. 2023) that pins the rewards' arbitrary offset near 0. Inputs (B,), output (B,)."""
+    difference = chosen_rewards - rejected_rewards
+    if margin is not None:
+        difference = difference - margin
+    loss = -F.logsigmoid(difference)  # logsigmoid is stable for large |difference|
+    if center_coef:
+        loss = loss + center_coef * (chosen_rewards + rejected_rewards) ** 2
+    return loss
+
+
+def sequence_rewards(model, sequences, pad_id, device):
+    """Scalar reward of each token list (B,), read at its last real token (index length − 1).
+    Sequences are right-padded, so padding comes after every real token and, under causal attention,
+    cannot change the hidden state the reward is read from."""
+    input_ids, lengths = right_pad(sequences, pad_id, device)
+    scores = model(input_ids)                                    # (B, T)
+    return scores.gather(1, (lengths - 1)[:, None]).squeeze(1)   # (B,)
+
+
+def pair_token_ids(tokenizer, prompt, response, end_of_turn, max_length):
+    """prompt + response tokens, split exactly as generation produced them (common.py). Truncation
+    keeps the first max_length tokens; callers count and report it."""
+    ids = encode_prompt(tokenizer, prompt) + encode_response(tokenizer, response, end_of_turn)
+    return ids[:max_length], len(ids) > max_length
+
+
+# ----------------------------------------------------------------------------------------------
+# Pairwise preference model: an LM asked which of two responses is better.
+
+
+def pairwise_query_ids(tokenizer, prompt, response_a, response_b):
+    """The pairwise model's input as a chat turn; the next token it generates is "A" or "B"."""
+    text = PAIRWISE_TEMPLATE.format(context=render_context(prompt), response_a=response_a, response_b=response_b)
+    return encode_prompt(tokenizer, [{"role": "user", "content": text}])
+
+
+def label_token_ids(tokenizer):
+    ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in ("A", "B")]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"'A' and 'B' must each be a single token for the pairwise model, got {ids}")
+    return ids[0][0], ids[1][0]
+
+
+def pairwise_logits_ab(model, queries, tokenizer, device):
+    """(B, 2) logits of the tokens "A" and "B" at the position after each query."""
+    a_id, b_id = label_token_ids(tokenizer)
+    input_ids, lengths = right_pad(queries, tokenizer.pad_token_id, device)
+    logits = model(input_ids)                                                      # (B, T, V)
+    last = logits[torch.arange(len(queries), device=device), lengths - 1]          # (B, V)
+    return last[:, [a_id, b_id]].float()
+
+
+@torch.no_grad()
+def pairwise_preference(model, tokenizer, prompts, responses_1, responses_2, device):
+    """P(response_1 ≻ response_2 | prompt) (B,): P("A") with response_1 shown first, averaged with
+    P("B") with the order swapped, so a position bias cancels (paper 1 §2.2)."""
+    first = [pairwise_query_ids(tokenizer, p, a, b) for p, a, b in zip(prompts, responses_1, responses_2)]
+    swapped = [pairwise_query_ids(tokenizer, p, b, a) for p, a, b in zip(prompts, responses_1, responses_2)]
+    p_first = pairwise_logits_ab(model, first, tokenizer, device).softmax(-1)[:, 0]
+    p_swapped = pairwise_logits_ab(model, swapped, tokenizer, device).softmax(-1)[:, 1]
+    return (p_first + p_swapped) / 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def preference_accuracy(model, tokenizer, pairs, kind, device, batch_size, max_length):
+    """Held-out accuracy: the fraction of pairs where the model prefers `chosen` (BT: r_w > r_l;
+    pairwise: P(chosen ≻ rejected) > 0.5); ties count as half. Returns overall and per-source."""
+    end_of_turn = end_of_turn_ids(tokenizer)
+    correct = []
+    for start in tqdm(range(0, len(pairs), batch_size), desc="eval", leave=False):
+        batch = pairs[start:start + batch_size]
+        if kind == "bt":
+            chosen = [pair_token_ids(tokenizer, p["prompt"], p["chosen"], end_of_turn, max_length)[0] for p in batch]
+            rejected = [pair_token_ids(tokenizer, p["prompt"], p["rejected"], end_of_turn, max_length)[0] for p in batch]
+            rewards = sequence_rewards(model, chosen + rejected, tokenizer.pad_token_id, device)
+            difference = rewards[:len(batch)] - rewards[len(batch):]
+        else:
+            difference = pairwise_preference(model, tokenizer, [p["prompt"] for p in batch], [p["chosen"] for p in batch],
+                                             [p["rejected"] for p in batch], device) - 0.5
+        correct += ((difference > 0).float() + 0.5 * (difference == 0).float()).tolist()
+    by_source = defaultdict(list)
+    for pair, c in zip(pairs, correct):
+        by_source[pair.get("source", "all")].append(c)
+    return sum(correct) / max(1, len(correct)), {s: sum(v) / len(v) for s, v in sorted(by_source.items())}
+
+
+def pearson(xs, ys):
+    """Pearson correlation of two equal-length lists; None when either is constant."""
+    x, y = torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)
+    x, y = x - x.mean(), y - y.mean()
+    denominator = (x.norm() * y.norm()).item()
+    return None if denominator == 0 else (x @ y).item() / denominator
+
+
+def length_bias(records):
+    """Paper 1 Fig. 3: the mean over prompts of the Pearson correlation between the reward and the
+    length (in tokens; characters when token counts are absent) of the n responses to a prompt.
+    Prompts whose lengths or rewards are all equal have no correlation and are left out (counted)."""
+    correlations = []
+    for record in records:
+        lengths = record.get("num_tokens") or [len(r) for r in record["responses"]]
+        c = pearson(record["rewards"], lengths)
+        if c is not None:
+            correlations.append(c)
+    mean = sum(correlations) / len(correlations) if correlations else float("nan")
+    return mean, len(correlations), len(records) - len(correlations)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring for the online loop
+
+
+def score_records(model, tokenizer, records, device, batch_size, max_length):
+    """Add `rewards` (one float per response) to each samples record."""
+    end_of_turn = end_of_turn_ids(tokenizer)
+    flat = [(i, pair_token_ids(tokenizer, r["prompt"], response, end_of_turn, max_length))
+            for i, r in enumerate(records) for response in r["responses"]]
+    truncated = sum(t for _, (_, t) in flat)
+    if truncated:
+        print0(f"warning: {truncated} responses exceed --max-length {max_length}; scored on their first {max_length} tokens")
+    rewards = []
+    with torch.no_grad():
+        for start in range(0, len(flat), batch_size):
+            sequences = [ids for _, (ids, _) in flat[start:start + batch_size]]
+            rewards += sequence_rewards(model, sequences, tokenizer.pad_token_id, device).tolist()
+    out, position = [], 0
+    for record in records:
+        n = len(record["responses"])
+        out.append({**record, "rewards": rewards[position:position + n]})
+        position += n
+    return out
+
+
+def load_for_inference(path, kind, device):
+    dtype = default_dtype(device)
+    model = Transformer.from_pretrained(path, device=device, dtype=dtype, head="score" if kind == "bt" else "lm")
+    return model.eval()
+
+
+def model_kind(path):
+    """'bt' for a saved reward model (a sequence classifier), 'pairwise' for a causal LM."""
+    architectures = json.loads((Path(path) / "config.json").read_text()).get("architectures", [""])
+    return "bt" if architectures[0].endswith("ForSequenceClassification") else "pairwise"
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def train(args, dist_info):
+    device = dist_info.device
+    compute_dtype = default_dtype(device)
+    tokenizer = load_tokenizer(args.model)
+    end_of_turn = end_of_turn_ids(tokenizer)
+    pairs = load_records(args.pairs, "pairs")
+    rng = torch.Generator().manual_seed(args.seed)
+
+    # Data: each pair becomes token lists. BT: (chosen, rejected) sequences; pairwise: one query in
+    # a random A/B order (fights position bias) with the correct label token as the target.
+    examples, truncated = [], 0
+    if args.type == "bt":
+        for p in pairs:
+            chosen, t1 = pair_token_ids(tokenizer, p["prompt"], p["chosen"], end_of_turn, args.max_length)
+            rejected, t2 = pair_token_ids(tokenizer, p["prompt"], p["rejected"], end_of_turn, args.max_length)
+            truncated += t1 + t2
+            examples.append((chosen, rejected, float(p.get("margin", 0.0)) if args.use_margin else 0.0))
+    else:
+        a_id, b_id = label_token_ids(tokenizer)
+        flips = torch.rand(len(pairs), generator=rng) < 0.5
+        for p, chosen_second in zip(pairs, flips.tolist()):
+            first, second = (p["rejected"], p["chosen"]) if chosen_second else (p["chosen"], p["rejected"])
+            query = pairwise_query_ids(tokenizer, p["prompt"], first, second)
+            truncated += len(query) > args.max_length
+            examples.append((query[-args.max_length:], b_id if chosen_second else a_id, 0.0))
+    if truncated:
+        print0(f"warning: {truncated} sequences exceed --max-length {args.max_length} and were truncated")
+
+    steps_per_epoch = math.ceil(len(examples) / args.batch_size)
+    total_steps = math.ceil(args.epochs * steps_per_epoch)
+    if args.max_steps > 0:
+        total_steps = min(total_steps, args.max_steps)
+    micro_steps = math.ceil(args.batch_size / (dist_info.world_size * args.micro_batch_size))
+    print0(f"{len(examples)} pairs, {total_steps} steps of {args.batch_size} pairs "
+           f"({micro_steps} micro-batches of {args.micro_batch_size} per rank)")
+
+    model = Transformer.from_pretrained(args.model, head="score" if args.type == "bt" else "lm").float()
+    model = wrap_model(model, args.parallel, device, param_dtype=compute_dtype)
+    autocast = torch.autocast(device.type, dtype=compute_dtype,
+                              enabled=compute_dtype != torch.float32 and not hasattr(model, "set_requires_gradient_sync"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+
+    schedule = []
+    for _ in range(math.ceil(args.epochs)):
+        permutation = torch.randperm(len(examples), generator=rng).tolist()
+        schedule += [permutation[i:i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
+
+    metrics = MetricsLogger(Path(args.out) / "metrics.jsonl", enabled=dist_info.is_main)
+    model.train()
+    for step in tqdm(range(total_steps), desc=f"train_rm ({args.type})", disable=not dist_info.is_main):
+        t0 = time.time()
+        per_rank = micro_steps * args.micro_batch_size
+        indices = schedule[step]
+        n_pairs = len(indices)
+        indices = indices + [-1] * (per_rank * dist_info.world_size - n_pairs)  # -1: padding, weight 0
+        mine = indices[dist_info.rank * per_rank:(dist_info.rank + 1) * per_rank]
+        lr = cosine_lr(step, total_steps, args.lr, args.warmup_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum, correct_sum = 0.0, 0.0
+        for m in range(micro_steps):
+            batch = [examples[i] if i >= 0 else examples[0] for i in mine[m * args.micro_batch_size:(m + 1) * args.micro_batch_size]]
+            weight = torch.tensor([float(i >= 0) for i in mine[m * args.micro_batch_size:(m + 1) * args.micro_batch_size]], device=device)
+            with gradient_sync(model, sync=m == micro_steps - 1), autocast:
+                if args.type == "bt":
+                    rewards = sequence_rewards(model, [e[0] for e in batch] + [e[1] for e in batch], tokenizer.pad_token_id, device)
+                    chosen, rejected = rewards[:len(batch)], rewards[len(batch):]
+                    per_pair = bt_loss(chosen, rejected, torch.tensor([e[2] for e in batch], device=device), args.center_coef)
+                    correct = (chosen > rejected).float()
+                else:  # cross-entropy on the label token, over the full vocabulary
+                    input_ids, lengths = right_pad([e[0] for e in batch], tokenizer.pad_token_id, device)
+                    targets = torch.full_like(input_ids, -100)
+                    targets[torch.arange(len(batch), device=device), lengths - 1] = torch.tensor([e[1] for e in batch], device=device)
+                    per_pair = -model(input_ids, targets=targets).sum(1)
+                    correct = (per_pair < math.log(2)).float()  # the label has probability > 1/2
+                # Mean over the global batch's pairs: divide by its size, × world size (grads are averaged).
+                loss = (per_pair * weight).sum() / n_pairs * dist_info.world_size
+                loss.backward()
+            loss_sum += loss.item() / dist_info.world_size
+            correct_sum += (correct * weight).sum().item()
+        grad_norm = clip_grad_norm(model, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        line = dict(step=step + 1, loss=all_reduce_sum(loss_sum, device), accuracy=all_reduce_sum(correct_sum, device) / n_pairs,
+                    lr=lr, grad_norm=grad_norm, ms=(time.time() - t0) * 1000)
+        metrics.log(**line)
+        if dist_info.is_main and (step % args.log_every == 0 or step == total_steps - 1):
+            tqdm.write(f"step {step + 1}/{total_steps} | loss {line['loss']:.4f} | acc {line['accuracy']:.3f} | "
+                       f"lr {lr:.2e} | grad {grad_norm:.3f} | {line['ms']:.0f} ms")
+    metrics.close()
+
+    if args.type == "bt":
+        # transformers' sequence classifier reads the last token that is not pad_token_id; make
+        # sure no real token is the pad, so it reads the same (last real) token we do.
+        unwrapped = model.module if hasattr(model, "module") else model
+        unwrapped.config.raw["pad_token_id"] = unused_pad_id(tokenizer)
+    save_checkpoint(model, args.out, tokenizer, source_dir=args.model)
+    print0(f"saved {args.out}")
+
+
+def unused_pad_id(tokenizer):
+    """A token id that never appears inside a chat sequence: the pad token when it is distinct from
+    eos/end-of-turn, else the unk token or the last vocabulary id."""
+    used = set(end_of_turn_ids(tokenizer)) | {tokenizer.eos_token_id}
+    for candidate in (tokenizer.pad_token_id, tokenizer.unk_token_id, len(tokenizer) - 1):
+        if candidate is not None and candidate not in used:
+            return candidate
+    raise ValueError("no token id is free to serve as the reward model's pad_token_id")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--type", choices=["bt", "pairwise"], default="bt", help="Bradley-Terry RM or pairwise preference model")
+    parser.add_argument("--model", help="[train] starting checkpoint (the SFT model)")
+    parser.add_argument("--pairs", help="[train, eval] preference pairs JSONL")
+    parser.add_argument("--eval-pairs", help="[train] held-out pairs evaluated after training")
+    parser.add_argument("--out", help="[train] output folder; [score] output rewards JSONL")
+    parser.add_argument("--score", action="store_true", help="score a samples file with --rm")
+    parser.add_argument("--eval", action="store_true", help="evaluate --rm on --pairs (and length bias on --samples)")
+    parser.add_argument("--rm", help="[score, eval] a trained model folder")
+    parser.add_argument("--samples", help="[score, eval] samples JSONL (id, prompt, responses, ...)")
+    parser.add_argument("--lr", type=float, default=2e-6, help="peak learning rate (paper 1: 2e-6 BT, 5e-6 pairwise)")
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the pairs")
+    parser.add_argument("--batch-size", type=int, default=512, help="global batch in pairs (paper 1: 512)")
+    parser.add_argument("--micro-batch-size", type=int, default=8, help="pairs per forward per rank")
+    parser.add_argument("--max-length", type=int, default=2048, help="tokens per sequence; longer ones are truncated (counted)")
+    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: epochs decide)")
+    parser.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warmup fraction of the cosine schedule")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    parser.add_argument("--use-margin", action="store_true", help="BT: subtract each pair's `margin` inside the sigmoid")
+    parser.add_argument("--center-coef", type=float, default=0.0, help="BT: reward-centering coefficient (0: off)")
+    parser.add_argument("--eval-batch-size", type=int, default=32, help="sequences per forward when scoring/evaluating")
+    parser.add_argument("--chunk-size", type=int, default=256, help="[score] prompts per resumable chunk")
+    parser.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp", help="data parallelism under torchrun")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--seed", type=int, default=0, help="global seed")
+    parser.add_argument("--log-every", type=int, default=10, help="print a step line every N steps")
+    args = parser.parse_args()
+
+    dist_info = init_distributed(args.device)
+    seed_everything(args.seed)
+    if args.score:
+        if not (args.rm and args.samples and args.out):
+            parser.error("--score needs --rm, --samples and --out")
+        if Path(args.out).exists():
+            print0(f"{args.out} exists; skipping")
+        else:
+            model = load_for_inference(args.rm, "bt", dist_info.device)
+            tokenizer = load_tokenizer(args.rm)
+            records = load_records(args.samples, "samples")
+            process_in_chunks(records, args.out, lambda chunk: score_records(model, tokenizer, chunk, dist_info.device,
+                                                                             args.eval_batch_size, args.max_length),
+                              dist_info, chunk_size=args.chunk_size, desc="scoring")
+            print0(f"wrote {args.out}")
+    elif args.eval:
+        if not args.rm or not (args.pairs or args.samples):
+            parser.error("--eval needs --rm and --pairs and/or --samples")
+        if dist_info.is_main:
+            evaluate(args.rm, args.pairs, args.samples, dist_info.device, args.eval_batch_size, args.max_length)
+    else:
+        if not (args.model and args.pairs and args.out):
+            parser.error("training needs --model, --pairs and --out")
+        if (Path(args.out) / "model.safetensors").exists():
+            print0(f"{args.out} already holds a model; skipping")
+        else:
+            train(args, dist_info)
+        if args.eval_pairs and dist_info.is_main:
+            evaluate(args.out, args.eval_pairs, None, dist_info.device, args.eval_batch_size, args.max_length)
+    destroy_distributed()
+
+
+def evaluate(path, pairs_path, samples_path, device, batch_size, max_length):
+    """Print and save (eval.json in the model folder) accuracy and the length-bias statistic."""
+    kind = model_kind(path)
+    model, tokenizer = load_for_inference(path, kind, device), load_tokenizer(path)
+    results = {"model": str(path), "type": kind}
+    if pairs_path:
+        accuracy, by_source = preference_accuracy(model, tokenizer, load_records(pairs_path, "pairs"), kind, device,
+                                                  batch_size, max_length)
+        results.update(pairs=str(pairs_path), accuracy=accuracy, accuracy_by_source=by_source)
+        print0(f"held-out accuracy {accuracy:.4f}  " + "  ".join(f"{s}: {a:.4f}" for s, a in by_source.items()))
+    if samples_path and kind == "bt":
+        scored = score_records(model, tokenizer, load_records(samples_path, "samples"), device, batch_size, max_length)
+        mean, used, skipped = length_bias(scored)
+        results.update(length_correlation=mean, length_correlation_prompts=used)
+        print0(f"reward-length Pearson correlation: mean {mean:.4f} over {used} prompts ({skipped} with constant length or reward)")
+    atomic_write_text(Path(path) / "eval.json", json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
