@@ -152,19 +152,20 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """A preallocated static cache: per layer k, v of shape (B, n_kv_heads, max_len, D).
-
-    All rows advance together: `length` tokens are filled for every row. Rows of different prompt
-    lengths are left-padded by the caller, who passes `key_padding_mask` (B, max_len) with False at
-    padded slots so no query attends to them, and per-row position_ids that count real tokens.
-    """
+    """A preallocated static cache: per layer k, v of shape (B, n_kv_heads, max_len, D), indexed by
+    position. The key/value of the token at position p of row b live at [b, :, p]. Each row moves at
+    its own pace: a forward with position_ids (B, T) writes the new tokens' keys/values at those
+    positions and each query at position p attends to slots 0..p of its row. So rows need no
+    padding bookkeeping: slots past a row's current position (stale or padding) are never attended,
+    and are overwritten when the row reaches them. Fixed shapes, so a decode step can be compiled."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
+        if config.sliding_window is not None and max_len > config.sliding_window:
+            raise ValueError(f"cache of {max_len} positions exceeds the sliding window ({config.sliding_window}), "
+                             "which this implementation does not apply")
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.key_padding_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
-        self.length = 0
         self.max_len = max_len
 
 
@@ -178,17 +179,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(H, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=config.o_bias)
 
-    def forward(self, x, cos, sin, attn_mask, cache=None, layer_index=0):
+    def forward(self, x, cos, sin, attn_mask, cache=None, layer_index=0, position_ids=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # write the new keys/values, attend over everything filled so far
-            start, end = cache.length, cache.length + T
-            cache.k[layer_index][:, :, start:end] = k
-            cache.v[layer_index][:, :, start:end] = v
-            k, v = cache.k[layer_index][:, :, :end], cache.v[layer_index][:, :, :end]
+        if cache is not None:  # write the new keys/values at their positions; attend over the whole cache
+            index = position_ids[:, None, :, None].expand(B, self.n_kv_heads, T, self.head_dim)
+            cache.k[layer_index].scatter_(2, index, k)
+            cache.v[layer_index].scatter_(2, index, v)
+            k, v = cache.k[layer_index], cache.v[layer_index]  # (B, nkv, max_len, D); attn_mask hides the rest
         # is_causal only when there is no explicit mask (the fast flash path on GPU).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
@@ -215,8 +216,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, attn_mask, cache=None, layer_index=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, layer_index)
+    def forward(self, x, cos, sin, attn_mask, cache=None, layer_index=0, position_ids=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, layer_index, position_ids)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -268,35 +269,33 @@ class Transformer(nn.Module):
     def hidden_states(self, input_ids, position_ids=None, document_ids=None, cache=None):
         """Final-normed hidden states (B, T, H).
 
-        position_ids (B, T): default 0..T-1 (or continuing after the cache).
+        position_ids (B, T): default 0..T-1; required with a cache (where to write, what to attend).
         document_ids (B, T): for packed blocks; a token attends only to earlier tokens with the same
             document id, so packed documents never see each other (pass positions restarting per doc).
-        cache: a KVCache; the new tokens are appended after cache.length and attend to all of it.
+        cache: a KVCache; the new tokens' keys/values are written at position_ids and each new token
+            attends to its row's cache slots 0..its position (see KVCache).
         """
         B, T = input_ids.shape
         device = input_ids.device
-        start = cache.length if cache is not None else 0
-        if self.config.sliding_window is not None and start + T > self.config.sliding_window:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the sliding window "
-                             f"({self.config.sliding_window}), which this implementation does not apply")
+        if cache is None and self.config.sliding_window is not None and T > self.config.sliding_window:
+            raise ValueError(f"sequence of {T} tokens exceeds the sliding window ({self.config.sliding_window}), "
+                             "which this implementation does not apply")
         if position_ids is None:
-            position_ids = torch.arange(start, start + T, device=device).expand(B, T)
+            if cache is not None:
+                raise ValueError("position_ids are required with a KV cache")
+            position_ids = torch.arange(T, device=device).expand(B, T)
         attn_mask = None  # None = plain causal
         if document_ids is not None:
             causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
             same_document = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
             attn_mask = (same_document & causal)[:, None]                         # (B, 1, T, T)
         elif cache is not None:
-            # New query i (absolute position start+i) sees cached keys 0..start+i that are not padding.
-            key_index = torch.arange(start + T, device=device)
-            causal = key_index[None, :] <= (start + torch.arange(T, device=device))[:, None]  # (T, S)
-            attn_mask = (causal[None] & cache.key_padding_mask[:, None, :start + T])[:, None]  # (B, 1, T, S)
+            key_position = torch.arange(cache.max_len, device=device)
+            attn_mask = (key_position <= position_ids[..., None])[:, None]        # (B, 1, T, max_len)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, attn_mask, cache, i)
-        if cache is not None:
-            cache.length += T
+            x = layer(x, cos, sin, attn_mask, cache, i, position_ids)
         return self.model.norm(x)
 
     def forward(self, input_ids, position_ids=None, document_ids=None, cache=None, targets=None, temperature=1.0):

@@ -158,33 +158,29 @@ def test_kv_cache_incremental_decoding_equals_full_forward():
     torch.manual_seed(0)
     model = Transformer.from_config(tiny_config(50)).eval()
     input_ids = torch.randint(0, 50, (3, 20))
+    positions = torch.arange(20).expand(3, 20)
     with torch.no_grad():
         full = model(input_ids)
         cache = KVCache(model.config, batch_size=3, max_len=32, device="cpu", dtype=torch.float32)
-        pieces = [model(input_ids[:, :12], cache=cache)]                # prefill
-        for t in range(12, 20):                                           # one token at a time
-            pieces.append(model(input_ids[:, t:t + 1], cache=cache))
-    assert cache.length == 20
+        pieces = [model(input_ids[:, :12], position_ids=positions[:, :12], cache=cache)]  # prefill
+        for t in range(12, 20):                                                           # one token at a time
+            pieces.append(model(input_ids[:, t:t + 1], position_ids=positions[:, t:t + 1], cache=cache))
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= 1e-5
 
 
-def test_kv_cache_left_padded_rows_match_unpadded():
-    """Rows of different prompt lengths, left-padded: each row's logits equal its own unpadded run."""
+def test_kv_cache_rows_at_different_positions_match_unpadded():
+    """Rows of different prompt lengths prefilled together (right-padded) and decoded at their own
+    positions: each row's logits equal its own unpadded full forward. Stale slots are never read."""
     torch.manual_seed(0)
     model = Transformer.from_config(tiny_config(50)).eval()
     prompts = [torch.randint(0, 50, (n,)) for n in (7, 4)]
     continuation = torch.randint(0, 50, (2, 3))
-    width = 7
-    input_ids = torch.zeros(2, width, dtype=torch.long)
-    cache = KVCache(model.config, batch_size=2, max_len=16, device="cpu", dtype=torch.float32)
-    position_ids = torch.zeros(2, width, dtype=torch.long)
+    input_ids = torch.randint(0, 50, (2, 7))  # padding = random junk: it must not matter
     for row, prompt in enumerate(prompts):
-        pad = width - len(prompt)
-        input_ids[row, pad:] = prompt
-        cache.key_padding_mask[row, :pad] = False
-        position_ids[row, pad:] = torch.arange(len(prompt))
+        input_ids[row, :len(prompt)] = prompt
+    cache = KVCache(model.config, batch_size=2, max_len=16, device="cpu", dtype=torch.float32)
     with torch.no_grad():
-        model(input_ids, position_ids=position_ids, cache=cache)
+        model(input_ids, position_ids=torch.arange(7).expand(2, 7), cache=cache)
         lengths = torch.tensor([len(p) for p in prompts])
         steps = [model(continuation[:, t:t + 1], position_ids=(lengths + t)[:, None], cache=cache) for t in range(3)]
         for row, prompt in enumerate(prompts):
@@ -461,3 +457,73 @@ def test_process_in_chunks_resumes_without_loss_or_duplication(tmp_path):
     assert [[r["id"] for r in chunk] for chunk in calls] == [[6, 7, 8], [9]]  # chunks 0 and 1 kept from the crashed run
     assert read_jsonl(tmp_path / "out.jsonl") == [{"id": i, "double": 2 * i} for i in range(10)]
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+# ----------------------------------------------------------------------------------------------
+# generate.py
+
+import generate
+
+
+def greedy_reference(model, prompt, steps):
+    """A plain uncached argmax loop: the full forward over the whole sequence at every step."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_generate_greedy_equals_uncached_loop_and_transformers(tiny_model_dir):
+    model = Transformer.from_pretrained(tiny_model_dir).eval()
+    prompts = [[5, 9, 13, 2], [7, 7], [20, 21, 22, 23, 24, 25, 26]]
+    engine = generate.Engine(model, max_batch=2, max_len=32, stop_ids=[])  # 2 slots, 3 prompts: slots get refilled
+    outputs = engine.generate(prompts, n=1, max_new_tokens=12, temperature=0.0)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    for prompt, (out,) in zip(prompts, outputs):
+        assert out["tokens"] == greedy_reference(model, prompt, 12) and out["finish_reason"] == "length"
+        hf_tokens = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, min_new_tokens=12,
+                                pad_token_id=0)[0, len(prompt):].tolist()
+        assert out["tokens"] == hf_tokens
+
+
+def test_generate_stop_tokens_logprobs_and_n_samples(tiny_model_dir):
+    torch.manual_seed(0)
+    model = Transformer.from_pretrained(tiny_model_dir).eval()
+    prompts = [[5, 9, 13], [7, 7, 8, 9]]
+    stop = list(range(10, 60))  # many stop tokens so that most samples stop early
+    engine = generate.Engine(model, max_batch=4, max_len=40, stop_ids=stop)
+    seeds = [[generate.sample_seed(0, p, i) for i in range(3)] for p in range(2)]
+    outputs = engine.generate(prompts, n=3, max_new_tokens=20, temperature=0.8, base_seeds=seeds)
+    assert [len(o) for o in outputs] == [3, 3]
+    reasons = [s["finish_reason"] for o in outputs for s in o]
+    assert "stop" in reasons
+    for prompt, samples in zip(prompts, outputs):
+        for s in samples:
+            body = s["tokens"][:-1] if s["finish_reason"] == "stop" else s["tokens"]
+            assert not set(body) & set(stop)
+            assert (s["tokens"][-1] in stop) == (s["finish_reason"] == "stop")
+            # the log-probs are those of a teacher-forced forward at the same temperature
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + s["tokens"]]))[0, len(prompt) - 1:-1] / 0.8
+            expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(s["tokens"])[:, None])[:, 0]
+            assert torch.allclose(torch.tensor(s["token_logprobs"]), expected, atol=1e-4)
+
+
+def test_generate_cli_seeded_samples_do_not_depend_on_batch_size_or_ranks(tiny_model_dir, tmp_path):
+    prompts = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"reverse {w}"}]}
+               for i, w in enumerate(["abc", "bd", "fedcba", "e", "cc"])]
+    write_jsonl(tmp_path / "prompts.jsonl", prompts)
+    base = ["generate.py", "--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.jsonl"), "--num-samples", "3",
+            "--temperature", "1.0", "--max-new-tokens", "10", "--seed", "7", "--device", "cpu", "--logprobs"]
+    run_script(base + ["--out", str(tmp_path / "a.jsonl"), "--batch-size", "3", "--chunk-size", "2"])
+    run_script(base + ["--out", str(tmp_path / "b.jsonl"), "--batch-size", "16"])
+    run_script(base + ["--out", str(tmp_path / "c.jsonl"), "--batch-size", "6", "--chunk-size", "1"], nproc=2)
+    a, b, c = (read_jsonl(tmp_path / f"{x}.jsonl") for x in "abc")
+    assert [r["id"] for r in a] == [p["id"] for p in prompts]
+    assert [r["responses"] for r in a] == [r["responses"] for r in b] == [r["responses"] for r in c]
+    assert all(len(r["responses"]) == 3 == len(r["num_tokens"]) == len(r["finish_reasons"]) for r in a)
+    assert len({resp for r in a for resp in r["responses"]}) > 5  # actually sampled, not one repeated answer
+    # a different seed gives different samples
+    run_script(base[:-5] + ["--seed", "8", "--device", "cpu", "--out", str(tmp_path / "d.jsonl")])
+    assert [r["responses"] for r in read_jsonl(tmp_path / "d.jsonl")] != [r["responses"] for r in a]
