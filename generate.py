@@ -54,12 +54,13 @@ def sample_seed(seed, prompt_id, sample_index):
 
 
 class Engine:
-    def __init__(self, model, max_batch, max_len, stop_ids, compile=False):
+    def __init__(self, model, max_batch, max_len, stop_ids, compile=False, dtype=None):
         """model: a Transformer (eval mode, on its device). max_batch: decode slots. max_len: cache
-        positions per slot (longest prompt + max new tokens). stop_ids: tokens that end a sample."""
+        positions per slot (longest prompt + max new tokens). stop_ids: tokens that end a sample.
+        dtype: the KV cache's dtype (default: the weights'; bf16 for fp32 weights under autocast)."""
         self.model, self.max_batch, self.max_len = model, max_batch, max_len
         self.device = model.lm_head_weight.device
-        self.cache = KVCache(model.config, max_batch, max_len, self.device, model.lm_head_weight.dtype)
+        self.cache = KVCache(model.config, max_batch, max_len, self.device, dtype or model.lm_head_weight.dtype)
         self.stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
         # The decode step has fixed shapes, so it can be compiled once and replayed (CUDA graphs).
         self.decode_step = torch.compile(self._decode_step, mode="reduce-overhead") if compile else self._decode_step

@@ -187,8 +187,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # write the new keys/values at their positions; attend over the whole cache
             index = position_ids[:, None, :, None].expand(B, self.n_kv_heads, T, self.head_dim)
-            cache.k[layer_index].scatter_(2, index, k)
-            cache.v[layer_index].scatter_(2, index, v)
+            cache.k[layer_index].scatter_(2, index, k.to(cache.k[layer_index].dtype))
+            cache.v[layer_index].scatter_(2, index, v.to(cache.v[layer_index].dtype))
             k, v = cache.k[layer_index], cache.v[layer_index]  # (B, nkv, max_len, D); attn_mask hides the rest
         # is_causal only when there is no explicit mask (the fast flash path on GPU).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,

@@ -406,7 +406,7 @@ def test_reward_model_trains_exports_to_transformers_and_scores(tiny_model_dir, 
     hf = AutoModelForSequenceClassification.from_pretrained(rm).eval()
     tokenizer = load_tokenizer(rm)
     sequences = [encode_prompt(tokenizer, r["prompt"]) + encode_response(tokenizer, resp) for r in samples for resp in r["responses"]]
-    ids, lengths = torch.full((len(sequences), max(map(len, sequences))), hf.config.pad_token_id), []
+    ids = torch.full((len(sequences), max(map(len, sequences))), hf.config.pad_token_id)
     for i, s in enumerate(sequences):
         ids[i, :len(s)] = torch.tensor(s)
     with torch.no_grad():
@@ -699,3 +699,1101 @@ def test_online_iterations_run_and_resume(tiny_model_dir, tmp_path):
     out = run_script(["dpo.py", "--iter", "2", "--run-dir", str(run_dir), "--device", "cpu"])
     assert "iteration 2 complete" in out
     assert (run_dir / "iter2" / "policy" / "model.safetensors").stat().st_mtime_ns == before
+
+
+# ----------------------------------------------------------------------------------------------
+# osp.py
+
+
+def test_ranked_pairs_odd_and_even_k():
+    from osp import ranked_pairs
+    # K = 6: ranks 1 (index 3), 2 (0), 3 (5), 4 (1), 5 (4), 6 (2)
+    assert ranked_pairs([0.8, 0.3, 0.1, 0.9, 0.2, 0.5]) == [(3, 2), (0, 4), (5, 1)]
+    # K = 7: the median (index 6, score 0.5) is left out
+    assert ranked_pairs([0.8, 0.3, 0.1, 0.9, 0.2, 0.6, 0.5]) == [(3, 2), (0, 4), (5, 1)]
+    # ties keep the lower index first; K = 1 gives no pair
+    assert ranked_pairs([0.5, 0.5, 0.5, 0.5]) == [(0, 3), (1, 2)]
+    assert ranked_pairs([0.7]) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels: token log-probs (kernels/logprob.py)
+
+import kernels.logprob as logprob
+from kernels.logprob import token_logprobs, token_logprobs_reference
+
+IGNORE = -100
+# (atol, rtol) per dtype; gradients are compared after dividing by their largest entry. Forward: every path
+# computes fp32 logits from the same inputs, so bf16 inputs agree as closely as fp32 (measured ~1e-6).
+# Gradients in bf16: G is rounded to bf16 before the two gradient matmuls, as cuBLAS will read it, and the
+# result is rounded again (measured ~6e-3 of the largest entry; bf16 epsilon is 3.9e-3).
+TOLERANCES = {
+    torch.float32: {"logp": (1e-5, 1e-5), "grad": (5e-6, 1e-4)},
+    torch.bfloat16: {"logp": (1e-5, 1e-5), "grad": (1e-2, 2e-2)},
+}
+
+
+def make_inputs(N=47, V=123, H=32, dtype=torch.float32, ignore_fraction=0.25, seed=0, logit_scale=1.0):
+    """hidden (N, H), weight (V, H) with logits of std ~ 1.7 * logit_scale, targets (N,) with ignored
+    positions mixed in, and a non-uniform upstream gradient (N,) of both signs."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=generator).to(dtype)
+    weight = (0.3 * logit_scale * torch.randn(V, H, generator=generator)).to(dtype)
+    targets = torch.randint(0, V, (N,), generator=generator)
+    targets[torch.rand(N, generator=generator) < ignore_fraction] = IGNORE
+    grad_output = torch.randn(N, generator=generator)
+    return hidden, weight, targets, grad_output
+
+
+def logps_and_grads(fn, hidden, weight, targets, grad_output, **kwargs):
+    """Run fn forward + backward with the given upstream gradient; return (logp, d hidden, d weight) in fp32."""
+    hidden = hidden.detach().clone().requires_grad_()
+    weight = weight.detach().clone().requires_grad_()
+    logps = fn(hidden, weight, targets, **kwargs)
+    logps.backward(grad_output)
+    return logps.detach().float(), hidden.grad.float(), weight.grad.float()
+
+
+def assert_close(actual, expected, tolerance, what):
+    atol, rtol = tolerance
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def check_against_reference(impl, dtype, temperature=1.0, vocab_chunk_size=None, **input_kwargs):
+    hidden, weight, targets, grad_output = make_inputs(dtype=dtype, **input_kwargs)
+    expected = logps_and_grads(token_logprobs_reference, hidden, weight, targets, grad_output, temperature=temperature)
+    actual = logps_and_grads(token_logprobs, hidden, weight, targets, grad_output, temperature=temperature,
+                             impl=impl, vocab_chunk_size=vocab_chunk_size)
+    tolerance = TOLERANCES[dtype]
+    for name, a, e in zip(("logp", "grad_hidden", "grad_weight"), actual, expected):
+        # Gradients are compared relative to their own scale (bf16 keeps ~3 significant digits).
+        scale = 1.0 if name == "logp" else max(e.abs().max().item(), 1e-6)
+        assert_close(a / scale, e / scale, tolerance["logp" if name == "logp" else "grad"], f"{impl} {dtype} {name}")
+    ignored = targets == IGNORE
+    assert (actual[0][ignored] == 0).all() and (actual[1][ignored] == 0).all(), "ignored rows must be exactly 0"
+    return actual
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference, and the chunked math in float64, against finite differences.
+
+def test_logprob_reference_gradcheck_float64():
+    hidden, weight, targets, _ = make_inputs(N=7, V=11, H=5, dtype=torch.float64, ignore_fraction=0.3, seed=1)
+    assert (targets == IGNORE).any() and (targets != IGNORE).any()
+    hidden.requires_grad_(), weight.requires_grad_()
+    assert torch.autograd.gradcheck(lambda h, w: token_logprobs_reference(h, w, targets, temperature=0.7), (hidden, weight))
+
+
+def test_logprob_chunked_gradcheck_float64():
+    # vocab_chunk_size=4 splits V=11 into 4 + 4 + 3: the online logsumexp and per-chunk gradients are exercised.
+    hidden, weight, targets, _ = make_inputs(N=7, V=11, H=5, dtype=torch.float64, ignore_fraction=0.3, seed=1)
+    hidden.requires_grad_(), weight.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda h, w: token_logprobs(h, w, targets, temperature=0.7, impl="chunked", vocab_chunk_size=4), (hidden, weight))
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton (interpreted) and chunked PyTorch paths against the reference: forward and both gradients.
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("vocab_chunk_size, temperature", [(None, 1.0), (48, 0.7)], ids=["one_chunk", "chunks48_T0.7"])
+def test_logprob_matches_reference(impl, dtype, vocab_chunk_size, temperature):
+    # V=123 is not a multiple of anything: one chunk is 123 columns in a 128-wide tile; chunks of 48 leave 27.
+    check_against_reference(impl, dtype, temperature=temperature, vocab_chunk_size=vocab_chunk_size)
+
+
+@pytest.mark.parametrize("vocab_chunk_size", [None, 50])
+def test_logprob_triton_tiles_narrower_than_chunk(monkeypatch, vocab_chunk_size):
+    # With 16-column tiles each kernel loops over several tiles inside a chunk, the last one partial.
+    monkeypatch.setattr(logprob, "_MAX_BLOCK_V", 16)
+    check_against_reference("triton", torch.float32, temperature=1.3, vocab_chunk_size=vocab_chunk_size)
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_logprob_large_logits_stay_finite(impl):
+    # Logits of std ~ 85: a naive exp() would overflow; the online logsumexp must not.
+    logps = check_against_reference(impl, torch.float32, logit_scale=50.0)[0]
+    assert torch.isfinite(logps).all() and (logps <= 0).all()
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_logprob_probabilities_sum_to_one(impl):
+    # One context scored against every vocabulary id: sum_v p(v) = 1, i.e. logsumexp over targets = 0.
+    hidden, weight, _, _ = make_inputs(N=1, V=123)
+    every_target = torch.arange(123)
+    logps = token_logprobs(hidden.expand(123, -1), weight, every_target, temperature=0.8, impl=impl, vocab_chunk_size=40)
+    assert abs(torch.logsumexp(logps, dim=0).item()) < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_logprob_all_ignored(impl):
+    hidden, weight, targets, grad_output = make_inputs(N=9, V=123)
+    targets[:] = IGNORE
+    logps, grad_hidden, grad_weight = logps_and_grads(token_logprobs, hidden, weight, targets, grad_output, impl=impl)
+    assert logps.shape == (9,) and (logps == 0).all()
+    assert (grad_hidden == 0).all() and (grad_weight == 0).all()
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_logprob_tied_weights(impl):
+    # The LM head is the embedding matrix: its gradient from token_logprobs adds to the embedding lookup's.
+    hidden, weight, targets, _ = make_inputs(N=47, V=123, H=32)
+    input_ids = torch.randint(0, 123, (47,), generator=torch.Generator().manual_seed(3))
+    projection = torch.randn(32, 32, generator=torch.Generator().manual_seed(4)) / 32**0.5
+
+    def loss_and_grad(fn, **kwargs):
+        embedding = weight.clone().requires_grad_()
+        hidden_states = torch.tanh(embedding[input_ids] @ projection) + hidden  # (N, H), depends on embedding
+        loss = -fn(hidden_states, embedding, targets, **kwargs).sum()  # .sum() hands back a stride-0 gradient
+        loss.backward()
+        return loss.detach(), embedding.grad
+
+    expected_loss, expected_grad = loss_and_grad(token_logprobs_reference)
+    actual_loss, actual_grad = loss_and_grad(token_logprobs, impl=impl, vocab_chunk_size=48)
+    assert_close(actual_loss, expected_loss, (1e-4, 1e-5), "tied loss")
+    assert_close(actual_grad, expected_grad, (1e-5, 1e-4), "tied embedding grad")
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_logprob_frozen_head_and_no_grad(impl):
+    hidden, weight, targets, grad_output = make_inputs()
+    expected = logps_and_grads(token_logprobs_reference, hidden, weight, targets, grad_output)
+    hidden_leaf = hidden.clone().requires_grad_()
+    logps = token_logprobs(hidden_leaf, weight, targets, impl=impl)  # weight does not require grad
+    logps.backward(grad_output)
+    assert_close(hidden_leaf.grad, expected[1], (2e-5, 1e-4), "grad_hidden with a frozen head")
+    with torch.no_grad():  # reference-model log-probs
+        assert_close(token_logprobs(hidden, weight, targets, impl=impl), expected[0], (2e-5, 1e-5), "no_grad logp")
+
+
+def test_logprob_dispatch(monkeypatch):
+    hidden = torch.zeros(2, 4)
+    monkeypatch.delenv("RLHF_KERNELS", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert logprob.resolve_impl(hidden) == ("triton" if logprob.HAS_TRITON else "chunked")
+    assert logprob.resolve_impl(hidden.double()) == "chunked"  # the kernels compute in fp32
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert logprob.resolve_impl(hidden) == "chunked"  # a plain CPU: pure PyTorch
+    monkeypatch.setenv("RLHF_KERNELS", "torch")
+    assert logprob.resolve_impl(hidden) == "torch"
+    assert logprob.resolve_impl(hidden, impl="chunked") == "chunked"  # the argument wins over the env var
+    with pytest.raises(AssertionError):
+        logprob.resolve_impl(hidden, impl="cuda")
+
+
+def test_logprob_rejects_out_of_range_targets():
+    hidden, weight, targets, _ = make_inputs(N=5, V=11, H=4)
+    targets[0] = 11
+    with pytest.raises(AssertionError):
+        token_logprobs(hidden, weight, targets, impl="chunked")
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels: sampling (kernels/sampling.py)
+
+import argparse
+
+import kernels.sampling as sampling
+from kernels.sampling import sample, sample_reference
+
+IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not sampling.HAS_TRITON, reason="no triton"))]
+
+
+@pytest.fixture
+def small_triton_sizes(monkeypatch):
+    # Under the interpreter a 1024-candidate sort costs ~1 s per row; 16 keeps a row at ~0.1 s.
+    monkeypatch.setattr(sampling, "_CANDIDATES", 16)
+    monkeypatch.setattr(sampling, "_MAX_BLOCK_V", 32)
+
+
+def tied_logits(B, V, seed, scale=2.0):
+    """Logits on a 0.25 grid: ~50 distinct values over V = 123, so most tokens are tied with others."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.round(scale * 4 * torch.randn(B, V, generator=generator)) / 4
+
+
+def row_seeds(n, offset=0):
+    return (torch.arange(n, dtype=torch.int64) + offset) * 0x1E3779B97F4A7C15 - 12345  # wraps: spread, some negative
+
+
+def exact_truncated(logits, temperature, top_k, top_p, min_p):
+    """q (B, V) float64 per the module docstring, from the same fp32 z = logits * (1/T) the samplers use.
+    Also returns the margin by which the top-p and min-p cuts are decided (to reject ambiguous test data)."""
+    B, V = logits.shape
+    params = [p if isinstance(p, torch.Tensor) else torch.full((B,), p) for p in (temperature, top_k, top_p, min_p)]
+    q, margin = torch.zeros(B, V, dtype=torch.float64), math.inf
+    for b in range(B):
+        T, k, p, mp = (float(x[b]) for x in params)
+        if T == 0:
+            q[b, int(logits[b].float().argmax())] = 1.0
+            continue
+        z = (logits[b].float() * (1.0 / torch.tensor(T, dtype=torch.float32))).double()
+        probs = torch.softmax(z, 0)
+        ordered, order = z.sort(descending=True, stable=True)
+        cut = -math.inf
+        if 0 < k < V:
+            cut = max(cut, float(ordered[int(k) - 1]))
+        if p < 1:
+            running = probs[order].cumsum(0)
+            first = int((running >= p).nonzero()[0])
+            cut = max(cut, float(ordered[first]))
+            margin = min(margin, float((running - p).abs().min()))
+        if mp > 0:
+            min_cut = float(ordered[0]) + math.log(mp)
+            cut = max(cut, min_cut)
+            margin = min(margin, float((z - min_cut).abs().min()))
+        kept = z >= cut
+        q[b] = torch.where(kept, probs, 0.0) / probs[kept].sum()
+    return q, margin
+
+
+def log_softmax_exact(logits, temperature):
+    z = (logits.float() * (1.0 / torch.tensor(temperature, dtype=torch.float32))).double()
+    return torch.log_softmax(z, dim=-1)
+
+
+SETTINGS = {  # name: (temperature, top_k, top_p, min_p), chosen so no cut is decided within fp32 rounding
+    "plain": (0.7, 0, 1.0, 0.0),
+    "top-k": (1.0, 7, 1.0, 0.0),
+    "top-k, tie at the cut": (1.0, 6, 1.0, 0.0),      # the 5th-7th largest are tied: 7 kept
+    "top-p": (0.7, 0, 0.6, 0.0),
+    "top-p, tie at the cut": (0.7, 0, 0.72, 0.0),     # the mass reaches 0.72 inside a 3-way tie: 7 kept, not 6
+    "min-p": (1.0, 0, 1.0, 0.2),
+    "joint": (0.8, 20, 0.8, 0.05),
+}
+KEPT_IN_DISTRIBUTION_ROW = {"plain": 123, "top-k": 7, "top-k, tie at the cut": 7, "top-p": 4,
+                            "top-p, tie at the cut": 7, "min-p": 7, "joint": 11}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.usefixtures("small_triton_sizes")
+def test_sampling_greedy_and_top1_are_argmax(impl):
+    logits = torch.randn(5, 123, generator=torch.Generator().manual_seed(0))
+    logits[2, 40] = logits[2, 90] = logits[2].max() + 1.0  # a tie at the max: greedy takes the lowest id
+    seeds = row_seeds(5)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = logits.to(dtype)
+        out = sample(x, temperature=0.0, top_p=0.5, top_k=3, seeds=seeds, impl=impl)  # truncation is moot
+        assert torch.equal(out.tokens, x.float().argmax(dim=-1)) and out.tokens[2] == 40
+        assert torch.equal(out.logprobs, torch.zeros(5)) and torch.equal(out.logprobs_untruncated, torch.zeros(5))
+    untied = [0, 1, 3, 4]
+    for temperature in (1.0, 0.5):
+        out = sample(logits, temperature=temperature, top_k=1, seeds=seeds, impl=impl)
+        assert torch.equal(out.tokens[untied], logits[untied].argmax(dim=-1))
+        assert out.tokens[2] in (40, 90)  # top-k = 1 keeps both tied maxima (documented tie rule)
+        assert torch.allclose(out.logprobs[untied], torch.zeros(4), atol=1e-6)
+        expected = log_softmax_exact(logits, temperature).gather(1, out.tokens[:, None]).squeeze(1).float()
+        assert torch.allclose(out.logprobs_untruncated, expected, atol=1e-5)
+
+
+@pytest.mark.usefixtures("small_triton_sizes")
+def test_sampling_top1_tie_at_the_max_is_uniform():
+    """Both tied maxima are kept by top-k = 1 and drawn equally often (each ~1000 of 2000, sd 22)."""
+    logits = torch.randn(1, 123, generator=torch.Generator().manual_seed(0)).repeat(2000, 1)
+    logits[:, 40] = logits[:, 90] = 10.0
+    tokens = sample_reference(logits, top_k=1, seeds=row_seeds(2000)).tokens
+    assert set(tokens.tolist()) == {40, 90} and abs(int((tokens == 40).sum()) - 1000) < 150
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.usefixtures("small_triton_sizes")
+def test_sampling_reference_never_leaves_kept_set_and_matches_distribution(setting):
+    """40000 draws from one row with many ties. Every token must have q > 0 (q from the float64 oracle),
+    and the counts must pass a chi-square test against q at false-alarm rate 1e-6 (bins with expected
+    count < 5 merged). The seeds are fixed, so the test is deterministic; a correct sampler would fail it
+    for 1 seed choice in a million. A sampler that mixed up the kept set, dropped ties or biased the noise
+    by even 5% on a 1%-token fails it by a wide margin."""
+    temperature, top_k, top_p, min_p = SETTINGS[setting]
+    N = 40000
+    row = tied_logits(1, 123, seed=1)
+    q, margin = exact_truncated(row, temperature, top_k, top_p, min_p)
+    assert margin > 1e-5, "test data puts a cut within rounding; pick another seed"
+    tokens = sample_reference(row.expand(N, -1), temperature, top_k, top_p, min_p, seeds=row_seeds(N)).tokens
+    counts = torch.bincount(tokens, minlength=123).double()
+    assert counts[q[0] == 0].sum() == 0, "sampled a token outside the kept set"
+    expected = N * q[0]
+    big = expected >= 5
+    observed_bins = torch.cat([counts[big], counts[~big].sum()[None]])
+    expected_bins = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = expected_bins > 0
+    chi2 = float(((observed_bins - expected_bins)[keep] ** 2 / expected_bins[keep]).sum())
+    df = int(keep.sum()) - 1
+    z = 4.753  # one-sided normal quantile for 1e-6; Wilson-Hilferty approximation of the chi-square quantile
+    critical = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+    assert chi2 < critical, f"chi2 {chi2:.1f} >= {critical:.1f} with {df} degrees of freedom"
+    assert int((q[0] > 0).sum()) == KEPT_IN_DISTRIBUTION_ROW[setting]  # the oracle's tie rule, pinned down
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.usefixtures("small_triton_sizes")
+def test_sampling_stays_in_kept_set_with_exact_logprobs(impl):
+    """Odd shapes (B=5, V=123), ties, -inf and -1e9 logits, bf16 and per-row parameters: every token lies in
+    the float64 oracle's kept set, and both log-probs equal the oracle's at that token."""
+    repeats = 40 if impl == "torch" else 3
+    base = tied_logits(5, 123, seed=2)
+    base[1, ::2] = float("-inf")  # masked tokens: never sampled, and must not break the search
+    base[3, :60] = -1e9           # a huge range of values for the pivots to cut through
+    cases = [(name, dict(zip(("temperature", "top_k", "top_p", "min_p"), params)), torch.float32)
+             for name, params in SETTINGS.items() if name != "plain"]
+    per_row = dict(temperature=torch.tensor([0.7, 0.0, 1.3, 1.0, 0.5]), top_k=torch.tensor([0, 3, 10, 200, 1]),
+                   top_p=torch.tensor([0.9, 1.0, 0.5, 0.3, 1.0]), min_p=torch.tensor([0.0, 0.1, 0.0, 0.05, 0.5]))
+    cases.append(("per-row", per_row, torch.float32))
+    cases.append(("bf16 top-p", dict(temperature=1.0, top_k=0, top_p=0.75, min_p=0.0), torch.bfloat16))
+    for name, params, dtype in cases:
+        logits = base.to(dtype).repeat(repeats, 1)
+        expanded = {k: v.repeat(repeats) if isinstance(v, torch.Tensor) else v for k, v in params.items()}
+        q, margin = exact_truncated(logits[:5], **params)
+        assert margin > 1e-5, f"{name}: test data puts a cut within rounding"
+        q = q.repeat(repeats, 1)
+        out = sample(logits, seeds=row_seeds(len(logits)), impl=impl, **expanded)
+        q_token = q.gather(1, out.tokens[:, None]).squeeze(1)
+        assert (q_token > 0).all(), f"{name}: sampled outside the kept set at rows {(q_token == 0).nonzero().tolist()}"
+        temperature = expanded["temperature"]
+        greedy = torch.as_tensor(temperature) == 0
+        want_logq = torch.where(greedy, 0.0, q_token.log()).float()
+        assert torch.allclose(out.logprobs, want_logq, atol=2e-5), name
+        for b in range(len(logits)):
+            t = float(temperature[b]) if isinstance(temperature, torch.Tensor) else temperature
+            want = 0.0 if t == 0 else float(log_softmax_exact(logits[b:b + 1], t)[0, out.tokens[b]])
+            assert abs(float(out.logprobs_untruncated[b]) - want) < 2e-5, (name, b)
+
+
+@pytest.mark.skipif(not sampling.HAS_TRITON, reason="no triton")
+@pytest.mark.usefixtures("small_triton_sizes")
+def test_sampling_triton_matches_reference():
+    """Same seeds -> the same tokens (both draw the same noise), log-probs equal to fp32 rounding."""
+    cases = []
+    logits = tied_logits(6, 123, seed=3)
+    logits[0, :] = 0.5                      # all tokens tied: every cut keeps the whole vocabulary
+    logits[1, 100:] = float("-inf")
+    logits[2, 10:70] = 1.0                  # 60 tied tokens at the top-k = 65 boundary: a bracket that ...
+    logits[2, :10] = torch.arange(10) + 3.0  # ... stays larger than the 16-slot buffer, with one value
+    logits[2, 70:] = -2.0 - torch.arange(53) * 0.1
+    cases += [(logits, dict(temperature=t, top_k=k, top_p=p, min_p=mp))
+              for (t, k, p, mp) in [(1.0, 0, 1.0, 0.0), (0.7, 65, 1.0, 0.0), (0.7, 0, 0.9, 0.0), (1.3, 0, 0.3, 0.0),
+                                    (1.0, 5, 0.8, 0.1), (0.9, 0, 1.0, 0.3)]]
+    cases.append((torch.randn(3, 5, generator=torch.Generator().manual_seed(4)), dict(top_p=0.7)))  # V < tile
+    cases.append((torch.randn(2, 1), dict(top_k=1, top_p=0.5)))                                      # V = 1
+    cases.append((tied_logits(4, 300, seed=5).to(torch.bfloat16), dict(temperature=0.6, top_p=0.95)))
+    for logits, params in cases:
+        seeds = row_seeds(len(logits), offset=7)
+        want = sample_reference(logits, seeds=seeds, **params)
+        got = sample(logits, seeds=seeds, impl="triton", **params)
+        assert torch.equal(got.tokens, want.tokens), (params, got.tokens.tolist(), want.tokens.tolist())
+        assert torch.allclose(got.logprobs, want.logprobs, atol=1e-5), params
+        assert torch.allclose(got.logprobs_untruncated, want.logprobs_untruncated, atol=1e-5), params
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.usefixtures("small_triton_sizes")
+def test_sampling_row_depends_only_on_its_own_seed(impl):
+    """A row's token and log-probs do not change when other rows change, the batch is reordered, or it
+    is sampled alone; different seeds give different draws."""
+    logits = tied_logits(6, 123, seed=6)
+    seeds = row_seeds(6)
+    params = dict(temperature=0.9, top_p=0.9)
+    full = sample(logits, seeds=seeds, impl=impl, **params)
+    order = torch.tensor([5, 2, 0, 4, 1, 3])
+    shuffled = sample(logits[order], seeds=seeds[order], impl=impl, **params)
+    assert torch.equal(shuffled.tokens, full.tokens[order])
+    assert torch.allclose(shuffled.logprobs, full.logprobs[order], atol=1e-6)
+    others = logits.clone()
+    others[[0, 2, 5]] = tied_logits(3, 123, seed=7)
+    changed = sample(others, seeds=seeds, impl=impl, **params)
+    assert torch.equal(changed.tokens[[1, 3, 4]], full.tokens[[1, 3, 4]])
+    alone = sample(logits[4:5], seeds=seeds[4:5], impl=impl, **params)
+    assert torch.equal(alone.tokens, full.tokens[4:5])
+    assert torch.allclose(alone.logprobs, full.logprobs[4:5], atol=1e-6)
+    # Different seeds, same row: the draws differ (a 6-row nucleus of the same logits, 12 seeds).
+    same_row = sample(logits[:1].expand(12, -1), seeds=row_seeds(12, offset=100), impl=impl, **params)
+    assert len(set(same_row.tokens.tolist())) > 1
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.usefixtures("small_triton_sizes")
+def test_sampling_seeds_none_uses_torch_generator(impl):
+    logits = tied_logits(4, 123, seed=8)
+    torch.manual_seed(123)
+    a = sample(logits, top_k=20, impl=impl)
+    torch.manual_seed(123)
+    b = sample(logits, top_k=20, impl=impl)
+    assert torch.equal(a.tokens, b.tokens)
+    assert a.tokens.dtype == torch.int64 and a.logprobs.dtype == torch.float32 and a.tokens.shape == (4,)
+
+
+@pytest.mark.usefixtures("small_triton_sizes")
+def test_sampling_impl_switch(monkeypatch):
+    logits = torch.zeros(2, 3)
+    monkeypatch.setenv("RLHF_KERNELS", "torch")
+    assert sampling.resolve_impl(logits) == "torch"
+    assert sampling.resolve_impl(logits, "triton") == "triton"   # impl= wins over the environment
+    monkeypatch.setenv("RLHF_KERNELS", "auto")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert sampling.resolve_impl(logits) == "torch"              # plain CPU: the PyTorch path
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert sampling.resolve_impl(logits) == ("triton" if sampling.HAS_TRITON else "torch")
+    with pytest.raises(AssertionError):
+        sample(logits, top_p=0.0)
+
+
+@pytest.mark.usefixtures("small_triton_sizes")
+def test_sampling_noise_is_the_documented_hash():
+    """The random stream is exactly the documented 32-bit hash of (seed, token id), for any int64 seed,
+    and E = -log(1 - u) is Exp(1) down to small values (what decides whether a 1e-4 token wins)."""
+    M = 0xFFFFFFFF
+
+    def mix(x):
+        x ^= x >> 16
+        x = (x * 0x21F0AAAD) & M
+        x ^= x >> 15
+        x = (x * 0x735A2D97) & M
+        return x ^ (x >> 15)
+
+    seeds = [0, 1, -1, 2**63 - 1, -(2**63), 0x123456789ABCDEF]
+    keys = sampling._row_keys(torch.tensor(seeds, dtype=torch.int64))
+    index = torch.tensor([0, 1, 122, 128255], dtype=torch.int32)
+    log_e = sampling._log_exponential_noise(keys, index)
+    for row, seed in enumerate(seeds):
+        low, high = seed & M, (seed >> 32) & M
+        key_a = mix(low ^ mix(high ^ 0x2545F491))
+        key_b = mix(high ^ mix(key_a ^ 0x68E31DA4))
+        assert [int(k) & M for k in keys[row]] == [key_a, key_b]
+        for j, i in enumerate(index.tolist()):
+            u = min(((mix(mix(i ^ key_a) ^ key_b) >> 1) + 0.5) * 2.0**-31, 1 - 2.0**-24)
+            assert math.isclose(float(log_e[row, j]), math.log(-math.log1p(-u)), rel_tol=1e-5, abs_tol=1e-5)
+    keys = sampling._row_keys(row_seeds(100))
+    e = sampling._log_exponential_noise(keys, torch.arange(10000, dtype=torch.int32)).exp()  # (100, 10000)
+    assert abs(float(e.mean()) - 1) < 0.005                       # 1e6 draws: sd of the mean 0.001
+    assert 70 < int((e < 1e-4).sum()) < 130                       # P(E < 1e-4) = 1e-4: 100 expected, sd 10
+
+
+@pytest.mark.usefixtures("small_triton_sizes")
+def test_sampling_bench_without_cuda_exits_cleanly(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark would run for real")
+    assert sampling.bench(argparse.Namespace(cpu=False)) == 0
+    assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+COMPILE_FOR_H100 = """
+import inspect, sys
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+except ImportError as error:
+    sys.exit(f"SKIP no ahead-of-time compile API: {error}")
+import kernels.sampling as sampling
+names = list(inspect.signature(sampling._sample_kernel.fn).parameters)
+for per_row in (False, True):
+    scalar_types = ("*fp32", "*i8", "*i32", "*fp32", "*fp32") if per_row else ("fp32", "i32", "i32", "fp32", "fp32")
+    types = ["*bf16", "i32", "i32", "*i64", *scalar_types, "*fp32", "*i32", "*i64", "*fp32", "*fp32"]
+    constants = {"PER_ROW": per_row, "BLOCK_V": 1024, "NUM_PIVOTS": 8, "CANDIDATES": 1024}
+    try:
+        source = ASTSource(fn=sampling._sample_kernel, signature=dict(zip(names, types + ["constexpr"] * 4)),
+                           constexprs={(names.index(k),): v for k, v in constants.items()})
+    except TypeError as error:
+        sys.exit(f"SKIP a different ASTSource API: {error}")
+    assert "cubin" in compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm
+print("OK")
+"""
+
+
+@pytest.mark.skipif(not sampling.HAS_TRITON, reason="no triton")
+@pytest.mark.usefixtures("small_triton_sizes")
+def test_sampling_kernel_compiles_for_h100():
+    """The interpreter does not type-check like the compiler does, so compile the real kernel for sm_90
+    (Triton's bundled ptxas needs no GPU): both parameter layouts, bf16 logits, the default sizes. In a
+    subprocess, since this process runs Triton in interpreter mode. Skipped when this Triton's
+    ahead-of-time API differs from the one it was written against (3.x)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)
+    if result.returncode != 0 and "SKIP" in result.stderr:
+        pytest.skip(result.stderr.strip().splitlines()[-1])
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: schemas, converters, judge augmentation
+
+from data import convert as convert_module
+from data.judge import DIALOGUE_TEMPLATE, JUDGE_TEMPLATES, judge_sft_records, render_judge_prompt
+from data.schema import load_records, render_context, validate
+
+# ----------------------------------------------------------------------------------------------
+# Samples in the published formats
+
+
+HH_RECORDS = [
+    # 0: multi-turn, shared prefix, "Human:" mid-text without the blank line (not a turn boundary)
+    {"chosen": "\n\nHuman: What should I name my cat?\n\nAssistant: How about Whiskers?\n\nHuman: Something more "
+               "unusual. My friend said Human: is a funny name.\n\nAssistant: Maybe Tiberius or Pixel.",
+     "rejected": "\n\nHuman: What should I name my cat?\n\nAssistant: How about Whiskers?\n\nHuman: Something more "
+                 "unusual. My friend said Human: is a funny name.\n\nAssistant: Cat."},
+    # 1: non-ASCII text (incl. U+2028, a line separator that str.splitlines would split on), single turn
+    {"chosen": "\n\nHuman: ¿Cómo se dice «gracias» en japonés?\n\nAssistant: Se dice «ありがとう» (arigatō).\u2028",
+     "rejected": "\n\nHuman: ¿Cómo se dice «gracias» en japonés?\n\nAssistant: No lo sé."},
+    # 2: empty final response
+    {"chosen": "\n\nHuman: Tell me a joke.\n\nAssistant: Why did the chicken cross the road?",
+     "rejected": "\n\nHuman: Tell me a joke.\n\nAssistant:"},
+    # 3: identical chosen / rejected
+    {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!"},
+    # 4: prefixes differ
+    {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hey\n\nAssistant: Yo."},
+]
+
+UF_BINARIZED = [
+    {"prompt": "Write a haiku about rain.", "prompt_id": "abc123",
+     "chosen": [{"content": "Write a haiku about rain.", "role": "user"},
+                {"content": " Soft rain on the roof\nwhispers to the sleeping town\npuddles hold the sky", "role": "assistant"}],
+     "rejected": [{"content": "Write a haiku about rain.", "role": "user"},
+                  {"content": "Rain is wet.", "role": "assistant"}],
+     "messages": [{"content": "Write a haiku about rain.", "role": "user"},
+                  {"content": "Soft rain on the roof", "role": "assistant"}],
+     "score_chosen": 8.5, "score_rejected": 4.0},
+    # a tie: dropped
+    {"prompt": "Say hi.", "prompt_id": "t1",
+     "chosen": [{"content": "Say hi.", "role": "user"}, {"content": "Hi!", "role": "assistant"}],
+     "rejected": [{"content": "Say hi.", "role": "user"}, {"content": "Hello!", "role": "assistant"}],
+     "messages": [{"content": "Say hi.", "role": "user"}, {"content": "Hi!", "role": "assistant"}],
+     "score_chosen": 7.0, "score_rejected": 7.0},
+]
+
+
+def uf_completion(model, response, fine, overall):
+    return {"annotations": {"helpfulness": {"Rating": "4", "Rationale": "..."}}, "critique": "...",
+            "custom_system_prompt": "You are a helpful assistant.", "fine-grained_score": fine, "model": model,
+            "overall_score": overall, "principle": "helpfulness", "response": response}
+
+
+UF_RAW = [{"source": "evol_instruct", "instruction": "Name a prime number greater than 10.", "models": ["a", "b", "c", "d"],
+           "completions": [uf_completion("a", "11", 5.0, 9.0), uf_completion("b", "13 is prime.", 4.5, 8.0),
+                           uf_completion("c", "12", 1.25, 2.0), uf_completion("d", "Eleven", 5.0, 8.5)],
+           "correct_answers": ["None"], "incorrect_answers": ["None"]}]
+
+
+def shp_record(post_id, a, b, label, score_a, score_b, with_ratio=True):
+    record = {"post_id": post_id, "domain": "askscience_train", "upvote_ratio": 0.99,
+              "history": f"Post {post_id}: why is the sky blue?", "c_root_id_A": "ca", "c_root_id_B": "cb",
+              "created_at_utc_A": 1, "created_at_utc_B": 2, "score_A": score_a, "score_B": score_b,
+              "human_ref_A": a, "human_ref_B": b, "labels": label, "seconds_difference": 1.0}
+    if with_ratio:
+        record["score_ratio"] = max(score_a, score_b) / min(score_a, score_b)
+    return record
+
+
+SHP_RECORDS = (
+    # post p1: 7 candidate pairs, ratios 3..9 → only the 5 highest (5..9) kept
+    [shp_record("p1", f"answer A{k}", f"answer B{k}", 1, 3 + k, 1) for k in range(7)]
+    # post p2: ratio 1.5 (dropped), label 0 with ratio computed from scores (kept), label disagreeing with scores
+    + [shp_record("p2", "meh", "fine", 1, 3, 2),
+       shp_record("p2", "short", "Rayleigh scattering of sunlight.", 0, 2, 10, with_ratio=False),
+       shp_record("p2", "x", "y", 1, 2, 10)])
+
+HELPSTEER_RECORDS = [
+    {"prompt": "Explain gravity.", "response": "Mass attracts mass.", "helpfulness": 3, "correctness": 3,
+     "coherence": 4, "complexity": 1, "verbosity": 1},
+    {"prompt": "Explain gravity.", "response": "Gravity is a force.", "helpfulness": 3, "correctness": 4,
+     "coherence": 4, "complexity": 1, "verbosity": 1},
+    {"prompt": "Explain gravity.", "response": "Idk.", "helpfulness": 0, "correctness": 1, "coherence": 2,
+     "complexity": 0, "verbosity": 0},
+    # HelpSteer2 multi-turn prompt
+    {"prompt": "Hi there\n<extra_id_1>Assistant\nHello! How can I help?\n<extra_id_1>User\nList two colors.",
+     "response": "Red and blue.", "helpfulness": 4, "correctness": 4, "coherence": 4, "complexity": 1, "verbosity": 1},
+    {"prompt": "Hi there\n<extra_id_1>Assistant\nHello! How can I help?\n<extra_id_1>User\nList two colors.",
+     "response": "Red.", "helpfulness": 2, "correctness": 2, "coherence": 4, "complexity": 1, "verbosity": 0},
+]
+
+TLDR_RECORDS = [
+    {"info": {"id": "t3_abc", "post": "I adopted a dog last week and he keeps chewing my shoes. What do I do?  ",
+              "title": "Dog chews shoes", "subreddit": "dogs", "site": None, "article": None},
+     "split": "train", "summaries": [{"text": " New dog chews shoes, need advice.", "policy": "sup2", "note": None},
+                                     {"text": " dog", "policy": "ref", "note": None}],
+     "choice": 0, "worker": "w1", "batch": "batch3", "extra": {"confidence": 8}},
+    {"info": {"id": "t3_def", "post": "My roommate never cleans.", "title": "Roommate", "subreddit": "relationships",
+              "site": None, "article": None},
+     "split": "train", "summaries": [{"text": "roommate", "policy": "a", "note": None},
+                                     {"text": "Roommate never cleans; how to talk to them?", "policy": "b", "note": None}],
+     "choice": 1, "worker": "w2", "batch": "batch3", "extra": {"confidence": 9}},
+    # a CNN/DM record from the validation split: no post
+    {"info": {"id": "cnn-1", "post": None, "title": "News", "subreddit": None, "site": "cnn", "article": "Breaking..."},
+     "split": "valid2", "summaries": [{"text": "a", "policy": "a", "note": None}, {"text": "b", "policy": "b", "note": None}],
+     "choice": 0, "worker": "w3", "batch": "batch9", "extra": {}},
+]
+
+
+def write_jsonl_lines(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def run_convert(tmp_path, fmt, records, *flags, name="in.jsonl", as_list=False):
+    """Run the converter in-process; returns (output records, report, printed summary)."""
+    path = tmp_path / name
+    if as_list:
+        path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    else:
+        write_jsonl_lines(path, records)
+    out = tmp_path / f"out_{fmt}.jsonl"
+    args = convert_module.parse_args(["--format", fmt, "--input", str(path), "--output", str(out), *flags])
+    report = convert_module.convert(args)
+    return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()], report
+
+
+# ----------------------------------------------------------------------------------------------
+# Converters
+
+
+def test_data_hh_rlhf(tmp_path):
+    pairs, report = run_convert(tmp_path, "hh-rlhf", HH_RECORDS)
+    assert len(pairs) == 2 and report.read == 5
+    first = pairs[0]
+    assert first["prompt"] == [
+        {"role": "user", "content": "What should I name my cat?"},
+        {"role": "assistant", "content": "How about Whiskers?"},
+        {"role": "user", "content": "Something more unusual. My friend said Human: is a funny name."}]
+    assert first["chosen"] == "Maybe Tiberius or Pixel." and first["rejected"] == "Cat."  # leading space stripped
+    assert first["source"] == "hh-rlhf"
+    assert pairs[1]["chosen"] == "Se dice «ありがとう» (arigatō)."                           # non-ASCII kept
+    assert "ありがとう" in (tmp_path / "out_hh-rlhf.jsonl").read_text(encoding="utf-8")     # as UTF-8, not \\u escapes
+    assert report.filtered == {"empty response": 1, "identical responses": 1}
+    assert sum(report.malformed.values()) == 1 and "prompts of chosen and rejected differ" in next(iter(report.malformed))
+    assert any(e.startswith(f"{tmp_path / 'in.jsonl'}:5:") for e in report.examples)  # line numbers in examples
+    load_records(tmp_path / "out_hh-rlhf.jsonl", "pairs")
+
+
+def test_data_hh_rlhf_strict_names_file_and_line(tmp_path):
+    with pytest.raises(ValueError, match=r"in\.jsonl:5: prompts of chosen and rejected differ"):
+        run_convert(tmp_path, "hh-rlhf", HH_RECORDS, "--strict")
+    # filters are not errors under --strict: records 0-3 alone convert fine
+    pairs, _ = run_convert(tmp_path, "hh-rlhf", HH_RECORDS[:4], "--strict")
+    assert len(pairs) == 2
+
+
+def test_data_bad_json_line_is_counted_or_strict_error(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(HH_RECORDS[0]) + "\n\n{not json\n[1, 2]\n", encoding="utf-8")
+    out = tmp_path / "o.jsonl"
+    report = convert_module.convert(convert_module.parse_args(["--format", "hh-rlhf", "--input", str(path), "--output", str(out)]))
+    assert report.read == 3 and report.written == 1 and sum(report.malformed.values()) == 2
+    assert any(e.startswith(f"{path}:3: not valid JSON") for e in report.examples)
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: not valid JSON"):
+        convert_module.convert(convert_module.parse_args(["--format", "hh-rlhf", "--input", str(path), "--output", str(out), "--strict"]))
+
+
+def test_data_json_list_input_same_as_jsonl(tmp_path):
+    from_jsonl, _ = run_convert(tmp_path, "hh-rlhf", HH_RECORDS)
+    from_list, report = run_convert(tmp_path, "hh-rlhf", HH_RECORDS, name="in.json", as_list=True)
+    assert from_list == from_jsonl
+    assert any("(item 5)" in e for e in report.examples)
+
+
+def test_data_ultrafeedback_binarized_and_raw(tmp_path):
+    pairs, report = run_convert(tmp_path, "ultrafeedback", UF_BINARIZED + UF_RAW)
+    binarized = pairs[0]
+    assert binarized["prompt"] == [{"role": "user", "content": "Write a haiku about rain."}]
+    assert binarized["chosen"].startswith("Soft rain") and binarized["rejected"] == "Rain is wet."
+    assert binarized["margin"] == 4.5 and binarized["source"] == "ultrafeedback"
+    # raw, fine-grained scores a=5, b=4.5, c=1.25, d=5: (a,d) tied; margins ≥ 1: (a,c), (b,c), (d,c)
+    raw = [(p["chosen"], p["rejected"], p["margin"]) for p in pairs[1:]]
+    assert raw == [("11", "12", 3.75), ("13 is prime.", "12", 3.25), ("Eleven", "12", 3.75)]
+    assert report.filtered["tied scores"] == 2                     # one binarized tie, one raw tie
+    assert report.filtered["score margin below --min-margin 1"] == 2  # (a,b) and (b,d): 0.5
+    pairs, _ = run_convert(tmp_path, "ultrafeedback", UF_RAW, "--min-margin", "0")
+    assert len(pairs) == 5                                          # every non-tied pair
+    pairs, _ = run_convert(tmp_path, "ultrafeedback", UF_RAW, "--ultrafeedback-score", "overall_score")
+    assert [(p["chosen"], p["rejected"], p["margin"]) for p in pairs] == [
+        ("11", "13 is prime.", 1.0), ("11", "12", 7.0), ("13 is prime.", "12", 6.0), ("Eleven", "12", 6.5)]
+
+
+def test_data_ultrafeedback_malformed_records(tmp_path):
+    record = json.loads(json.dumps(UF_RAW[0]))
+    del record["completions"][2]["fine-grained_score"]
+    with pytest.raises(ValueError, match=r"in\.jsonl:1: completions\[2\]: missing field 'fine-grained_score'"):
+        run_convert(tmp_path, "ultrafeedback", [record], "--strict")
+    bad_role = json.loads(json.dumps(UF_BINARIZED[0]))
+    bad_role["rejected"][0]["role"] = "bot"
+    with pytest.raises(ValueError, match=r"in\.jsonl:2: field 'rejected'\[0\]\.role: expected one of system/user/assistant, got 'bot'"):
+        run_convert(tmp_path, "ultrafeedback", [UF_BINARIZED[0], bad_role], "--strict")
+    pairs, report = run_convert(tmp_path, "ultrafeedback", [UF_BINARIZED[0], bad_role, {"foo": 1}])
+    assert len(pairs) == 1 and sum(report.malformed.values()) == 2 and report.read == 3
+
+
+def test_data_shp_ratio_filter_and_per_post_cap(tmp_path):
+    pairs, report = run_convert(tmp_path, "shp", SHP_RECORDS)
+    p1 = [p for p in pairs if p["prompt"][0]["content"].startswith("Post p1")]
+    assert [p["chosen"] for p in p1] == [f"answer A{k}" for k in range(2, 7)]  # ratios 5..9, input order kept
+    p2 = [p for p in pairs if p["prompt"][0]["content"].startswith("Post p2")]
+    assert [(p["chosen"], p["rejected"]) for p in p2] == [("Rayleigh scattering of sunlight.", "short")]  # labels 0 = B
+    assert report.filtered["score ratio <= 2"] == 1
+    assert report.filtered["label disagrees with scores"] == 1
+    assert report.filtered["more than 5 pairs for the post (lowest ratios dropped)"] == 2
+    assert all(p["source"] == "shp" for p in pairs)
+
+
+def test_data_helpsteer_groups_and_margins(tmp_path):
+    pairs, report = run_convert(tmp_path, "helpsteer", HELPSTEER_RECORDS)
+    assert [(p["chosen"], p["rejected"], p["margin"]) for p in pairs] == [
+        ("Mass attracts mass.", "Idk.", 3.0), ("Gravity is a force.", "Idk.", 3.0), ("Red and blue.", "Red.", 2.0)]
+    assert report.filtered["tied scores"] == 1
+    assert pairs[2]["prompt"] == [{"role": "user", "content": "Hi there"},
+                                  {"role": "assistant", "content": "Hello! How can I help?"},
+                                  {"role": "user", "content": "List two colors."}]
+    pairs, _ = run_convert(tmp_path, "helpsteer", HELPSTEER_RECORDS, "--min-margin", "2.5")
+    assert len(pairs) == 2
+    pairs, _ = run_convert(tmp_path, "helpsteer", HELPSTEER_RECORDS, "--helpsteer-attribute", "mean", "--min-margin", "0.3")
+    assert ("Gravity is a force.", "Mass attracts mass.") in [(p["chosen"], p["rejected"]) for p in pairs]
+
+
+def test_data_tldr(tmp_path):
+    pairs, report = run_convert(tmp_path, "tldr", TLDR_RECORDS)
+    assert pairs[0]["prompt"] == [{"role": "user", "content": "SUBREDDIT: r/dogs\nTITLE: Dog chews shoes\nPOST: I adopted a "
+                                   "dog last week and he keeps chewing my shoes. What do I do?\nTL;DR:"}]
+    assert pairs[0]["chosen"] == "New dog chews shoes, need advice." and pairs[0]["rejected"] == "dog"
+    assert pairs[1]["chosen"] == "Roommate never cleans; how to talk to them?" and pairs[1]["rejected"] == "roommate"
+    assert report.filtered == {"not a reddit post (CNN/DM article)": 1} and len(pairs) == 2
+
+
+def test_data_prompts_from_every_format(tmp_path):
+    sft = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                         {"role": "assistant", "content": "Hello"}]},
+           {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}]}]
+    mixed = HH_RECORDS + UF_BINARIZED + UF_RAW + SHP_RECORDS + HELPSTEER_RECORDS + TLDR_RECORDS + sft
+    prompts, report = run_convert(tmp_path, "prompts", mixed)
+    texts = [p["messages"][-1]["content"] for p in prompts]
+    assert len(texts) == len(set(json.dumps(p["messages"]) for p in prompts))            # deduplicated
+    assert texts[:3] == ["Something more unusual. My friend said Human: is a funny name.",
+                         "¿Cómo se dice «gracias» en japonés?", "Tell me a joke."]
+    assert "Write a haiku about rain." in texts and "Post p1: why is the sky blue?" in texts and "List two colors." in texts
+    assert prompts[-1]["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert [{"role": "user", "content": "Hi"}] in [p["messages"] for p in prompts]       # HH's "Hi" = the last sft's
+    assert report.filtered["duplicate prompt"] > 0
+    load_records(tmp_path / "out_prompts.jsonl", "prompts")                                # unique ids, valid
+    again, _ = run_convert(tmp_path, "prompts", list(reversed(mixed)))
+    assert {p["id"]: p["messages"] for p in again} == {p["id"]: p["messages"] for p in prompts}  # ids = content hash
+
+
+# ----------------------------------------------------------------------------------------------
+# Judge (preference augmentation)
+
+
+def test_data_judge_template_exact_and_both_orders(tmp_path):
+    pairs_path = write_jsonl_lines(tmp_path / "pairs.jsonl", [
+        {"prompt": [{"role": "user", "content": "sort 3 1 2"}], "chosen": "1 2 3", "rejected": "3 2 1"},
+        {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello!", "rejected": "", "p": 0.9},
+        {"prompt": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": "b", "p": 0.2},  # rejected preferred
+        {"prompt": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": "b", "p": 0.5},  # no preference
+        {"prompt": [{"role": "user", "content": "x"}], "chosen": "same", "rejected": "same"}])
+    out = tmp_path / "judge.jsonl"
+    report = convert_module.convert(convert_module.parse_args(["--format", "judge", "--input", str(pairs_path), "--output", str(out)]))
+    records = load_records(out, "sft")
+    assert len(records) == 6 and report.filtered == {"no preference (p = 0.5)": 1, "identical responses": 1}
+    expected = ("You are an expert rater of helpful and honest assistant responses. Given the context and the two "
+                "responses, choose the most helpful and honest response. Context: sort 3 1 2\n\nRESPONSE A:1 2 3\n\n"
+                "RESPONSE B:3 2 1\n\nWhich response is better? RESPONSE")
+    assert records[0]["messages"] == [{"role": "user", "content": expected}, {"role": "assistant", "content": "A"}]
+    assert records[1]["messages"][0]["content"] == expected.replace("A:1 2 3", "A:3 2 1").replace("B:3 2 1", "B:1 2 3")
+    assert records[1]["messages"][1]["content"] == "B"
+    assert records[3]["messages"][0]["content"].endswith("RESPONSE A:\n\nRESPONSE B:Hello!\n\nWhich response is better? RESPONSE")
+    assert records[3]["messages"][1]["content"] == "B"                        # empty response renders fine
+    assert "RESPONSE A:b\n\n" in records[4]["messages"][0]["content"] and records[4]["messages"][1]["content"] == "A"
+
+
+def test_data_judge_templates_match_paper_and_render_safely():
+    seed = next((ROOT.parent / "shared" / "seeds").glob("002_*[0-9a-f].txt"), None) if (ROOT.parent / "shared").exists() else None
+    if seed is None:
+        seed = next(Path("/work/shared/seeds").glob("002_*[0-9a-f].txt"), None)
+    if seed is not None:  # the paper's Figures 6 and 7, placeholders replaced, "<A/B>" cut
+        lines = seed.read_text(encoding="utf-8").splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("You are an expert rater"))
+        dialogue = "\n".join(lines[start:start + 7])
+        for old, new in (("<Prompt>", "{context}"), ("<Response A>", "{response_a}"), ("<Response B>", "{response_b}"), (" <A/B>", "")):
+            dialogue = dialogue.replace(old, new)
+        assert dialogue == JUDGE_TEMPLATES["dialogue"]
+        start = next(i for i, line in enumerate(lines) if line.startswith("A good summary is"))
+        summary = "\n".join(lines[start:start + 7])
+        for old, new in (("<Prompt>", "{context}"), ("<Summary A>", "{response_a}"), ("<Summary B>", "{response_b}"), (" <A/B>", "")):
+            summary = summary.replace(old, new)
+        assert summary == JUDGE_TEMPLATES["summarization"]
+    # braces and placeholder names inside the texts are not substituted again
+    text = render_judge_prompt([{"role": "user", "content": "f({x})"}], "{response_b}", "{}", template="dialogue")
+    assert "Context: f({x})\n\nRESPONSE A:{response_b}\n\nRESPONSE B:{}\n\n" in text
+    # multi-turn contexts render as a Human/Assistant transcript; a template can be given as text
+    context = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
+    assert render_context(context) == "Human: Hi\n\nAssistant: Hello\n\nHuman: Bye"
+    assert render_judge_prompt(context, "a", "b", template="[{context}|{response_a}|{response_b}]") == \
+        "[Human: Hi\n\nAssistant: Hello\n\nHuman: Bye|a|b]"
+    with pytest.raises(ValueError, match="judge template"):
+        render_judge_prompt(context, "a", "b", template="no placeholders")
+    summary = judge_sft_records({"prompt": [{"role": "user", "content": "POST"}], "chosen": "c", "rejected": "r"}, "summarization")
+    assert summary[0]["messages"][0]["content"].endswith("Text: POST\n\nSUMMARY A:c\n\nSUMMARY B:r\n\nWhich summary is better? SUMMARY")
+    assert DIALOGUE_TEMPLATE is JUDGE_TEMPLATES["dialogue"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Validator
+
+
+@pytest.mark.parametrize("kind,record,message", [
+    ("prompts", {"id": "a", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
+                                         {"role": "bot", "content": "z"}]},
+     "field 'messages'[2].role: expected one of system/user/assistant, got 'bot'"),
+    ("prompts", {"id": "a", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
+     "field 'messages': must end with a user turn"),
+    ("prompts", {"messages": [{"role": "user", "content": "x"}]}, "missing field 'id'"),
+    ("sft", {"messages": [{"role": "user", "content": "x"}]}, "at least one assistant turn"),
+    ("sft", {"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]},
+     "field 'messages'[0].content: expected a string, got int"),
+    ("pairs", {"prompt": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": "b", "p": 1.5}, "field 'p'"),
+    ("pairs", {"prompt": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": None}, "field 'rejected': expected a string"),
+    ("pairs", {"prompt": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": "b", "margin": True}, "field 'margin'"),
+    ("samples", {"id": "s", "prompt": [{"role": "user", "content": "x"}], "responses": ["a", "b"], "num_tokens": [1],
+                 "finish_reasons": ["stop", "stop"]}, "field 'num_tokens': expected 2 items"),
+    ("samples", {"id": "s", "prompt": [{"role": "user", "content": "x"}], "responses": ["a"], "num_tokens": [1],
+                 "finish_reasons": ["eos"]}, "field 'finish_reasons'[0]: expected one of stop/length, got 'eos'"),
+    ("samples", {"id": "s", "prompt": [{"role": "user", "content": "x"}], "responses": [], "num_tokens": [],
+                 "finish_reasons": []}, "field 'responses': expected at least one item"),
+    ("rewards", {"id": "s", "prompt": [{"role": "user", "content": "x"}], "responses": ["a"], "num_tokens": [1],
+                 "finish_reasons": ["length"], "rewards": [float("nan")]}, "field 'rewards'[0]: expected a finite number"),
+])
+def test_data_validator_names_file_line_field(tmp_path, kind, record, message):
+    good = {"sft": {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
+            "prompts": {"id": "ok", "messages": [{"role": "user", "content": "x"}]},
+            "pairs": {"prompt": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": "b"},
+            "samples": {"id": "ok", "prompt": [{"role": "user", "content": "x"}], "responses": ["a"], "num_tokens": [2],
+                        "finish_reasons": ["stop"], "logprobs": [-1.5]},
+            "rewards": {"id": "ok", "prompt": [{"role": "user", "content": "x"}], "responses": ["a"], "num_tokens": [2],
+                        "finish_reasons": ["stop"], "rewards": [0.5], "extra": "kept"}}[kind]
+    path = tmp_path / f"{kind}.jsonl"
+    # line 1 good, line 2 blank, line 3 broken: the message names line 3
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(record) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError) as error:
+        load_records(path, kind)
+    assert str(error.value).startswith(f"{path}:3: ") and message in str(error.value)
+    assert validate([good], kind, "x.jsonl") == [good]
+
+
+def test_data_validator_duplicate_prompt_ids():
+    records = [{"id": "a", "messages": [{"role": "user", "content": "x"}]}, {"id": "a", "messages": [{"role": "user", "content": "y"}]}]
+    with pytest.raises(ValueError, match=r"prompts\.jsonl:2: field 'id': duplicate id 'a' \(first at line 1\)"):
+        validate(records, "prompts", "prompts.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------
+# Determinism and the command line
+
+
+def test_data_convert_deterministic_and_cli(tmp_path, capsys):
+    source = write_jsonl_lines(tmp_path / "uf.jsonl", UF_BINARIZED + UF_RAW)
+    outputs = []
+    for k in range(2):
+        out, judge = tmp_path / f"pairs{k}.jsonl", tmp_path / f"judge{k}.jsonl"
+        convert_module.main(["--format", "ultrafeedback", "--input", str(source), "--output", str(out), "--min-margin", "0"])
+        convert_module.main(["--format", "judge", "--input", str(out), "--output", str(judge), "--shuffle", "--seed", "3"])
+        outputs.append((out.read_bytes(), judge.read_bytes()))
+    assert outputs[0] == outputs[1]
+    printed = capsys.readouterr().out
+    assert "judge: read 6 records" in printed and "wrote 12" in printed and "tied scores" in printed
+    with pytest.raises(SystemExit, match=r"hh\.jsonl:5: prompts of chosen and rejected differ"):
+        convert_module.main(["--format", "hh-rlhf", "--input", str(write_jsonl_lines(tmp_path / "hh.jsonl", HH_RECORDS)),
+                             "--output", str(tmp_path / "x.jsonl"), "--strict"])
+    assert not (tmp_path / "x.jsonl").exists()
+    # the script itself, as users run it (sys.path set up from data/)
+    result = subprocess.run([sys.executable, str(ROOT / "data" / "convert.py"), "--format", "prompts", "--input", str(source),
+                             "--output", str(tmp_path / "prompts.jsonl")], check=True, capture_output=True, text=True, cwd=tmp_path)
+    assert "prompts: read 3 records" in result.stdout and len(load_records(tmp_path / "prompts.jsonl", "prompts")) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: the built-in task
+
+import random
+
+from data.task import TASKS, TAU, build, main as task_main, parse_prompt, score
+
+SMALL = dict(seed=0, sft_examples=800, prompts_per_iter=40, eval_prompts=24, pairs_train=3000, pairs_eval=200)
+TASK_FILES = ("sft.jsonl", "prompts_iter1.jsonl", "prompts_iter2.jsonl", "prompts_iter3.jsonl", "prompts_eval.jsonl",
+              "pairs_train.jsonl", "pairs_eval.jsonl", "stats.json", "model/tokenizer.json",
+              "model/tokenizer_config.json", "model/config.json", "model/generation_config.json")
+
+
+def _read(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("builtin")
+    build(out, **SMALL)
+    return out
+
+
+def _user(text):
+    return [{"role": "user", "content": text}]
+
+
+def test_task_score_hand_checked():
+    sort = _user("sort 31 7 18")  # target 7 18 31
+    assert score(sort, "7 18 31") == 1.0
+    assert score(sort, "7 31 18") == pytest.approx(2 / 3)       # one misplaced: LCS 2 of 3
+    assert score(sort, "7 18") == pytest.approx(2 / 3)          # one missing
+    assert score(sort, "7 18 31 31") == pytest.approx(3 / 4)    # one extra
+    assert score(sort, "7, 18, 31") == pytest.approx(1 - 0.002 * 2)  # two commas are extra characters
+    assert score(sort, "Sure! 7 18 31") == pytest.approx(1 - 0.002 * 6)
+    assert score(sort, "Sure! 7 18 31 Hope this helps!") == pytest.approx(1 - 0.002 * 23)
+    assert score(_user("reverse 1 2 3"), "3 2 1") == 1.0
+    assert score(_user("reverse 1 2 3"), "1 2 3") == pytest.approx(1 / 3)
+    assert score(_user("evens 83 12 55 7 40"), "12 40") == 1.0
+    assert score(_user("evens 83 12 55 7 40"), "12 55 40") == pytest.approx(2 / 3)
+    assert score(_user("add 385 97"), "482") == 1.0
+    assert score(_user("add 385 97"), "472") == pytest.approx(2 / 3)   # right-aligned digits
+    assert score(_user("add 385 97"), "1482") == pytest.approx(3 / 4)
+    assert score(_user("add 385 97"), "482 482") == pytest.approx(1 / 2)  # the answer is one number
+    # empty, garbage, padding, and things that are not prompts of the task
+    assert score(sort, "") == 0.0
+    assert score(sort, "asdf") == pytest.approx(-0.008)
+    assert score(sort, "x" * 100000) == -1.0                   # the penalty is capped at 1
+    assert score(sort, "7 18 31" + " ok" * 1000) == pytest.approx(0.0)
+    assert score(sort, "٧ ١٨ ٣١") == pytest.approx(-0.014)      # non-ASCII digits are not numbers
+    assert score(_user("hello"), "7 18 31") == 0.0
+    assert score(_user("sort " + "9" * 5000), "1") == 0.0      # absurd prompts are not task prompts
+    assert score(None, "1") == 0.0 and score(sort, None) == 0.0 and score("sort 31 7 18", "7 18 31") == 1.0
+    # the last user turn is the prompt; a system turn is fine
+    assert score([{"role": "system", "content": "be brief"}] + sort, "7 18 31") == 1.0
+
+
+def test_task_score_never_raises_on_garbage():
+    rng = random.Random(0)
+    alphabet = "0123456789 ,.-+abcXYZ\n\t<|end|>é٣"
+    for _ in range(300):
+        response = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 200)))
+        prompt = _user(rng.choice(["sort 5 3 9", "add 99 1", "evens 1 2", "reverse 7", "junk", ""]))
+        value = score(prompt, response)
+        assert isinstance(value, float) and math.isfinite(value) and -1.0 <= value <= 1.0
+
+
+def test_task_build_is_deterministic(tmp_path, task_dir):
+    build(tmp_path / "again", **SMALL)
+    for name in TASK_FILES:
+        assert (tmp_path / "again" / name).read_bytes() == (task_dir / name).read_bytes(), name
+    build(tmp_path / "other", **{**SMALL, "seed": 1})
+    assert (tmp_path / "other" / "sft.jsonl").read_bytes() != (task_dir / "sft.jsonl").read_bytes()
+
+
+def test_task_prompt_splits_are_disjoint(task_dir):
+    ids, texts = [], {}
+    for split in ("iter1", "iter2", "iter3", "eval"):
+        records = _read(task_dir / f"prompts_{split}.jsonl")
+        assert len(records) == (SMALL["eval_prompts"] if split == "eval" else SMALL["prompts_per_iter"])
+        for r in records:
+            assert r["messages"][-1]["role"] == "user" and parse_prompt(r["messages"][-1]["content"]) is not None
+        ids += [r["id"] for r in records]
+        texts[split] = {r["messages"][-1]["content"] for r in records}
+        assert len(texts[split]) == len(records)
+        assert {parse_prompt(t)[0] for t in texts[split]} == set(TASKS)  # every sub-task in every split
+    texts["sft"] = {r["messages"][0]["content"] for r in _read(task_dir / "sft.jsonl")}
+    for split in ("train", "eval"):
+        pairs = _read(task_dir / f"pairs_{split}.jsonl")
+        ids += [p["id"] for p in pairs]
+        texts[f"pairs_{split}"] = {p["prompt"][-1]["content"] for p in pairs}
+    assert len(ids) == len(set(ids))
+    names = sorted(texts)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not texts[a] & texts[b], (a, b)
+
+
+def test_task_tokenizer_and_chat_template(task_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(task_dir / "model"))
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id and tokenizer.eos_token == "<|end|>"
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "sort 3 1 2"}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|bos|><|system|>be brief<|end|><|user|>sort 3 1 2<|end|><|assistant|>"
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": "1 2 3"}], tokenize=False)
+    assert full == prompt + "1 2 3<|end|>"  # assistant turn = header + content + ONE end-of-turn token
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    # prompt and response tokenized separately = the whole conversation tokenized at once
+    assert encode(full) == encode(prompt) + encode("1 2 3") + [tokenizer.eos_token_id]
+    assert encode(prompt)[:2] == [1, 4] and encode(prompt)[-1] == tokenizer.convert_tokens_to_ids("<|assistant|>")
+    for text in ("sort 31 7 18", "Sure!  7, 18\n31 Hope this helps!", " leading and trailing ", "“quotes” — …"):
+        assert tokenizer.decode(encode(text)) == text  # one token per character, exact round trip
+        assert len(encode(text)) == len(text)
+    assert len(encode("A")) == 1 and len(encode("B")) == 1  # judge / pairwise labels
+    assert tokenizer.decode(encode(full), skip_special_tokens=True) == "be briefsort 3 1 21 2 3"
+
+
+def test_task_config_builds_llama(task_dir):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(task_dir / "model"))
+    config = LlamaConfig.from_pretrained(str(task_dir / "model"))
+    assert config.vocab_size == len(tokenizer) and config.tie_word_embeddings
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 0)
+    generation_config = json.loads((task_dir / "model" / "generation_config.json").read_text())
+    assert generation_config["eos_token_id"] == tokenizer.eos_token_id
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 5e6
+    longest = max(len(tokenizer(tokenizer.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)["input_ids"])
+                  for r in _read(task_dir / "sft.jsonl"))
+    assert longest <= 128 <= config.max_position_embeddings  # conversations fit in sft.py --block-size 128
+    ids = tokenizer(tokenizer.apply_chat_template(_user("add 1 2"), tokenize=False, add_generation_prompt=True),
+                    add_special_tokens=False, return_tensors="pt")["input_ids"]
+    assert model(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
+
+
+def test_task_pair_labels_follow_bernoulli(task_dir):
+    pairs = _read(task_dir / "pairs_train.jsonl")
+    assert {p["source"] for p in pairs} == set(TASKS)
+    for p in pairs[:500]:
+        assert p["chosen"] != p["rejected"] and p["margin"] != 0
+        assert p["margin"] == pytest.approx(score(p["prompt"], p["chosen"]) - score(p["prompt"], p["rejected"]), abs=1e-6)
+    # y ~ Bernoulli(σ(Δ/τ)): P(label agrees with r*) = σ(|Δ|/τ) per pair; the count of agreements is
+    # a sum of independent Bernoullis, so it lies within 4 standard deviations of its mean.
+    agree_probs = [1 / (1 + math.exp(-abs(p["margin"]) / TAU)) for p in pairs]
+    expected = sum(agree_probs)
+    std = math.sqrt(sum(q * (1 - q) for q in agree_probs))
+    observed = sum(p["margin"] > 0 for p in pairs)
+    assert abs(observed - expected) < 4 * std
+    assert 0.75 < observed / len(pairs) < 0.92  # noisy, like human labels, but mostly right
+    # the length hook: in the offline data the longer response is usually the chosen one
+    longer = [len(p["chosen"]) > len(p["rejected"]) for p in pairs if len(p["chosen"]) != len(p["rejected"])]
+    assert sum(longer) / len(longer) > 0.6
+
+
+def test_task_demonstrations_have_controlled_noise(task_dir):
+    records = _read(task_dir / "sft.jsonl")
+    exact = verbose = 0
+    for r in records:
+        user, assistant = r["messages"]
+        target = " ".join(parse_prompt(user["content"])[1])
+        numbers = " ".join(tok for tok in assistant["content"].split() if tok.isdigit())
+        exact += numbers == target
+        verbose += any(c.isalpha() for c in assistant["content"])
+    n = len(records)
+    assert abs(exact / n - 0.8) < 4 * math.sqrt(0.16 / n)    # P(mistake) = 0.2
+    assert abs(verbose / n - 0.3) < 4 * math.sqrt(0.21 / n)  # P(verbose) = 0.3
+
+
+def test_task_score_command(tmp_path, capsys):
+    samples = [{"id": "s0", "prompt": _user("sort 3 1 2"), "responses": ["1 2 3", "Sure! 1 2 3", "3 2 1"],
+                "num_tokens": [6, 12, 6], "finish_reasons": ["stop"] * 3},
+               {"id": "s1", "prompt": _user("add 5 7"), "responses": ["12"], "num_tokens": [3],
+                "finish_reasons": ["length"]}]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    task_main(["score", "--samples", str(tmp_path / "samples.jsonl"), "--out", str(tmp_path / "scored.jsonl")])
+    scored = _read(tmp_path / "scored.jsonl")
+    assert scored[0]["gold"] == pytest.approx([1.0, 1 - 0.012, 1 / 3]) and scored[1]["gold"] == [1.0]
+    assert scored[0]["responses"] == samples[0]["responses"]
+    assert "mean gold 0.8303" in capsys.readouterr().out  # (1 + 0.988 + 1/3 + 1) / 4, over responses

@@ -80,10 +80,15 @@ def pair_token_ids(tokenizer, prompt, response, end_of_turn, max_length):
 # Pairwise preference model: an LM asked which of two responses is better.
 
 
-def pairwise_query_ids(tokenizer, prompt, response_a, response_b):
-    """The pairwise model's input as a chat turn; the next token it generates is "A" or "B"."""
-    text = PAIRWISE_TEMPLATE.format(context=render_context(prompt), response_a=response_a, response_b=response_b)
-    return encode_prompt(tokenizer, [{"role": "user", "content": text}])
+def pairwise_query_text(prompt, response_a, response_b):
+    return PAIRWISE_TEMPLATE.format(context=render_context(prompt), response_a=response_a, response_b=response_b)
+
+
+def pairwise_query_ids(tokenizer, prompt, response_a, response_b, render=pairwise_query_text):
+    """A comparison query as a user turn of the chat template; the model's next token is "A" or "B".
+    `render(prompt messages, response A, response B) -> text` picks the template (paper 1's pairwise
+    format by default; osp.py passes paper 2's judge instruction)."""
+    return encode_prompt(tokenizer, [{"role": "user", "content": render(prompt, response_a, response_b)}])
 
 
 def label_token_ids(tokenizer):
@@ -103,14 +108,18 @@ def pairwise_logits_ab(model, queries, tokenizer, device):
 
 
 @torch.no_grad()
-def pairwise_preference(model, tokenizer, prompts, responses_1, responses_2, device):
-    """P(response_1 ≻ response_2 | prompt) (B,): P("A") with response_1 shown first, averaged with
-    P("B") with the order swapped, so a position bias cancels (paper 1 §2.2)."""
-    first = [pairwise_query_ids(tokenizer, p, a, b) for p, a, b in zip(prompts, responses_1, responses_2)]
-    swapped = [pairwise_query_ids(tokenizer, p, b, a) for p, a, b in zip(prompts, responses_1, responses_2)]
-    p_first = pairwise_logits_ab(model, first, tokenizer, device).softmax(-1)[:, 0]
-    p_swapped = pairwise_logits_ab(model, swapped, tokenizer, device).softmax(-1)[:, 1]
-    return (p_first + p_swapped) / 2
+def pairwise_preference(model, tokenizer, prompts, responses_1, responses_2, device, render=pairwise_query_text, batch_size=64):
+    """P(response_1 ≻ response_2 | prompt) (B,): the softmax over the "A"/"B" logits, P("A") with
+    response_1 shown first averaged with P("B") with the order swapped, so a position bias cancels
+    (paper 1 §2.2; paper 2 §3.2 for the judge's target preference strength)."""
+    first = [pairwise_query_ids(tokenizer, p, a, b, render) for p, a, b in zip(prompts, responses_1, responses_2)]
+    swapped = [pairwise_query_ids(tokenizer, p, b, a, render) for p, a, b in zip(prompts, responses_1, responses_2)]
+    probabilities = []
+    for start in range(0, len(first), batch_size):
+        p_first = pairwise_logits_ab(model, first[start:start + batch_size], tokenizer, device).softmax(-1)[:, 0]
+        p_swapped = pairwise_logits_ab(model, swapped[start:start + batch_size], tokenizer, device).softmax(-1)[:, 1]
+        probabilities.append((p_first + p_swapped) / 2)
+    return torch.cat(probabilities) if probabilities else torch.zeros(0, device=device)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,473 @@
+"""The built-in task: number puzzles whose answers a program can score (a gold reward r*), so the
+whole RLHF workflow — SFT, reward model, iterative DPO, OSP — runs and can be *measured* on a
+laptop with no downloads.
+
+    python data/task.py                              # writes data/builtin/ in ~5 s (seed 0)
+    python data/task.py --seed 1 --out /tmp/builtin  # another draw, elsewhere
+    python data/task.py score --samples runs/builtin/iter1/samples.jsonl --out scored.jsonl
+
+    from data.task import score                      # r*(x, a) of one response
+    score([{"role": "user", "content": "sort 31 7 18"}], "7 18 31")                  # 1.0
+    score([{"role": "user", "content": "sort 31 7 18"}], "Sure! 7 18 31")            # 0.988
+
+THE TASK. A prompt is one user turn "<op> <numbers>"; four sub-tasks (the `source` categories):
+    reverse 83 12 55 7     →  7 55 12 83    easy: copy backwards                (3-8 numbers, 0-99)
+    sort 83 12 55 7        →  7 12 55 83    medium: ascending order             (3-8 numbers, 0-99)
+    evens 83 12 55 7 40    →  12 40         medium: copy under a constraint     (3-8 numbers, 0-99)
+    add 385 97             →  482           hard: carries                       (operands of 1-3 digits)
+Text is tokenized one character per token (see TOKENIZER), so a conversation is ~40 tokens (at
+most ~110). The 0.8M-parameter Llama of model/config.json, trained from scratch by sft.py on 2 CPU
+cores for ~3 minutes (1 epoch, 1405 steps of 16 packed 128-token blocks, lr 2e-3), reaches mean
+gold 0.76 greedy (exact 52%; reverse 0.98, sort 0.88, evens 0.86, add 0.31) and 0.64 when sampling
+at temperature 1 (best of 8 samples: 0.84): clearly imperfect, with room for alignment to help.
+
+THE GOLD REWARD r*(x, a) = correctness − min(1, 0.002 · extra characters), a float in [−1, 1].
+  - The numbers of a response are its maximal runs of ASCII digits, in order.
+  - correctness ∈ [0, 1], partial credit. reverse / sort / evens: LCS(numbers, target) /
+    max(#numbers, #target), so one wrong, missing, extra or misplaced element costs about 1/n.
+    add: the first number's digits against the sum's, right-aligned, matches / max(#digits),
+    divided by the count of numbers given (the answer is one number): 482 vs 472 → 2/3.
+  - extra characters = len(response) − len(" ".join(numbers)): everything beyond the bare answer
+    ("Sure! ", " Hope this helps!", commas, newlines). The gold user wants the answer only, so
+    politeness and padding cost a little (a 20-character preamble: −0.04) and length is never
+    rewarded by itself.
+  - A prompt not of the forms above (or with more than 64 numbers, or one longer than 18 digits)
+    and a non-string response score 0.0. Any string scores a finite float; `score` never raises.
+
+THE SFT DEMONSTRATIONS (sft.jsonl, 60k) come from a noisy demonstrator:
+  - with probability 0.2 the answer is corrupted: one mistake, then another with probability 0.3
+    (at most 3). List mistakes: replace an element by a random 0-99 number, swap two neighbours,
+    drop an element, duplicate an element. Sum mistakes: change a digit, a carry slip (± 10^k),
+    drop a digit. Every mistake changes the answer.
+  - independently, with probability 0.3 the answer gets a preamble, a closing or both
+    ("Sure! 7 12 55 83 Hope this helps!"): verbosity is unrelated to correctness here.
+  Mean gold of the demonstrations 0.91 (56% exact); a perfect answer scores 1.0 (stats.json).
+
+THE OFFLINE PREFERENCE DATA (pairs_train.jsonl 20k, pairs_eval.jsonl 2k) comes from three
+synthetic behaviour policies, none of them the SFT model (as UltraFeedback pools other models):
+    policy    P(mistake)  P(one more)  P(truncated)  P(verbose)
+    careful      0.08        0.2          0.0        0.40 + g      g = --verbosity-gap, 0.35
+    average      0.35        0.3          0.1        0.40
+    hasty        0.60        0.5          0.4        0.40 − g
+("truncated": the answer stops early, a prefix of the list or of the digits.) Each prompt is
+answered by two different policies and a simulated human labels the pair
+    y ~ Bernoulli(σ((r*(a1) − r*(a2)) / τ)),   τ = 0.1
+so a gold gap of 0.1 is judged the right way 73% of the time, a gap of 0.3 95%; overall the label
+agrees with r* on ~84% of pairs (the accuracy ceiling of any reward model; stats.json). Pairs of
+equal gold carry no signal and are not kept. `margin` = r*(chosen) − r*(rejected) (negative when
+the human erred); `source` = the sub-task.
+
+WHY THE REQUIREMENTS HOLD (measured with seed 0 and the default sizes):
+  - learnable but imperfect: see THE TASK above; the demonstrations are themselves 44% inexact.
+  - a Bradley-Terry RM (SFT backbone + scalar head on the last token, 1 epoch, batch 32 pairs)
+    reaches 76% held-out accuracy (ceiling 84%; ≥ 72% on every source), because r* depends on
+    visible features of (x, a) and the labels follow the BT model itself.
+  - a judge can learn to compare two responses from the same features (the pairs fed to
+    `python data/convert.py --format judge` give the preference-augmentation data).
+  - length bias: the careful policy is both the most accurate and the most verbose and the hasty
+    one truncates, so in the pairs the longer response is chosen 68% of the time and a logistic
+    regression on the length difference alone predicts 67% of held-out labels, while r* itself
+    *penalises* every extra character (within a prompt, gold and length correlate at −0.22 over
+    SFT samples). The RM above picks up the shortcut: its best-of-8 choice among SFT samples is
+    longer than average (18.0 vs 16.3 characters) and gains little gold (0.665 vs 0.646), while
+    ranking by r − λ|a| (paper 1's length penalty) gains more with shorter answers (0.718 at
+    10 characters). --verbosity-gap 0 removes the shortcut; 0.45 makes the hacking blatant.
+
+FILES written to --out (default data/builtin/, gitignored):
+  model/            tokenizer.json, tokenizer_config.json (with the chat template), config.json for
+                    a tiny LlamaForCausalLM, generation_config.json; no weights (sft.py --scratch)
+  sft.jsonl         {"messages": [user, assistant]}
+  prompts_iter1.jsonl, prompts_iter2.jsonl, prompts_iter3.jsonl (1024 each), prompts_eval.jsonl (512):
+                    {"id", "messages": [user]}
+  pairs_train.jsonl, pairs_eval.jsonl: {"id", "prompt", "chosen", "rejected", "margin", "source"}
+  stats.json        sizes, gold of the demonstrations, label/r* agreement, length statistics
+No prompt text occurs twice anywhere (SFT, pairs, iteration chunks, eval); every sub-task has the
+same share of every file. The same --seed gives the same bytes.
+
+TOKENIZER: one token per character (a BPE without merges), 112 ids:
+  0 <|pad|>   1 <|bos|>   2 <|end|> (end of turn = eos)   3 <|unk|>   4 <|system|>   5 <|user|>
+  6 <|assistant|>, then "\\t", "\\n", the 95 printable ASCII characters (" " = 9, "0"-"9" = 25-34,
+  "A" = 42, "B" = 43) and ‘ ’ “ ” – — … é; anything else → <|unk|>.
+  Chat template: <|bos|>, then per message <|role|>content<|end|>; add_generation_prompt appends
+  <|assistant|>. So "sort 3 1 2" → <|bos|><|user|>sort 3 1 2<|end|><|assistant|> and the model
+  answers "1 2 3<|end|>". Decoding never edits spaces (clean_up_tokenization_spaces false).
+"""
+import argparse
+import json
+import math
+import random
+import re
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for `common`
+
+from common import atomic_write_text, read_jsonl, write_jsonl  # noqa: E402
+
+TASKS = ("reverse", "sort", "evens", "add")
+TAU = 0.1                  # temperature of the simulated human labeller, σ(Δr*/τ)
+EXTRA_CHAR_PENALTY = 0.002  # gold cost per character beyond the bare answer
+MAX_SCORED_CHARS = 20000   # longer responses are cut here before parsing (the penalty is capped anyway)
+
+PREAMBLES = ("Sure! ", "Here you go: ", "The answer is ", "Okay, here it is: ", "Of course. ")
+CLOSINGS = (" Hope this helps!", " Done.", " Let me know if you need more.", " That is my answer.")
+
+# ----------------------------------------------------------------------------------------------
+# Prompts and their exact answers
+
+PROMPT_PATTERN = re.compile(r"^(reverse|sort|evens|add)((?: [0-9]{1,18}){1,64})$")  # bounded: int() and LCS stay cheap
+
+
+def make_prompt(rng, task):
+    if task == "add":
+        a, b = (rng.randint(10 ** (d - 1) if d > 1 else 0, 10 ** d - 1) for d in (rng.randint(1, 3), rng.randint(1, 3)))
+        return f"add {a} {b}"
+    numbers = [rng.randint(0, 99) for _ in range(rng.randint(3, 8))]
+    if task == "evens" and all(n % 2 for n in numbers):
+        numbers[rng.randrange(len(numbers))] -= 1  # at least one even number, so the answer is never empty
+    return f"{task} " + " ".join(map(str, numbers))
+
+
+def parse_prompt(text):
+    """'sort 3 1 2' → ('sort', ['1', '2', '3']): the sub-task and its exact answer as number strings.
+    None for anything else."""
+    match = PROMPT_PATTERN.match(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        return None
+    task, operands = match.group(1), [int(s) for s in match.group(2).split()]
+    if task == "reverse":
+        answer = operands[::-1]
+    elif task == "sort":
+        answer = sorted(operands)
+    elif task == "evens":
+        answer = [n for n in operands if n % 2 == 0]
+    else:
+        answer = [sum(operands)]
+    return task, [str(n) for n in answer]
+
+
+def prompt_text(prompt):
+    """The last user turn of a prompt given as messages (or a bare string), else None."""
+    if isinstance(prompt, str):
+        return prompt
+    if not isinstance(prompt, (list, tuple)):
+        return None
+    for message in reversed(prompt):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            return content if isinstance(content, str) else None
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The gold reward r*(x, a)
+
+
+def longest_common_subsequence(a, b):
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def digit_agreement(predicted, target):
+    """Right-aligned digit matches / the longer length: '4482' vs '4472' → 0.75."""
+    matches = sum(p == t for p, t in zip(reversed(predicted), reversed(target)))
+    return matches / max(len(predicted), len(target))
+
+
+def correctness(task, target, numbers):
+    """Partial credit in [0, 1] for the numbers a response gives (see the module docstring)."""
+    if not numbers:
+        return 0.0
+    if task == "add":
+        return digit_agreement(numbers[0], target[0]) / len(numbers)
+    return longest_common_subsequence(numbers, target) / max(len(numbers), len(target))
+
+
+def score(prompt_messages, response_text):
+    """Gold reward of one response: correctness − min(1, 0.002 · extra characters), in [−1, 1].
+    Never raises: an unknown prompt or a non-string response gives 0.0."""
+    parsed = parse_prompt(prompt_text(prompt_messages))
+    if parsed is None or not isinstance(response_text, str):
+        return 0.0
+    task, target = parsed
+    text = response_text[:MAX_SCORED_CHARS]
+    numbers = re.findall(r"[0-9]+", text)  # ASCII digits only (\d would take any script's)
+    extra_characters = len(response_text) - len(" ".join(numbers))
+    return float(correctness(task, target, numbers) - min(1.0, EXTRA_CHAR_PENALTY * extra_characters))
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic answerers: the noisy demonstrator (SFT data) and the behaviour policies (pairs)
+
+class Policy(NamedTuple):
+    """A synthetic answerer: how often it errs, cuts the answer short, and talks."""
+    name: str
+    p_error: float      # P(the answer gets a corruption)
+    p_more: float       # P(one more corruption), applied up to twice
+    p_truncate: float   # P(the answer stops early: a prefix of the list / of the digits)
+    p_verbose: float    # P(a polite preamble and/or closing around the answer)
+
+
+DEMONSTRATOR = Policy("demonstrator", p_error=0.20, p_more=0.3, p_truncate=0.0, p_verbose=0.30)
+VERBOSITY_GAP = 0.35  # how much more often the careful policy talks than the average one (and the hasty one less)
+
+
+def behaviour_policies(verbosity_gap=VERBOSITY_GAP):
+    """The offline data's answerers. verbosity_gap sets how strongly verbosity goes with quality in
+    the preference data (0: not at all, apart from truncation) — the source of the RM's length bias."""
+    return (
+        Policy("careful", p_error=0.08, p_more=0.2, p_truncate=0.0, p_verbose=min(1.0, 0.40 + verbosity_gap)),
+        Policy("average", p_error=0.35, p_more=0.3, p_truncate=0.1, p_verbose=0.40),
+        Policy("hasty", p_error=0.60, p_more=0.5, p_truncate=0.4, p_verbose=max(0.0, 0.40 - verbosity_gap)),
+    )
+
+
+def corrupt_once(rng, task, answer):
+    """One mistake, guaranteed to change the answer (a list of number strings)."""
+    while True:
+        if task == "add":
+            digits = list(answer[0])
+            kind = rng.choice(("digit", "carry", "drop") if len(digits) > 1 else ("digit", "carry"))
+            if kind == "digit":
+                i = rng.randrange(len(digits))
+                digits[i] = str(rng.randint(1 if i == 0 and len(digits) > 1 else 0, 9))
+                new = "".join(digits)
+            elif kind == "carry":  # a carry slip: off by 10^k
+                new = str(max(0, int(answer[0]) + rng.choice((-1, 1)) * 10 ** rng.randrange(1, len(digits) + 1)))
+            else:
+                del digits[rng.randrange(len(digits))]
+                new = str(int("".join(digits)))
+            candidate = [new]
+        else:
+            candidate = list(answer)
+            kind = rng.choice(("replace", "swap", "drop", "duplicate") if len(answer) > 1 else ("replace", "duplicate"))
+            i = rng.randrange(len(candidate))
+            if kind == "replace":
+                candidate[i] = str(rng.randint(0, 99))
+            elif kind == "swap":
+                i = rng.randrange(len(candidate) - 1)
+                candidate[i], candidate[i + 1] = candidate[i + 1], candidate[i]
+            elif kind == "drop":
+                del candidate[i]
+            else:
+                candidate.insert(i, candidate[i])
+        if candidate != answer:
+            return candidate
+
+
+def answer_as(rng, policy, prompt):
+    """A response to `prompt` (text) by a synthetic policy: truncation, corruptions, politeness."""
+    task, answer = parse_prompt(prompt)
+    pieces = list(answer[0]) if task == "add" else answer  # digits of the sum, or list elements
+    if len(pieces) > 1 and rng.random() < policy.p_truncate:
+        pieces = pieces[:rng.randrange(1, len(pieces))]
+        answer = ["".join(pieces)] if task == "add" else pieces
+    if rng.random() < policy.p_error:
+        answer = corrupt_once(rng, task, answer)
+        for _ in range(2):
+            if rng.random() >= policy.p_more:
+                break
+            answer = corrupt_once(rng, task, answer)
+    body = " ".join(answer)
+    if rng.random() >= policy.p_verbose:
+        return body
+    style = rng.randrange(3)  # 0: preamble, 1: closing, 2: both
+    return (rng.choice(PREAMBLES) if style != 1 else "") + body + (rng.choice(CLOSINGS) if style != 0 else "")
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and tiny model config (HF format, loadable by transformers.AutoTokenizer / LlamaConfig)
+
+SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|end|>", "<|unk|>", "<|system|>", "<|user|>", "<|assistant|>")
+CHARACTERS = ("\t", "\n") + tuple(chr(c) for c in range(32, 127)) + tuple("‘’“”–—…é")  # typographic quotes etc. of the judge templates
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role: ' + message['role']) }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+MODEL_CONFIG = dict(  # ~0.8M parameters; sized so SFT on 2 CPU cores takes minutes (see docstring)
+    hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
+)
+
+
+def write_model_folder(folder):
+    """tokenizer.json (a BPE with no merges = one token per character; unknown characters → <|unk|>),
+    tokenizer_config.json with the chat template, config.json, generation_config.json."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|unk|>"))
+    tokenizer.decoder = decoders.Fuse()  # concatenate characters back (the default would insert spaces)
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "tokenizer.json", tokenizer.to_str(pretty=True))
+    ids = {name: vocab[f"<|{name}|>"] for name in ("pad", "bos", "end")}
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|bos|>", "eos_token": "<|end|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>",
+        "additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>"],
+        "clean_up_tokenization_spaces": False,  # never edit spaces on decode: text must round-trip
+        "model_max_length": MODEL_CONFIG["max_position_embeddings"],
+        "chat_template": CHAT_TEMPLATE,
+    }
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": len(vocab),
+        **MODEL_CONFIG, "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02,
+        "bos_token_id": ids["bos"], "eos_token_id": ids["end"], "pad_token_id": ids["pad"], "torch_dtype": "float32",
+    }
+    generation_config = {"bos_token_id": ids["bos"], "eos_token_id": ids["end"], "pad_token_id": ids["pad"]}
+    for name, content in (("tokenizer_config.json", tokenizer_config), ("config.json", config),
+                          ("generation_config.json", generation_config)):
+        atomic_write_text(folder / name, json.dumps(content, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the data set
+
+
+def build(out, seed=0, sft_examples=60000, prompts_per_iter=1024, eval_prompts=512, pairs_train=20000,
+          pairs_eval=2000, tau=TAU, verbosity_gap=VERBOSITY_GAP):
+    """Write every file of the task into `out`; returns the stats dict (also saved as stats.json)."""
+    out = Path(out)
+    rng = random.Random(seed)
+    seen = set()
+
+    def fresh_prompts(n):
+        """n prompt texts never drawn before, sub-tasks in turn (so every split has the same mix)."""
+        prompts = []
+        while len(prompts) < n:
+            text = make_prompt(rng, TASKS[len(prompts) % len(TASKS)])
+            if text not in seen:
+                seen.add(text)
+                prompts.append(text)
+        return prompts
+
+    def user(text):
+        return [{"role": "user", "content": text}]
+
+    write_model_folder(out / "model")
+
+    # SFT demonstrations from the noisy demonstrator.
+    sft_prompts = fresh_prompts(sft_examples)
+    demonstrations = [answer_as(rng, DEMONSTRATOR, p) for p in sft_prompts]
+    write_jsonl(out / "sft.jsonl", [{"messages": user(p) + [{"role": "assistant", "content": a}]}
+                                    for p, a in zip(sft_prompts, demonstrations)])
+    demo_gold = [score(p, a) for p, a in zip(sft_prompts, demonstrations)]
+
+    # Prompt pools for the online iterations and for evaluation.
+    for name, n in (("iter1", prompts_per_iter), ("iter2", prompts_per_iter), ("iter3", prompts_per_iter),
+                    ("eval", eval_prompts)):
+        write_jsonl(out / f"prompts_{name}.jsonl",
+                    [{"id": f"{name}-{i:05d}", "messages": user(p)} for i, p in enumerate(fresh_prompts(n))])
+
+    # Offline preference pairs from the behaviour policies, labelled by a noisy BT "human".
+    policies = behaviour_policies(verbosity_gap)
+    stats = {"seed": seed, "tau": tau, "verbosity_gap": verbosity_gap, "extra_char_penalty": EXTRA_CHAR_PENALTY,
+             "sft_examples": sft_examples, "sft_mean_gold": sum(demo_gold) / max(1, len(demo_gold)),
+             "sft_exact_fraction": sum(g == 1.0 for g in demo_gold) / max(1, len(demo_gold)),
+             "sft_mean_chars": sum(map(len, demonstrations)) / max(1, len(demonstrations))}
+    for split, n in (("train", pairs_train), ("eval", pairs_eval)):
+        records = []
+        for text in fresh_prompts(n):
+            while True:  # two distinct policies, two responses of different gold
+                first, second = rng.sample(policies, 2)
+                a1, a2 = answer_as(rng, first, text), answer_as(rng, second, text)
+                r1, r2 = score(text, a1), score(text, a2)
+                if r1 != r2:
+                    break
+            first_wins = rng.random() < sigmoid((r1 - r2) / tau)  # the simulated human's label
+            chosen, rejected, margin = (a1, a2, r1 - r2) if first_wins else (a2, a1, r2 - r1)
+            records.append({"id": f"pairs-{split}-{len(records):05d}", "prompt": user(text), "chosen": chosen,
+                            "rejected": rejected, "margin": round(margin, 6), "source": parse_prompt(text)[0]})
+        write_jsonl(out / f"pairs_{split}.jsonl", records)
+        # How often could a perfect r* agree with the labels (the ceiling of any RM's accuracy), and
+        # how much does length alone say?
+        margins = [r["margin"] for r in records] or [0.0]
+        length_gap = [len(r["chosen"]) - len(r["rejected"]) for r in records]
+        stats[f"pairs_{split}"] = {
+            "n": len(records),
+            "gold_agrees_with_label": sum(m > 0 for m in margins) / len(margins),
+            "expected_gold_agreement": sum(sigmoid(abs(m) / tau) for m in margins) / len(margins),
+            "longer_is_chosen": sum(g > 0 for g in length_gap) / max(1, sum(g != 0 for g in length_gap)),
+            "by_source": {task: {"n": sum(r["source"] == task for r in records),
+                                 "gold_agrees_with_label": sum(r["margin"] > 0 for r in records if r["source"] == task)
+                                 / max(1, sum(r["source"] == task for r in records))} for task in TASKS},
+        }
+    atomic_write_text(out / "stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: build (default) or score a samples file
+
+
+def score_samples(samples_path, out_path=None):
+    """Add `gold` (one float per response) to each samples record; print the means."""
+    records = read_jsonl(samples_path)
+    golds, lengths, by_task = [], [], {}
+    for record in records:
+        record["gold"] = [score(record.get("prompt"), r) for r in record.get("responses", [])]
+        task = (parse_prompt(prompt_text(record.get("prompt"))) or ("other",))[0]
+        by_task.setdefault(task, []).extend(record["gold"])
+        golds += record["gold"]
+        lengths += [len(r) if isinstance(r, str) else 0 for r in record.get("responses", [])]
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    print(f"{samples_path}: {len(records)} prompts, {len(golds)} responses, mean gold {mean(golds):.4f}, "
+          f"mean length {mean(lengths):.1f} chars, exact {mean([g == 1.0 for g in golds]):.3f} | "
+          + ", ".join(f"{task} {mean(v):.4f}" for task, v in sorted(by_task.items())))
+    if out_path:
+        write_jsonl(out_path, records)
+    return mean(golds), mean(lengths)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["score"]:
+        parser = argparse.ArgumentParser(prog="python data/task.py score",
+                                         description="gold-score a samples JSONL ({id, prompt, responses, ...})")
+        parser.add_argument("--samples", required=True, help="samples JSONL written by generate.py")
+        parser.add_argument("--out", default=None, help="write the records with `gold` (list of floats) added here")
+        args = parser.parse_args(argv[1:])
+        score_samples(args.samples, args.out)
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "builtin"), help="output folder")
+    parser.add_argument("--seed", type=int, default=0, help="everything is drawn from this seed")
+    parser.add_argument("--sft-examples", type=int, default=60000, help="demonstrations in sft.jsonl")
+    parser.add_argument("--prompts-per-iter", type=int, default=1024, help="prompts in each prompts_iter{1,2,3}.jsonl")
+    parser.add_argument("--eval-prompts", type=int, default=512, help="prompts in prompts_eval.jsonl")
+    parser.add_argument("--pairs-train", type=int, default=20000, help="preference pairs in pairs_train.jsonl")
+    parser.add_argument("--pairs-eval", type=int, default=2000, help="preference pairs in pairs_eval.jsonl")
+    parser.add_argument("--tau", type=float, default=TAU, help="labeller temperature: P(a1 ≻ a2) = σ((r*(a1) − r*(a2)) / τ)")
+    parser.add_argument("--verbosity-gap", type=float, default=VERBOSITY_GAP,
+                        help="P(verbose) of the careful / hasty behaviour policy is 0.4 ± this: how much verbosity "
+                             "goes with quality in the preference data (0 = no length shortcut to learn)")
+    args = parser.parse_args(argv)
+    stats = build(args.out, args.seed, args.sft_examples, args.prompts_per_iter, args.eval_prompts,
+                  args.pairs_train, args.pairs_eval, args.tau, args.verbosity_gap)
+    print(f"wrote {args.out}: {stats['sft_examples']} demonstrations (mean gold {stats['sft_mean_gold']:.3f}, "
+          f"exact {stats['sft_exact_fraction']:.3f}), 3 × {args.prompts_per_iter} + {args.eval_prompts} prompts, "
+          f"{args.pairs_train} + {args.pairs_eval} pairs (label agrees with r* on "
+          f"{stats['pairs_eval']['gold_agrees_with_label']:.3f} of eval pairs; the longer response is chosen in "
+          f"{stats['pairs_eval']['longer_is_chosen']:.3f})")
+
+
+if __name__ == "__main__":
+    main()
