@@ -29,24 +29,22 @@ ranked|random|best (best = RAFT: NLL on the top-ranked response only), --samplin
 Data parallelism is DDP: each rank samples with its own full replica of the policy.
 """
 import argparse
-import math
 import random
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from common import (MetricsLogger, all_reduce_sum, clip_grad_norm, cosine_lr, default_dtype, destroy_distributed,
                     encode_prompt, encode_response, end_of_turn_ids, gradient_sync, init_distributed, load_tokenizer,
                     print0, save_checkpoint, seed_everything, stop_token_ids, unwrap, wrap_model)
-from data.judge import JUDGE_TEMPLATES, render_judge_prompt
+from data.judge import JUDGE_TEMPLATES
 from data.schema import load_records
 from dpo import preference_loss, sequence_logps
 from generate import Engine, sample_seed
 from model import Transformer
-from train_rm import pairwise_preference
+from train_rm import judge_template, pairwise_preference
 
 # ----------------------------------------------------------------------------------------------
 # Pairing
@@ -91,8 +89,9 @@ def main():
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (paper 2: 0.7)")
     parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (paper 2: 0.9)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="response length cap (paper 2: 512/768)")
-    parser.add_argument("--judge-template", default="dialogue",
-                        help=f"judge instruction: one of {sorted(JUDGE_TEMPLATES)} or a text file with {{context}}, {{response_a}}, {{response_b}}")
+    parser.add_argument("--judge-template", default=None,
+                        help=f"judge instruction: one of {sorted(JUDGE_TEMPLATES)} or a text file with {{context}}, {{response_a}}, "
+                             "{response_b}; default: the judge's judge_template.txt (a train_rm.py pairwise model), else 'dialogue'")
     parser.add_argument("--gold", action="store_true", help="log agreement of the judge with the built-in task's gold scorer")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     parser.add_argument("--save-every", type=int, default=0, help="also save a checkpoint every N steps (0: only at the end)")
@@ -119,12 +118,7 @@ def main():
     # Data and judge template
 
     prompts = load_records(args.prompts, "prompts")
-    template = JUDGE_TEMPLATES.get(args.judge_template) or Path(args.judge_template).read_text()
-
-
-    def render(context, response_a, response_b):
-        return render_judge_prompt(context, response_a, response_b, template=template)
-
+    template = judge_template(args.judge or args.model, args.judge_template, default="dialogue")
 
     if args.gold:
         from data.task import score as gold_score
@@ -181,7 +175,7 @@ def main():
             flat_prompts = [prompts[i]["messages"] for i in mine for _ in range(args.k)]
             flat_responses = [r for rs in responses for r in rs]
             self_scores = pairwise_preference(judge, judge_tokenizer, flat_prompts, flat_responses, [""] * len(flat_responses),
-                                              device, render=render).view(len(mine), args.k).tolist()
+                                              device, template).view(len(mine), args.k).tolist()
         examples = []  # (prompt index, chosen text, rejected text)
         for row, i in enumerate(mine):
             scores = self_scores[row]
@@ -195,7 +189,7 @@ def main():
         if args.pairing != "best":
             with autocast:
                 targets = pairwise_preference(judge, judge_tokenizer, [prompts[i]["messages"] for i, _, _ in examples],
-                                              [c for _, c, _ in examples], [r for _, _, r in examples], device, render=render)
+                                              [c for _, c, _ in examples], [r for _, _, r in examples], device, template)
         else:
             targets = torch.ones(len(examples), device=device)
 

@@ -739,7 +739,6 @@ def builtin_model_dir(task_dir, folder, seed=0):
 
 
 def test_judge_targets_are_symmetric_under_ab_swap(task_dir, tmp_path):
-    from functools import partial
     from train_rm import pairwise_preference
     folder = builtin_model_dir(task_dir, tmp_path / "judge")
     judge, tokenizer = Transformer.from_pretrained(folder).eval(), load_tokenizer(folder)
@@ -748,22 +747,30 @@ def test_judge_targets_are_symmetric_under_ab_swap(task_dir, tmp_path):
         torch.nn.init.normal_(weight, std=0.3) if weight.dim() == 2 else None
     prompts = [p["messages"] for p in read_jsonl(task_dir / "prompts_eval.jsonl")[:4]]
     a, b = ["12 3", "", "7", "1 2 3 4"], ["3 12", "5", "", "4 3 2 1"]
-    render = partial(render_judge_prompt, template="dialogue")
     with torch.no_grad():
-        p_ab = pairwise_preference(judge, tokenizer, prompts, a, b, "cpu", render=render)
-        p_ba = pairwise_preference(judge, tokenizer, prompts, b, a, "cpu", render=render)
+        p_ab = pairwise_preference(judge, tokenizer, prompts, a, b, "cpu", "dialogue")
+        p_ba = pairwise_preference(judge, tokenizer, prompts, b, a, "cpu", "dialogue")
     assert torch.allclose(p_ab + p_ba, torch.ones(4), atol=1e-6)
     assert (p_ab - 0.5).abs().max() > 1e-4  # a random judge is not indifferent, so the test can fail
 
 
 @pytest.mark.parametrize("loss,pairing,nproc", [("spce", "ranked", 1), ("dpo", "random", 2), ("spce", "best", 1)])
 def test_osp_steps_run_on_builtin_task_and_change_the_policy(loss, pairing, nproc, task_dir, tmp_path):
+    from data.judge import PAIRWISE_TEMPLATE
     from safetensors.torch import load_file
     sft = builtin_model_dir(task_dir, tmp_path / "sft")
     out = tmp_path / "osp"
     args = ["osp.py", "--model", str(sft), "--prompts", str(task_dir / "prompts_iter1.jsonl"), "--out", str(out),
             "--steps", "2", "--batch-size", "2", "--k", "3", "--max-new-tokens", "10", "--lr", "1e-3", "--beta", "0.1",
             "--loss", loss, "--pairing", pairing, "--gold", "--device", "cpu"]
+    if pairing == "ranked":  # the judge: a pairwise model trained by train_rm.py, which records its template
+        judge = tmp_path / "judge"
+        run_script(["train_rm.py", "--type", "pairwise", "--model", str(sft), "--pairs", str(task_dir / "pairs_eval.jsonl"),
+                    "--out", str(judge), "--max-steps", "2", "--batch-size", "8", "--lr", "1e-3", "--device", "cpu",
+                    "--eval-pairs", str(task_dir / "pairs_eval.jsonl")])
+        assert (judge / "judge_template.txt").read_text() == PAIRWISE_TEMPLATE
+        assert 0.0 <= json.loads((judge / "eval.json").read_text())["accuracy"] <= 1.0
+        args += ["--judge", str(judge)]
     run_script(args, nproc=nproc)
     lines = read_jsonl(out / "metrics.jsonl")
     assert [line["step"] for line in lines] == [1, 2]

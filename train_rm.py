@@ -38,10 +38,9 @@ from tqdm import tqdm
 from common import (MetricsLogger, all_reduce_sum, atomic_write_text, clip_grad_norm, cosine_lr, default_dtype, destroy_distributed,
                     encode_prompt, encode_response, end_of_turn_ids, gradient_sync, init_distributed, load_tokenizer,
                     print0, process_in_chunks, right_pad, save_checkpoint, seed_everything, wrap_model)
-from data.schema import load_records, render_context
+from data.judge import JUDGE_TEMPLATES, render_judge_prompt
+from data.schema import load_records
 from model import Transformer
-
-PAIRWISE_TEMPLATE = "[CONTEXT] {context} [RESPONSE A] {response_a} [RESPONSE B] {response_b}"
 
 # ----------------------------------------------------------------------------------------------
 # The math: the BT loss and how a reward is read off the model.
@@ -80,15 +79,11 @@ def pair_token_ids(tokenizer, prompt, response, end_of_turn, max_length):
 # Pairwise preference model: an LM asked which of two responses is better.
 
 
-def pairwise_query_text(prompt, response_a, response_b):
-    return PAIRWISE_TEMPLATE.format(context=render_context(prompt), response_a=response_a, response_b=response_b)
-
-
-def pairwise_query_ids(tokenizer, prompt, response_a, response_b, render=pairwise_query_text):
+def pairwise_query_ids(tokenizer, prompt, response_a, response_b, template="pairwise"):
     """A comparison query as a user turn of the chat template; the model's next token is "A" or "B".
-    `render(prompt messages, response A, response B) -> text` picks the template (paper 1's pairwise
-    format by default; osp.py passes paper 2's judge instruction)."""
-    return encode_prompt(tokenizer, [{"role": "user", "content": render(prompt, response_a, response_b)}])
+    `template` is a name in data.judge.JUDGE_TEMPLATES or a template text: paper 1's bare pairwise
+    format by default, paper 2's judge instruction ("dialogue", "summarization") for osp.py."""
+    return encode_prompt(tokenizer, [{"role": "user", "content": render_judge_prompt(prompt, response_a, response_b, template)}])
 
 
 def label_token_ids(tokenizer):
@@ -108,12 +103,12 @@ def pairwise_logits_ab(model, queries, tokenizer, device):
 
 
 @torch.no_grad()
-def pairwise_preference(model, tokenizer, prompts, responses_1, responses_2, device, render=pairwise_query_text, batch_size=64):
+def pairwise_preference(model, tokenizer, prompts, responses_1, responses_2, device, template="pairwise", batch_size=64):
     """P(response_1 ≻ response_2 | prompt) (B,): the softmax over the "A"/"B" logits, P("A") with
     response_1 shown first averaged with P("B") with the order swapped, so a position bias cancels
     (paper 1 §2.2; paper 2 §3.2 for the judge's target preference strength)."""
-    first = [pairwise_query_ids(tokenizer, p, a, b, render) for p, a, b in zip(prompts, responses_1, responses_2)]
-    swapped = [pairwise_query_ids(tokenizer, p, b, a, render) for p, a, b in zip(prompts, responses_1, responses_2)]
+    first = [pairwise_query_ids(tokenizer, p, a, b, template) for p, a, b in zip(prompts, responses_1, responses_2)]
+    swapped = [pairwise_query_ids(tokenizer, p, b, a, template) for p, a, b in zip(prompts, responses_1, responses_2)]
     probabilities = []
     for start in range(0, len(first), batch_size):
         p_first = pairwise_logits_ab(model, first[start:start + batch_size], tokenizer, device).softmax(-1)[:, 0]
@@ -127,7 +122,7 @@ def pairwise_preference(model, tokenizer, prompts, responses_1, responses_2, dev
 
 
 @torch.no_grad()
-def preference_accuracy(model, tokenizer, pairs, kind, device, batch_size, max_length):
+def preference_accuracy(model, tokenizer, pairs, kind, device, batch_size, max_length, template="pairwise"):
     """Held-out accuracy: the fraction of pairs where the model prefers `chosen` (BT: r_w > r_l;
     pairwise: P(chosen ≻ rejected) > 0.5); ties count as half. Returns overall and per-source."""
     end_of_turn = end_of_turn_ids(tokenizer)
@@ -141,7 +136,7 @@ def preference_accuracy(model, tokenizer, pairs, kind, device, batch_size, max_l
             difference = rewards[:len(batch)] - rewards[len(batch):]
         else:
             difference = pairwise_preference(model, tokenizer, [p["prompt"] for p in batch], [p["chosen"] for p in batch],
-                                             [p["rejected"] for p in batch], device) - 0.5
+                                             [p["rejected"] for p in batch], device, template) - 0.5
         correct += ((difference > 0).float() + 0.5 * (difference == 0).float()).tolist()
     by_source = defaultdict(list)
     for pair, c in zip(pairs, correct):
@@ -202,6 +197,17 @@ def load_for_inference(path, kind, device):
     return model.eval()
 
 
+def judge_template(path, template=None, default="pairwise"):
+    """The A/B instruction of a pairwise model or judge: `template` (a name in data.judge.JUDGE_TEMPLATES
+    or a text file) when given, else the one it was trained with (judge_template.txt in its folder,
+    written by training), else `default`."""
+    saved = Path(path) / "judge_template.txt"
+    if not template and saved.exists():
+        return saved.read_text()
+    template = template or default
+    return JUDGE_TEMPLATES.get(template) or Path(template).read_text()
+
+
 def model_kind(path):
     """'bt' for a saved reward model (a sequence classifier), 'pairwise' for a causal LM."""
     architectures = json.loads((Path(path) / "config.json").read_text()).get("architectures", [""])
@@ -230,11 +236,12 @@ def train(args, dist_info):
             truncated += t1 + t2
             examples.append((chosen, rejected, float(p.get("margin", 0.0)) if args.use_margin else 0.0))
     else:
+        template = judge_template(args.model, args.template or "pairwise")
         a_id, b_id = label_token_ids(tokenizer)
         flips = torch.rand(len(pairs), generator=rng) < 0.5
         for p, chosen_second in zip(pairs, flips.tolist()):
             first, second = (p["rejected"], p["chosen"]) if chosen_second else (p["chosen"], p["rejected"])
-            query = pairwise_query_ids(tokenizer, p["prompt"], first, second)
+            query = pairwise_query_ids(tokenizer, p["prompt"], first, second, template)
             truncated += len(query) > args.max_length
             examples.append((query[-args.max_length:], b_id if chosen_second else a_id, 0.0))
     if truncated:
@@ -308,6 +315,8 @@ def train(args, dist_info):
         # sure no real token is the pad, so it reads the same (last real) token we do.
         unwrapped = model.module if hasattr(model, "module") else model
         unwrapped.config.raw["pad_token_id"] = unused_pad_id(tokenizer)
+    elif dist_info.is_main:  # written first, so the atomic checkpoint save carries it into the folder
+        atomic_write_text(Path(args.out) / "judge_template.txt", template)
     save_checkpoint(model, args.out, tokenizer, source_dir=args.model)
     print0(f"saved {args.out}")
 
@@ -332,6 +341,8 @@ def main():
     parser.add_argument("--model", help="[train] starting checkpoint (the SFT model)")
     parser.add_argument("--pairs", help="[train, eval] preference pairs JSONL")
     parser.add_argument("--eval-pairs", help="[train] held-out pairs evaluated after training")
+    parser.add_argument("--template", help="[pairwise] the A/B instruction: one of data.judge.JUDGE_TEMPLATES or a text file; "
+                                           "default 'pairwise' for training, the model's own (judge_template.txt) for eval")
     parser.add_argument("--out", help="[train] output folder; [score] output rewards JSONL")
     parser.add_argument("--score", action="store_true", help="score a samples file with --rm")
     parser.add_argument("--eval", action="store_true", help="evaluate --rm on --pairs (and length bias on --samples)")
@@ -375,7 +386,7 @@ def main():
         if not args.rm or not (args.pairs or args.samples):
             parser.error("--eval needs --rm and --pairs and/or --samples")
         if dist_info.is_main:
-            evaluate(args.rm, args.pairs, args.samples, dist_info.device, args.eval_batch_size, args.max_length)
+            evaluate(args.rm, args.pairs, args.samples, dist_info.device, args.eval_batch_size, args.max_length, args.template)
     else:
         if not (args.model and args.pairs and args.out):
             parser.error("training needs --model, --pairs and --out")
@@ -384,18 +395,18 @@ def main():
         else:
             train(args, dist_info)
         if args.eval_pairs and dist_info.is_main:
-            evaluate(args.out, args.eval_pairs, None, dist_info.device, args.eval_batch_size, args.max_length)
+            evaluate(args.out, args.eval_pairs, None, dist_info.device, args.eval_batch_size, args.max_length, args.template)
     destroy_distributed()
 
 
-def evaluate(path, pairs_path, samples_path, device, batch_size, max_length):
+def evaluate(path, pairs_path, samples_path, device, batch_size, max_length, template=None):
     """Print and save (eval.json in the model folder) accuracy and the length-bias statistic."""
     kind = model_kind(path)
     model, tokenizer = load_for_inference(path, kind, device), load_tokenizer(path)
     results = {"model": str(path), "type": kind}
     if pairs_path:
         accuracy, by_source = preference_accuracy(model, tokenizer, load_records(pairs_path, "pairs"), kind, device,
-                                                  batch_size, max_length)
+                                                  batch_size, max_length, judge_template(path, template))
         results.update(pairs=str(pairs_path), accuracy=accuracy, accuracy_by_source=by_source)
         print0(f"held-out accuracy {accuracy:.4f}  " + "  ".join(f"{s}: {a:.4f}" for s, a in by_source.items()))
     if samples_path and kind == "bt":

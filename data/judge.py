@@ -52,7 +52,11 @@ SUMMARIZATION_TEMPLATE = (
     "SUMMARY B:{response_b}\n\n"
     "Which summary is better? SUMMARY")
 
-JUDGE_TEMPLATES = {"dialogue": DIALOGUE_TEMPLATE, "summarization": SUMMARIZATION_TEMPLATE}
+# Paper 1's pairwise preference model (RLHF Workflow §2.2): the same A/B question in a bare format,
+# much shorter than the instructions above (train_rm.py --type pairwise uses it by default).
+PAIRWISE_TEMPLATE = "[CONTEXT] {context} [RESPONSE A] {response_a} [RESPONSE B] {response_b}"
+
+JUDGE_TEMPLATES = {"dialogue": DIALOGUE_TEMPLATE, "summarization": SUMMARIZATION_TEMPLATE, "pairwise": PAIRWISE_TEMPLATE}
 
 _PLACEHOLDER = re.compile(r"\{(context|response_a|response_b)\}")
 
