@@ -786,6 +786,32 @@ def test_osp_steps_run_on_builtin_task_and_change_the_policy(loss, pairing, npro
 
 
 # ----------------------------------------------------------------------------------------------
+# evaluate.py
+
+
+def test_evaluate_finds_checkpoints_scores_with_gold_and_caches(task_dir, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    builtin_model_dir(task_dir, run / "sft")
+    shutil.copytree(run / "sft", run / "online" / "iter1" / "policy")
+    shutil.copytree(run / "sft", run / "osp_spce_ranked")
+    args = ["evaluate.py", "--run", str(run), "--prompts", str(task_dir / "prompts_eval.jsonl"), "--max-new-tokens", "8",
+            "--device", "cpu"]
+    run_script(args)
+    results = json.loads((run / "results.json").read_text())["checkpoints"]
+    assert [r["label"] for r in results] == ["SFT", "iterative DPO, t = 1", "OSP (spce, ranked)"]
+    answers = read_jsonl(run / "sft" / "eval_samples.jsonl")
+    assert len(answers) == len(read_jsonl(task_dir / "prompts_eval.jsonl"))
+    gold = [score(a["prompt"], a["responses"][0]) for a in answers]  # recomputed here from the answers
+    assert abs(results[0]["gold"] - sum(gold) / len(gold)) < 1e-9
+    assert results[0]["gold"] == results[1]["gold"]  # the same weights answer the same (greedy)
+    assert "| SFT |" in (run / "results.md").read_text()
+    before = (run / "sft" / "eval_samples.jsonl").stat().st_mtime_ns
+    run_script(args)  # a rerun reuses the cached answers
+    assert (run / "sft" / "eval_samples.jsonl").stat().st_mtime_ns == before
+
+
+# ----------------------------------------------------------------------------------------------
 # Kernels: token log-probs (kernels/logprob.py)
 
 import kernels.logprob as logprob

@@ -1,0 +1,196 @@
+"""Evaluation on the built-in task: each checkpoint of a run answers the held-out prompts greedily,
+the gold scorer (data/task.py, r* = correctness − 0.002 · extra characters) grades the answers, and
+a Markdown table + JSON + PNG plots summarise the run. run.sh calls it last.
+
+    python evaluate.py --run runs/builtin --prompts data/builtin/prompts_eval.jsonl
+
+Checkpoints are found by their place in the run folder (those missing are left out of the table):
+  sft/                         the SFT model (π_0)
+  dpo_offline/                 offline DPO on the labelled pairs
+  online/iter{t}/policy/       iterative DPO after t online iterations (BT reward model)
+  online_lp/iter{t}/policy/    the same with a length penalty in pair selection
+  osp_*/                       online self-preferring runs (the folder name is the variant)
+Per checkpoint: gold mean ± standard error over prompts, mean answer length in characters, gold per
+sub-task. Reward models: held-out accuracy (eval.json written by train_rm.py) and the BT model's
+reward–length correlation on the first online iteration's samples (paper 1's length-bias statistic).
+Greedy answers are kept in each checkpoint's folder (eval_samples.jsonl), so a rerun only evaluates
+what is new.
+"""
+import argparse
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from common import atomic_write_text, default_dtype, encode_prompt, load_tokenizer, read_jsonl, stop_token_ids, write_jsonl
+from data.schema import load_records
+from data.task import parse_prompt, prompt_text, score
+from generate import Engine, generate_records
+from model import Transformer
+
+
+def checkpoints(run):
+    """(label, folder) of every checkpoint present in the run folder, in the table's order."""
+    found = [("SFT", run / "sft"), ("offline DPO", run / "dpo_offline")]
+    for name, label in (("online", "iterative DPO"), ("online_lp", "iterative DPO + length penalty")):
+        found += [(f"{label}, t = {t}", p) for t, p in sorted(iteration_policies(run / name).items())]
+    found += [(f"OSP ({p.name.removeprefix('osp_').replace('_', ', ')})", p) for p in sorted(run.glob("osp_*"))]
+    return [(label, p) for label, p in found if (p / "model.safetensors").exists()]
+
+
+def iteration_policies(folder):
+    return {int(p.parent.name.removeprefix("iter")): p for p in folder.glob("iter*/policy")}
+
+
+def greedy_answers(folder, prompts, device, max_new_tokens, batch_size):
+    """The checkpoint's greedy answers with gold scores (cached in eval_samples.jsonl)."""
+    cached = folder / "eval_samples.jsonl"
+    if cached.exists() and [r["id"] for r in read_jsonl(cached)] == [p["id"] for p in prompts]:
+        return read_jsonl(cached)
+    tokenizer = load_tokenizer(folder)
+    model = Transformer.from_pretrained(folder, device=device, dtype=default_dtype(device)).eval()
+    longest = max(len(encode_prompt(tokenizer, p["messages"])) for p in prompts)
+    engine = Engine(model, batch_size, longest + max_new_tokens, stop_token_ids(tokenizer))
+    settings = SimpleNamespace(seed=0, n=1, max_new_tokens=max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                               logprobs=False)
+    with torch.no_grad():
+        records = generate_records(engine, tokenizer, prompts, settings)
+    for record in records:
+        record["gold"] = [score(record["prompt"], r) for r in record["responses"]]
+    write_jsonl(cached, records)
+    return records
+
+
+def summarise(records):
+    gold = [r["gold"][0] for r in records]
+    mean = sum(gold) / len(gold)
+    stderr = math.sqrt(sum((g - mean) ** 2 for g in gold) / max(1, len(gold) - 1) / len(gold))
+    by_task = {}
+    for record, g in zip(records, gold):
+        by_task.setdefault(parse_prompt(prompt_text(record["prompt"]))[0], []).append(g)
+    return dict(gold=mean, gold_stderr=stderr, length=sum(len(r["responses"][0]) for r in records) / len(records),
+                exact=sum(g >= 1.0 for g in gold) / len(gold), by_task={k: sum(v) / len(v) for k, v in sorted(by_task.items())})
+
+
+def reward_model_rows(run):
+    rows = []
+    for name, label in (("rm_bt", "Bradley-Terry"), ("judge", "pairwise (OSP judge)")):
+        path = run / name / "eval.json"
+        if path.exists():
+            rows.append((label, json.loads(path.read_text())))
+    return rows
+
+
+def length_correlation(run):
+    """Paper 1's length-bias statistic for the BT model on iteration 1's samples (π_0 = SFT)."""
+    rewards = run / "online" / "iter1" / "rewards.jsonl"
+    if not rewards.exists():
+        return None
+    from train_rm import length_bias
+    return length_bias(read_jsonl(rewards))
+
+
+def plot(run, results, out):
+    """gold_per_iteration.png and training_curves.png (skipped, with a note, without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return []
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_label = {r["label"]: r for r in results}
+    sft = by_label.get("SFT")
+    for prefix, style in (("iterative DPO, t = ", "o-"), ("iterative DPO + length penalty, t = ", "s--")):
+        points = sorted((int(label.removeprefix(prefix)), r) for label, r in by_label.items()
+                        if label.startswith(prefix) and label.removeprefix(prefix).isdigit())
+        if points and sft:
+            xs = [0] + [t for t, _ in points]
+            ys = [sft["gold"]] + [r["gold"] for _, r in points]
+            errs = [sft["gold_stderr"]] + [r["gold_stderr"] for _, r in points]
+            ax.errorbar(xs, ys, yerr=errs, fmt=style, capsize=3, label=prefix.removesuffix(", t = "))
+    for r in results:
+        if r["label"] == "offline DPO" or r["label"].startswith("OSP"):
+            ax.axhline(r["gold"], linestyle=":", linewidth=1, label=r["label"], color=None)
+    ax.set_xlabel("online iteration t (0 = SFT)")
+    ax.set_ylabel("gold score, greedy, held-out prompts")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "gold_per_iteration.png", dpi=120)
+    written.append(out / "gold_per_iteration.png")
+    plt.close(fig)
+
+    curves = [(label, p / "metrics.jsonl") for label, p in [("SFT", run / "sft")] +
+              [(f"DPO iter {t}", p) for t, p in sorted(iteration_policies(run / "online").items())] +
+              [(p.name, p) for p in sorted(run.glob("osp_*"))] if (p / "metrics.jsonl").exists()]
+    if curves:
+        fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3), squeeze=False)
+        for ax, (label, path) in zip(axes[0], curves):
+            lines = read_jsonl(path)
+            ax.plot([line["step"] for line in lines], [line["loss"] for line in lines], linewidth=1)
+            ax.set_title(label, fontsize=9)
+            ax.set_xlabel("step")
+        axes[0][0].set_ylabel("training loss")
+        fig.tight_layout()
+        fig.savefig(out / "training_curves.png", dpi=120)
+        written.append(out / "training_curves.png")
+        plt.close(fig)
+    return written
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="the run folder (sft/, online/, osp_*/ ...)")
+    parser.add_argument("--prompts", default=str(Path(__file__).resolve().parent / "data" / "builtin" / "prompts_eval.jsonl"),
+                        help="held-out prompts of the built-in task")
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="answer length cap")
+    parser.add_argument("--batch-size", type=int, default=256, help="decode slots")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    args = parser.parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run = Path(args.run)
+    prompts = load_records(args.prompts, "prompts")
+    found = checkpoints(run)
+    if not found:
+        raise SystemExit(f"no checkpoints under {run}")
+
+    results = []
+    for label, folder in found:
+        summary = summarise(greedy_answers(folder, prompts, device, args.max_new_tokens, args.batch_size))
+        results.append(dict(label=label, folder=str(folder), **summary))
+        print(f"{label:40s} gold {summary['gold']:.4f} ± {summary['gold_stderr']:.4f} | length {summary['length']:.1f} chars")
+    rms = reward_model_rows(run)
+    correlation = length_correlation(run)
+
+    tasks = sorted({t for r in results for t in r["by_task"]})
+    lines = [f"Held-out prompts: {len(prompts)} ({args.prompts}), greedy answers, gold score r* in [-1, 1] "
+             "(mean ± standard error over prompts); exact = fraction with r* = 1.", "",
+             "| checkpoint | gold | exact | length (chars) | " + " | ".join(tasks) + " |",
+             "| --- | --- | --- | --- | " + " | ".join("---" for _ in tasks) + " |"]
+    for r in results:
+        lines.append(f"| {r['label']} | {r['gold']:.3f} ± {r['gold_stderr']:.3f} | {r['exact']:.3f} | {r['length']:.1f} | "
+                     + " | ".join(f"{r['by_task'].get(t, float('nan')):.3f}" for t in tasks) + " |")
+    if rms:
+        lines += ["", "| reward model | held-out accuracy | " + " | ".join(tasks) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in tasks) + " |"]
+        for label, e in rms:
+            lines.append(f"| {label} | {e['accuracy']:.3f} | " + " | ".join(f"{e['accuracy_by_source'].get(t, float('nan')):.3f}" for t in tasks) + " |")
+    if correlation:
+        mean, used, _ = correlation
+        lines += ["", f"Reward–length correlation of the BT model (mean per-prompt Pearson over the SFT model's samples, "
+                      f"{used} prompts): {mean:.3f}"]
+    plots = plot(run, results, run)
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
+    atomic_write_text(run / "results.md", "\n".join(lines) + "\n")
+    atomic_write_text(run / "results.json", json.dumps(dict(checkpoints=results, reward_models=dict(rms),
+                                                            length_correlation=correlation), indent=2) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {run / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The whole workflow on the built-in task (data/task.py), from nothing to a results table:
+#   task data → SFT from scratch → reward models (Bradley-Terry; pairwise = the OSP judge)
+#   → offline DPO → 3 online iterations of iterative DPO → OSP (SPCE, ranked pairs) → evaluation.
+#
+#   bash run.sh                          # SIZE=small: 2 CPU cores, about 15 minutes
+#   SIZE=large SEED=1 bash run.sh        # one GPU: all the data, the papers' n / K, every OSP ablation
+#
+# Every stage skips what it has already finished, so a rerun after a crash (or with a new stage
+# added) continues where it stopped. Results: $RUN/results.md (+ results.json, PNG plots).
+set -euo pipefail
+cd "$(dirname "$0")"
+export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=5
+
+SIZE=${SIZE:-small}
+SEED=${SEED:-0}
+RUN=${RUN:-runs/builtin-$SIZE-seed$SEED}
+DATA=data/builtin
+case "$SIZE" in
+  small) PROMPTS=384; BT_PAIRS=8000; JUDGE_PAIRS=6000; DPO_PAIRS=4000; N=4; K=4; OSP_STEPS=30; OSP_BATCH=8
+         OSP_VARIANTS="spce_ranked"; LENGTH_PENALTY_RUN=0 ;;
+  large) PROMPTS=1024; BT_PAIRS=20000; JUDGE_PAIRS=20000; DPO_PAIRS=20000; N=8; K=7; OSP_STEPS=200; OSP_BATCH=16
+         OSP_VARIANTS="spce_ranked dpo_ranked ipo_ranked spce_random"; LENGTH_PENALTY_RUN=1 ;;
+  *) echo "SIZE must be small or large" >&2; exit 2 ;;
+esac
+# The tiny model trains from scratch, so its learning rates are far above the papers' (which are
+# for fine-tuning 8B / 1.1B models): SFT 2e-3, reward models 1e-3, DPO / OSP 1e-4, β = 0.1.
+COMMON=(--seed "$SEED")
+
+echo "== 1. the built-in task"
+[ -f $DATA/stats.json ] || python data/task.py
+mkdir -p "$RUN/data"
+for t in 1 2 3; do head -n $PROMPTS $DATA/prompts_iter$t.jsonl > "$RUN/data/prompts_iter$t.jsonl"; done
+head -n $BT_PAIRS $DATA/pairs_train.jsonl > "$RUN/data/pairs_bt.jsonl"
+head -n $JUDGE_PAIRS $DATA/pairs_train.jsonl > "$RUN/data/pairs_judge.jsonl"
+head -n $DPO_PAIRS $DATA/pairs_train.jsonl > "$RUN/data/pairs_dpo.jsonl"
+
+echo "== 2. SFT from scratch"
+python sft.py --model $DATA/model --scratch --data $DATA/sft.jsonl --out "$RUN/sft" \
+    --block-size 128 --batch-size 16 --micro-batch-size 16 --lr 2e-3 --log-every 200 "${COMMON[@]}"
+
+echo "== 3. reward models: Bradley-Terry, and the pairwise model that judges for OSP"
+python train_rm.py --type bt --model "$RUN/sft" --pairs "$RUN/data/pairs_bt.jsonl" --eval-pairs $DATA/pairs_eval.jsonl \
+    --out "$RUN/rm_bt" --lr 1e-3 --batch-size 64 --micro-batch-size 64 --max-length 256 --log-every 50 "${COMMON[@]}"
+python train_rm.py --type pairwise --model "$RUN/sft" --pairs "$RUN/data/pairs_judge.jsonl" --eval-pairs $DATA/pairs_eval.jsonl \
+    --out "$RUN/judge" --lr 1e-3 --batch-size 32 --micro-batch-size 32 --max-length 256 --log-every 50 "${COMMON[@]}"
+
+echo "== 4. offline DPO on the labelled pairs"
+DPO=(--beta 0.1 --lr 1e-4 --batch-size 64 --micro-batch-size 32 --max-length 256 --log-every 20)
+python dpo.py --model "$RUN/sft" --pairs "$RUN/data/pairs_dpo.jsonl" --out "$RUN/dpo_offline" --epochs 1 "${DPO[@]}" "${COMMON[@]}"
+
+echo "== 5. online iterative DPO: sample n per prompt → BT rewards → best vs worst → DPO"
+ONLINE=(--sft "$RUN/sft" --rm "$RUN/rm_bt" --prompts "$RUN/data/prompts_iter{t}.jsonl" --n $N --max-new-tokens 64
+        --gen-batch-size 256 --epochs 2 "${DPO[@]}" "${COMMON[@]}")
+for t in 1 2 3; do python dpo.py --iter $t --run-dir "$RUN/online" "${ONLINE[@]}"; done
+if [ "$LENGTH_PENALTY_RUN" = 1 ]; then
+  for t in 1 2 3; do python dpo.py --iter $t --run-dir "$RUN/online_lp" --length-penalty 0.002 "${ONLINE[@]}"; done
+fi
+
+echo "== 6. online self-preferring (the pairwise model judges; π_SFT is policy start and reference)"
+for variant in $OSP_VARIANTS; do
+  python osp.py --model "$RUN/sft" --judge "$RUN/judge" --prompts "$RUN/data/prompts_iter1.jsonl" --out "$RUN/osp_$variant" \
+      --loss "${variant%_*}" --pairing "${variant#*_}" --steps $OSP_STEPS --batch-size $OSP_BATCH --k $K \
+      --beta 0.1 --lr 1e-4 --max-new-tokens 64 --gold --log-every 10 "${COMMON[@]}"
+done
+
+echo "== 7. evaluation on held-out prompts with the gold scorer"
+python evaluate.py --run "$RUN" --prompts $DATA/prompts_eval.jsonl
