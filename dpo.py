@@ -333,16 +333,19 @@ def run_iteration(args, dist_info):
         process_in_chunks(prompts, here / "samples.jsonl", lambda chunk: generate.generate_records(engine, tokenizer, chunk, settings),
                           dist_info, chunk_size=args.chunk_size, desc=f"iter {t}: sampling")
         del policy, engine
-    # 2. Rewards.
+    # 2. Rewards: the reward model's, or (--rm gold, the built-in task's control) the gold reward r*.
     if not (here / "rewards.jsonl").exists():
-        import train_rm
-        rm = Transformer.from_pretrained(args.rm, device=device, dtype=default_dtype(device), head="score").eval()
-        rm_tokenizer = load_tokenizer(args.rm)
         samples = load_records(here / "samples.jsonl", "samples")
-        process_in_chunks(samples, here / "rewards.jsonl",
-                          lambda chunk: train_rm.score_records(rm, rm_tokenizer, chunk, device, args.micro_batch_size * 4, args.max_length),
-                          dist_info, chunk_size=args.chunk_size, desc=f"iter {t}: scoring")
-        del rm
+        if args.rm == "gold":
+            from data.task import score
+            scorer = lambda chunk: [{**r, "rewards": [score(r["prompt"], y) for y in r["responses"]]} for r in chunk]  # noqa: E731
+        else:
+            import train_rm
+            rm = Transformer.from_pretrained(args.rm, device=device, dtype=default_dtype(device), head="score").eval()
+            rm_tokenizer = load_tokenizer(args.rm)
+            scorer = lambda chunk: train_rm.score_records(rm, rm_tokenizer, chunk, device, args.micro_batch_size * 4, args.max_length)  # noqa: E731
+        process_in_chunks(samples, here / "rewards.jsonl", scorer, dist_info, chunk_size=args.chunk_size, desc=f"iter {t}: scoring")
+        scorer = rm = None  # free the reward model before training
     # 3. Pairs (cheap and deterministic: rank 0 writes, the others wait).
     if not (here / "pairs.jsonl").exists():
         rewards = load_records(here / "rewards.jsonl", "rewards")
@@ -397,7 +400,8 @@ def main():
     online.add_argument("--iter", type=int, help="run online iteration t (1-based)")
     online.add_argument("--run-dir", "--run", dest="run_dir", help="the run's folder (iter{t}/ sub-folders, config.json)")
     online.add_argument("--sft", help="the SFT checkpoint: π_0, the first policy and the reference")
-    online.add_argument("--rm", help="the Bradley-Terry reward model folder (train_rm.py)")
+    online.add_argument("--rm", help="the Bradley-Terry reward model folder (train_rm.py); 'gold' scores with the built-in "
+                                     "task's gold reward instead (the oracle control of run.sh)")
     online.add_argument("--prompts", help="prompts JSONL; with '{t}' in the name, one file per iteration")
     online.add_argument("--iterations", type=int, default=3, help="slices of a single --prompts file")
     online.add_argument("--n", "--num-samples", dest="n", type=int, default=8, help="responses per prompt (paper 1: 8)")

@@ -1,5 +1,5 @@
-"""Evaluation on the built-in task: each checkpoint of a run answers the held-out prompts greedily,
-the gold scorer (data/task.py, r* = correctness − 0.002 · extra characters) grades the answers, and
+"""Evaluation on the built-in task: each checkpoint of a run answers the held-out prompts (greedily,
+and n samples at temperature 1, the distribution the online loop trains on), the gold scorer (data/task.py, r* = correctness − 0.002 · extra characters) grades the answers, and
 a Markdown table + JSON + PNG plots summarise the run. run.sh calls it last.
 
     python evaluate.py --run runs/builtin --prompts data/builtin/prompts_eval.jsonl
@@ -9,11 +9,12 @@ Checkpoints are found by their place in the run folder (those missing are left o
   dpo_offline/                 offline DPO on the labelled pairs
   online/iter{t}/policy/       iterative DPO after t online iterations (BT reward model)
   online_lp/iter{t}/policy/    the same with a length penalty in pair selection
+  online_gold/iter{t}/policy/  the same with the gold reward in place of the reward model (oracle control)
   osp_*/                       online self-preferring runs (the folder name is the variant)
 Per checkpoint: gold mean ± standard error over prompts, mean answer length in characters, gold per
 sub-task. Reward models: held-out accuracy (eval.json written by train_rm.py) and the BT model's
 reward–length correlation on the first online iteration's samples (paper 1's length-bias statistic).
-Greedy answers are kept in each checkpoint's folder (eval_samples.jsonl), so a rerun only evaluates
+Answers are kept in each checkpoint's folder (eval_samples_T0.jsonl, eval_samples_T1.jsonl), so a rerun only evaluates
 what is new.
 """
 import argparse
@@ -31,30 +32,34 @@ from generate import Engine, generate_records
 from model import Transformer
 
 
+ONLINE_SERIES = {"online": "iterative DPO", "online_lp": "iterative DPO + length penalty",
+                 "online_gold": "iterative DPO, gold reward (oracle)"}
+
+
 def checkpoints(run):
-    """(label, folder) of every checkpoint present in the run folder, in the table's order."""
-    found = [("SFT", run / "sft"), ("offline DPO", run / "dpo_offline")]
-    for name, label in (("online", "iterative DPO"), ("online_lp", "iterative DPO + length penalty")):
-        found += [(f"{label}, t = {t}", p) for t, p in sorted(iteration_policies(run / name).items())]
-    found += [(f"OSP ({p.name.removeprefix('osp_').replace('_', ', ')})", p) for p in sorted(run.glob("osp_*"))]
-    return [(label, p) for label, p in found if (p / "model.safetensors").exists()]
+    """(label, folder, series, t) of every checkpoint present in the run folder, in the table's order."""
+    found = [("SFT", run / "sft", None, 0), ("offline DPO", run / "dpo_offline", None, None)]
+    for name, label in ONLINE_SERIES.items():
+        found += [(f"{label}, t = {t}", p, name, t) for t, p in sorted(iteration_policies(run / name).items())]
+    found += [(f"OSP ({p.name.removeprefix('osp_').replace('_', ', ')})", p, None, None) for p in sorted(run.glob("osp_*"))]
+    return [f for f in found if (f[1] / "model.safetensors").exists()]
 
 
 def iteration_policies(folder):
     return {int(p.parent.name.removeprefix("iter")): p for p in folder.glob("iter*/policy")}
 
 
-def greedy_answers(folder, prompts, device, max_new_tokens, batch_size):
-    """The checkpoint's greedy answers with gold scores (cached in eval_samples.jsonl)."""
-    cached = folder / "eval_samples.jsonl"
-    if cached.exists() and [r["id"] for r in read_jsonl(cached)] == [p["id"] for p in prompts]:
+def answers(folder, prompts, device, max_new_tokens, batch_size, n, temperature):
+    """The checkpoint's answers (n per prompt) with gold scores, cached in eval_samples_T{temperature}.jsonl."""
+    cached = folder / f"eval_samples_T{temperature:g}.jsonl"
+    if cached.exists() and [(r["id"], len(r["responses"])) for r in read_jsonl(cached)] == [(p["id"], n) for p in prompts]:
         return read_jsonl(cached)
     tokenizer = load_tokenizer(folder)
     model = Transformer.from_pretrained(folder, device=device, dtype=default_dtype(device)).eval()
     longest = max(len(encode_prompt(tokenizer, p["messages"])) for p in prompts)
     engine = Engine(model, batch_size, longest + max_new_tokens, stop_token_ids(tokenizer))
-    settings = SimpleNamespace(seed=0, n=1, max_new_tokens=max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
-                               logprobs=False)
+    settings = SimpleNamespace(seed=0, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
+                               min_p=0.0, logprobs=False)
     with torch.no_grad():
         records = generate_records(engine, tokenizer, prompts, settings)
     for record in records:
@@ -63,15 +68,24 @@ def greedy_answers(folder, prompts, device, max_new_tokens, batch_size):
     return records
 
 
-def summarise(records):
-    gold = [r["gold"][0] for r in records]
-    mean = sum(gold) / len(gold)
-    stderr = math.sqrt(sum((g - mean) ** 2 for g in gold) / max(1, len(gold) - 1) / len(gold))
+def mean_and_stderr(values):
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1) / len(values))
+
+
+def summarise(greedy, sampled):
+    """Greedy: gold mean ± s.e. over prompts, exact-answer rate, length, per sub-task. Sampled
+    (temperature 1, the distribution the online loop trains on): gold and length, per-prompt means."""
+    gold = [r["gold"][0] for r in greedy]
+    mean, stderr = mean_and_stderr(gold)
     by_task = {}
-    for record, g in zip(records, gold):
+    for record, g in zip(greedy, gold):
         by_task.setdefault(parse_prompt(prompt_text(record["prompt"]))[0], []).append(g)
-    return dict(gold=mean, gold_stderr=stderr, length=sum(len(r["responses"][0]) for r in records) / len(records),
-                exact=sum(g >= 1.0 for g in gold) / len(gold), by_task={k: sum(v) / len(v) for k, v in sorted(by_task.items())})
+    sampled_mean, sampled_stderr = mean_and_stderr([sum(r["gold"]) / len(r["gold"]) for r in sampled])
+    return dict(gold=mean, gold_stderr=stderr, length=sum(len(r["responses"][0]) for r in greedy) / len(greedy),
+                exact=sum(g >= 1.0 for g in gold) / len(gold), by_task={k: sum(v) / len(v) for k, v in sorted(by_task.items())},
+                sampled_gold=sampled_mean, sampled_gold_stderr=sampled_stderr,
+                sampled_length=sum(len(y) for r in sampled for y in r["responses"]) / sum(len(r["responses"]) for r in sampled))
 
 
 def reward_model_rows(run):
@@ -102,23 +116,23 @@ def plot(run, results, out):
         print("matplotlib is not installed: no plots (pip install matplotlib)")
         return []
     written = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    by_label = {r["label"]: r for r in results}
-    sft = by_label.get("SFT")
-    for prefix, style in (("iterative DPO, t = ", "o-"), ("iterative DPO + length penalty, t = ", "s--")):
-        points = sorted((int(label.removeprefix(prefix)), r) for label, r in by_label.items()
-                        if label.startswith(prefix) and label.removeprefix(prefix).isdigit())
-        if points and sft:
-            xs = [0] + [t for t, _ in points]
-            ys = [sft["gold"]] + [r["gold"] for _, r in points]
-            errs = [sft["gold_stderr"]] + [r["gold_stderr"] for _, r in points]
-            ax.errorbar(xs, ys, yerr=errs, fmt=style, capsize=3, label=prefix.removesuffix(", t = "))
-    for r in results:
-        if r["label"] == "offline DPO" or r["label"].startswith("OSP"):
-            ax.axhline(r["gold"], linestyle=":", linewidth=1, label=r["label"], color=None)
-    ax.set_xlabel("online iteration t (0 = SFT)")
-    ax.set_ylabel("gold score, greedy, held-out prompts")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    sft = next((r for r in results if r["label"] == "SFT"), None)
+    for ax, key, title in ((axes[0], "gold", "greedy answers"), (axes[1], "sampled_gold", "sampled at temperature 1")):
+        for series, label in ONLINE_SERIES.items():
+            points = sorted((r["t"], r) for r in results if r["series"] == series)
+            if points and sft:
+                points = [(0, sft)] + points
+                ax.errorbar([t for t, _ in points], [r[key] for _, r in points], yerr=[r[key + "_stderr"] for _, r in points],
+                            fmt="o-", capsize=3, label=label)
+        flat = [r for r in results if r["label"] == "offline DPO" or r["label"].startswith("OSP")]
+        for i, r in enumerate(flat):  # single checkpoints: horizontal lines
+            ax.axhline(r[key], linestyle=":", linewidth=1.2, label=r["label"], color=f"C{len(ONLINE_SERIES) + i}")
+        ax.set_xticks(sorted({0} | {r["t"] for r in results if r["series"]}))
+        ax.set_xlabel("online iteration t (0 = SFT)")
+        ax.set_ylabel("gold score, held-out prompts")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "gold_per_iteration.png", dpi=120)
     written.append(out / "gold_per_iteration.png")
@@ -148,6 +162,7 @@ def main():
     parser.add_argument("--prompts", default=str(Path(__file__).resolve().parent / "data" / "builtin" / "prompts_eval.jsonl"),
                         help="held-out prompts of the built-in task")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="answer length cap")
+    parser.add_argument("--samples", type=int, default=4, help="answers per prompt sampled at temperature 1")
     parser.add_argument("--batch-size", type=int, default=256, help="decode slots")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     args = parser.parse_args()
@@ -159,20 +174,24 @@ def main():
         raise SystemExit(f"no checkpoints under {run}")
 
     results = []
-    for label, folder in found:
-        summary = summarise(greedy_answers(folder, prompts, device, args.max_new_tokens, args.batch_size))
-        results.append(dict(label=label, folder=str(folder), **summary))
-        print(f"{label:40s} gold {summary['gold']:.4f} ± {summary['gold_stderr']:.4f} | length {summary['length']:.1f} chars")
+    for label, folder, series, step in found:
+        summary = summarise(answers(folder, prompts, device, args.max_new_tokens, args.batch_size, 1, 0.0),
+                            answers(folder, prompts, device, args.max_new_tokens, args.batch_size, args.samples, 1.0))
+        results.append(dict(label=label, folder=str(folder), series=series, t=step, **summary))
+        print(f"{label:45s} greedy gold {summary['gold']:.4f} ± {summary['gold_stderr']:.4f}, length {summary['length']:.1f} | "
+              f"sampled gold {summary['sampled_gold']:.4f} ± {summary['sampled_gold_stderr']:.4f}, length {summary['sampled_length']:.1f}")
     rms = reward_model_rows(run)
     correlation = length_correlation(run)
 
     tasks = sorted({t for r in results for t in r["by_task"]})
-    lines = [f"Held-out prompts: {len(prompts)} ({args.prompts}), greedy answers, gold score r* in [-1, 1] "
-             "(mean ± standard error over prompts); exact = fraction with r* = 1.", "",
-             "| checkpoint | gold | exact | length (chars) | " + " | ".join(tasks) + " |",
-             "| --- | --- | --- | --- | " + " | ".join("---" for _ in tasks) + " |"]
+    lines = [f"Held-out prompts: {len(prompts)} ({args.prompts}); gold score r* in [-1, 1], mean ± standard error over "
+             f"prompts; greedy answers, and {args.samples} answers per prompt sampled at temperature 1; exact = fraction of "
+             "greedy answers with r* = 1; per-sub-task columns are greedy gold.", "",
+             "| checkpoint | gold (greedy) | exact | length | gold (T = 1) | length (T = 1) | " + " | ".join(tasks) + " |",
+             "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in tasks) + " |"]
     for r in results:
         lines.append(f"| {r['label']} | {r['gold']:.3f} ± {r['gold_stderr']:.3f} | {r['exact']:.3f} | {r['length']:.1f} | "
+                     f"{r['sampled_gold']:.3f} ± {r['sampled_gold_stderr']:.3f} | {r['sampled_length']:.1f} | "
                      + " | ".join(f"{r['by_task'].get(t, float('nan')):.3f}" for t in tasks) + " |")
     if rms:
         lines += ["", "| reward model | held-out accuracy | " + " | ".join(tasks) + " |",
