@@ -1,6 +1,7 @@
 """Evaluation on the built-in task: each checkpoint of a run answers the held-out prompts (greedily,
-and n samples at temperature 1, the distribution the online loop trains on), the gold scorer (data/task.py, r* = correctness − 0.002 · extra characters) grades the answers, and
-a Markdown table + JSON + PNG plots summarise the run. run.sh calls it last.
+and n samples at temperature 1, the distribution the online loop trains on), the gold scorer
+(data/task.py, r* = correctness − 0.002 · extra characters) grades the answers, and a Markdown
+table + JSON + PNG plots summarise the run. run.sh calls it last.
 
     python evaluate.py --run runs/builtin --prompts data/builtin/prompts_eval.jsonl
 
