@@ -4,6 +4,7 @@ and n samples at temperature 1, the distribution the online loop trains on), the
 table + JSON + PNG plots summarise the run. run.sh calls it last.
 
     python evaluate.py --run runs/builtin --prompts data/builtin/prompts_eval.jsonl
+    python evaluate.py --run runs/builtin-small-seed{0,1,2} --summary runs/builtin-small-seeds.md   # over seeds
 
 Checkpoints are found by their place in the run folder (those missing are left out of the table):
   sft/                         the SFT model (π_0)
@@ -157,23 +158,11 @@ def plot(run, results, out):
     return written
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="the run folder (sft/, online/, osp_*/ ...)")
-    parser.add_argument("--prompts", default=str(Path(__file__).resolve().parent / "data" / "builtin" / "prompts_eval.jsonl"),
-                        help="held-out prompts of the built-in task")
-    parser.add_argument("--max-new-tokens", type=int, default=96, help="answer length cap")
-    parser.add_argument("--samples", type=int, default=4, help="answers per prompt sampled at temperature 1")
-    parser.add_argument("--batch-size", type=int, default=256, help="decode slots")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    args = parser.parse_args()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    run = Path(args.run)
-    prompts = load_records(args.prompts, "prompts")
+def evaluate_run(run, prompts, args, device):
+    """Evaluate every checkpoint of one run; write results.md, results.json and the plots into it."""
     found = checkpoints(run)
     if not found:
         raise SystemExit(f"no checkpoints under {run}")
-
     results = []
     for label, folder, series, step in found:
         summary = summarise(answers(folder, prompts, device, args.max_new_tokens, args.batch_size, 1, 0.0),
@@ -210,6 +199,50 @@ def main():
                                                             length_correlation=correlation), indent=2) + "\n")
     print("\n".join(lines))
     print(f"wrote {run / 'results.md'}")
+    return dict(checkpoints=results, reward_models=dict(rms), length_correlation=correlation)
+
+
+def across_runs(evaluations, runs):
+    """Mean ± standard deviation over runs (seeds) of each checkpoint's numbers, as Markdown."""
+    def cell(values, digits=3):
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
+        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    lines = [f"Mean ± standard deviation over {len(runs)} runs ({', '.join(str(r) for r in runs)}).", "",
+             "| checkpoint | gold (greedy) | gold (T = 1) | length (T = 1) |", "| --- | --- | --- | --- |"]
+    for label in [r["label"] for r in evaluations[0]["checkpoints"]]:
+        rows = [next((r for r in e["checkpoints"] if r["label"] == label), None) for e in evaluations]
+        if None not in rows:
+            lines.append(f"| {label} | {cell([r['gold'] for r in rows])} | {cell([r['sampled_gold'] for r in rows])} | "
+                         f"{cell([r['sampled_length'] for r in rows], 1)} |")
+    models = [m for m in evaluations[0]["reward_models"] if all(m in e["reward_models"] for e in evaluations)]
+    if models:
+        lines += ["", "| reward model | held-out accuracy |", "| --- | --- |"]
+        lines += [f"| {m} | {cell([e['reward_models'][m]['accuracy'] for e in evaluations])} |" for m in models]
+    if all(e["length_correlation"] for e in evaluations):
+        lines += ["", f"Reward–length correlation of the BT model: {cell([e['length_correlation'][0] for e in evaluations])}"]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, nargs="+", help="run folder(s) (sft/, online/, osp_*/ ...); several: seeds")
+    parser.add_argument("--summary", help="with several --run: write the mean ± std over them to this Markdown file")
+    parser.add_argument("--prompts", default=str(Path(__file__).resolve().parent / "data" / "builtin" / "prompts_eval.jsonl"),
+                        help="held-out prompts of the built-in task")
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="answer length cap")
+    parser.add_argument("--samples", type=int, default=4, help="answers per prompt sampled at temperature 1")
+    parser.add_argument("--batch-size", type=int, default=256, help="decode slots")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    args = parser.parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    prompts = load_records(args.prompts, "prompts")
+    runs = [Path(r) for r in args.run]
+    evaluations = [evaluate_run(run, prompts, args, device) for run in runs]
+    if args.summary:
+        text = across_runs(evaluations, runs)
+        atomic_write_text(args.summary, text)
+        print(text + f"wrote {args.summary}")
 
 
 if __name__ == "__main__":

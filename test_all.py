@@ -781,7 +781,7 @@ def test_judge_targets_are_symmetric_under_ab_swap(task_dir, tmp_path):
     assert (p_ab - 0.5).abs().max() > 1e-4  # a random judge is not indifferent, so the test can fail
 
 
-@pytest.mark.parametrize("loss,pairing,nproc", [("spce", "ranked", 1), ("dpo", "random", 2), ("spce", "best", 1)])
+@pytest.mark.parametrize("loss,pairing,nproc", [("spce", "ranked", 1), ("dpo", "random", 2), ("ipo", "ranked", 1), ("spce", "best", 1)])
 def test_osp_steps_run_on_builtin_task_and_change_the_policy(loss, pairing, nproc, task_dir, tmp_path):
     from data.judge import PAIRWISE_TEMPLATE
     from safetensors.torch import load_file
@@ -790,7 +790,7 @@ def test_osp_steps_run_on_builtin_task_and_change_the_policy(loss, pairing, npro
     args = ["osp.py", "--model", str(sft), "--prompts", str(task_dir / "prompts_iter1.jsonl"), "--out", str(out),
             "--steps", "2", "--batch-size", "2", "--k", "3", "--max-new-tokens", "10", "--lr", "1e-3", "--beta", "0.1",
             "--loss", loss, "--pairing", pairing, "--gold", "--device", "cpu"]
-    if pairing == "ranked":  # the judge: a pairwise model trained by train_rm.py, which records its template
+    if (loss, pairing) == ("spce", "ranked"):  # the judge: a pairwise model trained by train_rm.py, which records its template
         judge = tmp_path / "judge"
         run_script(["train_rm.py", "--type", "pairwise", "--model", str(sft), "--pairs", str(task_dir / "pairs_eval.jsonl"),
                     "--out", str(judge), "--max-steps", "2", "--batch-size", "8", "--lr", "1e-3", "--device", "cpu",
