@@ -5,6 +5,8 @@ paired by rank, and the soft preference strengths are learned with the SPCE loss
     # (optional, paper 2 needs it for small models) preference augmentation: SFT on judge instructions
     python data/convert.py --format judge --input data/builtin/pairs_train.jsonl --output data/builtin/judge_sft.jsonl
     python sft.py --model runs/builtin/sft --data data/builtin/judge_sft.jsonl --out runs/builtin/judge
+    # or the same A/B objective through train_rm.py (records its template; run.sh does this, paper 1's format)
+    python train_rm.py --type pairwise --model runs/builtin/sft --pairs data/builtin/pairs_train.jsonl --out runs/builtin/judge
 
     # OSP from the SFT model, judged by the augmented SFT model
     python osp.py --model runs/builtin/sft --judge runs/builtin/judge --prompts data/builtin/prompts_iter1.jsonl \\
