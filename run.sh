@@ -2,10 +2,11 @@
 # The whole workflow on the built-in task (data/task.py), from nothing to a results table:
 #   task data → SFT from scratch → reward models (Bradley-Terry; pairwise = the OSP judge)
 #   → offline DPO → 3 online iterations of iterative DPO (BT reward; with a length penalty; with the
-#   gold reward as an oracle control) → OSP (SPCE, ranked pairs) → evaluation.
+#   gold reward as an oracle control) → OSP (SPCE with ranked pairs; DPO / IPO losses; random
+#   pairing) → evaluation.
 #
-#   bash run.sh                          # SIZE=small: 2 CPU cores, about 15 minutes
-#   SIZE=large SEED=1 bash run.sh        # one GPU: all the data, the papers' n / K, every OSP ablation
+#   bash run.sh                          # SIZE=small: 2 CPU cores, about 13 minutes
+#   SIZE=large SEED=1 bash run.sh        # one GPU: all the data, the papers' n = 8 / K = 7, longer OSP
 #
 # Every stage skips what it has already finished, so a rerun after a crash (or with a new stage
 # added) continues where it stopped. Results: $RUN/results.md (+ results.json, PNG plots).
@@ -18,10 +19,8 @@ SEED=${SEED:-0}
 RUN=${RUN:-runs/builtin-$SIZE-seed$SEED}
 DATA=data/builtin
 case "$SIZE" in
-  small) PROMPTS=384; BT_PAIRS=8000; JUDGE_PAIRS=6000; DPO_PAIRS=4000; N=4; K=4; OSP_STEPS=30; OSP_BATCH=8
-         OSP_VARIANTS="spce_ranked"; LENGTH_PENALTY_RUN=1 ;;
-  large) PROMPTS=1024; BT_PAIRS=20000; JUDGE_PAIRS=20000; DPO_PAIRS=20000; N=8; K=7; OSP_STEPS=200; OSP_BATCH=16
-         OSP_VARIANTS="spce_ranked dpo_ranked ipo_ranked spce_random"; LENGTH_PENALTY_RUN=1 ;;
+  small) PROMPTS=384; BT_PAIRS=8000; JUDGE_PAIRS=6000; DPO_PAIRS=4000; N=4; K=4; OSP_STEPS=30; OSP_BATCH=8 ;;
+  large) PROMPTS=1024; BT_PAIRS=20000; JUDGE_PAIRS=20000; DPO_PAIRS=20000; N=8; K=7; OSP_STEPS=200; OSP_BATCH=16 ;;
   *) echo "SIZE must be small or large" >&2; exit 2 ;;
 esac
 # The tiny model trains from scratch, so its learning rates are far above the papers' (which are
@@ -56,14 +55,13 @@ ONLINE=(--sft "$RUN/sft" --rm "$RUN/rm_bt" --prompts "$RUN/data/prompts_iter{t}.
 for t in 1 2 3; do python dpo.py --iter $t --run-dir "$RUN/online" "${ONLINE[@]}"; done
 # Length penalty (paper 1's concise variant): best/worst by r − λ·characters. λ is on the reward
 # model's scale: here a prompt's rewards spread by ~0.6 and its answers' lengths by ~18 characters.
-if [ "$LENGTH_PENALTY_RUN" = 1 ]; then
-  for t in 1 2 3; do python dpo.py --iter $t --run-dir "$RUN/online_lp" --length-penalty 0.02 "${ONLINE[@]}"; done
-fi
+for t in 1 2 3; do python dpo.py --iter $t --run-dir "$RUN/online_lp" --length-penalty 0.02 "${ONLINE[@]}"; done
 # The control: the same loop with the gold reward r* in place of the reward model.
 for t in 1 2 3; do python dpo.py --iter $t --run-dir "$RUN/online_gold" "${ONLINE[@]}" --rm gold; done
 
 echo "== 6. online self-preferring (the pairwise model judges; π_SFT is policy start and reference)"
-for variant in $OSP_VARIANTS; do
+# Paper 2's ablations: SPCE vs DPO / IPO losses on the same ranked pairs, ranked vs random pairing.
+for variant in spce_ranked dpo_ranked ipo_ranked spce_random; do
   python osp.py --model "$RUN/sft" --judge "$RUN/judge" --prompts "$RUN/data/prompts_iter1.jsonl" --out "$RUN/osp_$variant" \
       --loss "${variant%_*}" --pairing "${variant#*_}" --steps $OSP_STEPS --batch-size $OSP_BATCH --k $K \
       --beta 0.1 --lr 1e-4 --max-new-tokens 64 --gold --log-every 10 "${COMMON[@]}"
