@@ -14,12 +14,14 @@ Checkpoints are found by their place in the run folder (those missing are left o
   online_gold/iter{t}/policy/  the same with the gold reward in place of the reward model (oracle control)
   osp_*/                       online self-preferring runs (the folder name is the variant)
 Per checkpoint: gold mean ± standard error over prompts, mean answer length in characters, gold per
-sub-task. Reward models: held-out accuracy (eval.json written by train_rm.py) and the BT model's
-reward–length correlation on the first online iteration's samples (paper 1's length-bias statistic).
+sub-task. Reward models: held-out accuracy (eval.json written by train_rm.py), the BT model's
+reward–length correlation on the first online iteration's samples (paper 1's length-bias statistic),
+and the OSP judge's preference for length and agreement with gold on the SFT model's samples.
 Answers are kept in each checkpoint's folder (eval_samples_T0.jsonl, eval_samples_T1.jsonl), so a rerun only evaluates
 what is new.
 """
 import argparse
+import itertools
 import json
 import math
 from pathlib import Path
@@ -54,8 +56,10 @@ def iteration_policies(folder):
 def answers(folder, prompts, device, max_new_tokens, batch_size, n, temperature):
     """The checkpoint's answers (n per prompt) with gold scores, cached in eval_samples_T{temperature}.jsonl."""
     cached = folder / f"eval_samples_T{temperature:g}.jsonl"
-    if cached.exists() and [(r["id"], len(r["responses"])) for r in read_jsonl(cached)] == [(p["id"], n) for p in prompts]:
-        return read_jsonl(cached)
+    if cached.exists():
+        records = read_jsonl(cached)
+        if [(r["id"], len(r["responses"])) for r in records] == [(p["id"], n) for p in prompts]:
+            return records
     tokenizer = load_tokenizer(folder)
     model = Transformer.from_pretrained(folder, device=device, dtype=default_dtype(device)).eval()
     longest = max(len(encode_prompt(tokenizer, p["messages"])) for p in prompts)
@@ -70,9 +74,14 @@ def answers(folder, prompts, device, max_new_tokens, batch_size, n, temperature)
     return records
 
 
-def mean_and_stderr(values):
+def mean_and_std(values):
     mean = sum(values) / len(values)
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1) / len(values))
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
+
+
+def mean_and_stderr(values):
+    mean, std = mean_and_std(values)
+    return mean, std / math.sqrt(len(values))
 
 
 def summarise(greedy, sampled):
@@ -97,6 +106,30 @@ def reward_model_rows(run):
         if path.exists():
             rows.append((label, json.loads(path.read_text())))
     return rows
+
+
+def judge_on_sft_samples(run, device):
+    """The OSP judge (run/judge) on every pair of the SFT model's sampled answers to the held-out
+    prompts: how often it prefers the longer answer, and how often it sides with the gold reward
+    where the two answers differ in correctness (|Δr*| > 0.1, more than a length difference)."""
+    judge, samples = run / "judge", run / "sft" / "eval_samples_T1.jsonl"
+    if not ((judge / "model.safetensors").exists() and samples.exists()):
+        return None
+    from train_rm import judge_template, pairwise_preference
+    prompts, first, second, gold_difference = [], [], [], []
+    for record in read_jsonl(samples):
+        for i, j in itertools.combinations(range(len(record["responses"])), 2):
+            prompts.append(record["prompt"])
+            first.append(record["responses"][i])
+            second.append(record["responses"][j])
+            gold_difference.append(record["gold"][i] - record["gold"][j])
+    model = Transformer.from_pretrained(judge, device=device, dtype=default_dtype(device)).eval()
+    with torch.no_grad():
+        p_first = pairwise_preference(model, load_tokenizer(judge), prompts, first, second, device, judge_template(judge)).tolist()
+    longer = [(len(a) > len(b)) == (p > 0.5) for a, b, p in zip(first, second, p_first) if len(a) != len(b)]
+    agree = [(d > 0) == (p > 0.5) for d, p in zip(gold_difference, p_first) if abs(d) > 0.1]
+    return dict(pairs=len(p_first), prefers_longer=sum(longer) / max(1, len(longer)),
+                gold_agreement=sum(agree) / max(1, len(agree)), gold_agreement_pairs=len(agree))
 
 
 def length_correlation(run):
@@ -172,6 +205,7 @@ def evaluate_run(run, prompts, args, device):
               f"sampled gold {summary['sampled_gold']:.4f} ± {summary['sampled_gold_stderr']:.4f}, length {summary['sampled_length']:.1f}")
     rms = reward_model_rows(run)
     correlation = length_correlation(run)
+    judge = judge_on_sft_samples(run, device)
 
     tasks = sorted({t for r in results for t in r["by_task"]})
     lines = [f"Held-out prompts: {len(prompts)} ({args.prompts}); gold score r* in [-1, 1], mean ± standard error over "
@@ -192,21 +226,24 @@ def evaluate_run(run, prompts, args, device):
         mean, used, _ = correlation
         lines += ["", f"Reward–length correlation of the BT model (mean per-prompt Pearson over the SFT model's samples, "
                       f"{used} prompts): {mean:.3f}"]
+    if judge:
+        lines += ["", f"OSP judge on {judge['pairs']} pairs of the SFT model's sampled answers: prefers the longer answer "
+                      f"{judge['prefers_longer']:.3f} of the time; sides with gold on {judge['gold_agreement']:.3f} of the "
+                      f"{judge['gold_agreement_pairs']} pairs that differ in correctness (|Δr*| > 0.1)"]
     plots = plot(run, results, run)
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     atomic_write_text(run / "results.md", "\n".join(lines) + "\n")
-    atomic_write_text(run / "results.json", json.dumps(dict(checkpoints=results, reward_models=dict(rms),
-                                                            length_correlation=correlation), indent=2) + "\n")
+    evaluation = dict(checkpoints=results, reward_models=dict(rms), length_correlation=correlation, judge=judge)
+    atomic_write_text(run / "results.json", json.dumps(evaluation, indent=2) + "\n")
     print("\n".join(lines))
     print(f"wrote {run / 'results.md'}")
-    return dict(checkpoints=results, reward_models=dict(rms), length_correlation=correlation)
+    return evaluation
 
 
 def across_runs(evaluations, runs):
     """Mean ± standard deviation over runs (seeds) of each checkpoint's numbers, as Markdown."""
     def cell(values, digits=3):
-        mean = sum(values) / len(values)
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
+        mean, std = mean_and_std(values)
         return f"{mean:.{digits}f} ± {std:.{digits}f}"
     lines = [f"Mean ± standard deviation over {len(runs)} runs ({', '.join(str(r) for r in runs)}).", "",
              "| checkpoint | gold (greedy) | gold (T = 1) | length (T = 1) |", "| --- | --- | --- | --- |"]
@@ -221,6 +258,10 @@ def across_runs(evaluations, runs):
         lines += [f"| {m} | {cell([e['reward_models'][m]['accuracy'] for e in evaluations])} |" for m in models]
     if all(e["length_correlation"] for e in evaluations):
         lines += ["", f"Reward–length correlation of the BT model: {cell([e['length_correlation'][0] for e in evaluations])}"]
+    if all(e["judge"] for e in evaluations):
+        lines += ["", f"OSP judge on pairs of the SFT model's sampled answers: prefers the longer "
+                      f"{cell([e['judge']['prefers_longer'] for e in evaluations])}; sides with gold where correctness differs "
+                      f"{cell([e['judge']['gold_agreement'] for e in evaluations])}"]
     return "\n".join(lines) + "\n"
 
 

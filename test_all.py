@@ -822,6 +822,7 @@ def test_evaluate_finds_checkpoints_scores_with_gold_and_caches(task_dir, tmp_pa
     builtin_model_dir(task_dir, run / "sft")
     shutil.copytree(run / "sft", run / "online" / "iter1" / "policy")
     shutil.copytree(run / "sft", run / "osp_spce_ranked")
+    shutil.copytree(run / "sft", run / "judge")  # any causal LM can judge (A/B tokens exist in the task's tokenizer)
     args = ["evaluate.py", "--run", str(run), "--prompts", str(task_dir / "prompts_eval.jsonl"), "--max-new-tokens", "8",
             "--device", "cpu"]
     run_script(args)
@@ -834,6 +835,9 @@ def test_evaluate_finds_checkpoints_scores_with_gold_and_caches(task_dir, tmp_pa
     assert results[0]["gold"] == results[1]["gold"]  # the same weights answer the same (greedy, and seeded samples)
     assert results[0]["sampled_gold"] == results[1]["sampled_gold"]
     assert "| SFT |" in (run / "results.md").read_text()
+    judge = json.loads((run / "results.json").read_text())["judge"]
+    assert judge["pairs"] == len(answers) * 6  # 4 sampled answers per prompt → 6 pairs
+    assert 0.0 <= judge["prefers_longer"] <= 1.0 and 0.0 <= judge["gold_agreement"] <= 1.0
     before = (run / "sft" / "eval_samples_T1.jsonl").stat().st_mtime_ns
     run_script(args)  # a rerun reuses the cached answers
     assert (run / "sft" / "eval_samples_T1.jsonl").stat().st_mtime_ns == before
