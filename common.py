@@ -9,9 +9,11 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -20,24 +22,49 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------
+# User errors: a bad flag, file or record is reported as one line naming what to fix, and the stage
+# exits with status 2; anything else is a bug and keeps its traceback.
+
+
+class InputError(ValueError):
+    """Bad input from the user (a missing file, a malformed record, settings that do not match a
+    run's earlier ones). `run_cli` prints it as one line without a traceback."""
+
+
+def run_cli(main):
+    """Run a stage's main(): InputError and FileNotFoundError become `error: ...` on stderr, exit 2."""
+    try:
+        main()
+    except (InputError, FileNotFoundError) as error:
+        rank = int(os.environ.get("RANK", 0))
+        prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------
 # JSONL: one JSON object per line. Reads name the file and line of a bad record; writes are atomic
 # (temp file in the same folder + os.replace) so a crash never leaves a half-written file behind.
 
 
 def read_jsonl(path):
-    """Return the list of records in a JSONL file. Blank lines are skipped; a line that is not a
-    JSON object raises ValueError naming the file and the 1-based line number."""
+    """Return the list of records in a JSONL file. Blank lines are skipped; a line that is not UTF-8
+    or not a JSON object raises InputError naming the file and the 1-based line number."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{line_number}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
+                raise InputError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+                raise InputError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
             records.append(record)
     return records
 
@@ -103,9 +130,10 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device=None):
+def init_distributed(device=None, timeout_minutes=None):
     """Start the process group if launched by torchrun (NCCL on GPU, gloo on CPU); pick the device.
-    `device` overrides the choice ("cpu" / "cuda")."""
+    `device` overrides the choice ("cpu" / "cuda"). The collective timeout is long (default 60 min,
+    env RLHF_DIST_TIMEOUT_MIN): one rank may sample or save a checkpoint while the others wait."""
     rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in
                                     (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
@@ -115,7 +143,8 @@ def init_distributed(device=None):
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        minutes = timeout_minutes or float(os.environ.get("RLHF_DIST_TIMEOUT_MIN", 60))
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=minutes))
     return Dist(rank, local_rank, world_size, dev)
 
 
@@ -151,23 +180,22 @@ def all_reduce_sum(value, device):
     return t.item()
 
 
-def shard_indices(n, rank, world_size):
-    """Indices of this rank's shard of n items: every item lands on exactly one rank, none dropped."""
-    return list(range(rank, n, world_size))
-
-
-def process_in_chunks(records, out_path, process, dist_info, chunk_size=64, desc="processing"):
+def process_in_chunks(records, out_path, process, dist_info, chunk_size=64, desc="processing", settings=None):
     """Apply `process(list of records) -> list of records` to `records` chunk by chunk and write the
     concatenated results, in input order, to out_path (JSONL). Crash-safe and rank-count-free:
       - chunk c (records[c*chunk_size:(c+1)*chunk_size]) runs on rank c % world_size;
       - each finished chunk is written atomically to OUT.parts-n{N}-c{chunk_size}/{c}.jsonl, and a
         rerun skips chunks already there (so no record is lost or done twice);
-      - rank 0 finally merges the chunks into out_path (atomically) and removes the parts folder.
+      - rank 0 finally merges the chunks into out_path (atomically) and removes the parts folder;
+      - `settings` (a dict: model, sampling parameters, ...) are recorded in the parts folder, and a
+        resume with different settings stops (check_settings) instead of mixing the two.
     Collective under torchrun: every rank must call it. Returns nothing; read out_path."""
     out_path = Path(out_path)
     n_chunks = math.ceil(len(records) / chunk_size)
     parts = out_path.with_name(f"{out_path.name}.parts-n{len(records)}-c{chunk_size}")
     mine = [c for c in range(n_chunks) if c % dist_info.world_size == dist_info.rank]
+    if settings is not None:
+        check_settings(parts / "settings.json", settings, start_over=parts)
     todo = [c for c in mine if not (parts / f"{c:06d}.jsonl").exists()]
     if len(todo) < len(mine):
         print0(f"{desc}: resuming, {len(mine) - len(todo)} of {len(mine)} chunks already done")
@@ -195,7 +223,9 @@ def right_pad(sequences, pad_id, device=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Schedule
+# The training loop's pieces, shared by sft.py, train_rm.py, dpo.py and osp.py: the batch schedule,
+# this rank's micro-batches, the optimizer, the autocast rule and the per-step metrics. The loops
+# themselves stay in their stage files.
 
 
 def cosine_lr(step, total_steps, peak_lr, warmup_ratio=0.03, min_lr_ratio=0.0):
@@ -206,6 +236,113 @@ def cosine_lr(step, total_steps, peak_lr, warmup_ratio=0.03, min_lr_ratio=0.0):
         return peak_lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
     return peak_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def batch_schedule(num_items, batch_size, epochs, seed, max_steps=-1):
+    """The global batches of a run, one per optimizer step: a fresh shuffle of range(num_items) each
+    epoch, cut into batches of `batch_size` (an epoch's last batch may be smaller: nothing dropped,
+    nothing seen twice within an epoch). Fractional `epochs` keep the first steps of the last
+    epoch; `max_steps` > 0 stops earlier."""
+    if num_items == 0:
+        raise InputError("no training examples")
+    rng = torch.Generator().manual_seed(seed)
+    schedule = []
+    for _ in range(math.ceil(epochs)):
+        permutation = torch.randperm(num_items, generator=rng).tolist()
+        schedule += [permutation[i:i + batch_size] for i in range(0, num_items, batch_size)]
+    total_steps = math.ceil(epochs * math.ceil(num_items / batch_size))
+    return schedule[:min(total_steps, max_steps) if max_steps > 0 else total_steps]
+
+
+def rank_micro_batches(batch, rank, world_size, micro_batch_size):
+    """This rank's contiguous share of a global batch of indices, cut into micro-batches. Every rank
+    gets the same number of micro-batches (FSDP's collectives need it): the short ones are padded
+    with -1, which callers give weight 0."""
+    per_rank = math.ceil(len(batch) / (world_size * micro_batch_size)) * micro_batch_size
+    padded = list(batch) + [-1] * (per_rank * world_size - len(batch))
+    mine = padded[rank * per_rank:(rank + 1) * per_rank]
+    return [mine[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
+
+
+def make_optimizer(model, lr, weight_decay=0.0):
+    """AdamW, betas (0.9, 0.95), on the fp32 master weights; the fused kernel on GPU."""
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=on_gpu)
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def autocast(model, device):
+    """The one mixed-precision rule: bf16 compute on GPU over fp32 master weights. Under FSDP the
+    MixedPrecisionPolicy already casts the parameters to bf16 (wrap_model); everything else (one
+    device, DDP, frozen models) runs under torch.autocast. On CPU, fp32 and no autocast."""
+    dtype = default_dtype(device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and not is_fsdp(model))
+
+
+def optimizer_step(model, optimizer, grad_clip):
+    """Clip the global gradient norm (grad_clip 0: no clipping), step, zero the gradients. Returns
+    the norm before clipping as a tensor: reading it is left to StepSums.reduce (no host sync here).
+    Works on FSDP2's sharded (DTensor) gradients."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+class StepSums:
+    """A step's metric sums, kept on the device while its micro-batches run (no host sync per
+    micro-batch); `reduce` sums them over ranks with one all-reduce and reads them with one
+    device-to-host copy."""
+
+    def __init__(self):
+        self.sums = {}
+
+    def add(self, **values):
+        """Add each value's sum (a tensor of any shape, or a number) to the metric of that name."""
+        for name, value in values.items():
+            value = torch.as_tensor(value).detach().double().sum()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+
+    def reduce(self, device, **already_global):
+        """{name: float}: the sums over all ranks, plus `already_global` values (e.g. the gradient
+        norm, the same on every rank) read in the same host transfer, not summed."""
+        names = list(self.sums)
+        summed = torch.stack([self.sums[n].to(device) for n in names]) if names else torch.zeros(0, dtype=torch.float64, device=device)
+        if dist.is_initialized():
+            dist.all_reduce(summed)
+        extra = [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(1) for v in already_global.values()]
+        return dict(zip(names + list(already_global), torch.cat([summed, *extra]).tolist()))
+
+
+def already_trained(out_dir, overwrite):
+    """True (and says so) when out_dir already holds a saved model and --overwrite was not given: a
+    rerun of a finished stage does nothing."""
+    if (Path(out_dir) / "model.safetensors").exists() and not overwrite:
+        print0(f"{out_dir} already holds a model; skipping (pass --overwrite to train it again)")
+        return True
+    return False
+
+
+def check_settings(path, settings, start_over):
+    """Record at `path` (JSON) the settings an output is made with; when that record exists (a rerun,
+    or a resume after a crash), stop unless the settings are the same, so one output never mixes
+    two sets of settings and a finished step's record is never rewritten. `start_over` tells the
+    user what to delete to redo the step with the new settings."""
+    path = Path(path)
+    settings = json.loads(json.dumps(settings))  # compare as JSON would store them (tuples → lists)
+    if not path.exists():
+        if int(os.environ.get("RANK", 0)) == 0:
+            atomic_write_text(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        return
+    saved = json.loads(path.read_text())
+    changed = [f"{k} {saved.get(k)!r} → {v!r}" for k, v in sorted(settings.items()) if saved.get(k) != v]
+    if changed:
+        raise InputError(f"{path.parent} was made with other settings ({'; '.join(changed)}, recorded in {path}): rerun with "
+                         f"the recorded values to continue, or delete {start_over} to start it over with the new ones")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,26 +373,24 @@ def unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+def is_fsdp(model):
+    return hasattr(model, "set_requires_gradient_sync")
+
+
 def gradient_sync(model, sync):
     """Context for one micro-batch of gradient accumulation: skip the gradient all-reduce on all
     but the last micro-batch (DDP no_sync; FSDP2's requires_gradient_sync)."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return nullcontext() if sync else model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):
+    if is_fsdp(model):
         model.set_requires_gradient_sync(sync)
     return nullcontext()
-
-
-def clip_grad_norm(model, max_norm):
-    """Global grad-norm clipping that also works on FSDP2's sharded (DTensor) gradients."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item()
 
 
 def full_state_dict(model):
     """The whole model's state dict on rank 0, on CPU (an empty dict on other ranks under FSDP).
     Every rank must call it: under FSDP the shards are gathered collectively."""
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+    if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -291,6 +426,8 @@ def load_tokenizer(path):
     """The checkpoint's tokenizer with its chat template (tokenizer_config.json or chat_template.jinja)."""
     from transformers import AutoTokenizer
 
+    if not Path(path).is_dir():  # else transformers takes the path for a hub repo id and says so confusingly
+        raise FileNotFoundError(f"{path}: no such model folder (expected a local Hugging Face checkpoint folder)")
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.pad_token_id is None:
         # Padding positions are always masked by explicit lengths, never found by comparing ids

@@ -345,8 +345,10 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, head="lm"):
         """Load an HF checkpoint folder: config.json + model.safetensors (or a sharded
         model.safetensors.index.json). Weights are cast to `dtype` (bf16 or fp32 on disk both work).
-        head="score" from a causal-LM checkpoint drops its LM head and starts a new scalar head with
-        std 1/sqrt(H + 1) (as OpenRLHF and TRL do); from a reward-model checkpoint it loads `score`."""
+        head="score" from a causal-LM checkpoint drops its LM head and starts a new scalar head
+        normal(0, initializer_range) (0.02 when the config has none), as transformers'
+        *ForSequenceClassification init does (and so TRL's RewardTrainer); from a reward-model
+        checkpoint it loads `score`."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -374,7 +376,8 @@ class Transformer(nn.Module):
                             and not name.endswith("rotary_emb.inv_freq"):
                         raise ValueError(f"{path}/{file}: unexpected tensor {name!r}")
         if head == "score" and "score.weight" not in state:
-            state["score.weight"] = torch.randn(1, config.hidden_size, dtype=dtype) / math.sqrt(config.hidden_size + 1)
+            std = config.raw.get("initializer_range", 0.02)
+            state["score.weight"] = torch.randn(1, config.hidden_size, dtype=dtype) * std
         missing = sorted(set(expected) - set(state))
         if missing:
             raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
@@ -410,9 +413,21 @@ def atomic_save_folder(path, write_into):
     model into an existing checkpoint folder replaces weights and config but keeps the rest."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*"):  # left by a save that crashed
+        if stale.is_dir():
+            print(f"removing {stale}, left by an interrupted save")
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         write_into(tmp)
+        # mkdtemp makes the folder 0700 and safetensors writes 0600: give the checkpoint the usual
+        # umask-respecting permissions, like any file the user creates.
+        umask = os.umask(0)
+        os.umask(umask)
+        for folder, _, files in os.walk(tmp):
+            os.chmod(folder, 0o777 & ~umask)
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o666 & ~umask)
         if path.exists():
             for item in path.iterdir():
                 if not Path(tmp, item.name).exists():

@@ -1,0 +1,129 @@
+"""What the tests share: a tiny character-level tokenizer and Llama checkpoint, the built-in task built
+small, data writers, and `run_script` for stage scripts (optionally under torchrun on CPU)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import write_jsonl
+from data.task import build
+from model import Transformer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# ----------------------------------------------------------------------------------------------
+# Fixtures: a tiny character-level tokenizer with a ChatML template, and tiny HF checkpoints.
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_char_tokenizer(folder):
+    """A character-level HF tokenizer (every printable ASCII char + newline) with ChatML specials."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {token: i for i, token in enumerate(specials + chars)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+                                        eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return len(vocab)
+
+
+def tiny_config(vocab_size, **overrides):
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=vocab_size, hidden_size=64,
+                  intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+                  hidden_act="silu", bos_token_id=None, eos_token_id=3, pad_token_id=0)
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama checkpoint + char tokenizer, saved by our own save_pretrained."""
+    folder = tmp_path_factory.mktemp("tiny_model")
+    vocab_size = build_char_tokenizer(folder)
+    torch.manual_seed(0)
+    model = Transformer.from_config(tiny_config(vocab_size))
+    model.save_pretrained(folder)
+    return folder
+
+
+def run_script(args, nproc=1, timeout=600):
+    """Run a stage script (optionally under torchrun on CPU) and return its stdout; fail loudly."""
+    # Stage scripts use the PyTorch kernels on CPU: the Triton ones run under the (slow) interpreter only in
+    # the kernel tests, which compare them with these.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    if nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    else:
+        command = [sys.executable, *args]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result.stdout
+
+
+def write_sft_data(path, n=64):
+    """Conversations the tiny model can fit: echo a short string back reversed."""
+    import random
+    rng = random.Random(0)
+    rows = []
+    for _ in range(n):
+        word = "".join(rng.choice("abcdef") for _ in range(rng.randint(3, 6)))
+        rows.append({"messages": [{"role": "user", "content": f"reverse {word}"},
+                                  {"role": "assistant", "content": word[::-1]}]})
+    write_jsonl(path, rows)
+
+
+def write_pairs(path, n, seed=0):
+    """Pairs for a tiny RM: chosen = the reversed word, rejected = the word unchanged."""
+    import random
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        word = "".join(rng.choice("abcdef") for _ in range(rng.randint(3, 6)))
+        rows.append({"id": f"p{i}", "prompt": [{"role": "user", "content": f"reverse {word}"}],
+                     "chosen": word[::-1], "rejected": word + "x", "source": "even" if i % 2 == 0 else "odd"})
+    write_jsonl(path, rows)
+
+
+def builtin_model_dir(task_dir, folder, seed=0):
+    """A random-init checkpoint of the built-in task's tiny model, with its tokenizer."""
+    import shutil
+    shutil.copytree(task_dir / "model", folder)
+    torch.manual_seed(seed)
+    Transformer.from_config(folder).save_pretrained(folder)
+    return folder
+
+
+SMALL = dict(seed=0, sft_examples=800, prompts_per_iter=40, eval_prompts=24, pairs_train=3000, pairs_eval=200)
+TASK_FILES = ("sft.jsonl", "prompts_iter1.jsonl", "prompts_iter2.jsonl", "prompts_iter3.jsonl", "prompts_eval.jsonl",
+              "pairs_train.jsonl", "pairs_eval.jsonl", "stats.json", "model/tokenizer.json",
+              "model/tokenizer_config.json", "model/config.json", "model/generation_config.json")
+
+
+def read_lines(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+@pytest.fixture(scope="session")
+def task_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("builtin")
+    build(out, **SMALL)
+    return out

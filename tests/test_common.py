@@ -1,0 +1,147 @@
+"""Tests of common.py: chat encoding, schedule and batches, step metrics, settings records, JSONL, user errors,
+checkpoint folders."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common import (InputError, StepSums, atomic_write_text, batch_schedule, check_settings, cosine_lr, encode_conversation,
+                    encode_prompt, encode_response, end_of_turn_ids, load_tokenizer, optimizer_step, rank_micro_batches,
+                    read_jsonl, stop_token_ids, write_jsonl)
+from model import Transformer
+from tests.helpers import ROOT, tiny_config
+
+
+def test_chat_encoding_masks_only_assistant_tokens(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"},
+                {"role": "assistant", "content": "6!"}]
+    ids, is_assistant = encode_conversation(tokenizer, messages)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn_ids(tokenizer) == [im_end]
+    assert stop_token_ids(tokenizer) == [im_end]
+    # The trained tokens are exactly each answer's characters followed by <|im_end|>.
+    trained = [i for i, a in zip(ids, is_assistant) if a]
+    assert trained == tokenizer.convert_tokens_to_ids(["4", "<|im_end|>", "6", "!", "<|im_end|>"])
+    # The whole sequence decodes to the template's own rendering (minus its final newline).
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert tokenizer.decode(ids) == rendered.rstrip("\n")
+    # The first turn is split exactly as generation sees it: prompt ids, then response ids.
+    prompt_ids = encode_prompt(tokenizer, messages[:2])
+    response_ids = encode_response(tokenizer, "4")
+    assert ids[:len(prompt_ids) + len(response_ids)] == prompt_ids + response_ids
+    assert not any(is_assistant[:len(prompt_ids)])
+
+
+# ----------------------------------------------------------------------------------------------
+# common.py utilities
+
+
+def test_cosine_schedule_warmup_and_decay():
+    lrs = [cosine_lr(s, 100, 1.0, warmup_ratio=0.03) for s in range(100)]
+    assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # monotone decay after warmup
+    assert lrs[-1] == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(torch.pi * 96 / 97)).item()), abs=1e-6)
+    # min_lr_ratio: the decay runs from the peak down to min_lr_ratio × peak, the cosine rescaled between them
+    assert cosine_lr(50, 100, 2.0, warmup_ratio=0.0, min_lr_ratio=0.1) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))
+    assert cosine_lr(100, 100, 2.0, warmup_ratio=0.0, min_lr_ratio=0.1) == pytest.approx(0.2)
+    assert cosine_lr(0, 100, 2.0, warmup_ratio=0.0, min_lr_ratio=0.1) == pytest.approx(2.0)
+
+
+def test_batch_schedule_covers_every_item_once_per_epoch():
+    schedule = batch_schedule(10, batch_size=4, epochs=2, seed=0)
+    assert [len(b) for b in schedule] == [4, 4, 2, 4, 4, 2]  # an epoch's last batch is smaller, nothing dropped
+    assert sorted(sum(schedule[:3], [])) == list(range(10)) and sorted(sum(schedule[3:], [])) == list(range(10))
+    assert schedule[:3] != schedule[3:]  # a fresh shuffle each epoch
+    assert batch_schedule(10, 4, 2, seed=0) == schedule and batch_schedule(10, 4, 2, seed=1) != schedule
+    assert batch_schedule(10, 4, 1.5, seed=0) == schedule[:5]  # ceil(1.5 × 3) steps
+    assert batch_schedule(10, 4, 2, seed=0, max_steps=2) == schedule[:2]
+    with pytest.raises(InputError, match="no training examples"):
+        batch_schedule(0, 4, 1, seed=0)
+
+
+@pytest.mark.parametrize("batch_len,world_size,micro", [(7, 2, 2), (8, 2, 4), (3, 4, 2), (1, 2, 1)])
+def test_rank_micro_batches_share_a_batch_exactly_once(batch_len, world_size, micro):
+    batch = list(range(100, 100 + batch_len))
+    shares = [rank_micro_batches(batch, rank, world_size, micro) for rank in range(world_size)]
+    assert len({len(s) for s in shares}) == 1  # the same number of micro-batches on every rank (FSDP needs it)
+    assert all(len(m) == micro for s in shares for m in s)
+    flat = [i for s in shares for m in s for i in m]
+    assert sorted(i for i in flat if i >= 0) == batch  # every item once, the rest is padding (-1)
+    assert flat[:batch_len] == batch  # contiguous shares in order: padding only at the end
+
+
+def test_step_sums_one_reduce_and_global_values():
+    sums = StepSums()
+    sums.add(loss=torch.tensor(1.5), correct=torch.tensor([1.0, 0.0, 1.0]))
+    sums.add(loss=torch.tensor(0.5), correct=torch.tensor([1.0]))
+    totals = sums.reduce(torch.device("cpu"), grad_norm=torch.tensor(3.25), lr=0.1)
+    assert totals == {"loss": 2.0, "correct": 3.0, "grad_norm": 3.25, "lr": pytest.approx(0.1)}
+
+
+def test_optimizer_step_returns_the_unclipped_norm_and_clips():
+    model = torch.nn.Linear(3, 1, bias=False)
+    model.weight.data.zero_()
+    model.weight.grad = torch.tensor([[3.0, 4.0, 0.0]])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    norm = optimizer_step(model, optimizer, grad_clip=1.0)
+    assert isinstance(norm, torch.Tensor) and norm.item() == pytest.approx(5.0)
+    assert model.weight.data[0].tolist() == pytest.approx([-0.6, -0.8, 0.0])  # the step used the clipped gradient
+    assert model.weight.grad is None
+
+
+def test_check_settings_records_then_refuses_a_change(tmp_path):
+    record = tmp_path / "step" / "settings.json"
+    check_settings(record, {"n": 2, "temperature": 1.0, "prompts": ("a", "b")}, start_over=tmp_path / "step")
+    before = record.read_text()
+    check_settings(record, {"n": 2, "temperature": 1.0, "prompts": ["a", "b"]}, start_over=tmp_path / "step")  # same: continue
+    with pytest.raises(InputError, match=r"n 2 → 4.*delete .*step"):
+        check_settings(record, {"n": 4, "temperature": 1.0, "prompts": ["a", "b"]}, start_over=tmp_path / "step")
+    assert record.read_text() == before and json.loads(before)["n"] == 2  # the record is never rewritten
+
+
+def test_jsonl_roundtrip_atomic_and_errors_name_the_line(tmp_path):
+    path = tmp_path / "x.jsonl"
+    write_jsonl(path, [{"a": 1}, {"text": "héllo ✓"}])
+    assert read_jsonl(path) == [{"a": 1}, {"text": "héllo ✓"}]
+    assert [p.name for p in tmp_path.iterdir()] == ["x.jsonl"]  # no temp file left behind
+    atomic_write_text(path, '{"a": 1}\n\n{"a": 2\n')
+    with pytest.raises(ValueError, match=r"x.jsonl:3"):
+        read_jsonl(path)
+    atomic_write_text(path, '[1, 2]\n')
+    with pytest.raises(ValueError, match=r"x.jsonl:1: expected a JSON object"):
+        read_jsonl(path)
+    path.write_bytes(b'{"a": 1}\n{"a": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(InputError, match=r"x.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 11\)"):
+        read_jsonl(path)
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    """run_cli: an InputError or a missing file becomes `error: ...` and exit status 2; a bug keeps its traceback."""
+    code = "from common import run_cli, load_tokenizer\nrun_cli(lambda: load_tokenizer({path!r}))"
+    result = subprocess.run([sys.executable, "-c", code.format(path=str(tmp_path / "nope"))], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: {tmp_path / 'nope'}: no such model folder (expected a local Hugging Face checkpoint folder)"
+    result = subprocess.run([sys.executable, "-c", "from common import run_cli\nrun_cli(lambda: 1 / 0)"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" in result.stderr and "ZeroDivisionError" in result.stderr
+
+
+def test_checkpoint_save_cleans_crashed_temp_folders_and_uses_usual_permissions(tmp_path):
+    model = Transformer.from_config(tiny_config(40))
+    stale = tmp_path / ".ckpt.abc123"  # what a save killed mid-way leaves behind
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    umask = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path / "ckpt")
+    finally:
+        os.umask(umask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "ckpt" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "ckpt" / "config.json").stat().st_mode & 0o777 == 0o644

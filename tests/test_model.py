@@ -1,0 +1,153 @@
+"""Tests of model.py against transformers: logits parity, KV cache, packing."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from model import KVCache, Transformer
+from tests.helpers import tiny_config
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+PARITY_CASES = {
+    "llama-tied": (LlamaForCausalLM, LlamaConfig, dict(tie_word_embeddings=True)),
+    "llama-untied-gqa": (LlamaForCausalLM, LlamaConfig, dict(tie_word_embeddings=False)),
+    "llama3-rope-scaling": (LlamaForCausalLM, LlamaConfig, dict(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0)),
+    "linear-rope-scaling": (LlamaForCausalLM, LlamaConfig, dict(rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    "qwen2-untied": (Qwen2ForCausalLM, Qwen2Config, dict(tie_word_embeddings=False)),
+    "qwen2-tied": (Qwen2ForCausalLM, Qwen2Config, dict(tie_word_embeddings=True)),
+}
+
+
+@pytest.mark.parametrize("case", PARITY_CASES)
+def test_model_logits_match_transformers(case, tmp_path):
+    hf_class, config_class, extra = PARITY_CASES[case]
+    torch.manual_seed(0)
+    config = config_class(vocab_size=123, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **extra)
+    reference = hf_class(config).eval()
+    with torch.no_grad():  # random (non-zero) biases so Qwen2's q/k/v bias is actually exercised
+        for name, p in reference.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    reference.save_pretrained(tmp_path / "hf")
+    ours = Transformer.from_pretrained(tmp_path / "hf").eval()
+    input_ids = torch.randint(0, 123, (2, 47))
+    with torch.no_grad():
+        expected = reference(input_ids).logits
+        got = ours(input_ids)
+    assert got.shape == (2, 47, 123)
+    assert (got - expected).abs().max().item() <= 1e-4
+    # save → transformers load → the same logits
+    ours.save_pretrained(tmp_path / "ours")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    assert type(reloaded) is hf_class
+    with torch.no_grad():
+        assert (reloaded(input_ids).logits - got).abs().max().item() <= 1e-4
+
+
+def test_model_loads_old_style_rope_config_sharded_and_bf16(tmp_path):
+    """Older config.json style (rope_theta + rope_scaling keys), a sharded bf16 checkpoint."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=123, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, rope_scaling=LLAMA3_ROPE, rope_theta=500000.0,
+                         tie_word_embeddings=False)
+    reference = LlamaForCausalLM(config).eval()
+    reference.to(torch.bfloat16).save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    config_json = json.loads((tmp_path / "hf" / "config.json").read_text())
+    rope = config_json.pop("rope_parameters")
+    config_json["rope_theta"] = rope.pop("rope_theta")
+    config_json["rope_scaling"] = rope
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config_json))
+    ours = Transformer.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    input_ids = torch.randint(0, 123, (1, 40))
+    with torch.no_grad():
+        expected = reference.float()(input_ids).logits  # same bf16-rounded weights, computed in fp32
+        assert (ours(input_ids) - expected).abs().max().item() <= 1e-4
+    assert ours.model.layers[0].self_attn.k_proj.weight.dtype == torch.float32
+
+
+def test_model_rejects_unsupported_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config(10, model_type="gpt2")))
+    with pytest.raises(ValueError, match="gpt2"):
+        Transformer.from_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config(10)))
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_kv_cache_incremental_decoding_equals_full_forward():
+    torch.manual_seed(0)
+    model = Transformer.from_config(tiny_config(50)).eval()
+    input_ids = torch.randint(0, 50, (3, 20))
+    positions = torch.arange(20).expand(3, 20)
+    with torch.no_grad():
+        full = model(input_ids)
+        cache = KVCache(model.config, batch_size=3, max_len=32, device="cpu", dtype=torch.float32)
+        pieces = [model(input_ids[:, :12], position_ids=positions[:, :12], cache=cache)]  # prefill
+        for t in range(12, 20):                                                           # one token at a time
+            pieces.append(model(input_ids[:, t:t + 1], position_ids=positions[:, t:t + 1], cache=cache))
+    assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= 1e-5
+
+
+def test_kv_cache_rows_at_different_positions_match_unpadded():
+    """Rows of different prompt lengths prefilled together (right-padded) and decoded at their own
+    positions: each row's logits equal its own unpadded full forward. Stale slots are never read."""
+    torch.manual_seed(0)
+    model = Transformer.from_config(tiny_config(50)).eval()
+    prompts = [torch.randint(0, 50, (n,)) for n in (7, 4)]
+    continuation = torch.randint(0, 50, (2, 3))
+    input_ids = torch.randint(0, 50, (2, 7))  # padding = random junk: it must not matter
+    for row, prompt in enumerate(prompts):
+        input_ids[row, :len(prompt)] = prompt
+    cache = KVCache(model.config, batch_size=2, max_len=16, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        model(input_ids, position_ids=torch.arange(7).expand(2, 7), cache=cache)
+        lengths = torch.tensor([len(p) for p in prompts])
+        steps = [model(continuation[:, t:t + 1], position_ids=(lengths + t)[:, None], cache=cache) for t in range(3)]
+        for row, prompt in enumerate(prompts):
+            alone = model(torch.cat([prompt, continuation[row]])[None])
+            assert (torch.cat(steps, 1)[row] - alone[0, len(prompt):]).abs().max().item() <= 1e-5
+
+
+def test_packing_documents_do_not_see_each_other():
+    """Changing document 1 leaves document 2's logits unchanged, and document 2 packed after
+    document 1 (positions restarting) equals document 2 run alone."""
+    torch.manual_seed(0)
+    model = Transformer.from_config(tiny_config(50)).eval()
+    doc1, doc1_changed, doc2 = torch.randint(0, 50, (9,)), torch.randint(0, 50, (9,)), torch.randint(0, 50, (6,))
+    document_ids = torch.tensor([[0] * 9 + [1] * 6])
+    position_ids = torch.cat([torch.arange(9), torch.arange(6)])[None]
+    with torch.no_grad():
+        packed = model(torch.cat([doc1, doc2])[None], position_ids=position_ids, document_ids=document_ids)
+        packed_changed = model(torch.cat([doc1_changed, doc2])[None], position_ids=position_ids, document_ids=document_ids)
+        alone = model(doc2[None])
+    assert (packed[0, 9:] - packed_changed[0, 9:]).abs().max().item() == 0.0
+    assert (packed[0, 9:] - alone[0]).abs().max().item() <= 1e-5
+    assert (packed[0, :9] - packed_changed[0, :9]).abs().max().item() > 0  # document 1 did change
+
+
+def test_model_targets_path_equals_log_softmax_of_logits():
+    torch.manual_seed(0)
+    model = Transformer.from_config(tiny_config(50)).eval()
+    input_ids = torch.randint(0, 50, (2, 11))
+    targets = torch.randint(0, 50, (2, 11))
+    targets[0, :4] = -100
+    with torch.no_grad():
+        expected = torch.log_softmax(model(input_ids).float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        expected = torch.where(targets == -100, 0.0, expected)
+        got = model(input_ids, targets=targets)
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_new_reward_head_is_initialised_like_transformers(tmp_path):
+    """A reward head started on a causal-LM checkpoint: normal(0, initializer_range), as transformers'
+    *ForSequenceClassification (and so TRL's RewardTrainer) initialises it; 0.02 when the config has none."""
+    for initializer_range in (0.02, 0.2):
+        folder = tmp_path / str(initializer_range)
+        torch.manual_seed(0)
+        Transformer.from_config(tiny_config(64, hidden_size=256, initializer_range=initializer_range)).save_pretrained(folder)
+        head = Transformer.from_pretrained(folder, head="score").score.weight
+        assert head.shape == (1, 256) and abs(head.std().item() / initializer_range - 1) < 0.15

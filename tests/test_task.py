@@ -1,0 +1,174 @@
+"""Tests of data/task.py: the built-in task."""
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from data.task import TASKS, TAU, build, parse_prompt, score
+from data.task import main as task_main
+from tests.helpers import SMALL, TASK_FILES, read_lines
+
+
+def _user(text):
+    return [{"role": "user", "content": text}]
+
+
+def test_task_score_hand_checked():
+    sort = _user("sort 31 7 18")  # target 7 18 31
+    assert score(sort, "7 18 31") == 1.0
+    assert score(sort, "7 31 18") == pytest.approx(2 / 3)       # one misplaced: LCS 2 of 3
+    assert score(sort, "7 18") == pytest.approx(2 / 3)          # one missing
+    assert score(sort, "7 18 31 31") == pytest.approx(3 / 4)    # one extra
+    assert score(sort, "7, 18, 31") == pytest.approx(1 - 0.002 * 2)  # two commas are extra characters
+    assert score(sort, "Sure! 7 18 31") == pytest.approx(1 - 0.002 * 6)
+    assert score(sort, "Sure! 7 18 31 Hope this helps!") == pytest.approx(1 - 0.002 * 23)
+    assert score(_user("reverse 1 2 3"), "3 2 1") == 1.0
+    assert score(_user("reverse 1 2 3"), "1 2 3") == pytest.approx(1 / 3)
+    assert score(_user("evens 83 12 55 7 40"), "12 40") == 1.0
+    assert score(_user("evens 83 12 55 7 40"), "12 55 40") == pytest.approx(2 / 3)
+    assert score(_user("add 385 97"), "482") == 1.0
+    assert score(_user("add 385 97"), "472") == pytest.approx(2 / 3)   # right-aligned digits
+    assert score(_user("add 385 97"), "1482") == pytest.approx(3 / 4)
+    assert score(_user("add 385 97"), "482 482") == pytest.approx(1 / 2)  # the answer is one number
+    # empty, garbage, padding, and things that are not prompts of the task
+    assert score(sort, "") == 0.0
+    assert score(sort, "asdf") == pytest.approx(-0.008)
+    assert score(sort, "x" * 100000) == -1.0                   # the penalty is capped at 1
+    assert score(sort, "7 18 31" + " ok" * 1000) == pytest.approx(0.0)
+    assert score(sort, "٧ ١٨ ٣١") == pytest.approx(-0.014)      # non-ASCII digits are not numbers
+    assert score(_user("hello"), "7 18 31") == 0.0
+    assert score(_user("sort " + "9" * 5000), "1") == 0.0      # absurd prompts are not task prompts
+    assert score(None, "1") == 0.0 and score(sort, None) == 0.0 and score("sort 31 7 18", "7 18 31") == 1.0
+    # the last user turn is the prompt; a system turn is fine
+    assert score([{"role": "system", "content": "be brief"}] + sort, "7 18 31") == 1.0
+
+
+def test_task_score_never_raises_on_garbage():
+    rng = random.Random(0)
+    alphabet = "0123456789 ,.-+abcXYZ\n\t<|end|>é٣"
+    for _ in range(300):
+        response = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 200)))
+        prompt = _user(rng.choice(["sort 5 3 9", "add 99 1", "evens 1 2", "reverse 7", "junk", ""]))
+        value = score(prompt, response)
+        assert isinstance(value, float) and math.isfinite(value) and -1.0 <= value <= 1.0
+
+
+def test_task_build_is_deterministic(tmp_path, task_dir):
+    build(tmp_path / "again", **SMALL)
+    for name in TASK_FILES:
+        assert (tmp_path / "again" / name).read_bytes() == (task_dir / name).read_bytes(), name
+    build(tmp_path / "other", **{**SMALL, "seed": 1})
+    assert (tmp_path / "other" / "sft.jsonl").read_bytes() != (task_dir / "sft.jsonl").read_bytes()
+
+
+def test_task_prompt_splits_are_disjoint(task_dir):
+    ids, texts = [], {}
+    for split in ("iter1", "iter2", "iter3", "eval"):
+        records = read_lines(task_dir / f"prompts_{split}.jsonl")
+        assert len(records) == (SMALL["eval_prompts"] if split == "eval" else SMALL["prompts_per_iter"])
+        for r in records:
+            assert r["messages"][-1]["role"] == "user" and parse_prompt(r["messages"][-1]["content"]) is not None
+        ids += [r["id"] for r in records]
+        texts[split] = {r["messages"][-1]["content"] for r in records}
+        assert len(texts[split]) == len(records)
+        assert {parse_prompt(t)[0] for t in texts[split]} == set(TASKS)  # every sub-task in every split
+    texts["sft"] = {r["messages"][0]["content"] for r in read_lines(task_dir / "sft.jsonl")}
+    for split in ("train", "eval"):
+        pairs = read_lines(task_dir / f"pairs_{split}.jsonl")
+        ids += [p["id"] for p in pairs]
+        texts[f"pairs_{split}"] = {p["prompt"][-1]["content"] for p in pairs}
+    assert len(ids) == len(set(ids))
+    names = sorted(texts)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not texts[a] & texts[b], (a, b)
+
+
+def test_task_tokenizer_and_chat_template(task_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(task_dir / "model"))
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id and tokenizer.eos_token == "<|end|>"
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "sort 3 1 2"}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|bos|><|system|>be brief<|end|><|user|>sort 3 1 2<|end|><|assistant|>"
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": "1 2 3"}], tokenize=False)
+    assert full == prompt + "1 2 3<|end|>"  # assistant turn = header + content + ONE end-of-turn token
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    # prompt and response tokenized separately = the whole conversation tokenized at once
+    assert encode(full) == encode(prompt) + encode("1 2 3") + [tokenizer.eos_token_id]
+    assert encode(prompt)[:2] == [1, 4] and encode(prompt)[-1] == tokenizer.convert_tokens_to_ids("<|assistant|>")
+    for text in ("sort 31 7 18", "Sure!  7, 18\n31 Hope this helps!", " leading and trailing ", "“quotes” — …"):
+        assert tokenizer.decode(encode(text)) == text  # one token per character, exact round trip
+        assert len(encode(text)) == len(text)
+    assert len(encode("A")) == 1 and len(encode("B")) == 1  # judge / pairwise labels
+    assert tokenizer.decode(encode(full), skip_special_tokens=True) == "be briefsort 3 1 21 2 3"
+
+
+def test_task_config_builds_llama(task_dir):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(task_dir / "model"))
+    config = LlamaConfig.from_pretrained(str(task_dir / "model"))
+    assert config.vocab_size == len(tokenizer) and config.tie_word_embeddings
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 0)
+    generation_config = json.loads((task_dir / "model" / "generation_config.json").read_text())
+    assert generation_config["eos_token_id"] == tokenizer.eos_token_id
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 5e6
+    longest = max(len(tokenizer(tokenizer.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)["input_ids"])
+                  for r in read_lines(task_dir / "sft.jsonl"))
+    assert longest <= 128 <= config.max_position_embeddings  # conversations fit in sft.py --block-size 128
+    ids = tokenizer(tokenizer.apply_chat_template(_user("add 1 2"), tokenize=False, add_generation_prompt=True),
+                    add_special_tokens=False, return_tensors="pt")["input_ids"]
+    assert model(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
+
+
+def test_task_pair_labels_follow_bernoulli(task_dir):
+    pairs = read_lines(task_dir / "pairs_train.jsonl")
+    assert {p["source"] for p in pairs} == set(TASKS)
+    for p in pairs[:500]:
+        assert p["chosen"] != p["rejected"] and p["margin"] != 0
+        assert p["margin"] == pytest.approx(score(p["prompt"], p["chosen"]) - score(p["prompt"], p["rejected"]), abs=1e-6)
+    # y ~ Bernoulli(σ(Δ/τ)): P(label agrees with r*) = σ(|Δ|/τ) per pair; the count of agreements is
+    # a sum of independent Bernoullis, so it lies within 4 standard deviations of its mean.
+    agree_probs = [1 / (1 + math.exp(-abs(p["margin"]) / TAU)) for p in pairs]
+    expected = sum(agree_probs)
+    std = math.sqrt(sum(q * (1 - q) for q in agree_probs))
+    observed = sum(p["margin"] > 0 for p in pairs)
+    assert abs(observed - expected) < 4 * std
+    assert 0.75 < observed / len(pairs) < 0.92  # noisy, like human labels, but mostly right
+    # the length hook: in the offline data the longer response is usually the chosen one
+    longer = [len(p["chosen"]) > len(p["rejected"]) for p in pairs if len(p["chosen"]) != len(p["rejected"])]
+    assert sum(longer) / len(longer) > 0.6
+
+
+def test_task_demonstrations_have_controlled_noise(task_dir):
+    records = read_lines(task_dir / "sft.jsonl")
+    exact = verbose = 0
+    for r in records:
+        user, assistant = r["messages"]
+        target = " ".join(parse_prompt(user["content"])[1])
+        numbers = " ".join(tok for tok in assistant["content"].split() if tok.isdigit())
+        exact += numbers == target
+        verbose += any(c.isalpha() for c in assistant["content"])
+    n = len(records)
+    assert abs(exact / n - 0.8) < 4 * math.sqrt(0.16 / n)    # P(mistake) = 0.2
+    assert abs(verbose / n - 0.3) < 4 * math.sqrt(0.21 / n)  # P(verbose) = 0.3
+
+
+def test_task_score_command(tmp_path, capsys):
+    samples = [{"id": "s0", "prompt": _user("sort 3 1 2"), "responses": ["1 2 3", "Sure! 1 2 3", "3 2 1"],
+                "num_tokens": [6, 12, 6], "finish_reasons": ["stop"] * 3},
+               {"id": "s1", "prompt": _user("add 5 7"), "responses": ["12"], "num_tokens": [3],
+                "finish_reasons": ["length"]}]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    task_main(["score", "--samples", str(tmp_path / "samples.jsonl"), "--out", str(tmp_path / "scored.jsonl")])
+    scored = read_lines(tmp_path / "scored.jsonl")
+    assert scored[0]["gold"] == pytest.approx([1.0, 1 - 0.012, 1 / 3]) and scored[1]["gold"] == [1.0]
+    assert scored[0]["responses"] == samples[0]["responses"]
+    assert "mean gold 0.8303" in capsys.readouterr().out  # (1 + 0.988 + 1/3 + 1) / 4, over responses
