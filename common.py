@@ -47,10 +47,11 @@ def run_cli(main):
 # (temp file in the same folder + os.replace) so a crash never leaves a half-written file behind.
 
 
-def read_jsonl(path):
-    """Return the list of records in a JSONL file. Blank lines are skipped; a line that is not UTF-8
-    or not a JSON object raises InputError naming the file and the 1-based line number."""
-    records = []
+def read_jsonl_numbered(path):
+    """[(1-based line number, record)] of a JSONL file, blank lines skipped. The file is decoded line
+    by line, so a byte that is not UTF-8 or a line that is not a JSON object raises InputError naming
+    the file and the line (not a bare UnicodeDecodeError); a missing file raises FileNotFoundError."""
+    numbered = []
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
             try:
@@ -65,8 +66,13 @@ def read_jsonl(path):
                 raise InputError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict):
                 raise InputError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-    return records
+            numbered.append((line_number, record))
+    return numbered
+
+
+def read_jsonl(path):
+    """The list of records (dicts) in a JSONL file; errors as in read_jsonl_numbered."""
+    return [record for _, record in read_jsonl_numbered(path)]
 
 
 def atomic_write_text(path, text):

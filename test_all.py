@@ -19,7 +19,7 @@ One module per file of the project, in reading order; shared fixtures and writer
 | tests/test_dpo.py | DPO/IPO/SPCE/cDPO by hand and against TRL's formulas, offline and online runs, resume |
 | tests/test_osp.py | ranked/random pairing, judge symmetry, OSP steps end to end |
 | tests/test_evaluate.py | checkpoints found, gold-scored, answers cached |
-| tests/test_data.py | converters on the published formats, judge templates, the validator |
+| tests/test_data.py, tests/test_data_extra.py | converters on the published formats, judge templates, the validator, optional fields, unreadable and empty files, `python -m data.*` |
 | tests/test_task.py | the built-in task: gold scorer, splits, tokenizer, labels, determinism |
 """
 from tests.test_model import *  # noqa: F401,F403
@@ -34,3 +34,4 @@ from tests.test_osp import *  # noqa: F401,F403
 from tests.test_evaluate import *  # noqa: F401,F403
 from tests.test_data import *  # noqa: F401,F403
 from tests.test_task import *  # noqa: F401,F403
+from tests.test_data_extra import *  # noqa: F401,F403

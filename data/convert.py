@@ -1,14 +1,15 @@
 """Convert the papers' public datasets, as the Hugging Face `datasets` library exports them
 (`Dataset.to_json`: JSONL, or a JSON list with lines=False), into this project's JSONL schemas
 (data/schema.py, data/README.md). No network: download/export the data elsewhere, convert here.
+Run from the repo root (or anywhere after `pip install -e .`):
 
-    python data/convert.py --format hh-rlhf       --input hh_train.jsonl  --output data/hh/pairs.jsonl
-    python data/convert.py --format ultrafeedback --input uf.jsonl        --output data/uf/pairs.jsonl --min-margin 1.0
-    python data/convert.py --format shp           --input shp_train.json  --output data/shp/pairs.jsonl
-    python data/convert.py --format helpsteer     --input helpsteer.jsonl --output data/hs/pairs.jsonl --helpsteer-attribute helpfulness
-    python data/convert.py --format tldr          --input comparisons.jsonl --output data/tldr/pairs.jsonl
-    python data/convert.py --format prompts       --input any.jsonl       --output data/hh/prompts.jsonl
-    python data/convert.py --format judge         --input pairs.jsonl     --output judge_sft.jsonl --template dialogue
+    python -m data.convert --format hh-rlhf       --input hh_train.jsonl  --output data/hh/pairs.jsonl
+    python -m data.convert --format ultrafeedback --input uf.jsonl        --output data/uf/pairs.jsonl --min-margin 1.0
+    python -m data.convert --format shp           --input shp_train.json  --output data/shp/pairs.jsonl
+    python -m data.convert --format helpsteer     --input helpsteer.jsonl --output data/hs/pairs.jsonl --helpsteer-attribute helpfulness
+    python -m data.convert --format tldr          --input comparisons.jsonl --output data/tldr/pairs.jsonl
+    python -m data.convert --format prompts       --input any.jsonl       --output data/hh/prompts.jsonl
+    python -m data.convert --format judge         --input pairs.jsonl     --output judge_sft.jsonl --template dialogue
     # add --strict to stop at the first malformed record (an error naming file:line)
 
 Every input record is accounted for: the summary prints how many were read and written, and how many
@@ -25,6 +26,7 @@ Formats and choices (details in data/README.md):
   shp            score_ratio > 2, at most 5 pairs per post_id (highest ratios first)
   helpsteer      responses to the same prompt paired when --helpsteer-attribute differs by ≥ --min-margin
   tldr           "SUBREDDIT: r/{subreddit}\\nTITLE: {title}\\nPOST: {post}\\nTL;DR:" + the two summaries
+                 (no TITLE line for a post without a title)
   prompts        a prompt set from any of the above (or chat `messages` records), deduplicated
   judge          preference augmentation (paper 2): each pair → two LLM-as-a-judge SFT examples (A/B orders)
 Same input + flags (+ --seed with --shuffle) → the same output bytes.
@@ -34,11 +36,8 @@ import hashlib
 import json
 import random
 import re
-import sys
 from collections import Counter
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: common.py, data/
 
 from common import write_jsonl
 from data.judge import JUDGE_TEMPLATES, judge_sft_records
@@ -100,11 +99,23 @@ class Report:
 # Reading: JSONL (one object a line) or one JSON list; each record keeps its location "file:line".
 
 
+def read_text(path):
+    """The file decoded as UTF-8; a byte that is not UTF-8 is an error naming its line and column
+    (a bare UnicodeDecodeError gives only an offset into the whole file)."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        newline = b"\n"
+        line, line_start = data.count(newline, 0, e.start) + 1, data.rfind(newline, 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {e.start - line_start + 1})") from None
+
+
 def read_input(path, report):
     """[(location, record)] of a JSONL file or a JSON list file. A JSONL line that is not a JSON
     object is malformed (skipped, or an error with --strict); a broken JSON list cannot be resynced
     and is always an error."""
-    text = Path(path).read_text(encoding="utf-8")
+    text = read_text(path)
     items = []
     if text.lstrip().startswith("["):
         # A JSON list: decode item by item to know the line each one starts on (a list written on a
@@ -423,7 +434,10 @@ def convert_helpsteer(items, args, report):
 
 
 def tldr_prompt_text(subreddit, title, post):
-    return f"SUBREDDIT: r/{subreddit.strip()}\nTITLE: {title.strip()}\nPOST: {post.strip()}\nTL;DR:"
+    """The usual TL;DR prompt. A post without a title (title null) is still a usable post: it is
+    rendered without the TITLE line rather than dropped."""
+    title_line = f"TITLE: {title.strip()}\n" if title is not None else ""
+    return f"SUBREDDIT: r/{subreddit.strip()}\n{title_line}POST: {post.strip()}\nTL;DR:"
 
 
 def tldr_prompt(record, report, location):
@@ -432,7 +446,8 @@ def tldr_prompt(record, report, location):
         # The validation split also holds CNN/DailyMail news comparisons, which have no subreddit.
         report.skip_filtered(location, "not a reddit post (CNN/DM article)")
         return None
-    return user(tldr_prompt_text(field(info, "subreddit"), field(info, "title"), field(info, "post")))
+    title = field(info, "title") if info.get("title") is not None else None
+    return user(tldr_prompt_text(field(info, "subreddit"), title, field(info, "post")))
 
 
 def tldr_pair(location, record, report):
@@ -585,7 +600,8 @@ def convert(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m data.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--format", required=True, choices=FORMATS, help="the input's published format (or prompts / judge)")
     parser.add_argument("--input", required=True, help="a JSONL file or a JSON list file, as `datasets` exports it")
     parser.add_argument("--output", required=True, help="the JSONL file to write (atomically)")
@@ -615,7 +631,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         report = convert(args)
-    except ValueError as e:  # --strict, or a broken JSON list: one clear line, no traceback
+    except (ValueError, OSError) as e:  # --strict, a broken JSON list or file, a missing file: one clear line
         raise SystemExit(f"error: {e}")
     print(report.summary(args.format, args.input, args.output))
 

@@ -1,10 +1,11 @@
 """The LLM-as-a-judge instructions of paper 2 (Online Self-Preferring LMs, Appendix B.2, Figures 6
-and 7), in one place: `python data/convert.py --format judge` builds preference-augmentation SFT data
-with them, osp.py and train_rm.py build judge queries with them.
+and 7) and the judge's answer labels, in one place: `python -m data.convert --format judge` builds
+preference-augmentation SFT data with them, osp.py and train_rm.py build judge queries with them.
 
-    from data.judge import JUDGE_TEMPLATES, render_judge_prompt
+    from data.judge import JUDGE_LABELS, JUDGE_TEMPLATES, render_judge_prompt
     text = render_judge_prompt([{"role": "user", "content": "hi"}], "Hello!", "", template="dialogue")
-    # the judge's answer is the next token: "A" (first response better) or "B"
+    # the judge's answer is the next token: JUDGE_LABELS[0] = "A" (the first response is better)
+    # or JUDGE_LABELS[1] = "B"; judge_sft_records labels with them, readers of the answer import them
 
 Templates are verbatim from the paper, including its layout: a blank line before each response and
 before the question, a space after "Context:"/"Text:" but none after "RESPONSE A:"/"SUMMARY A:",
@@ -17,7 +18,9 @@ import re
 
 from data.schema import render_context
 
-JUDGE_LABELS = ("A", "B")  # the answer tokens: the first shown response is better / the second is
+# The judge's answer tokens: the first shown response is better / the second is. The one definition:
+# the SFT labels (judge_sft_records) and the readers of the judge's next-token probabilities must agree.
+JUDGE_LABELS = ("A", "B")
 
 DIALOGUE_TEMPLATE = (
     "You are an expert rater of helpful and honest assistant responses. Given the context and the two "
@@ -82,8 +85,9 @@ def judge_sft_records(pair, template="dialogue"):
     the side of the preferred response; a pair's soft label p = P(chosen ≻ rejected) < 0.5 means the
     "rejected" text is the preferred one (p = 0.5 carries no preference: the caller skips it)."""
     preferred, other = (pair["chosen"], pair["rejected"]) if pair.get("p", 1.0) > 0.5 else (pair["rejected"], pair["chosen"])
+    first_is_better, second_is_better = JUDGE_LABELS
     records = []
-    for first, second, label in ((preferred, other, "A"), (other, preferred, "B")):
+    for first, second, label in ((preferred, other, first_is_better), (other, preferred, second_is_better)):
         query = render_judge_prompt(pair["prompt"], first, second, template)
         records.append({"messages": [{"role": "user", "content": query}, {"role": "assistant", "content": label}]})
     return records

