@@ -8,12 +8,16 @@ iterative RLHF (paper 1, RLHF Workflow, Algorithm 1 as practised in its §3.3).
     python dpo.py --iter 1 --run-dir runs/builtin/online --sft runs/builtin/sft --rm runs/builtin/rm \\
         --prompts 'data/builtin/prompts_iter{t}.jsonl'
     python dpo.py --iter 2 --run-dir runs/builtin/online          # the run's settings are read back
+    python dpo.py --iter 3 --run-dir runs/builtin/online --lr 1e-6    # ... and may be changed for a new iteration
     torchrun --nproc_per_node 8 dpo.py --iter 2 --run-dir runs/NAME
 
 (Under torchrun spell it --run-dir, not --run: torchrun's own argument parser reads "--run" as an
-abbreviation of its --run-path option and stops with "ambiguous option".)
+abbreviation of its --run-path option and stops with "ambiguous option". Flags must be spelled out
+in full here too: an abbreviation such as --temp is an error, never a silent guess.)
 
 Iteration t, in runs/NAME/iter{t}/, each sub-step skipped on rerun when its output is complete:
+  settings.json    the settings the iteration is made with (written once its inputs are checked,
+                   before its first output; never rewritten)
   samples.jsonl    n responses per prompt of chunk t from π_{t−1} (π_0 = SFT), generate.py's engine
   rewards.jsonl    the reward model's score of each response (train_rm.py)
   pairs.jsonl      (best, worst) by reward − λ·characters; prompts whose best and worst are the
@@ -23,52 +27,87 @@ Iteration t, in runs/NAME/iter{t}/, each sub-step skipped on rerun when its outp
                    paper's algorithm) or only this iteration's (--history last, the authors' code)
   summary.json     mean reward and length of the samples, pairs kept and dropped
 
+Settings of an online run. Each setting comes from, in order: the command line; the iteration's own
+iter{t}/settings.json (a rerun or a resume of iteration t); the run's config.json; the default. The
+start of every iteration prints each setting with its source.
+  config.json          the defaults of the NEXT iteration: the settings of the latest iteration
+                       started, rewritten each time that iteration runs. Iteration 1 needs --sft,
+                       --rm and --prompts; later iterations read everything back from here.
+  iter{t}/settings.json  the immutable record of the settings that decide what iteration t produces
+                       (RESULT_SETTINGS below). A rerun or a resume with a different value stops
+                       with an error naming the setting, so no output mixes two sets of settings.
+The throughput settings (--micro-batch-size, --gen-batch-size, --chunk-size) change only how the
+work is cut up (samples are seeded per prompt and sample index; losses are sums over the global
+batch), so they are kept in config.json but may change on a resume, e.g. a smaller micro-batch after
+running out of memory. --device, --parallel and --log-every are never saved.
+Offline, --out gets the same kind of record (settings.json beside ref_logps.jsonl, which a rerun
+after a crash reuses); a --out that holds a model is skipped unless --overwrite.
+
 Losses, with h = [log π(a_w|x) − log π_0(a_w|x)] − [log π(a_l|x) − log π_0(a_l|x)]:
   DPO   −log σ(βh)                               (Rafailov et al. 2023, eq. 7; paper 1 eq. (3))
   IPO   (h − 1/(2β))²                            (Azar et al. 2023, eq. 17) on length-normalised log-probs
   SPCE  −[p log σ(βh) + (1 − p) log σ(−βh)]      (paper 2, eq. (9)): soft label p; p = 1 is DPO
-  cDPO  SPCE with p = 1 − ε (--label-smoothing ε);  RPO: + α · NLL of the chosen response (--nll-coef)
+  cDPO  SPCE with p = 1 − ε (--label-smoothing ε, with --loss dpo or spce);  RPO: + α · per-token NLL
+        of the chosen response (--nll-coef α)
+
+Two conventions where we knowingly differ from TRL 1.16's DPOTrainer, both chosen so that training
+scores exactly the tokens that generation produced:
+  - a response ends at the end-of-turn token (e.g. <|im_end|>): that is where sampling stops, so it
+    is the last token the policy chose. TRL also trains the chat template's trailing newline after
+    it, a token our samples never contain.
+  - prompt and response are tokenized separately (common.encode_prompt + common.encode_response).
+    Generation sees exactly the prompt's ids and appends response tokens one by one, so a sampled
+    response never shares a token with its prompt; TRL's joint tokenization of prompt + response can
+    merge a leading space or newline of the response into the prompt's last token, which scores a
+    token sequence the sampler did not produce.
 """
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (MetricsLogger, all_reduce_sum, atomic_write_text, clip_grad_norm, cosine_lr, default_dtype,
-                    destroy_distributed, encode_prompt, encode_response, end_of_turn_ids, gradient_sync,
-                    init_distributed, load_tokenizer, print0, process_in_chunks, read_jsonl, right_pad, save_checkpoint,
-                    seed_everything, stop_token_ids, write_jsonl, wrap_model)
+import generate
+from common import (InputError, MetricsLogger, StepSums, already_trained, atomic_write_text, autocast, batch_schedule,
+                    check_settings, cosine_lr, default_dtype, destroy_distributed, encode_prompt, encode_response,
+                    end_of_turn_ids, gradient_sync, init_distributed, load_tokenizer, make_optimizer, optimizer_step,
+                    print0, process_in_chunks, rank_micro_batches, read_jsonl, right_pad, run_cli, save_checkpoint,
+                    seed_everything, set_lr, stop_token_ids, write_jsonl, wrap_model)
 from data.schema import load_records
-from model import Transformer
+from model import ModelConfig, Transformer
 
 # ----------------------------------------------------------------------------------------------
 # The math: sequence log-probs and the preference losses.
 
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-                    loss_type="dpo", target=None):
-    """Per-pair losses (B,). Log-probs are summed over response tokens (for IPO, pass length-
-    normalised ones: dpo.py divides by the token count, as TRL does). `target` is the soft label
-    p = P(chosen ≻ rejected) for SPCE (a tensor (B,) or a float); DPO is SPCE with p = 1."""
+                    loss_type="dpo", target=None, chosen_tokens=None, rejected_tokens=None):
+    """Per-pair losses (B,) from summed response log-probs (B,). `target` is the soft label
+    p = P(chosen ≻ rejected) for SPCE (a tensor (B,) or a float); DPO is SPCE with p = 1.
+    IPO with `chosen_tokens` / `rejected_tokens` (B,) given: each of the four log-probs is first
+    divided by its response's token count (TRL's convention: IPO on per-token mean log-probs, so
+    the target margin 1/(2β) does not depend on response length). DPO and SPCE ignore the counts."""
+    if loss_type == "ipo" and chosen_tokens is not None:
+        policy_chosen_logps, ref_chosen_logps = policy_chosen_logps / chosen_tokens, ref_chosen_logps / chosen_tokens
+        policy_rejected_logps, ref_rejected_logps = policy_rejected_logps / rejected_tokens, ref_rejected_logps / rejected_tokens
     # h > 0 when the policy raised the chosen response's likelihood, relative to the reference,
     # more than the rejected one's. β h is the difference of DPO's implicit rewards.
     h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-    if loss_type == "dpo":
+    if loss_type == "dpo":  # Rafailov et al. 2023, eq. 7
         return -F.logsigmoid(beta * h)
-    if loss_type == "spce":
+    if loss_type == "spce":  # paper 2, eq. (9)
         # Cross-entropy between the target strength p and the implicit strength σ(βh). Its gradient
         # in h is β(σ(βh) − p): zero exactly when the implicit strength equals the target.
         p = torch.as_tensor(1.0 if target is None else target, dtype=h.dtype, device=h.device)
         return -(p * F.logsigmoid(beta * h) + (1 - p) * F.logsigmoid(-beta * h))
-    if loss_type == "ipo":
+    if loss_type == "ipo":  # Azar et al. 2023, eq. 17
         # A squared loss that pulls h to 1/(2β) instead of pushing it to infinity.
         return (h - 1 / (2 * beta)) ** 2
     raise ValueError(f"unknown loss_type {loss_type!r} (dpo, ipo, spce)")
@@ -79,7 +118,7 @@ def sequence_logps(model, prompts, responses, pad_id, device):
     prompts/responses: token-id lists; only response tokens are scored (prompt and padding are
     masked with -100), through the fused LM-head log-prob kernel (model.forward with targets)."""
     sequences = [p + r for p, r in zip(prompts, responses)]
-    input_ids, lengths = right_pad(sequences, pad_id, device)
+    input_ids, _ = right_pad(sequences, pad_id, device)                   # (B, T)
     targets = torch.full_like(input_ids, -100)
     for row, (p, r) in enumerate(zip(prompts, responses)):
         # position t predicts token t+1: response token j (at position len(p)+j) is the target at len(p)+j−1
@@ -114,30 +153,24 @@ def tokenize_pairs(tokenizer, pairs, max_length):
     return kept, examples
 
 
-def micro_batches_for_rank(indices, rank, world_size, micro_batch_size):
-    """This rank's share of `indices`, cut into micro-batches; every rank gets the same number of
-    micro-batches (FSDP's collectives need it), the short ones padded with -1 (weight 0)."""
-    per_rank = math.ceil(len(indices) / (world_size * micro_batch_size)) * micro_batch_size
-    padded = indices + [-1] * (per_rank * world_size - len(indices))
-    mine = padded[rank * per_rank:(rank + 1) * per_rank]
-    return [mine[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
-
-
 @torch.no_grad()
 def reference_logps(model, examples, pad_id, dist_info, micro_batch_size):
     """log π_0 of every pair's chosen and rejected response, list of (chosen, rejected) floats in
     pair order, identical on every rank. Runs through the same (wrapped) model and dtype path as the
-    policy's forward, so at step 0 of iteration 1 the policy's h is exactly 0."""
+    policy's forward, so at step 0 of iteration 1 the policy's h is exactly 0. The results stay on
+    the device until the pass ends (one host read)."""
     model.eval()
-    results = {}
-    batches = micro_batches_for_rank(list(range(len(examples))), dist_info.rank, dist_info.world_size, micro_batch_size)
+    device = dist_info.device
+    batches = rank_micro_batches(range(len(examples)), dist_info.rank, dist_info.world_size, micro_batch_size)
+    chosen, rejected = [], []
     for batch in tqdm(batches, desc="reference log-probs", disable=not dist_info.is_main):
-        rows = [examples[i] if i >= 0 else examples[0] for i in batch]
-        logps, _ = sequence_logps(model, [e[0] for e in rows] * 2, [e[1] for e in rows] + [e[2] for e in rows],
-                                  pad_id, dist_info.device)
-        for j, i in enumerate(batch):
-            if i >= 0:
-                results[i] = (logps[j].item(), logps[len(rows) + j].item())
+        rows = [examples[max(i, 0)] for i in batch]  # padding (-1) re-uses example 0; its result is dropped
+        with autocast(model, device):
+            logps, _ = sequence_logps(model, [e[0] for e in rows] * 2, [e[1] for e in rows] + [e[2] for e in rows], pad_id, device)
+        chosen.append(logps[:len(rows)].float())
+        rejected.append(logps[len(rows):].float())
+    values = torch.stack([torch.cat(chosen), torch.cat(rejected)], 1).tolist() if batches else []  # (my pairs, 2)
+    results = {i: tuple(v) for i, v in zip((i for batch in batches for i in batch), values) if i >= 0}
     if dist.is_initialized():
         gathered = [None] * dist_info.world_size
         dist.all_gather_object(gathered, results)
@@ -162,13 +195,12 @@ def ensure_reference_logps(args, dist_info, examples, path):
     if Path(path).exists():
         ref = [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in read_jsonl(path)]
         if len(ref) != len(examples):
-            raise ValueError(f"{path} has {len(ref)} records for {len(examples)} pairs; delete it to recompute")
+            raise InputError(f"{path} has {len(ref)} records for {len(examples)} pairs; delete it to recompute")
         return ref
     device = dist_info.device
     tokenizer = load_tokenizer(args.reference)
     reference = load_for_training(args.reference, args, device)
-    with torch.autocast(device.type, dtype=default_dtype(device), enabled=autocast_needed(args, device)):
-        ref = reference_logps(reference, examples, tokenizer.pad_token_id, dist_info, args.micro_batch_size)
+    ref = reference_logps(reference, examples, tokenizer.pad_token_id, dist_info, args.micro_batch_size)
     if dist_info.is_main:
         write_jsonl(path, [{"ref_chosen_logp": c, "ref_rejected_logp": r} for c, r in ref])
     if dist.is_initialized():
@@ -179,90 +211,77 @@ def ensure_reference_logps(args, dist_info, examples, path):
     return ref
 
 
-def autocast_needed(args, device):
-    """bf16 autocast on GPU unless FSDP's mixed-precision policy already computes in bf16."""
-    return default_dtype(device) != torch.float32 and not (args.parallel == "fsdp" and dist.is_initialized())
-
-
 def train(args, dist_info, start_model, pairs, examples, ref, out_dir):
     """Preference optimisation of `start_model` on tokenized `examples` (from tokenize_pairs) with
     reference log-probs `ref`; saves an HF checkpoint (+ metrics.jsonl) to out_dir."""
-    device = dist_info.device
-    compute_dtype = default_dtype(device)
+    device, world_size = dist_info.device, dist_info.world_size
     tokenizer = load_tokenizer(start_model)
-    targets = [float(p.get("p", 1.0)) for p in pairs]
-    if args.label_smoothing:  # cDPO: the label is right with probability 1 − ε
+    # Soft labels: SPCE reads each pair's p (default 1); DPO's labels are hard (p = 1). cDPO: the
+    # label is right with probability 1 − ε, i.e. SPCE with target p(1 − ε) + (1 − p)ε.
+    targets = [float(pair.get("p", 1.0)) if args.loss == "spce" else 1.0 for pair in pairs]
+    if args.label_smoothing:
         targets = [t * (1 - args.label_smoothing) + (1 - t) * args.label_smoothing for t in targets]
-    autocast_enabled = autocast_needed(args, device)
+    loss_type = "spce" if args.label_smoothing else args.loss
+    ref_table = torch.tensor(ref, dtype=torch.float32)             # (N, 2): log π_0 of chosen, rejected
+    target_table = torch.tensor(targets, dtype=torch.float32)      # (N,)
+
+    schedule = batch_schedule(len(examples), args.batch_size, args.epochs, args.seed, args.max_steps)
+    total_steps = len(schedule)
+    print0(f"{len(examples)} pairs, {total_steps} steps of {args.batch_size} pairs, loss {loss_type}, β {args.beta}"
+           + (f", cDPO ε {args.label_smoothing}" if args.label_smoothing else "") + (f", RPO α {args.nll_coef}" if args.nll_coef else ""))
     model = load_for_training(start_model, args, device)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    rng = torch.Generator().manual_seed(args.seed)
-    schedule = []
-    for _ in range(math.ceil(args.epochs)):
-        permutation = torch.randperm(len(examples), generator=rng).tolist()
-        schedule += [permutation[i:i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
-    total_steps = math.ceil(args.epochs * math.ceil(len(examples) / args.batch_size))
-    if args.max_steps > 0:
-        total_steps = min(total_steps, args.max_steps)
-    print0(f"{len(examples)} pairs, {total_steps} steps of {args.batch_size} pairs, loss {args.loss}, β {args.beta}")
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
     metrics = MetricsLogger(Path(out_dir) / "metrics.jsonl", enabled=dist_info.is_main)
 
-    for step in tqdm(range(total_steps), desc=f"{args.loss} training", disable=not dist_info.is_main):
+    # One host read per step: the metrics stay on the device (StepSums) until reduce().
+    model.train()
+    for step, batch in enumerate(tqdm(schedule, desc=f"{loss_type} training", disable=not dist_info.is_main)):
         t0 = time.time()
-        global_pairs = len(schedule[step])
         lr = cosine_lr(step, total_steps, args.lr, args.warmup_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        sums = dict(loss=0.0, chosen_reward=0.0, rejected_reward=0.0, accuracy=0.0, kl=0.0, tokens=0.0)
-        batches = micro_batches_for_rank(schedule[step], dist_info.rank, dist_info.world_size, args.micro_batch_size)
-        for m, batch in enumerate(batches):
-            rows = [examples[i] if i >= 0 else examples[0] for i in batch]
-            weight = torch.tensor([float(i >= 0) for i in batch], device=device)
-            ref_chosen = torch.tensor([ref[max(i, 0)][0] for i in batch], device=device)
-            ref_rejected = torch.tensor([ref[max(i, 0)][1] for i in batch], device=device)
-            target = torch.tensor([targets[max(i, 0)] for i in batch], device=device)
-            with gradient_sync(model, sync=m == len(batches) - 1), \
-                    torch.autocast(device.type, dtype=compute_dtype, enabled=autocast_enabled):
-                # chosen and rejected in one forward: (2B, T)
-                logps, num_tokens = sequence_logps(model, [e[0] for e in rows] * 2, [e[1] for e in rows] + [e[2] for e in rows],
-                                                   tokenizer.pad_token_id, device)
-                chosen, rejected = logps[:len(rows)], logps[len(rows):]
-                chosen_tokens, rejected_tokens = num_tokens[:len(rows)], num_tokens[len(rows):]
-                if args.loss == "ipo":  # IPO on per-token average log-probs (TRL's convention)
-                    per_pair = preference_loss(chosen / chosen_tokens, rejected / rejected_tokens, ref_chosen / chosen_tokens,
-                                               ref_rejected / rejected_tokens, args.beta, "ipo")
-                else:
-                    per_pair = preference_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss, target)
-                if args.nll_coef:  # RPO: keep the chosen response likely (per-token NLL)
+        set_lr(optimizer, lr)
+        global_pairs = len(batch)
+        sums = StepSums()
+        micro_batches = rank_micro_batches(batch, dist_info.rank, world_size, args.micro_batch_size)
+        for m, micro in enumerate(micro_batches):
+            index = [max(i, 0) for i in micro]  # padding slots (-1) re-use example 0 with weight 0
+            weight = torch.tensor([float(i >= 0) for i in micro], device=device)              # (b,)
+            ref_chosen, ref_rejected = ref_table[index].to(device).unbind(1)                  # (b,) each
+            target = target_table[index].to(device)                                           # (b,)
+            prompts = [examples[i][0] for i in index]
+            responses = [examples[i][1] for i in index] + [examples[i][2] for i in index]
+            with gradient_sync(model, sync=m == len(micro_batches) - 1):
+                with autocast(model, device):
+                    # chosen and rejected in one forward: (2b, T)
+                    logps, num_tokens = sequence_logps(model, prompts * 2, responses, tokenizer.pad_token_id, device)
+                chosen, rejected = logps.float().split(len(index))                           # (b,) each
+                chosen_tokens, rejected_tokens = num_tokens.split(len(index))
+                per_pair = preference_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, loss_type, target,
+                                           chosen_tokens, rejected_tokens)
+                if args.nll_coef:  # RPO: keep the chosen response likely (its per-token NLL)
                     per_pair = per_pair - args.nll_coef * chosen / chosen_tokens
                 # Mean over the global batch's pairs (× world size: gradients are averaged over ranks).
-                loss = (per_pair * weight).sum() / global_pairs * dist_info.world_size
+                loss = (per_pair * weight).sum() / global_pairs * world_size
                 loss.backward()
             with torch.no_grad():
-                chosen_reward = args.beta * (chosen - ref_chosen)
-                rejected_reward = args.beta * (rejected - ref_rejected)
-                sums["loss"] += loss.item() / dist_info.world_size
-                sums["chosen_reward"] += (chosen_reward * weight).sum().item()
-                sums["rejected_reward"] += (rejected_reward * weight).sum().item()
-                sums["accuracy"] += ((chosen_reward > rejected_reward).float() * weight).sum().item()
-                # k1 estimate of KL(π‖π_0) on the training responses (exact in expectation only when they are on-policy)
-                sums["kl"] += (((chosen - ref_chosen) + (rejected - ref_rejected)) / 2 * weight).sum().item()
-                sums["tokens"] += ((chosen_tokens + rejected_tokens) * weight).sum().item()
-        grad_norm = clip_grad_norm(model, args.grad_clip if args.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        totals = {k: all_reduce_sum(v, device) for k, v in sums.items()}
+                chosen_reward, rejected_reward = args.beta * (chosen - ref_chosen), args.beta * (rejected - ref_rejected)
+                # kl: the k1 estimate of KL(π‖π_0) on the training responses (exact in expectation
+                # only when they are on-policy)
+                sums.add(loss=per_pair * weight, chosen_reward=chosen_reward * weight, rejected_reward=rejected_reward * weight,
+                         accuracy=(chosen_reward > rejected_reward) * weight,
+                         kl=((chosen - ref_chosen) + (rejected - ref_rejected)) / 2 * weight,
+                         tokens=(chosen_tokens + rejected_tokens) * weight)
+        grad_norm = optimizer_step(model, optimizer, args.grad_clip)
+        totals = sums.reduce(device, grad_norm=grad_norm)  # the step's only host sync
         dt = time.time() - t0
-        line = dict(step=step + 1, loss=totals["loss"], rewards_chosen=totals["chosen_reward"] / global_pairs,
-                    rewards_rejected=totals["rejected_reward"] / global_pairs, reward_accuracy=totals["accuracy"] / global_pairs,
-                    reward_margin=(totals["chosen_reward"] - totals["rejected_reward"]) / global_pairs,
-                    kl=totals["kl"] / global_pairs, grad_norm=grad_norm, lr=lr, tokens_per_s=totals["tokens"] / dt, ms=dt * 1000)
+        mean = {k: totals[k] / global_pairs for k in ("loss", "chosen_reward", "rejected_reward", "accuracy", "kl")}
+        line = dict(step=step + 1, loss=mean["loss"], rewards_chosen=mean["chosen_reward"], rewards_rejected=mean["rejected_reward"],
+                    reward_accuracy=mean["accuracy"], reward_margin=mean["chosen_reward"] - mean["rejected_reward"],
+                    kl=mean["kl"], grad_norm=totals["grad_norm"], lr=lr, tokens_per_s=totals["tokens"] / dt, ms=dt * 1000)
         metrics.log(**line)
         if dist_info.is_main and (step % args.log_every == 0 or step == total_steps - 1):
             tqdm.write(f"step {step + 1}/{total_steps} | loss {line['loss']:.4f} | chosen {line['rewards_chosen']:+.4f} | "
                        f"rejected {line['rewards_rejected']:+.4f} | acc {line['reward_accuracy']:.3f} | kl {line['kl']:+.3f} | "
-                       f"grad {grad_norm:.3f} | lr {lr:.2e} | {line['tokens_per_s']:,.0f} tok/s")
+                       f"grad {line['grad_norm']:.3f} | lr {lr:.2e} | {line['tokens_per_s']:,.0f} tok/s")
     metrics.close()
     save_checkpoint(model, out_dir, tokenizer, source_dir=start_model)
     del model, optimizer
@@ -296,42 +315,73 @@ def select_pairs(records, length_penalty=0.0, reward_tolerance=0.0, source=None)
     return pairs, dropped
 
 
-RUN_SETTINGS = ("sft", "rm", "prompts", "iterations", "n", "temperature", "top_p", "top_k", "max_new_tokens", "length_penalty",
-                "reward_tolerance", "history", "loss", "beta", "lr", "epochs", "batch_size", "max_length", "seed")
+def has_model(path):
+    """A checkpoint folder Transformer.from_pretrained can load (single-file or sharded weights)."""
+    path = Path(path)
+    return (path / "config.json").exists() and any((path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json"))
 
 
-def run_iteration(args, dist_info):
-    run = Path(args.run_dir)
-    config_path = run / "config.json"
-    if config_path.exists():  # settings written by the first call; flags given now override them
-        saved = json.loads(config_path.read_text())
-        for key in RUN_SETTINGS:
-            if key not in args.given and key in saved:
-                setattr(args, key, saved[key])
-    if not (args.sft and args.rm and args.prompts):
-        raise SystemExit("the first iteration of a run needs --sft, --rm and --prompts")
-    if dist_info.is_main:
-        atomic_write_text(config_path, json.dumps({k: getattr(args, k) for k in RUN_SETTINGS}, indent=2) + "\n")
-    t = args.iter
+def require_model(path, what):
+    """Stop with one line naming `path` unless it holds a model."""
+    if not Path(path).is_dir():
+        raise InputError(f"{what} {path}: no such model folder")
+    if not has_model(path):
+        raise InputError(f"{what} {path}: holds no model (expected config.json and model.safetensors)")
+
+
+def start_iteration(args, sources, dist_info):
+    """Check everything iteration t reads before anything is written: the models, and the prompts
+    when there is sampling to do. Then record its settings (iter{t}/settings.json; a rerun or resume
+    that differs from the record stops) and, when it is the run's latest iteration, make them the
+    next iteration's defaults (config.json). Returns (iteration folder, π_{t−1} folder, chunk t's
+    prompts records and token ids, or None when its samples are done)."""
+    run, t = Path(args.run_dir), args.iter
     here = run / f"iter{t}"
+    def read_back(name):  # " (from config.json)" when the value was read back, not given now
+        return "" if sources[name] == "command line" else f" (from {sources[name]})"
+    require_model(args.sft, f"--sft{read_back('sft')}")
+    if args.rm != "gold":
+        require_model(args.rm, f"--rm{read_back('rm')}")
     previous_policy = Path(args.sft) if t == 1 else run / f"iter{t - 1}" / "policy"
-    if not (previous_policy / "model.safetensors").exists():
-        raise SystemExit(f"{previous_policy} has no model: run iteration {t - 1} first")
+    if t > 1 and not has_model(previous_policy):
+        raise InputError(f"{previous_policy} holds no model: run iteration {t - 1} first "
+                         f"(python dpo.py --iter {t - 1} --run-dir {run})")
+    print_settings(args, sources, RUN_SETTINGS, f"iter {t} settings (from the command line, {run}/config.json, "
+                                                 f"{here.name}/settings.json or the default):")
+    prompts = None
+    if not (here / "samples.jsonl").exists():
+        records, path = prompt_chunk(args, t)
+        # Every prompt must leave room for --max-new-tokens in the model's context (generate.py says which does not).
+        context = ModelConfig.from_dict(json.loads((previous_policy / "config.json").read_text())).max_position_embeddings
+        prompts = (records, generate.encode_prompts(load_tokenizer(previous_policy), records, args.max_new_tokens, context, path))
+    if dist.is_initialized():
+        dist.barrier()  # every rank has read config.json and the record before rank 0 writes them
+    check_settings(here / "settings.json", {k: getattr(args, k) for k in RESULT_SETTINGS}, start_over=here)
+    started = [int(m.group(1)) for p in run.glob("iter*/settings.json") if (m := re.fullmatch(r"iter(\d+)", p.parent.name))]
+    if dist_info.is_main and t >= max(started, default=t):
+        atomic_write_text(run / "config.json", json.dumps({k: getattr(args, k) for k in RUN_SETTINGS}, indent=2) + "\n")
+    return here, previous_policy, prompts
+
+
+def run_iteration(args, sources, dist_info):
+    """Online iteration t, top to bottom: sample → score → pair → reference log-probs → train. Each
+    sub-step is skipped when its output is complete, so a rerun continues where a crash stopped."""
+    run, t = Path(args.run_dir), args.iter
+    here, previous_policy, prompts = start_iteration(args, sources, dist_info)
     args.reference = args.sft
     device = dist_info.device
 
     # 1. Samples from π_{t−1}.
-    if not (here / "samples.jsonl").exists():
-        import generate
-        prompts = prompt_chunk(args, t)
+    if prompts is not None:
+        records, prompt_ids = prompts
         tokenizer = load_tokenizer(previous_policy)
         policy = Transformer.from_pretrained(previous_policy, device=device, dtype=default_dtype(device)).eval()
-        longest = max(len(encode_prompt(tokenizer, r["messages"])) for r in prompts)
-        engine = generate.Engine(policy, args.gen_batch_size, longest + args.max_new_tokens, stop_token_ids(tokenizer))
-        settings = SimpleNamespace(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                   top_p=args.top_p, min_p=0.0, seed=args.seed * 1000 + t, logprobs=False)
-        process_in_chunks(prompts, here / "samples.jsonl", lambda chunk: generate.generate_records(engine, tokenizer, chunk, settings),
-                          dist_info, chunk_size=args.chunk_size, desc=f"iter {t}: sampling")
+        engine = generate.Engine(policy, args.gen_batch_size, max(map(len, prompt_ids)) + args.max_new_tokens, stop_token_ids(tokenizer))
+        sampling = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed * 1000 + t)
+        process_in_chunks(records, here / "samples.jsonl", lambda chunk: generate.generate_records(engine, tokenizer, chunk, **sampling),
+                          dist_info, chunk_size=args.chunk_size, desc=f"iter {t}: sampling",
+                          settings={"policy": str(previous_policy), **sampling})
         del policy, engine
     # 2. Rewards: the reward model's, or (--rm gold, the built-in task's control) the gold reward r*.
     if not (here / "rewards.jsonl").exists():
@@ -343,8 +393,10 @@ def run_iteration(args, dist_info):
             import train_rm
             rm = Transformer.from_pretrained(args.rm, device=device, dtype=default_dtype(device), head="score").eval()
             rm_tokenizer = load_tokenizer(args.rm)
-            scorer = lambda chunk: train_rm.score_records(rm, rm_tokenizer, chunk, device, args.micro_batch_size * 4, args.max_length)  # noqa: E731
-        process_in_chunks(samples, here / "rewards.jsonl", scorer, dist_info, chunk_size=args.chunk_size, desc=f"iter {t}: scoring")
+            scorer = lambda chunk: train_rm.score_records(rm, rm_tokenizer, chunk, device, args.micro_batch_size * 4,  # noqa: E731
+                                                          args.max_length)
+        process_in_chunks(samples, here / "rewards.jsonl", scorer, dist_info, chunk_size=args.chunk_size, desc=f"iter {t}: scoring",
+                          settings=dict(rm=args.rm, max_length=args.max_length))
         scorer = rm = None  # free the reward model before training
     # 3. Pairs (cheap and deterministic: rank 0 writes, the others wait).
     if not (here / "pairs.jsonl").exists():
@@ -353,9 +405,10 @@ def run_iteration(args, dist_info):
         all_rewards = [r for rec in rewards for r in rec["rewards"]]
         summary = dict(iteration=t, prompts=len(rewards), samples=len(all_rewards),
                        mean_reward=sum(all_rewards) / len(all_rewards),
-                       mean_length_chars=sum(len(x) for rec in rewards for x in rec["responses"]) / len(all_rewards),
-                       mean_tokens=sum(n for rec in rewards for n in rec["num_tokens"]) / len(all_rewards),
-                       pairs_kept=len(pairs), pairs_dropped=dropped)
+                       mean_length_chars=sum(len(x) for rec in rewards for x in rec["responses"]) / len(all_rewards))
+        if all("num_tokens" in rec for rec in rewards):  # optional: samples from other generators may lack it
+            summary["mean_tokens"] = sum(n for rec in rewards for n in rec["num_tokens"]) / len(all_rewards)
+        summary.update(pairs_kept=len(pairs), pairs_dropped=dropped)
         if dist_info.is_main:
             atomic_write_text(here / "summary.json", json.dumps(summary, indent=2) + "\n")
             write_jsonl(here / "pairs.jsonl", pairs)
@@ -364,38 +417,66 @@ def run_iteration(args, dist_info):
         if dist.is_initialized():
             dist.barrier()
     # 4 + 5. Reference log-probs (once per iteration's pairs: π_0 never changes) and the policy update.
-    if not (here / "policy" / "model.safetensors").exists():
+    if not has_model(here / "policy"):
         tokenizer = load_tokenizer(args.sft)
         pairs, examples, ref = [], [], []
-        for i in (range(1, t + 1) if args.history == "all" else [t]):
-            kept, iteration_examples = tokenize_pairs(tokenizer, load_records(run / f"iter{i}" / "pairs.jsonl", "pairs"), args.max_length)
-            ref += ensure_reference_logps(args, dist_info, iteration_examples, run / f"iter{i}" / "ref_logps.jsonl")
+        pairs_files = [run / f"iter{i}" / "pairs.jsonl" for i in (range(1, t + 1) if args.history == "all" else [t])]
+        for path in pairs_files:
+            iteration_pairs = load_records(path, "pairs") if path.stat().st_size else []  # empty: every prompt was dropped
+            kept, iteration_examples = tokenize_pairs(tokenizer, iteration_pairs, args.max_length)
+            if iteration_examples:
+                ref += ensure_reference_logps(args, dist_info, iteration_examples, path.with_name("ref_logps.jsonl"))
             pairs += kept
             examples += iteration_examples
+        if not examples:
+            raise InputError(f"no pairs to train on in {', '.join(map(str, pairs_files))}: every prompt's best and worst "
+                             f"responses were the same text or tied (see {here / 'summary.json'}); delete {here} and rerun "
+                             "with a larger --n or --temperature, or a smaller --reward-tolerance")
         train(args, dist_info, previous_policy, pairs, examples, ref, here / "policy")
     print0(f"iteration {t} complete: {here}")
 
 
 def prompt_chunk(args, t):
-    """Chunk t of the prompts: a file per iteration ('{t}' in --prompts), or the t-th of
-    --iterations equal slices of one file."""
+    """Chunk t of the prompts, and the file it comes from: a file per iteration ('{t}' in --prompts),
+    or the t-th of --iterations equal slices of one file."""
     if "{t}" in args.prompts:
-        return load_records(args.prompts.format(t=t), "prompts")
+        path = args.prompts.format(t=t)
+        return load_records(path, "prompts"), path
     prompts = load_records(args.prompts, "prompts")
     size = math.ceil(len(prompts) / args.iterations)
-    return prompts[(t - 1) * size:t * size]
+    chunk = prompts[(t - 1) * size:t * size]
+    if not chunk:
+        raise InputError(f"{args.prompts}: its {len(prompts)} prompts cut into --iterations {args.iterations} slices "
+                         f"leave none for iteration {t}")
+    return chunk, args.prompts
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line
+# Command line and the run's settings
+
+# Settings that decide what an online iteration produces: recorded in iter{t}/settings.json (a rerun
+# or resume with other values stops) and saved in config.json as the next iteration's defaults.
+INPUT_SETTINGS = ("sft", "rm", "prompts", "iterations")
+SAMPLING_SETTINGS = ("n", "temperature", "top_p", "top_k", "max_new_tokens")  # + seed (the samples' seeds derive from it)
+PAIRING_SETTINGS = ("length_penalty", "reward_tolerance", "history")
+TRAINING_SETTINGS = ("loss", "beta", "label_smoothing", "nll_coef", "lr", "epochs", "batch_size", "max_length", "max_steps",
+                     "warmup_ratio", "weight_decay", "grad_clip", "seed")
+RESULT_SETTINGS = INPUT_SETTINGS + SAMPLING_SETTINGS + PAIRING_SETTINGS + TRAINING_SETTINGS
+# Throughput settings: the same result whatever their value, up to floating-point summation order.
+# Saved in config.json (a batch size that fits the memory should carry over), free on a resume.
+THROUGHPUT_SETTINGS = ("micro_batch_size", "gen_batch_size", "chunk_size")
+RUN_SETTINGS = RESULT_SETTINGS + THROUGHPUT_SETTINGS
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     offline = parser.add_argument_group("offline")
     offline.add_argument("--pairs", help="preference pairs JSONL (offline mode)")
     offline.add_argument("--model", help="starting policy = reference (offline mode; the SFT model)")
     offline.add_argument("--out", help="output folder (offline mode)")
+    offline.add_argument("--overwrite", action="store_true", help="offline: train again even if --out holds a model "
+                                                                  "(online: delete an iteration's folder to redo it)")
     online = parser.add_argument_group("online")
     online.add_argument("--iter", type=int, help="run online iteration t (1-based)")
     online.add_argument("--run-dir", "--run", dest="run_dir", help="the run's folder (iter{t}/ sub-folders, config.json)")
@@ -411,13 +492,14 @@ def main():
     online.add_argument("--max-new-tokens", type=int, default=2048, help="response length cap")
     online.add_argument("--length-penalty", type=float, default=0.0, help="λ in r − λ·characters (paper 1's concise run: 0.001)")
     online.add_argument("--reward-tolerance", type=float, default=0.0, help="drop a prompt when best − worst reward ≤ this")
-    online.add_argument("--history", choices=["all", "last"], default="all", help="train on all pairs so far (paper) or the newest only (authors' code)")
+    online.add_argument("--history", choices=["all", "last"], default="all",
+                        help="train on all pairs so far (paper) or the newest only (authors' code)")
     online.add_argument("--gen-batch-size", type=int, default=64, help="decode slots per rank when sampling")
     online.add_argument("--chunk-size", type=int, default=256, help="prompts per resumable sampling/scoring chunk")
     training = parser.add_argument_group("training")
     training.add_argument("--loss", choices=["dpo", "ipo", "spce"], default="dpo", help="preference loss")
     training.add_argument("--beta", type=float, default=0.1, help="β (paper 1: 0.1)")
-    training.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO ε: the label is wrong with probability ε")
+    training.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO ε: the label is wrong with probability ε (dpo/spce)")
     training.add_argument("--nll-coef", type=float, default=0.0, help="weight of the chosen response's per-token NLL (RPO)")
     training.add_argument("--lr", type=float, default=5e-7, help="peak learning rate (paper 1: 5e-7)")
     training.add_argument("--epochs", type=float, default=2.0, help="passes over the pairs (paper 1: 2)")
@@ -432,27 +514,107 @@ def main():
     training.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     training.add_argument("--seed", type=int, default=0, help="global seed (data order; sampling seeds derive from it and t)")
     training.add_argument("--log-every", type=int, default=10, help="print a step line every N steps")
-    args = parser.parse_args()
-    args.given = {a.dest for a in parser._actions if any(s in sys.argv for s in a.option_strings)}
+    return parser
 
+
+def given_on_command_line(argv):
+    """The settings argv spells out, in any spelling argparse accepts (--lr=0.5, --lr 0.5, an alias):
+    argv parsed again by a copy of the parser whose defaults are all SUPPRESS, so only options that
+    were given appear in the result."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def resolve_settings(argv=None):
+    """Parse argv for an offline run or online iteration t. Returns (args, sources): sources[name] is
+    where each setting came from, "command line", "iter{t}/settings.json" (the iteration's own record,
+    on a rerun or resume), "config.json" (the run's, written by the latest iteration) or "default"."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    where = parser.parse_args(argv)  # first pass: which run and iteration (and any flag error, at once)
+    sources = {action.dest: "default" for action in parser._actions}
+    if where.iter is not None and where.run_dir is not None:
+        # The run's saved settings become the parser's defaults: the command line still wins, in any spelling.
+        run = Path(where.run_dir)
+        saved = {}
+        for path in (run / "config.json", run / f"iter{where.iter}" / "settings.json"):  # later files win
+            if path.exists():
+                try:
+                    values = json.loads(path.read_text())
+                except json.JSONDecodeError as error:
+                    raise InputError(f"{path}: not valid JSON ({error.msg}); fix or delete it") from None
+                for name in RUN_SETTINGS:
+                    if name in values:
+                        saved[name], sources[name] = values[name], str(path.relative_to(run))
+        parser.set_defaults(**saved)
+    args = parser.parse_args(argv)
+    for name in given_on_command_line(argv):
+        sources[name] = "command line"
+
+    if args.iter is not None:
+        if args.run_dir is None:
+            parser.error("--iter needs --run-dir")
+        if args.iter < 1:
+            parser.error(f"--iter {args.iter}: iterations count from 1")
+        if args.overwrite:
+            parser.error("--overwrite is for offline mode; to redo an online iteration delete its folder")
+        if not (args.sft and args.rm and args.prompts):
+            parser.error(f"online mode needs --sft, --rm and --prompts: give them at iteration 1 (later iterations read "
+                         f"them from {Path(args.run_dir) / 'config.json'})")
+    elif not (args.pairs and args.model and args.out):
+        parser.error("offline mode needs --pairs, --model and --out (or --iter and --run-dir for online mode)")
+    if args.iter is not None and args.n > args.gen_batch_size:
+        parser.error(f"--n {args.n} samples per prompt need --gen-batch-size {args.n} or more (it is {args.gen_batch_size})")
+    if args.label_smoothing and args.loss == "ipo":
+        parser.error("--label-smoothing (cDPO) applies to --loss dpo or spce, not ipo")
+    return args, sources
+
+
+def print_settings(args, sources, names, title):
+    """One line per setting: name, value, where it came from."""
+    values = {name: str(getattr(args, name)) for name in names}
+    name_width, value_width = max(map(len, names)), min(40, max(map(len, values.values())))
+    print0("\n".join([title] + [f"  {name:<{name_width}}  {values[name]:<{value_width}}  {sources[name]}" for name in names]))
+
+
+def run_offline(args, sources, dist_info):
+    """DPO of --model on the --pairs file, with --model as the reference too; the result in --out."""
+    require_model(args.model, "--model")
+    if already_trained(args.out, args.overwrite):
+        return
+    print_settings(args, sources, ("pairs", "model") + TRAINING_SETTINGS + ("micro_batch_size",),
+                   f"offline {args.loss} settings (from the command line or the default):")
+    out = Path(args.out)
+    pairs = load_records(args.pairs, "pairs")
+    kept, examples = tokenize_pairs(load_tokenizer(args.model), pairs, args.max_length)
+    if not examples:
+        raise InputError(f"{args.pairs}: no pairs to train on ({len(pairs)} read"
+                         + (f", all dropped because their prompt alone fills --max-length {args.max_length}" if pairs else "")
+                         + ")")
+    if args.overwrite and dist_info.is_main:  # start over: the old record and reference log-probs go too
+        for name in ("settings.json", "ref_logps.jsonl"):
+            (out / name).unlink(missing_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+    # ref_logps.jsonl survives a crash for the rerun to reuse, so it is recorded with its settings
+    check_settings(out / "settings.json", {k: getattr(args, k) for k in ("pairs", "model") + TRAINING_SETTINGS}, start_over=out)
+    args.reference = args.model
+    ref = ensure_reference_logps(args, dist_info, examples, out / "ref_logps.jsonl")
+    train(args, dist_info, args.model, kept, examples, ref, out)
+
+
+def main(argv=None):
+    args, sources = resolve_settings(argv)
     dist_info = init_distributed(args.device)
     seed_everything(args.seed)
     if args.iter is not None:
-        if not args.run_dir:
-            parser.error("--iter needs --run-dir")
-        run_iteration(args, dist_info)
+        run_iteration(args, sources, dist_info)
     else:
-        if not (args.pairs and args.model and args.out):
-            parser.error("offline mode needs --pairs, --model and --out (or --iter and --run-dir for online mode)")
-        if (Path(args.out) / "model.safetensors").exists():
-            print0(f"{args.out} already holds a model; skipping")
-        else:
-            args.reference = args.model
-            pairs, examples = tokenize_pairs(load_tokenizer(args.model), load_records(args.pairs, "pairs"), args.max_length)
-            ref = ensure_reference_logps(args, dist_info, examples, Path(args.out) / "ref_logps.jsonl")
-            train(args, dist_info, args.model, pairs, examples, ref, args.out)
+        run_offline(args, sources, dist_info)
     destroy_distributed()
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

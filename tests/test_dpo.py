@@ -1,25 +1,37 @@
-"""Tests of dpo.py."""
+"""Tests of dpo.py: the losses by hand and against TRL's formulas, the settings of a run (every
+flag spelling, what carries over to the next iteration, what a resume may not change), the user
+errors, and offline and online runs end to end."""
+import contextlib
+import io
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import dpo
-from common import load_tokenizer, read_jsonl, write_jsonl
+from common import encode_response, init_distributed, load_tokenizer, process_in_chunks, read_jsonl, run_cli, write_jsonl
 from data.task import score
 from model import Transformer
-from tests.helpers import builtin_model_dir, run_script, tiny_config, write_pairs
+from tests.helpers import ROOT, builtin_model_dir, run_script, tiny_config, write_pairs
 
 
 def trl_sigmoid_loss(pc, pr, rc, rr, beta, label_smoothing=0.0):
-    """TRL's documented DPOTrainer "sigmoid" loss (with cDPO label smoothing), written out here."""
+    """The DPO "sigmoid" loss with label smoothing ε as TRL's DPOTrainer documented it before 1.x:
+    −(1 − ε) log σ(βh) − ε log σ(−βh), Mitchell's cDPO ("A note on DPO with noisy preferences and
+    relationship to IPO", 2023): the label is flipped with probability ε. Our cDPO is SPCE with
+    target p = 1 − ε, which is exactly this formula. (TRL 1.16's "sigmoid" loss no longer reads
+    label_smoothing, and its "robust"/... variants are other losses, so we test against the
+    formula, written out here, not against the library.)"""
     logits = (pc - pr) - (rc - rr)
     return -torch.nn.functional.logsigmoid(beta * logits) * (1 - label_smoothing) \
         - torch.nn.functional.logsigmoid(-beta * logits) * label_smoothing
 
 
 def trl_ipo_loss(pc, pr, rc, rr, beta):
+    """TRL's "ipo" loss on log-probs it has already averaged over each response's tokens."""
     logits = (pc - pr) - (rc - rr)
     return (logits - 1 / (2 * beta)) ** 2
 
@@ -47,6 +59,21 @@ def test_preference_losses_match_trl_formulas():
         # cDPO (label smoothing ε) = SPCE with target 1 − ε
         assert torch.allclose(dpo.preference_loss(pc, pr, rc, rr, beta, "spce", target=0.8),
                               trl_sigmoid_loss(pc, pr, rc, rr, beta, label_smoothing=0.2), atol=1e-6)
+
+
+def test_ipo_length_normalisation_lives_in_preference_loss():
+    """With token counts, IPO divides each of the four log-probs by its response's token count
+    (TRL's convention); DPO and SPCE, whose log-probs are sums, ignore the counts."""
+    torch.manual_seed(0)
+    pc, pr, rc, rr = (torch.randn(16) * 20 for _ in range(4))
+    chosen_tokens, rejected_tokens = torch.randint(1, 30, (16,)), torch.randint(1, 30, (16,))
+    ipo = dpo.preference_loss(pc, pr, rc, rr, 0.1, "ipo", chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens)
+    expected = trl_ipo_loss(pc / chosen_tokens, pr / rejected_tokens, rc / chosen_tokens, rr / rejected_tokens, 0.1)
+    assert torch.allclose(ipo, expected, atol=1e-5)
+    assert not torch.allclose(ipo, dpo.preference_loss(pc, pr, rc, rr, 0.1, "ipo"))  # the counts matter
+    for loss_type in ("dpo", "spce"):
+        assert torch.equal(dpo.preference_loss(pc, pr, rc, rr, 0.1, loss_type, 0.7, chosen_tokens, rejected_tokens),
+                           dpo.preference_loss(pc, pr, rc, rr, 0.1, loss_type, 0.7))
 
 
 def test_dpo_is_log2_at_the_reference_and_spce_p1_is_dpo():
@@ -79,8 +106,9 @@ def test_spce_gradient_matches_formula_and_vanishes_at_target():
     assert h_star.grad.abs().max().item() < 1e-6
     # float64 gradcheck of all three losses through all four inputs
     inputs = [torch.randn(5, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    target = torch.full((5,), 0.3, dtype=torch.float64)
     for loss_type in ("dpo", "ipo", "spce"):
-        assert torch.autograd.gradcheck(lambda *x: dpo.preference_loss(*x, 0.2, loss_type, target=torch.full((5,), 0.3, dtype=torch.float64)), inputs)
+        assert torch.autograd.gradcheck(lambda *x, loss_type=loss_type: dpo.preference_loss(*x, 0.2, loss_type, target=target), inputs)
 
 
 def test_ipo_minimum_is_at_half_inverse_beta():
@@ -127,66 +155,271 @@ def test_select_pairs_best_worst_ties_and_length_penalty(tmp_path):
     assert [p["id"] for p in pairs] == ["a", "d", "e"]
 
 
+# ----------------------------------------------------------------------------------------------
+# The settings of a run: every spelling of a flag counts, the run's settings carry over, a resume
+# may not change them. resolve_settings and start_iteration are what `dpo.py --iter t` runs first.
+
+
+@pytest.fixture
+def dpo_stage_env(monkeypatch):
+    """For tests that call dpo.main in this process: the environment run_script gives a stage script
+    (the PyTorch kernels on CPU; the Triton interpreter, far slower, is for the kernel tests)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def cli_error(argv, capsys):
+    """Run dpo.main(argv) as `python dpo.py` does (under run_cli); expect a user error: exit status 2
+    and exactly one `error:` line on stderr (progress bars aside), no traceback. Returns that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: dpo.main([str(a) for a in argv]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in err and len(errors) == 1 and err.rstrip().endswith(errors[0]), err
+    return errors[0]
+
+
+def write_config(run, **settings):
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps(settings))
+
+
+def test_settings_every_spelling_beats_the_runs_config_and_abbreviations_are_rejected(tmp_path, capsys):
+    run = tmp_path / "run"
+    write_config(run, sft="sft", rm="gold", prompts="p.jsonl", lr=1e-3, temperature=0.7, length_penalty=0.01,
+                 label_smoothing=0.1, nll_coef=0.5, micro_batch_size=2)
+    base = ["--iter", "2", "--run-dir", str(run)]
+    for spelling in (["--lr=0.5"], ["--lr", "0.5"]):
+        args, sources = dpo.resolve_settings(base + spelling)
+        assert args.lr == 0.5 and sources["lr"] == "command line"
+        assert (args.temperature, args.label_smoothing, args.nll_coef, args.micro_batch_size) == (0.7, 0.1, 0.5, 2)
+        assert sources["temperature"] == sources["label_smoothing"] == "config.json"
+        assert args.n == 8 and sources["n"] == "default"
+    # a flag given with the parser's default value still beats the run's config (the old bug compared values/strings)
+    args, sources = dpo.resolve_settings(base + ["--temperature", "1.0", "--num-samples", "3"])
+    assert (args.temperature, args.n) == (1.0, 3) and sources["temperature"] == sources["n"] == "command line"
+    assert dpo.resolve_settings(["--iter", "2", "--run", str(run)])[0].lr == 1e-3  # --run is an alias, not an abbreviation
+    # the iteration's own record (a rerun or resume of iteration 2) comes before config.json
+    (run / "iter2").mkdir()
+    (run / "iter2" / "settings.json").write_text(json.dumps({"lr": 2e-3}))
+    args, sources = dpo.resolve_settings(base)
+    assert args.lr == 2e-3 and sources["lr"] == "iter2/settings.json" and sources["temperature"] == "config.json"
+    for abbreviation in (["--temp", "0.3"], ["--length-pen", "0.02"], ["--label-smooth=0"]):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            dpo.resolve_settings(base + abbreviation)
+        assert exit_info.value.code == 2 and f"unrecognized arguments: {abbreviation[0]}" in capsys.readouterr().err
+
+
+def test_every_flag_is_a_run_setting_or_deliberately_not_one():
+    """A new flag must be sorted: saved with the run (RUN_SETTINGS) or listed here with the reason."""
+    dests = {action.dest for action in dpo.build_parser()._actions}
+    not_saved = {"help", "pairs", "model", "out", "overwrite",  # offline mode
+                 "iter", "run_dir",                              # which iteration, not how
+                 "device", "parallel", "log_every"}              # where it runs and what it prints
+    assert dests - set(dpo.RUN_SETTINGS) == not_saved
+    assert set(dpo.RUN_SETTINGS) <= dests and len(set(dpo.RUN_SETTINGS)) == len(dpo.RUN_SETTINGS)
+
+
+def write_prompts(path, count, prefix="q"):
+    write_jsonl(path, [{"id": f"{prefix}{i}", "messages": [{"role": "user", "content": f"reverse {w}"}]}
+                       for i, w in enumerate(["abc", "bd", "fed", "ca", "eeb", "dc"][:count])])
+
+
+def test_a_resume_with_other_settings_stops_and_one_with_the_same_continues(tiny_model_dir, tmp_path, capsys, dpo_stage_env):
+    """Killed mid-sampling with --n 2, rerun with --n 4: stop (the old code mixed 2- and 4-response
+    records in one samples.jsonl); rerun with --n 2: continue from the finished chunk."""
+    write_prompts(tmp_path / "prompts_1.jsonl", 4)
+    run = tmp_path / "run"
+    argv = ["--iter", "1", "--run-dir", str(run), "--sft", str(tiny_model_dir), "--rm", "gold", "--prompts",
+            str(tmp_path / "prompts_{t}.jsonl"), "--max-new-tokens", "4", "--batch-size", "8", "--micro-batch-size", "8",
+            "--epochs", "1", "--device", "cpu", "--chunk-size", "2", "--gen-batch-size", "4"]
+    # What a run killed after its first sampling chunk leaves: its settings record, one finished chunk.
+    args, sources = dpo.resolve_settings(argv + ["--n", "2"])
+    dpo.start_iteration(args, sources, init_distributed("cpu"))
+    prompts = read_jsonl(tmp_path / "prompts_1.jsonl")
+
+    def killed_after_one_chunk(chunk):
+        if chunk[0]["id"] != "q0":
+            raise KeyboardInterrupt
+        return [{"id": r["id"], "prompt": r["messages"], "responses": ["first", "second"]} for r in chunk]
+    with pytest.raises(KeyboardInterrupt):
+        process_in_chunks(prompts, run / "iter1" / "samples.jsonl", killed_after_one_chunk, init_distributed("cpu"), chunk_size=2)
+    parts = sorted(p for p in (run / "iter1").rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in parts}
+
+    error = cli_error(argv + ["--n", "4"], capsys)
+    assert "n 2 → 4" in error and str(run / "iter1") in error
+    assert sorted(p for p in (run / "iter1").rglob("*") if p.is_file()) == parts
+    assert all(p.read_bytes() == content for p, content in before.items())  # nothing touched
+
+    # The same settings continue. (The gold reward gives 0 to prompts that are not the built-in
+    # task's, so every prompt is a reward tie and the iteration then stops: no pairs to train on.)
+    error = cli_error(argv + ["--n", "2"], capsys)
+    samples = read_jsonl(run / "iter1" / "samples.jsonl")
+    assert [r["id"] for r in samples] == ["q0", "q1", "q2", "q3"] and all(len(r["responses"]) == 2 for r in samples)
+    assert samples[0]["responses"] == ["first", "second"]  # the finished chunk was kept, not redone
+    assert f"no pairs to train on in {run / 'iter1' / 'pairs.jsonl'}" in error
+    assert json.loads((run / "iter1" / "summary.json").read_text())["pairs_dropped"] == {"same_text": 0, "reward_tie": 4}
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors a user can act on: exit status 2, one line naming the file or folder, no traceback.
+
+
+def test_user_errors_name_what_to_fix(tiny_model_dir, tmp_path, capsys, dpo_stage_env):
+    write_prompts(tmp_path / "prompts.jsonl", 2)
+    def online(sft, rm="gold"):
+        return ["--iter", "1", "--run-dir", tmp_path / "run", "--sft", sft, "--rm", rm, "--prompts", tmp_path / "prompts.jsonl",
+                "--device", "cpu"]
+    error = cli_error(online(tmp_path / "no_sft"), capsys)
+    assert f"--sft {tmp_path / 'no_sft'}: no such model folder" in error and "iteration 0" not in error
+    (tmp_path / "empty_folder").mkdir()
+    assert f"--sft {tmp_path / 'empty_folder'}: holds no model" in cli_error(online(tmp_path / "empty_folder"), capsys)
+    assert f"--rm {tmp_path / 'no_rm'}: no such model folder" in cli_error(online(tiny_model_dir, tmp_path / "no_rm"), capsys)
+    assert not (tmp_path / "run" / "config.json").exists()  # nothing recorded for a run that could not start
+    # iteration 2 before iteration 1 has a policy: the settings come from config.json
+    write_config(tmp_path / "run2", sft=str(tiny_model_dir), rm="gold", prompts=str(tmp_path / "prompts.jsonl"))
+    error = cli_error(["--iter", "2", "--run-dir", tmp_path / "run2", "--device", "cpu"], capsys)
+    assert str(tmp_path / "run2" / "iter1" / "policy") in error and "run iteration 1 first" in error
+    # offline: a missing model folder, an empty pairs file, pairs that all vanish at --max-length
+    write_pairs(tmp_path / "pairs.jsonl", 4)
+    (tmp_path / "empty.jsonl").write_text("")
+    offline = ["--out", tmp_path / "out", "--device", "cpu"]
+    assert f"--model {tmp_path / 'no_model'}: no such model folder" in cli_error(
+        offline + ["--pairs", tmp_path / "pairs.jsonl", "--model", tmp_path / "no_model"], capsys)
+    assert str(tmp_path / "empty.jsonl") in cli_error(offline + ["--pairs", tmp_path / "empty.jsonl", "--model", tiny_model_dir], capsys)
+    error = cli_error(offline + ["--pairs", tmp_path / "pairs.jsonl", "--model", tiny_model_dir, "--max-length", "5"], capsys)
+    assert str(tmp_path / "pairs.jsonl") in error and "--max-length 5" in error
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_dpo_script_reports_user_errors_in_one_line(tmp_path):
+    """The script itself runs main under run_cli: status 2, one line, no traceback."""
+    write_pairs(tmp_path / "pairs.jsonl", 2)
+    command = [sys.executable, "dpo.py", "--pairs", str(tmp_path / "pairs.jsonl"), "--model", str(tmp_path / "nope"),
+               "--out", str(tmp_path / "out"), "--device", "cpu"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2 and result.stderr.strip() == f"error: --model {tmp_path / 'nope'}: no such model folder"
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end
+
+
 @pytest.mark.parametrize("parallel", ["fsdp"])
 def test_offline_dpo_two_ranks_match_one_and_move_toward_chosen(parallel, tiny_model_dir, tmp_path):
-    write_pairs(tmp_path / "pairs.jsonl", 24)
+    write_pairs(tmp_path / "pairs.jsonl", 16)
     common_args = ["dpo.py", "--pairs", str(tmp_path / "pairs.jsonl"), "--model", str(tiny_model_dir), "--beta", "0.5",
                    "--lr", "1e-3", "--batch-size", "8", "--micro-batch-size", "2", "--epochs", "2", "--device", "cpu",
                    "--parallel", parallel, "--log-every", "1"]
-    run_script(common_args + ["--out", str(tmp_path / "one")], nproc=1)
+    run_in_process(common_args[1:] + ["--out", str(tmp_path / "one")])
     run_script(common_args + ["--out", str(tmp_path / "two")], nproc=2)
     from safetensors.torch import load_file
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     for name in one:
         assert (one[name] - two[name]).abs().max().item() <= 1e-5, name
     metrics = read_jsonl(tmp_path / "one" / "metrics.jsonl")
+    assert len(metrics) == 4
     assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # step 0: policy = reference
     assert metrics[-1]["reward_margin"] > metrics[0]["reward_margin"] and metrics[-1]["loss"] < metrics[0]["loss"]
     assert {"rewards_chosen", "rewards_rejected", "reward_accuracy", "kl", "grad_norm", "lr", "tokens_per_s"} <= set(metrics[0])
-    assert len(read_jsonl(tmp_path / "one" / "ref_logps.jsonl")) == 24
+    assert len(read_jsonl(tmp_path / "one" / "ref_logps.jsonl")) == 16
 
 
-def test_online_iterations_run_and_resume(tiny_model_dir, tmp_path):
-    """Two online iterations on a random reward model: every sub-step's file appears, iteration 2
-    starts from iteration 1's policy, and a rerun skips what is finished."""
+def run_in_process(argv):
+    """dpo.main(argv) in this process, as a stage script runs (see dpo_stage_env); returns its stdout."""
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as out:
+        patch.delenv("TRITON_INTERPRET", raising=False)
+        dpo.main(argv)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def dpo_online_run(tiny_model_dir, tmp_path_factory):
+    """Two online iterations on a random reward model, shared by the tests below: iteration 1 with
+    cDPO + RPO flags, iteration 2 with no flags but --device (everything read back)."""
+    tmp = tmp_path_factory.mktemp("online")
     rm = Transformer.from_pretrained(tiny_model_dir, head="score")
-    rm.save_pretrained(tmp_path / "rm", tokenizer=load_tokenizer(tiny_model_dir))
+    rm.save_pretrained(tmp / "rm", tokenizer=load_tokenizer(tiny_model_dir))
     for t in (1, 2):
-        write_jsonl(tmp_path / f"prompts_{t}.jsonl", [{"id": f"t{t}-{i}", "messages": [{"role": "user", "content": f"reverse {w}"}]}
-                                                      for i, w in enumerate(["abc", "bd", "fed", "ca", "eeb", "dc"])])
-    run_dir = tmp_path / "run"
-    first = ["dpo.py", "--iter", "1", "--run-dir", str(run_dir), "--sft", str(tiny_model_dir), "--rm", str(tmp_path / "rm"),
-             "--prompts", str(tmp_path / "prompts_{t}.jsonl"), "--n", "4", "--max-new-tokens", "8", "--batch-size", "4",
-             "--micro-batch-size", "2", "--lr", "1e-3", "--epochs", "1", "--device", "cpu", "--chunk-size", "4"]
-    run_script(first)
-    out = run_script(["dpo.py", "--iter", "2", "--run-dir", str(run_dir), "--device", "cpu"])  # settings read back
+        write_prompts(tmp / f"prompts_{t}.jsonl", 4, prefix=f"t{t}-")
+    run = tmp / "run"
+    first = ["--iter", "1", "--run-dir", str(run), "--sft", str(tiny_model_dir), "--rm", str(tmp / "rm"),
+             "--prompts", str(tmp / "prompts_{t}.jsonl"), "--n", "4", "--max-new-tokens", "8", "--batch-size", "4",
+             "--micro-batch-size", "2", "--lr", "1e-3", "--epochs", "1", "--device", "cpu", "--chunk-size", "2",
+             "--label-smoothing", "0.1", "--nll-coef", "0.5"]
+    outputs = [run_in_process(first), run_in_process(["--iter", "2", "--run-dir", str(run), "--device", "cpu"])]
+    return run, outputs
+
+
+def test_online_iterations_run_and_resume(dpo_online_run, capsys, dpo_stage_env):
+    """Every sub-step's file appears, iteration 2 starts from iteration 1's policy and trains on both
+    iterations' pairs, and a rerun skips what is finished."""
+    run, _ = dpo_online_run
     for t in (1, 2):
-        for name in ("samples.jsonl", "rewards.jsonl", "pairs.jsonl", "ref_logps.jsonl", "summary.json", "policy/model.safetensors"):
-            assert (run_dir / f"iter{t}" / name).exists(), (t, name)
-    summary = json.loads((run_dir / "iter2" / "summary.json").read_text())
-    assert summary["prompts"] == 6 and summary["pairs_kept"] + sum(summary["pairs_dropped"].values()) == 6
-    samples = read_jsonl(run_dir / "iter2" / "samples.jsonl")
-    assert [r["id"] for r in samples] == [f"t2-{i}" for i in range(6)] and all(len(r["responses"]) == 4 for r in samples)
-    policy2 = run_dir / "iter2" / "policy" / "metrics.jsonl"
-    steps2 = len(read_jsonl(policy2))
-    pairs_total = len(read_jsonl(run_dir / "iter1" / "pairs.jsonl")) + len(read_jsonl(run_dir / "iter2" / "pairs.jsonl"))
+        for name in ("settings.json", "samples.jsonl", "rewards.jsonl", "pairs.jsonl", "ref_logps.jsonl", "summary.json",
+                     "policy/model.safetensors"):
+            assert (run / f"iter{t}" / name).exists(), (t, name)
+    summary = json.loads((run / "iter2" / "summary.json").read_text())
+    assert summary["prompts"] == 4 and summary["pairs_kept"] + sum(summary["pairs_dropped"].values()) == 4
+    samples = read_jsonl(run / "iter2" / "samples.jsonl")
+    assert [r["id"] for r in samples] == [f"t2-{i}" for i in range(4)] and all(len(r["responses"]) == 4 for r in samples)
+    steps2 = len(read_jsonl(run / "iter2" / "policy" / "metrics.jsonl"))
+    pairs_total = len(read_jsonl(run / "iter1" / "pairs.jsonl")) + len(read_jsonl(run / "iter2" / "pairs.jsonl"))
     assert steps2 == math.ceil(pairs_total / 4)  # --history all: iteration 2 trains on both iterations' pairs
-    before = (run_dir / "iter2" / "policy" / "model.safetensors").stat().st_mtime_ns
-    out = run_script(["dpo.py", "--iter", "2", "--run-dir", str(run_dir), "--device", "cpu"])
-    assert "iteration 2 complete" in out
-    assert (run_dir / "iter2" / "policy" / "model.safetensors").stat().st_mtime_ns == before
+    before = (run / "iter2" / "policy" / "model.safetensors").stat().st_mtime_ns
+    dpo.main(["--iter", "2", "--run-dir", str(run), "--device", "cpu"])
+    assert "iteration 2 complete" in capsys.readouterr().out
+    assert (run / "iter2" / "policy" / "model.safetensors").stat().st_mtime_ns == before
 
 
-def test_online_iterations_on_builtin_task_with_gold_reward(task_dir, tmp_path):
-    """run.sh's oracle control: two online iterations on the built-in task scored by the gold reward."""
+def test_online_cdpo_and_rpo_settings_survive_to_iteration_2(dpo_online_run, tiny_model_dir):
+    """The old code forgot --label-smoothing and --nll-coef at iteration 2 (cDPO/RPO became DPO)."""
+    run, (_, out2) = dpo_online_run
+    record = json.loads((run / "iter2" / "settings.json").read_text())
+    assert (record["label_smoothing"], record["nll_coef"], record["lr"], record["n"]) == (0.1, 0.5, 1e-3, 4)
+    assert json.loads((run / "iter1" / "settings.json").read_text()) == record
+    assert any(line.split()[:3] == ["label_smoothing", "0.1", "config.json"] for line in out2.splitlines())
+    assert "cDPO ε 0.1, RPO α 0.5" in out2
+    # RPO really is in the loss: at step 1 of iteration 1 (policy = reference, h = 0) cDPO's loss is
+    # log 2 and RPO adds α × the mean per-token NLL of the chosen responses, read from log π_0.
+    pairs, ref = read_jsonl(run / "iter1" / "pairs.jsonl"), read_jsonl(run / "iter1" / "ref_logps.jsonl")
+    assert 0 < len(pairs) <= 4  # one batch: step 1 sees every pair
+    tokenizer = load_tokenizer(tiny_model_dir)
+    nll = [-r["ref_chosen_logp"] / len(encode_response(tokenizer, p["chosen"])) for p, r in zip(pairs, ref)]
+    step1 = read_jsonl(run / "iter1" / "policy" / "metrics.jsonl")[0]
+    assert step1["loss"] == pytest.approx(math.log(2) + 0.5 * sum(nll) / len(nll), abs=1e-4)
+
+
+def test_online_finished_iteration_rerun_with_a_new_flag_stops(dpo_online_run, capsys, dpo_stage_env):
+    """The old code printed "iteration 2 complete" and rewrote config.json with settings never used."""
+    run, _ = dpo_online_run
+    records = [run / "config.json", run / "iter2" / "settings.json", run / "iter2" / "policy" / "model.safetensors"]
+    before = [(p.read_bytes(), p.stat().st_mtime_ns) for p in records]
+    error = cli_error(["--iter", "2", "--run-dir", run, "--device", "cpu", "--lr", "0.5"], capsys)
+    assert "lr 0.001 → 0.5" in error and str(run / "iter2" / "settings.json") in error
+    assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in records] == before
+
+
+def test_online_iterations_on_builtin_task_with_gold_reward(task_dir, tmp_path, dpo_stage_env):
+    """run.sh's oracle control: two online iterations on the built-in task scored by the gold reward.
+    Every pair's chosen response has the higher gold score, and step 1 of iteration 1 (policy =
+    reference) has the DPO loss log 2."""
     sft = builtin_model_dir(task_dir, tmp_path / "sft")
-    run_dir = tmp_path / "run"
+    run = tmp_path / "run"
     for t in (1, 2):
-        write_jsonl(tmp_path / f"prompts_{t}.jsonl", read_jsonl(task_dir / f"prompts_iter{t}.jsonl")[:6])
-        run_script(["dpo.py", "--iter", str(t), "--run-dir", str(run_dir), "--sft", str(sft), "--rm", "gold",
-                    "--prompts", str(tmp_path / "prompts_{t}.jsonl"), "--n", "3", "--max-new-tokens", "12", "--batch-size", "4",
-                    "--micro-batch-size", "4", "--lr", "1e-3", "--epochs", "1", "--device", "cpu"])
+        write_jsonl(tmp_path / f"prompts_{t}.jsonl", read_jsonl(task_dir / f"prompts_iter{t}.jsonl")[:4])
+        dpo.main(["--iter", str(t), "--run-dir", str(run), "--sft", str(sft), "--rm", "gold", "--prompts",
+                  str(tmp_path / "prompts_{t}.jsonl"), "--n", "3", "--max-new-tokens", "8", "--batch-size", "4",
+                  "--micro-batch-size", "4", "--lr", "1e-3", "--epochs", "1", "--device", "cpu"])
     for t in (1, 2):
-        rewards = read_jsonl(run_dir / f"iter{t}" / "rewards.jsonl")
-        assert len(rewards) == 6 and all(r["rewards"] == [score(r["prompt"], y) for y in r["responses"]] for r in rewards)
-    assert (run_dir / "iter2" / "policy" / "model.safetensors").exists()
+        rewards = read_jsonl(run / f"iter{t}" / "rewards.jsonl")
+        assert len(rewards) == 4 and all(r["rewards"] == [score(r["prompt"], y) for y in r["responses"]] for r in rewards)
+        pairs = read_jsonl(run / f"iter{t}" / "pairs.jsonl")
+        assert pairs and all(score(p["prompt"], p["chosen"]) > score(p["prompt"], p["rejected"]) for p in pairs)
+    step1 = read_jsonl(run / "iter1" / "policy" / "metrics.jsonl")[0]
+    assert step1["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert step1["rewards_chosen"] == pytest.approx(0, abs=1e-5) and step1["kl"] == pytest.approx(0, abs=1e-5)
+    assert (run / "iter2" / "policy" / "model.safetensors").exists()
