@@ -310,7 +310,7 @@ class StepSums:
     def add(self, **values):
         """Add each value's sum (a tensor of any shape, or a number) to the metric of that name."""
         for name, value in values.items():
-            value = torch.as_tensor(value).detach().double().sum()
+            value = (value.detach() if torch.is_tensor(value) else torch.tensor(value, dtype=torch.float64)).double().sum()
             self.sums[name] = self.sums[name] + value if name in self.sums else value
 
     def reduce(self, device, **already_global):

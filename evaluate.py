@@ -25,14 +25,13 @@ import itertools
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-from common import atomic_write_text, default_dtype, encode_prompt, load_tokenizer, read_jsonl, stop_token_ids, write_jsonl
+from common import InputError, atomic_write_text, default_dtype, load_tokenizer, read_jsonl, run_cli, stop_token_ids, write_jsonl
 from data.schema import load_records
 from data.task import parse_prompt, prompt_text, score
-from generate import Engine, generate_records
+from generate import Engine, encode_prompts, generate_records
 from model import Transformer
 
 
@@ -56,18 +55,16 @@ def iteration_policies(folder):
 def answers(folder, prompts, device, max_new_tokens, batch_size, n, temperature):
     """The checkpoint's answers (n per prompt) with gold scores, cached in eval_samples_T{temperature}.jsonl."""
     cached = folder / f"eval_samples_T{temperature:g}.jsonl"
-    if cached.exists():
+    # Answers written before the model (a checkpoint trained again with --overwrite) are stale.
+    if cached.exists() and cached.stat().st_mtime >= (folder / "model.safetensors").stat().st_mtime:
         records = read_jsonl(cached)
         if [(r["id"], len(r["responses"])) for r in records] == [(p["id"], n) for p in prompts]:
             return records
     tokenizer = load_tokenizer(folder)
     model = Transformer.from_pretrained(folder, device=device, dtype=default_dtype(device)).eval()
-    longest = max(len(encode_prompt(tokenizer, p["messages"])) for p in prompts)
+    longest = max(map(len, encode_prompts(tokenizer, prompts, max_new_tokens, model.config.max_position_embeddings)))
     engine = Engine(model, batch_size, longest + max_new_tokens, stop_token_ids(tokenizer))
-    settings = SimpleNamespace(seed=0, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
-                               min_p=0.0, logprobs=False)
-    with torch.no_grad():
-        records = generate_records(engine, tokenizer, prompts, settings)
+    records = generate_records(engine, tokenizer, prompts, n, max_new_tokens, temperature, seed=0)
     for record in records:
         record["gold"] = [score(record["prompt"], r) for r in record["responses"]]
     write_jsonl(cached, records)
@@ -126,10 +123,21 @@ def judge_on_sft_samples(run, device):
     model = Transformer.from_pretrained(judge, device=device, dtype=default_dtype(device)).eval()
     with torch.no_grad():
         p_first = pairwise_preference(model, load_tokenizer(judge), prompts, first, second, device, judge_template(judge)).tolist()
+    return judge_statistics(first, second, gold_difference, p_first)
+
+
+def judge_statistics(first, second, gold_difference, p_first):
+    """From the judge's P(first ≻ second) of each pair: the fraction of pairs of unequal length where
+    it prefers the longer answer, and of pairs whose gold scores differ by more than 0.1 where it
+    prefers the higher-scoring one (None where there is no such pair)."""
     longer = [(len(a) > len(b)) == (p > 0.5) for a, b, p in zip(first, second, p_first) if len(a) != len(b)]
     agree = [(d > 0) == (p > 0.5) for d, p in zip(gold_difference, p_first) if abs(d) > 0.1]
-    return dict(pairs=len(p_first), prefers_longer=sum(longer) / max(1, len(longer)),
-                gold_agreement=sum(agree) / max(1, len(agree)), gold_agreement_pairs=len(agree))
+    return dict(pairs=len(p_first), prefers_longer=sum(longer) / len(longer) if longer else None,
+                gold_agreement=sum(agree) / len(agree) if agree else None, gold_agreement_pairs=len(agree))
+
+
+def fraction(value):
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def length_correlation(run):
@@ -195,7 +203,7 @@ def evaluate_run(run, prompts, args, device):
     """Evaluate every checkpoint of one run; write results.md, results.json and the plots into it."""
     found = checkpoints(run)
     if not found:
-        raise SystemExit(f"no checkpoints under {run}")
+        raise InputError(f"{run}: no checkpoints (sft/, dpo_offline/, online*/iter*/policy/, osp_*/ with a model.safetensors)")
     results = []
     for label, folder, series, step in found:
         summary = summarise(answers(folder, prompts, device, args.max_new_tokens, args.batch_size, 1, 0.0),
@@ -228,7 +236,7 @@ def evaluate_run(run, prompts, args, device):
                       f"{used} prompts): {mean:.3f}"]
     if judge:
         lines += ["", f"OSP judge on {judge['pairs']} pairs of the SFT model's sampled answers: prefers the longer answer "
-                      f"{judge['prefers_longer']:.3f} of the time; sides with gold on {judge['gold_agreement']:.3f} of the "
+                      f"{fraction(judge['prefers_longer'])} of the time; sides with gold on {fraction(judge['gold_agreement'])} of the "
                       f"{judge['gold_agreement_pairs']} pairs that differ in correctness (|Δr*| > 0.1)"]
     plots = plot(run, results, run)
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
@@ -243,6 +251,8 @@ def evaluate_run(run, prompts, args, device):
 def across_runs(evaluations, runs):
     """Mean ± standard deviation over runs (seeds) of each checkpoint's numbers, as Markdown."""
     def cell(values, digits=3):
+        if None in values:
+            return "n/a"
         mean, std = mean_and_std(values)
         return f"{mean:.{digits}f} ± {std:.{digits}f}"
     lines = [f"Mean ± standard deviation over {len(runs)} runs ({', '.join(str(r) for r in runs)}).", "",
@@ -266,7 +276,8 @@ def across_runs(evaluations, runs):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--run", required=True, nargs="+", help="run folder(s) (sft/, online/, osp_*/ ...); several: seeds")
     parser.add_argument("--summary", help="with several --run: write the mean ± std over them to this Markdown file")
     parser.add_argument("--prompts", default=str(Path(__file__).resolve().parent / "data" / "builtin" / "prompts_eval.jsonl"),
@@ -287,4 +298,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

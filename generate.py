@@ -11,14 +11,19 @@ How it works:
   - a preallocated KV cache of `--batch-size` slots × (longest prompt + max new tokens) positions;
     one slot holds one sample; the cache is indexed by position (model.KVCache), so every slot
     decodes at its own position and nothing is padded;
-  - a prompt is admitted when n slots are free: prompts are prefilled together, once each, and each
-    prompt's keys/values are copied into its n slots (the n samples share the prefill);
-  - every decode step runs all slots at one fixed shape (B, 1); a slot whose sample ends (a stop
-    token, or --max-new-tokens) is emptied and refilled from the waiting prompts (continuous
-    batching), so the batch stays full until the queue runs dry;
+  - a prompt is admitted when n slots are free: prompts are prefilled together, once each
+    (`prefill`), and each prompt's keys/values are copied into its n slots (the n samples share
+    the prefill);
+  - every decode step (`decode_step`) runs all slots at one fixed shape (B, 1); a slot whose sample
+    ends (a stop token, or --max-new-tokens) is emptied and refilled from the waiting prompts
+    (continuous batching), so the batch stays full until the queue runs dry;
+  - `prefill` and `decode_step` are module-level functions of the model, as in gpt-fast: --compile
+    swaps in a torch.compile'd decode_step (fixed shapes: compiled once, replayed as CUDA graphs);
   - sampling goes through kernels/sampling.py with one random stream per sample, seeded from
     (seed, prompt id, sample index) and the step: a sample does not depend on the batch size, the
     slot it lands in, or the number of ranks.
+A prompt that leaves no room for --max-new-tokens in the model's context (max_position_embeddings)
+stops the run with an error naming it, before anything is sampled.
 Output: one JSONL record per prompt (data/README.md, "samples"): id, prompt, responses, num_tokens
 (generated tokens, the stop token included), finish_reasons ("stop" | "length"), and with
 --logprobs, logprobs (each response's summed log-prob) and token_logprobs (per token), both under
@@ -32,10 +37,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from common import (default_dtype, destroy_distributed, encode_prompt, init_distributed, load_tokenizer, print0,
-                    process_in_chunks, stop_token_ids)
+from common import (InputError, default_dtype, destroy_distributed, encode_prompt, init_distributed, load_tokenizer, print0,
+                    process_in_chunks, run_cli, stop_token_ids)
 from data.schema import load_records
 from kernels.sampling import sample
 from model import KVCache, Transformer
@@ -50,35 +54,68 @@ def sample_seed(seed, prompt_id, sample_index):
 
 
 # ----------------------------------------------------------------------------------------------
+# The two model calls of generation. Module-level functions of the model (as in gpt-fast) rather
+# than Engine methods, so that compiling one is a plain `decode_step = torch.compile(decode_step)`
+# and every Engine picks the compiled one up (it looks the name up at call time).
+
+
+def prefill(model, cache, input_ids, lengths):
+    """Right-padded prompts (count, width) through the model, their keys/values written into `cache`
+    (count rows × width positions). Returns the logits at each prompt's last real token (count, V)."""
+    count, width = input_ids.shape
+    positions = torch.arange(width, device=input_ids.device).expand(count, width)
+    hidden = model.hidden_states(input_ids, position_ids=positions, cache=cache)       # (count, width, H)
+    last = hidden[torch.arange(count, device=input_ids.device), lengths - 1]            # (count, H)
+    return F.linear(last, model.lm_head_weight)                                          # (count, V)
+
+
+def decode_step(model, cache, tokens, positions, seeds, temperature, top_k, top_p, min_p):
+    """One token for every slot: (B,) tokens at (B,) positions -> kernels.sampling.Sampled of (B,)
+    tokens and log-probs. Fixed shapes whatever the slots hold, so it compiles once."""
+    logits = model(tokens[:, None], position_ids=positions[:, None], cache=cache)[:, 0]  # (B, V)
+    return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds)
+
+
+eager_decode_step = decode_step
+
+
+def compile_decode_step():
+    """--compile: from now on every Engine decodes with a torch.compile'd decode_step, CUDA graphs
+    included ("reduce-overhead"). A second call changes nothing."""
+    global decode_step
+    if decode_step is eager_decode_step:
+        decode_step = torch.compile(eager_decode_step, mode="reduce-overhead")
+
+
+# ----------------------------------------------------------------------------------------------
 # The engine
 
 
 class Engine:
-    def __init__(self, model, max_batch, max_len, stop_ids, compile=False, dtype=None):
+    def __init__(self, model, max_batch, max_len, stop_ids, dtype=None):
         """model: a Transformer (eval mode, on its device). max_batch: decode slots. max_len: cache
-        positions per slot (longest prompt + max new tokens). stop_ids: tokens that end a sample.
-        dtype: the KV cache's dtype (default: the weights'; bf16 for fp32 weights under autocast)."""
-        self.model, self.max_batch, self.max_len = model, max_batch, max_len
+        positions per slot (longest prompt + max new tokens; never more than the model's context,
+        which no sample may pass). stop_ids: tokens that end a sample. dtype: the KV cache's dtype
+        (default: the weights'; bf16 for fp32 weights under autocast)."""
+        self.model, self.max_batch = model, max_batch
+        self.context_length = model.config.max_position_embeddings
+        self.max_len = min(max_len, self.context_length)
         self.device = model.lm_head_weight.device
-        self.cache = KVCache(model.config, max_batch, max_len, self.device, dtype or model.lm_head_weight.dtype)
+        self.cache = KVCache(model.config, max_batch, self.max_len, self.device, dtype or model.lm_head_weight.dtype)
         self.stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
-        # The decode step has fixed shapes, so it can be compiled once and replayed (CUDA graphs).
-        self.decode_step = torch.compile(self._decode_step, mode="reduce-overhead") if compile else self._decode_step
-
-    def _decode_step(self, tokens, positions, seeds, temperature, top_k, top_p, min_p):
-        """One token for every slot: (B,) tokens at (B,) positions -> sampled (B,) tokens + log-probs."""
-        logits = self.model(tokens[:, None], position_ids=positions[:, None], cache=self.cache)[:, 0]  # (B, V)
-        return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds)
 
     @torch.no_grad()
     def generate(self, prompts, n, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, base_seeds=None,
                  progress=None):
         """prompts: list of token-id lists. base_seeds: per prompt, a list of n ints (sample_seed),
         or None to use torch's global generator. Returns, per prompt, n dicts with `tokens` (list,
-        the stop token included), `token_logprobs` (list) and `finish_reason`."""
+        the stop token included), `token_logprobs` (list) and `finish_reason`. Prompts must fit the
+        cache with max_new_tokens (users get that checked with names by encode_prompts)."""
         B, device = self.max_batch, self.device
         if n > B:
             raise ValueError(f"n = {n} samples per prompt need at least n decode slots (--batch-size {B})")
+        if not prompts:
+            return []
         longest = max(map(len, prompts))
         if longest + max_new_tokens > self.max_len:
             raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the cache ({self.max_len})")
@@ -134,9 +171,7 @@ class Engine:
             for row, p in enumerate(batch):
                 input_ids[row, :len(prompts[p])] = torch.tensor(prompts[p])
             prefill_cache = KVCache(self.model.config, count, width, device, self.cache.k[0].dtype)
-            hidden = self.model.hidden_states(input_ids.to(device), position_ids=torch.arange(width, device=device).expand(count, width),
-                                              cache=prefill_cache)                       # (count, width, H)
-            last_logits = F.linear(hidden[torch.arange(count, device=device), lengths - 1], self.model.lm_head_weight)
+            last_logits = prefill(self.model, prefill_cache, input_ids.to(device), lengths)  # (count, V)
             slots = torch.tensor(free[:count * n], device=device)
             source_rows = torch.arange(count, device=device).repeat_interleave(n)
             for layer in range(len(self.cache.k)):  # each prompt's keys/values into its n slots
@@ -159,7 +194,7 @@ class Engine:
         admit()
         harvest()
         while queue or bool(active.any()):
-            sampled = self.decode_step(tokens, positions, step_seeds(), temperature, top_k, top_p, min_p)
+            sampled = decode_step(self.model, self.cache, tokens, positions, step_seeds(), temperature, top_k, top_p, min_p)
             # Empty slots decode garbage at position 0 (fixed shapes); it is never recorded.
             record(sampled, active)
             positions.copy_(torch.where(active, positions + 1, 0))
@@ -170,26 +205,48 @@ class Engine:
 
 
 # ----------------------------------------------------------------------------------------------
-# Prompts file -> samples file
+# Prompts records -> samples records
 
 
-def generate_records(engine, tokenizer, records, args):
-    """Samples records (see the module docstring) for a list of prompts records."""
-    prompts = [encode_prompt(tokenizer, r["messages"]) for r in records]
-    base_seeds = [[sample_seed(args.seed, r["id"], i) for i in range(args.n)] for r in records]
-    outputs = engine.generate(prompts, args.n, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p,
-                              base_seeds)
+def encode_prompts(tokenizer, records, max_new_tokens, context_length, source=None):
+    """The token ids generation is fed for each prompts record (common.encode_prompt). A prompt
+    that leaves no room for max_new_tokens in the model's context is a user error naming it
+    (`source`, the prompts file, when known): its samples could only be cut short or run past the
+    positions the model was trained on."""
+    prompts = []
+    for record in records:
+        ids = encode_prompt(tokenizer, record["messages"])
+        if len(ids) + max_new_tokens > context_length:
+            where = f"{source}: " if source else ""
+            raise InputError(f"{where}prompt id {record['id']!r} is {len(ids)} tokens; with --max-new-tokens {max_new_tokens} "
+                             f"it needs {len(ids) + max_new_tokens} positions, more than the model's context of {context_length} "
+                             "(max_position_embeddings): lower --max-new-tokens or drop the prompt")
+        prompts.append(ids)
+    return prompts
+
+
+def response_text(tokenizer, tokens, stop_ids):
+    """A sample's text: its tokens decoded without the final stop token, if it ended on one. The
+    stop token is not part of the response (training re-adds the end-of-turn token when it encodes
+    the response, common.encode_response)."""
+    return tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens)
+
+
+def generate_records(engine, tokenizer, records, n, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0,
+                     logprobs=False):
+    """Samples records (see the module docstring) for a list of prompts records: n responses per
+    prompt, sample i of prompt `id` seeded by sample_seed(seed, id, i)."""
+    prompts = encode_prompts(tokenizer, records, max_new_tokens, engine.context_length)
+    base_seeds = [[sample_seed(seed, r["id"], i) for i in range(n)] for r in records]
+    outputs = engine.generate(prompts, n, max_new_tokens, temperature, top_k, top_p, min_p, base_seeds)
     stop_ids = set(engine.stop_ids.tolist())
     samples = []
     for record, outs in zip(records, outputs):
-        sample_record = {
-            "id": record["id"], "prompt": record["messages"],
-            # The stop token is not part of the response text (it is re-added as end-of-turn when
-            # the response is encoded for training, see common.encode_response).
-            "responses": [tokenizer.decode(o["tokens"][:-1] if o["tokens"][-1] in stop_ids else o["tokens"]) for o in outs],
-            "num_tokens": [len(o["tokens"]) for o in outs],
-            "finish_reasons": [o["finish_reason"] for o in outs]}
-        if args.logprobs:
+        sample_record = {"id": record["id"], "prompt": record["messages"],
+                         "responses": [response_text(tokenizer, o["tokens"], stop_ids) for o in outs],
+                         "num_tokens": [len(o["tokens"]) for o in outs],
+                         "finish_reasons": [o["finish_reason"] for o in outs]}
+        if logprobs:
             sample_record["logprobs"] = [sum(o["token_logprobs"]) for o in outs]
             sample_record["token_logprobs"] = [o["token_logprobs"] for o in outs]
         samples.append(sample_record)
@@ -197,7 +254,8 @@ def generate_records(engine, tokenizer, records, args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--model", help="HF checkpoint folder of the policy")
     parser.add_argument("--prompts", help="prompts JSONL (id, messages)")
     parser.add_argument("--out", help="output samples JSONL")
@@ -229,11 +287,18 @@ def main():
     records = load_records(args.prompts, "prompts")
     tokenizer = load_tokenizer(args.model)
     model = Transformer.from_pretrained(args.model, device=dist_info.device, dtype=default_dtype(dist_info.device)).eval()
-    longest = max(len(encode_prompt(tokenizer, r["messages"])) for r in records)
-    engine = Engine(model, args.batch_size, longest + args.max_new_tokens, stop_token_ids(tokenizer), compile=args.compile)
+    # Every rank checks every prompt (not only its chunks), so a bad one stops all ranks at once.
+    prompt_ids = encode_prompts(tokenizer, records, args.max_new_tokens, model.config.max_position_embeddings, args.prompts)
+    if args.compile:
+        compile_decode_step()
+    engine = Engine(model, args.batch_size, max(map(len, prompt_ids)) + args.max_new_tokens, stop_token_ids(tokenizer))
+    sampling = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, min_p=args.min_p, seed=args.seed, logprobs=args.logprobs)
     t0 = time.time()
-    process_in_chunks(records, args.out, lambda chunk: generate_records(engine, tokenizer, chunk, args), dist_info,
-                      chunk_size=args.chunk_size, desc="generating")
+    # The settings are recorded beside the finished chunks: a resume with other ones stops instead
+    # of mixing two sets of samples in one file (the batch size is not one: samples do not depend on it).
+    process_in_chunks(records, args.out, lambda chunk: generate_records(engine, tokenizer, chunk, **sampling), dist_info,
+                      chunk_size=args.chunk_size, desc="generating", settings=dict(model=str(Path(args.model).resolve()), **sampling))
     print0(f"wrote {args.out}: {len(records)} prompts × {args.n} samples in {time.time() - t0:.1f} s")
     destroy_distributed()
 
@@ -258,6 +323,7 @@ def benchmark(prompt_len=128, new_tokens=256, batches=(64, 256)):
         return
     from transformers import LlamaConfig, LlamaForCausalLM
     device = torch.device("cuda")
+    compile_decode_step()
     for name, shape in BENCH_SHAPES.items():
         config = dict(model_type="llama", max_position_embeddings=4096, rms_norm_eps=1e-5, hidden_act="silu", **shape)
         torch.manual_seed(0)
@@ -267,7 +333,7 @@ def benchmark(prompt_len=128, new_tokens=256, batches=(64, 256)):
         weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
         for batch in batches:
             prompts = torch.randint(0, shape["vocab_size"], (batch, prompt_len), device=device)
-            engine = Engine(ours, batch, prompt_len + new_tokens, stop_ids=[], compile=True)
+            engine = Engine(ours, batch, prompt_len + new_tokens, stop_ids=[])
             seeds = [[i] for i in range(batch)]
             engine.generate(prompts[:, :8].tolist(), 1, 8, base_seeds=seeds)  # warm-up / compile
             torch.cuda.synchronize()
@@ -294,4 +360,4 @@ def benchmark(prompt_len=128, new_tokens=256, batches=(64, 256)):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

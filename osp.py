@@ -6,7 +6,8 @@ paired by rank, and the soft preference strengths are learned with the SPCE loss
     python data/convert.py --format judge --input data/builtin/pairs_train.jsonl --output data/builtin/judge_sft.jsonl
     python sft.py --model runs/builtin/sft --data data/builtin/judge_sft.jsonl --out runs/builtin/judge
     # or the same A/B objective through train_rm.py (records its template; run.sh does this, paper 1's format)
-    python train_rm.py --type pairwise --model runs/builtin/sft --pairs data/builtin/pairs_train.jsonl --out runs/builtin/judge
+    python train_rm.py train --type pairwise --model runs/builtin/sft --pairs data/builtin/pairs_train.jsonl \\
+        --out runs/builtin/judge
 
     # OSP from the SFT model, judged by the augmented SFT model
     python osp.py --model runs/builtin/sft --judge runs/builtin/judge --prompts data/builtin/prompts_iter1.jsonl \\
@@ -14,21 +15,24 @@ paired by rank, and the soft preference strengths are learned with the SPCE loss
     torchrun --nproc_per_node 8 osp.py --model /ckpt/tinyllama-sft --judge /ckpt/tinyllama-judge \\
         --prompts prompts.jsonl --out runs/osp --steps 2000
 
-Each step, for a batch of prompts x (Algorithm 1, lines 5-10):
-  1. sample K responses y_1..y_K from the current policy π_θ (on-policy; --sampling sft samples π_SFT);
-  2. the judge (frozen) scores each response against the empty response, s_i = p(y_i ≻ ∅ | x), the
-     judge instruction asked in both A/B orders and averaged;
-  3. ranked pairing: highest with lowest, second highest with second lowest, ... → K//2 pairs, O(K)
-     judge calls instead of O(K²) for all pairs (paper 2 §3.2);
-  4. target strength of each pair p = p(y_hi ≻ y_lo | x): the judge's softmax over the "A"/"B"
-     logits, both orders averaged;
-  5. SPCE (paper 2, eq. (9)) with implicit strength σ(β h) (eq. (7)) and reference π_SFT; update.
+Each step, for a batch of prompts x (Algorithm 1, lines 5-10), one function each below:
+  1. rollout: sample K responses y_1..y_K from the current policy π_θ (on-policy; --sampling sft
+     samples π_SFT);
+  2. judge: the judge (frozen) scores each response against the empty response, s_i = p(y_i ≻ ∅ | x),
+     the judge instruction asked in both A/B orders and averaged;
+  3. pairs: ranked pairing, highest with lowest, second highest with second lowest, ... → K//2 pairs,
+     O(K) judge calls instead of O(K²) for all pairs (paper 2 §3.2); and the target strength of each
+     pair p = p(y_hi ≻ y_lo | x): the judge's softmax over the "A"/"B" logits, both orders averaged;
+  4. update: SPCE (paper 2, eq. (9)) with implicit strength σ(β h) (eq. (7)) and reference π_SFT;
+  5. log: loss, target and implicit strengths, KL to π_SFT, length (and with --gold, the built-in
+     task's gold reward and the judge's agreement with it) to metrics.jsonl and a step line.
 The policy starts from --model (π_SFT), which is also the reference; the judge is --judge (π_SFT
 after preference augmentation; --model itself when omitted). Paper 2's TinyLlama settings are the
 defaults: K = 7, β = 0.001, lr 2e-6, batch 16 prompts, top-p 0.9, temperature 0.7.
 Ablations: --loss spce|dpo|ipo (DPO/IPO take the higher-ranked response as chosen), --pairing
 ranked|random|best (best = RAFT: NLL on the top-ranked response only), --sampling policy|sft.
-Data parallelism is DDP: each rank samples with its own full replica of the policy.
+Data parallelism is DDP: each rank samples with its own full replica of the policy. A rerun with a
+finished model in --out does nothing (--overwrite trains again).
 """
 import argparse
 import random
@@ -38,13 +42,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import (MetricsLogger, all_reduce_sum, clip_grad_norm, cosine_lr, default_dtype, destroy_distributed,
-                    encode_prompt, encode_response, end_of_turn_ids, gradient_sync, init_distributed, load_tokenizer,
-                    print0, save_checkpoint, seed_everything, stop_token_ids, unwrap, wrap_model)
+from common import (InputError, MetricsLogger, StepSums, already_trained, autocast, cosine_lr, default_dtype,
+                    destroy_distributed, encode_response, end_of_turn_ids, gradient_sync, init_distributed, load_tokenizer,
+                    make_optimizer, optimizer_step, print0, run_cli, save_checkpoint, seed_everything, set_lr, stop_token_ids,
+                    unwrap, wrap_model)
 from data.judge import JUDGE_TEMPLATES
 from data.schema import load_records
 from dpo import preference_loss, sequence_logps
-from generate import Engine, sample_seed
+from generate import Engine, encode_prompts, generate_records
 from model import Transformer
 from train_rm import judge_template, pairwise_preference
 
@@ -69,15 +74,164 @@ def random_pairs(scores, rng):
     return [(a, b) if scores[a] >= scores[b] else (b, a) for a, b in pairs]
 
 
-def main():
-    # ----------------------------------------------------------------------------------------------
-    # Command line
+def best_response(scores):
+    """RAFT's choice: the top-ranked response (ties: the lower index, as in ranked_pairs)."""
+    return min(range(len(scores)), key=lambda i: (-scores[i], i))
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+# ----------------------------------------------------------------------------------------------
+# One step of Algorithm 1: rollout → judge → pairs → update → log
+
+
+def prompt_batches(num_prompts, batch_size, seed):
+    """Global batches of prompt indices, one per step, without end: the prompts cycle through the
+    file, reshuffled each pass (a batch may straddle two passes)."""
+    rng, order = random.Random(seed), []
+    while True:
+        while len(order) < batch_size:
+            epoch = list(range(num_prompts))
+            rng.shuffle(epoch)
+            order += epoch
+        yield order[:batch_size]
+        order = order[batch_size:]
+
+
+def rollout(engine, tokenizer, prompt_records, args, step, device):
+    """1. K responses per prompt from the sampler (the current policy, or π_SFT): texts, a list of
+    K per prompt. Seeds come from (seed, step, prompt id, sample index): no dependence on ranks."""
+    engine.model.eval()
+    with autocast(engine.model, device):
+        samples = generate_records(engine, tokenizer, prompt_records, args.k, args.max_new_tokens, args.temperature,
+                                   top_p=args.top_p, seed=args.seed * 1_000_003 + step)
+    return [record["responses"] for record in samples]
+
+
+@torch.no_grad()
+def judge_self_scores(judge, judge_tokenizer, template, prompt_messages, responses, device):
+    """2. Each response against the empty one, s_i = p(y_i ≻ ∅ | x): a list of K floats per prompt
+    (read on the host: the ranking is done there)."""
+    flat_prompts = [messages for messages, texts in zip(prompt_messages, responses) for _ in texts]
+    flat_responses = [text for texts in responses for text in texts]
+    with autocast(judge, device):
+        scores = pairwise_preference(judge, judge_tokenizer, flat_prompts, flat_responses, [""] * len(flat_responses),
+                                     device, template)
+    return scores.view(len(responses), -1).tolist()
+
+
+def make_pairs(self_scores, pairing, rng):
+    """3a. The training pairs from the self-scores: (row, chosen index, rejected index) with `row`
+    the prompt's place in this rank's batch; with --pairing best, (row, best index, None)."""
+    if pairing == "best":
+        return [(row, best_response(scores), None) for row, scores in enumerate(self_scores)]
+    make = ranked_pairs if pairing == "ranked" else lambda scores: random_pairs(scores, rng)
+    return [(row, hi, lo) for row, scores in enumerate(self_scores) for hi, lo in make(scores)]
+
+
+@torch.no_grad()
+def target_strengths(judge, judge_tokenizer, template, prompt_messages, responses, pairs, device):
+    """3b. The judge's p = p(y_chosen ≻ y_rejected | x) of each pair (P,), both A/B orders averaged;
+    1 for RAFT's single responses (the best is taken as simply right)."""
+    if pairs and pairs[0][2] is None:
+        return torch.ones(len(pairs), device=device)
+    with autocast(judge, device):
+        return pairwise_preference(judge, judge_tokenizer, [prompt_messages[row] for row, _, _ in pairs],
+                                   [responses[row][hi] for row, hi, _ in pairs],
+                                   [responses[row][lo] for row, _, lo in pairs], device, template)
+
+
+def pair_losses(policy, reference, prompt_tokens, chosen_tokens, rejected_tokens, targets, args, pad_id, device):
+    """The loss of each pair of a micro-batch (B,), with h (B,), the implicit preference's argument,
+    and the log-ratio log π_θ(y|x) − log π_SFT(y|x) of each pair's responses, averaged (B,) (both
+    detached, for the metrics). rejected_tokens None: RAFT, per-token NLL of the best response."""
+    if rejected_tokens is None:
+        logps, counts = sequence_logps(policy, prompt_tokens, chosen_tokens, pad_id, device)
+        with torch.no_grad():
+            ref_logps, _ = sequence_logps(reference, prompt_tokens, chosen_tokens, pad_id, device)
+        return -logps / counts, torch.zeros_like(ref_logps), logps.detach() - ref_logps
+    n = len(prompt_tokens)
+    # chosen and rejected in one forward: (2B, T)
+    logps, counts = sequence_logps(policy, prompt_tokens * 2, chosen_tokens + rejected_tokens, pad_id, device)
+    with torch.no_grad():
+        ref_logps, _ = sequence_logps(reference, prompt_tokens * 2, chosen_tokens + rejected_tokens, pad_id, device)
+    # The token counts make IPO use length-normalised log-probs (dpo.preference_loss, as in dpo.py).
+    per_pair = preference_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], args.beta, args.loss, targets,
+                               chosen_tokens=counts[:n], rejected_tokens=counts[n:])
+    log_ratios = (logps.detach() - ref_logps).view(2, n)                 # (chosen, rejected) × B
+    return per_pair, log_ratios[0] - log_ratios[1], log_ratios.mean(0)
+
+
+def update(policy, reference, optimizer, tokenizer, prompt_tokens, responses, pairs, targets, args, step, world_size, device):
+    """4. One optimizer step of the loss, averaged over all pairs of the global batch (every rank
+    holds the same number, from its own prompts). Returns the step's metric sums (StepSums, still on
+    the device) and the gradient norm (a tensor)."""
+    policy.train()
+    set_lr(optimizer, cosine_lr(step, args.steps, args.lr, args.warmup_ratio))
+    end_of_turn, pad_id = end_of_turn_ids(tokenizer), tokenizer.pad_token_id
+    global_pairs = len(pairs) * world_size
+    micro_batches = [range(start, min(start + args.micro_batch_size, len(pairs)))
+                     for start in range(0, len(pairs), args.micro_batch_size)]
+    sums = StepSums()
+    for m, indices in enumerate(micro_batches):
+        rows = [pairs[i] for i in indices]
+        chosen = [encode_response(tokenizer, responses[row][hi], end_of_turn) for row, hi, _ in rows]
+        rejected = None if args.pairing == "best" else [encode_response(tokenizer, responses[row][lo], end_of_turn)
+                                                       for row, _, lo in rows]
+        with gradient_sync(policy, sync=m == len(micro_batches) - 1), autocast(policy, device):
+            per_pair, h, log_ratio = pair_losses(policy, reference, [prompt_tokens[row] for row, _, _ in rows], chosen,
+                                                 rejected, targets[indices.start:indices.stop], args, pad_id, device)
+            # Mean over the global batch's pairs (× world size: DDP averages the gradients over ranks).
+            (per_pair.sum() / global_pairs * world_size).backward()
+        # k1 estimate of KL(π_θ‖π_SFT): the samples are on-policy, so the mean log-ratio is unbiased.
+        sums.add(loss=per_pair, target=targets[indices.start:indices.stop], implicit=torch.sigmoid(args.beta * h),
+                 kl=log_ratio, pairs=len(rows))
+    return sums, optimizer_step(policy, optimizer, args.grad_clip)
+
+
+def gold_sums(prompt_messages, responses, pairs, targets):
+    """The built-in task's gold reward r* of the step's samples, and on the pairs whose gold scores
+    differ (and the judge is not indifferent), whether the judge's target sides with gold. Sums, for
+    StepSums; the comparison with the targets stays on the device."""
+    from data.task import score as gold_score
+    gold = [[gold_score(messages, text) for text in texts] for messages, texts in zip(prompt_messages, responses)]
+    sums = dict(gold=sum(map(sum, gold)))
+    if pairs and pairs[0][2] is not None:
+        gold_sign = torch.tensor([float(gold[row][hi] > gold[row][lo]) - float(gold[row][hi] < gold[row][lo])
+                                  for row, hi, lo in pairs], device=targets.device)          # (P,) +1, −1 or 0
+        decided = (gold_sign != 0) & (targets != 0.5)
+        sums.update(judge_decided=decided, judge_agrees=decided & ((gold_sign > 0) == (targets > 0.5)))
+    return sums
+
+
+def log_step(metrics, totals, step, lr, seconds, args, is_main):
+    """5. The step's metrics line (metrics.jsonl) from the reduced sums, and a step line every --log-every."""
+    pairs, responses = totals["pairs"], totals["responses"]
+    line = dict(step=step + 1, loss=totals["loss"] / pairs, target_strength=totals["target"] / pairs,
+                implicit_strength=totals["implicit"] / pairs, kl=totals["kl"] / pairs, grad_norm=totals["grad_norm"], lr=lr,
+                mean_length_chars=totals["length_chars"] / responses, ms=seconds * 1000)
+    if args.gold:
+        line["gold_mean"] = totals["gold"] / responses
+        decided = totals.get("judge_decided", 0)
+        line["judge_gold_agreement"] = totals["judge_agrees"] / decided if decided else float("nan")
+    metrics.log(**line)
+    if is_main and (step % args.log_every == 0 or step == args.steps - 1):
+        gold_text = f" | gold {line['gold_mean']:.3f} | judge~gold {line['judge_gold_agreement']:.2f}" if args.gold else ""
+        tqdm.write(f"step {step + 1}/{args.steps} | loss {line['loss']:.4f} | target {line['target_strength']:.3f} | "
+                   f"implicit {line['implicit_strength']:.3f} | kl {line['kl']:+.3f} | len {line['mean_length_chars']:.1f}"
+                   f"{gold_text} | grad {line['grad_norm']:.3f} | lr {lr:.2e} | {line['ms']:.0f} ms")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--model", required=True, help="π_SFT: the initial policy and the reference")
     parser.add_argument("--judge", default=None, help="the judge (π_SFT after preference augmentation); default --model")
     parser.add_argument("--prompts", required=True, help="prompts JSONL (id, messages)")
     parser.add_argument("--out", required=True, help="output checkpoint folder (+ metrics.jsonl)")
+    parser.add_argument("--overwrite", action="store_true", help="train again even if --out already holds a model")
     parser.add_argument("--steps", type=int, default=100, help="training steps (one batch of prompts each)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per step, over all ranks (paper 2: 16)")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="pairs per forward per rank")
@@ -101,20 +255,24 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="global seed (prompt order, sampling streams)")
     parser.add_argument("--log-every", type=int, default=1, help="print a step line every N steps")
     args = parser.parse_args()
+    if args.k < 2 and args.pairing != "best":
+        parser.error(f"--k {args.k}: pairs need at least 2 responses per prompt (or --pairing best)")
+    return args
+
+
+def main():
+    args = parse_args()
 
     # ----------------------------------------------------------------------------------------------
     # Distributed init
 
     dist_info = init_distributed(args.device)
-    device = dist_info.device
-    compute_dtype = default_dtype(device)
+    device, world_size = dist_info.device, dist_info.world_size
     seed_everything(args.seed)
-    if args.batch_size % dist_info.world_size:
-        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the number of ranks ({dist_info.world_size})")
-    if (Path(args.out) / "model.safetensors").exists():
-        print0(f"{args.out} already holds a model; skipping")
-        destroy_distributed()
-        raise SystemExit(0)
+    if args.batch_size % world_size:
+        raise InputError(f"--batch-size {args.batch_size} must be a multiple of the number of ranks ({world_size})")
+    if already_trained(args.out, args.overwrite):
+        return destroy_distributed()
 
     # ----------------------------------------------------------------------------------------------
     # Data and judge template
@@ -122,148 +280,49 @@ def main():
     prompts = load_records(args.prompts, "prompts")
     template = judge_template(args.judge or args.model, args.judge_template, default="dialogue")
 
-    if args.gold:
-        from data.task import score as gold_score
-
     # ----------------------------------------------------------------------------------------------
     # Models: the policy (trained, fp32 master weights, DDP), the reference π_SFT and the judge (frozen).
 
+    compute_dtype = default_dtype(device)
     tokenizer = load_tokenizer(args.model)
-    end_of_turn = end_of_turn_ids(tokenizer)
-    policy = Transformer.from_pretrained(args.model).float()
-    policy = wrap_model(policy, "ddp", device)
+    policy = wrap_model(Transformer.from_pretrained(args.model).float(), "ddp", device)
     reference = Transformer.from_pretrained(args.model, device=device, dtype=compute_dtype).eval().requires_grad_(False)
-    judge = reference if args.judge in (None, args.model) else \
+    same_judge = args.judge in (None, args.model)
+    judge = reference if same_judge else \
         Transformer.from_pretrained(args.judge, device=device, dtype=compute_dtype).eval().requires_grad_(False)
-    judge_tokenizer = tokenizer if args.judge in (None, args.model) else load_tokenizer(args.judge)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
-
-    prompt_ids = [encode_prompt(tokenizer, p["messages"]) for p in prompts]
-    local_batch = args.batch_size // dist_info.world_size
-    engine_max_len = max(map(len, prompt_ids)) + args.max_new_tokens
+    judge_tokenizer = tokenizer if same_judge else load_tokenizer(args.judge)
+    optimizer = make_optimizer(policy, args.lr)
+    # Every prompt is checked against the context up front, on every rank (generate.encode_prompts).
+    prompt_tokens = encode_prompts(tokenizer, prompts, args.max_new_tokens, reference.config.max_position_embeddings, args.prompts)
+    local_batch = args.batch_size // world_size
     # The sampler reads the policy's (or π_SFT's) weights in place: after each optimizer step the next
     # samples come from the updated policy, with no copy to keep in sync.
-    sampler_model = unwrap(policy) if args.sampling == "policy" else reference
-    engine = Engine(sampler_model, local_batch * args.k, engine_max_len, stop_token_ids(tokenizer), dtype=compute_dtype)
+    sampler = unwrap(policy) if args.sampling == "policy" else reference
+    engine = Engine(sampler, local_batch * args.k, max(map(len, prompt_tokens)) + args.max_new_tokens,
+                    stop_token_ids(tokenizer), dtype=compute_dtype)
 
     # ----------------------------------------------------------------------------------------------
-    # Training loop
+    # Training loop: Algorithm 1, one batch of prompts per step
 
     metrics = MetricsLogger(Path(args.out) / "metrics.jsonl", enabled=dist_info.is_main)
-    order_rng = random.Random(args.seed)
-    order = []
+    batches = prompt_batches(len(prompts), args.batch_size, args.seed)
     pairing_rng = random.Random(args.seed * 7919 + dist_info.rank)
     for step in tqdm(range(args.steps), desc=f"osp ({args.loss}, {args.pairing})", disable=not dist_info.is_main):
         t0 = time.time()
-        while len(order) < args.batch_size:  # prompts cycle through the file, reshuffled each pass
-            epoch = list(range(len(prompts)))
-            order_rng.shuffle(epoch)
-            order += epoch
-        batch, order = order[:args.batch_size], order[args.batch_size:]
-        mine = batch[dist_info.rank * local_batch:(dist_info.rank + 1) * local_batch]
-
-        # 1. K samples per prompt.
-        sampler_model.eval()
-        with torch.no_grad(), autocast:
-            seeds = [[sample_seed(args.seed * 1_000_003 + step, prompts[i]["id"], j) for j in range(args.k)] for i in mine]
-            outputs = engine.generate([prompt_ids[i] for i in mine], args.k, args.max_new_tokens, args.temperature,
-                                      top_p=args.top_p, base_seeds=seeds)
-        stop_set = set(engine.stop_ids.tolist())
-        responses = [[tokenizer.decode(o["tokens"][:-1] if o["tokens"][-1] in stop_set else o["tokens"]) for o in outs] for outs in outputs]
-
-        # 2-4. The judge: each response against the empty one, ranking, pairs, target strengths.
-        with autocast:
-            flat_prompts = [prompts[i]["messages"] for i in mine for _ in range(args.k)]
-            flat_responses = [r for rs in responses for r in rs]
-            self_scores = pairwise_preference(judge, judge_tokenizer, flat_prompts, flat_responses, [""] * len(flat_responses),
-                                              device, template).view(len(mine), args.k).tolist()
-        examples = []  # (prompt index, chosen text, rejected text)
-        for row, i in enumerate(mine):
-            scores = self_scores[row]
-            if args.pairing == "ranked":
-                pairs = ranked_pairs(scores)
-            elif args.pairing == "random":
-                pairs = random_pairs(scores, pairing_rng)
-            else:  # RAFT: the top-ranked response alone
-                pairs = [(ranked_pairs(scores)[0][0], None)]
-            examples += [(i, responses[row][hi], None if lo is None else responses[row][lo]) for hi, lo in pairs]
-        if args.pairing != "best":
-            with autocast:
-                targets = pairwise_preference(judge, judge_tokenizer, [prompts[i]["messages"] for i, _, _ in examples],
-                                              [c for _, c, _ in examples], [r for _, _, r in examples], device, template)
-        else:
-            targets = torch.ones(len(examples), device=device)
-
-        # 5. The update: SPCE (or the ablation's loss) over all pairs of the global batch.
-        policy.train()
-        global_pairs = len(examples) * dist_info.world_size  # equal on every rank
-        lr = cosine_lr(step, args.steps, args.lr, args.warmup_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        sums = dict(loss=0.0, target=0.0, implicit=0.0, kl=0.0)
-        micro = [examples[s:s + args.micro_batch_size] for s in range(0, len(examples), args.micro_batch_size)]
-        for m, chunk in enumerate(micro):
-            chunk_targets = targets[m * args.micro_batch_size:m * args.micro_batch_size + len(chunk)]
-            prompt_tokens = [prompt_ids[i] for i, _, _ in chunk]
-            chosen_tokens = [encode_response(tokenizer, c, end_of_turn) for _, c, _ in chunk]
-            with gradient_sync(policy, sync=m == len(micro) - 1), autocast:
-                if args.pairing == "best":  # RAFT: per-token NLL of the best response
-                    logps, counts = sequence_logps(policy, prompt_tokens, chosen_tokens, tokenizer.pad_token_id, device)
-                    per_pair, h = -logps / counts, torch.zeros_like(logps)
-                    with torch.no_grad():
-                        ref_logps, _ = sequence_logps(reference, prompt_tokens, chosen_tokens, tokenizer.pad_token_id, device)
-                    log_ratios = logps.detach() - ref_logps
-                else:
-                    rejected_tokens = [encode_response(tokenizer, r, end_of_turn) for _, _, r in chunk]
-                    logps, counts = sequence_logps(policy, prompt_tokens * 2, chosen_tokens + rejected_tokens, tokenizer.pad_token_id, device)
-                    with torch.no_grad():
-                        ref_logps, _ = sequence_logps(reference, prompt_tokens * 2, chosen_tokens + rejected_tokens, tokenizer.pad_token_id, device)
-                    n = len(chunk)
-                    policy_chosen, policy_rejected, ref_chosen, ref_rejected = logps[:n], logps[n:], ref_logps[:n], ref_logps[n:]
-                    if args.loss == "ipo":  # length-normalised log-probs, as in dpo.py
-                        per_pair = preference_loss(policy_chosen / counts[:n], policy_rejected / counts[n:], ref_chosen / counts[:n],
-                                                   ref_rejected / counts[n:], args.beta, "ipo")
-                    else:
-                        per_pair = preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta, args.loss, chunk_targets)
-                    h = ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)).detach()
-                    log_ratios = (logps.detach() - ref_logps)
-                loss = per_pair.sum() / global_pairs * dist_info.world_size
-                loss.backward()
-            sums["loss"] += loss.item() / dist_info.world_size
-            sums["target"] += chunk_targets.sum().item()
-            sums["implicit"] += torch.sigmoid(args.beta * h).sum().item()
-            # k1 estimate of KL(π_θ‖π_SFT): the samples are on-policy, so the mean log-ratio is unbiased
-            sums["kl"] += log_ratios.view(-1, len(chunk)).mean(0).sum().item()
-        grad_norm = clip_grad_norm(policy, args.grad_clip if args.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        totals = {k: all_reduce_sum(v, device) / global_pairs for k, v in sums.items()}
-        totals["loss"] *= global_pairs  # already a global mean
-        lengths = [len(r) for rs in responses for r in rs]
-        line = dict(step=step + 1, loss=totals["loss"], target_strength=totals["target"], implicit_strength=totals["implicit"],
-                    kl=totals["kl"], grad_norm=grad_norm, lr=lr, mean_length_chars=all_reduce_sum(sum(lengths), device) / (len(lengths) * dist_info.world_size),
-                    ms=(time.time() - t0) * 1000)
+        mine = next(batches)[dist_info.rank * local_batch:(dist_info.rank + 1) * local_batch]
+        messages = [prompts[i]["messages"] for i in mine]
+        responses = rollout(engine, tokenizer, [prompts[i] for i in mine], args, step, device)
+        self_scores = judge_self_scores(judge, judge_tokenizer, template, messages, responses, device)
+        pairs = make_pairs(self_scores, args.pairing, pairing_rng)
+        targets = target_strengths(judge, judge_tokenizer, template, messages, responses, pairs, device)
+        sums, grad_norm = update(policy, reference, optimizer, tokenizer, [prompt_tokens[i] for i in mine], responses, pairs,
+                                 targets, args, step, world_size, device)
+        sums.add(length_chars=sum(len(text) for texts in responses for text in texts),
+                 responses=sum(map(len, responses)))
         if args.gold:
-            gold = [[gold_score(prompts[i]["messages"], r) for r in responses[row]] for row, i in enumerate(mine)]
-            line["gold_mean"] = all_reduce_sum(sum(map(sum, gold)), device) / (len(lengths) * dist_info.world_size)
-            # judge agreement: on pairs whose gold scores differ, does the judge's target side with gold?
-            agree = total = 0
-            if args.pairing != "best":
-                for (i, chosen, rejected), p in zip(examples, targets.tolist()):
-                    g_chosen, g_rejected = gold_score(prompts[i]["messages"], chosen), gold_score(prompts[i]["messages"], rejected)
-                    if g_chosen != g_rejected and p != 0.5:
-                        total += 1
-                        agree += (g_chosen > g_rejected) == (p > 0.5)
-            total = all_reduce_sum(total, device)
-            line["judge_gold_agreement"] = all_reduce_sum(agree, device) / total if total else float("nan")
-        metrics.log(**line)
-        if dist_info.is_main and (step % args.log_every == 0 or step == args.steps - 1):
-            gold_text = f" | gold {line['gold_mean']:.3f} | judge~gold {line['judge_gold_agreement']:.2f}" if args.gold else ""
-            tqdm.write(f"step {step + 1}/{args.steps} | loss {line['loss']:.4f} | target {line['target_strength']:.3f} | "
-                       f"implicit {line['implicit_strength']:.3f} | kl {line['kl']:+.3f} | len {line['mean_length_chars']:.1f}"
-                       f"{gold_text} | {line['ms']:.0f} ms")
+            sums.add(**gold_sums(messages, responses, pairs, targets))
+        totals = sums.reduce(device, grad_norm=grad_norm)  # the step's one all-reduce and host read
+        log_step(metrics, totals, step, optimizer.param_groups[0]["lr"], time.time() - t0, args, dist_info.is_main)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             save_checkpoint(policy, Path(args.out) / f"step{step + 1}", tokenizer, source_dir=args.model)
 
@@ -277,4 +336,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

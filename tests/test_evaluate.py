@@ -1,22 +1,52 @@
 """Tests of evaluate.py."""
+import itertools
 import json
+import shutil
 
-from common import read_jsonl
+import torch
+
+from common import load_tokenizer, read_jsonl
 from data.task import score
+from model import Transformer
 from tests.helpers import builtin_model_dir, run_script
 
 
+def test_judge_statistics_on_a_known_case():
+    from evaluate import judge_statistics
+    first, second = ["1 2 3", "4", "5 6", "7"], ["1 2", "8 9", "5 6", "3"]
+    gold_difference = [0.5, -1.0, 0.0, 0.05]  # pairs 0 and 1 differ in correctness; 2 and 3 do not (|Δ| ≤ 0.1)
+    p_first = [0.9, 0.2, 0.7, 0.6]
+    # unequal lengths: pairs 0 (prefers the longer first), 1 (prefers the longer second); 2 and 3 have equal lengths
+    # gold: pair 0 sides with gold (Δ > 0, p > 1/2), pair 1 too (Δ < 0, p < 1/2)
+    assert judge_statistics(first, second, gold_difference, p_first) == dict(
+        pairs=4, prefers_longer=1.0, gold_agreement=1.0, gold_agreement_pairs=2)
+    flipped = [1 - p for p in p_first]
+    assert judge_statistics(first, second, gold_difference, flipped) == dict(
+        pairs=4, prefers_longer=0.0, gold_agreement=0.0, gold_agreement_pairs=2)
+    # no pair to measure on: no number, rather than a made-up 0
+    assert judge_statistics(["1"], ["2"], [0.0], [0.9]) == dict(pairs=1, prefers_longer=None, gold_agreement=None,
+                                                                gold_agreement_pairs=0)
+
+
 def test_evaluate_finds_checkpoints_scores_with_gold_and_caches(task_dir, tmp_path):
-    import shutil
+    from train_rm import pairwise_preference
     run = tmp_path / "run"
     builtin_model_dir(task_dir, run / "sft")
     shutil.copytree(run / "sft", run / "online" / "iter1" / "policy")
     shutil.copytree(run / "sft", run / "osp_spce_ranked")
-    shutil.copytree(run / "sft", run / "judge")  # any causal LM can judge (A/B tokens exist in the task's tokenizer)
+    # The judge: any causal LM can judge (A/B tokens exist in the task's tokenizer); larger weights than
+    # the init's make an opinionated one, whose preferences are far from the 1/2 threshold.
+    judge = builtin_model_dir(task_dir, run / "judge", seed=1)
+    model = Transformer.from_pretrained(judge)
+    torch.manual_seed(1)
+    for weight in model.parameters():
+        torch.nn.init.normal_(weight, std=0.3) if weight.dim() == 2 else None
+    model.save_pretrained(judge)
     args = ["evaluate.py", "--run", str(run), "--prompts", str(task_dir / "prompts_eval.jsonl"), "--max-new-tokens", "8",
             "--device", "cpu"]
     run_script(args)
-    results = json.loads((run / "results.json").read_text())["checkpoints"]
+    evaluation = json.loads((run / "results.json").read_text())
+    results = evaluation["checkpoints"]
     assert [r["label"] for r in results] == ["SFT", "iterative DPO, t = 1", "OSP (spce, ranked)"]
     answers = read_jsonl(run / "sft" / "eval_samples_T0.jsonl")
     assert len(answers) == len(read_jsonl(task_dir / "prompts_eval.jsonl"))
@@ -25,9 +55,28 @@ def test_evaluate_finds_checkpoints_scores_with_gold_and_caches(task_dir, tmp_pa
     assert results[0]["gold"] == results[1]["gold"]  # the same weights answer the same (greedy, and seeded samples)
     assert results[0]["sampled_gold"] == results[1]["sampled_gold"]
     assert "| SFT |" in (run / "results.md").read_text()
-    judge = json.loads((run / "results.json").read_text())["judge"]
-    assert judge["pairs"] == len(answers) * 6  # 4 sampled answers per prompt → 6 pairs
-    assert 0.0 <= judge["prefers_longer"] <= 1.0 and 0.0 <= judge["gold_agreement"] <= 1.0
+
+    # The judge's statistics, recomputed here from the cached sampled answers and the judge itself.
+    sampled = read_jsonl(run / "sft" / "eval_samples_T1.jsonl")
+    prompts, first, second, gold_difference = [], [], [], []
+    for record in sampled:
+        gold = [score(record["prompt"], r) for r in record["responses"]]
+        for i, j in itertools.combinations(range(4), 2):  # 4 sampled answers per prompt → 6 pairs
+            prompts.append(record["prompt"])
+            first.append(record["responses"][i])
+            second.append(record["responses"][j])
+            gold_difference.append(gold[i] - gold[j])
+    with torch.no_grad():
+        p_first = pairwise_preference(Transformer.from_pretrained(judge).eval(), load_tokenizer(judge), prompts, first, second,
+                                      "cpu", "pairwise").tolist()
+    assert min(abs(p - 0.5) for p in p_first) > 1e-4  # no pair near the threshold: the counts below are exact
+    longer = [(len(a) > len(b)) == (p > 0.5) for a, b, p in zip(first, second, p_first) if len(a) != len(b)]
+    agree = [(d > 0) == (p > 0.5) for d, p in zip(gold_difference, p_first) if abs(d) > 0.1]
+    assert longer and agree  # both statistics are measured on something
+    judged = evaluation["judge"]
+    assert judged["pairs"] == len(sampled) * 6 and judged["gold_agreement_pairs"] == len(agree)
+    assert judged["prefers_longer"] == sum(longer) / len(longer) and judged["gold_agreement"] == sum(agree) / len(agree)
+
     before = (run / "sft" / "eval_samples_T1.jsonl").stat().st_mtime_ns
     run_script(args)  # a rerun reuses the cached answers
     assert (run / "sft" / "eval_samples_T1.jsonl").stat().st_mtime_ns == before

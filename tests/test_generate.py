@@ -1,12 +1,17 @@
 """Tests of generate.py."""
+import json
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import generate
-from common import read_jsonl, write_jsonl
+from common import InputError, load_tokenizer, read_jsonl, write_jsonl
 from model import Transformer
-from tests.helpers import run_script
+from tests.helpers import ROOT, run_script
 
 
 def greedy_reference(model, prompt, steps):
@@ -18,11 +23,27 @@ def greedy_reference(model, prompt, steps):
     return ids[len(prompt):]
 
 
-def test_generate_greedy_equals_uncached_loop_and_transformers(tiny_model_dir):
+def run_failing(args):
+    """Run a stage script that must stop on a user error: exit status 2, one `error: ...` line on
+    stderr, no traceback. Returns that line."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, f"exit {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_generate_greedy_equals_uncached_loop_and_transformers(tiny_model_dir, monkeypatch):
     model = Transformer.from_pretrained(tiny_model_dir).eval()
     prompts = [[5, 9, 13, 2], [7, 7], [20, 21, 22, 23, 24, 25, 26]]
+    # The engine looks the module-level decode_step up at every call (what --compile relies on).
+    calls = []
+    monkeypatch.setattr(generate, "decode_step", lambda *a: calls.append(1) or generate.eager_decode_step(*a))
     engine = generate.Engine(model, max_batch=2, max_len=32, stop_ids=[])  # 2 slots, 3 prompts: slots get refilled
     outputs = engine.generate(prompts, n=1, max_new_tokens=12, temperature=0.0)
+    assert len(calls) >= 11  # 12 tokens: the first from the prefill, the rest from decode steps
     hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     for prompt, (out,) in zip(prompts, outputs):
         assert out["tokens"] == greedy_reference(model, prompt, 12) and out["finish_reason"] == "length"
@@ -54,20 +75,79 @@ def test_generate_stop_tokens_logprobs_and_n_samples(tiny_model_dir):
             assert torch.allclose(torch.tensor(s["token_logprobs"]), expected, atol=1e-4)
 
 
+def test_response_text_drops_only_a_final_stop_token(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    ids = tokenizer("ab", add_special_tokens=False)["input_ids"]
+    stop = {tokenizer.eos_token_id}
+    assert generate.response_text(tokenizer, ids + [tokenizer.eos_token_id], stop) == "ab"  # ended on a stop token
+    assert generate.response_text(tokenizer, ids, stop) == "ab"                             # cut by max_new_tokens
+    assert generate.response_text(tokenizer, [], stop) == ""
+
+
+PROMPTS = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"reverse {w}"}]}
+           for i, w in enumerate(["abc", "bd", "fedcba", "e", "cc"])]
+
+
 def test_generate_cli_seeded_samples_do_not_depend_on_batch_size_or_ranks(tiny_model_dir, tmp_path):
-    prompts = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"reverse {w}"}]}
-               for i, w in enumerate(["abc", "bd", "fedcba", "e", "cc"])]
-    write_jsonl(tmp_path / "prompts.jsonl", prompts)
+    write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
     base = ["generate.py", "--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.jsonl"), "--num-samples", "3",
             "--temperature", "1.0", "--max-new-tokens", "10", "--seed", "7", "--device", "cpu", "--logprobs"]
     run_script(base + ["--out", str(tmp_path / "a.jsonl"), "--batch-size", "3", "--chunk-size", "2"])
-    run_script(base + ["--out", str(tmp_path / "b.jsonl"), "--batch-size", "16"])
     run_script(base + ["--out", str(tmp_path / "c.jsonl"), "--batch-size", "6", "--chunk-size", "1"], nproc=2)
-    a, b, c = (read_jsonl(tmp_path / f"{x}.jsonl") for x in "abc")
-    assert [r["id"] for r in a] == [p["id"] for p in prompts]
+    a, c = (read_jsonl(tmp_path / f"{x}.jsonl") for x in "ac")
+    # in process, 16 slots: every sample of every prompt decodes in one batch
+    model = Transformer.from_pretrained(tiny_model_dir).eval()
+    tokenizer = load_tokenizer(tiny_model_dir)
+    engine = generate.Engine(model, 16, 64, [tokenizer.eos_token_id])
+    b = generate.generate_records(engine, tokenizer, PROMPTS, 3, 10, temperature=1.0, seed=7, logprobs=True)
+    assert [r["id"] for r in a] == [p["id"] for p in PROMPTS]
     assert [r["responses"] for r in a] == [r["responses"] for r in b] == [r["responses"] for r in c]
-    assert all(len(r["responses"]) == 3 == len(r["num_tokens"]) == len(r["finish_reasons"]) for r in a)
+    assert all(len(r["responses"]) == 3 == len(r["num_tokens"]) == len(r["finish_reasons"]) == len(r["logprobs"]) for r in a)
     assert len({resp for r in a for resp in r["responses"]}) > 5  # actually sampled, not one repeated answer
     # a different seed gives different samples
-    run_script(base[:-5] + ["--seed", "8", "--device", "cpu", "--out", str(tmp_path / "d.jsonl")])
-    assert [r["responses"] for r in read_jsonl(tmp_path / "d.jsonl")] != [r["responses"] for r in a]
+    d = generate.generate_records(engine, tokenizer, PROMPTS, 3, 10, temperature=1.0, seed=8)
+    assert [r["responses"] for r in d] != [r["responses"] for r in a]
+
+
+def test_prompt_longer_than_the_context_is_a_one_line_error(tiny_model_dir, tmp_path):
+    # The tiny model's context is 512 positions; the character tokenizer makes this prompt 500+ tokens.
+    prompts = PROMPTS[:2] + [{"id": "long", "messages": [{"role": "user", "content": "x" * 500}]}]
+    write_jsonl(tmp_path / "prompts.jsonl", prompts)
+    error = run_failing(["generate.py", "--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.jsonl"),
+                         "--out", str(tmp_path / "out.jsonl"), "--max-new-tokens", "16", "--device", "cpu"])
+    assert str(tmp_path / "prompts.jsonl") in error and "'long'" in error and "--max-new-tokens 16" in error
+    assert "512" in error and "drop the prompt" in error
+    assert not (tmp_path / "out.jsonl").exists()
+    # the same check guards generate_records, which dpo.py samples with
+    model = Transformer.from_pretrained(tiny_model_dir).eval()
+    tokenizer = load_tokenizer(tiny_model_dir)
+    engine = generate.Engine(model, 4, 1024, [tokenizer.eos_token_id])
+    assert engine.max_len == 512  # never a cache longer than the context
+    with pytest.raises(InputError, match="prompt id 'long'"):
+        generate.generate_records(engine, tokenizer, prompts, 1, 16)
+    assert len(generate.generate_records(engine, tokenizer, prompts[:2], 1, 16)) == 2
+
+
+def test_resume_with_other_settings_stops_and_names_them(tiny_model_dir, tmp_path):
+    write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    out = tmp_path / "out.jsonl"
+    args = ["generate.py", "--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.jsonl"), "--out", str(out),
+            "--max-new-tokens", "6", "--seed", "3", "--device", "cpu", "--chunk-size", "2"]
+    # What a run with --n 3 that stopped after its first chunk leaves behind: its settings record.
+    parts = tmp_path / "out.jsonl.parts-n5-c2"
+    parts.mkdir()
+    earlier = dict(model=str(tiny_model_dir.resolve()), n=3, max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                   seed=3, logprobs=False)
+    (parts / "settings.json").write_text(json.dumps(earlier))
+    error = run_failing(args + ["--n", "2"])
+    assert "(n 3 → 2, recorded in" in error and str(parts) in error  # n and only n differs
+    assert not out.exists()
+    run_script(args + ["--n", "3"])  # the recorded settings: the run goes on
+    assert [len(r["responses"]) for r in read_jsonl(out)] == [3] * 5 and not parts.exists()
+
+
+def test_empty_prompts_file_is_a_one_line_error(tiny_model_dir, tmp_path):
+    (tmp_path / "prompts.jsonl").write_text("")
+    error = run_failing(["generate.py", "--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.jsonl"),
+                         "--out", str(tmp_path / "out.jsonl"), "--device", "cpu"])
+    assert str(tmp_path / "prompts.jsonl") in error

@@ -1,5 +1,4 @@
 """Tests of osp.py."""
-import json
 import math
 
 import pytest
@@ -49,6 +48,13 @@ def test_judge_targets_are_symmetric_under_ab_swap(task_dir, tmp_path):
     assert (p_ab - 0.5).abs().max() > 1e-4  # a random judge is not indifferent, so the test can fail
 
 
+BETA = 0.1
+# At step 1 the policy is the reference π_SFT, so h = 0 on every pair: SPCE's and DPO's loss is
+# log 2 (SPCE whatever the target), IPO's (0 − 1/(2β))², the implicit strength σ(0) = 1/2, and the
+# KL estimate 0. RAFT's (best) loss is the best response's per-token NLL: positive.
+STEP_ONE_LOSS = {"spce": math.log(2), "dpo": math.log(2), "ipo": (1 / (2 * BETA)) ** 2}
+
+
 @pytest.mark.parametrize("loss,pairing,nproc", [("spce", "ranked", 1), ("dpo", "random", 2), ("ipo", "ranked", 1), ("spce", "best", 1)])
 def test_osp_steps_run_on_builtin_task_and_change_the_policy(loss, pairing, nproc, task_dir, tmp_path):
     from safetensors.torch import load_file
@@ -57,25 +63,39 @@ def test_osp_steps_run_on_builtin_task_and_change_the_policy(loss, pairing, npro
     sft = builtin_model_dir(task_dir, tmp_path / "sft")
     out = tmp_path / "osp"
     args = ["osp.py", "--model", str(sft), "--prompts", str(task_dir / "prompts_iter1.jsonl"), "--out", str(out),
-            "--steps", "2", "--batch-size", "2", "--k", "3", "--max-new-tokens", "10", "--lr", "1e-3", "--beta", "0.1",
+            "--steps", "1", "--batch-size", "2", "--k", "3", "--max-new-tokens", "6", "--lr", "1e-3", "--beta", str(BETA),
             "--loss", loss, "--pairing", pairing, "--gold", "--device", "cpu"]
-    if (loss, pairing) == ("spce", "ranked"):  # the judge: a pairwise model trained by train_rm.py, which records its template
+    if (loss, pairing) == ("spce", "ranked"):  # a separate judge folder recording its template, as train_rm.py writes it
         judge = tmp_path / "judge"
-        run_script(["train_rm.py", "--type", "pairwise", "--model", str(sft), "--pairs", str(task_dir / "pairs_eval.jsonl"),
-                    "--out", str(judge), "--max-steps", "2", "--batch-size", "8", "--lr", "1e-3", "--device", "cpu",
-                    "--eval-pairs", str(task_dir / "pairs_eval.jsonl")])
-        assert (judge / "judge_template.txt").read_text() == PAIRWISE_TEMPLATE
-        assert 0.0 <= json.loads((judge / "eval.json").read_text())["accuracy"] <= 1.0
+        builtin_model_dir(task_dir, judge, seed=1)
+        (judge / "judge_template.txt").write_text(PAIRWISE_TEMPLATE)
         args += ["--judge", str(judge)]
     run_script(args, nproc=nproc)
-    lines = read_jsonl(out / "metrics.jsonl")
-    assert [line["step"] for line in lines] == [1, 2]
-    for line in lines:
-        assert math.isfinite(line["loss"]) and 0.0 < line["target_strength"] <= 1.0 and math.isfinite(line["kl"])
-        assert -1.0 <= line["gold_mean"] <= 1.0 and line["mean_length_chars"] > 0
+    (line,) = read_jsonl(out / "metrics.jsonl")
+    assert line["step"] == 1
     if pairing == "best":
-        assert all(line["target_strength"] == 1.0 for line in lines)
+        assert line["loss"] > 0 and line["target_strength"] == 1.0 and math.isnan(line["judge_gold_agreement"])
+    else:
+        assert line["loss"] == pytest.approx(STEP_ONE_LOSS[loss], rel=1e-6)
+        assert 0.0 < line["target_strength"] < 1.0 and line["target_strength"] != 0.5  # the judge's soft targets
+    assert line["implicit_strength"] == pytest.approx(0.5, abs=1e-7) and abs(line["kl"]) < 1e-6
+    assert -1.0 <= line["gold_mean"] <= 1.0 and line["mean_length_chars"] > 0 and line["grad_norm"] > 0
     before, after = load_file(sft / "model.safetensors"), load_file(out / "model.safetensors")
     assert max((after[n] - before[n]).abs().max().item() for n in before) > 1e-4
     AutoModelForCausalLM.from_pretrained(out)  # the trained policy is a valid HF checkpoint
-    assert "skipping" in run_script(args, nproc=1)  # a finished run is not redone
+    if loss == "ipo":
+        saved = (out / "model.safetensors").stat().st_mtime_ns
+        assert "skipping" in run_script(args)  # a finished run is not redone ...
+        assert (out / "model.safetensors").stat().st_mtime_ns == saved
+        assert "skipping" not in run_script(args + ["--overwrite"])  # ... unless asked
+        assert (out / "model.safetensors").stat().st_mtime_ns != saved
+
+
+def test_osp_empty_prompts_file_is_a_one_line_error(task_dir, tmp_path):
+    from tests.test_generate import run_failing
+    (tmp_path / "prompts.jsonl").write_text("")
+    sft = builtin_model_dir(task_dir, tmp_path / "sft")
+    error = run_failing(["osp.py", "--model", str(sft), "--prompts", str(tmp_path / "prompts.jsonl"), "--out",
+                         str(tmp_path / "osp"), "--device", "cpu"])
+    assert str(tmp_path / "prompts.jsonl") in error and "max()" not in error
+    assert not (tmp_path / "osp").exists()
