@@ -1,28 +1,33 @@
 """Reward modelling: a Bradley-Terry reward model or a pairwise preference model, their evaluation,
-and reward scoring of sampled responses for the online loop (paper 1, RLHF Workflow, §2).
+and reward scoring of sampled responses for the online loop (paper 1, RLHF Workflow, §2). Three
+subcommands: train, score, eval (`python train_rm.py SUBCOMMAND --help` lists each one's flags).
 
     # train a Bradley-Terry RM from the SFT checkpoint (paper 1: 1 epoch, lr 2e-6, batch 512)
-    python train_rm.py --model runs/builtin/sft --pairs data/builtin/pairs_train.jsonl \\
-        --eval-pairs data/builtin/pairs_eval.jsonl --out runs/builtin/rm --type bt
-    torchrun --nproc_per_node 8 train_rm.py --model runs/sft --pairs pairs.jsonl --out runs/rm --type bt
+    python train_rm.py train --type bt --model runs/builtin/sft --pairs data/builtin/pairs_train.jsonl \\
+        --eval-pairs data/builtin/pairs_eval.jsonl --out runs/builtin/rm
+    torchrun --nproc_per_node 8 train_rm.py train --type bt --model runs/sft --pairs pairs.jsonl --out runs/rm
 
     # a pairwise preference model: "[CONTEXT] x [RESPONSE A] a1 [RESPONSE B] a2" -> "A" / "B"
-    python train_rm.py --model runs/builtin/sft --pairs data/builtin/pairs_train.jsonl --out runs/builtin/pm \\
-        --type pairwise --lr 5e-6
+    python train_rm.py train --type pairwise --model runs/builtin/sft --pairs data/builtin/pairs_train.jsonl \\
+        --out runs/builtin/pm --lr 5e-6
 
     # score n samples per prompt for the online loop (batched, sharded under torchrun, resumable)
-    python train_rm.py --score --rm runs/builtin/rm --samples samples.jsonl --out rewards.jsonl
+    python train_rm.py score --rm runs/builtin/rm --samples samples.jsonl --out rewards.jsonl
 
     # evaluate: held-out accuracy (overall and per `source`) and the length-bias statistic
-    python train_rm.py --eval --rm runs/builtin/rm --pairs data/builtin/pairs_eval.jsonl --samples samples.jsonl
+    python train_rm.py eval --rm runs/builtin/rm --pairs data/builtin/pairs_eval.jsonl --samples samples.jsonl
+
+A rerun of `train` with --out already holding a model skips training (--overwrite trains it again);
+`score` skips when --out exists and resumes a crashed run from its finished chunks.
 
 Bradley-Terry (paper 1, eq. (1)): P(a_w ≻ a_l | x) = σ(r(x, a_w) − r(x, a_l)), trained by
 L = −log σ(r_w − r_l). The reward r(x, a) is a linear head on the backbone's last hidden state,
 read at the last real token of prompt + response (the end-of-turn token), found from the sequence
 lengths — never by searching for the pad id, which many checkpoints set equal to eos.
 The saved RM is an HF *ForSequenceClassification folder (num_labels=1, head `score`), so other
-tools load it; its pad_token_id is set to an id that never occurs inside a scored sequence, because
-transformers finds the last real token as the last non-pad one.
+tools load it; transformers finds the last real token as the last non-pad one, so its config's
+pad_token_id is an id that never occurs inside a scored sequence, and its saved tokenizer pads with
+that same id (tokenizer(texts, padding=True) then gives transformers the batch it expects).
 """
 import argparse
 import json
@@ -35,10 +40,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (MetricsLogger, all_reduce_sum, atomic_write_text, clip_grad_norm, cosine_lr, default_dtype, destroy_distributed,
-                    encode_prompt, encode_response, end_of_turn_ids, gradient_sync, init_distributed, load_tokenizer,
-                    print0, process_in_chunks, right_pad, save_checkpoint, seed_everything, wrap_model)
-from data.judge import JUDGE_TEMPLATES, render_judge_prompt
+from common import (InputError, MetricsLogger, StepSums, already_trained, atomic_write_text, autocast, batch_schedule,
+                    cosine_lr, default_dtype, destroy_distributed, encode_prompt, encode_response, end_of_turn_ids,
+                    gradient_sync, init_distributed, load_tokenizer, make_optimizer, optimizer_step, print0,
+                    process_in_chunks, rank_micro_batches, right_pad, run_cli, save_checkpoint, seed_everything, set_lr,
+                    unwrap, wrap_model)
+from data.judge import JUDGE_LABELS, JUDGE_TEMPLATES, render_judge_prompt
 from data.schema import load_records
 from model import Transformer
 
@@ -87,9 +94,10 @@ def pairwise_query_ids(tokenizer, prompt, response_a, response_b, template="pair
 
 
 def label_token_ids(tokenizer):
-    ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in ("A", "B")]
+    """The ids of the two answer tokens (data.judge.JUDGE_LABELS: first / second response better)."""
+    ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in JUDGE_LABELS]
     if any(len(i) != 1 for i in ids):
-        raise ValueError(f"'A' and 'B' must each be a single token for the pairwise model, got {ids}")
+        raise ValueError(f"the answer labels {JUDGE_LABELS} must each be a single token for the pairwise model, got {ids}")
     return ids[0][0], ids[1][0]
 
 
@@ -171,7 +179,8 @@ def length_bias(records):
 
 
 def score_records(model, tokenizer, records, device, batch_size, max_length):
-    """Add `rewards` (one float per response) to each samples record."""
+    """Add `rewards` (one float per response) to each samples record. Reads only each record's
+    `prompt` and `responses`; every other field is passed through unchanged."""
     end_of_turn = end_of_turn_ids(tokenizer)
     flat = [(i, pair_token_ids(tokenizer, r["prompt"], response, end_of_turn, max_length))
             for i, r in enumerate(records) for response in r["responses"]]
@@ -218,103 +227,121 @@ def model_kind(path):
 # Training
 
 
-def train(args, dist_info):
-    device = dist_info.device
-    compute_dtype = default_dtype(device)
-    tokenizer = load_tokenizer(args.model)
+def training_examples(args, tokenizer, pairs, template, rng):
+    """Token lists of each pair. BT: (chosen ids, rejected ids, margin); pairwise: (query ids, label
+    id, 0) with the two responses in a random A/B order (fights position bias). A pair whose chosen
+    and rejected are the same (after truncation, for BT) carries no preference and is dropped.
+    Returns the examples, the number dropped and the number of truncated sequences."""
     end_of_turn = end_of_turn_ids(tokenizer)
-    pairs = load_records(args.pairs, "pairs")
-    rng = torch.Generator().manual_seed(args.seed)
-
-    # Data: each pair becomes token lists. BT: (chosen, rejected) sequences; pairwise: one query in
-    # a random A/B order (fights position bias) with the correct label token as the target.
-    examples, truncated = [], 0
+    examples, dropped, truncated = [], 0, 0
     if args.type == "bt":
         for p in pairs:
             chosen, t1 = pair_token_ids(tokenizer, p["prompt"], p["chosen"], end_of_turn, args.max_length)
             rejected, t2 = pair_token_ids(tokenizer, p["prompt"], p["rejected"], end_of_turn, args.max_length)
             truncated += t1 + t2
+            if chosen == rejected:
+                dropped += 1
+                continue
             examples.append((chosen, rejected, float(p.get("margin", 0.0)) if args.use_margin else 0.0))
     else:
-        template = judge_template(args.model, args.template or "pairwise")
-        a_id, b_id = label_token_ids(tokenizer)
-        flips = torch.rand(len(pairs), generator=rng) < 0.5
-        for p, chosen_second in zip(pairs, flips.tolist()):
+        first_label, second_label = label_token_ids(tokenizer)
+        flips = (torch.rand(len(pairs), generator=rng) < 0.5).tolist()
+        for p, chosen_second in zip(pairs, flips):
+            if p["chosen"] == p["rejected"]:
+                dropped += 1
+                continue
             first, second = (p["rejected"], p["chosen"]) if chosen_second else (p["chosen"], p["rejected"])
             query = pairwise_query_ids(tokenizer, p["prompt"], first, second, template)
             truncated += len(query) > args.max_length
-            examples.append((query[-args.max_length:], b_id if chosen_second else a_id, 0.0))
+            examples.append((query[-args.max_length:], second_label if chosen_second else first_label, 0.0))
+    return examples, dropped, truncated
+
+
+def train(args, dist_info):
+    device, world_size = dist_info.device, dist_info.world_size
+
+    # ------------------------------------------------------------------------------------------
+    # Data
+
+    tokenizer = load_tokenizer(args.model)
+    pairs = load_records(args.pairs, "pairs")
+    template = judge_template(args.model, args.template or "pairwise") if args.type == "pairwise" else None
+    examples, dropped, truncated = training_examples(args, tokenizer, pairs, template, torch.Generator().manual_seed(args.seed))
+    if not examples:
+        why = f", {dropped} dropped: chosen and rejected identical after truncation to --max-length {args.max_length}" if dropped else ""
+        raise InputError(f"{args.pairs}: no preference pair to train on ({len(pairs)} read{why}); expected JSONL records "
+                         '{"prompt": [...], "chosen": "...", "rejected": "..."}')
+    if dropped:
+        print0(f"warning: {dropped} of {len(pairs)} pairs have identical chosen and rejected (after truncation to "
+               f"--max-length {args.max_length}): no preference to learn, dropped")
     if truncated:
         print0(f"warning: {truncated} sequences exceed --max-length {args.max_length} and were truncated")
-
-    steps_per_epoch = math.ceil(len(examples) / args.batch_size)
-    total_steps = math.ceil(args.epochs * steps_per_epoch)
-    if args.max_steps > 0:
-        total_steps = min(total_steps, args.max_steps)
-    micro_steps = math.ceil(args.batch_size / (dist_info.world_size * args.micro_batch_size))
+    schedule = batch_schedule(len(examples), args.batch_size, args.epochs, args.seed + 1, args.max_steps)
+    total_steps = len(schedule)
+    micro_steps = len(rank_micro_batches(schedule[0], dist_info.rank, world_size, args.micro_batch_size))
     print0(f"{len(examples)} pairs, {total_steps} steps of {args.batch_size} pairs "
            f"({micro_steps} micro-batches of {args.micro_batch_size} per rank)")
 
-    model = Transformer.from_pretrained(args.model, head="score" if args.type == "bt" else "lm").float()
-    model = wrap_model(model, args.parallel, device, param_dtype=compute_dtype)
-    autocast = torch.autocast(device.type, dtype=compute_dtype,
-                              enabled=compute_dtype != torch.float32 and not hasattr(model, "set_requires_gradient_sync"))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    # ------------------------------------------------------------------------------------------
+    # Model and optimizer (the cosine schedule is set each step)
 
-    schedule = []
-    for _ in range(math.ceil(args.epochs)):
-        permutation = torch.randperm(len(examples), generator=rng).tolist()
-        schedule += [permutation[i:i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
+    model = Transformer.from_pretrained(args.model, head="score" if args.type == "bt" else "lm").float()
+    model = wrap_model(model, args.parallel, device, param_dtype=default_dtype(device))
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+
+    # ------------------------------------------------------------------------------------------
+    # Training loop: one host read per step (StepSums.reduce).
 
     metrics = MetricsLogger(Path(args.out) / "metrics.jsonl", enabled=dist_info.is_main)
     model.train()
-    for step in tqdm(range(total_steps), desc=f"train_rm ({args.type})", disable=not dist_info.is_main):
+    for step, batch in enumerate(tqdm(schedule, desc=f"train_rm ({args.type})", disable=not dist_info.is_main)):
         t0 = time.time()
-        per_rank = micro_steps * args.micro_batch_size
-        indices = schedule[step]
-        n_pairs = len(indices)
-        indices = indices + [-1] * (per_rank * dist_info.world_size - n_pairs)  # -1: padding, weight 0
-        mine = indices[dist_info.rank * per_rank:(dist_info.rank + 1) * per_rank]
         lr = cosine_lr(step, total_steps, args.lr, args.warmup_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum, correct_sum = 0.0, 0.0
-        for m in range(micro_steps):
-            batch = [examples[i] if i >= 0 else examples[0] for i in mine[m * args.micro_batch_size:(m + 1) * args.micro_batch_size]]
-            weight = torch.tensor([float(i >= 0) for i in mine[m * args.micro_batch_size:(m + 1) * args.micro_batch_size]], device=device)
-            with gradient_sync(model, sync=m == micro_steps - 1), autocast:
-                if args.type == "bt":
-                    rewards = sequence_rewards(model, [e[0] for e in batch] + [e[1] for e in batch], tokenizer.pad_token_id, device)
-                    chosen, rejected = rewards[:len(batch)], rewards[len(batch):]
-                    per_pair = bt_loss(chosen, rejected, torch.tensor([e[2] for e in batch], device=device), args.center_coef)
-                    correct = (chosen > rejected).float()
-                else:  # cross-entropy on the label token, over the full vocabulary
-                    input_ids, lengths = right_pad([e[0] for e in batch], tokenizer.pad_token_id, device)
-                    targets = torch.full_like(input_ids, -100)
-                    targets[torch.arange(len(batch), device=device), lengths - 1] = torch.tensor([e[1] for e in batch], device=device)
-                    per_pair = -model(input_ids, targets=targets).sum(1)
-                    correct = (per_pair < math.log(2)).float()  # the label has probability > 1/2
-                # Mean over the global batch's pairs: divide by its size, × world size (grads are averaged).
-                loss = (per_pair * weight).sum() / n_pairs * dist_info.world_size
-                loss.backward()
-            loss_sum += loss.item() / dist_info.world_size
-            correct_sum += (correct * weight).sum().item()
-        grad_norm = clip_grad_norm(model, args.grad_clip if args.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        line = dict(step=step + 1, loss=all_reduce_sum(loss_sum, device), accuracy=all_reduce_sum(correct_sum, device) / n_pairs,
-                    lr=lr, grad_norm=grad_norm, ms=(time.time() - t0) * 1000)
+        set_lr(optimizer, lr)
+        micro_batches = rank_micro_batches(batch, dist_info.rank, world_size, args.micro_batch_size)
+        sums = StepSums()
+        for m, indices in enumerate(micro_batches):
+            items = [examples[max(i, 0)] for i in indices]                               # index -1: padding ...
+            weight = torch.tensor([float(i >= 0) for i in indices], device=device)       # ... with weight 0
+            with gradient_sync(model, sync=m == len(micro_batches) - 1):
+                with autocast(model, device):
+                    if args.type == "bt":
+                        rewards = sequence_rewards(model, [e[0] for e in items] + [e[1] for e in items], tokenizer.pad_token_id, device)
+                        chosen, rejected = rewards[:len(items)], rewards[len(items):]
+                        margins = torch.tensor([e[2] for e in items], device=device)
+                        per_pair = bt_loss(chosen, rejected, margins, args.center_coef)            # (B,)
+                        correct = (chosen > rejected).float()
+                    else:  # cross-entropy on the label token, over the full vocabulary
+                        input_ids, lengths = right_pad([e[0] for e in items], tokenizer.pad_token_id, device)
+                        targets = torch.full_like(input_ids, -100)
+                        targets[torch.arange(len(items), device=device), lengths - 1] = torch.tensor([e[1] for e in items], device=device)
+                        per_pair = -model(input_ids, targets=targets).sum(1)                      # (B,)
+                        correct = (per_pair < math.log(2)).float()  # the label has probability > 1/2
+                # Mean over the global batch's pairs: divide by its size, × world size (the gradient
+                # all-reduce averages over ranks).
+                batch_loss = (per_pair * weight).sum() / len(batch)
+                (batch_loss * world_size).backward()
+            sums.add(loss=batch_loss, correct=correct * weight)  # summed over micro-batches and ranks
+        grad_norm = optimizer_step(model, optimizer, args.grad_clip)
+        totals = sums.reduce(device, grad_norm=grad_norm)
+        line = dict(step=step + 1, loss=totals["loss"], accuracy=totals["correct"] / len(batch), lr=lr,
+                    grad_norm=totals["grad_norm"], ms=(time.time() - t0) * 1000)
         metrics.log(**line)
         if dist_info.is_main and (step % args.log_every == 0 or step == total_steps - 1):
             tqdm.write(f"step {step + 1}/{total_steps} | loss {line['loss']:.4f} | acc {line['accuracy']:.3f} | "
-                       f"lr {lr:.2e} | grad {grad_norm:.3f} | {line['ms']:.0f} ms")
+                       f"lr {lr:.2e} | grad {line['grad_norm']:.3f} | {line['ms']:.0f} ms")
     metrics.close()
 
+    # ------------------------------------------------------------------------------------------
+    # Save
+
     if args.type == "bt":
-        # transformers' sequence classifier reads the last token that is not pad_token_id; make
-        # sure no real token is the pad, so it reads the same (last real) token we do.
-        unwrapped = model.module if hasattr(model, "module") else model
-        unwrapped.config.raw["pad_token_id"] = unused_pad_id(tokenizer)
+        # transformers' sequence classifier reads the last token that is not pad_token_id: pick a pad
+        # no real token uses, and let the saved tokenizer pad with that same id, so a batch padded by
+        # it is read at the same (last real) token as ours.
+        pad_id = unused_pad_id(tokenizer)
+        unwrap(model).config.raw["pad_token_id"] = pad_id
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
     elif dist_info.is_main:  # written first, so the atomic checkpoint save carries it into the folder
         atomic_write_text(Path(args.out) / "judge_template.txt", template)
     save_checkpoint(model, args.out, tokenizer, source_dir=args.model)
@@ -331,92 +358,122 @@ def unused_pad_id(tokenizer):
     raise ValueError("no token id is free to serve as the reward model's pad_token_id")
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--type", choices=["bt", "pairwise"], default="bt", help="Bradley-Terry RM or pairwise preference model")
-    parser.add_argument("--model", help="[train] starting checkpoint (the SFT model)")
-    parser.add_argument("--pairs", help="[train, eval] preference pairs JSONL")
-    parser.add_argument("--eval-pairs", help="[train] held-out pairs evaluated after training")
-    parser.add_argument("--template", help="[pairwise] the A/B instruction: one of data.judge.JUDGE_TEMPLATES or a text file; "
-                                           "default 'pairwise' for training, the model's own (judge_template.txt) for eval")
-    parser.add_argument("--out", help="[train] output folder; [score] output rewards JSONL")
-    parser.add_argument("--score", action="store_true", help="score a samples file with --rm")
-    parser.add_argument("--eval", action="store_true", help="evaluate --rm on --pairs (and length bias on --samples)")
-    parser.add_argument("--rm", help="[score, eval] a trained model folder")
-    parser.add_argument("--samples", help="[score, eval] samples JSONL (id, prompt, responses, ...)")
-    parser.add_argument("--lr", type=float, default=2e-6, help="peak learning rate (paper 1: 2e-6 BT, 5e-6 pairwise)")
-    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the pairs")
-    parser.add_argument("--batch-size", type=int, default=512, help="global batch in pairs (paper 1: 512)")
-    parser.add_argument("--micro-batch-size", type=int, default=8, help="pairs per forward per rank")
-    parser.add_argument("--max-length", type=int, default=2048, help="tokens per sequence; longer ones are truncated (counted)")
-    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: epochs decide)")
-    parser.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warmup fraction of the cosine schedule")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    parser.add_argument("--use-margin", action="store_true", help="BT: subtract each pair's `margin` inside the sigmoid")
-    parser.add_argument("--center-coef", type=float, default=0.0, help="BT: reward-centering coefficient (0: off)")
-    parser.add_argument("--eval-batch-size", type=int, default=32, help="sequences per forward when scoring/evaluating")
-    parser.add_argument("--chunk-size", type=int, default=256, help="[score] prompts per resumable chunk")
-    parser.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp", help="data parallelism under torchrun")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--seed", type=int, default=0, help="global seed")
-    parser.add_argument("--log-every", type=int, default=10, help="print a step line every N steps")
-    args = parser.parse_args()
-
-    dist_info = init_distributed(args.device)
-    seed_everything(args.seed)
-    if args.score:
-        if not (args.rm and args.samples and args.out):
-            parser.error("--score needs --rm, --samples and --out")
-        if Path(args.out).exists():
-            print0(f"{args.out} exists; skipping")
-        else:
-            model = load_for_inference(args.rm, "bt", dist_info.device)
-            tokenizer = load_tokenizer(args.rm)
-            records = load_records(args.samples, "samples")
-            process_in_chunks(records, args.out, lambda chunk: score_records(model, tokenizer, chunk, dist_info.device,
-                                                                             args.eval_batch_size, args.max_length),
-                              dist_info, chunk_size=args.chunk_size, desc="scoring")
-            print0(f"wrote {args.out}")
-    elif args.eval:
-        if not args.rm or not (args.pairs or args.samples):
-            parser.error("--eval needs --rm and --pairs and/or --samples")
-        if dist_info.is_main:
-            evaluate(args.rm, args.pairs, args.samples, dist_info.device, args.eval_batch_size, args.max_length, args.template)
-    else:
-        if not (args.model and args.pairs and args.out):
-            parser.error("training needs --model, --pairs and --out")
-        if (Path(args.out) / "model.safetensors").exists():
-            print0(f"{args.out} already holds a model; skipping")
-        else:
-            train(args, dist_info)
-        if args.eval_pairs and dist_info.is_main:
-            evaluate(args.out, args.eval_pairs, None, dist_info.device, args.eval_batch_size, args.max_length, args.template)
-    destroy_distributed()
-
-
 def evaluate(path, pairs_path, samples_path, device, batch_size, max_length, template=None):
     """Print and save (eval.json in the model folder) accuracy and the length-bias statistic."""
     kind = model_kind(path)
     model, tokenizer = load_for_inference(path, kind, device), load_tokenizer(path)
     results = {"model": str(path), "type": kind}
     if pairs_path:
-        accuracy, by_source = preference_accuracy(model, tokenizer, load_records(pairs_path, "pairs"), kind, device,
-                                                  batch_size, max_length, judge_template(path, template))
+        pairs = load_records(pairs_path, "pairs")
+        if not pairs:
+            raise InputError(f"{pairs_path}: no preference pairs to evaluate on (the file is empty)")
+        accuracy, by_source = preference_accuracy(model, tokenizer, pairs, kind, device, batch_size, max_length,
+                                                  judge_template(path, template))
         results.update(pairs=str(pairs_path), accuracy=accuracy, accuracy_by_source=by_source)
         print0(f"held-out accuracy {accuracy:.4f}  " + "  ".join(f"{s}: {a:.4f}" for s, a in by_source.items()))
     if samples_path and kind == "bt":
-        scored = score_records(model, tokenizer, load_records(samples_path, "samples"), device, batch_size, max_length)
-        mean, used, skipped = length_bias(scored)
+        samples = load_records(samples_path, "samples")
+        if not samples:
+            raise InputError(f"{samples_path}: no samples to measure the length bias on (the file is empty)")
+        mean, used, skipped = length_bias(score_records(model, tokenizer, samples, device, batch_size, max_length))
         results.update(length_correlation=mean, length_correlation_prompts=used)
         print0(f"reward-length Pearson correlation: mean {mean:.4f} over {used} prompts ({skipped} with constant length or reward)")
     atomic_write_text(Path(path) / "eval.json", json.dumps(results, indent=2) + "\n")
     return results
 
 
+# ----------------------------------------------------------------------------------------------
+# Command line: train | score | eval, each with its own flags.
+
+
+def build_parser():
+    # Flags every subcommand takes.
+    shared = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    shared.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    shared.add_argument("--max-length", type=int, default=2048, help="tokens per sequence; longer ones are truncated (counted)")
+    shared.add_argument("--eval-batch-size", type=int, default=32, help="sequences per forward when scoring or evaluating")
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,score,eval}")
+
+    train_parser = commands.add_parser("train", parents=[shared], allow_abbrev=False,
+                                       help="train a Bradley-Terry reward model or a pairwise preference model",
+                                       description="Train a Bradley-Terry reward model (--type bt) or a pairwise "
+                                                   "preference model (--type pairwise) on preference pairs.")
+    train_parser.add_argument("--type", choices=["bt", "pairwise"], default="bt", help="Bradley-Terry RM or pairwise preference model")
+    train_parser.add_argument("--model", required=True, help="starting checkpoint folder (the SFT model)")
+    train_parser.add_argument("--pairs", required=True, help="preference pairs JSONL to train on")
+    train_parser.add_argument("--out", required=True, help="output model folder")
+    train_parser.add_argument("--eval-pairs", help="held-out pairs JSONL evaluated after training (eval.json in --out)")
+    train_parser.add_argument("--template", help="pairwise: the A/B instruction, one of data.judge.JUDGE_TEMPLATES or a text "
+                                                 "file (default 'pairwise'); recorded as judge_template.txt in --out")
+    train_parser.add_argument("--lr", type=float, default=2e-6, help="peak learning rate (paper 1: 2e-6 BT, 5e-6 pairwise)")
+    train_parser.add_argument("--epochs", type=float, default=1.0, help="passes over the pairs (fractions allowed)")
+    train_parser.add_argument("--batch-size", type=int, default=512, help="global batch in pairs (paper 1: 512)")
+    train_parser.add_argument("--micro-batch-size", type=int, default=8, help="pairs per forward pass on each rank")
+    train_parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: epochs decide)")
+    train_parser.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warmup fraction of the cosine schedule")
+    train_parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    train_parser.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
+    train_parser.add_argument("--use-margin", action="store_true", help="BT: subtract each pair's `margin` inside the sigmoid")
+    train_parser.add_argument("--center-coef", type=float, default=0.0, help="BT: reward-centering coefficient (0: off)")
+    train_parser.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp", help="data parallelism under torchrun")
+    train_parser.add_argument("--seed", type=int, default=0, help="global seed (data order, A/B order, new head)")
+    train_parser.add_argument("--log-every", type=int, default=10, help="print a step line every N steps")
+    train_parser.add_argument("--overwrite", action="store_true", help="retrain even if --out already holds a model")
+
+    score_parser = commands.add_parser("score", parents=[shared], allow_abbrev=False,
+                                       help="add a reward to every response of a samples file",
+                                       description="Score every response of a samples file with a Bradley-Terry "
+                                                   "reward model (chunked, sharded under torchrun, resumable).")
+    score_parser.add_argument("--rm", required=True, help="a trained Bradley-Terry reward model folder")
+    score_parser.add_argument("--samples", required=True, help="samples JSONL (id, prompt, responses)")
+    score_parser.add_argument("--out", required=True, help="output rewards JSONL (skipped when it exists)")
+    score_parser.add_argument("--chunk-size", type=int, default=256, help="prompts per resumable chunk")
+
+    eval_parser = commands.add_parser("eval", parents=[shared], allow_abbrev=False,
+                                      help="held-out accuracy and the length-bias statistic of a trained model",
+                                      description="Held-out accuracy on --pairs (overall and per source) and, for a "
+                                                  "Bradley-Terry model, the reward-length correlation on --samples; "
+                                                  "written to eval.json in the model folder.")
+    eval_parser.add_argument("--rm", required=True, help="a trained model folder (a reward model or a pairwise model)")
+    eval_parser.add_argument("--pairs", help="held-out preference pairs JSONL")
+    eval_parser.add_argument("--samples", help="samples JSONL for the length-bias statistic (Bradley-Terry models)")
+    eval_parser.add_argument("--template", help="pairwise: the A/B instruction (default: the model's judge_template.txt)")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "eval" and not (args.pairs or args.samples):
+        parser.error("eval needs --pairs and/or --samples")
+
+    dist_info = init_distributed(args.device)
+    device = dist_info.device
+    if args.command == "train":
+        seed_everything(args.seed)
+        if not already_trained(args.out, args.overwrite):
+            train(args, dist_info)
+        if args.eval_pairs and dist_info.is_main:
+            evaluate(args.out, args.eval_pairs, None, device, args.eval_batch_size, args.max_length, args.template)
+    elif args.command == "score":
+        if Path(args.out).exists():
+            print0(f"{args.out} exists; skipping")
+        else:
+            records = load_records(args.samples, "samples")
+            if not records:
+                raise InputError(f"{args.samples}: no samples to score (the file is empty)")
+            model, tokenizer = load_for_inference(args.rm, "bt", device), load_tokenizer(args.rm)
+            process_in_chunks(records, args.out, lambda chunk: score_records(model, tokenizer, chunk, device,
+                                                                             args.eval_batch_size, args.max_length),
+                              dist_info, chunk_size=args.chunk_size, desc="scoring",
+                              settings=dict(rm=str(args.rm), max_length=args.max_length))
+            print0(f"wrote {args.out}")
+    elif dist_info.is_main:  # eval
+        evaluate(args.rm, args.pairs, args.samples, device, args.eval_batch_size, args.max_length, args.template)
+    destroy_distributed()
+
+
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -56,7 +56,7 @@ SUMMARIZATION_TEMPLATE = (
     "Which summary is better? SUMMARY")
 
 # Paper 1's pairwise preference model (RLHF Workflow §2.2): the same A/B question in a bare format,
-# much shorter than the instructions above (train_rm.py --type pairwise uses it by default).
+# much shorter than the instructions above (train_rm.py train --type pairwise uses it by default).
 PAIRWISE_TEMPLATE = "[CONTEXT] {context} [RESPONSE A] {response_a} [RESPONSE B] {response_b}"
 
 JUDGE_TEMPLATES = {"dialogue": DIALOGUE_TEMPLATE, "summarization": SUMMARIZATION_TEMPLATE, "pairwise": PAIRWISE_TEMPLATE}

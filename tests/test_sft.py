@@ -1,24 +1,72 @@
 """Tests of sft.py."""
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from common import read_jsonl
+import sft
+from common import load_tokenizer, read_jsonl, run_cli, write_jsonl
 from model import Transformer
-from tests.helpers import run_script, write_sft_data
+from tests.helpers import ROOT, run_script, write_sft_data
 
 
-def test_sft_lowers_loss_and_checkpoint_loads_in_transformers(tiny_model_dir, tmp_path):
-    write_sft_data(tmp_path / "sft.jsonl", n=128)
-    out = tmp_path / "sft_out"
-    run_script(["sft.py", "--model", str(tiny_model_dir), "--scratch", "--data", str(tmp_path / "sft.jsonl"),
-                "--out", str(out), "--block-size", "128", "--batch-size", "8", "--micro-batch-size", "4",
-                "--epochs", "4", "--lr", "3e-3", "--device", "cpu", "--log-every", "100"])
-    losses = [r["loss"] for r in read_jsonl(out / "metrics.jsonl")]
-    assert len(losses) >= 10
+def check_one_line_error(returncode, stderr):
+    """A user error: exit status 2, one `error: ...` line on stderr, no traceback. Returns the line."""
+    assert returncode == 2, f"exit status {returncode}:\n{stderr[-3000:]}"
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: "), stderr
+    return errors[0]
+
+
+def run_script_expecting_error(args):
+    """Run a stage script as a user would; it must stop on a user error (check_one_line_error)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return check_one_line_error(result.returncode, result.stderr)
+
+
+def run_main_expecting_error(main, argv, capsys):
+    """The same check in this process (no interpreter start-up): run_cli(main) as the script's __main__ does."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(argv))
+    return check_one_line_error(exit_info.value.code, capsys.readouterr().err)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_model_dir, tmp_path_factory):
+    """A tiny model trained from scratch on 128 reversal conversations (4 epochs, blocks of 128)."""
+    folder = tmp_path_factory.mktemp("sft")
+    write_sft_data(folder / "sft.jsonl", n=128)
+    out = folder / "out"
+    stdout = run_script(["sft.py", "--model", str(tiny_model_dir), "--scratch", "--data", str(folder / "sft.jsonl"),
+                         "--out", str(out), "--block-size", "128", "--batch-size", "8", "--micro-batch-size", "4",
+                         "--epochs", "4", "--lr", "3e-3", "--device", "cpu", "--log-every", "100"])
+    return dict(data=folder / "sft.jsonl", out=out, stdout=stdout)
+
+
+def test_sft_lowers_loss_and_counts_every_assistant_token_once_per_epoch(sft_run, tiny_model_dir):
+    lines = read_jsonl(sft_run["out"] / "metrics.jsonl")
+    assert [line["step"] for line in lines] == list(range(1, len(lines) + 1)) and len(lines) >= 12
+    losses = [line["loss"] for line in lines]
     assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3
+    assert all(line["grad_norm"] > 0 and line["tokens_per_s"] > 0 for line in lines)
+    # The per-step count of trained tokens (a device tensor, all-reduced, read once per step) adds
+    # up to 4 epochs × the assistant tokens of the data.
+    documents, truncated, dropped = sft.tokenize_conversations(load_tokenizer(tiny_model_dir), read_jsonl(sft_run["data"]), 128, False)
+    assert (truncated, dropped, len(documents)) == (0, 0, 128)
+    assistant_tokens = sum(target != -100 for _, targets in documents for target in targets)
+    assert sum(line["assistant_tokens"] for line in lines) == 4 * assistant_tokens
+
+
+def test_sft_checkpoint_loads_in_transformers(sft_run):
     from transformers import AutoTokenizer
+    out = sft_run["out"]
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "reverse abc"}], add_generation_prompt=True,
@@ -28,25 +76,72 @@ def test_sft_lowers_loss_and_checkpoint_loads_in_transformers(tiny_model_dir, tm
     ours = Transformer.from_pretrained(out)
     with torch.no_grad():
         assert (ours(generated) - hf(generated).logits).abs().max().item() <= 1e-4
-    # A rerun with the checkpoint already there does nothing.
-    assert "skipping" in run_script(["sft.py", "--model", str(tiny_model_dir), "--data", str(tmp_path / "sft.jsonl"),
-                                     "--out", str(out), "--device", "cpu"])
+
+
+def test_sft_rerun_skips_and_overwrite_retrains(sft_run, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(sft_run["out"], out)
+    weights = (out / "model.safetensors").read_bytes()
+    steps = len(read_jsonl(out / "metrics.jsonl"))
+    args = ["--model", str(tiny_model_dir), "--data", str(sft_run["data"]), "--out", str(out),
+            "--block-size", "128", "--batch-size", "8", "--max-steps", "1", "--lr", "1e-3", "--device", "cpu"]
+    sft.main(args)  # in this process: the stage's main() is what `python sft.py` runs
+    assert "skipping" in capsys.readouterr().out
+    assert (out / "model.safetensors").read_bytes() == weights and len(read_jsonl(out / "metrics.jsonl")) == steps
+    sft.main(args + ["--overwrite"])
+    assert "skipping" not in capsys.readouterr().out
+    assert (out / "model.safetensors").read_bytes() != weights
+    assert [line["step"] for line in read_jsonl(out / "metrics.jsonl")] == [1]
+
+
+def test_sft_on_an_empty_file_stops_with_a_one_line_error(tiny_model_dir, tmp_path):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("")
+    error = run_script_expecting_error(["sft.py", "--model", str(tiny_model_dir), "--scratch", "--data", str(data),
+                                        "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert str(data) in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_sft_with_no_assistant_token_within_the_block_stops_with_a_one_line_error(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "sft.jsonl"  # the assistant turn starts after the first 8 tokens of the conversation
+    write_jsonl(data, [{"messages": [{"role": "user", "content": "reverse abcdef"}, {"role": "assistant", "content": "fedcba"}]}])
+    error = run_main_expecting_error(sft.main, ["--model", str(tiny_model_dir), "--scratch", "--data", str(data),
+                                                "--out", str(tmp_path / "out"), "--block-size", "8", "--device", "cpu"], capsys)
+    assert str(data) in error and "1 read, 1 with no assistant token within --block-size 8" in error
+    assert not (tmp_path / "out").exists()
+
+
+SHARED_DISTRIBUTED_ARGS = ["--block-size", "64", "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "3",
+                           "--lr", "1e-3", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def sft_single_process(tiny_model_dir, tmp_path_factory):
+    """Three steps in one process: the reference for the distributed runs."""
+    folder = tmp_path_factory.mktemp("sft_one")
+    write_sft_data(folder / "sft.jsonl", n=48)
+    run_script(["sft.py", "--model", str(tiny_model_dir), "--data", str(folder / "sft.jsonl"), "--out", str(folder / "one"),
+                *SHARED_DISTRIBUTED_ARGS])
+    return folder
 
 
 @pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
-def test_sft_distributed_matches_single_process(parallel, tiny_model_dir, tmp_path):
-    """Two gloo ranks (FSDP2 or DDP) on the same global batch give the same weights as one process
-    (fp32 on CPU; tolerance 1e-5 absolute on every weight after 3 AdamW steps)."""
-    write_sft_data(tmp_path / "sft.jsonl", n=48)
-    common_args = ["sft.py", "--model", str(tiny_model_dir), "--data", str(tmp_path / "sft.jsonl"),
-                   "--block-size", "64", "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "3",
-                   "--lr", "1e-3", "--device", "cpu", "--parallel", parallel]
-    run_script(common_args + ["--out", str(tmp_path / "one")], nproc=1)
-    run_script(common_args + ["--out", str(tmp_path / "two")], nproc=2)
+def test_sft_distributed_matches_single_process(parallel, sft_single_process, tiny_model_dir, tmp_path):
+    """Two gloo ranks (FSDP2 or DDP) on the same global batches give the same weights as one process
+    (fp32 on CPU; tolerance 1e-5 absolute on every weight after 3 AdamW steps), and the same
+    logged loss and trained-token count (each summed over ranks once per step)."""
+    run_script(["sft.py", "--model", str(tiny_model_dir), "--data", str(sft_single_process / "sft.jsonl"),
+                "--out", str(tmp_path / "two"), "--parallel", parallel, *SHARED_DISTRIBUTED_ARGS], nproc=2)
     from safetensors.torch import load_file
-    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    one, two = load_file(sft_single_process / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert one.keys() == two.keys()
     initial = load_file(tiny_model_dir / "model.safetensors")
     for name in one:
         assert (one[name] - two[name]).abs().max().item() <= 1e-5, name
     assert any((one[n] - initial[n]).abs().max() > 1e-4 for n in one)  # training moved the weights
+    lines_one = read_jsonl(sft_single_process / "one" / "metrics.jsonl")
+    lines_two = read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert [line["assistant_tokens"] for line in lines_two] == [line["assistant_tokens"] for line in lines_one]
+    assert [line["loss"] for line in lines_two] == pytest.approx([line["loss"] for line in lines_one], abs=1e-5)
+    assert [line["grad_norm"] for line in lines_two] == pytest.approx([line["grad_norm"] for line in lines_one], rel=1e-4)

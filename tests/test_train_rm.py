@@ -1,13 +1,45 @@
 """Tests of train_rm.py."""
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import train_rm
-from common import encode_prompt, encode_response, load_tokenizer, read_jsonl, write_jsonl
+from common import end_of_turn_ids, load_tokenizer, read_jsonl, render_chat, run_cli, write_jsonl
 from model import Transformer
-from tests.helpers import builtin_model_dir, run_script, tiny_config, write_pairs
+from tests.helpers import ROOT, run_script, tiny_config, write_pairs
+
+
+def check_one_line_error(returncode, stderr):
+    """A user error: exit status 2, one `error: ...` line on stderr, no traceback. Returns the line."""
+    assert returncode == 2, f"exit status {returncode}:\n{stderr[-3000:]}"
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: "), stderr
+    return errors[0]
+
+
+def run_script_expecting_error(args):
+    """Run a stage script as a user would; it must stop on a user error (check_one_line_error)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return check_one_line_error(result.returncode, result.stderr)
+
+
+def run_main_expecting_error(argv, capsys):
+    """The same check in this process (no interpreter start-up): run_cli(main) as the script's __main__ does."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: train_rm.main(argv))
+    return check_one_line_error(exit_info.value.code, capsys.readouterr().err)
+
+
+# ----------------------------------------------------------------------------------------------
+# The math
 
 
 def test_bt_loss_hand_values_and_gradient():
@@ -41,56 +73,6 @@ def test_reward_is_read_at_last_real_token_even_when_pad_is_eos():
     assert torch.allclose(batched, alone, atol=1e-5) and torch.allclose(batched, full, atol=1e-5)
 
 
-def test_reward_model_trains_exports_to_transformers_and_scores(tiny_model_dir, tmp_path):
-    write_pairs(tmp_path / "pairs.jsonl", 64)
-    write_pairs(tmp_path / "eval.jsonl", 32, seed=1)
-    rm = tmp_path / "rm"
-    out = run_script(["train_rm.py", "--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"),
-                      "--eval-pairs", str(tmp_path / "eval.jsonl"), "--out", str(rm), "--type", "bt", "--lr", "3e-3",
-                      "--batch-size", "16", "--micro-batch-size", "8", "--epochs", "4", "--device", "cpu"])
-    assert "held-out accuracy" in out
-    evaluation = json.loads((rm / "eval.json").read_text())
-    assert evaluation["accuracy"] > 0.75 and set(evaluation["accuracy_by_source"]) == {"even", "odd"}
-    # Score a samples file with the CLI, then recompute with transformers' sequence classifier.
-    samples = [{"id": f"s{i}", "prompt": [{"role": "user", "content": f"reverse {w}"}], "responses": [w[::-1], w, ""],
-                "num_tokens": [len(w) + 1, len(w) + 1, 1], "finish_reasons": ["stop"] * 3}
-               for i, w in enumerate(["abc", "fedcb", "aa"])]
-    write_jsonl(tmp_path / "samples.jsonl", samples)
-    run_script(["train_rm.py", "--score", "--rm", str(rm), "--samples", str(tmp_path / "samples.jsonl"),
-                "--out", str(tmp_path / "rewards.jsonl"), "--device", "cpu", "--chunk-size", "2"])
-    scored = read_jsonl(tmp_path / "rewards.jsonl")
-    run_script(["train_rm.py", "--score", "--rm", str(rm), "--samples", str(tmp_path / "samples.jsonl"),
-                "--out", str(tmp_path / "rewards2.jsonl"), "--device", "cpu", "--chunk-size", "1"], nproc=2)
-    two_ranks = read_jsonl(tmp_path / "rewards2.jsonl")  # 2 ranks, other chunking: the same records
-    assert [r["id"] for r in two_ranks] == [r["id"] for r in scored]
-    assert torch.allclose(torch.tensor([r["rewards"] for r in two_ranks]), torch.tensor([r["rewards"] for r in scored]), atol=1e-5)
-    assert [r["id"] for r in scored] == ["s0", "s1", "s2"] and all(len(r["rewards"]) == 3 for r in scored)
-    from transformers import AutoModelForSequenceClassification
-    hf = AutoModelForSequenceClassification.from_pretrained(rm).eval()
-    tokenizer = load_tokenizer(rm)
-    sequences = [encode_prompt(tokenizer, r["prompt"]) + encode_response(tokenizer, resp) for r in samples for resp in r["responses"]]
-    ids = torch.full((len(sequences), max(map(len, sequences))), hf.config.pad_token_id)
-    for i, s in enumerate(sequences):
-        ids[i, :len(s)] = torch.tensor(s)
-    with torch.no_grad():
-        hf_scores = hf(ids, attention_mask=(ids != hf.config.pad_token_id).long()).logits[:, 0]
-    ours = torch.tensor([x for r in scored for x in r["rewards"]])
-    assert (hf_scores - ours).abs().max().item() <= 1e-4
-    assert hf.config.pad_token_id not in encode_response(tokenizer, "x")  # pad never inside a sequence
-
-
-def test_bt_reward_model_learns_builtin_task_above_chance(task_dir, tmp_path):
-    """A short run from a random-init backbone on 3,000 labelled pairs of the built-in task: held-out
-    accuracy on 200 pairs is clearly above chance (0.5); the labels' own agreement with the gold
-    reward, the ceiling, is about 0.84."""
-    start = builtin_model_dir(task_dir, tmp_path / "init")
-    run_script(["train_rm.py", "--type", "bt", "--model", str(start), "--pairs", str(task_dir / "pairs_train.jsonl"),
-                "--eval-pairs", str(task_dir / "pairs_eval.jsonl"), "--out", str(tmp_path / "rm"), "--lr", "1e-3",
-                "--batch-size", "64", "--micro-batch-size", "64", "--max-length", "128", "--device", "cpu"])
-    accuracy = json.loads((tmp_path / "rm" / "eval.json").read_text())["accuracy"]
-    assert accuracy >= 0.6, accuracy
-
-
 def test_pairwise_preference_is_order_symmetric(tiny_model_dir):
     torch.manual_seed(0)
     model = Transformer.from_pretrained(tiny_model_dir).eval()
@@ -107,9 +89,272 @@ def test_length_bias_statistic():
     records = [{"responses": ["a", "bb", "ccc"], "rewards": [1.0, 2.0, 3.0]},       # +1
                {"responses": ["a", "bb", "ccc"], "rewards": [3.0, 2.0, 1.0]},       # −1
                {"responses": ["a", "bb"], "num_tokens": [5, 5], "rewards": [0.0, 1.0]},  # constant length: left out
-               {"responses": ["a", "bbb", "cc"], "rewards": [0.0, 2.0, 1.0]}]      # +1
+               {"responses": ["a", "bbb", "cc"], "rewards": [0.0, 2.0, 1.0]}]      # +1 (characters: no num_tokens)
     mean, used, skipped = train_rm.length_bias(records)
     assert (used, skipped) == (3, 1) and mean == pytest.approx(1 / 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+
+
+@pytest.mark.parametrize("command, required, own, foreign", [
+    ("train", ["--model", "m", "--pairs", "p", "--out", "o"],
+     ["--type", "--eval-pairs", "--overwrite", "--batch-size", "--template", "--max-length"], ["--rm", "--samples", "--chunk-size"]),
+    ("score", ["--rm", "r", "--samples", "s", "--out", "o"],
+     ["--chunk-size", "--max-length", "--eval-batch-size"], ["--lr", "--pairs", "--type", "--overwrite", "--template"]),
+    ("eval", ["--rm", "r", "--pairs", "p"],
+     ["--samples", "--template", "--max-length"], ["--lr", "--out", "--chunk-size", "--type", "--overwrite"]),
+])
+def test_each_subcommand_has_help_with_only_its_own_flags(command, required, own, foreign, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_rm.build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert help_text.startswith("usage: ") and f" {command} [-h]" in help_text.splitlines()[0], help_text
+    assert all(flag in help_text for flag in required[::2] + own), help_text
+    assert not any(flag + " " in help_text for flag in foreign), help_text
+    assert train_rm.build_parser().parse_args([command, *required, "--max-length", "5"]).max_length == 5
+    with pytest.raises(SystemExit) as exit_info:  # no abbreviations: "--max-len" is not taken for --max-length
+        train_rm.build_parser().parse_args([command, *required, "--max-len", "5"])
+    assert exit_info.value.code == 2
+
+
+def test_the_old_flag_style_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_rm.build_parser().parse_args(["--score", "--rm", "x", "--samples", "y", "--out", "z"])
+    assert exit_info.value.code == 2
+    assert "train,score,eval" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["bt", "pairwise"])
+def test_empty_pairs_file_is_a_one_line_error(kind, tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "pairs.jsonl").write_text("")
+    argv = ["train", "--type", kind, "--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"),
+            "--out", str(tmp_path / "rm"), "--device", "cpu"]
+    # One kind as a user runs the script, the other through main() in this process (no start-up cost).
+    error = run_script_expecting_error(["train_rm.py", *argv]) if kind == "bt" else run_main_expecting_error(argv, capsys)
+    assert str(tmp_path / "pairs.jsonl") in error
+    assert not (tmp_path / "rm").exists()
+
+
+def test_pairs_that_all_drop_are_a_one_line_error(tiny_model_dir, tmp_path, capsys):
+    """Pairs whose chosen and rejected are the same tokens (here: the same after truncation to 8
+    tokens, all inside the prompt) carry no preference; when none is left, training stops."""
+    write_pairs(tmp_path / "pairs.jsonl", 4)
+    error = run_main_expecting_error(["train", "--type", "bt", "--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"),
+                                      "--out", str(tmp_path / "rm"), "--max-length", "8", "--device", "cpu"], capsys)
+    assert str(tmp_path / "pairs.jsonl") in error and "4 read, 4 dropped" in error
+    assert not (tmp_path / "rm").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# A Bradley-Terry model trained once on the tiny pairs (shared by the tests below). Its starting
+# tokenizer pads with eos, as many real checkpoints do, so the exported RM must pick another pad.
+
+
+@pytest.fixture(scope="module")
+def bt_rm(tiny_model_dir, tmp_path_factory):
+    from transformers import AutoTokenizer
+    folder = tmp_path_factory.mktemp("bt_rm")
+    start = folder / "start"
+    shutil.copytree(tiny_model_dir, start)
+    tokenizer = AutoTokenizer.from_pretrained(start)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(start)
+    config = json.loads((start / "config.json").read_text())
+    (start / "config.json").write_text(json.dumps({**config, "pad_token_id": tokenizer.eos_token_id}))
+    write_pairs(folder / "pairs.jsonl", 64)
+    write_pairs(folder / "eval.jsonl", 32, seed=1)
+    rm = folder / "rm"
+    out = run_script(["train_rm.py", "train", "--type", "bt", "--model", str(start), "--pairs", str(folder / "pairs.jsonl"),
+                      "--eval-pairs", str(folder / "eval.jsonl"), "--out", str(rm), "--lr", "3e-3",
+                      "--batch-size", "16", "--micro-batch-size", "8", "--epochs", "4", "--device", "cpu"])
+    samples = [{"id": f"s{i}", "prompt": [{"role": "user", "content": f"reverse {w}"}], "responses": [w[::-1], w + "x", ""],
+                "num_tokens": [len(w) + 1, len(w) + 1, 1], "finish_reasons": ["stop"] * 3}
+               for i, w in enumerate(["abc", "fedcb", "aa", "abcdefabcdef"])]
+    write_jsonl(folder / "samples.jsonl", samples)
+    run_script(["train_rm.py", "score", "--rm", str(rm), "--samples", str(folder / "samples.jsonl"),
+                "--out", str(folder / "rewards.jsonl"), "--device", "cpu", "--chunk-size", "3"])
+    return dict(folder=folder, start=start, rm=rm, stdout=out, samples=samples, scored=read_jsonl(folder / "rewards.jsonl"))
+
+
+def test_bt_reward_model_learns_the_tiny_pairs(bt_rm):
+    assert "held-out accuracy" in bt_rm["stdout"]
+    evaluation = json.loads((bt_rm["rm"] / "eval.json").read_text())
+    assert evaluation["accuracy"] >= 0.9 and set(evaluation["accuracy_by_source"]) == {"even", "odd"}
+    lines = read_jsonl(bt_rm["rm"] / "metrics.jsonl")
+    assert [line["step"] for line in lines] == list(range(1, 17))  # 64 pairs / 16 per step × 4 epochs
+    assert all(0.0 <= line["accuracy"] <= 1.0 and line["grad_norm"] > 0 for line in lines)
+    assert sum(line["loss"] for line in lines[-4:]) < 0.5 * sum(line["loss"] for line in lines[:4])
+    # On the scored samples too, the reversed word (chosen in training) beats the word + "x" (rejected).
+    assert all(r["rewards"][0] > r["rewards"][1] for r in bt_rm["scored"])
+
+
+def test_score_is_the_same_for_any_rank_count_and_chunking(bt_rm, tmp_path):
+    """2 ranks and chunks of 1 give the records 1 rank and chunks of 3 gave; samples with only the
+    required fields (id, prompt, responses: as other engines write them) score the same."""
+    scored = bt_rm["scored"]
+    assert [r["id"] for r in scored] == ["s0", "s1", "s2", "s3"] and all(len(r["rewards"]) == 3 for r in scored)
+    assert all(r["num_tokens"] == s["num_tokens"] for r, s in zip(scored, bt_rm["samples"]))  # other fields pass through
+    write_jsonl(tmp_path / "samples.jsonl", [{k: s[k] for k in ("id", "prompt", "responses")} for s in bt_rm["samples"]])
+    run_script(["train_rm.py", "score", "--rm", str(bt_rm["rm"]), "--samples", str(tmp_path / "samples.jsonl"),
+                "--out", str(tmp_path / "rewards.jsonl"), "--device", "cpu", "--chunk-size", "1"], nproc=2)
+    two_ranks = read_jsonl(tmp_path / "rewards.jsonl")
+    assert all(set(r) == {"id", "prompt", "responses", "rewards"} for r in two_ranks)
+    assert [r["id"] for r in two_ranks] == [r["id"] for r in scored]
+    assert torch.allclose(torch.tensor([r["rewards"] for r in two_ranks]), torch.tensor([r["rewards"] for r in scored]), atol=1e-5)
+
+
+def test_scoring_reads_only_id_prompt_and_responses(bt_rm):
+    """score_records and length_bias work on samples without num_tokens / finish_reasons."""
+    model = train_rm.load_for_inference(bt_rm["rm"], "bt", torch.device("cpu"))
+    tokenizer = load_tokenizer(bt_rm["rm"])
+    bare = [{"id": s["id"], "prompt": s["prompt"], "responses": s["responses"]} for s in bt_rm["samples"]]
+    scored = train_rm.score_records(model, tokenizer, bare, torch.device("cpu"), batch_size=5, max_length=2048)
+    assert [set(r) for r in scored] == [{"id", "prompt", "responses", "rewards"}] * len(bare)
+    assert torch.allclose(torch.tensor([r["rewards"] for r in scored]), torch.tensor([r["rewards"] for r in bt_rm["scored"]]), atol=1e-5)
+    mean, used, skipped = train_rm.length_bias(scored)
+    assert used + skipped == len(bare) and -1.0 <= mean <= 1.0
+
+
+def test_exported_rm_scores_batches_padded_by_its_tokenizer_in_transformers(bt_rm):
+    """The saved folder as others use it: AutoTokenizer pads a batch of texts of different lengths
+    (right padding), AutoModelForSequenceClassification scores it; the scores equal ours. The
+    starting tokenizer padded with eos (the end-of-turn token, the last real token of every text),
+    so the RM's pad must be another id, in the config and the saved tokenizer alike."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    rm = bt_rm["rm"]
+    hf = AutoModelForSequenceClassification.from_pretrained(rm).eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(rm)
+    ours_tokenizer = load_tokenizer(rm)
+    end_of_turn = end_of_turn_ids(ours_tokenizer)
+    assert hf.config.pad_token_id == hf_tokenizer.pad_token_id != hf_tokenizer.eos_token_id
+    assert hf.config.pad_token_id not in end_of_turn and hf_tokenizer.padding_side == "right"
+    samples = bt_rm["samples"]
+    texts = [render_chat(hf_tokenizer, s["prompt"], add_generation_prompt=True) + response + hf_tokenizer.decode(end_of_turn)
+             for s in samples for response in s["responses"]]
+    batch = hf_tokenizer(texts, padding=True, return_tensors="pt")
+    # The texts tokenize to exactly the sequences we scored, and the batch really is padded.
+    ours_ids = [train_rm.pair_token_ids(ours_tokenizer, s["prompt"], response, end_of_turn, 2048)[0]
+                for s in samples for response in s["responses"]]
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert [row[:n] for row, n in zip(batch["input_ids"].tolist(), lengths)] == ours_ids
+    assert len(set(lengths)) > 3 and min(lengths) < batch["input_ids"].shape[1]
+    with torch.no_grad():
+        hf_scores = hf(**batch).logits[:, 0]
+    ours = torch.tensor([x for r in bt_rm["scored"] for x in r["rewards"]])
+    assert (hf_scores - ours).abs().max().item() <= 1e-4
+
+
+def test_eval_subcommand_writes_accuracy_and_length_bias(bt_rm, tmp_path, capsys):
+    rm = tmp_path / "rm"
+    shutil.copytree(bt_rm["rm"], rm)
+    train_rm.main(["eval", "--rm", str(rm), "--pairs", str(bt_rm["folder"] / "eval.jsonl"),
+                   "--samples", str(bt_rm["folder"] / "samples.jsonl"), "--device", "cpu"])
+    out = capsys.readouterr().out
+    evaluation = json.loads((rm / "eval.json").read_text())
+    assert "held-out accuracy" in out and "reward-length Pearson correlation" in out
+    # The same accuracy as the one measured right after training, and the length statistic over 4 prompts.
+    assert evaluation["accuracy"] == json.loads((bt_rm["rm"] / "eval.json").read_text())["accuracy"]
+    assert evaluation["length_correlation_prompts"] == 4 and -1.0 <= evaluation["length_correlation"] <= 1.0
+
+
+def test_train_rerun_skips_and_overwrite_retrains(bt_rm, tmp_path, capsys):
+    rm = tmp_path / "rm"
+    shutil.copytree(bt_rm["rm"], rm)
+    weights = (rm / "model.safetensors").read_bytes()
+    argv = ["train", "--type", "bt", "--model", str(bt_rm["start"]), "--pairs", str(bt_rm["folder"] / "pairs.jsonl"),
+            "--out", str(rm), "--lr", "3e-3", "--batch-size", "16", "--max-steps", "2", "--device", "cpu"]
+    train_rm.main(argv)  # in this process: main() is what `python train_rm.py` runs
+    assert "skipping" in capsys.readouterr().out
+    assert (rm / "model.safetensors").read_bytes() == weights and len(read_jsonl(rm / "metrics.jsonl")) == 16
+    train_rm.main(argv + ["--overwrite"])
+    assert "skipping" not in capsys.readouterr().out
+    assert (rm / "model.safetensors").read_bytes() != weights
+    assert [line["step"] for line in read_jsonl(rm / "metrics.jsonl")] == [1, 2]
+
+
+def test_bt_training_on_two_ranks_matches_one_process(bt_rm, tmp_path):
+    """FSDP2 on two gloo ranks gives the weights and logged metrics of one process (fp32 on CPU,
+    1e-5 on every weight after 2 steps). 12 pairs a step over 2 ranks × micro-batches of 4: each
+    rank runs 2 micro-batches and 4 of the 16 slots are padding, which must weigh nothing."""
+    argv = ["train", "--type", "bt", "--model", str(bt_rm["start"]), "--pairs", str(bt_rm["folder"] / "pairs.jsonl"),
+            "--lr", "1e-3", "--batch-size", "12", "--micro-batch-size", "4", "--max-steps", "2", "--parallel", "fsdp", "--device", "cpu"]
+    train_rm.main(argv + ["--out", str(tmp_path / "one")])
+    run_script(["train_rm.py", *argv, "--out", str(tmp_path / "two")], nproc=2)
+    from safetensors.torch import load_file
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert one.keys() == two.keys() and "score.weight" in one
+    for name in one:
+        assert (one[name] - two[name]).abs().max().item() <= 1e-5, name
+    lines_one, lines_two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    for key in ("loss", "accuracy", "grad_norm"):
+        assert [line[key] for line in lines_two] == pytest.approx([line[key] for line in lines_one], rel=1e-4, abs=1e-6), key
+
+
+# ----------------------------------------------------------------------------------------------
+# The built-in task, and the pairwise model
+
+
+def small_builtin_model_dir(task_dir, folder):
+    """The built-in task's tokenizer with a smaller random-init Llama (hidden 64, 2 layers: ~0.1M parameters)."""
+    shutil.copytree(task_dir / "model", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+    (folder / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    Transformer.from_config(folder).save_pretrained(folder)
+    return folder
+
+
+def held_out_accuracy_and_loss(model, tokenizer, pairs):
+    """(fraction of pairs with r_chosen > r_rejected, mean BT loss) of a reward model."""
+    end_of_turn = end_of_turn_ids(tokenizer)
+    chosen = [train_rm.pair_token_ids(tokenizer, p["prompt"], p["chosen"], end_of_turn, 128)[0] for p in pairs]
+    rejected = [train_rm.pair_token_ids(tokenizer, p["prompt"], p["rejected"], end_of_turn, 128)[0] for p in pairs]
+    with torch.no_grad():
+        rewards = torch.cat([train_rm.sequence_rewards(model, chosen[i:i + 128] + rejected[i:i + 128], 0, "cpu").view(2, -1).T
+                             for i in range(0, len(pairs), 128)])  # (N, 2): chosen, rejected
+    return (rewards[:, 0] > rewards[:, 1]).float().mean().item(), train_rm.bt_loss(rewards[:, 0], rewards[:, 1]).mean().item()
+
+
+def test_bt_reward_model_learns_builtin_task_above_chance_and_the_untrained_model(task_dir, tmp_path):
+    """One epoch on 1,500 labelled pairs of the built-in task (94 steps of 16, a 0.1M-parameter
+    backbone from random init), evaluated on 1,700 held-out pairs (the other 1,500 training pairs
+    and the 200 eval pairs; no prompt repeats): accuracy clearly above chance and above the
+    untrained model (the same backbone and head before training), held-out loss clearly below it.
+    (The labels' agreement with the gold reward, the ceiling, is about 0.84; the longer response is
+    chosen in ~63% of pairs, the shortcut such a short run mostly learns.)"""
+    start = small_builtin_model_dir(task_dir, tmp_path / "start")
+    pairs = read_jsonl(task_dir / "pairs_train.jsonl")
+    write_jsonl(tmp_path / "train.jsonl", pairs[:1500])
+    held_out = pairs[1500:] + read_jsonl(task_dir / "pairs_eval.jsonl")
+    run_script(["train_rm.py", "train", "--type", "bt", "--model", str(start), "--pairs", str(tmp_path / "train.jsonl"),
+                "--out", str(tmp_path / "rm"), "--lr", "3e-3", "--batch-size", "16", "--micro-batch-size", "16",
+                "--max-length", "128", "--seed", "0", "--device", "cpu"])
+    tokenizer = load_tokenizer(start)
+    torch.manual_seed(0)  # the training run's seed: the same new head as training started from
+    untrained_accuracy, untrained_loss = held_out_accuracy_and_loss(Transformer.from_pretrained(start, head="score").eval(), tokenizer, held_out)
+    accuracy, loss = held_out_accuracy_and_loss(train_rm.load_for_inference(tmp_path / "rm", "bt", torch.device("cpu")), tokenizer, held_out)
+    assert accuracy >= 0.62, accuracy  # chance is 0.5; the standard error on 1,700 pairs is 0.012
+    assert accuracy >= untrained_accuracy + 0.04, (accuracy, untrained_accuracy)
+    assert loss <= untrained_loss - 0.03 and untrained_loss == pytest.approx(0.693, abs=0.01), (loss, untrained_loss)
+
+
+def test_pairwise_model_learns_the_tiny_pairs_and_records_its_template(tiny_model_dir, tmp_path):
+    from data.judge import PAIRWISE_TEMPLATE
+    write_pairs(tmp_path / "pairs.jsonl", 64)
+    write_pairs(tmp_path / "eval.jsonl", 32, seed=1)
+    judge = tmp_path / "judge"
+    run_script(["train_rm.py", "train", "--type", "pairwise", "--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"),
+                "--eval-pairs", str(tmp_path / "eval.jsonl"), "--out", str(judge), "--lr", "3e-3",
+                "--batch-size", "16", "--micro-batch-size", "16", "--epochs", "4", "--device", "cpu"])
+    assert (judge / "judge_template.txt").read_text() == PAIRWISE_TEMPLATE
+    evaluation = json.loads((judge / "eval.json").read_text())
+    assert evaluation["type"] == "pairwise" and evaluation["accuracy"] >= 0.9, evaluation
+    lines = read_jsonl(judge / "metrics.jsonl")
+    assert len(lines) == 16 and sum(line["loss"] for line in lines[-4:]) < 0.5 * sum(line["loss"] for line in lines[:4])
 
 
 def test_process_in_chunks_resumes_without_loss_or_duplication(tmp_path):
