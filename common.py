@@ -178,14 +178,6 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def all_reduce_sum(value, device):
-    """Sum a number over ranks (returns a Python float); identity in a single process."""
-    t = torch.tensor(float(value), device=device, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.item()
-
-
 def process_in_chunks(records, out_path, process, dist_info, chunk_size=64, desc="processing", settings=None):
     """Apply `process(list of records) -> list of records` to `records` chunk by chunk and write the
     concatenated results, in input order, to out_path (JSONL). Crash-safe and rank-count-free:

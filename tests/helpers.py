@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import write_jsonl
+from common import run_cli, write_jsonl
 from data.task import build
 from model import Transformer
 
@@ -127,3 +127,27 @@ def task_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("builtin")
     build(out, **SMALL)
     return out
+
+
+def check_one_line_error(returncode, stderr):
+    """A user error: exit status 2, one `error: ...` line on stderr, no traceback. Returns the line."""
+    assert returncode == 2, f"exit status {returncode}:\n{stderr[-3000:]}"
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: "), stderr
+    return errors[0]
+
+
+def run_script_expecting_error(args):
+    """Run a stage script as a user would; it must stop on a user error (check_one_line_error)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return check_one_line_error(result.returncode, result.stderr)
+
+
+def run_main_expecting_error(main, argv, capsys):
+    """The same check in this process (no interpreter start-up): run_cli(main) as the script's __main__ does."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(argv))
+    return check_one_line_error(exit_info.value.code, capsys.readouterr().err)

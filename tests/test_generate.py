@@ -1,8 +1,5 @@
 """Tests of generate.py."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +8,7 @@ from transformers import AutoModelForCausalLM
 import generate
 from common import InputError, load_tokenizer, read_jsonl, write_jsonl
 from model import Transformer
-from tests.helpers import ROOT, run_script
+from tests.helpers import run_script, run_script_expecting_error
 
 
 def greedy_reference(model, prompt, steps):
@@ -21,18 +18,6 @@ def greedy_reference(model, prompt, steps):
         for _ in range(steps):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     return ids[len(prompt):]
-
-
-def run_failing(args):
-    """Run a stage script that must stop on a user error: exit status 2, one `error: ...` line on
-    stderr, no traceback. Returns that line."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2, f"exit {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
 
 
 def test_generate_greedy_equals_uncached_loop_and_transformers(tiny_model_dir, monkeypatch):
@@ -113,7 +98,7 @@ def test_prompt_longer_than_the_context_is_a_one_line_error(tiny_model_dir, tmp_
     # The tiny model's context is 512 positions; the character tokenizer makes this prompt 500+ tokens.
     prompts = PROMPTS[:2] + [{"id": "long", "messages": [{"role": "user", "content": "x" * 500}]}]
     write_jsonl(tmp_path / "prompts.jsonl", prompts)
-    error = run_failing(["generate.py", "--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.jsonl"),
+    error = run_script_expecting_error(["generate.py", "--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.jsonl"),
                          "--out", str(tmp_path / "out.jsonl"), "--max-new-tokens", "16", "--device", "cpu"])
     assert str(tmp_path / "prompts.jsonl") in error and "'long'" in error and "--max-new-tokens 16" in error
     assert "512" in error and "drop the prompt" in error
@@ -139,7 +124,7 @@ def test_resume_with_other_settings_stops_and_names_them(tiny_model_dir, tmp_pat
     earlier = dict(model=str(tiny_model_dir.resolve()), n=3, max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
                    seed=3, logprobs=False)
     (parts / "settings.json").write_text(json.dumps(earlier))
-    error = run_failing(args + ["--n", "2"])
+    error = run_script_expecting_error(args + ["--n", "2"])
     assert "(n 3 → 2, recorded in" in error and str(parts) in error  # n and only n differs
     assert not out.exists()
     run_script(args + ["--n", "3"])  # the recorded settings: the run goes on
@@ -148,6 +133,6 @@ def test_resume_with_other_settings_stops_and_names_them(tiny_model_dir, tmp_pat
 
 def test_empty_prompts_file_is_a_one_line_error(tiny_model_dir, tmp_path):
     (tmp_path / "prompts.jsonl").write_text("")
-    error = run_failing(["generate.py", "--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.jsonl"),
+    error = run_script_expecting_error(["generate.py", "--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.jsonl"),
                          "--out", str(tmp_path / "out.jsonl"), "--device", "cpu"])
     assert str(tmp_path / "prompts.jsonl") in error

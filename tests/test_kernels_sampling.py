@@ -10,6 +10,7 @@ import torch
 
 import kernels.sampling as sampling
 from kernels.sampling import sample, sample_reference
+from tests.helpers import ROOT
 
 IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not sampling.HAS_TRITON, reason="no triton"))]
 
@@ -326,7 +327,7 @@ def test_sampling_kernel_compiles_for_h100():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)
+                            cwd=ROOT, timeout=300)
     if result.returncode != 0 and "SKIP" in result.stderr:
         pytest.skip(result.stderr.strip().splitlines()[-1])
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]

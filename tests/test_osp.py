@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from common import load_tokenizer, read_jsonl
 from model import Transformer
-from tests.helpers import builtin_model_dir, run_script
+from tests.helpers import builtin_model_dir, run_script, run_script_expecting_error
 
 
 def test_ranked_pairs_odd_and_even_k():
@@ -92,10 +92,9 @@ def test_osp_steps_run_on_builtin_task_and_change_the_policy(loss, pairing, npro
 
 
 def test_osp_empty_prompts_file_is_a_one_line_error(task_dir, tmp_path):
-    from tests.test_generate import run_failing
     (tmp_path / "prompts.jsonl").write_text("")
     sft = builtin_model_dir(task_dir, tmp_path / "sft")
-    error = run_failing(["osp.py", "--model", str(sft), "--prompts", str(tmp_path / "prompts.jsonl"), "--out",
+    error = run_script_expecting_error(["osp.py", "--model", str(sft), "--prompts", str(tmp_path / "prompts.jsonl"), "--out",
                          str(tmp_path / "osp"), "--device", "cpu"])
     assert str(tmp_path / "prompts.jsonl") in error and "max()" not in error
     assert not (tmp_path / "osp").exists()
