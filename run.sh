@@ -5,7 +5,7 @@
 #   gold reward as an oracle control) → OSP (SPCE with ranked pairs; DPO / IPO losses; random
 #   pairing) → evaluation.
 #
-#   SIZE=tiny bash run.sh                # a smoke run: every stage once, tiny sizes, under 2 minutes on CPU
+#   SIZE=tiny bash run.sh                # a smoke run: every stage once, tiny sizes, ~2.5 minutes on CPU
 #   bash run.sh                          # SIZE=small: 2 CPU cores, about 13 minutes
 #   SIZE=large SEED=1 bash run.sh        # one GPU: all the data, the papers' n = 8 / K = 7, longer OSP
 #

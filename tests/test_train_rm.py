@@ -106,7 +106,7 @@ def test_empty_pairs_file_is_a_one_line_error(kind, tiny_model_dir, tmp_path, ca
     argv = ["train", "--type", kind, "--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"),
             "--out", str(tmp_path / "rm"), "--device", "cpu"]
     # One kind as a user runs the script, the other through main() in this process (no start-up cost).
-    error = run_script_expecting_error(["train_rm.py", *argv]) if kind == "bt" else run_main_expecting_error(argv, capsys)
+    error = run_script_expecting_error(["train_rm.py", *argv]) if kind == "bt" else run_main_expecting_error(train_rm.main, argv, capsys)
     assert str(tmp_path / "pairs.jsonl") in error
     assert not (tmp_path / "rm").exists()
 
@@ -115,7 +115,7 @@ def test_pairs_that_all_drop_are_a_one_line_error(tiny_model_dir, tmp_path, caps
     """Pairs whose chosen and rejected are the same tokens (here: the same after truncation to 8
     tokens, all inside the prompt) carry no preference; when none is left, training stops."""
     write_pairs(tmp_path / "pairs.jsonl", 4)
-    error = run_main_expecting_error(["train", "--type", "bt", "--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"),
+    error = run_main_expecting_error(train_rm.main, ["train", "--type", "bt", "--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"),
                                       "--out", str(tmp_path / "rm"), "--max-length", "8", "--device", "cpu"], capsys)
     assert str(tmp_path / "pairs.jsonl") in error and "4 read, 4 dropped" in error
     assert not (tmp_path / "rm").exists()
