@@ -316,10 +316,16 @@ class StepSums:
         return dict(zip(names + list(already_global), torch.cat([summed, *extra]).tolist()))
 
 
+def has_model(path):
+    """A checkpoint folder Transformer.from_pretrained can load (single-file or sharded weights)."""
+    path = Path(path)
+    return (path / "config.json").exists() and any((path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json"))
+
+
 def already_trained(out_dir, overwrite):
     """True (and says so) when out_dir already holds a saved model and --overwrite was not given: a
     rerun of a finished stage does nothing."""
-    if (Path(out_dir) / "model.safetensors").exists() and not overwrite:
+    if has_model(out_dir) and not overwrite:
         print0(f"{out_dir} already holds a model; skipping (pass --overwrite to train it again)")
         return True
     return False

@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import generate
-from common import (InputError, MetricsLogger, StepSums, already_trained, atomic_write_text, autocast, batch_schedule,
+from common import (InputError, MetricsLogger, StepSums, already_trained, atomic_write_text, has_model, autocast, batch_schedule,
                     check_settings, cosine_lr, default_dtype, destroy_distributed, encode_prompt, encode_response,
                     end_of_turn_ids, gradient_sync, init_distributed, load_tokenizer, make_optimizer, optimizer_step,
                     print0, process_in_chunks, rank_micro_batches, read_jsonl, right_pad, run_cli, save_checkpoint,
@@ -315,12 +315,6 @@ def select_pairs(records, length_penalty=0.0, reward_tolerance=0.0, source=None)
     return pairs, dropped
 
 
-def has_model(path):
-    """A checkpoint folder Transformer.from_pretrained can load (single-file or sharded weights)."""
-    path = Path(path)
-    return (path / "config.json").exists() and any((path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json"))
-
-
 def require_model(path, what):
     """Stop with one line naming `path` unless it holds a model."""
     if not Path(path).is_dir():
@@ -422,7 +416,7 @@ def run_iteration(args, sources, dist_info):
         pairs, examples, ref = [], [], []
         pairs_files = [run / f"iter{i}" / "pairs.jsonl" for i in (range(1, t + 1) if args.history == "all" else [t])]
         for path in pairs_files:
-            iteration_pairs = load_records(path, "pairs") if path.stat().st_size else []  # empty: every prompt was dropped
+            iteration_pairs = load_records(path, "pairs", allow_empty=True)  # empty: every prompt was dropped
             kept, iteration_examples = tokenize_pairs(tokenizer, iteration_pairs, args.max_length)
             if iteration_examples:
                 ref += ensure_reference_logps(args, dist_info, iteration_examples, path.with_name("ref_logps.jsonl"))

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from common import InputError, atomic_write_text, default_dtype, load_tokenizer, read_jsonl, run_cli, stop_token_ids, write_jsonl
+from common import InputError, atomic_write_text, default_dtype, has_model, load_tokenizer, read_jsonl, run_cli, stop_token_ids, write_jsonl
 from data.schema import load_records
 from data.task import parse_prompt, prompt_text, score
 from generate import Engine, encode_prompts, generate_records
@@ -45,7 +45,7 @@ def checkpoints(run):
     for name, label in ONLINE_SERIES.items():
         found += [(f"{label}, t = {t}", p, name, t) for t, p in sorted(iteration_policies(run / name).items())]
     found += [(f"OSP ({p.name.removeprefix('osp_').replace('_', ', ')})", p, None, None) for p in sorted(run.glob("osp_*"))]
-    return [f for f in found if (f[1] / "model.safetensors").exists()]
+    return [f for f in found if has_model(f[1])]
 
 
 def iteration_policies(folder):
@@ -110,7 +110,7 @@ def judge_on_sft_samples(run, device):
     prompts: how often it prefers the longer answer, and how often it sides with the gold reward
     where the two answers differ in correctness (|Δr*| > 0.1, more than a length difference)."""
     judge, samples = run / "judge", run / "sft" / "eval_samples_T1.jsonl"
-    if not ((judge / "model.safetensors").exists() and samples.exists()):
+    if not (has_model(judge) and samples.exists()):
         return None
     from train_rm import judge_template, pairwise_preference
     prompts, first, second, gold_difference = [], [], [], []
