@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
+from kernels import first_use_fallback
 from kernels.logprob import token_logprobs
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -53,7 +55,7 @@ class ModelConfig:
     qkv_bias: bool                     # Qwen2 (always) or Llama's attention_bias
     o_bias: bool                       # Llama's attention_bias also biases o_proj
     mlp_bias: bool
-    sliding_window: int | None         # Mistral; we only run sequences shorter than it
+    sliding_window: int | None         # Mistral: a token attends at most this many positions back
     raw: dict                          # the original config.json contents
 
     @classmethod
@@ -160,13 +162,130 @@ class KVCache:
     and are overwritten when the row reaches them. Fixed shapes, so a decode step can be compiled."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
-        if config.sliding_window is not None and max_len > config.sliding_window:
-            raise ValueError(f"cache of {max_len} positions exceeds the sliding window ({config.sliding_window}), "
-                             "which this implementation does not apply")
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention without dense masks. A (T × T) mask, or a mask together with enable_gqa, sends CUDA's
+# SDPA to its math kernel (fp32 scores, K/V copied to every head): ~8 GiB per layer at T = 8192.
+# So each case takes the path that keeps its structure implicit:
+#   causal (training, prefill):  SDPA is_causal=True, K/V shared by GQA groups -> flash on GPU;
+#   packed documents:            GPU: FlexAttention with a document-and-causal block mask (blocks of
+#                                other documents are skipped, so cost ~ Σ doc_len², not T²); the twin
+#                                everywhere else: one causal SDPA per document (the same cost);
+#   KV-cache decode:             only the first `cache_len` slots are read; GQA is folded into the
+#                                query rows so K/V are never repeated, and the mask is (B, 1, g·T, L);
+#   sliding window (Mistral):    a key more than `window` positions back is hidden; only matters,
+#                                and only costs anything, for sequences longer than the window.
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer's attention needs besides x, computed once per forward (hidden_states)."""
+    position_ids: torch.Tensor        # (B, T)
+    window: int | None = None         # the sliding window, if any
+    document_ids: torch.Tensor | None = None  # packed blocks (B, T)
+    block_mask: object = None         # packed, FlexAttention path (GPU): a BlockMask
+    segments: list | None = None      # packed, twin path: per row, [(start, end)] of each document
+    cache: "KVCache | None" = None
+    cache_len: int | None = None      # decode: read cache slots [0, cache_len)
+    prefill: bool = False             # cache given without positions: write at 0..T-1, causal
+
+
+def causal_attention(q, k, v, window=None):
+    """q (B, nh, T, D), k/v (B, nkv, T, D) -> (B, nh, T, D): each query sees itself and earlier keys
+    (at most `window` back). Without a window in reach this is SDPA's is_causal (flash on GPU)."""
+    T = q.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if window is None or T <= window:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    offset = torch.arange(T, device=q.device)[:, None] - torch.arange(T, device=q.device)  # query − key
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(offset >= 0) & (offset < window), enable_gqa=gqa)
+
+
+def document_segments(document_ids):
+    """Per row, the [(start, end)] of its runs of equal document ids (packing writes each document
+    as one run; padding is a run of its own). One host read per forward, shared by all layers."""
+    B, T = document_ids.shape
+    change = (document_ids[:, 1:] != document_ids[:, :-1]).cpu()
+    segments = []
+    for row in range(B):
+        bounds = [0] + (change[row].nonzero()[:, 0] + 1).tolist() + [T]
+        segments.append(list(zip(bounds[:-1], bounds[1:])))
+    return segments
+
+
+def packed_attention_twin(q, k, v, segments, window=None):
+    """Packed documents, one causal attention per document: exact, and never more than one
+    document's (len × len) scores at a time. The path on CPU and the fallback on GPU."""
+    rows = [torch.cat([causal_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], window)
+                       for s, e in segments[b]], dim=2) for b in range(q.shape[0])]
+    return torch.cat(rows, dim=0)
+
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # torch without FlexAttention: the twin everywhere
+    flex_attention = None
+_compiled_flex = []
+
+
+def use_flex(device):
+    return flex_attention is not None and device.type == "cuda" and os.environ.get("RLHF_KERNELS") != "torch"
+
+
+def document_block_mask(document_ids, window=None):
+    """FlexAttention's BlockMask for packed documents (+ causal, + sliding window): built once per
+    forward at (128 × 128)-block granularity, so whole blocks of other documents are never read."""
+    B, T = document_ids.shape
+
+    def same_document_causal(b, h, q_index, kv_index):
+        keep = (document_ids[b, q_index] == document_ids[b, kv_index]) & (kv_index <= q_index)
+        return keep & (q_index - kv_index < window) if window is not None else keep
+
+    return create_block_mask(same_document_causal, B, None, T, T, device=document_ids.device)
+
+
+def packed_attention(q, k, v, inputs):
+    """Packed documents: FlexAttention on GPU (compiled: eager FlexAttention would materialise the
+    scores), falling back to the twin if it fails on first use; the twin elsewhere."""
+    def twin():
+        if inputs.segments is None:
+            inputs.segments = document_segments(inputs.document_ids)
+        return packed_attention_twin(q, k, v, inputs.segments, inputs.window)
+
+    if not use_flex(q.device):
+        return twin()
+
+    def flex():
+        if inputs.block_mask is None:  # once per forward, shared by the layers
+            inputs.block_mask = document_block_mask(inputs.document_ids, inputs.window)
+        if not _compiled_flex:
+            _compiled_flex.append(torch.compile(flex_attention, dynamic=False))
+        return _compiled_flex[0](q, k, v, block_mask=inputs.block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+    return first_use_fallback("FlexAttention (packed documents)", flex, twin)
+
+
+def cached_attention(q, k_cache, v_cache, position_ids, cache_len, window=None):
+    """Decode (or any new tokens) against a KV cache: q (B, nh, T, D) at position_ids (B, T); the
+    cache (B, nkv, max_len, D) holds every earlier key/value at its position. Only the first
+    cache_len slots are read. The g = nh / nkv query heads that share a K/V head become g·T rows of
+    that head, (B, nkv, g·T, D), so SDPA needs no enable_gqa and takes the mask on a fused kernel."""
+    B, nh, T, D = q.shape
+    nkv = k_cache.shape[1]
+    g = nh // nkv
+    k, v = k_cache[:, :, :cache_len], v_cache[:, :, :cache_len]                  # (B, nkv, L, D)
+    key_position = torch.arange(cache_len, device=q.device)
+    visible = key_position <= position_ids[..., None]                            # (B, T, L)
+    if window is not None:
+        visible &= key_position > position_ids[..., None] - window
+    mask = visible[:, None].expand(B, g, T, cache_len).reshape(B, 1, g * T, cache_len)
+    y = F.scaled_dot_product_attention(q.reshape(B, nkv, g * T, D), k, v, attn_mask=mask)  # (B, nkv, g·T, D)
+    return y.reshape(B, nh, T, D)
 
 
 class Attention(nn.Module):
@@ -179,20 +298,26 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(H, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=config.o_bias)
 
-    def forward(self, x, cos, sin, attn_mask, cache=None, layer_index=0, position_ids=None):
+    def forward(self, x, cos, sin, inputs: AttentionInputs, layer_index=0):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # write the new keys/values at their positions; attend over the whole cache
-            index = position_ids[:, None, :, None].expand(B, self.n_kv_heads, T, self.head_dim)
+        cache, window = inputs.cache, inputs.window
+        if cache is not None and inputs.prefill:  # a fresh cache: keys/values at 0..T-1, plain causal
+            cache.k[layer_index][:, :, :T] = k
+            cache.v[layer_index][:, :, :T] = v
+            y = causal_attention(q, k, v, window)
+        elif cache is not None:  # write the new keys/values at their positions, read the cache
+            index = inputs.position_ids[:, None, :, None].expand(B, self.n_kv_heads, T, self.head_dim)
             cache.k[layer_index].scatter_(2, index, k.to(cache.k[layer_index].dtype))
             cache.v[layer_index].scatter_(2, index, v.to(cache.v[layer_index].dtype))
-            k, v = cache.k[layer_index], cache.v[layer_index]  # (B, nkv, max_len, D); attn_mask hides the rest
-        # is_causal only when there is no explicit mask (the fast flash path on GPU).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+            y = cached_attention(q, cache.k[layer_index], cache.v[layer_index], inputs.position_ids, inputs.cache_len, window)
+        elif inputs.document_ids is not None:
+            y = packed_attention(q, k, v, inputs)
+        else:
+            y = causal_attention(q, k, v, window)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -216,8 +341,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, attn_mask, cache=None, layer_index=0, position_ids=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, layer_index, position_ids)
+        # Activation checkpointing (Transformer.set_activation_checkpointing): keep only this
+        # block's input for the backward and recompute the rest. Inside forward, i.e. under FSDP's
+        # hooks on the block, as torchtitan's checkpoint-then-fully_shard order has it: FSDP
+        # gathers the block's weights before the backward that runs the recompute.
+        self.checkpoint_activations = False
+
+    def forward(self, x, cos, sin, inputs: AttentionInputs, layer_index=0):
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self.block, x, cos, sin, inputs, layer_index, use_reentrant=False)
+        return self.block(x, cos, sin, inputs, layer_index)
+
+    def block(self, x, cos, sin, inputs, layer_index):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, inputs, layer_index)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -266,51 +402,64 @@ class Transformer(nn.Module):
             raise AttributeError("a reward model (head='score') has no LM head")
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden_states(self, input_ids, position_ids=None, document_ids=None, cache=None):
+    def set_activation_checkpointing(self, enabled=True):
+        """Recompute each decoder block in the backward instead of keeping its activations: a
+        block then keeps only its input, (B, T, H), instead of ~(10 H + 3 I) · B · T values. Call it
+        before FSDP wrapping (common.wrap_model); gradients are identical, the forward runs twice."""
+        for layer in self.model.layers:
+            layer.checkpoint_activations = enabled
+
+    def hidden_states(self, input_ids, position_ids=None, document_ids=None, cache=None, cache_len=None):
         """Final-normed hidden states (B, T, H).
 
-        position_ids (B, T): default 0..T-1; required with a cache (where to write, what to attend).
+        position_ids (B, T): default 0..T-1.
         document_ids (B, T): for packed blocks; a token attends only to earlier tokens with the same
-            document id, so packed documents never see each other (pass positions restarting per doc).
-        cache: a KVCache; the new tokens' keys/values are written at position_ids and each new token
-            attends to its row's cache slots 0..its position (see KVCache).
+            document id, so packed documents never see each other (pass positions restarting per
+            doc). Each document must be one contiguous run of its id, as packing writes them.
+        cache: a KVCache. Without position_ids, a prefill: the T tokens are written at cache
+            positions 0..T-1 and attend causally among themselves. With position_ids, the new
+            tokens' keys/values are written at those positions and each attends to its row's cache
+            slots 0..its position (see KVCache), of which only the first `cache_len` (default: all)
+            are read: pass an upper bound of the batch's positions + 1 to decode on a short prefix.
         """
         B, T = input_ids.shape
         device = input_ids.device
-        if cache is None and self.config.sliding_window is not None and T > self.config.sliding_window:
-            raise ValueError(f"sequence of {T} tokens exceeds the sliding window ({self.config.sliding_window}), "
-                             "which this implementation does not apply")
+        prefill = cache is not None and position_ids is None
         if position_ids is None:
-            if cache is not None:
-                raise ValueError("position_ids are required with a KV cache")
             position_ids = torch.arange(T, device=device).expand(B, T)
-        attn_mask = None  # None = plain causal
-        if document_ids is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-            same_document = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
-            attn_mask = (same_document & causal)[:, None]                         # (B, 1, T, T)
-        elif cache is not None:
-            key_position = torch.arange(cache.max_len, device=device)
-            attn_mask = (key_position <= position_ids[..., None])[:, None]        # (B, 1, T, max_len)
+        inputs = AttentionInputs(position_ids, window=self.config.sliding_window, cache=cache, prefill=prefill,
+                                 cache_len=min(cache_len or cache.max_len, cache.max_len) if cache is not None else None)
+        if document_ids is not None and cache is None:
+            inputs.document_ids = document_ids
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, attn_mask, cache, i, position_ids)
+            x = layer(x, cos, sin, inputs, i)
         return self.model.norm(x)
 
-    def forward(self, input_ids, position_ids=None, document_ids=None, cache=None, targets=None, temperature=1.0):
+    def forward(self, input_ids, position_ids=None, document_ids=None, cache=None, targets=None, temperature=1.0,
+                cache_len=None):
         """Logits (B, T, V) in the model's dtype (scores (B, T) for a reward model); or, given `targets` (B, T) (-100 = ignored), the
         per-token log-probs log p(target | prefix) (B, T) in fp32, computed by kernels/logprob.py from
         the hidden states and the LM head without materialising the logits. The log-prob path goes
         through forward (not a separate method) so that FSDP's forward hooks gather the LM head."""
-        hidden = self.hidden_states(input_ids, position_ids, document_ids, cache)
+        hidden = self.hidden_states(input_ids, position_ids, document_ids, cache, cache_len)
         if self.head == "score":  # a scalar per position (B, T); the caller reads the last real token
             return F.linear(hidden, self.score.weight).squeeze(-1).float()
         if targets is None:
             return F.linear(hidden, self.lm_head_weight)
         B, T, H = hidden.shape
-        return token_logprobs(hidden.reshape(B * T, H), self.lm_head_weight, targets.reshape(B * T),
-                              temperature=temperature).view(B, T)
+        weight, device_type = self.lm_head_weight, hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Under autocast the fp32 RMSNorm weight makes `hidden` fp32, and the LM head is an fp32
+            # master weight: cast both to the compute dtype, so the log-prob matmuls (forward and
+            # backward) run in bf16 as a bf16 reference model's do; then leave autocast, so the
+            # kernel keeps its own rule (fp32 logits from bf16 inputs) instead of bf16 logits.
+            dtype = torch.get_autocast_dtype(device_type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            logps = token_logprobs(hidden.reshape(B * T, H), weight, targets.reshape(B * T), temperature=temperature)
+        return logps.view(B, T)
 
     def init_weights(self, std=None):
         """Random init for training from scratch: normal(0, initializer_range) linears/embeddings."""

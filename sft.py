@@ -24,12 +24,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (InputError, MetricsLogger, StepSums, already_trained, autocast, batch_schedule, cosine_lr,
-                    default_dtype, destroy_distributed, encode_conversation, end_of_turn_ids, gradient_sync,
-                    init_distributed, load_tokenizer, make_optimizer, optimizer_step, print0, rank_micro_batches,
-                    run_cli, save_checkpoint, seed_everything, set_lr, wrap_model)
+from common import (InputError, MetricsLogger, StepSums, add_scale_flags, already_trained, autocast, batch_schedule,
+                    cosine_lr, default_dtype, destroy_distributed, encode_conversation, end_of_turn_ids, gradient_sync,
+                    init_distributed, load_for_training, load_tokenizer, make_optimizer, optimizer_step, print0,
+                    rank_micro_batches, run_cli, save_checkpoint, scale_settings, seed_everything, set_lr, unwrap)
 from data.schema import load_records
-from model import Transformer
 
 # ----------------------------------------------------------------------------------------------
 # Arguments
@@ -57,6 +56,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="global seed (packing and data order, init)")
     parser.add_argument("--log-every", type=int, default=10, help="print a step line every N steps")
     parser.add_argument("--overwrite", action="store_true", help="retrain even if --out already holds a checkpoint")
+    add_scale_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -159,15 +159,17 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------
     # Model
 
-    model = Transformer.from_config(args.model) if args.scratch else Transformer.from_pretrained(args.model)
-    model.float()  # fp32 master weights; bf16 compute on GPU (common.autocast / FSDP's policy)
-    print0(f"model: {model.num_parameters() / 1e6:.2f}M parameters, compute dtype {compute_dtype}")
+    # fp32 master weights; bf16 compute on GPU (common.autocast / FSDP's policy). Under FSDP built on
+    # the meta device and loaded by rank 0 alone (common.load_for_training).
+    checkpointing, save_dtype = scale_settings(args, device)
+    model = load_for_training(args.model, args.parallel, dist_info, scratch=args.scratch, activation_checkpointing=checkpointing)
+    print0(f"model: {unwrap(model).num_parameters() / 1e6:.2f}M parameters, compute dtype {compute_dtype}, "
+           f"activation checkpointing {'on' if checkpointing else 'off'}")
     # Training FLOPs per token: 6 × (parameters used in matmuls) + attention scores (12·L·H·T, halved by causality).
-    config = model.config
-    flops_per_token = 6 * (model.num_parameters(exclude_embeddings=True) + config.vocab_size * config.hidden_size * config.tie_word_embeddings) \
+    config = unwrap(model).config
+    flops_per_token = 6 * (unwrap(model).num_parameters(exclude_embeddings=True) + config.vocab_size * config.hidden_size * config.tie_word_embeddings) \
         + 6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * args.block_size
     peak_flops = 989e12 if device.type == "cuda" else None  # H100 SXM dense bf16
-    model = wrap_model(model, args.parallel, device, param_dtype=compute_dtype)
 
     # ------------------------------------------------------------------------------------------
     # Optimizer (the cosine schedule is set each step)
@@ -221,7 +223,7 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------
     # Save: a full HF-format checkpoint gathered on rank 0 (weights, config, tokenizer).
 
-    save_checkpoint(model, args.out, tokenizer, source_dir=args.model)
+    save_checkpoint(model, args.out, tokenizer, source_dir=args.model, dtype=save_dtype)
     print0(f"saved {args.out}")
     destroy_distributed()
 

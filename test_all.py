@@ -10,6 +10,8 @@ One module per file of the project, in reading order; shared fixtures and writer
 | module | what it proves |
 | --- | --- |
 | tests/test_model.py | logits = transformers' Llama/Qwen2, KV-cached decoding = full forward, packed documents isolated |
+| tests/test_attention.py | packed / cached / sliding-window attention = a dense-mask reference (and transformers' Mistral), FlexAttention's block mask, checkpointing changes no gradient, packed memory at T = 4096 |
+| tests/test_scale.py | FSDP2 meta-device init + rank-0 broadcast = a single-process load (bit for bit), sharded save in bf16, bf16 LM-head log-probs under autocast |
 | tests/test_common.py | the prompt/response token boundary, the LR schedule, atomic JSONL |
 | tests/test_kernels_logprob.py | fused log-probs = the PyTorch reference (values and gradients, fp32/bf16) |
 | tests/test_kernels_sampling.py | top-k/top-p/min-p sampling stays in the kept set, exact log-probs, per-row seeds |
@@ -23,6 +25,8 @@ One module per file of the project, in reading order; shared fixtures and writer
 | tests/test_task.py | the built-in task: gold scorer, splits, tokenizer, labels, determinism |
 """
 from tests.test_model import *  # noqa: F401,F403
+from tests.test_attention import *  # noqa: F401,F403
+from tests.test_scale import *  # noqa: F401,F403
 from tests.test_common import *  # noqa: F401,F403
 from tests.test_kernels_logprob import *  # noqa: F401,F403
 from tests.test_kernels_sampling import *  # noqa: F401,F403

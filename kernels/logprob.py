@@ -4,8 +4,8 @@ materialising the [tokens x vocab] logits.
     from kernels.logprob import token_logprobs
     logps = token_logprobs(hidden, lm_head_weight, targets, temperature=1.0)   # (N,) fp32, -100 -> 0.0
 
-    python kernels/logprob.py --bench              # H100: ours vs naive PyTorch vs Liger (fwd + bwd)
-    python kernels/logprob.py --bench --cpu-smoke  # tiny run of the same code path on a CPU
+    python -m kernels.logprob --bench              # H100: ours vs naive PyTorch vs Liger (fwd + bwd)
+    python -m kernels.logprob --bench --cpu-smoke  # tiny run of the same code path on a CPU
 
 The math, for token i with final hidden state h_i (H,), LM head W (V, H), target t_i, temperature T:
 
@@ -61,6 +61,8 @@ import sys
 import time
 
 import torch
+
+from kernels import first_use_fallback
 
 try:
     import triton
@@ -121,8 +123,12 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, ignore_index=-100, 
     if impl == "torch":
         return token_logprobs_reference(hidden, weight, targets, temperature, ignore_index)
     assert hidden.dtype == weight.dtype, f"hidden is {hidden.dtype} but weight is {weight.dtype}"
-    return ChunkedTokenLogprobs.apply(hidden, weight, targets, float(temperature), ignore_index,
-                                      impl == "triton", vocab_chunk_size)
+    def run(use_triton):
+        return ChunkedTokenLogprobs.apply(hidden, weight, targets, float(temperature), ignore_index, use_triton, vocab_chunk_size)
+
+    if impl == "triton":  # the kernels compile on first use; if that fails, the chunked PyTorch loop
+        return first_use_fallback("kernels.logprob (Triton)", lambda: run(True), lambda: run(False))
+    return run(False)
 
 
 # ----------------------------------------------------------------------------------------------

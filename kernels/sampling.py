@@ -7,8 +7,8 @@ min-p, with one random stream per row and no host synchronisation.
     out.logprobs              # (B,) fp32 log q(token), q = the distribution actually sampled from
     out.logprobs_untruncated  # (B,) fp32 log p(token), p = softmax(logits / T): temperature only
 
-    python kernels/sampling.py --bench        # H100: ours vs sort-based top-p and torch.multinomial
-    python kernels/sampling.py --bench --cpu  # the PyTorch path on this machine's CPU
+    python -m kernels.sampling --bench        # H100: ours vs sort-based top-p and torch.multinomial
+    python -m kernels.sampling --bench --cpu  # the PyTorch path on this machine's CPU
 
 What is sampled. With z = logits * (1 / T) in fp32 and p = softmax(z), the kept set is
 K = {i : z_i >= t}, t = max(t_k, t_p, t_min), where (list the tokens by decreasing z):
@@ -72,6 +72,8 @@ import time
 from typing import NamedTuple
 
 import torch
+
+from kernels import first_use_fallback
 
 try:
     import triton
@@ -265,7 +267,8 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None, i
     seeds = _seeds(seeds, logits.shape[0], logits.device)
     if resolve_impl(logits, impl) == "torch":
         return _sample_torch(logits, params, seeds, top_k, top_p)
-    return _sample_triton(logits, params, seeds)
+    return first_use_fallback("kernels.sampling (Triton)", lambda: _sample_triton(logits, params, seeds),
+                              lambda: _sample_torch(logits, params, seeds, top_k, top_p))
 
 
 def sample_reference(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None):

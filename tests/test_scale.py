@@ -1,0 +1,70 @@
+"""Tests of the scale path in common.py and model.py: FSDP2 loading on the meta device with a
+rank-0 broadcast (bit-identical to a single-process load), the sharded save in the chosen dtype,
+and the LM-head log-prob path's mixed precision under autocast."""
+import torch
+
+import model as model_module
+from model import Transformer
+from tests.helpers import ROOT, run_script, tiny_config
+
+FSDP_LOAD_PROBE = """
+import sys
+sys.path.insert(0, sys.argv[2])  # the repository root (the script itself lives in a temp folder)
+import torch
+import torch.distributed as dist
+from common import destroy_distributed, full_state_dict, init_distributed, load_for_training
+from model import Transformer
+path = sys.argv[1]
+dist_info = init_distributed("cpu")
+model = load_for_training(path, "fsdp", dist_info)
+# each rank holds its shards only: about half of every parameter
+local = sum(p.to_local().numel() for p in model.parameters())
+total = sum(p.numel() for p in model.parameters())
+assert local < 0.6 * total, (local, total)
+gathered, gathered_bf16 = full_state_dict(model), full_state_dict(model, torch.bfloat16)
+if dist_info.is_main:
+    reference = Transformer.from_pretrained(path).state_dict()
+    assert set(gathered) == set(reference), set(gathered) ^ set(reference)
+    for name, tensor in reference.items():
+        assert gathered[name].dtype == torch.float32 and torch.equal(gathered[name], tensor), name
+        assert gathered_bf16[name].dtype == torch.bfloat16 and torch.equal(gathered_bf16[name], tensor.bfloat16()), name
+    print(f"identical: {len(reference)} tensors; rank 0 held {local} of {total} values")
+else:
+    assert gathered == {} and gathered_bf16 == {}
+destroy_distributed()
+"""
+
+
+def test_fsdp_meta_init_with_rank0_broadcast_equals_single_process_load(tiny_model_dir, tmp_path):
+    """2 ranks (gloo): the model built on meta, sharded, and filled by rank 0's broadcast gathers
+    back bit for bit to what one process loads, in fp32 and cast to bf16 for saving."""
+    script = tmp_path / "probe.py"
+    script.write_text(FSDP_LOAD_PROBE)
+    out = run_script([str(script), str(tiny_model_dir), str(ROOT)], nproc=2)
+    assert "identical:" in out
+
+
+def test_lm_head_logprobs_run_in_the_autocast_dtype(monkeypatch):
+    """Under autocast (bf16) with fp32 master weights, the hidden states and the LM head reach
+    token_logprobs in bf16 (so its matmuls, forward and backward, are bf16 GEMMs with fp32 output),
+    and the result equals a bf16 copy of the model's log-probs run on the same bf16 hidden states."""
+    torch.manual_seed(0)
+    model = Transformer.from_config(tiny_config(50))
+    seen = []
+    original = model_module.token_logprobs
+    monkeypatch.setattr(model_module, "token_logprobs", lambda h, w, t, **kw: seen.append((h.dtype, w.dtype)) or original(h, w, t, **kw))
+    input_ids = torch.randint(0, 50, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logps = model(input_ids, targets=input_ids)
+        hidden = model.hidden_states(input_ids)
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    assert hidden.dtype == torch.float32  # what the LM head would have seen before the cast
+    expected = original(hidden.bfloat16().reshape(18, -1), model.lm_head_weight.bfloat16(), input_ids.reshape(18))
+    assert torch.equal(logps.reshape(18), expected)
+    logps.sum().backward()
+    assert model.lm_head_weight.grad.dtype == torch.float32  # master weights keep fp32 gradients
+    model.zero_grad()
+    with torch.no_grad():
+        seen.clear()
+        model(input_ids, targets=input_ids)  # no autocast: fp32 as before
+    assert seen == [(torch.float32, torch.float32)]
