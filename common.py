@@ -4,6 +4,7 @@ JSONL I/O (atomic writes), metrics, FSDP2/DDP wrapping and HF-format checkpoints
 Numerics do not live here (the model is in model.py, log-probs in kernels/logprob.py, each loss
 in the stage that owns it); this module is the plumbing the stages share.
 """
+import argparse
 import json
 import math
 import os
@@ -181,25 +182,38 @@ def seed_everything(seed):
 def process_in_chunks(records, out_path, process, dist_info, chunk_size=64, desc="processing", settings=None):
     """Apply `process(list of records) -> list of records` to `records` chunk by chunk and write the
     concatenated results, in input order, to out_path (JSONL). Crash-safe and rank-count-free:
-      - chunk c (records[c*chunk_size:(c+1)*chunk_size]) runs on rank c % world_size;
-      - each finished chunk is written atomically to OUT.parts-n{N}-c{chunk_size}/{c}.jsonl, and a
-        rerun skips chunks already there (so no record is lost or done twice);
+      - every rank gets an equal share, so none idles into the collective timeout while another
+        works: the records are cut into n_chunks = world_size × ceil(N / (world_size × chunk_size))
+        contiguous chunks whose sizes differ by at most one (none is larger than chunk_size), and
+        chunk c runs on rank c % world_size. 7 records with chunk_size 64 on 2 ranks: chunks of 4
+        and 3, one per rank. A chunk with no records (1 record on 2 ranks) is written as an empty
+        part without calling `process`;
+      - each finished chunk is written atomically to OUT.parts-n{N}-chunks{n_chunks}/{c}.jsonl, and a
+        rerun skips chunks already there (so no record is lost or done twice). N and n_chunks alone
+        decide the split, so a rerun whose split differs (another chunk size or rank count) starts a
+        fresh folder instead of mixing two splits, and one with the same split resumes on any number
+        of ranks;
       - rank 0 finally merges the chunks into out_path (atomically) and removes the parts folder;
       - `settings` (a dict: model, sampling parameters, ...) are recorded in the parts folder, and a
         resume with different settings stops (check_settings) instead of mixing the two.
     Collective under torchrun: every rank must call it. Returns nothing; read out_path."""
     out_path = Path(out_path)
-    n_chunks = math.ceil(len(records) / chunk_size)
-    parts = out_path.with_name(f"{out_path.name}.parts-n{len(records)}-c{chunk_size}")
-    mine = [c for c in range(n_chunks) if c % dist_info.world_size == dist_info.rank]
+    world_size = dist_info.world_size
+    n_chunks = world_size * math.ceil(len(records) / (world_size * chunk_size))
+
+    def start(c):  # ceil(c·N / n_chunks): chunk sizes differ by at most one, larger first (a lone record goes to rank 0)
+        return -(-c * len(records) // n_chunks)
+
+    parts = out_path.with_name(f"{out_path.name}.parts-n{len(records)}-chunks{n_chunks}")
+    mine = [c for c in range(n_chunks) if c % world_size == dist_info.rank]
     if settings is not None:
         check_settings(parts / "settings.json", settings, start_over=parts)
     todo = [c for c in mine if not (parts / f"{c:06d}.jsonl").exists()]
     if len(todo) < len(mine):
         print0(f"{desc}: resuming, {len(mine) - len(todo)} of {len(mine)} chunks already done")
     for c in tqdm(todo, desc=desc, disable=not dist_info.is_main):
-        results = process(records[c * chunk_size:(c + 1) * chunk_size])
-        write_jsonl(parts / f"{c:06d}.jsonl", results)
+        chunk = records[start(c):start(c + 1)]
+        write_jsonl(parts / f"{c:06d}.jsonl", process(chunk) if chunk else [])
     if dist.is_initialized():
         dist.barrier()
     if dist_info.is_main:
@@ -355,11 +369,12 @@ def check_settings(path, settings, start_over):
 
 def wrap_model(model, mode, device, param_dtype=None):
     """mode: "fsdp" | "ddp" | "none". The model's own parameters stay fp32 (the optimizer's master
-    weights); FSDP casts them to `param_dtype` (bf16 on GPU) for compute and reduces grads in fp32."""
-    model.to(device)
+    weights); FSDP casts them to `param_dtype` (bf16 on GPU) for compute and reduces grads in fp32.
+    A model on the meta device is sharded there (nothing is allocated): see load_for_training."""
     if mode == "none" or not dist.is_initialized():
-        return model
+        return model.to(device)
     if mode == "ddp":
+        model.to(device)
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if mode != "fsdp":
         raise ValueError(f"unknown parallel mode {mode!r} (fsdp, ddp, none)")
@@ -372,6 +387,60 @@ def wrap_model(model, mode, device, param_dtype=None):
     return model
 
 
+def load_for_training(path, parallel, dist_info, head="lm", scratch=False, activation_checkpointing=False):
+    """The model a stage trains: fp32 master weights, activation checkpointing set, wrapped for data
+    parallelism. `scratch`: a random init from path's config.json instead of its weights.
+
+    Under FSDP, the torchtitan order, so that no rank but one ever holds the full model: every rank
+    builds the model on the meta device (no memory), shards each block then the root, and
+    allocates only its own shards (to_empty); rank 0 alone reads the checkpoint (or draws the
+    random init) into host memory and broadcasts it, each rank keeping its shards
+    (set_model_state_dict with broadcast_from_rank0). For Llama-3-8B that is one 32 GB host copy
+    on the node instead of 8, and no rank ever moves a full model to its GPU."""
+    from model import ModelConfig, Transformer, rope_inverse_frequencies
+
+    device, param_dtype = dist_info.device, default_dtype(dist_info.device)
+
+    def read_full():
+        return Transformer.from_config(path, head=head) if scratch else Transformer.from_pretrained(path, head=head)
+
+    if parallel != "fsdp" or not dist.is_initialized():
+        model = read_full()
+        model.set_activation_checkpointing(activation_checkpointing)
+        return wrap_model(model, parallel, device, param_dtype)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    config_path = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+    config = ModelConfig.from_dict(json.loads(config_path.read_text()))
+    with torch.device("meta"):
+        model = Transformer(config, head=head)
+    model.set_activation_checkpointing(activation_checkpointing)
+    model = wrap_model(model, "fsdp", device, param_dtype)
+    model.to_empty(device=device)
+    model.inv_freq = rope_inverse_frequencies(config).to(device)  # a buffer, not in the state dict
+    full_state = read_full().state_dict() if dist_info.is_main else {}
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full_state
+    return model
+
+
+def add_scale_flags(parser):
+    """The flags every training stage shares for running at scale (sft, train_rm, dpo, osp)."""
+    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                        help="recompute each decoder block in the backward (default: on with CUDA, off on CPU)")
+    parser.add_argument("--save-dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                        help="dtype of the saved weights (auto: the compute dtype, bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the per-rank memory plan for these settings and exit, loading nothing")
+
+
+def scale_settings(args, device):
+    """(activation_checkpointing, save dtype) from add_scale_flags' flags, for this device."""
+    checkpointing = args.activation_checkpointing if args.activation_checkpointing is not None else device.type == "cuda"
+    save_dtype = default_dtype(device) if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
+    return checkpointing, save_dtype
+
+
 def unwrap(model):
     """The Transformer inside a DDP wrapper (FSDP2 shards the module in place, so it is itself)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -382,29 +451,36 @@ def is_fsdp(model):
 
 
 def gradient_sync(model, sync):
-    """Context for one micro-batch of gradient accumulation: skip the gradient all-reduce on all
-    but the last micro-batch (DDP no_sync; FSDP2's requires_gradient_sync)."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return nullcontext() if sync else model.no_sync()
-    if is_fsdp(model):
-        model.set_requires_gradient_sync(sync)
+    """Context for one micro-batch of gradient accumulation. DDP: skip the gradient all-reduce on
+    all but the last micro-batch (no_sync), which costs nothing extra since DDP keeps full
+    gradients anyway. FSDP: reduce-scatter after every micro-batch, so each rank only ever holds
+    its gradient shard; skipping it would keep unsharded fp32 gradients between micro-batches
+    (+32 GiB per rank for an 8B model)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not sync:
+        return model.no_sync()
     return nullcontext()
 
 
-def full_state_dict(model):
-    """The whole model's state dict on rank 0, on CPU (an empty dict on other ranks under FSDP).
-    Every rank must call it: under FSDP the shards are gathered collectively."""
-    if is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+def full_state_dict(model, dtype=None):
+    """The whole model's state dict on rank 0, on CPU, cast to `dtype` (default: as trained); an
+    empty dict on other ranks under FSDP. Under FSDP the shards are gathered one tensor at a time
+    and cast on the way, so rank 0 holds one copy in the saved dtype plus one tensor in flight (not
+    an fp32 copy and then a bf16 one). Every rank must call it."""
+    if not is_fsdp(model):
+        return {k: v.detach().to("cpu", dtype or v.dtype) for k, v in unwrap(model).state_dict().items()}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # collective
+        if dist.get_rank() == 0:
+            state[name] = full.detach().to("cpu", dtype or full.dtype)
+        del full
+    return state
 
 
 def save_checkpoint(model, out_dir, tokenizer, source_dir=None, dtype=None):
-    """A full HF-format folder (config, safetensors, tokenizer, generation config) written by rank 0.
-    Collective: call it on every rank."""
-    state = full_state_dict(model)
+    """A full HF-format folder (config, safetensors, tokenizer, generation config) written by rank 0,
+    weights in `dtype` (default: as trained). Collective: call it on every rank."""
+    state = full_state_dict(model, dtype)
     if int(os.environ.get("RANK", 0)) == 0:
         unwrap(model).save_pretrained(out_dir, state_dict=state, dtype=dtype, tokenizer=tokenizer)
         generation_config = Path(source_dir or "", "generation_config.json")

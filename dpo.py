@@ -75,12 +75,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import generate
-from common import (InputError, MetricsLogger, StepSums, already_trained, atomic_write_text, has_model, autocast, batch_schedule,
-                    check_settings, cosine_lr, default_dtype, destroy_distributed, encode_prompt, encode_response,
-                    end_of_turn_ids, gradient_sync, init_distributed, load_tokenizer, make_optimizer, optimizer_step,
-                    print0, process_in_chunks, rank_micro_batches, read_jsonl, right_pad, run_cli, save_checkpoint,
-                    seed_everything, set_lr, stop_token_ids, write_jsonl, wrap_model)
+from common import (InputError, MetricsLogger, StepSums, add_scale_flags, already_trained, atomic_write_text, autocast,
+                    batch_schedule, check_settings, cosine_lr, default_dtype, destroy_distributed, encode_prompt,
+                    encode_response, end_of_turn_ids, gradient_sync, has_model, init_distributed, load_for_training,
+                    load_tokenizer, make_optimizer, optimizer_step, print0, process_in_chunks, rank_micro_batches,
+                    read_jsonl, right_pad, run_cli, save_checkpoint, scale_settings, seed_everything, set_lr,
+                    stop_token_ids, write_jsonl)
 from data.schema import load_records
+from memory_plan import print_stage_plan
 from model import ModelConfig, Transformer
 
 # ----------------------------------------------------------------------------------------------
@@ -182,12 +184,6 @@ def reference_logps(model, examples, pad_id, dist_info, micro_batch_size):
 # Training
 
 
-def load_for_training(path, args, device):
-    """fp32 master weights, wrapped for data parallelism (FSDP computes in bf16 on GPU)."""
-    model = Transformer.from_pretrained(path).float()
-    return wrap_model(model, args.parallel, device, param_dtype=default_dtype(device))
-
-
 def ensure_reference_logps(args, dist_info, examples, path):
     """The reference π_0's log-probs of every example's chosen and rejected response, read from
     `path` or, the first time, computed there (once, no grad). The reference model is loaded only
@@ -199,7 +195,7 @@ def ensure_reference_logps(args, dist_info, examples, path):
         return ref
     device = dist_info.device
     tokenizer = load_tokenizer(args.reference)
-    reference = load_for_training(args.reference, args, device)
+    reference = load_for_training(args.reference, args.parallel, dist_info)
     ref = reference_logps(reference, examples, tokenizer.pad_token_id, dist_info, args.micro_batch_size)
     if dist_info.is_main:
         write_jsonl(path, [{"ref_chosen_logp": c, "ref_rejected_logp": r} for c, r in ref])
@@ -229,7 +225,8 @@ def train(args, dist_info, start_model, pairs, examples, ref, out_dir):
     total_steps = len(schedule)
     print0(f"{len(examples)} pairs, {total_steps} steps of {args.batch_size} pairs, loss {loss_type}, β {args.beta}"
            + (f", cDPO ε {args.label_smoothing}" if args.label_smoothing else "") + (f", RPO α {args.nll_coef}" if args.nll_coef else ""))
-    model = load_for_training(start_model, args, device)
+    checkpointing, save_dtype = scale_settings(args, device)
+    model = load_for_training(start_model, args.parallel, dist_info, activation_checkpointing=checkpointing)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     metrics = MetricsLogger(Path(out_dir) / "metrics.jsonl", enabled=dist_info.is_main)
 
@@ -283,7 +280,7 @@ def train(args, dist_info, start_model, pairs, examples, ref, out_dir):
                        f"rejected {line['rewards_rejected']:+.4f} | acc {line['reward_accuracy']:.3f} | kl {line['kl']:+.3f} | "
                        f"grad {line['grad_norm']:.3f} | lr {lr:.2e} | {line['tokens_per_s']:,.0f} tok/s")
     metrics.close()
-    save_checkpoint(model, out_dir, tokenizer, source_dir=start_model)
+    save_checkpoint(model, out_dir, tokenizer, source_dir=start_model, dtype=save_dtype)
     del model, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -317,6 +314,8 @@ def select_pairs(records, length_penalty=0.0, reward_tolerance=0.0, source=None)
 
 def require_model(path, what):
     """Stop with one line naming `path` unless it holds a model."""
+    if path is None:
+        raise InputError(f"{what} is required")
     if not Path(path).is_dir():
         raise InputError(f"{what} {path}: no such model folder")
     if not has_model(path):
@@ -328,7 +327,7 @@ def start_iteration(args, sources, dist_info):
     when there is sampling to do. Then record its settings (iter{t}/settings.json; a rerun or resume
     that differs from the record stops) and, when it is the run's latest iteration, make them the
     next iteration's defaults (config.json). Returns (iteration folder, π_{t−1} folder, chunk t's
-    prompts records and token ids, or None when its samples are done)."""
+    prompts records to sample, or None when its samples are done)."""
     run, t = Path(args.run_dir), args.iter
     here = run / f"iter{t}"
     def read_back(name):  # " (from config.json)" when the value was read back, not given now
@@ -347,7 +346,9 @@ def start_iteration(args, sources, dist_info):
         records, path = prompt_chunk(args, t)
         # Every prompt must leave room for --max-new-tokens in the model's context (generate.py says which does not).
         context = ModelConfig.from_dict(json.loads((previous_policy / "config.json").read_text())).max_position_embeddings
-        prompts = (records, generate.encode_prompts(load_tokenizer(previous_policy), records, args.max_new_tokens, context, path))
+        # Prompts over --max-prompt-length are skipped (counted): their records are absent from samples.jsonl on.
+        prompts, _ = generate.encode_prompts(load_tokenizer(previous_policy), records, args.max_new_tokens, context, path,
+                                             args.max_prompt_length)
     if dist.is_initialized():
         dist.barrier()  # every rank has read config.json and the record before rank 0 writes them
     check_settings(here / "settings.json", {k: getattr(args, k) for k in RESULT_SETTINGS}, start_over=here)
@@ -367,13 +368,12 @@ def run_iteration(args, sources, dist_info):
 
     # 1. Samples from π_{t−1}.
     if prompts is not None:
-        records, prompt_ids = prompts
         tokenizer = load_tokenizer(previous_policy)
         policy = Transformer.from_pretrained(previous_policy, device=device, dtype=default_dtype(device)).eval()
-        engine = generate.Engine(policy, args.gen_batch_size, max(map(len, prompt_ids)) + args.max_new_tokens, stop_token_ids(tokenizer))
+        engine = generate.Engine(policy, args.gen_batch_size, stop_token_ids(tokenizer))
         sampling = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, seed=args.seed * 1000 + t)
-        process_in_chunks(records, here / "samples.jsonl", lambda chunk: generate.generate_records(engine, tokenizer, chunk, **sampling),
+        process_in_chunks(prompts, here / "samples.jsonl", lambda chunk: generate.generate_records(engine, tokenizer, chunk, **sampling),
                           dist_info, chunk_size=args.chunk_size, desc=f"iter {t}: sampling",
                           settings={"policy": str(previous_policy), **sampling})
         del policy, engine
@@ -451,14 +451,15 @@ def prompt_chunk(args, t):
 # Settings that decide what an online iteration produces: recorded in iter{t}/settings.json (a rerun
 # or resume with other values stops) and saved in config.json as the next iteration's defaults.
 INPUT_SETTINGS = ("sft", "rm", "prompts", "iterations")
-SAMPLING_SETTINGS = ("n", "temperature", "top_p", "top_k", "max_new_tokens")  # + seed (the samples' seeds derive from it)
+# + seed (the samples' seeds derive from it); max_prompt_length decides which prompts are sampled.
+SAMPLING_SETTINGS = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "max_prompt_length")
 PAIRING_SETTINGS = ("length_penalty", "reward_tolerance", "history")
 TRAINING_SETTINGS = ("loss", "beta", "label_smoothing", "nll_coef", "lr", "epochs", "batch_size", "max_length", "max_steps",
-                     "warmup_ratio", "weight_decay", "grad_clip", "seed")
+                     "warmup_ratio", "weight_decay", "grad_clip", "seed", "save_dtype")
 RESULT_SETTINGS = INPUT_SETTINGS + SAMPLING_SETTINGS + PAIRING_SETTINGS + TRAINING_SETTINGS
 # Throughput settings: the same result whatever their value, up to floating-point summation order.
 # Saved in config.json (a batch size that fits the memory should carry over), free on a resume.
-THROUGHPUT_SETTINGS = ("micro_batch_size", "gen_batch_size", "chunk_size")
+THROUGHPUT_SETTINGS = ("micro_batch_size", "gen_batch_size", "chunk_size", "activation_checkpointing")
 RUN_SETTINGS = RESULT_SETTINGS + THROUGHPUT_SETTINGS
 
 
@@ -484,11 +485,14 @@ def build_parser():
     online.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1 = off)")
     online.add_argument("--top-k", type=int, default=0, help="top-k (0 = off)")
     online.add_argument("--max-new-tokens", type=int, default=2048, help="response length cap")
+    online.add_argument("--max-prompt-length", type=int, default=None,
+                        help="skip (and count) prompts longer than this many tokens; default: only the context limits them")
     online.add_argument("--length-penalty", type=float, default=0.0, help="λ in r − λ·characters (paper 1's concise run: 0.001)")
     online.add_argument("--reward-tolerance", type=float, default=0.0, help="drop a prompt when best − worst reward ≤ this")
     online.add_argument("--history", choices=["all", "last"], default="all",
                         help="train on all pairs so far (paper) or the newest only (authors' code)")
-    online.add_argument("--gen-batch-size", type=int, default=64, help="decode slots per rank when sampling")
+    online.add_argument("--gen-batch-size", type=int, default=0,
+                        help="decode slots per rank when sampling; 0: as many as fit in free GPU memory (64 on a CPU)")
     online.add_argument("--chunk-size", type=int, default=256, help="prompts per resumable sampling/scoring chunk")
     training = parser.add_argument_group("training")
     training.add_argument("--loss", choices=["dpo", "ipo", "spce"], default="dpo", help="preference loss")
@@ -508,6 +512,7 @@ def build_parser():
     training.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     training.add_argument("--seed", type=int, default=0, help="global seed (data order; sampling seeds derive from it and t)")
     training.add_argument("--log-every", type=int, default=10, help="print a step line every N steps")
+    add_scale_flags(training)
     return parser
 
 
@@ -559,7 +564,7 @@ def resolve_settings(argv=None):
                          f"them from {Path(args.run_dir) / 'config.json'})")
     elif not (args.pairs and args.model and args.out):
         parser.error("offline mode needs --pairs, --model and --out (or --iter and --run-dir for online mode)")
-    if args.iter is not None and args.n > args.gen_batch_size:
+    if args.iter is not None and args.gen_batch_size and args.n > args.gen_batch_size:
         parser.error(f"--n {args.n} samples per prompt need --gen-batch-size {args.n} or more (it is {args.gen_batch_size})")
     if args.label_smoothing and args.loss == "ipo":
         parser.error("--label-smoothing (cDPO) applies to --loss dpo or spce, not ipo")
@@ -603,6 +608,15 @@ def main(argv=None):
     args, sources = resolve_settings(argv)
     dist_info = init_distributed(args.device)
     seed_everything(args.seed)
+    # The memory plan first (a missing model is left to the checks below, which name the flag).
+    plan_model = args.sft if args.iter is not None else args.model
+    if args.dry_run:
+        require_model(plan_model, "--sft" if args.iter is not None else "--model")
+    if plan_model is not None and has_model(plan_model):
+        checkpointing, _ = scale_settings(args, dist_info.device)
+        print_stage_plan(plan_model, "dpo", dist_info, args.micro_batch_size, args.max_length, args.parallel, checkpointing)
+    if args.dry_run:
+        return destroy_distributed()
     if args.iter is not None:
         run_iteration(args, sources, dist_info)
     else:

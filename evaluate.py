@@ -32,7 +32,7 @@ from common import InputError, atomic_write_text, default_dtype, has_model, load
 from data.schema import load_records
 from data.task import parse_prompt, prompt_text, score
 from generate import Engine, encode_prompts, generate_records
-from model import Transformer
+from model import ModelConfig, Transformer
 
 
 ONLINE_SERIES = {"online": "iterative DPO", "online_lp": "iterative DPO + length penalty",
@@ -62,8 +62,7 @@ def answers(folder, prompts, device, max_new_tokens, batch_size, n, temperature)
             return records
     tokenizer = load_tokenizer(folder)
     model = Transformer.from_pretrained(folder, device=device, dtype=default_dtype(device)).eval()
-    longest = max(map(len, encode_prompts(tokenizer, prompts, max_new_tokens, model.config.max_position_embeddings)))
-    engine = Engine(model, batch_size, longest + max_new_tokens, stop_token_ids(tokenizer))
+    engine = Engine(model, batch_size, stop_token_ids(tokenizer), cpu_slots=256)
     records = generate_records(engine, tokenizer, prompts, n, max_new_tokens, temperature, seed=0)
     for record in records:
         record["gold"] = [score(record["prompt"], r) for r in record["responses"]]
@@ -204,6 +203,11 @@ def evaluate_run(run, prompts, args, device):
     found = checkpoints(run)
     if not found:
         raise InputError(f"{run}: no checkpoints (sft/, dpo_offline/, online*/iter*/policy/, osp_*/ with a model.safetensors)")
+    # Prompts over --max-prompt-length are skipped (counted), the same ones for every checkpoint: the
+    # run's checkpoints share the first one's tokenizer, and the table compares them on one set.
+    first = found[0][1]
+    context = ModelConfig.from_dict(json.loads((first / "config.json").read_text())).max_position_embeddings
+    prompts, _ = encode_prompts(load_tokenizer(first), prompts, args.max_new_tokens, context, args.prompts, args.max_prompt_length)
     results = []
     for label, folder, series, step in found:
         summary = summarise(answers(folder, prompts, device, args.max_new_tokens, args.batch_size, 1, 0.0),
@@ -284,7 +288,9 @@ def main():
                         help="held-out prompts of the built-in task")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="answer length cap")
     parser.add_argument("--samples", type=int, default=4, help="answers per prompt sampled at temperature 1")
-    parser.add_argument("--batch-size", type=int, default=256, help="decode slots")
+    parser.add_argument("--batch-size", type=int, default=0, help="decode slots; 0: as many as fit in free GPU memory (256 on a CPU)")
+    parser.add_argument("--max-prompt-length", type=int, default=None,
+                        help="skip (and count) prompts longer than this many tokens; default: only the context limits them")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -8,22 +8,29 @@ samples with, and a command line.
     python generate.py --bench        # GPU: tokens/s against transformers' generate
 
 How it works:
-  - a preallocated KV cache of `--batch-size` slots × (longest prompt + max new tokens) positions;
+  - a static KV cache of `--batch-size` slots × (longest prompt of the chunk + max new tokens)
+    positions, allocated for the first chunk and again only for a chunk that needs more positions;
     one slot holds one sample; the cache is indexed by position (model.KVCache), so every slot
-    decodes at its own position and nothing is padded;
+    decodes at its own position and nothing is padded. --batch-size 0 (the default): as many slots
+    as fit in 80% of the free GPU memory, up to 512 (decode_slots); 64 on a CPU;
   - a prompt is admitted when n slots are free: prompts are prefilled together, once each
-    (`prefill`), and each prompt's keys/values are copied into its n slots (the n samples share
-    the prefill);
-  - every decode step (`decode_step`) runs all slots at one fixed shape (B, 1); a slot whose sample
-    ends (a stop token, or --max-new-tokens) is emptied and refilled from the waiting prompts
-    (continuous batching), so the batch stays full until the queue runs dry;
+    (`prefill`, up to 8192 padded tokens a forward), and each prompt's keys/values are copied into
+    its n slots (the n samples share the prefill);
+  - every decode step (`decode_step`) runs all slots at one fixed shape (B, 1) and reads only the
+    cache positions in use: the engine bounds them on the host (each slot's prompt length plus the
+    steps since it was admitted) and rounds up to a multiple of 64; a slot whose sample ends (a stop
+    token, or --max-new-tokens) is emptied and refilled from the waiting prompts (continuous
+    batching), so the batch stays full until the queue runs dry;
   - `prefill` and `decode_step` are module-level functions of the model, as in gpt-fast: --compile
-    swaps in a torch.compile'd decode_step (fixed shapes: compiled once, replayed as CUDA graphs);
+    swaps in a torch.compile'd decode_step (fixed shapes, one per cache length read: compiled and
+    replayed as CUDA graphs);
   - sampling goes through kernels/sampling.py with one random stream per sample, seeded from
     (seed, prompt id, sample index) and the step: a sample does not depend on the batch size, the
     slot it lands in, or the number of ranks.
 A prompt that leaves no room for --max-new-tokens in the model's context (max_position_embeddings)
-stops the run with an error naming it, before anything is sampled.
+stops the run with an error naming it, before anything is sampled. A prompt longer than
+--max-prompt-length (tokens; default: no limit) is skipped and counted, never truncated: its record
+is absent from the output.
 Output: one JSONL record per prompt (data/README.md, "samples"): id, prompt, responses, num_tokens
 (generated tokens, the stop token included), finish_reasons ("stop" | "length"), and with
 --logprobs, logprobs (each response's summed log-prob) and token_logprobs (per token), both under
@@ -61,18 +68,21 @@ def sample_seed(seed, prompt_id, sample_index):
 
 def prefill(model, cache, input_ids, lengths):
     """Right-padded prompts (count, width) through the model, their keys/values written into `cache`
-    (count rows × width positions). Returns the logits at each prompt's last real token (count, V)."""
+    (count rows × width positions). Returns the logits at each prompt's last real token (count, V).
+    No position_ids: the model's prefill path (positions 0..width-1, plain causal attention, flash
+    on GPU); a padded row's keys past its length are never attended and get overwritten."""
     count, width = input_ids.shape
-    positions = torch.arange(width, device=input_ids.device).expand(count, width)
-    hidden = model.hidden_states(input_ids, position_ids=positions, cache=cache)       # (count, width, H)
+    hidden = model.hidden_states(input_ids, cache=cache)                               # (count, width, H)
     last = hidden[torch.arange(count, device=input_ids.device), lengths - 1]            # (count, H)
     return F.linear(last, model.lm_head_weight)                                          # (count, V)
 
 
-def decode_step(model, cache, tokens, positions, seeds, temperature, top_k, top_p, min_p):
+def decode_step(model, cache, tokens, positions, cache_len, seeds, temperature, top_k, top_p, min_p):
     """One token for every slot: (B,) tokens at (B,) positions -> kernels.sampling.Sampled of (B,)
-    tokens and log-probs. Fixed shapes whatever the slots hold, so it compiles once."""
-    logits = model(tokens[:, None], position_ids=positions[:, None], cache=cache)[:, 0]  # (B, V)
+    tokens and log-probs. Only the first cache_len positions of the cache are read (a host-side
+    bound, more than every position in use: see Engine.generate). Fixed shapes whatever the slots
+    hold, and cache_len moves in steps of CACHE_LEN_STEP, so a compiled step sees few shapes."""
+    logits = model(tokens[:, None], position_ids=positions[:, None], cache=cache, cache_len=cache_len)[:, 0]  # (B, V)
     return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds)
 
 
@@ -90,19 +100,66 @@ def compile_decode_step():
 # ----------------------------------------------------------------------------------------------
 # The engine
 
+CACHE_LEN_STEP = 64          # cache lengths (allocated, and read per decode step) are multiples of this
+MAX_AUTO_SLOTS = 512         # decode slots chosen from free GPU memory stop here: past a few hundred a
+                             # decode step is compute-bound and more slots add little throughput
+CACHE_MEMORY_FRACTION = 0.8  # of the free GPU memory, for the KV cache; the rest is for the prefill's
+                             # and the sampler's temporaries and for fragmentation
+PREFILL_TOKENS = 8192        # padded prompt tokens per prefill forward: bounds its activations and
+                             # temporary cache (Llama-3-8B: ~2 GiB), and already saturates a GPU
+
+
+def round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+def decode_slots(config, max_len, dtype, free_bytes, cap=MAX_AUTO_SLOTS):
+    """How many decode slots of max_len positions fit in CACHE_MEMORY_FRACTION of free_bytes, at
+    most cap. A slot holds the key and the value of every layer at every position:
+    layers × 2 × n_kv_heads × head_dim × dtype bytes × max_len (Llama-3-8B, bf16, 4096 positions:
+    512 MiB). May be 0: the caller says what does not fit."""
+    bytes_per_slot = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * dtype.itemsize * max_len
+    return min(cap, int(free_bytes * CACHE_MEMORY_FRACTION) // bytes_per_slot)
+
+
+def free_memory_bytes(device):
+    """What a new allocation on a GPU can use: the device's free memory plus what PyTorch's caching
+    allocator holds unused (an old cache just dropped, for instance)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
 
 class Engine:
-    def __init__(self, model, max_batch, max_len, stop_ids, dtype=None):
-        """model: a Transformer (eval mode, on its device). max_batch: decode slots. max_len: cache
-        positions per slot (longest prompt + max new tokens; never more than the model's context,
-        which no sample may pass). stop_ids: tokens that end a sample. dtype: the KV cache's dtype
-        (default: the weights'; bf16 for fp32 weights under autocast)."""
-        self.model, self.max_batch = model, max_batch
+    def __init__(self, model, max_batch, stop_ids, dtype=None, cpu_slots=64):
+        """model: a Transformer (eval mode, on its device). max_batch: decode slots; 0 or None: as
+        many as fit in free GPU memory (decode_slots), `cpu_slots` on a CPU. stop_ids: tokens that
+        end a sample. dtype: the KV cache's dtype (default: the weights'; bf16 for fp32 weights under
+        autocast). The cache is allocated by generate(), for the call's longest prompt + its
+        max_new_tokens, and kept for later calls that fit in it: a file of short prompts never pays
+        for the longest prompt of another."""
+        self.model, self.requested_slots, self.cpu_slots = model, max_batch, cpu_slots
         self.context_length = model.config.max_position_embeddings
-        self.max_len = min(max_len, self.context_length)
         self.device = model.lm_head_weight.device
-        self.cache = KVCache(model.config, max_batch, self.max_len, self.device, dtype or model.lm_head_weight.dtype)
+        self.dtype = dtype or model.lm_head_weight.dtype
+        self.cache = None  # a model.KVCache of (slots, max_len), allocated by reserve()
         self.stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
+
+    def reserve(self, length):
+        """A cache of at least `length` positions per slot (at most the context, which no sample may
+        pass): the current one if long enough, else a new one, its length rounded up to a multiple of
+        CACHE_LEN_STEP (so that chunks of similar prompts reuse it) and, without a fixed max_batch,
+        its slots chosen from the memory free once the old one is gone."""
+        if self.cache is not None and self.cache.max_len >= length:
+            return
+        self.cache = None
+        max_len = min(round_up(length, CACHE_LEN_STEP), self.context_length)
+        if self.requested_slots:
+            slots = self.requested_slots
+        elif self.device.type == "cuda":
+            slots = decode_slots(self.model.config, max_len, self.dtype, free_memory_bytes(self.device))
+        else:
+            slots = self.cpu_slots
+        self.cache = KVCache(self.model.config, slots, max_len, self.device, self.dtype)
 
     @torch.no_grad()
     def generate(self, prompts, n, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, base_seeds=None,
@@ -110,15 +167,18 @@ class Engine:
         """prompts: list of token-id lists. base_seeds: per prompt, a list of n ints (sample_seed),
         or None to use torch's global generator. Returns, per prompt, n dicts with `tokens` (list,
         the stop token included), `token_logprobs` (list) and `finish_reason`. Prompts must fit the
-        cache with max_new_tokens (users get that checked with names by encode_prompts)."""
-        B, device = self.max_batch, self.device
-        if n > B:
-            raise ValueError(f"n = {n} samples per prompt need at least n decode slots (--batch-size {B})")
+        context with max_new_tokens (users get that checked with names by encode_prompts)."""
         if not prompts:
             return []
         longest = max(map(len, prompts))
-        if longest + max_new_tokens > self.max_len:
-            raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the cache ({self.max_len})")
+        if longest + max_new_tokens > self.context_length:
+            raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context ({self.context_length})")
+        self.reserve(longest + max_new_tokens)
+        B, device = self.cache.k[0].shape[0], self.device
+        if n > B:
+            how = "fit in free GPU memory" if not self.requested_slots else "were asked for"
+            raise ValueError(f"n = {n} samples per prompt need at least n decode slots of {self.cache.max_len} positions; "
+                             f"{B} {how}")
         results = [[None] * n for _ in prompts]
         # Per-slot state, all on the device so a decode step needs no host round trip.
         tokens = torch.zeros(B, dtype=torch.long, device=device)      # the token each slot feeds next
@@ -128,7 +188,13 @@ class Engine:
         seeds = torch.zeros(B, dtype=torch.long, device=device)
         out_tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
         out_logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
-        owner = [None] * B  # host-side: (prompt index, sample index) held by each slot
+        # Host-side, per slot: the (prompt index, sample index) it holds, and the position it feeds
+        # at the next decode step minus the decode steps run so far (prompt length − steps at
+        # admission). The position is then known on the host without reading the device: it grows by
+        # one per decode step until the slot is harvested, which bounds the cache positions in use.
+        owner = [None] * B
+        position_offset = [0] * B
+        decode_steps = 0
         queue = list(range(len(prompts)))
         rows = torch.arange(B, device=device)
 
@@ -157,28 +223,41 @@ class Engine:
                 if progress is not None:
                     progress.update(1)
             active.logical_and_(~finished)
+            positions.masked_fill_(finished, 0)  # an empty slot decodes at position 0, inside any cache_len
 
         def admit():
-            """Prefill as many waiting prompts as there are free groups of n slots."""
+            """Prefill as many waiting prompts as there are free groups of n slots, at most
+            PREFILL_TOKENS padded tokens per forward (at least one prompt), so that the prefill's
+            activations and its temporary cache stay small beside the decode cache."""
             free = [s for s in range(B) if owner[s] is None]
-            count = min(len(free) // n, len(queue))
-            if count == 0:
-                return
-            batch = [queue.pop(0) for _ in range(count)]
+            while len(free) >= n and queue:
+                batch = [queue.pop(0)]
+                width = len(prompts[batch[0]])
+                while queue and (len(batch) + 1) * n <= len(free) and \
+                        (len(batch) + 1) * max(width, len(prompts[queue[0]])) <= PREFILL_TOKENS:
+                    batch.append(queue.pop(0))
+                    width = max(width, len(prompts[batch[-1]]))
+                admit_batch(batch, free[:len(batch) * n])
+                free = free[len(batch) * n:]
+
+        def admit_batch(batch, free):
+            """Prefill the prompts `batch` together and give each its n slots from `free`."""
+            count = len(batch)
             lengths = torch.tensor([len(prompts[p]) for p in batch], device=device)
-            width = int(lengths.max())
+            width = max(len(prompts[p]) for p in batch)
             input_ids = torch.zeros(count, width, dtype=torch.long)
             for row, p in enumerate(batch):
                 input_ids[row, :len(prompts[p])] = torch.tensor(prompts[p])
             prefill_cache = KVCache(self.model.config, count, width, device, self.cache.k[0].dtype)
             last_logits = prefill(self.model, prefill_cache, input_ids.to(device), lengths)  # (count, V)
-            slots = torch.tensor(free[:count * n], device=device)
+            slots = torch.tensor(free, device=device)
             source_rows = torch.arange(count, device=device).repeat_interleave(n)
             for layer in range(len(self.cache.k)):  # each prompt's keys/values into its n slots
                 self.cache.k[layer][slots, :, :width] = prefill_cache.k[layer][source_rows]
                 self.cache.v[layer][slots, :, :width] = prefill_cache.v[layer][source_rows]
-            for i, slot in enumerate(free[:count * n]):
+            for i, slot in enumerate(free):
                 owner[slot] = (batch[i // n], i % n)
+                position_offset[slot] = len(prompts[batch[i // n]]) - decode_steps
                 if base_seeds is not None:
                     seeds[slot] = base_seeds[batch[i // n]][i % n]
             slot_mask = torch.zeros(B, dtype=torch.bool, device=device)
@@ -193,8 +272,13 @@ class Engine:
 
         admit()
         harvest()
-        while queue or bool(active.any()):
-            sampled = decode_step(self.model, self.cache, tokens, positions, step_seeds(), temperature, top_k, top_p, min_p)
+        while queue or any(o is not None for o in owner):
+            # Every position in use is below cache_len: the next decode step writes and reads no further.
+            in_use = max(position_offset[s] for s in range(B) if owner[s] is not None) + decode_steps + 1
+            cache_len = min(round_up(in_use, CACHE_LEN_STEP), self.cache.max_len)
+            sampled = decode_step(self.model, self.cache, tokens, positions, cache_len, step_seeds(), temperature, top_k,
+                                  top_p, min_p)
+            decode_steps += 1
             # Empty slots decode garbage at position 0 (fixed shapes); it is never recorded.
             record(sampled, active)
             positions.copy_(torch.where(active, positions + 1, 0))
@@ -208,21 +292,33 @@ class Engine:
 # Prompts records -> samples records
 
 
-def encode_prompts(tokenizer, records, max_new_tokens, context_length, source=None):
-    """The token ids generation is fed for each prompts record (common.encode_prompt). A prompt
-    that leaves no room for max_new_tokens in the model's context is a user error naming it
-    (`source`, the prompts file, when known): its samples could only be cut short or run past the
-    positions the model was trained on."""
-    prompts = []
+def encode_prompts(tokenizer, records, max_new_tokens, context_length, source=None, max_prompt_length=None):
+    """(records, token ids) of the prompts generation samples, ids as generation is fed them
+    (common.encode_prompt). A prompt longer than max_prompt_length tokens (None: no limit) is
+    skipped, never truncated (a cut prompt asks another question): it is left out of both lists,
+    and the skipped are counted in one line. A kept prompt that leaves no room for max_new_tokens
+    in the model's context is a user error naming it (`source`, the prompts file, when known): its
+    samples could only be cut short or run past the positions the model was trained on."""
+    kept, prompts = [], []
     for record in records:
         ids = encode_prompt(tokenizer, record["messages"])
+        if max_prompt_length is not None and len(ids) > max_prompt_length:
+            continue
         if len(ids) + max_new_tokens > context_length:
             where = f"{source}: " if source else ""
             raise InputError(f"{where}prompt id {record['id']!r} is {len(ids)} tokens; with --max-new-tokens {max_new_tokens} "
                              f"it needs {len(ids) + max_new_tokens} positions, more than the model's context of {context_length} "
                              "(max_position_embeddings): lower --max-new-tokens or drop the prompt")
+        kept.append(record)
         prompts.append(ids)
-    return prompts
+    if len(kept) < len(records):
+        where = f" in {source}" if source else ""
+        print0(f"skipped {len(records) - len(kept)} of {len(records)} prompts{where} longer than --max-prompt-length "
+               f"{max_prompt_length} tokens")
+        if not kept:
+            raise InputError(f"{source or 'prompts'}: all {len(records)} prompts are longer than --max-prompt-length "
+                             f"{max_prompt_length} tokens: nothing to sample")
+    return kept, prompts
 
 
 def response_text(tokenizer, tokens, stop_ids):
@@ -236,7 +332,7 @@ def generate_records(engine, tokenizer, records, n, max_new_tokens, temperature=
                      logprobs=False):
     """Samples records (see the module docstring) for a list of prompts records: n responses per
     prompt, sample i of prompt `id` seeded by sample_seed(seed, id, i)."""
-    prompts = encode_prompts(tokenizer, records, max_new_tokens, engine.context_length)
+    _, prompts = encode_prompts(tokenizer, records, max_new_tokens, engine.context_length)
     base_seeds = [[sample_seed(seed, r["id"], i) for i in range(n)] for r in records]
     outputs = engine.generate(prompts, n, max_new_tokens, temperature, top_k, top_p, min_p, base_seeds)
     stop_ids = set(engine.stop_ids.tolist())
@@ -268,7 +364,10 @@ def main():
     parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p × the top probability (0 = off)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="a sample that reaches it ends with finish_reason 'length'")
     parser.add_argument("--seed", type=int, default=0, help="global seed; each sample's stream comes from (seed, prompt id, sample index)")
-    parser.add_argument("--batch-size", type=int, default=64, help="decode slots (concurrent samples) per rank")
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="decode slots (concurrent samples) per rank; 0: as many as fit in free GPU memory (64 on a CPU)")
+    parser.add_argument("--max-prompt-length", type=int, default=None,
+                        help="skip (and count) prompts longer than this many tokens; default: only the context limits them")
     parser.add_argument("--chunk-size", type=int, default=256, help="prompts per resumable chunk")
     parser.add_argument("--logprobs", action="store_true", help="store per-token and summed log-probs of the samples")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs)")
@@ -288,17 +387,19 @@ def main():
     tokenizer = load_tokenizer(args.model)
     model = Transformer.from_pretrained(args.model, device=dist_info.device, dtype=default_dtype(dist_info.device)).eval()
     # Every rank checks every prompt (not only its chunks), so a bad one stops all ranks at once.
-    prompt_ids = encode_prompts(tokenizer, records, args.max_new_tokens, model.config.max_position_embeddings, args.prompts)
+    records, _ = encode_prompts(tokenizer, records, args.max_new_tokens, model.config.max_position_embeddings, args.prompts,
+                                args.max_prompt_length)
     if args.compile:
         compile_decode_step()
-    engine = Engine(model, args.batch_size, max(map(len, prompt_ids)) + args.max_new_tokens, stop_token_ids(tokenizer))
+    engine = Engine(model, args.batch_size, stop_token_ids(tokenizer))
     sampling = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, min_p=args.min_p, seed=args.seed, logprobs=args.logprobs)
     t0 = time.time()
     # The settings are recorded beside the finished chunks: a resume with other ones stops instead
     # of mixing two sets of samples in one file (the batch size is not one: samples do not depend on it).
     process_in_chunks(records, args.out, lambda chunk: generate_records(engine, tokenizer, chunk, **sampling), dist_info,
-                      chunk_size=args.chunk_size, desc="generating", settings=dict(model=str(Path(args.model).resolve()), **sampling))
+                      chunk_size=args.chunk_size, desc="generating",
+                      settings=dict(model=str(Path(args.model).resolve()), max_prompt_length=args.max_prompt_length, **sampling))
     print0(f"wrote {args.out}: {len(records)} prompts × {args.n} samples in {time.time() - t0:.1f} s")
     destroy_distributed()
 
@@ -333,9 +434,11 @@ def benchmark(prompt_len=128, new_tokens=256, batches=(64, 256)):
         weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
         for batch in batches:
             prompts = torch.randint(0, shape["vocab_size"], (batch, prompt_len), device=device)
-            engine = Engine(ours, batch, prompt_len + new_tokens, stop_ids=[])
+            engine = Engine(ours, batch, stop_ids=[])
             seeds = [[i] for i in range(batch)]
-            engine.generate(prompts[:, :8].tolist(), 1, 8, base_seeds=seeds)  # warm-up / compile
+            # Warm-up: one sample through every cache length the timed run reads (each is a shape to
+            # compile and record), at the same number of slots.
+            engine.generate(prompts[:1].tolist(), 1, new_tokens, base_seeds=seeds[:1])
             torch.cuda.synchronize()
             t0 = time.time()
             engine.generate(prompts.tolist(), 1, new_tokens, temperature=1.0, base_seeds=seeds)

@@ -42,14 +42,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import (InputError, MetricsLogger, StepSums, already_trained, autocast, cosine_lr, default_dtype,
-                    destroy_distributed, encode_response, end_of_turn_ids, gradient_sync, init_distributed, load_tokenizer,
-                    make_optimizer, optimizer_step, print0, run_cli, save_checkpoint, seed_everything, set_lr, stop_token_ids,
-                    unwrap, wrap_model)
+from common import (InputError, MetricsLogger, StepSums, add_scale_flags, already_trained, autocast, cosine_lr,
+                    default_dtype, destroy_distributed, encode_response, end_of_turn_ids, gradient_sync,
+                    init_distributed, load_for_training, load_tokenizer, make_optimizer, optimizer_step, print0,
+                    run_cli, save_checkpoint, scale_settings, seed_everything, set_lr, stop_token_ids, unwrap)
 from data.judge import JUDGE_TEMPLATES
 from data.schema import load_records
 from dpo import preference_loss, sequence_logps
 from generate import Engine, encode_prompts, generate_records
+from memory_plan import print_stage_plan
 from model import Transformer
 from train_rm import judge_template, pairwise_preference
 
@@ -232,6 +233,7 @@ def parse_args():
     parser.add_argument("--prompts", required=True, help="prompts JSONL (id, messages)")
     parser.add_argument("--out", required=True, help="output checkpoint folder (+ metrics.jsonl)")
     parser.add_argument("--overwrite", action="store_true", help="train again even if --out already holds a model")
+    add_scale_flags(parser)
     parser.add_argument("--steps", type=int, default=100, help="training steps (one batch of prompts each)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per step, over all ranks (paper 2: 16)")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="pairs per forward per rank")
@@ -245,6 +247,8 @@ def parse_args():
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (paper 2: 0.7)")
     parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (paper 2: 0.9)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="response length cap (paper 2: 512/768)")
+    parser.add_argument("--max-prompt-length", type=int, default=None,
+                        help="skip (and count) prompts longer than this many tokens; default: only the context limits them")
     parser.add_argument("--judge-template", default=None,
                         help=f"judge instruction: one of {sorted(JUDGE_TEMPLATES)} or a text file with {{context}}, {{response_a}}, "
                              "{response_b}; default: the judge's judge_template.txt (a train_rm.py pairwise model), else 'dialogue'")
@@ -273,6 +277,14 @@ def main():
         raise InputError(f"--batch-size {args.batch_size} must be a multiple of the number of ranks ({world_size})")
     if already_trained(args.out, args.overwrite):
         return destroy_distributed()
+    # The policy under DDP (a full copy per rank), the frozen reference and judge beside it, and the
+    # sampling cache (prompt length: --max-prompt-length, or 512 tokens assumed).
+    checkpointing, save_dtype = scale_settings(args, device)
+    sequence = (args.max_prompt_length or 512) + args.max_new_tokens
+    print_stage_plan(args.model, "dpo", dist_info, args.micro_batch_size, sequence, "ddp", checkpointing,
+                     resident_reference=True, kv_cache_slots=args.batch_size // world_size * args.k, kv_cache_len=sequence)
+    if args.dry_run:
+        return destroy_distributed()
 
     # ----------------------------------------------------------------------------------------------
     # Data and judge template
@@ -285,21 +297,22 @@ def main():
 
     compute_dtype = default_dtype(device)
     tokenizer = load_tokenizer(args.model)
-    policy = wrap_model(Transformer.from_pretrained(args.model).float(), "ddp", device)
+    policy = load_for_training(args.model, "ddp", dist_info, activation_checkpointing=checkpointing)
     reference = Transformer.from_pretrained(args.model, device=device, dtype=compute_dtype).eval().requires_grad_(False)
     same_judge = args.judge in (None, args.model)
     judge = reference if same_judge else \
         Transformer.from_pretrained(args.judge, device=device, dtype=compute_dtype).eval().requires_grad_(False)
     judge_tokenizer = tokenizer if same_judge else load_tokenizer(args.judge)
     optimizer = make_optimizer(policy, args.lr)
-    # Every prompt is checked against the context up front, on every rank (generate.encode_prompts).
-    prompt_tokens = encode_prompts(tokenizer, prompts, args.max_new_tokens, reference.config.max_position_embeddings, args.prompts)
+    # Every prompt is checked against the context up front, on every rank (generate.encode_prompts);
+    # those over --max-prompt-length are left out of the prompts the steps draw from.
+    prompts, prompt_tokens = encode_prompts(tokenizer, prompts, args.max_new_tokens, reference.config.max_position_embeddings,
+                                            args.prompts, args.max_prompt_length)
     local_batch = args.batch_size // world_size
     # The sampler reads the policy's (or π_SFT's) weights in place: after each optimizer step the next
     # samples come from the updated policy, with no copy to keep in sync.
     sampler = unwrap(policy) if args.sampling == "policy" else reference
-    engine = Engine(sampler, local_batch * args.k, max(map(len, prompt_tokens)) + args.max_new_tokens,
-                    stop_token_ids(tokenizer), dtype=compute_dtype)
+    engine = Engine(sampler, local_batch * args.k, stop_token_ids(tokenizer), dtype=compute_dtype)
 
     # ----------------------------------------------------------------------------------------------
     # Training loop: Algorithm 1, one batch of prompts per step
@@ -324,13 +337,13 @@ def main():
         totals = sums.reduce(device, grad_norm=grad_norm)  # the step's one all-reduce and host read
         log_step(metrics, totals, step, optimizer.param_groups[0]["lr"], time.time() - t0, args, dist_info.is_main)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            save_checkpoint(policy, Path(args.out) / f"step{step + 1}", tokenizer, source_dir=args.model)
+            save_checkpoint(policy, Path(args.out) / f"step{step + 1}", tokenizer, source_dir=args.model, dtype=save_dtype)
 
     # ----------------------------------------------------------------------------------------------
     # Save
 
     metrics.close()
-    save_checkpoint(policy, args.out, tokenizer, source_dir=args.model)
+    save_checkpoint(policy, args.out, tokenizer, source_dir=args.model, dtype=save_dtype)
     print0(f"saved {args.out}")
     destroy_distributed()
 

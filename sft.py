@@ -29,6 +29,7 @@ from common import (InputError, MetricsLogger, StepSums, add_scale_flags, alread
                     init_distributed, load_for_training, load_tokenizer, make_optimizer, optimizer_step, print0,
                     rank_micro_batches, run_cli, save_checkpoint, scale_settings, seed_everything, set_lr, unwrap)
 from data.schema import load_records
+from memory_plan import print_stage_plan
 
 # ----------------------------------------------------------------------------------------------
 # Arguments
@@ -134,6 +135,10 @@ def main(argv=None):
     if already_trained(args.out, args.overwrite):
         destroy_distributed()
         return
+    checkpointing, save_dtype = scale_settings(args, device)
+    print_stage_plan(args.model, "sft", dist_info, args.micro_batch_size, args.block_size, args.parallel, checkpointing)
+    if args.dry_run:
+        return destroy_distributed()
 
     # ------------------------------------------------------------------------------------------
     # Data
@@ -161,7 +166,6 @@ def main(argv=None):
 
     # fp32 master weights; bf16 compute on GPU (common.autocast / FSDP's policy). Under FSDP built on
     # the meta device and loaded by rank 0 alone (common.load_for_training).
-    checkpointing, save_dtype = scale_settings(args, device)
     model = load_for_training(args.model, args.parallel, dist_info, scratch=args.scratch, activation_checkpointing=checkpointing)
     print0(f"model: {unwrap(model).num_parameters() / 1e6:.2f}M parameters, compute dtype {compute_dtype}, "
            f"activation checkpointing {'on' if checkpointing else 'off'}")

@@ -12,6 +12,7 @@ One module per file of the project, in reading order; shared fixtures and writer
 | tests/test_model.py | logits = transformers' Llama/Qwen2, KV-cached decoding = full forward, packed documents isolated |
 | tests/test_attention.py | packed / cached / sliding-window attention = a dense-mask reference (and transformers' Mistral), FlexAttention's block mask, checkpointing changes no gradient, packed memory at T = 4096 |
 | tests/test_scale.py | FSDP2 meta-device init + rank-0 broadcast = a single-process load (bit for bit), sharded save in bf16, bf16 LM-head log-probs under autocast |
+| tests/test_memory_plan.py | the memory plan within 25% of measured CPU allocation (and a wrong plan outside it), FSDP/checkpointing arithmetic, Llama-3-8B SFT 8k and DPO 2×2k fit 80 GiB, `--dry-run` in every stage |
 | tests/test_common.py | the prompt/response token boundary, the LR schedule, atomic JSONL |
 | tests/test_kernels_logprob.py | fused log-probs = the PyTorch reference (values and gradients, fp32/bf16) |
 | tests/test_kernels_sampling.py | top-k/top-p/min-p sampling stays in the kept set, exact log-probs, per-row seeds |
@@ -27,6 +28,7 @@ One module per file of the project, in reading order; shared fixtures and writer
 from tests.test_model import *  # noqa: F401,F403
 from tests.test_attention import *  # noqa: F401,F403
 from tests.test_scale import *  # noqa: F401,F403
+from tests.test_memory_plan import *  # noqa: F401,F403
 from tests.test_common import *  # noqa: F401,F403
 from tests.test_kernels_logprob import *  # noqa: F401,F403
 from tests.test_kernels_sampling import *  # noqa: F401,F403

@@ -40,13 +40,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (InputError, MetricsLogger, StepSums, already_trained, atomic_write_text, autocast, batch_schedule,
-                    cosine_lr, default_dtype, destroy_distributed, encode_prompt, encode_response, end_of_turn_ids,
-                    gradient_sync, init_distributed, load_tokenizer, make_optimizer, optimizer_step, print0,
-                    process_in_chunks, rank_micro_batches, right_pad, run_cli, save_checkpoint, seed_everything, set_lr,
-                    unwrap, wrap_model)
+from common import (InputError, MetricsLogger, StepSums, add_scale_flags, already_trained, atomic_write_text, autocast,
+                    batch_schedule, cosine_lr, default_dtype, destroy_distributed, encode_prompt, encode_response,
+                    end_of_turn_ids, gradient_sync, init_distributed, load_for_training, load_tokenizer, make_optimizer,
+                    optimizer_step, print0, process_in_chunks, rank_micro_batches, right_pad, run_cli, save_checkpoint,
+                    scale_settings, seed_everything, set_lr, unwrap)
 from data.judge import JUDGE_LABELS, JUDGE_TEMPLATES, render_judge_prompt
 from data.schema import load_records
+from memory_plan import print_stage_plan
 from model import Transformer
 
 # ----------------------------------------------------------------------------------------------
@@ -102,12 +103,17 @@ def label_token_ids(tokenizer):
 
 
 def pairwise_logits_ab(model, queries, tokenizer, device):
-    """(B, 2) logits of the tokens "A" and "B" at the position after each query."""
-    a_id, b_id = label_token_ids(tokenizer)
+    """(B, 2) logits of the tokens "A" and "B" at the position after each query: the last real
+    position's hidden state projected onto those two rows of the LM head only, not the (B, T, V)
+    logits of every position (at B = 64, T = 2048, V = 128k that is 32 GiB in bf16 for 2 numbers a
+    row). Inference only, on a plain model: the LM head is read outside forward, which FSDP would
+    not have gathered. Training reads the label's log-prob through forward(targets=...), which
+    computes it at the label position only (kernels/logprob.py skips ignored positions)."""
+    label_ids = torch.tensor(label_token_ids(tokenizer), device=device)
     input_ids, lengths = right_pad(queries, tokenizer.pad_token_id, device)
-    logits = model(input_ids)                                                      # (B, T, V)
-    last = logits[torch.arange(len(queries), device=device), lengths - 1]          # (B, V)
-    return last[:, [a_id, b_id]].float()
+    hidden = model.hidden_states(input_ids)                                        # (B, T, H)
+    last = hidden[torch.arange(len(queries), device=device), lengths - 1]          # (B, H)
+    return F.linear(last, model.lm_head_weight[label_ids]).float()                 # (B, 2)
 
 
 @torch.no_grad()
@@ -285,8 +291,9 @@ def train(args, dist_info):
     # ------------------------------------------------------------------------------------------
     # Model and optimizer (the cosine schedule is set each step)
 
-    model = Transformer.from_pretrained(args.model, head="score" if args.type == "bt" else "lm").float()
-    model = wrap_model(model, args.parallel, device, param_dtype=default_dtype(device))
+    checkpointing, save_dtype = scale_settings(args, device)
+    model = load_for_training(args.model, args.parallel, dist_info, head="score" if args.type == "bt" else "lm",
+                              activation_checkpointing=checkpointing)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
 
     # ------------------------------------------------------------------------------------------
@@ -344,7 +351,7 @@ def train(args, dist_info):
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
     elif dist_info.is_main:  # written first, so the atomic checkpoint save carries it into the folder
         atomic_write_text(Path(args.out) / "judge_template.txt", template)
-    save_checkpoint(model, args.out, tokenizer, source_dir=args.model)
+    save_checkpoint(model, args.out, tokenizer, source_dir=args.model, dtype=save_dtype)
     print0(f"saved {args.out}")
 
 
@@ -421,6 +428,7 @@ def build_parser():
     train_parser.add_argument("--seed", type=int, default=0, help="global seed (data order, A/B order, new head)")
     train_parser.add_argument("--log-every", type=int, default=10, help="print a step line every N steps")
     train_parser.add_argument("--overwrite", action="store_true", help="retrain even if --out already holds a model")
+    add_scale_flags(train_parser)
 
     score_parser = commands.add_parser("score", parents=[shared], allow_abbrev=False,
                                        help="add a reward to every response of a samples file",
@@ -453,6 +461,12 @@ def main(argv=None):
     device = dist_info.device
     if args.command == "train":
         seed_everything(args.seed)
+        checkpointing, _ = scale_settings(args, device)
+        # bt: chosen and rejected through the score head; pairwise: one (query, label) sequence each
+        print_stage_plan(args.model, "rm" if args.type == "bt" else "sft", dist_info, args.micro_batch_size, args.max_length,
+                         args.parallel, checkpointing, packed=False)
+        if args.dry_run:
+            return destroy_distributed()
         if not already_trained(args.out, args.overwrite):
             train(args, dist_info)
         if args.eval_pairs and dist_info.is_main:

@@ -56,6 +56,7 @@ def test_packed_twin_equals_dense_mask_forward_and_backward(window):
         assert (a - b).abs().max().item() < 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_block_mask_matches_the_dense_mask():
     """The FlexAttention path's block mask (run here by eager FlexAttention on CPU, which is exact
     but unfused) gives the same attention as the dense mask, sliding window included."""

@@ -1,6 +1,7 @@
 """Tests of common.py: chat encoding, schedule and batches, step metrics, settings records, JSONL, user errors,
 checkpoint folders."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -8,11 +9,11 @@ import sys
 import pytest
 import torch
 
-from common import (InputError, StepSums, atomic_write_text, batch_schedule, check_settings, cosine_lr, encode_conversation,
-                    encode_prompt, encode_response, end_of_turn_ids, load_tokenizer, optimizer_step, rank_micro_batches,
-                    read_jsonl, stop_token_ids, write_jsonl)
+from common import (Dist, InputError, StepSums, atomic_write_text, batch_schedule, check_settings, cosine_lr,
+                    encode_conversation, encode_prompt, encode_response, end_of_turn_ids, load_tokenizer, optimizer_step,
+                    process_in_chunks, rank_micro_batches, read_jsonl, stop_token_ids, write_jsonl)
 from model import Transformer
-from tests.helpers import ROOT, tiny_config
+from tests.helpers import ROOT, run_script, tiny_config
 
 
 def test_chat_encoding_masks_only_assistant_tokens(tiny_model_dir):
@@ -102,6 +103,78 @@ def test_check_settings_records_then_refuses_a_change(tmp_path):
     with pytest.raises(InputError, match=r"n 2 → 4.*delete .*step"):
         check_settings(record, {"n": 4, "temperature": 1.0, "prompts": ["a", "b"]}, start_over=tmp_path / "step")
     assert record.read_text() == before and json.loads(before)["n"] == 2  # the record is never rewritten
+
+
+def test_process_in_chunks_resumes_without_loss_or_duplication(tmp_path):
+    records = [{"id": i} for i in range(10)]
+    calls = []
+
+    def process(chunk):
+        calls.append([r["id"] for r in chunk])
+        if len(calls) == 3:
+            raise RuntimeError("crash")
+        return [{**r, "double": 2 * r["id"]} for r in chunk]
+
+    single = Dist(0, 0, 1, torch.device("cpu"))
+    with pytest.raises(RuntimeError):
+        process_in_chunks(records, tmp_path / "out.jsonl", process, single, chunk_size=3)
+    assert not (tmp_path / "out.jsonl").exists()
+    calls.clear()
+    process_in_chunks(records, tmp_path / "out.jsonl", lambda chunk: calls.append(chunk) or [{**r, "double": 2 * r["id"]} for r in chunk],
+                      single, chunk_size=3)
+    # 10 records in 4 chunks of 3, 2, 3, 2: chunks 0 and 1 were kept from the crashed run
+    assert [[r["id"] for r in chunk] for chunk in calls] == [[5, 6, 7], [8, 9]]
+    assert read_jsonl(tmp_path / "out.jsonl") == [{"id": i, "double": 2 * i} for i in range(10)]
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+@pytest.mark.parametrize("num_records,world_size,chunk_size", [(7, 2, 64), (1, 2, 64), (0, 2, 4), (10, 3, 2), (100, 8, 64),
+                                                               (9, 8, 1)])
+def test_process_in_chunks_gives_every_rank_an_equal_share(tmp_path, num_records, world_size, chunk_size):
+    """Ranks simulated one after the other in this process (no process group: no barriers); rank 0
+    last, since it merges. Every rank's share is within one chunk's rounding of the others', every
+    record is processed once, and the output is in input order."""
+    records = [{"id": i} for i in range(num_records)]
+    done_by = {}
+
+    def process(chunk, rank):
+        assert chunk and len(chunk) <= chunk_size  # never called for an empty chunk, never over chunk_size
+        done_by.update({r["id"]: rank for r in chunk})
+        return [{**r, "rank": rank} for r in chunk]
+
+    for rank in reversed(range(world_size)):
+        process_in_chunks(records, tmp_path / "out.jsonl", lambda chunk: process(chunk, rank),
+                          Dist(rank, rank, world_size, torch.device("cpu")), chunk_size=chunk_size)
+    out = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["id"] for r in out] == list(range(num_records)) and len(done_by) == num_records
+    shares = [sum(rank == r for r in done_by.values()) for rank in range(world_size)]
+    chunks_per_rank = math.ceil(num_records / (world_size * chunk_size))
+    assert max(shares) - min(shares) <= chunks_per_rank  # each of a rank's chunks is at most one record short
+    if num_records >= world_size:
+        assert min(shares) > 0  # nobody idles while another rank works
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_process_in_chunks_under_torchrun_every_rank_works_or_finishes(tmp_path):
+    """Two real ranks (gloo): 7 records split 4 + 3, and 1 record, which leaves rank 1 nothing to do;
+    it must still reach the barriers (else rank 0 would wait into the timeout) and the output is right."""
+    script = tmp_path / "chunks.py"
+    script.write_text(f"""import sys
+sys.path.insert(0, {str(ROOT)!r})
+from common import destroy_distributed, init_distributed, process_in_chunks
+dist_info = init_distributed("cpu")
+def process(chunk):
+    assert chunk, "called for an empty chunk"
+    return [{{**r, "rank": dist_info.rank}} for r in chunk]
+for n in (7, 1):
+    process_in_chunks([{{"id": i}} for i in range(n)], {str(tmp_path)!r} + f"/out{{n}}.jsonl", process, dist_info, chunk_size=64)
+destroy_distributed()
+""")
+    run_script([str(script)], nproc=2, timeout=120)
+    seven, one = read_jsonl(tmp_path / "out7.jsonl"), read_jsonl(tmp_path / "out1.jsonl")
+    assert seven == [{"id": i, "rank": 0 if i < 4 else 1} for i in range(7)]
+    assert one == [{"id": 0, "rank": 0}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunks.py", "out1.jsonl", "out7.jsonl"]
 
 
 def test_jsonl_roundtrip_atomic_and_errors_name_the_line(tmp_path):

@@ -217,7 +217,8 @@ def test_every_flag_is_a_run_setting_or_deliberately_not_one():
     dests = {action.dest for action in dpo.build_parser()._actions}
     not_saved = {"help", "pairs", "model", "out", "overwrite",  # offline mode
                  "iter", "run_dir",                              # which iteration, not how
-                 "device", "parallel", "log_every"}              # where it runs and what it prints
+                 "device", "parallel", "log_every",              # where it runs and what it prints
+                 "dry_run"}                                      # print the memory plan and exit
     assert dests - set(dpo.RUN_SETTINGS) == not_saved
     assert set(dpo.RUN_SETTINGS) <= dests and len(set(dpo.RUN_SETTINGS)) == len(dpo.RUN_SETTINGS)
 
@@ -262,6 +263,27 @@ def test_a_resume_with_other_settings_stops_and_one_with_the_same_continues(tiny
     assert samples[0]["responses"] == ["first", "second"]  # the finished chunk was kept, not redone
     assert f"no pairs to train on in {run / 'iter1' / 'pairs.jsonl'}" in error
     assert json.loads((run / "iter1" / "summary.json").read_text())["pairs_dropped"] == {"same_text": 0, "reward_tie": 4}
+
+
+def test_online_prompts_over_max_prompt_length_are_skipped_not_sampled(tiny_model_dir, tmp_path, capsys, dpo_stage_env):
+    """--max-prompt-length: the longer prompts are counted in one line and absent from samples,
+    rewards and the summary; the setting is recorded with the iteration."""
+    write_prompts(tmp_path / "prompts.jsonl", 4)  # 30, 29, 30 and 29 tokens with the character tokenizer
+    run = tmp_path / "run"
+    argv = ["--iter", "1", "--run-dir", run, "--sft", tiny_model_dir, "--rm", "gold", "--prompts", tmp_path / "prompts.jsonl",
+            "--iterations", "1", "--n", "2", "--max-new-tokens", "4", "--device", "cpu", "--max-prompt-length", "29"]
+    # The gold reward gives 0 to prompts that are not the built-in task's: every prompt is a tie, and
+    # the iteration stops after pairing with nothing to train on.
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_cli(lambda: dpo.main([str(a) for a in argv]))
+    printed = capsys.readouterr()
+    assert f"no pairs to train on in {run / 'iter1' / 'pairs.jsonl'}" in printed.err
+    assert f"skipped 2 of 4 prompts in {tmp_path / 'prompts.jsonl'} longer than --max-prompt-length 29 tokens" in printed.out
+    assert [r["id"] for r in read_jsonl(run / "iter1" / "samples.jsonl")] == ["q1", "q3"]
+    assert [r["id"] for r in read_jsonl(run / "iter1" / "rewards.jsonl")] == ["q1", "q3"]
+    assert json.loads((run / "iter1" / "summary.json").read_text())["prompts"] == 2
+    assert json.loads((run / "iter1" / "settings.json").read_text())["max_prompt_length"] == 29
 
 
 # ----------------------------------------------------------------------------------------------

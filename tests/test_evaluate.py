@@ -5,7 +5,7 @@ import shutil
 
 import torch
 
-from common import load_tokenizer, read_jsonl
+from common import encode_prompt, load_tokenizer, read_jsonl
 from data.task import score
 from model import Transformer
 from tests.helpers import builtin_model_dir, run_script
@@ -42,14 +42,20 @@ def test_evaluate_finds_checkpoints_scores_with_gold_and_caches(task_dir, tmp_pa
     for weight in model.parameters():
         torch.nn.init.normal_(weight, std=0.3) if weight.dim() == 2 else None
     model.save_pretrained(judge)
+    # --max-prompt-length leaves the longest prompts out, the same ones for every checkpoint
+    tokenizer = load_tokenizer(run / "sft")
+    lengths = [len(encode_prompt(tokenizer, p["messages"])) for p in read_jsonl(task_dir / "prompts_eval.jsonl")]
+    limit = max(lengths) - 1
+    kept = sum(length <= limit for length in lengths)
     args = ["evaluate.py", "--run", str(run), "--prompts", str(task_dir / "prompts_eval.jsonl"), "--max-new-tokens", "8",
-            "--device", "cpu"]
-    run_script(args)
+            "--device", "cpu", "--max-prompt-length", str(limit)]
+    stdout = run_script(args)
+    assert f"skipped {len(lengths) - kept} of {len(lengths)} prompts" in stdout and f"Held-out prompts: {kept} " in stdout
     evaluation = json.loads((run / "results.json").read_text())
     results = evaluation["checkpoints"]
     assert [r["label"] for r in results] == ["SFT", "iterative DPO, t = 1", "OSP (spce, ranked)"]
     answers = read_jsonl(run / "sft" / "eval_samples_T0.jsonl")
-    assert len(answers) == len(read_jsonl(task_dir / "prompts_eval.jsonl"))
+    assert [len(encode_prompt(tokenizer, a["prompt"])) <= limit for a in answers] == [True] * kept
     gold = [score(a["prompt"], a["responses"][0]) for a in answers]  # recomputed here from the answers
     assert abs(results[0]["gold"] - sum(gold) / len(gold)) < 1e-9
     assert results[0]["gold"] == results[1]["gold"]  # the same weights answer the same (greedy, and seeded samples)

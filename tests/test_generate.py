@@ -1,5 +1,6 @@
 """Tests of generate.py."""
 import json
+import sys
 
 import pytest
 import torch
@@ -7,8 +8,8 @@ from transformers import AutoModelForCausalLM
 
 import generate
 from common import InputError, load_tokenizer, read_jsonl, write_jsonl
-from model import Transformer
-from tests.helpers import run_script, run_script_expecting_error
+from model import ModelConfig, Transformer
+from tests.helpers import run_script, run_script_expecting_error, tiny_config
 
 
 def greedy_reference(model, prompt, steps):
@@ -26,7 +27,7 @@ def test_generate_greedy_equals_uncached_loop_and_transformers(tiny_model_dir, m
     # The engine looks the module-level decode_step up at every call (what --compile relies on).
     calls = []
     monkeypatch.setattr(generate, "decode_step", lambda *a: calls.append(1) or generate.eager_decode_step(*a))
-    engine = generate.Engine(model, max_batch=2, max_len=32, stop_ids=[])  # 2 slots, 3 prompts: slots get refilled
+    engine = generate.Engine(model, max_batch=2, stop_ids=[])  # 2 slots, 3 prompts: slots get refilled
     outputs = engine.generate(prompts, n=1, max_new_tokens=12, temperature=0.0)
     assert len(calls) >= 11  # 12 tokens: the first from the prefill, the rest from decode steps
     hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -42,7 +43,7 @@ def test_generate_stop_tokens_logprobs_and_n_samples(tiny_model_dir):
     model = Transformer.from_pretrained(tiny_model_dir).eval()
     prompts = [[5, 9, 13], [7, 7, 8, 9]]
     stop = list(range(10, 60))  # many stop tokens so that most samples stop early
-    engine = generate.Engine(model, max_batch=4, max_len=40, stop_ids=stop)
+    engine = generate.Engine(model, max_batch=4, stop_ids=stop)
     seeds = [[generate.sample_seed(0, p, i) for i in range(3)] for p in range(2)]
     outputs = engine.generate(prompts, n=3, max_new_tokens=20, temperature=0.8, base_seeds=seeds)
     assert [len(o) for o in outputs] == [3, 3]
@@ -83,7 +84,7 @@ def test_generate_cli_seeded_samples_do_not_depend_on_batch_size_or_ranks(tiny_m
     # in process, 16 slots: every sample of every prompt decodes in one batch
     model = Transformer.from_pretrained(tiny_model_dir).eval()
     tokenizer = load_tokenizer(tiny_model_dir)
-    engine = generate.Engine(model, 16, 64, [tokenizer.eos_token_id])
+    engine = generate.Engine(model, 16, [tokenizer.eos_token_id])
     b = generate.generate_records(engine, tokenizer, PROMPTS, 3, 10, temperature=1.0, seed=7, logprobs=True)
     assert [r["id"] for r in a] == [p["id"] for p in PROMPTS]
     assert [r["responses"] for r in a] == [r["responses"] for r in b] == [r["responses"] for r in c]
@@ -106,11 +107,12 @@ def test_prompt_longer_than_the_context_is_a_one_line_error(tiny_model_dir, tmp_
     # the same check guards generate_records, which dpo.py samples with
     model = Transformer.from_pretrained(tiny_model_dir).eval()
     tokenizer = load_tokenizer(tiny_model_dir)
-    engine = generate.Engine(model, 4, 1024, [tokenizer.eos_token_id])
-    assert engine.max_len == 512  # never a cache longer than the context
+    engine = generate.Engine(model, 4, [tokenizer.eos_token_id])
     with pytest.raises(InputError, match="prompt id 'long'"):
         generate.generate_records(engine, tokenizer, prompts, 1, 16)
     assert len(generate.generate_records(engine, tokenizer, prompts[:2], 1, 16)) == 2
+    engine.reserve(1024)
+    assert engine.cache.max_len == 512  # never a cache longer than the context
 
 
 def test_resume_with_other_settings_stops_and_names_them(tiny_model_dir, tmp_path):
@@ -119,7 +121,7 @@ def test_resume_with_other_settings_stops_and_names_them(tiny_model_dir, tmp_pat
     args = ["generate.py", "--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.jsonl"), "--out", str(out),
             "--max-new-tokens", "6", "--seed", "3", "--device", "cpu", "--chunk-size", "2"]
     # What a run with --n 3 that stopped after its first chunk leaves behind: its settings record.
-    parts = tmp_path / "out.jsonl.parts-n5-c2"
+    parts = tmp_path / "out.jsonl.parts-n5-chunks3"  # 5 prompts, --chunk-size 2, 1 rank: 3 chunks
     parts.mkdir()
     earlier = dict(model=str(tiny_model_dir.resolve()), n=3, max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
                    seed=3, logprobs=False)
@@ -136,3 +138,111 @@ def test_empty_prompts_file_is_a_one_line_error(tiny_model_dir, tmp_path):
     error = run_script_expecting_error(["generate.py", "--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.jsonl"),
                          "--out", str(tmp_path / "out.jsonl"), "--device", "cpu"])
     assert str(tmp_path / "prompts.jsonl") in error
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: the cache sized by each call's prompts, decode slots from free memory, decode reading only
+# the cache positions in use, prompts over --max-prompt-length skipped
+
+
+def test_decode_slots_fit_the_free_memory():
+    config = ModelConfig.from_dict(tiny_config(40))
+    # a slot: 2 layers × (K, V) × 2 KV heads × 16 dims × 4 bytes (fp32) × 128 positions
+    per_slot = 2 * 2 * 2 * 16 * 4 * 128
+    free = 10.5 * per_slot / 0.8  # 80 % of it holds 10.5 slots
+    assert generate.decode_slots(config, 128, torch.float32, free) == 10
+    assert generate.decode_slots(config, 128, torch.bfloat16, free) == 21  # half the bytes a slot
+    assert generate.decode_slots(config, 256, torch.float32, free) == 5    # twice the positions
+    assert generate.decode_slots(config, 128, torch.float32, per_slot) == 0  # 80 % of one slot: none (the engine says so)
+    assert generate.decode_slots(config, 128, torch.float32, 1e15) == generate.MAX_AUTO_SLOTS
+    assert generate.decode_slots(config, 128, torch.float32, free, cap=7) == 7
+    # Llama-3-8B, bf16, 4096 positions: 32 layers × 2 × 8 KV heads × 128 dims × 2 bytes × 4096 = 512 MiB a slot
+    llama = ModelConfig.from_dict(dict(model_type="llama", max_position_embeddings=8192, **generate.BENCH_SHAPES["Llama-3-8B"]))
+    assert generate.decode_slots(llama, 4096, torch.bfloat16, 60 * 2**30) == 96
+
+
+def test_engine_sizes_its_cache_per_call_and_reuses_it(tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the PyTorch sampler: this test is about the cache
+    model = Transformer.from_pretrained(tiny_model_dir).eval()
+    engine = generate.Engine(model, 0, stop_ids=[], cpu_slots=3)  # 0: automatic, the CPU default here
+    assert engine.cache is None  # nothing allocated before the first call
+    engine.generate([[5] * 10, [6] * 4], 1, max_new_tokens=20)
+    first = engine.cache
+    assert first.max_len == 64 and first.k[0].shape[0] == 3  # 10 + 20 positions, rounded up to 64; 3 slots
+    engine.generate([[5] * 40], 1, max_new_tokens=20)  # 60 positions: the same cache
+    assert engine.cache is first
+    engine.generate([[5] * 50], 1, max_new_tokens=20)  # 70: a longer one
+    assert engine.cache.max_len == 128
+    engine.generate([[5] * 511], 1, max_new_tokens=1)  # exactly the context (512)
+    assert engine.cache.max_len == 512
+    with pytest.raises(ValueError, match="exceeds the context"):
+        engine.generate([[5] * 511], 1, max_new_tokens=2)
+    with pytest.raises(ValueError, match="n = 4 samples per prompt need at least n decode slots"):
+        engine.generate([[5]], 4, max_new_tokens=2)
+
+
+def test_decode_reads_only_the_cache_in_use_and_samples_do_not_change(tiny_model_dir, monkeypatch):
+    """Each decode step reads cache_len = the largest position in use + 1, rounded up to 64 (known on
+    the host, no device read), not the whole cache; the samples are those of decoding over the whole
+    cache, and of prefilling one prompt per forward."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = Transformer.from_pretrained(tiny_model_dir).eval()
+    prompts = [[5 + i % 7] * length for i, length in enumerate([3, 17, 40, 8, 25])]
+    seeds = [[generate.sample_seed(0, p, i) for i in range(2)] for p in range(len(prompts))]
+    stop = [10, 11, 12]  # samples end at different steps: slots are refilled at other positions
+
+    def run():
+        engine = generate.Engine(model, 4, stop_ids=stop)  # 4 slots, 5 prompts × 2 samples
+        engine.reserve(512)  # a long cache, of which decoding should read only the start
+        return engine.generate(prompts, 2, max_new_tokens=70, temperature=1.0, base_seeds=seeds)
+
+    read = []
+
+    def spy(model, cache, tokens, positions, cache_len, *rest):
+        read.append((cache_len, int(positions.max())))
+        return generate.eager_decode_step(model, cache, tokens, positions, cache_len, *rest)
+
+    monkeypatch.setattr(generate, "decode_step", spy)
+    outputs = run()
+    assert all(cache_len == min(generate.round_up(top + 1, 64), 512) for cache_len, top in read)
+    assert read[0][0] == 64 and {cache_len for cache_len, _ in read} == {64, 128}  # of 512; positions stay below 40 + 70
+
+    monkeypatch.setattr(generate, "decode_step", lambda model, cache, tokens, positions, cache_len, *rest:
+                        generate.eager_decode_step(model, cache, tokens, positions, cache.max_len, *rest))
+    whole_cache = run()
+    monkeypatch.setattr(generate, "decode_step", generate.eager_decode_step)
+    monkeypatch.setattr(generate, "PREFILL_TOKENS", 1)  # one prompt per prefill forward
+    one_prompt_prefills = run()
+    assert any(s["finish_reason"] == "stop" for o in outputs for s in o) and any(s["finish_reason"] == "length" for o in outputs for s in o)
+    for other in (whole_cache, one_prompt_prefills):
+        assert [[s["tokens"] for s in o] for o in other] == [[s["tokens"] for s in o] for o in outputs]
+        for o, p in zip(other, outputs):
+            for s, t in zip(o, p):
+                assert torch.allclose(torch.tensor(s["token_logprobs"]), torch.tensor(t["token_logprobs"]), atol=1e-5)
+
+
+def test_prompts_over_max_prompt_length_are_skipped_and_counted(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    # The character tokenizer makes PROMPTS 30, 29, 33, 28 and 29 tokens long.
+    kept, ids = generate.encode_prompts(tokenizer, PROMPTS, 16, 512, "p.jsonl", max_prompt_length=29)
+    assert [r["id"] for r in kept] == ["q1", "q3", "q4"] and [len(i) for i in ids] == [29, 28, 29]
+    assert "skipped 2 of 5 prompts in p.jsonl longer than --max-prompt-length 29 tokens" in capsys.readouterr().out
+    # A skipped prompt is never truncated, nor an error when it would not fit the context ...
+    too_long = PROMPTS + [{"id": "long", "messages": [{"role": "user", "content": "x" * 500}]}]
+    kept, _ = generate.encode_prompts(tokenizer, too_long, 16, 512, max_prompt_length=40)
+    assert [r["id"] for r in kept] == [p["id"] for p in PROMPTS]
+    # ... no limit keeps every prompt and says nothing; a limit that leaves nothing is an error
+    kept, _ = generate.encode_prompts(tokenizer, PROMPTS, 16, 512)
+    assert kept == PROMPTS and capsys.readouterr().out.count("skipped") == 1
+    with pytest.raises(InputError, match="all 5 prompts are longer than --max-prompt-length 10"):
+        generate.encode_prompts(tokenizer, PROMPTS, 16, 512, max_prompt_length=10)
+
+    # The command line: the skipped prompts' records are absent, the others in order.
+    write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(sys, "argv", ["generate.py", "--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.jsonl"),
+                                      "--out", str(tmp_path / "out.jsonl"), "--n", "2", "--max-new-tokens", "3", "--device", "cpu",
+                                      "--max-prompt-length", "29"])
+    generate.main()
+    assert f"skipped 2 of 5 prompts in {tmp_path / 'prompts.jsonl'} longer than --max-prompt-length 29 tokens" in capsys.readouterr().out
+    assert [(r["id"], len(r["responses"])) for r in read_jsonl(tmp_path / "out.jsonl")] == [("q1", 2), ("q3", 2), ("q4", 2)]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from common import load_tokenizer, read_jsonl
+from common import encode_prompt, load_tokenizer, read_jsonl
 from model import Transformer
 from tests.helpers import builtin_model_dir, run_script, run_script_expecting_error
 
@@ -70,7 +70,17 @@ def test_osp_steps_run_on_builtin_task_and_change_the_policy(loss, pairing, npro
         builtin_model_dir(task_dir, judge, seed=1)
         (judge / "judge_template.txt").write_text(PAIRWISE_TEMPLATE)
         args += ["--judge", str(judge)]
-    run_script(args, nproc=nproc)
+    if pairing == "best":  # prompts over --max-prompt-length are left out, and counted
+        tokenizer = load_tokenizer(sft)
+        lengths = sorted(len(encode_prompt(tokenizer, r["messages"])) for r in read_jsonl(task_dir / "prompts_iter1.jsonl"))
+        limit = lengths[len(lengths) // 2]
+        skipped = sum(length > limit for length in lengths)
+        assert skipped > 0
+        args += ["--max-prompt-length", str(limit)]
+    stdout = run_script(args, nproc=nproc)
+    if pairing == "best":
+        assert f"skipped {skipped} of {len(lengths)} prompts in {task_dir / 'prompts_iter1.jsonl'} longer than " \
+               f"--max-prompt-length {limit} tokens" in stdout
     (line,) = read_jsonl(out / "metrics.jsonl")
     assert line["step"] == 1
     if pairing == "best":

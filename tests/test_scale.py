@@ -1,6 +1,7 @@
 """Tests of the scale path in common.py and model.py: FSDP2 loading on the meta device with a
 rank-0 broadcast (bit-identical to a single-process load), the sharded save in the chosen dtype,
 and the LM-head log-prob path's mixed precision under autocast."""
+import pytest
 import torch
 
 import model as model_module
@@ -10,6 +11,7 @@ from tests.helpers import ROOT, run_script, tiny_config
 FSDP_LOAD_PROBE = """
 import sys
 sys.path.insert(0, sys.argv[2])  # the repository root (the script itself lives in a temp folder)
+import pytest
 import torch
 import torch.distributed as dist
 from common import destroy_distributed, full_state_dict, init_distributed, load_for_training
@@ -68,3 +70,30 @@ def test_lm_head_logprobs_run_in_the_autocast_dtype(monkeypatch):
         seen.clear()
         model(input_ids, targets=input_ids)  # no autocast: fp32 as before
     assert seen == [(torch.float32, torch.float32)]
+
+
+def test_a_triton_kernel_that_fails_on_first_use_falls_back_to_its_twin(monkeypatch):
+    """kernels.first_use_fallback: the sampling kernel raising on its first call (as a missing
+    compiler would) gives one RuntimeWarning and the PyTorch twin's exact result, then and after;
+    a kernel that has worked once is not hidden by the fallback."""
+    import kernels
+    import kernels.sampling as sampling
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("triton: no C compiler")
+
+    monkeypatch.setattr(kernels, "_broken", set())
+    monkeypatch.setattr(kernels, "_proven", set())
+    monkeypatch.setattr(sampling, "_sample_triton", broken)
+    logits = torch.randn(4, 37, generator=torch.Generator().manual_seed(0))
+    seeds = torch.arange(4)
+    expected = sampling.sample_reference(logits, temperature=0.7, top_p=0.9, seeds=seeds)
+    with pytest.warns(RuntimeWarning, match="failed on first use"):
+        got = sampling.sample(logits, temperature=0.7, top_p=0.9, seeds=seeds, impl="triton")
+    assert torch.equal(got.tokens, expected.tokens) and torch.equal(got.logprobs, expected.logprobs)
+    again = sampling.sample(logits, temperature=0.7, top_p=0.9, seeds=seeds, impl="triton")
+    assert torch.equal(again.tokens, expected.tokens)
+    kernels._broken.clear()
+    kernels._proven.add("kernels.sampling (Triton)")  # once it has worked, a failure is a real error
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        sampling.sample(logits, seeds=seeds, impl="triton")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train_rm
-from common import end_of_turn_ids, load_tokenizer, read_jsonl, render_chat, write_jsonl
+from common import end_of_turn_ids, load_tokenizer, read_jsonl, render_chat, right_pad, write_jsonl
 from model import Transformer
 from tests.helpers import run_main_expecting_error, run_script, run_script_expecting_error, tiny_config, write_pairs
 
@@ -56,6 +56,30 @@ def test_pairwise_preference_is_order_symmetric(tiny_model_dir):
     p_ba = train_rm.pairwise_preference(model, tokenizer, prompts, b, a, "cpu")
     assert torch.allclose(p_ab + p_ba, torch.ones(2), atol=1e-6)
     assert ((p_ab > 0) & (p_ab < 1)).all()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_pairwise_logits_ab_equal_the_full_logits_at_the_last_real_token(tiny_model_dir, tied):
+    """The judge projects only the last real position onto the "A"/"B" rows of the LM head; the
+    numbers are those of the full (B, T, V) logits read there. Training's label log-prob (through
+    forward(targets=...)) is the full-vocabulary log-softmax at that same position."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    torch.manual_seed(0)
+    model = Transformer.from_config(tiny_config(len(tokenizer), tie_word_embeddings=tied)).eval()
+    prompts = [[{"role": "user", "content": "reverse abc"}], [{"role": "user", "content": "hi"}],
+               [{"role": "user", "content": "a longer question, padded the least"}]]
+    queries = [train_rm.pairwise_query_ids(tokenizer, p, a, b) for p, a, b in zip(prompts, ["cba", "hello", "x"], ["abc", "", "yz"])]
+    labels = list(train_rm.label_token_ids(tokenizer))
+    with torch.no_grad():
+        logits_ab = train_rm.pairwise_logits_ab(model, queries, tokenizer, "cpu")                 # (B, 2)
+        full = torch.stack([model(torch.tensor([q]))[0, -1] for q in queries])                    # (B, V), one query at a time
+        input_ids, lengths = right_pad(queries, tokenizer.pad_token_id)
+        targets = torch.full_like(input_ids, -100)
+        targets[torch.arange(3), lengths - 1] = torch.tensor(labels[0])
+        label_logps = model(input_ids, targets=targets).sum(1)                                    # (B,)
+    assert logits_ab.shape == (3, 2) and logits_ab.dtype == torch.float32
+    assert torch.allclose(logits_ab, full[:, labels], atol=1e-5)
+    assert torch.allclose(label_logps, full.log_softmax(-1)[:, labels[0]], atol=1e-5)
 
 
 def test_length_bias_statistic():
@@ -329,25 +353,3 @@ def test_pairwise_model_learns_the_tiny_pairs_and_records_its_template(tiny_mode
     lines = read_jsonl(judge / "metrics.jsonl")
     assert len(lines) == 16 and sum(line["loss"] for line in lines[-4:]) < 0.5 * sum(line["loss"] for line in lines[:4])
 
-
-def test_process_in_chunks_resumes_without_loss_or_duplication(tmp_path):
-    from common import Dist, process_in_chunks
-    records = [{"id": i} for i in range(10)]
-    calls = []
-
-    def process(chunk):
-        calls.append([r["id"] for r in chunk])
-        if len(calls) == 3:
-            raise RuntimeError("crash")
-        return [{**r, "double": 2 * r["id"]} for r in chunk]
-
-    single = Dist(0, 0, 1, torch.device("cpu"))
-    with pytest.raises(RuntimeError):
-        process_in_chunks(records, tmp_path / "out.jsonl", process, single, chunk_size=3)
-    assert not (tmp_path / "out.jsonl").exists()
-    calls.clear()
-    process_in_chunks(records, tmp_path / "out.jsonl", lambda chunk: calls.append(chunk) or [{**r, "double": 2 * r["id"]} for r in chunk],
-                      single, chunk_size=3)
-    assert [[r["id"] for r in chunk] for chunk in calls] == [[6, 7, 8], [9]]  # chunks 0 and 1 kept from the crashed run
-    assert read_jsonl(tmp_path / "out.jsonl") == [{"id": i, "double": 2 * i} for i in range(10)]
-    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]

@@ -1,0 +1,188 @@
+"""A memory plan before launch: the per-rank bytes of a training or sampling run, from the config alone.
+
+    python memory_plan.py --config path/to/config.json --world-size 8 --mode sft --seq-len 8192 --micro-batch-size 1
+    python memory_plan.py --config path/to/config.json --world-size 8 --mode dpo --seq-len 2048 --micro-batch-size 1
+
+    from memory_plan import memory_plan, format_memory_plan
+    print(format_memory_plan(memory_plan(config, world_size=8, micro_batch_size=1, seq_len=8192, mode="sft")))
+
+Notation: P parameters, L layers, H hidden, I intermediate, V vocab, nh / nkv heads, D head_dim, W ranks,
+N tokens in one micro-batch (sequences × seq_len; dpo and rm run chosen + rejected in one forward, so
+2 × micro_batch_size sequences), b compute-dtype bytes (2: bf16 on GPU; 4: fp32 on CPU), m master bytes.
+The plan is a step after the first (the AdamW state exists). It errs high in one place: gradients are
+counted in full beside the peak activations, although they fill in as the activations are freed.
+"""
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+# the vocabulary chunk width the log-prob kernel picks, so the plan follows the kernel
+from kernels.logprob import _auto_vocab_chunk_size
+from model import ModelConfig
+
+GiB = 2**30
+
+
+def parameter_counts(config, head="lm"):
+    """(parameters of one decoder block, parameters outside the blocks: embedding, final norm, head)."""
+    H, I, nh, nkv, D = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                        config.num_key_value_heads, config.head_dim)
+    attention = H * (nh + 2 * nkv) * D + nh * D * H + config.qkv_bias * (nh + 2 * nkv) * D + config.o_bias * H
+    mlp = 3 * H * I + config.mlp_bias * (2 * I + H)
+    head_params = H if head == "score" else config.vocab_size * H * (not config.tie_word_embeddings)
+    return attention + mlp + 2 * H, config.vocab_size * H + H + head_params   # block: + its two RMSNorm weights
+
+
+def memory_plan(config, world_size, micro_batch_size, seq_len, mode, *, parallel="fsdp", activation_checkpointing=True,
+                param_dtype_bytes=2, master_dtype_bytes=4, packed=None, resident_reference=False,
+                kv_cache_slots=None, kv_cache_len=None, device="cuda"):
+    """Per-rank bytes: {"rows": {name: bytes}, "total", "peak", ...}. mode: "sft" | "dpo" | "rm" | "sample".
+    param_dtype_bytes: the compute dtype (bf16 = 2 on GPU); 4 with master_dtype_bytes=4 is fp32 on a CPU.
+    packed: documents packed into each sequence (sft.py packs; default: mode == "sft").
+    resident_reference: a frozen bf16 reference kept beside the policy, as osp.py does. dpo.py does not:
+    it computes the reference log-probs in a pass of its own before the policy loads, reported apart.
+    kv_cache_slots / kv_cache_len: a sampling KV cache beside training (osp.py). mode "sample": the
+    decode cache (default micro_batch_size slots × seq_len positions), and micro_batch_size prompts of
+    seq_len tokens prefilled at once."""
+    assert mode in ("sft", "dpo", "rm", "sample") and parallel in ("fsdp", "ddp", "none")
+    L, H, I, V = config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size
+    nh, nkv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    b, m = param_dtype_bytes, master_dtype_bytes
+    block, outside = parameter_counts(config, head="score" if mode == "rm" else "lm")
+    P = L * block + outside
+    N = micro_batch_size * (2 if mode in ("dpo", "rm") else 1) * seq_len
+    packed = mode == "sft" if packed is None else packed
+    slots = kv_cache_slots if kv_cache_slots is not None else (micro_batch_size if mode == "sample" else 0)
+    cache_len = kv_cache_len if kv_cache_len is not None else seq_len
+
+    def kv_bytes(slots, positions):  # k and v, every layer
+        return slots * positions * L * 2 * nkv * D * b
+
+    no_grad_forward = N * b * (3 * I + 2 * H)   # inference transients of one block: gate, up, silu (N, I); two (N, H)
+    rows = {}
+
+    if mode == "sample":  # a full bf16 replica per rank: each rank samples its own prompts
+        rows["weights"] = P * b
+        rows["KV cache"] = kv_bytes(slots, cache_len)
+        # prefill of micro_batch_size prompts of seq_len tokens: their own cache, copied into the slots after
+        rows["prefill"] = kv_bytes(micro_batch_size, seq_len) + no_grad_forward
+        rows["logits + sampling"] = slots * V * (b + 3 * 4)  # (slots, V) logits, ~3 fp32 temporaries (softmax, sort)
+        return finish(rows, mode, world_size)
+
+    # ---- weights, gradients, AdamW: fp32 master copies, sharded 1/W under FSDP, whole under DDP
+    shard = world_size if parallel == "fsdp" else 1
+    rows["weights (master)"] = P * m // shard
+    if parallel == "fsdp":
+        # FSDP2 all-gathers a block's bf16 weights for its forward and backward while prefetching the
+        # next (2 blocks at a time); the root (embedding, final norm, LM head) stays gathered from its
+        # forward to the end of backward. Gradients in flight: the root's unsharded LM-head gradient
+        # (computed first, reduce-scattered last) and one block's bf16 gradients + fp32 reduce-scatter copy.
+        gathered = (outside + 2 * block) * b
+        rows["compute copy (gathered)"] = gathered + (V * H * b if mode != "rm" else 0) + block * (b + 4)
+    else:  # autocast caches a bf16 cast of every weight from forward to backward; nothing in fp32
+        gathered = rows["compute copy (gathered)"] = P * b if b != m else 0
+    rows["gradients"] = P * m // shard * (2 if parallel == "ddp" else 1)  # DDP: + its gradient buckets
+    rows["AdamW state"] = 2 * P * m // shard                               # exp_avg, exp_avg_sq
+
+    # ---- activations. Saved for backward, per token of one decoder block:
+    #   2 RMSNorms:  fp32 input (the input itself when b = 4), normalised, scaled   2 (4 H + 2 b H)
+    #   attention:   q, k after rope, v (flash / SDPA's inputs), output            b (2 nh D + 2 nkv D)
+    #                logsumexp (fp32)                                               4 nh
+    #                packed: per-document outputs, then a copy for o_proj          b nh D
+    #   SwiGLU MLP:  gate, up, silu(gate), silu(gate)·up, each (N, I)              4 b I
+    #   (the Linears save these same tensors; residual adds and rope's cos/sin products save nothing)
+    per_token_block = 2 * (4 * H + 2 * b * H) + b * (2 * nh * D + 2 * nkv * D) + 4 * nh + packed * b * nh * D + 4 * b * I
+    per_token_outside = (4 * H + 2 * b * H) + 2 * D * b                # final RMSNorm; rope cos, sin (shared)
+    # kept until the backward: each block's input (N, H) with checkpointing, else all its tensors
+    rows["activations (kept)"] = N * (L * (b * H if activation_checkpointing else per_token_block) + per_token_outside)
+
+    # ---- working set on top of that: the larger of two phases that never overlap.
+    # A block's backward: its recomputed tensors (with checkpointing) + the activation gradients in
+    # flight, ~ one (N, I) and one fp32 (N, H) (saved tensors are freed as their backward runs).
+    block_backward = N * (activation_checkpointing * per_token_block + b * I + 4 * H)
+    # The LM head (kernels/logprob.py) never builds (N, V) logits: per vocabulary chunk of Vc columns,
+    # two (N, Vc) fp32 buffers (logits + logsumexp / softmax-gradient temporary) and the gradient's
+    # cast to b; plus the fp32 (N, H) grad_hidden accumulator. All N tokens counted (an upper bound:
+    # prompt and padding tokens are dropped before the matmuls). A reward model's (H -> 1) head: ~0.
+    chunk = _auto_vocab_chunk_size(N, V, torch.device(device))
+    lm_head = 0 if mode == "rm" else N * chunk * (2 * 4 + (b if b != 4 else 0)) + N * H * 4
+    rows["working set"] = max(block_backward, lm_head)
+
+    # ---- the reference model and a sampling KV cache, when they live beside the policy
+    reference_pass = None
+    if resident_reference:
+        rows["reference model"] = P * b + no_grad_forward
+    elif mode == "dpo":  # its own pass before training: the same wrapped weights, no-grad forward
+        rows["reference model"] = 0
+        reference_pass = rows["weights (master)"] + gathered + no_grad_forward + N * chunk * 2 * 4
+    if slots:
+        rows["KV cache"] = kv_bytes(slots, cache_len)
+    return finish(rows, mode, world_size, reference_pass, lm_head=lm_head, block_backward=block_backward)
+
+
+def finish(rows, mode, world_size, reference_pass=None, **parts):
+    total = sum(rows.values())
+    return dict(rows=rows, total=total, peak=max(total, reference_pass or 0), mode=mode, world_size=world_size,
+                reference_pass=reference_pass, **parts)
+
+
+def format_memory_plan(plan, gpu_gib=80.0, memory_name="GPU"):
+    """A small table: GiB per row, the total, and whether the peak fits a GPU of gpu_gib GiB."""
+    lines = [f"memory plan per rank: {plan['mode']}, {plan['world_size']} rank(s)"]
+    for name, size in plan["rows"].items():
+        note = ""
+        if name == "working set":  # say which phase it is
+            note = f"  (max of LM head {plan['lm_head'] / GiB:.2f}, block backward {plan['block_backward'] / GiB:.2f})"
+        lines.append(f"  {name:<26}{size / GiB:8.2f} GiB{note}")
+    lines.append(f"  {'total':<26}{plan['total'] / GiB:8.2f} GiB")
+    if plan["reference_pass"] is not None:
+        lines.append(f"  {'reference pass (before)':<26}{plan['reference_pass'] / GiB:8.2f} GiB  (dpo.py frees it before training)")
+    fits = plan["peak"] <= gpu_gib * GiB
+    lines.append(f"  {'fits' if fits else 'does NOT fit'} {gpu_gib:g} GiB of {memory_name}: peak {plan['peak'] / GiB:.2f} GiB "
+                 f"= {100 * plan['peak'] / (gpu_gib * GiB):.0f}%")
+    return "\n".join(lines)
+
+
+
+def print_stage_plan(model_path, mode, dist_info, micro_batch_size, seq_len, parallel, activation_checkpointing, **extra):
+    """What every training stage prints first, before it loads anything (and all that --dry-run
+    does): the plan for its model's config.json and its own settings, on its device."""
+    from common import print0
+
+    config_path = Path(model_path) / "config.json" if Path(model_path).is_dir() else Path(model_path)
+    config = ModelConfig.from_dict(json.loads(config_path.read_text()))
+    on_gpu = dist_info.device.type == "cuda"
+    parallel = parallel if dist_info.world_size > 1 else "none"
+    plan = memory_plan(config, dist_info.world_size, micro_batch_size, seq_len, mode, parallel=parallel,
+                       activation_checkpointing=activation_checkpointing, param_dtype_bytes=2 if on_gpu else 4,
+                       device=dist_info.device.type, **extra)
+    if on_gpu:
+        print0(format_memory_plan(plan, torch.cuda.get_device_properties(dist_info.device).total_memory / GiB))
+    else:
+        host_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
+        print0(format_memory_plan(plan, round(host_gib, 1), "host memory (CPU run)"))
+    return plan
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Per-rank memory plan of a training or sampling run.")
+    parser.add_argument("--config", required=True, help="an HF config.json, or a checkpoint folder holding one")
+    parser.add_argument("--world-size", type=int, default=1, help="number of ranks (GPUs)")
+    parser.add_argument("--mode", choices=["sft", "dpo", "rm", "sample"], default="sft", help="the stage to plan")
+    parser.add_argument("--seq-len", type=int, required=True, help="tokens per sequence (dpo/rm: chosen or rejected; sample: prompt)")
+    parser.add_argument("--micro-batch-size", type=int, default=1, help="sequences (dpo/rm: pairs; sample: prompts prefilled at once)")
+    parser.add_argument("--parallel", choices=["fsdp", "ddp", "none"], default="fsdp", help="data parallelism")
+    parser.add_argument("--no-activation-checkpointing", action="store_true", help="keep every block's activations")
+    parser.add_argument("--kv-cache-slots", type=int, default=None, help="decode slots (sample: default micro-batch size)")
+    parser.add_argument("--kv-cache-len", type=int, default=None, help="cache positions per slot (default: seq len)")
+    parser.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory (GiB) to check the plan against")
+    args = parser.parse_args()
+    path = args.config if args.config.endswith(".json") else f"{args.config}/config.json"
+    with open(path) as f:
+        config = ModelConfig.from_dict(json.load(f))
+    plan = memory_plan(config, args.world_size, args.micro_batch_size, args.seq_len, args.mode, parallel=args.parallel,
+                       activation_checkpointing=not args.no_activation_checkpointing,
+                       kv_cache_slots=args.kv_cache_slots, kv_cache_len=args.kv_cache_len)
+    print(format_memory_plan(plan, args.gpu_gib))
