@@ -5,7 +5,7 @@
 #   gold reward as an oracle control) → OSP (SPCE with ranked pairs; DPO / IPO losses; random
 #   pairing) → evaluation.
 #
-#   SIZE=tiny bash run.sh                # a smoke run: every stage once, tiny sizes, ~2.5 minutes on CPU
+#   SIZE=tiny bash run.sh                # a smoke run: every stage once, tiny sizes, ~2 minutes on CPU
 #   bash run.sh                          # SIZE=small: 2 CPU cores, about 13 minutes
 #   SIZE=large SEED=1 bash run.sh        # one GPU: all the data, the papers' n = 8 / K = 7, longer OSP
 #
@@ -24,11 +24,12 @@ SIZE=${SIZE:-small}
 SEED=${SEED:-0}
 RUN=${RUN:-runs/builtin-$SIZE-seed$SEED}
 DATA=data/builtin
-# ITERS: online iterations; SFT_STEPS: SFT optimizer steps (-1: one epoch); EVAL_PROMPTS: held-out prompts graded
-OSP_VARIANTS="spce_ranked dpo_ranked ipo_ranked spce_random"; ITERS=3; SFT_STEPS=-1; EVAL_PROMPTS=512
+# ITERS: online iterations; SFT_STEPS: SFT optimizer steps (-1: one epoch); EVAL_PROMPTS: held-out prompts
+# graded; EVAL_PAIRS: held-out pairs the reward models are scored on (2000: all)
+OSP_VARIANTS="spce_ranked dpo_ranked ipo_ranked spce_random"; ITERS=3; SFT_STEPS=-1; EVAL_PROMPTS=512; EVAL_PAIRS=2000
 case "$SIZE" in
-  tiny)  PROMPTS=32; BT_PAIRS=1024; JUDGE_PAIRS=512; DPO_PAIRS=512; N=2; K=2; OSP_STEPS=3; OSP_BATCH=4
-         OSP_VARIANTS=spce_ranked; ITERS=1; SFT_STEPS=150; EVAL_PROMPTS=32 ;;
+  tiny)  PROMPTS=32; BT_PAIRS=512; JUDGE_PAIRS=256; DPO_PAIRS=256; N=2; K=2; OSP_STEPS=3; OSP_BATCH=4
+         OSP_VARIANTS=spce_ranked; ITERS=1; SFT_STEPS=100; EVAL_PROMPTS=16; EVAL_PAIRS=256 ;;
   small) PROMPTS=384; BT_PAIRS=8000; JUDGE_PAIRS=6000; DPO_PAIRS=4000; N=4; K=4; OSP_STEPS=30; OSP_BATCH=8 ;;
   large) PROMPTS=1024; BT_PAIRS=20000; JUDGE_PAIRS=20000; DPO_PAIRS=20000; N=8; K=7; OSP_STEPS=200; OSP_BATCH=16 ;;
   *) echo "SIZE must be tiny, small or large" >&2; exit 2 ;;
@@ -37,30 +38,31 @@ esac
 # for fine-tuning 8B / 1.1B models): SFT 2e-3, reward models 1e-3, DPO / OSP 1e-4, β = 0.1.
 COMMON=(--seed "$SEED")
 
-echo "== 1. the built-in task"
+echo "== 1. the built-in task ($SECONDS s)"
 [ -f $DATA/stats.json ] || python -m data.task
 mkdir -p "$RUN/data"
 for t in $(seq $ITERS); do head -n $PROMPTS $DATA/prompts_iter$t.jsonl > "$RUN/data/prompts_iter$t.jsonl"; done
 head -n $EVAL_PROMPTS $DATA/prompts_eval.jsonl > "$RUN/data/prompts_eval.jsonl"
+head -n $EVAL_PAIRS $DATA/pairs_eval.jsonl > "$RUN/data/pairs_eval.jsonl"
 head -n $BT_PAIRS $DATA/pairs_train.jsonl > "$RUN/data/pairs_bt.jsonl"
 head -n $JUDGE_PAIRS $DATA/pairs_train.jsonl > "$RUN/data/pairs_judge.jsonl"
 head -n $DPO_PAIRS $DATA/pairs_train.jsonl > "$RUN/data/pairs_dpo.jsonl"
 
-echo "== 2. SFT from scratch"
+echo "== 2. SFT from scratch ($SECONDS s)"
 python sft.py --model $DATA/model --scratch --data $DATA/sft.jsonl --out "$RUN/sft" \
     --block-size 128 --batch-size 16 --micro-batch-size 16 --lr 2e-3 --max-steps $SFT_STEPS --log-every 200 "${COMMON[@]}"
 
-echo "== 3. reward models: Bradley-Terry, and the pairwise model that judges for OSP"
-python train_rm.py train --type bt --model "$RUN/sft" --pairs "$RUN/data/pairs_bt.jsonl" --eval-pairs $DATA/pairs_eval.jsonl \
+echo "== 3. reward models: Bradley-Terry, and the pairwise model that judges for OSP ($SECONDS s)"
+python train_rm.py train --type bt --model "$RUN/sft" --pairs "$RUN/data/pairs_bt.jsonl" --eval-pairs "$RUN/data/pairs_eval.jsonl" \
     --out "$RUN/rm_bt" --lr 1e-3 --batch-size 64 --micro-batch-size 64 --max-length 256 --log-every 50 "${COMMON[@]}"
-python train_rm.py train --type pairwise --model "$RUN/sft" --pairs "$RUN/data/pairs_judge.jsonl" --eval-pairs $DATA/pairs_eval.jsonl \
+python train_rm.py train --type pairwise --model "$RUN/sft" --pairs "$RUN/data/pairs_judge.jsonl" --eval-pairs "$RUN/data/pairs_eval.jsonl" \
     --out "$RUN/judge" --lr 1e-3 --batch-size 32 --micro-batch-size 32 --max-length 256 --log-every 50 "${COMMON[@]}"
 
-echo "== 4. offline DPO on the labelled pairs"
+echo "== 4. offline DPO on the labelled pairs ($SECONDS s)"
 DPO=(--beta 0.1 --lr 1e-4 --batch-size 64 --micro-batch-size 32 --max-length 256 --log-every 20)
 python dpo.py --model "$RUN/sft" --pairs "$RUN/data/pairs_dpo.jsonl" --out "$RUN/dpo_offline" --epochs 1 "${DPO[@]}" "${COMMON[@]}"
 
-echo "== 5. online iterative DPO: sample n per prompt → BT rewards → best vs worst → DPO"
+echo "== 5. online iterative DPO: sample n per prompt → BT rewards → best vs worst → DPO ($SECONDS s)"
 ONLINE=(--sft "$RUN/sft" --rm "$RUN/rm_bt" --prompts "$RUN/data/prompts_iter{t}.jsonl" --n $N --max-new-tokens 64
         --gen-batch-size 256 --epochs 2 "${DPO[@]}" "${COMMON[@]}")
 for t in $(seq $ITERS); do python dpo.py --iter $t --run-dir "$RUN/online" "${ONLINE[@]}"; done
@@ -70,7 +72,7 @@ for t in $(seq $ITERS); do python dpo.py --iter $t --run-dir "$RUN/online_lp" --
 # The control: the same loop with the gold reward r* in place of the reward model.
 for t in $(seq $ITERS); do python dpo.py --iter $t --run-dir "$RUN/online_gold" "${ONLINE[@]}" --rm gold; done
 
-echo "== 6. online self-preferring (the pairwise model judges; π_SFT is policy start and reference)"
+echo "== 6. online self-preferring (the pairwise model judges; π_SFT is policy start and reference) ($SECONDS s)"
 # Paper 2's ablations: SPCE vs DPO / IPO losses on the same ranked pairs, ranked vs random pairing.
 for variant in $OSP_VARIANTS; do
   python osp.py --model "$RUN/sft" --judge "$RUN/judge" --prompts "$RUN/data/prompts_iter1.jsonl" --out "$RUN/osp_$variant" \
@@ -78,5 +80,6 @@ for variant in $OSP_VARIANTS; do
       --beta 0.1 --lr 1e-4 --max-new-tokens 64 --gold --log-every 10 "${COMMON[@]}"
 done
 
-echo "== 7. evaluation on held-out prompts with the gold scorer"
+echo "== 7. evaluation on held-out prompts with the gold scorer ($SECONDS s)"
 python evaluate.py --run "$RUN" --prompts "$RUN/data/prompts_eval.jsonl"
+echo "== done in $SECONDS s"
