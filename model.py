@@ -147,10 +147,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # Normalise in fp32 (bf16 variance loses precision), cast back, then scale.
+        # Normalise in fp32 (bf16 variance loses precision), cast back, then scale. The scale is cast
+        # to x's dtype: under autocast an fp32 master weight then computes exactly as its bf16 copy
+        # does (and the residual stream stays bf16); without autocast the dtypes already agree.
         x_float = x.float()
         x_float = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x_float.to(x.dtype)
+        return self.weight.to(x.dtype) * x_float.to(x.dtype)
 
 
 class KVCache:
@@ -432,6 +434,8 @@ class Transformer(nn.Module):
         if document_ids is not None and cache is None:
             inputs.document_ids = document_ids
         x = self.model.embed_tokens(input_ids)
+        if torch.is_autocast_enabled(device.type):  # the residual stream in the compute dtype, as bf16 weights give
+            x = x.to(torch.get_autocast_dtype(device.type))
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, inputs, i)
@@ -488,7 +492,9 @@ class Transformer(nn.Module):
             d = json.loads((p / "config.json" if p.is_dir() else p).read_text())
         model = cls(ModelConfig.from_dict(d), head=head)
         model.init_weights()
-        return model.to(device=device, dtype=dtype)
+        model = model.to(device=device, dtype=dtype)
+        model.inv_freq = rope_inverse_frequencies(model.config).to(device)  # fp32 whatever the weights' dtype
+        return model
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, head="lm"):

@@ -60,8 +60,8 @@ def test_lm_head_logprobs_run_in_the_autocast_dtype(monkeypatch):
         logps = model(input_ids, targets=input_ids)
         hidden = model.hidden_states(input_ids)
     assert seen == [(torch.bfloat16, torch.bfloat16)]
-    assert hidden.dtype == torch.float32  # what the LM head would have seen before the cast
-    expected = original(hidden.bfloat16().reshape(18, -1), model.lm_head_weight.bfloat16(), input_ids.reshape(18))
+    assert hidden.dtype == torch.bfloat16  # the residual stream runs in the compute dtype
+    expected = original(hidden.reshape(18, -1), model.lm_head_weight.bfloat16(), input_ids.reshape(18))
     assert torch.equal(logps.reshape(18), expected)
     logps.sum().backward()
     assert model.lm_head_weight.grad.dtype == torch.float32  # master weights keep fp32 gradients
@@ -97,3 +97,20 @@ def test_a_triton_kernel_that_fails_on_first_use_falls_back_to_its_twin(monkeypa
     kernels._proven.add("kernels.sampling (Triton)")  # once it has worked, a failure is a real error
     with pytest.raises(RuntimeError, match="no C compiler"):
         sampling.sample(logits, seeds=seeds, impl="triton")
+
+
+def test_policy_under_autocast_equals_its_bf16_reference_at_step_zero(tiny_model_dir):
+    """OSP / DPO on a GPU: the policy (fp32 master weights under bf16 autocast) and the reference
+    (a bf16 copy) give bit-identical log-probs before any update, so h = 0 and the implicit
+    preference strength is exactly 0.5 at step 0. Holds because the residual stream, the RMSNorm
+    scale and the LM head all run in the compute dtype under autocast."""
+    policy = Transformer.from_pretrained(tiny_model_dir)
+    reference = Transformer.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    input_ids = torch.randint(0, policy.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            policy_logps = policy(input_ids, targets=input_ids)
+            reference_logps = reference(input_ids, targets=input_ids)
+        reference_plain = reference(input_ids, targets=input_ids)
+    assert torch.equal(policy_logps, reference_logps) and torch.equal(policy_logps, reference_plain)
+    assert Transformer.from_config(tiny_config(50), dtype=torch.bfloat16).inv_freq.dtype == torch.float32
