@@ -199,13 +199,21 @@ class AttentionInputs:
 
 def causal_attention(q, k, v, window=None):
     """q (B, nh, T, D), k/v (B, nkv, T, D) -> (B, nh, T, D): each query sees itself and earlier keys
-    (at most `window` back). Without a window in reach this is SDPA's is_causal (flash on GPU)."""
+    (at most `window` back). Without a window in reach this is SDPA's is_causal (flash on GPU); with
+    one, FlexAttention's block mask on GPU (blocks outside the band are skipped), else a dense mask."""
     T = q.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if window is None or T <= window:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    offset = torch.arange(T, device=q.device)[:, None] - torch.arange(T, device=q.device)  # query − key
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=(offset >= 0) & (offset < window), enable_gqa=gqa)
+
+    def dense():
+        offset = torch.arange(T, device=q.device)[:, None] - torch.arange(T, device=q.device)  # query − key
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(offset >= 0) & (offset < window), enable_gqa=gqa)
+
+    if not use_flex(q.device):
+        return dense()
+    return first_use_fallback("FlexAttention (sliding window)",
+                              lambda: compiled_flex(q, k, v, attention_block_mask(None, T, q.device, window)), dense)
 
 
 def document_segments(document_ids):
@@ -239,21 +247,30 @@ def use_flex(device):
     return flex_attention is not None and device.type == "cuda" and os.environ.get("RLHF_KERNELS") != "torch"
 
 
-def document_block_mask(document_ids, window=None):
-    """FlexAttention's BlockMask for packed documents (+ causal, + sliding window): built once per
-    forward at (128 × 128)-block granularity, so whole blocks of other documents are never read."""
-    B, T = document_ids.shape
+def attention_block_mask(document_ids, T, device, window=None):
+    """FlexAttention's BlockMask: causal, within a document when document_ids (B, T) are given (else
+    the same for every row), within the sliding window when there is one. Built once per forward at
+    (128 × 128)-block granularity, so blocks with nothing to attend are never read."""
+    def keep(b, h, q_index, kv_index):
+        visible = kv_index <= q_index
+        if document_ids is not None:
+            visible = visible & (document_ids[b, q_index] == document_ids[b, kv_index])
+        return visible & (q_index - kv_index < window) if window is not None else visible
 
-    def same_document_causal(b, h, q_index, kv_index):
-        keep = (document_ids[b, q_index] == document_ids[b, kv_index]) & (kv_index <= q_index)
-        return keep & (q_index - kv_index < window) if window is not None else keep
+    B = document_ids.shape[0] if document_ids is not None else None
+    return create_block_mask(keep, B, None, T, T, device=device)
 
-    return create_block_mask(same_document_causal, B, None, T, T, device=document_ids.device)
+
+def compiled_flex(q, k, v, block_mask):
+    """FlexAttention compiled once per process (eager FlexAttention would materialise the scores)."""
+    if not _compiled_flex:
+        _compiled_flex.append(torch.compile(flex_attention, dynamic=False))
+    return _compiled_flex[0](q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def packed_attention(q, k, v, inputs):
-    """Packed documents: FlexAttention on GPU (compiled: eager FlexAttention would materialise the
-    scores), falling back to the twin if it fails on first use; the twin elsewhere."""
+    """Packed documents: FlexAttention on GPU, falling back to the twin if it fails on first use;
+    the twin elsewhere."""
     def twin():
         if inputs.segments is None:
             inputs.segments = document_segments(inputs.document_ids)
@@ -264,10 +281,8 @@ def packed_attention(q, k, v, inputs):
 
     def flex():
         if inputs.block_mask is None:  # once per forward, shared by the layers
-            inputs.block_mask = document_block_mask(inputs.document_ids, inputs.window)
-        if not _compiled_flex:
-            _compiled_flex.append(torch.compile(flex_attention, dynamic=False))
-        return _compiled_flex[0](q, k, v, block_mask=inputs.block_mask, enable_gqa=q.shape[1] != k.shape[1])
+            inputs.block_mask = attention_block_mask(inputs.document_ids, q.shape[2], q.device, inputs.window)
+        return compiled_flex(q, k, v, inputs.block_mask)
 
     return first_use_fallback("FlexAttention (packed documents)", flex, twin)
 

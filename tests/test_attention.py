@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import MistralConfig, MistralForCausalLM
 
 import model as model_module
-from model import (AttentionInputs, KVCache, Transformer, cached_attention, document_block_mask, document_segments,
+from model import (AttentionInputs, KVCache, Transformer, attention_block_mask, cached_attention, document_segments,
                    packed_attention, packed_attention_twin)
 from tests.helpers import ROOT, tiny_config
 
@@ -68,11 +68,14 @@ def test_flex_block_mask_matches_the_dense_mask():
     positions = torch.arange(T).expand(B, T)
     same = document_ids[:, :, None] == document_ids[:, None, :]
     for window in (None, 6):
-        block_mask = document_block_mask(document_ids, window)
+        block_mask = attention_block_mask(document_ids, T, q.device, window)
         got = model_module.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
         expected = dense_reference(q, k, v, positions, positions, same, window)
         valid = document_ids >= 0  # FlexAttention and SDPA agree on real tokens (padding rows are never read)
         assert (got - expected).abs()[valid[:, None, :, None].expand_as(got)].max().item() < 1e-5
+    # no documents: the sliding-window band alone, the same for every row
+    got = model_module.flex_attention(q, k, v, block_mask=attention_block_mask(None, T, q.device, 6), enable_gqa=True)
+    assert (got - dense_reference(q, k, v, positions, positions, window=6)).abs().max().item() < 1e-5
 
 
 def test_flex_failure_falls_back_to_the_twin_with_one_warning(monkeypatch):
@@ -81,6 +84,7 @@ def test_flex_failure_falls_back_to_the_twin_with_one_warning(monkeypatch):
     monkeypatch.setattr(model_module, "use_flex", lambda device: True)
     monkeypatch.setattr(model_module, "flex_attention", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("no compiler")))
     monkeypatch.setattr(model_module, "_compiled_flex", [model_module.flex_attention])
+    monkeypatch.setattr(model_module, "attention_block_mask", lambda *args: None)
     monkeypatch.setattr(kernels, "_broken", set())
     document_ids = packed_document_ids()
     q, k, v = random_qkv(*document_ids.shape)
