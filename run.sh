@@ -6,7 +6,7 @@
 #   pairing) → evaluation.
 #
 #   SIZE=tiny bash run.sh                # a smoke run: every stage once, tiny sizes, ~2 minutes on CPU
-#   bash run.sh                          # SIZE=small: 2 CPU cores, about 13 minutes
+#   bash run.sh                          # SIZE=small: 2 CPU cores, about 19 minutes
 #   SIZE=large SEED=1 bash run.sh        # one GPU: all the data, the papers' n = 8 / K = 7, longer OSP
 #
 # CPU runs use one thread per process unless OMP_NUM_THREADS says otherwise: the model is tiny, and on a
