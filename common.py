@@ -156,7 +156,10 @@ def init_distributed(device=None, timeout_minutes=None):
 
 
 def destroy_distributed():
+    """Wait for every rank, then take the process group down: a rank that tears its connections down
+    while another still talks to it can abort the other (gloo: "terminate called ...")."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -273,6 +273,10 @@ class Engine:
         admit()
         harvest()
         while queue or any(o is not None for o in owner):
+            if all(o is None for o in owner):  # every sample ended on its first token: refill before decoding
+                admit()
+                harvest()
+                continue
             # Every position in use is below cache_len: the next decode step writes and reads no further.
             in_use = max(position_offset[s] for s in range(B) if owner[s] is not None) + decode_steps + 1
             cache_len = min(round_up(in_use, CACHE_LEN_STEP), self.cache.max_len)

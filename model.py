@@ -168,6 +168,11 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
+        if torch.device(device).type == "cuda":
+            # A compiled decode step writes the cache in place: marked static, the buffers may live in
+            # a CUDA graph (otherwise "mutated inputs" keep cudagraphs off), as HF's StaticCache does.
+            for buffer in self.k + self.v:
+                torch._dynamo.mark_static_address(buffer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,10 +202,11 @@ class AttentionInputs:
     prefill: bool = False             # cache given without positions: write at 0..T-1, causal
 
 
-def causal_attention(q, k, v, window=None):
+def causal_attention(q, k, v, window=None, inputs=None):
     """q (B, nh, T, D), k/v (B, nkv, T, D) -> (B, nh, T, D): each query sees itself and earlier keys
     (at most `window` back). Without a window in reach this is SDPA's is_causal (flash on GPU); with
-    one, FlexAttention's block mask on GPU (blocks outside the band are skipped), else a dense mask."""
+    one, FlexAttention's block mask on GPU (blocks outside the band are skipped; the mask is kept in
+    `inputs` for the other layers), else a dense mask."""
     T = q.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if window is None or T <= window:
@@ -212,8 +218,14 @@ def causal_attention(q, k, v, window=None):
 
     if not use_flex(q.device):
         return dense()
-    return first_use_fallback("FlexAttention (sliding window)",
-                              lambda: compiled_flex(q, k, v, attention_block_mask(None, T, q.device, window)), dense)
+    def flex():
+        block_mask = inputs.block_mask if inputs is not None and inputs.block_mask is not None else \
+            attention_block_mask(None, T, q.device, window)
+        if inputs is not None:
+            inputs.block_mask = block_mask
+        return compiled_flex(q, k, v, block_mask)
+
+    return first_use_fallback("FlexAttention (sliding window)", flex, dense)
 
 
 def document_segments(document_ids):
@@ -240,7 +252,7 @@ try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except ImportError:  # torch without FlexAttention: the twin everywhere
     flex_attention = None
-_compiled_flex = []
+_compiled_flex, _compiled_create_block_mask = [], []
 
 
 def use_flex(device):
@@ -258,13 +270,17 @@ def attention_block_mask(document_ids, T, device, window=None):
         return visible & (q_index - kv_index < window) if window is not None else visible
 
     B = document_ids.shape[0] if document_ids is not None else None
-    return create_block_mask(keep, B, None, T, T, device=device)
+    if torch.device(device).type != "cuda":  # CPU: eager, only tests build one here
+        return create_block_mask(keep, B, None, T, T, device=device)
+    if not _compiled_create_block_mask:  # compiled: eager evaluates keep() over all (T × T) pairs at once
+        _compiled_create_block_mask.append(torch.compile(create_block_mask))
+    return _compiled_create_block_mask[0](keep, B, None, T, T, device=device)
 
 
 def compiled_flex(q, k, v, block_mask):
     """FlexAttention compiled once per process (eager FlexAttention would materialise the scores)."""
     if not _compiled_flex:
-        _compiled_flex.append(torch.compile(flex_attention, dynamic=False))
+        _compiled_flex.append(torch.compile(flex_attention))  # lengths vary (DPO, RM): dynamic after the 2nd
     return _compiled_flex[0](q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -334,7 +350,7 @@ class Attention(nn.Module):
         elif inputs.document_ids is not None:
             y = packed_attention(q, k, v, inputs)
         else:
-            y = causal_attention(q, k, v, window)
+            y = causal_attention(q, k, v, window, inputs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -470,8 +486,8 @@ class Transformer(nn.Module):
         B, T, H = hidden.shape
         weight, device_type = self.lm_head_weight, hidden.device.type
         if torch.is_autocast_enabled(device_type):
-            # Under autocast the fp32 RMSNorm weight makes `hidden` fp32, and the LM head is an fp32
-            # master weight: cast both to the compute dtype, so the log-prob matmuls (forward and
+            # Under autocast the LM head is an fp32 master weight (and `hidden` is bf16, see
+            # hidden_states): cast both to the compute dtype, so the log-prob matmuls (forward and
             # backward) run in bf16 as a bf16 reference model's do; then leave autocast, so the
             # kernel keeps its own rule (fp32 logits from bf16 inputs) instead of bf16 logits.
             dtype = torch.get_autocast_dtype(device_type)

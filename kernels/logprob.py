@@ -197,8 +197,12 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         t = (targets if all_valid else targets[rows]).contiguous()  # (n,)
         g = grad_logprobs if all_valid else grad_logprobs[rows]  # (n,) upstream gradient, any values
         g = g.to(lse.dtype).contiguous()  # contiguous: .sum()'s backward hands us a stride-0 expand
-        grad_h = _backward_chunks(h, weight, t, lse, g, 1.0 / ctx.temperature, ctx.use_triton, ctx.chunk,
-                                  grad_weight, need_grad_hidden)
+        def run(use_triton):  # every grad_weight row is (re)written by its chunk: a failed try leaves nothing behind
+            return _backward_chunks(h, weight, t, lse, g, 1.0 / ctx.temperature, use_triton, ctx.chunk, grad_weight,
+                                    need_grad_hidden)
+
+        grad_h = first_use_fallback("kernels.logprob backward (Triton)", lambda: run(True), lambda: run(False)) \
+            if ctx.use_triton else run(False)
         if need_grad_hidden:
             if all_valid:
                 grad_hidden = grad_h.to(hidden.dtype)

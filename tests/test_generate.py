@@ -246,3 +246,13 @@ def test_prompts_over_max_prompt_length_are_skipped_and_counted(tiny_model_dir, 
     generate.main()
     assert f"skipped 2 of 5 prompts in {tmp_path / 'prompts.jsonl'} longer than --max-prompt-length 29 tokens" in capsys.readouterr().out
     assert [(r["id"], len(r["responses"])) for r in read_jsonl(tmp_path / "out.jsonl")] == [("q1", 2), ("q3", 2), ("q4", 2)]
+
+
+def test_engine_refills_when_every_sample_ends_on_its_first_token(tiny_model_dir):
+    """max_new_tokens = 1 (or a policy that stops at once) with more prompts than slots: every slot
+    empties right after admission while prompts wait; the engine refills instead of decoding."""
+    model = Transformer.from_pretrained(tiny_model_dir).eval()
+    prompts = [[5 + i % 7] * (3 + i) for i in range(10)]
+    seeds = [[generate.sample_seed(0, p, i) for i in range(2)] for p in range(len(prompts))]
+    outputs = generate.Engine(model, 4, stop_ids=[3]).generate(prompts, 2, max_new_tokens=1, base_seeds=seeds)
+    assert len(outputs) == 10 and all(len(s["tokens"]) == 1 for o in outputs for s in o)

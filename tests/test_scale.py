@@ -114,3 +114,27 @@ def test_policy_under_autocast_equals_its_bf16_reference_at_step_zero(tiny_model
         reference_plain = reference(input_ids, targets=input_ids)
     assert torch.equal(policy_logps, reference_logps) and torch.equal(policy_logps, reference_plain)
     assert Transformer.from_config(tiny_config(50), dtype=torch.bfloat16).inv_freq.dtype == torch.float32
+
+
+def test_a_triton_backward_that_fails_on_first_use_falls_back_too(monkeypatch):
+    """The log-prob kernel's forward is often proven under no_grad (reference log-probs) before any
+    backward runs; a backward kernel that then fails on its first use still falls back to the
+    chunked PyTorch loop, with gradients equal to the reference's."""
+    import kernels
+    import kernels.logprob as logprob
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("triton: backward kernel failed to compile")
+
+    monkeypatch.setattr(kernels, "_broken", set())
+    monkeypatch.setattr(kernels, "_proven", {"kernels.logprob (Triton)"})
+    monkeypatch.setattr(logprob, "_softmax_grad_triton", broken)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 16, generator=g, requires_grad=True)
+    weight = torch.randn(37, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 37, (7,), generator=g)
+    with pytest.warns(RuntimeWarning, match="backward.*failed on first use"):
+        logprob.token_logprobs(hidden, weight, targets, impl="triton").sum().backward()
+    expected_hidden, expected_weight = torch.autograd.grad(
+        logprob.token_logprobs_reference(hidden, weight, targets).sum(), (hidden, weight))
+    assert torch.allclose(hidden.grad, expected_hidden, atol=1e-5) and torch.allclose(weight.grad, expected_weight, atol=1e-5)
