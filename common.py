@@ -413,8 +413,7 @@ def load_for_training(path, parallel, dist_info, head="lm", scratch=False, activ
         return wrap_model(model, parallel, device, param_dtype)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    config_path = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
-    config = ModelConfig.from_dict(json.loads(config_path.read_text()))
+    config = ModelConfig.from_path(path)
     with torch.device("meta"):
         model = Transformer(config, head=head)
     model.set_activation_checkpointing(activation_checkpointing)

@@ -13,9 +13,7 @@ The plan is a step after the first (the AdamW state exists). It errs high in one
 counted in full beside the peak activations, although they fill in as the activations are freed.
 """
 import argparse
-import json
 import os
-from pathlib import Path
 
 import torch
 
@@ -152,8 +150,7 @@ def print_stage_plan(model_path, mode, dist_info, micro_batch_size, seq_len, par
     does): the plan for its model's config.json and its own settings, on its device."""
     from common import print0
 
-    config_path = Path(model_path) / "config.json" if Path(model_path).is_dir() else Path(model_path)
-    config = ModelConfig.from_dict(json.loads(config_path.read_text()))
+    config = ModelConfig.from_path(model_path)
     on_gpu = dist_info.device.type == "cuda"
     parallel = parallel if dist_info.world_size > 1 else "none"
     plan = memory_plan(config, dist_info.world_size, micro_batch_size, seq_len, mode, parallel=parallel,
@@ -179,9 +176,7 @@ if __name__ == "__main__":
     parser.add_argument("--kv-cache-len", type=int, default=None, help="cache positions per slot (default: seq len)")
     parser.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory (GiB) to check the plan against")
     args = parser.parse_args()
-    path = args.config if args.config.endswith(".json") else f"{args.config}/config.json"
-    with open(path) as f:
-        config = ModelConfig.from_dict(json.load(f))
+    config = ModelConfig.from_path(args.config)
     plan = memory_plan(config, args.world_size, args.micro_batch_size, args.seq_len, args.mode, parallel=args.parallel,
                        activation_checkpointing=not args.no_activation_checkpointing,
                        kv_cache_slots=args.kv_cache_slots, kv_cache_len=args.kv_cache_len)

@@ -59,6 +59,12 @@ class ModelConfig:
     raw: dict                          # the original config.json contents
 
     @classmethod
+    def from_path(cls, path):
+        """The config of a checkpoint folder (its config.json) or of a config.json file."""
+        path = Path(path)
+        return cls.from_dict(json.loads((path / "config.json" if path.is_dir() else path).read_text()))
+
+    @classmethod
     def from_dict(cls, d):
         model_type = d.get("model_type", "llama")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -199,6 +205,7 @@ class AttentionInputs:
     segments: list | None = None      # packed, twin path: per row, [(start, end)] of each document
     cache: "KVCache | None" = None
     cache_len: int | None = None      # decode: read cache slots [0, cache_len)
+    cache_mask: torch.Tensor | None = None  # decode: cache_mask(...), built by the first layer
     prefill: bool = False             # cache given without positions: write at 0..T-1, causal
 
 
@@ -303,21 +310,30 @@ def packed_attention(q, k, v, inputs):
     return first_use_fallback("FlexAttention (packed documents)", flex, twin)
 
 
-def cached_attention(q, k_cache, v_cache, position_ids, cache_len, window=None):
-    """Decode (or any new tokens) against a KV cache: q (B, nh, T, D) at position_ids (B, T); the
-    cache (B, nkv, max_len, D) holds every earlier key/value at its position. Only the first
-    cache_len slots are read. The g = nh / nkv query heads that share a K/V head become g·T rows of
-    that head, (B, nkv, g·T, D), so SDPA needs no enable_gqa and takes the mask on a fused kernel."""
-    B, nh, T, D = q.shape
-    nkv = k_cache.shape[1]
-    g = nh // nkv
-    k, v = k_cache[:, :, :cache_len], v_cache[:, :, :cache_len]                  # (B, nkv, L, D)
-    key_position = torch.arange(cache_len, device=q.device)
+def cache_mask(position_ids, cache_len, group, window=None):
+    """(B, 1, g·T, L) boolean: which of the first L = cache_len cache slots each new token sees (its
+    row's slots 0..its position, and only the last `window` of them), repeated for the g query heads
+    folded into rows (cached_attention). The same for every layer: built once per forward."""
+    B, T = position_ids.shape
+    key_position = torch.arange(cache_len, device=position_ids.device)
     visible = key_position <= position_ids[..., None]                            # (B, T, L)
     if window is not None:
         visible &= key_position > position_ids[..., None] - window
-    mask = visible[:, None].expand(B, g, T, cache_len).reshape(B, 1, g * T, cache_len)
-    y = F.scaled_dot_product_attention(q.reshape(B, nkv, g * T, D), k, v, attn_mask=mask)  # (B, nkv, g·T, D)
+    return visible[:, None].expand(B, group, T, cache_len).reshape(B, 1, group * T, cache_len)
+
+
+def cached_attention(q, k_cache, v_cache, position_ids, cache_len, window=None, mask=None):
+    """Decode (or any new tokens) against a KV cache: q (B, nh, T, D) at position_ids (B, T); the
+    cache (B, nkv, max_len, D) holds every earlier key/value at its position. Only the first
+    cache_len slots are read. The g = nh / nkv query heads that share a K/V head become g·T rows of
+    that head, (B, nkv, g·T, D), so SDPA needs no enable_gqa and takes the mask on a fused kernel.
+    `mask`: cache_mask(...) when the caller already has it (one per forward, not one per layer)."""
+    B, nh, T, D = q.shape
+    nkv = k_cache.shape[1]
+    k, v = k_cache[:, :, :cache_len], v_cache[:, :, :cache_len]                  # (B, nkv, L, D)
+    if mask is None:
+        mask = cache_mask(position_ids, cache_len, nh // nkv, window)
+    y = F.scaled_dot_product_attention(q.reshape(B, nkv, (nh // nkv) * T, D), k, v, attn_mask=mask)  # (B, nkv, g·T, D)
     return y.reshape(B, nh, T, D)
 
 
@@ -346,7 +362,10 @@ class Attention(nn.Module):
             index = inputs.position_ids[:, None, :, None].expand(B, self.n_kv_heads, T, self.head_dim)
             cache.k[layer_index].scatter_(2, index, k.to(cache.k[layer_index].dtype))
             cache.v[layer_index].scatter_(2, index, v.to(cache.v[layer_index].dtype))
-            y = cached_attention(q, cache.k[layer_index], cache.v[layer_index], inputs.position_ids, inputs.cache_len, window)
+            if inputs.cache_mask is None:
+                inputs.cache_mask = cache_mask(inputs.position_ids, inputs.cache_len, self.n_heads // self.n_kv_heads, window)
+            y = cached_attention(q, cache.k[layer_index], cache.v[layer_index], inputs.position_ids, inputs.cache_len,
+                                 mask=inputs.cache_mask)
         elif inputs.document_ids is not None:
             y = packed_attention(q, k, v, inputs)
         else:
@@ -518,10 +537,7 @@ class Transformer(nn.Module):
     def from_config(cls, path_or_dict, device="cpu", dtype=torch.float32, head="lm"):
         """A randomly initialised model from a config.json (path, folder or dict): training from scratch."""
         d = path_or_dict
-        if not isinstance(d, dict):
-            p = Path(d)
-            d = json.loads((p / "config.json" if p.is_dir() else p).read_text())
-        model = cls(ModelConfig.from_dict(d), head=head)
+        model = cls(ModelConfig.from_dict(d) if isinstance(d, dict) else ModelConfig.from_path(d), head=head)
         model.init_weights()
         model = model.to(device=device, dtype=dtype)
         model.inv_freq = rope_inverse_frequencies(model.config).to(device)  # fp32 whatever the weights' dtype
