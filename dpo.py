@@ -82,6 +82,7 @@ from common import (InputError, MetricsLogger, StepSums, add_scale_flags, alread
                     read_jsonl, right_pad, run_cli, save_checkpoint, scale_settings, seed_everything, set_lr,
                     stop_token_ids, write_jsonl)
 from data.schema import load_records
+from data.task import format_reward_vs_gold, gold_scored, reward_vs_gold, score
 from memory_plan import print_stage_plan
 from model import ModelConfig, Transformer
 
@@ -381,7 +382,6 @@ def run_iteration(args, sources, dist_info):
     if not (here / "rewards.jsonl").exists():
         samples = load_records(here / "samples.jsonl", "samples")
         if args.rm == "gold":
-            from data.task import score
             scorer = lambda chunk: [{**r, "rewards": [score(r["prompt"], y) for y in r["responses"]]} for r in chunk]  # noqa: E731
         else:
             import train_rm
@@ -403,11 +403,16 @@ def run_iteration(args, sources, dist_info):
         if all("num_tokens" in rec for rec in rewards):  # optional: samples from other generators may lack it
             summary["mean_tokens"] = sum(n for rec in rewards for n in rec["num_tokens"]) / len(all_rewards)
         summary.update(pairs_kept=len(pairs), pairs_dropped=dropped)
+        scored = gold_scored(rewards)  # on the built-in task: how good is the reward on the policy's own samples?
+        if scored is not None:
+            summary["reward_vs_gold"] = reward_vs_gold(scored)
         if dist_info.is_main:
             atomic_write_text(here / "summary.json", json.dumps(summary, indent=2) + "\n")
             write_jsonl(here / "pairs.jsonl", pairs)
             print0(f"iter {t}: mean reward {summary['mean_reward']:.4f}, mean length {summary['mean_length_chars']:.1f} chars, "
                    f"{len(pairs)} pairs kept, dropped {dropped}")
+            if scored is not None and args.rm != "gold":
+                print0(format_reward_vs_gold(summary["reward_vs_gold"], f"π_{t - 1}'s samples"))
         if dist.is_initialized():
             dist.barrier()
     # 4 + 5. Reference log-probs (once per iteration's pairs: π_0 never changes) and the policy update.

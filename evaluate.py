@@ -7,18 +7,24 @@ table + JSON + PNG plots summarise the run. run.sh calls it last.
     python evaluate.py --run runs/builtin-small-seed{0,1,2} --summary runs/builtin-small-seeds.md   # over seeds
 
 Checkpoints are found by their place in the run folder (those missing are left out of the table):
-  sft/                         the SFT model (π_0)
-  dpo_offline/                 offline DPO on the labelled pairs
-  online/iter{t}/policy/       iterative DPO after t online iterations (BT reward model)
-  online_lp/iter{t}/policy/    the same with a length penalty in pair selection
-  online_gold/iter{t}/policy/  the same with the gold reward in place of the reward model (oracle control)
-  osp_*/                       online self-preferring runs (the folder name is the variant)
-Per checkpoint: gold mean ± standard error over prompts, mean answer length in characters, gold per
-sub-task. Reward models: held-out accuracy (eval.json written by train_rm.py), the BT model's
-reward–length correlation on the first online iteration's samples (paper 1's length-bias statistic),
-and the OSP judge's preference for length and agreement with gold on the SFT model's samples.
-Answers are kept in each checkpoint's folder (eval_samples_T0.jsonl, eval_samples_T1.jsonl), so a rerun only evaluates
-what is new.
+  sft/                               the SFT model (π_0)
+  sft_gold/                          control: SFT continued on the exact answers to the loop's prompts
+  dpo_offline/                       offline DPO on the labelled pairs
+  online_gold/iter{t}/policy/        iterative DPO after t online iterations, gold reward r* (oracle)
+  online/iter{t}/policy/             the same with a Bradley-Terry reward model (rm_bt/)
+  online_biased/iter{t}/policy/      the same with a length-biased BT reward model (rm_biased/)
+  online_biased_lp/iter{t}/policy/   the same with a length penalty in pair selection
+  osp_*/                             online self-preferring runs (the folder name is the variant)
+Per checkpoint: gold mean ± standard error over prompts, its paired difference from SFT (± the paired
+standard error), mean answer length in characters, gold per sub-task. Reference points that need no
+training: SFT sampled at T = 0.5, SFT best-of-n picked by gold and by each reward model. Reward
+models: held-out accuracy on labelled pairs (eval.json written by train_rm.py) beside the on-policy
+accuracy, on every pair of the SFT model's own samples whose gold differs (data.task.reward_vs_gold);
+the BT model's reward–length correlation (paper 1's length-bias statistic); the judge's preference
+for length. Over-optimisation (Gao et al. 2023's "proxy vs gold"): per online run and iteration, the
+reward model's mean reward of the policy's samples, their gold, and the KL to π_0 (over_optimisation.png).
+Answers are kept in each checkpoint's folder (eval_samples_T{temperature}.jsonl), so a rerun only
+evaluates what is new.
 """
 import argparse
 import itertools
@@ -28,20 +34,25 @@ from pathlib import Path
 
 import torch
 
-from common import InputError, atomic_write_text, default_dtype, has_model, load_tokenizer, read_jsonl, run_cli, stop_token_ids, write_jsonl
+from common import (InputError, atomic_write_text, default_dtype, encode_prompt, encode_response, end_of_turn_ids, has_model, load_tokenizer,
+                    read_jsonl, run_cli, stop_token_ids, write_jsonl)
 from data.schema import load_records
-from data.task import parse_prompt, prompt_text, score
+from data.task import GOLD_GAP, parse_prompt, prompt_text, reward_vs_gold, score
 from generate import Engine, encode_prompts, generate_records
 from model import ModelConfig, Transformer
 
 
-ONLINE_SERIES = {"online": "iterative DPO", "online_lp": "iterative DPO + length penalty",
-                 "online_gold": "iterative DPO, gold reward (oracle)"}
+ONLINE_SERIES = {"online_gold": "iterative DPO, gold reward (oracle)", "online": "iterative DPO, BT reward model",
+                 "online_biased": "iterative DPO, length-biased BT", "online_biased_lp": "iterative DPO, length-biased BT + length penalty"}
+COOLER_TEMPERATURE = 0.5  # the SFT reference point "sampled at a lower temperature" (sharpening without training)
+REWARD_MODELS = {"rm_bt": "Bradley-Terry (SFT-like pairs)", "rm_biased": "Bradley-Terry (offline pairs: length-biased)",
+                 "judge": "pairwise (OSP judge)"}
 
 
 def checkpoints(run):
     """(label, folder, series, t) of every checkpoint present in the run folder, in the table's order."""
-    found = [("SFT", run / "sft", None, 0), ("offline DPO", run / "dpo_offline", None, None)]
+    found = [("SFT", run / "sft", None, 0), ("SFT on the gold answers (control)", run / "sft_gold", None, None),
+             ("offline DPO", run / "dpo_offline", None, None)]
     for name, label in ONLINE_SERIES.items():
         found += [(f"{label}, t = {t}", p, name, t) for t, p in sorted(iteration_policies(run / name).items())]
     found += [(f"OSP ({p.name.removeprefix('osp_').replace('_', ', ')})", p, None, None) for p in sorted(run.glob("osp_*"))]
@@ -95,13 +106,115 @@ def summarise(greedy, sampled):
                 sampled_length=sum(len(y) for r in sampled for y in r["responses"]) / sum(len(r["responses"]) for r in sampled))
 
 
-def reward_model_rows(run):
+def per_prompt_gold(greedy, sampled):
+    """(greedy gold, mean sampled gold) per prompt, in the prompts' order."""
+    return [r["gold"][0] for r in greedy], [sum(r["gold"]) / len(r["gold"]) for r in sampled]
+
+
+def paired_difference(values, baseline, key):
+    """Mean per-prompt difference from the baseline (the same prompts) ± its paired standard error."""
+    mean, stderr = mean_and_stderr([v - b for v, b in zip(values, baseline, strict=True)])
+    return {f"delta_{key}": mean, f"delta_{key}_stderr": stderr}
+
+
+def picked_gold(record, rewards):
+    """The gold of the response a reward picks as best of a prompt's n (first of equals)."""
+    return record["gold"][max(range(len(rewards)), key=lambda i: (rewards[i], -i))]
+
+
+def reference_points(sampled, cooler, scored):
+    """What the SFT model gives with no training: sampled at a lower temperature, and best-of-n picked
+    by gold (the ceiling of reranking its samples) and by each reward model. {label: (mean, s.e.)}."""
+    points = {f"SFT sampled at T = {COOLER_TEMPERATURE:g}": mean_and_stderr([sum(r["gold"]) / len(r["gold"]) for r in cooler]),
+              f"SFT best of {len(sampled[0]['gold'])} (T = 1), picked by gold": mean_and_stderr([max(r["gold"]) for r in sampled])}
+    for name, records in scored.items():
+        points[f"SFT best of {len(sampled[0]['gold'])}, picked by {REWARD_MODELS[name]}"] = mean_and_stderr(
+            [picked_gold(r, r["rewards"]) for r in records])
+    return points
+
+
+def reward_model_rows(run, on_policy):
+    """(label, held-out eval.json, on-policy reward_vs_gold or None) of each reward model present."""
     rows = []
-    for name, label in (("rm_bt", "Bradley-Terry"), ("judge", "pairwise (OSP judge)")):
+    for name, label in REWARD_MODELS.items():
         path = run / name / "eval.json"
         if path.exists():
-            rows.append((label, json.loads(path.read_text())))
+            rows.append((label, json.loads(path.read_text()), on_policy.get(name)))
     return rows
+
+
+class Scorer:
+    """Loads each model once per evaluation: reward models' scores and log-probs of sampled answers."""
+
+    def __init__(self, device):
+        self.device, self.models = device, {}
+
+    def model(self, folder, head="lm"):
+        key = (str(folder), head)
+        if key not in self.models:
+            self.models[key] = (Transformer.from_pretrained(folder, device=self.device, dtype=default_dtype(self.device),
+                                                            head=head).eval(), load_tokenizer(folder))
+        return self.models[key]
+
+    def rewards(self, rm, records):
+        """records with `rewards` from the BT reward model in folder rm."""
+        from train_rm import score_records
+        model, tokenizer = self.model(rm, head="score")
+        return score_records(model, tokenizer, records, self.device, 256, 1024)
+
+    @torch.no_grad()
+    def sampled_kl(self, policy, reference, records, batch_size=256):
+        """KL(π ‖ π_ref) estimated on answers sampled from π at temperature 1: the mean over answers of
+        log π(y|x) − log π_ref(y|x) (each sequence's summed log-probs, its end-of-turn token included
+        when it stopped there; an unbiased estimate of the sequence-level KL)."""
+        from dpo import sequence_logps
+        (policy_model, tokenizer), (reference_model, _) = self.model(policy), self.model(reference)
+        end_of_turn = end_of_turn_ids(tokenizer)
+        prompts, responses = [], []
+        for record in records:
+            prompt = encode_prompt(tokenizer, record["prompt"])
+            for text, reason in zip(record["responses"], record["finish_reasons"]):
+                prompts.append(prompt)
+                responses.append(encode_response(tokenizer, text, end_of_turn if reason == "stop" else []))
+        total = 0.0
+        for start in range(0, len(prompts), batch_size):
+            batch = (prompts[start:start + batch_size], responses[start:start + batch_size], tokenizer.pad_token_id, self.device)
+            total += (sequence_logps(policy_model, *batch)[0] - sequence_logps(reference_model, *batch)[0]).sum().item()
+        if str(policy) != str(reference):
+            del self.models[(str(policy), "lm")]  # each policy is scored once; the reference stays
+        return total / len(prompts)
+
+
+def series_reward_model(run, series):
+    """The BT reward model folder an online run trained with (its config.json), None for the gold reward."""
+    config = run / series / "config.json"
+    rm = json.loads(config.read_text()).get("rm") if config.exists() else None
+    if rm in (None, "gold"):
+        return None
+    return next((p for p in (Path(rm), run / Path(rm).name) if has_model(p)), None)
+
+
+def proxy_vs_gold(run, sampled_answers, scorer):
+    """Gao et al.'s over-optimisation picture, per online run and iteration t (t = 0: SFT): the mean
+    reward its reward model gives the policy's sampled answers to the held-out prompts (`reward`, absent
+    for the gold-reward run), their mean gold, and the KL from π_0 (Scorer.sampled_kl)."""
+    curves = {}
+    for series in ONLINE_SERIES:
+        policies = sorted(iteration_policies(run / series).items())
+        if not policies:
+            continue
+        rm = series_reward_model(run, series)
+        points = []
+        for t, folder in [(0, run / "sft")] + policies:
+            records = sampled_answers(folder)
+            gold = [g for r in records for g in r["gold"]]
+            point = dict(t=t, gold=sum(gold) / len(gold), kl=scorer.sampled_kl(folder, run / "sft", records) if t else 0.0)
+            if rm is not None:
+                rewards = [x for r in scorer.rewards(rm, records) for x in r["rewards"]]
+                point["reward"] = sum(rewards) / len(rewards)
+            points.append(point)
+        curves[series] = points
+    return curves
 
 
 def judge_on_sft_samples(run, device):
@@ -130,7 +243,7 @@ def judge_statistics(first, second, gold_difference, p_first):
     it prefers the longer answer, and of pairs whose gold scores differ by more than 0.1 where it
     prefers the higher-scoring one (None where there is no such pair)."""
     longer = [(len(a) > len(b)) == (p > 0.5) for a, b, p in zip(first, second, p_first) if len(a) != len(b)]
-    agree = [(d > 0) == (p > 0.5) for d, p in zip(gold_difference, p_first) if abs(d) > 0.1]
+    agree = [(d > 0) == (p > 0.5) for d, p in zip(gold_difference, p_first) if abs(d) > GOLD_GAP]
     return dict(pairs=len(p_first), prefers_longer=sum(longer) / len(longer) if longer else None,
                 gold_agreement=sum(agree) / len(agree) if agree else None, gold_agreement_pairs=len(agree))
 
@@ -139,23 +252,59 @@ def fraction(value):
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def length_correlation(run):
-    """Paper 1's length-bias statistic for the BT model on iteration 1's samples (π_0 = SFT)."""
-    rewards = run / "online" / "iter1" / "rewards.jsonl"
-    if not rewards.exists():
-        return None
+def length_correlations(run):
+    """Paper 1's length-bias statistic for each online run's reward model, on its first iteration's
+    samples (π_0 = SFT): {series: (mean per-prompt Pearson, prompts used, ...)}."""
     from train_rm import length_bias
-    return length_bias(read_jsonl(rewards))
+    found = {}
+    for series in ONLINE_SERIES:
+        rewards = run / series / "iter1" / "rewards.jsonl"
+        if series_reward_model(run, series) is not None and rewards.exists():
+            found[series] = length_bias(read_jsonl(rewards))
+    return found
 
 
-def plot(run, results, out):
-    """gold_per_iteration.png and training_curves.png (skipped, with a note, without matplotlib)."""
+def matplotlib_pyplot():
+    """matplotlib.pyplot with a file backend, or None (with a note) when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return None
+    return plt
+
+
+def plot_proxy_vs_gold(curves, out):
+    """over_optimisation.png: per online run, gold (left axis) and the reward model's mean reward
+    (right axis) of the policy's samples against the KL from π_SFT, each point labelled by its t."""
+    plt = matplotlib_pyplot() if curves else None
+    if plt is None:
+        return []
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 3.3), squeeze=False)
+    for ax, (series, points) in zip(axes[0], curves.items()):
+        kl = [p["kl"] for p in points]
+        ax.plot(kl, [p["gold"] for p in points], "o-", color="C0", label="gold r*")
+        for p in points:
+            ax.annotate(f"t={p['t']}", (p["kl"], p["gold"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        ax.set_xlabel("KL(π_t ‖ π_SFT), nats")
+        ax.set_ylabel("gold, sampled answers", color="C0")
+        ax.set_title(ONLINE_SERIES[series], fontsize=8)
+        if all("reward" in p for p in points):
+            twin = ax.twinx()
+            twin.plot(kl, [p["reward"] for p in points], "s--", color="C1", label="reward model")
+            twin.set_ylabel("reward model's mean reward", color="C1")
+    fig.tight_layout()
+    fig.savefig(out / "over_optimisation.png", dpi=120)
+    plt.close(fig)
+    return [out / "over_optimisation.png"]
+
+
+def plot(run, results, out):
+    """gold_per_iteration.png and training_curves.png (skipped, with a note, without matplotlib)."""
+    plt = matplotlib_pyplot()
+    if plt is None:
         return []
     written = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -208,44 +357,80 @@ def evaluate_run(run, prompts, args, device):
     first = found[0][1]
     context = ModelConfig.from_dict(json.loads((first / "config.json").read_text())).max_position_embeddings
     prompts, _ = encode_prompts(load_tokenizer(first), prompts, args.max_new_tokens, context, args.prompts, args.max_prompt_length)
-    results = []
+
+    def sampled_answers(folder, temperature=1.0):
+        return answers(folder, prompts, device, args.max_new_tokens, args.batch_size, args.samples, temperature)
+
+    results, baseline = [], None
     for label, folder, series, step in found:
-        summary = summarise(answers(folder, prompts, device, args.max_new_tokens, args.batch_size, 1, 0.0),
-                            answers(folder, prompts, device, args.max_new_tokens, args.batch_size, args.samples, 1.0))
+        greedy, sampled = answers(folder, prompts, device, args.max_new_tokens, args.batch_size, 1, 0.0), sampled_answers(folder)
+        summary = summarise(greedy, sampled)
+        values = per_prompt_gold(greedy, sampled)
+        baseline = baseline or (values if label == "SFT" else None)
+        if baseline and label != "SFT":  # paired with SFT's answers to the same prompts
+            summary |= paired_difference(values[0], baseline[0], "gold") | paired_difference(values[1], baseline[1], "sampled_gold")
         results.append(dict(label=label, folder=str(folder), series=series, t=step, **summary))
-        print(f"{label:45s} greedy gold {summary['gold']:.4f} ± {summary['gold_stderr']:.4f}, length {summary['length']:.1f} | "
+        print(f"{label:50s} greedy gold {summary['gold']:.4f} ± {summary['gold_stderr']:.4f}, length {summary['length']:.1f} | "
               f"sampled gold {summary['sampled_gold']:.4f} ± {summary['sampled_gold_stderr']:.4f}, length {summary['sampled_length']:.1f}")
-    rms = reward_model_rows(run)
-    correlation = length_correlation(run)
+
+    # The reward models on the SFT model's own samples (on-policy), and the SFT reference points.
+    scorer, on_policy, references = Scorer(device), {}, {}
+    if has_model(run / "sft"):
+        sft_samples = sampled_answers(run / "sft")
+        scored = {name: scorer.rewards(run / name, sft_samples) for name in REWARD_MODELS if name != "judge" and has_model(run / name)}
+        on_policy = {name: reward_vs_gold(records) for name, records in scored.items()}
+        references = reference_points(sft_samples, sampled_answers(run / "sft", COOLER_TEMPERATURE), scored)
     judge = judge_on_sft_samples(run, device)
+    if judge:
+        on_policy["judge"] = dict(accuracy=judge["gold_agreement"], pairs=judge["gold_agreement_pairs"])
+    rms = reward_model_rows(run, on_policy)
+    correlations = length_correlations(run)
+    curves = proxy_vs_gold(run, sampled_answers, scorer)
 
     tasks = sorted({t for r in results for t in r["by_task"]})
+    signed = lambda r, key: (f"{r['delta_' + key]:+.3f} ± {r['delta_' + key + '_stderr']:.3f}"  # noqa: E731
+                             if "delta_" + key in r else "")
     lines = [f"Held-out prompts: {len(prompts)} ({args.prompts}); gold score r* in [-1, 1], mean ± standard error over "
-             f"prompts; greedy answers, and {args.samples} answers per prompt sampled at temperature 1; exact = fraction of "
-             "greedy answers with r* = 1; per-sub-task columns are greedy gold.", "",
-             "| checkpoint | gold (greedy) | exact | length | gold (T = 1) | length (T = 1) | " + " | ".join(tasks) + " |",
-             "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in tasks) + " |"]
+             f"prompts; greedy answers, and {args.samples} answers per prompt sampled at temperature 1; Δ SFT = the paired "
+             "difference from the SFT model on the same prompts ± its standard error; exact = fraction of greedy answers "
+             "with r* = 1; per-sub-task columns are greedy gold.", "",
+             "| checkpoint | gold (greedy) | Δ SFT | exact | length | gold (T = 1) | Δ SFT | length (T = 1) | " + " | ".join(tasks) + " |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in tasks) + " |"]
     for r in results:
-        lines.append(f"| {r['label']} | {r['gold']:.3f} ± {r['gold_stderr']:.3f} | {r['exact']:.3f} | {r['length']:.1f} | "
-                     f"{r['sampled_gold']:.3f} ± {r['sampled_gold_stderr']:.3f} | {r['sampled_length']:.1f} | "
-                     + " | ".join(f"{r['by_task'].get(t, float('nan')):.3f}" for t in tasks) + " |")
+        lines.append(f"| {r['label']} | {r['gold']:.3f} ± {r['gold_stderr']:.3f} | {signed(r, 'gold')} | {r['exact']:.3f} | "
+                     f"{r['length']:.1f} | {r['sampled_gold']:.3f} ± {r['sampled_gold_stderr']:.3f} | {signed(r, 'sampled_gold')} | "
+                     f"{r['sampled_length']:.1f} | " + " | ".join(f"{r['by_task'].get(t, float('nan')):.3f}" for t in tasks) + " |")
+    if references:
+        lines += ["", "| reference point (the SFT model, no training) | gold |", "| --- | --- |"]
+        lines += [f"| {label} | {mean:.3f} ± {stderr:.3f} |" for label, (mean, stderr) in references.items()]
     if rms:
-        lines += ["", "| reward model | held-out accuracy | " + " | ".join(tasks) + " |",
-                  "| --- | --- | " + " | ".join("---" for _ in tasks) + " |"]
-        for label, e in rms:
-            lines.append(f"| {label} | {e['accuracy']:.3f} | " + " | ".join(f"{e['accuracy_by_source'].get(t, float('nan')):.3f}" for t in tasks) + " |")
-    if correlation:
-        mean, used, _ = correlation
-        lines += ["", f"Reward–length correlation of the BT model (mean per-prompt Pearson over the SFT model's samples, "
-                      f"{used} prompts): {mean:.3f}"]
+        lines += ["", f"Reward models. Held-out: accuracy on labelled pairs like those it was trained on. On-policy: on every pair "
+                      f"of the SFT model's sampled answers whose gold differs by more than {GOLD_GAP}, how often it orders them "
+                      "as gold does (0.5 = chance).", "",
+                  "| reward model | held-out accuracy | on-policy accuracy (pairs) | " + " | ".join(tasks) + " |",
+                  "| --- | --- | --- | " + " | ".join("---" for _ in tasks) + " |"]
+        for label, e, policy in rms:
+            lines.append(f"| {label} | {e['accuracy']:.3f} | " + (f"{fraction(policy['accuracy'])} ({policy['pairs']})" if policy else "n/a")
+                         + " | " + " | ".join(f"{e['accuracy_by_source'].get(t, float('nan')):.3f}" for t in tasks) + " |")
+    for series, (mean, used, _) in correlations.items():
+        lines += ["", f"Reward–length correlation of the reward model of \"{ONLINE_SERIES[series]}\" (mean per-prompt Pearson "
+                      f"over the SFT model's samples, {used} prompts): {mean:.3f}"]
     if judge:
         lines += ["", f"OSP judge on {judge['pairs']} pairs of the SFT model's sampled answers: prefers the longer answer "
-                      f"{fraction(judge['prefers_longer'])} of the time; sides with gold on {fraction(judge['gold_agreement'])} of the "
-                      f"{judge['gold_agreement_pairs']} pairs that differ in correctness (|Δr*| > 0.1)"]
-    plots = plot(run, results, run)
+                      f"{fraction(judge['prefers_longer'])} of the time"]
+    if curves:
+        lines += ["", "Over-optimisation (proxy vs gold): per online run and iteration t, its reward model's mean reward of the "
+                      "policy's sampled answers to the held-out prompts, their mean gold, and KL(π_t ‖ π_SFT) in nats.", "",
+                  "| online run | t | KL | reward model | gold (T = 1) |", "| --- | --- | --- | --- | --- |"]
+        for series, points in curves.items():
+            lines += [f"| {ONLINE_SERIES[series]} | {p['t']} | {p['kl']:.2f} | " + (f"{p['reward']:.3f}" if "reward" in p else "—")
+                      + f" | {p['gold']:.3f} |" for p in points]
+    plots = plot(run, results, run) + plot_proxy_vs_gold(curves, run)
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     atomic_write_text(run / "results.md", "\n".join(lines) + "\n")
-    evaluation = dict(checkpoints=results, reward_models=dict(rms), length_correlation=correlation, judge=judge)
+    evaluation = dict(checkpoints=results, reward_models={label: dict(held_out=e, on_policy=policy) for label, e, policy in rms},
+                      references={label: dict(mean=m, stderr=se) for label, (m, se) in references.items()},
+                      length_correlations=correlations, judge=judge, proxy_vs_gold=curves)
     atomic_write_text(run / "results.json", json.dumps(evaluation, indent=2) + "\n")
     print("\n".join(lines))
     print(f"wrote {run / 'results.md'}")
@@ -253,29 +438,56 @@ def evaluate_run(run, prompts, args, device):
 
 
 def across_runs(evaluations, runs):
-    """Mean ± standard deviation over runs (seeds) of each checkpoint's numbers, as Markdown."""
+    """Mean ± standard deviation over runs (seeds) of each checkpoint's numbers, as Markdown. The Δ SFT
+    columns: the mean over runs of the paired difference from SFT ± the combined paired standard
+    error √(Σ s.e.²) / runs, and how many runs show a difference of more than two of their s.e."""
     def cell(values, digits=3):
-        if None in values:
+        if not values or None in values:
             return "n/a"
         mean, std = mean_and_std(values)
         return f"{mean:.{digits}f} ± {std:.{digits}f}"
-    lines = [f"Mean ± standard deviation over {len(runs)} runs ({', '.join(str(r) for r in runs)}).", "",
-             "| checkpoint | gold (greedy) | gold (T = 1) | length (T = 1) |", "| --- | --- | --- | --- |"]
+
+    def delta(rows, key):
+        if not all("delta_" + key in r for r in rows):
+            return ""
+        deltas, errors = [r["delta_" + key] for r in rows], [r["delta_" + key + "_stderr"] for r in rows]
+        significant = sum(d > 2 * e for d, e in zip(deltas, errors))
+        return f"{sum(deltas) / len(rows):+.3f} ± {math.sqrt(sum(e * e for e in errors)) / len(rows):.3f} ({significant}/{len(rows)})"
+
+    lines = [f"Mean ± standard deviation over {len(runs)} runs ({', '.join(str(r) for r in runs)}). Δ SFT: mean paired "
+             "difference from SFT ± its combined standard error (runs where it exceeds 2 s.e.).", "",
+             "| checkpoint | gold (greedy) | Δ SFT | gold (T = 1) | Δ SFT | length (T = 1) |", "| --- | --- | --- | --- | --- | --- |"]
     for label in [r["label"] for r in evaluations[0]["checkpoints"]]:
         rows = [next((r for r in e["checkpoints"] if r["label"] == label), None) for e in evaluations]
         if None not in rows:
-            lines.append(f"| {label} | {cell([r['gold'] for r in rows])} | {cell([r['sampled_gold'] for r in rows])} | "
-                         f"{cell([r['sampled_length'] for r in rows], 1)} |")
+            lines.append(f"| {label} | {cell([r['gold'] for r in rows])} | {delta(rows, 'gold')} | {cell([r['sampled_gold'] for r in rows])} | "
+                         f"{delta(rows, 'sampled_gold')} | {cell([r['sampled_length'] for r in rows], 1)} |")
+    references = [label for label in evaluations[0]["references"] if all(label in e["references"] for e in evaluations)]
+    if references:
+        lines += ["", "| reference point (the SFT model, no training) | gold |", "| --- | --- |"]
+        lines += [f"| {label} | {cell([e['references'][label]['mean'] for e in evaluations])} |" for label in references]
     models = [m for m in evaluations[0]["reward_models"] if all(m in e["reward_models"] for e in evaluations)]
     if models:
-        lines += ["", "| reward model | held-out accuracy |", "| --- | --- |"]
-        lines += [f"| {m} | {cell([e['reward_models'][m]['accuracy'] for e in evaluations])} |" for m in models]
-    if all(e["length_correlation"] for e in evaluations):
-        lines += ["", f"Reward–length correlation of the BT model: {cell([e['length_correlation'][0] for e in evaluations])}"]
+        lines += ["", "| reward model | held-out accuracy | on-policy accuracy (pairs of SFT samples) |", "| --- | --- | --- |"]
+        for m in models:
+            policy = [(e["reward_models"][m]["on_policy"] or {}).get("accuracy") for e in evaluations]
+            lines.append(f"| {m} | {cell([e['reward_models'][m]['held_out']['accuracy'] for e in evaluations])} | {cell(policy)} |")
+    for series in [s for s in evaluations[0]["length_correlations"] if all(s in e["length_correlations"] for e in evaluations)]:
+        lines += ["", f"Reward–length correlation of the reward model of \"{ONLINE_SERIES[series]}\": "
+                      f"{cell([e['length_correlations'][series][0] for e in evaluations])}"]
     if all(e["judge"] for e in evaluations):
         lines += ["", f"OSP judge on pairs of the SFT model's sampled answers: prefers the longer "
-                      f"{cell([e['judge']['prefers_longer'] for e in evaluations])}; sides with gold where correctness differs "
-                      f"{cell([e['judge']['gold_agreement'] for e in evaluations])}"]
+                      f"{cell([e['judge']['prefers_longer'] for e in evaluations])}"]
+    curves = [s for s in evaluations[0]["proxy_vs_gold"] if all(s in e["proxy_vs_gold"] for e in evaluations)]
+    if curves:
+        lines += ["", "| online run | t | KL | reward model | gold (T = 1) |", "| --- | --- | --- | --- | --- |"]
+        for series in curves:
+            for i, point in enumerate(evaluations[0]["proxy_vs_gold"][series]):
+                points = [e["proxy_vs_gold"][series][i] for e in evaluations if len(e["proxy_vs_gold"][series]) > i]
+                if len(points) == len(evaluations):
+                    lines.append(f"| {ONLINE_SERIES[series]} | {point['t']} | {cell([p['kl'] for p in points], 2)} | "
+                                 + (cell([p["reward"] for p in points]) if all("reward" in p for p in points) else "—")
+                                 + f" | {cell([p['gold'] for p in points])} |")
     return "\n".join(lines) + "\n"
 
 

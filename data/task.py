@@ -200,6 +200,47 @@ def score(prompt_messages, response_text):
     return float(correctness(task, target, numbers) - min(1.0, EXTRA_CHAR_PENALTY * extra_characters))
 
 
+def gold_scored(records):
+    """Samples records ({prompt, responses, ...}) with `gold` added, or None unless every prompt is a
+    built-in task prompt (so a stage run on other data reports nothing rather than zeros)."""
+    if not all(parse_prompt(prompt_text(r["prompt"])) for r in records):
+        return None
+    return [{**r, "gold": [score(r["prompt"], y) for y in r["responses"]]} for r in records]
+
+
+GOLD_GAP = 0.1  # two answers "differ in correctness" when their gold scores differ by more than this
+
+
+def reward_vs_gold(records):
+    """How well a reward (records' `rewards`, one per response) ranks a prompt's responses compared
+    with the gold reward (`gold`): over every pair of responses to a prompt whose gold differs by more
+    than GOLD_GAP, the fraction the reward orders as gold does (a tie counts half); and the gold of
+    the reward's best-of-n pick against the mean gold (a random pick) and the gold best-of-n."""
+    agree, picked, mean, best = [], [], [], []
+    for record in records:
+        rewards, gold = record["rewards"], record["gold"]
+        for i in range(len(gold)):
+            for j in range(i + 1, len(gold)):
+                if abs(gold[i] - gold[j]) > GOLD_GAP:
+                    product = (rewards[i] - rewards[j]) * (gold[i] - gold[j])
+                    agree.append(1.0 if product > 0 else 0.5 if product == 0 else 0.0)
+        picked.append(gold[max(range(len(gold)), key=lambda i: (rewards[i], -i))])
+        mean.append(sum(gold) / len(gold))
+        best.append(max(gold))
+    average = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return dict(pairs=len(agree), accuracy=average(agree), best_of_n_gold=average(picked), mean_gold=average(mean),
+                gold_best_of_n=average(best))
+
+
+def format_reward_vs_gold(stats, samples):
+    """One line of reward_vs_gold's numbers."""
+    if stats["accuracy"] is None:
+        return f"reward vs gold on {samples}: no pair differs in correctness"
+    return (f"reward vs gold on {samples}: orders {stats['accuracy']:.3f} of the {stats['pairs']} pairs that differ in "
+            f"correctness (|Δr*| > {GOLD_GAP}) as gold does (0.5 = chance); its best-of-n pick scores gold "
+            f"{stats['best_of_n_gold']:.3f} (a random pick {stats['mean_gold']:.3f}, gold's own best {stats['gold_best_of_n']:.3f})")
+
+
 # ----------------------------------------------------------------------------------------------
 # Synthetic answerers: the noisy demonstrator (SFT data) and the behaviour policies (pairs)
 
@@ -210,9 +251,13 @@ class Policy(NamedTuple):
     p_more: float       # P(one more corruption), applied up to twice
     p_truncate: float   # P(the answer stops early: a prefix of the list / of the digits)
     p_verbose: float    # P(a polite preamble and/or closing around the answer)
+    p_no_carry: float = 0.0  # P(an `add` answer sums digit by digit and drops every carry: 385 + 97 → 372)
 
 
-DEMONSTRATOR = Policy("demonstrator", p_error=0.20, p_more=0.3, p_truncate=0.0, p_verbose=0.30)
+# The demonstrator's one systematic, learnable error: it drops the carries in 60% of its sums. The SFT
+# model copies the habit, so its samples differ in a way a reward (gold, or learned) can point at, and
+# the online loop has something to fix beyond sharpening the distribution (docs/diagnosis.md).
+DEMONSTRATOR = Policy("demonstrator", p_error=0.20, p_more=0.3, p_truncate=0.0, p_verbose=0.30, p_no_carry=0.6)
 VERBOSITY_GAP = 0.35  # how much more often the careful policy talks than the average one (and the hasty one less)
 
 
@@ -259,9 +304,19 @@ def corrupt_once(rng, task, answer):
             return candidate
 
 
+def sum_without_carries(operands):
+    """Digit-wise sum, each column mod 10: the carry-dropping error (385 + 97 → 372)."""
+    width = max(len(str(n)) for n in operands)
+    columns = [sum(n // 10 ** k % 10 for n in operands) % 10 for k in range(width)]
+    return str(int("".join(map(str, reversed(columns)))))
+
+
 def answer_as(rng, policy, prompt):
-    """A response to `prompt` (text) by a synthetic policy: truncation, corruptions, politeness."""
+    """A response to `prompt` (text) by a synthetic policy: dropped carries, truncation, corruptions,
+    politeness."""
     task, answer = parse_prompt(prompt)
+    if task == "add" and policy.p_no_carry and rng.random() < policy.p_no_carry:
+        answer = [sum_without_carries([int(s) for s in prompt.split()[1:]])]  # equals the sum when nothing carries
     pieces = list(answer[0]) if task == "add" else answer  # digits of the sum, or list elements
     if len(pieces) > 1 and rng.random() < policy.p_truncate:
         pieces = pieces[:rng.randrange(1, len(pieces))]
@@ -370,22 +425,24 @@ def build(out, seed=0, sft_examples=60000, prompts_per_iter=1024, eval_prompts=5
     demo_gold = [score(p, a) for p, a in zip(sft_prompts, demonstrations)]
 
     # Prompt pools for the online iterations and for evaluation.
+    # dev: the prompts every setting is chosen on; eval: the held-out prompts of the results tables.
     for name, n in (("iter1", prompts_per_iter), ("iter2", prompts_per_iter), ("iter3", prompts_per_iter),
-                    ("eval", eval_prompts)):
+                    ("eval", eval_prompts), ("dev", eval_prompts)):
         write_jsonl(out / f"prompts_{name}.jsonl",
                     [{"id": f"{name}-{i:05d}", "messages": user(p)} for i, p in enumerate(fresh_prompts(n))])
 
-    # Offline preference pairs from the behaviour policies, labelled by a noisy BT "human".
+    # Preference pairs labelled by a noisy BT "human": offline ones from the behaviour policies, and
+    # SFT-like ones (two answers of the demonstrator, whose habits the SFT model copies).
     policies = behaviour_policies(verbosity_gap)
     stats = {"seed": seed, "tau": tau, "verbosity_gap": verbosity_gap, "extra_char_penalty": EXTRA_CHAR_PENALTY,
              "sft_examples": sft_examples, "sft_mean_gold": sum(demo_gold) / max(1, len(demo_gold)),
              "sft_exact_fraction": sum(g == 1.0 for g in demo_gold) / max(1, len(demo_gold)),
              "sft_mean_chars": sum(map(len, demonstrations)) / max(1, len(demonstrations))}
-    for split, n in (("train", pairs_train), ("eval", pairs_eval)):
+    for split, n in (("train", pairs_train), ("eval", pairs_eval), ("sftlike_train", pairs_train), ("sftlike_eval", pairs_eval)):
         records = []
         for text in fresh_prompts(n):
-            while True:  # two distinct policies, two responses of different gold
-                first, second = rng.sample(policies, 2)
+            while True:  # two responses of different gold: by two distinct behaviour policies, or both by the demonstrator
+                first, second = (DEMONSTRATOR, DEMONSTRATOR) if split.startswith("sftlike") else rng.sample(policies, 2)
                 a1, a2 = answer_as(rng, first, text), answer_as(rng, second, text)
                 r1, r2 = score(text, a1), score(text, a2)
                 if r1 != r2:
@@ -435,8 +492,28 @@ def score_samples(samples_path, out_path=None):
     return mean(golds), mean(lengths)
 
 
+def gold_demonstrations(prompt_records):
+    """SFT examples answering each prompt exactly (r* = 1): the "SFT on the gold answers" control,
+    which shows what the online loop adds beyond sharpening the distribution."""
+    examples = []
+    for record in prompt_records:
+        parsed = parse_prompt(prompt_text(record["messages"]))
+        if parsed is None:
+            raise ValueError(f"{record.get('id')}: not a built-in task prompt")
+        examples.append({"messages": list(record["messages"]) + [{"role": "assistant", "content": " ".join(parsed[1])}]})
+    return examples
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["gold-sft"]:
+        parser = argparse.ArgumentParser(prog="python -m data.task gold-sft",
+                                         description="SFT data with the exact answers to the given prompt files")
+        parser.add_argument("--prompts", nargs="+", required=True, help="prompt JSONL files ({id, messages})")
+        parser.add_argument("--out", required=True, help="SFT JSONL to write ({messages: [user, assistant]})")
+        args = parser.parse_args(argv[1:])
+        write_jsonl(args.out, gold_demonstrations([r for path in args.prompts for r in read_jsonl(path)]))
+        return
     if argv[:1] == ["score"]:
         parser = argparse.ArgumentParser(prog="python -m data.task score",
                                          description="gold-score a samples JSONL ({id, prompt, responses, ...})")

@@ -34,11 +34,19 @@ def test_evaluate_finds_checkpoints_scores_with_gold_and_caches(task_dir, tmp_pa
     builtin_model_dir(task_dir, run / "sft")
     shutil.copytree(run / "sft", run / "online" / "iter1" / "policy")
     shutil.copytree(run / "sft", run / "osp_spce_ranked")
+    builtin_model_dir(task_dir, run / "online_gold" / "iter1" / "policy", seed=2)  # a policy that differs from SFT
+    # The reward model the "online" run trained with (a random scalar head): the proxy of its curve.
+    rm = run / "rm_bt"
+    shutil.copytree(task_dir / "model", rm)
+    torch.manual_seed(3)
+    Transformer.from_config(rm, head="score").save_pretrained(rm)
+    (rm / "eval.json").write_text(json.dumps({"accuracy": 0.5, "accuracy_by_source": {}}))
+    (run / "online" / "config.json").write_text(json.dumps({"rm": str(rm)}))
     # The judge: any causal LM can judge (A/B tokens exist in the task's tokenizer); larger weights than
     # the init's make an opinionated one, whose preferences are far from the 1/2 threshold.
     judge = builtin_model_dir(task_dir, run / "judge", seed=1)
     model = Transformer.from_pretrained(judge)
-    torch.manual_seed(1)
+    torch.manual_seed(4)
     for weight in model.parameters():
         torch.nn.init.normal_(weight, std=0.3) if weight.dim() == 2 else None
     model.save_pretrained(judge)
@@ -53,13 +61,17 @@ def test_evaluate_finds_checkpoints_scores_with_gold_and_caches(task_dir, tmp_pa
     assert f"skipped {len(lengths) - kept} of {len(lengths)} prompts" in stdout and f"Held-out prompts: {kept} " in stdout
     evaluation = json.loads((run / "results.json").read_text())
     results = evaluation["checkpoints"]
-    assert [r["label"] for r in results] == ["SFT", "iterative DPO, t = 1", "OSP (spce, ranked)"]
+    assert [r["label"] for r in results] == ["SFT", "iterative DPO, gold reward (oracle), t = 1", "iterative DPO, BT reward model, t = 1",
+                                             "OSP (spce, ranked)"]
     answers = read_jsonl(run / "sft" / "eval_samples_T0.jsonl")
     assert [len(encode_prompt(tokenizer, a["prompt"])) <= limit for a in answers] == [True] * kept
     gold = [score(a["prompt"], a["responses"][0]) for a in answers]  # recomputed here from the answers
     assert abs(results[0]["gold"] - sum(gold) / len(gold)) < 1e-9
-    assert results[0]["gold"] == results[1]["gold"]  # the same weights answer the same (greedy, and seeded samples)
-    assert results[0]["sampled_gold"] == results[1]["sampled_gold"]
+    assert results[0]["gold"] == results[2]["gold"]  # the same weights answer the same (greedy, and seeded samples)
+    assert results[0]["sampled_gold"] == results[2]["sampled_gold"]
+    assert results[2]["delta_gold"] == 0 and results[2]["delta_sampled_gold_stderr"] == 0  # paired with SFT
+    oracle = [score(a["prompt"], a["responses"][0]) for a in read_jsonl(run / "online_gold" / "iter1" / "policy" / "eval_samples_T0.jsonl")]
+    assert abs(results[1]["delta_gold"] - (sum(oracle) - sum(gold)) / len(gold)) < 1e-9
     assert "| SFT |" in (run / "results.md").read_text()
 
     # The judge's statistics, recomputed here from the cached sampled answers and the judge itself.
@@ -75,7 +87,8 @@ def test_evaluate_finds_checkpoints_scores_with_gold_and_caches(task_dir, tmp_pa
     with torch.no_grad():
         p_first = pairwise_preference(Transformer.from_pretrained(judge).eval(), load_tokenizer(judge), prompts, first, second,
                                       "cpu", "pairwise").tolist()
-    assert min(abs(p - 0.5) for p in p_first) > 1e-4  # no pair near the threshold: the counts below are exact
+    # no pair that counts in a statistic lies near the threshold, so the counts below are exact
+    assert min(abs(p - 0.5) for p, a, b, d in zip(p_first, first, second, gold_difference) if len(a) != len(b) or abs(d) > 0.1) > 1e-4
     longer = [(len(a) > len(b)) == (p > 0.5) for a, b, p in zip(first, second, p_first) if len(a) != len(b)]
     agree = [(d > 0) == (p > 0.5) for d, p in zip(gold_difference, p_first) if abs(d) > 0.1]
     assert longer and agree  # both statistics are measured on something
@@ -86,3 +99,39 @@ def test_evaluate_finds_checkpoints_scores_with_gold_and_caches(task_dir, tmp_pa
     before = (run / "sft" / "eval_samples_T1.jsonl").stat().st_mtime_ns
     run_script(args)  # a rerun reuses the cached answers
     assert (run / "sft" / "eval_samples_T1.jsonl").stat().st_mtime_ns == before
+
+    # The over-optimisation curves' inputs, recomputed here one sequence at a time from the cached answers.
+    curves = evaluation["proxy_vs_gold"]
+    assert list(curves) == ["online_gold", "online"] and [p["t"] for p in curves["online"]] == [0, 1]
+    assert curves["online"][1]["kl"] == 0.0 and "reward" not in curves["online_gold"][0]  # a copy of π_0; gold needs no proxy
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    policy, reference = (Transformer.from_pretrained(p).eval() for p in (run / "online_gold" / "iter1" / "policy", run / "sft"))
+    reward_model = Transformer.from_pretrained(rm, head="score").eval()
+    samples = read_jsonl(run / "online_gold" / "iter1" / "policy" / "eval_samples_T1.jsonl")
+    kl, rewards, golds = [], [], []
+    with torch.no_grad():
+        for record in read_jsonl(run / "sft" / "eval_samples_T1.jsonl"):
+            for text in record["responses"]:
+                ids = torch.tensor([encode_prompt(tokenizer, record["prompt"]) + tokenizer.encode(text, add_special_tokens=False) + [end]])
+                rewards.append(reward_model(ids)[0, -1].item())  # the score at the last token
+        for record in samples:
+            prompt = encode_prompt(tokenizer, record["prompt"])
+            golds += [score(record["prompt"], text) for text in record["responses"]]
+            for text, reason in zip(record["responses"], record["finish_reasons"]):
+                response = tokenizer.encode(text, add_special_tokens=False) + ([end] if reason == "stop" else [])
+                ids = torch.tensor([prompt + response])
+                logps = [torch.log_softmax(m(ids)[0, len(prompt) - 1:-1].double(), -1).gather(1, ids[0, len(prompt):, None]).sum().item()
+                         for m in (policy, reference)]
+                kl.append(logps[0] - logps[1])
+    assert abs(curves["online_gold"][1]["kl"] - sum(kl) / len(kl)) < 1e-4 and curves["online_gold"][1]["kl"] > 0.01
+    assert abs(curves["online_gold"][1]["gold"] - sum(golds) / len(golds)) < 1e-9
+    assert abs(curves["online"][0]["reward"] - sum(rewards) / len(rewards)) < 1e-4
+    assert curves["online"][0]["reward"] == curves["online"][1]["reward"]
+    assert (run / "over_optimisation.png").exists() and "| iterative DPO, BT reward model | 1 | 0.00 |" in (run / "results.md").read_text()
+    # the reward model on SFT's own samples (on-policy), beside its held-out accuracy
+    on_policy = evaluation["reward_models"]["Bradley-Terry (SFT-like pairs)"]["on_policy"]
+    scored = [{"gold": [score(r["prompt"], y) for y in r["responses"]], "rewards": rewards[4 * i:4 * i + 4]}
+              for i, r in enumerate(read_jsonl(run / "sft" / "eval_samples_T1.jsonl"))]
+    from data.task import reward_vs_gold
+    assert on_policy["pairs"] == reward_vs_gold(scored)["pairs"] > 0
+    assert abs(on_policy["accuracy"] - reward_vs_gold(scored)["accuracy"]) < 1e-9

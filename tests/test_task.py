@@ -65,9 +65,9 @@ def test_task_build_is_deterministic(tmp_path, task_dir):
 
 def test_task_prompt_splits_are_disjoint(task_dir):
     ids, texts = [], {}
-    for split in ("iter1", "iter2", "iter3", "eval"):
+    for split in ("iter1", "iter2", "iter3", "eval", "dev"):  # dev: where settings are chosen, never eval's prompts
         records = read_lines(task_dir / f"prompts_{split}.jsonl")
-        assert len(records) == (SMALL["eval_prompts"] if split == "eval" else SMALL["prompts_per_iter"])
+        assert len(records) == (SMALL["eval_prompts"] if split in ("eval", "dev") else SMALL["prompts_per_iter"])
         for r in records:
             assert r["messages"][-1]["role"] == "user" and parse_prompt(r["messages"][-1]["content"]) is not None
         ids += [r["id"] for r in records]
@@ -75,7 +75,7 @@ def test_task_prompt_splits_are_disjoint(task_dir):
         assert len(texts[split]) == len(records)
         assert {parse_prompt(t)[0] for t in texts[split]} == set(TASKS)  # every sub-task in every split
     texts["sft"] = {r["messages"][0]["content"] for r in read_lines(task_dir / "sft.jsonl")}
-    for split in ("train", "eval"):
+    for split in ("train", "eval", "sftlike_train", "sftlike_eval"):
         pairs = read_lines(task_dir / f"pairs_{split}.jsonl")
         ids += [p["id"] for p in pairs]
         texts[f"pairs_{split}"] = {p["prompt"][-1]["content"] for p in pairs}
@@ -128,8 +128,9 @@ def test_task_config_builds_llama(task_dir):
     assert model(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
 
 
-def test_task_pair_labels_follow_bernoulli(task_dir):
-    pairs = read_lines(task_dir / "pairs_train.jsonl")
+@pytest.mark.parametrize("split", ["train", "sftlike_train"])
+def test_task_pair_labels_follow_bernoulli(task_dir, split):
+    pairs = read_lines(task_dir / f"pairs_{split}.jsonl")
     assert {p["source"] for p in pairs} == set(TASKS)
     for p in pairs[:500]:
         assert p["chosen"] != p["rejected"] and p["margin"] != 0
@@ -141,24 +142,41 @@ def test_task_pair_labels_follow_bernoulli(task_dir):
     std = math.sqrt(sum(q * (1 - q) for q in agree_probs))
     observed = sum(p["margin"] > 0 for p in pairs)
     assert abs(observed - expected) < 4 * std
-    assert 0.75 < observed / len(pairs) < 0.92  # noisy, like human labels, but mostly right
-    # the length hook: in the offline data the longer response is usually the chosen one
+    assert 0.7 < observed / len(pairs) < 0.92  # noisy, like human labels, but mostly right
+    # the length hook: in the offline data the longer response is usually the chosen one; in pairs of
+    # two demonstrator answers it is not (verbosity only costs gold there)
     longer = [len(p["chosen"]) > len(p["rejected"]) for p in pairs if len(p["chosen"]) != len(p["rejected"])]
-    assert sum(longer) / len(longer) > 0.6
+    assert sum(longer) / len(longer) > 0.6 if split == "train" else sum(longer) / len(longer) < 0.55
+
+
+def test_task_sum_without_carries_hand_checked():
+    from data.task import sum_without_carries
+    assert sum_without_carries([385, 97]) == "372"   # 5+7 → 2, 8+9 → 7, 3+0 → 3
+    assert sum_without_carries([99, 1]) == "90"
+    assert sum_without_carries([5, 7]) == "2"
+    assert sum_without_carries([12, 30]) == "42"     # nothing carries: the true sum
+    assert sum_without_carries([500, 500]) == "0"    # leading zeros dropped, as a number is written
 
 
 def test_task_demonstrations_have_controlled_noise(task_dir):
+    from data.task import sum_without_carries
     records = read_lines(task_dir / "sft.jsonl")
     exact = verbose = 0
+    carried = []  # add prompts whose sum carries: was the answer the carry-less sum?
     for r in records:
         user, assistant = r["messages"]
         target = " ".join(parse_prompt(user["content"])[1])
         numbers = " ".join(tok for tok in assistant["content"].split() if tok.isdigit())
         exact += numbers == target
         verbose += any(c.isalpha() for c in assistant["content"])
+        if parse_prompt(user["content"])[0] == "add":
+            operands = [int(s) for s in user["content"].split()[1:]]
+            if sum_without_carries(operands) != target:  # something carries: 60% drop it, then 20% err
+                carried.append(numbers == sum_without_carries(operands))
     n = len(records)
-    assert abs(exact / n - 0.8) < 4 * math.sqrt(0.16 / n)    # P(mistake) = 0.2
+    assert abs(exact / n - 0.8 + 0.6 * len(carried) / n) < 4 * math.sqrt(0.16 / n)  # P(mistake) = 0.2
     assert abs(verbose / n - 0.3) < 4 * math.sqrt(0.21 / n)  # P(verbose) = 0.3
+    assert len(carried) > 50 and abs(sum(carried) / len(carried) - 0.6 * 0.8) < 4 * math.sqrt(0.25 / len(carried))
 
 
 def test_task_score_command(tmp_path, capsys):
@@ -172,3 +190,29 @@ def test_task_score_command(tmp_path, capsys):
     assert scored[0]["gold"] == pytest.approx([1.0, 1 - 0.012, 1 / 3]) and scored[1]["gold"] == [1.0]
     assert scored[0]["responses"] == samples[0]["responses"]
     assert "mean gold 0.8303" in capsys.readouterr().out  # (1 + 0.988 + 1/3 + 1) / 4, over responses
+
+
+def test_task_gold_sft_command_answers_exactly(tmp_path, task_dir):
+    task_main(["gold-sft", "--prompts", str(task_dir / "prompts_iter1.jsonl"), str(task_dir / "prompts_iter2.jsonl"),
+               "--out", str(tmp_path / "gold.jsonl")])
+    examples = read_lines(tmp_path / "gold.jsonl")
+    prompts = read_lines(task_dir / "prompts_iter1.jsonl") + read_lines(task_dir / "prompts_iter2.jsonl")
+    assert [e["messages"][:1] for e in examples] == [p["messages"] for p in prompts]
+    assert all(score(e["messages"][:1], e["messages"][1]["content"]) == 1.0 for e in examples)
+
+
+def test_reward_vs_gold_hand_computed():
+    from data.task import reward_vs_gold
+    records = [
+        # pairs whose gold differs by > 0.1: (0,1) the reward agrees, (0,2) it disagrees; (1,2) |Δ| = 0.05 is skipped
+        {"gold": [1.0, 0.5, 0.45], "rewards": [2.0, 1.0, 3.0]},
+        # (0,1) disagrees, (0,2) a tie in reward counts half, (1,2) disagrees
+        {"gold": [0.2, 0.9, 0.6], "rewards": [1.0, 0.0, 1.0]},
+    ]
+    stats = reward_vs_gold(records)
+    assert stats["pairs"] == 5 and stats["accuracy"] == pytest.approx((1 + 0 + 0 + 0.5 + 0) / 5)
+    # best-of-n picks: prompt 1 → index 2 (gold 0.45); prompt 2 → first of the two maxima, index 0 (gold 0.2)
+    assert stats["best_of_n_gold"] == pytest.approx((0.45 + 0.2) / 2)
+    assert stats["mean_gold"] == pytest.approx(((1.0 + 0.5 + 0.45) / 3 + (0.2 + 0.9 + 0.6) / 3) / 2)
+    assert stats["gold_best_of_n"] == pytest.approx((1.0 + 0.9) / 2)
+    assert reward_vs_gold([{"gold": [0.5, 0.5], "rewards": [0.0, 1.0]}])["accuracy"] is None  # nothing to order
