@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The whole workflow on the built-in task (data/task.py), from nothing to a results table:
-#   task data → SFT from scratch → reward models (Bradley-Terry; pairwise = the OSP judge)
-#   → offline DPO → 3 online iterations of iterative DPO (BT reward; with a length penalty; with the
-#   gold reward as an oracle control) → OSP (SPCE with ranked pairs; DPO / IPO losses; random
-#   pairing) → evaluation.
+#   task data → SFT from scratch → controls (SFT on the gold answers; offline DPO) → 3 online iterations
+#   of iterative DPO (gold reward: the oracle; a Bradley-Terry reward model; SIZE=full: a length-biased
+#   one, with and without paper 1's length penalty) → OSP (a pairwise judge; SIZE=full: paper 2's
+#   ablations) → evaluation, with the over-optimisation (proxy vs gold) curves.
 #
 #   SIZE=tiny bash run.sh                # a smoke run: every stage once, tiny sizes, ~2 minutes on CPU
 #   bash run.sh                          # SIZE=small: 2 CPU cores, about 15 minutes
-#   SIZE=full bash run.sh                # small + paper 2's OSP ablations (DPO / IPO losses, random pairs)
+#   SIZE=full bash run.sh                # small + reward hacking and its remedy + paper 2's OSP ablations; ~25 minutes
+#   SIZE=full RUN=runs/builtin-small-seed0 bash run.sh   # the same, adding to a finished small run
 #   SIZE=large SEED=1 bash run.sh        # one GPU: all the data, the papers' n = 8 / K = 7, longer OSP
 #   EVAL_SPLIT=dev bash run.sh           # the table on the dev prompts, where the settings were chosen
 #
@@ -30,19 +31,23 @@ DATA=data/builtin
 # setting below was chosen, docs/diagnosis.md). ITERS: online iterations; SFT_STEPS: SFT optimizer steps
 # (-1: one epoch); EVAL_PROMPTS: prompts graded; EVAL_PAIRS: held-out pairs the reward models are scored on.
 EVAL_SPLIT=${EVAL_SPLIT:-eval}
-OSP_VARIANTS="spce_ranked"; ITERS=3; SFT_STEPS=-1; EVAL_PROMPTS=512; EVAL_PAIRS=2000
+# BIASED=1: also the reward-hacking runs (a length-biased reward model, with and without a length penalty).
+# LANES: stages 3-6 run as two lanes side by side (CPU: one core each) or one after the other (1).
+OSP_VARIANTS="spce_ranked"; ITERS=3; SFT_STEPS=-1; EVAL_PROMPTS=512; EVAL_PAIRS=2000; BIASED=0
+ABLATIONS="spce_ranked dpo_ranked ipo_ranked spce_random"
 case "$SIZE" in
-  tiny)  PROMPTS=32; RM_PAIRS=512; DPO_PAIRS=256; N=2; K=2; OSP_STEPS=3; OSP_BATCH=4
-         ITERS=1; SFT_STEPS=100; EVAL_PROMPTS=16; EVAL_PAIRS=256 ;;
-  small) PROMPTS=384; RM_PAIRS=8000; DPO_PAIRS=4000; N=4; K=4; OSP_STEPS=30; OSP_BATCH=8 ;;
-  full)  PROMPTS=384; RM_PAIRS=8000; DPO_PAIRS=4000; N=4; K=4; OSP_STEPS=30; OSP_BATCH=8  # small + paper 2's ablations
-         OSP_VARIANTS="spce_ranked dpo_ranked ipo_ranked spce_random" ;;
-  large) PROMPTS=1024; RM_PAIRS=20000; DPO_PAIRS=20000; N=8; K=7; OSP_STEPS=200; OSP_BATCH=16
-         OSP_VARIANTS="spce_ranked dpo_ranked ipo_ranked spce_random" ;;
+  tiny)  PROMPTS=32; RM_PAIRS=512; JUDGE_PAIRS=256; DPO_PAIRS=256; N=2; K=2; OSP_STEPS=3; OSP_BATCH=4
+         ITERS=1; SFT_STEPS=100; EVAL_PROMPTS=16; EVAL_PAIRS=256; BIASED=1 ;;
+  small) PROMPTS=384; RM_PAIRS=8000; JUDGE_PAIRS=4000; DPO_PAIRS=4000; N=4; K=4; OSP_STEPS=30; OSP_BATCH=8 ;;
+  full)  PROMPTS=384; RM_PAIRS=8000; JUDGE_PAIRS=4000; DPO_PAIRS=4000; N=4; K=4; OSP_STEPS=30; OSP_BATCH=8
+         BIASED=1; OSP_VARIANTS=$ABLATIONS ;;  # small + the reward-hacking runs + paper 2's ablations
+  large) PROMPTS=1024; RM_PAIRS=20000; JUDGE_PAIRS=20000; DPO_PAIRS=20000; N=8; K=7; OSP_STEPS=200; OSP_BATCH=16
+         BIASED=1; OSP_VARIANTS=$ABLATIONS; LANES=${LANES:-1} ;;  # one GPU: one lane
   *) echo "SIZE must be tiny, small, full or large" >&2; exit 2 ;;
 esac
+LANES=${LANES:-2}
 # The tiny model trains from scratch, so its learning rates are far above the papers' (which are
-# for fine-tuning 8B / 1.1B models): SFT 2e-3, reward models 1e-3. DPO: lr 3e-5, β 0.5 and an NLL term
+# for fine-tuning 8B / 1.1B models): SFT 2e-3, reward models 1e-3. DPO: lr 1e-4, β 0.5 and an NLL term
 # on the chosen answer (RPO, α = 1), chosen on the dev split (docs/diagnosis.md).
 COMMON=(--seed "$SEED")
 
@@ -55,50 +60,75 @@ head -n $EVAL_PROMPTS $DATA/prompts_$EVAL_SPLIT.jsonl > "$RUN/data/prompts_$EVAL
 # labelled by the simulated human), and the offline pairs of three other policies, where the longer
 # answer usually wins (the length bias paper 1 warns about).
 head -n $RM_PAIRS $DATA/pairs_sftlike_train.jsonl > "$RUN/data/pairs_rm.jsonl"
+head -n $JUDGE_PAIRS $DATA/pairs_sftlike_train.jsonl > "$RUN/data/pairs_judge.jsonl"
 head -n $DPO_PAIRS $DATA/pairs_sftlike_train.jsonl > "$RUN/data/pairs_dpo.jsonl"
 head -n $EVAL_PAIRS $DATA/pairs_sftlike_eval.jsonl > "$RUN/data/pairs_rm_eval.jsonl"
 head -n $RM_PAIRS $DATA/pairs_train.jsonl > "$RUN/data/pairs_biased.jsonl"
 head -n $EVAL_PAIRS $DATA/pairs_eval.jsonl > "$RUN/data/pairs_biased_eval.jsonl"
 
-echo "== 2. SFT from scratch, and the control: SFT continued on the exact answers to the loop's prompts ($SECONDS s)"
+echo "== 2. SFT from scratch ($SECONDS s)"
 python sft.py --model $DATA/model --scratch --data $DATA/sft.jsonl --out "$RUN/sft" \
     --block-size 128 --batch-size 16 --micro-batch-size 16 --lr 2e-3 --max-steps $SFT_STEPS --log-every 200 "${COMMON[@]}"
-python -m data.task gold-sft --prompts $(seq -f "$RUN/data/prompts_iter%g.jsonl" $ITERS) --out "$RUN/data/sft_gold.jsonl"
-python sft.py --model "$RUN/sft" --data "$RUN/data/sft_gold.jsonl" --out "$RUN/sft_gold" \
-    --block-size 128 --batch-size 16 --micro-batch-size 16 --lr 3e-4 --epochs 2 --log-every 20 "${COMMON[@]}"
 
-echo "== 3. reward models: Bradley-Terry (SFT-like pairs; offline pairs), and the pairwise model that judges for OSP ($SECONDS s)"
 RM=(--lr 1e-3 --micro-batch-size 64 --max-length 256 --log-every 50 "${COMMON[@]}")
-python train_rm.py train --type bt --model "$RUN/sft" --pairs "$RUN/data/pairs_rm.jsonl" --eval-pairs "$RUN/data/pairs_rm_eval.jsonl" \
-    --out "$RUN/rm_bt" --batch-size 64 "${RM[@]}"
-python train_rm.py train --type bt --model "$RUN/sft" --pairs "$RUN/data/pairs_biased.jsonl" --eval-pairs "$RUN/data/pairs_biased_eval.jsonl" \
-    --out "$RUN/rm_biased" --batch-size 64 "${RM[@]}"
-python train_rm.py train --type pairwise --model "$RUN/sft" --pairs "$RUN/data/pairs_rm.jsonl" --eval-pairs "$RUN/data/pairs_rm_eval.jsonl" \
-    --out "$RUN/judge" --batch-size 32 "${RM[@]}"
-
-echo "== 4. offline DPO on the SFT-like pairs ($SECONDS s)"
-DPO=(--beta 0.5 --nll-coef 1.0 --lr 3e-5 --batch-size 64 --micro-batch-size 32 --max-length 256 --log-every 20)
-python dpo.py --model "$RUN/sft" --pairs "$RUN/data/pairs_dpo.jsonl" --out "$RUN/dpo_offline" --epochs 1 "${DPO[@]}" "${COMMON[@]}"
-
-echo "== 5. online iterative DPO: sample n per prompt → reward → best vs worst → DPO ($SECONDS s)"
+DPO=(--beta 0.5 --nll-coef 1.0 --lr 1e-4 --batch-size 64 --micro-batch-size 32 --max-length 256 --log-every 20)
 ONLINE=(--sft "$RUN/sft" --prompts "$RUN/data/prompts_iter{t}.jsonl" --n $N --max-new-tokens 64
         --gen-batch-size 256 --epochs 2 "${DPO[@]}" "${COMMON[@]}")
-# The oracle: the gold reward r* in place of a reward model (what the loop can do with a perfect reward).
-for t in $(seq $ITERS); do python dpo.py --iter $t --run-dir "$RUN/online_gold" --rm gold "${ONLINE[@]}"; done
-# The BT reward model trained on SFT-like pairs (dpo.py prints how it ranks the policy's own samples).
-for t in $(seq $ITERS); do python dpo.py --iter $t --run-dir "$RUN/online" --rm "$RUN/rm_bt" "${ONLINE[@]}"; done
-# Reward hacking: the BT model of the offline pairs rewards length; paper 1's remedy, a length penalty
-# (best/worst by r − λ·characters; λ on that model's scale, where a prompt's rewards spread by ~0.6).
-for t in $(seq $ITERS); do python dpo.py --iter $t --run-dir "$RUN/online_biased" --rm "$RUN/rm_biased" "${ONLINE[@]}"; done
-for t in $(seq $ITERS); do python dpo.py --iter $t --run-dir "$RUN/online_biased_lp" --rm "$RUN/rm_biased" --length-penalty 0.02 "${ONLINE[@]}"; done
 
-echo "== 6. online self-preferring (the pairwise model judges; π_SFT is policy start and reference) ($SECONDS s)"
-# SIZE=full / large add paper 2's ablations: DPO / IPO losses on the same ranked pairs, random pairing.
-for variant in $OSP_VARIANTS; do
-  python osp.py --model "$RUN/sft" --judge "$RUN/judge" --prompts "$RUN/data/prompts_iter1.jsonl" --out "$RUN/osp_$variant" \
-      --loss "${variant%_*}" --pairing "${variant#*_}" --steps $OSP_STEPS --batch-size $OSP_BATCH --k $K \
-      --beta 0.1 --lr 1e-4 --max-new-tokens 64 --gold --log-every 10 "${COMMON[@]}"
-done
+reward_model_lane() {
+  echo "== 3. Bradley-Terry reward model on the SFT-like pairs ($SECONDS s)"
+  python train_rm.py train --type bt --model "$RUN/sft" --pairs "$RUN/data/pairs_rm.jsonl" --eval-pairs "$RUN/data/pairs_rm_eval.jsonl" \
+      --out "$RUN/rm_bt" --batch-size 64 "${RM[@]}"
+  echo "== 5b. online iterative DPO: sample n per prompt → BT reward → best vs worst → DPO ($SECONDS s)"
+  # dpo.py prints how the reward model ranks the policy's own samples against gold, before it trains.
+  for t in $(seq $ITERS); do python dpo.py --iter $t --run-dir "$RUN/online" --rm "$RUN/rm_bt" "${ONLINE[@]}"; done
+  if [ "$BIASED" = 1 ]; then
+    echo "== 3c + 5c. reward hacking: a BT model of the offline pairs (length-biased), with and without a length penalty ($SECONDS s)"
+    python train_rm.py train --type bt --model "$RUN/sft" --pairs "$RUN/data/pairs_biased.jsonl" \
+        --eval-pairs "$RUN/data/pairs_biased_eval.jsonl" --out "$RUN/rm_biased" --batch-size 64 "${RM[@]}"
+    for t in $(seq $ITERS); do python dpo.py --iter $t --run-dir "$RUN/online_biased" --rm "$RUN/rm_biased" "${ONLINE[@]}"; done
+    # Paper 1's length penalty: best/worst by r − λ·characters (λ on that model's scale: a prompt's rewards spread by ~0.6).
+    for t in $(seq $ITERS); do
+      python dpo.py --iter $t --run-dir "$RUN/online_biased_lp" --rm "$RUN/rm_biased" --length-penalty 0.02 "${ONLINE[@]}"
+    done
+  fi
+}
+
+policy_lane() {
+  echo "== 4. controls: SFT continued on the exact answers to the loop's prompts; offline DPO on the SFT-like pairs ($SECONDS s)"
+  python -m data.task gold-sft --prompts $(seq -f "$RUN/data/prompts_iter%g.jsonl" $ITERS) --out "$RUN/data/sft_gold.jsonl"
+  python sft.py --model "$RUN/sft" --data "$RUN/data/sft_gold.jsonl" --out "$RUN/sft_gold" \
+      --block-size 128 --batch-size 16 --micro-batch-size 16 --lr 3e-4 --epochs 2 --log-every 20 "${COMMON[@]}"
+  python dpo.py --model "$RUN/sft" --pairs "$RUN/data/pairs_dpo.jsonl" --out "$RUN/dpo_offline" --epochs 1 "${DPO[@]}" "${COMMON[@]}"
+  echo "== 5a. online iterative DPO with the gold reward r* in place of a reward model: the oracle ($SECONDS s)"
+  for t in $(seq $ITERS); do python dpo.py --iter $t --run-dir "$RUN/online_gold" --rm gold "${ONLINE[@]}"; done
+  echo "== 6. online self-preferring: the pairwise model (SFT-like pairs) judges; π_SFT is policy start and reference ($SECONDS s)"
+  python train_rm.py train --type pairwise --model "$RUN/sft" --pairs "$RUN/data/pairs_judge.jsonl" \
+      --eval-pairs "$RUN/data/pairs_rm_eval.jsonl" --out "$RUN/judge" --batch-size 32 "${RM[@]}"
+  # SIZE=full / large add paper 2's ablations: DPO / IPO losses on the same ranked pairs, random pairing.
+  for variant in $OSP_VARIANTS; do
+    python osp.py --model "$RUN/sft" --judge "$RUN/judge" --prompts "$RUN/data/prompts_iter1.jsonl" --out "$RUN/osp_$variant" \
+        --loss "${variant%_*}" --pairing "${variant#*_}" --steps $OSP_STEPS --batch-size $OSP_BATCH --k $K \
+        --beta 0.1 --lr 1e-4 --max-new-tokens 64 --gold --log-every 10 "${COMMON[@]}"
+  done
+}
+
+# The two lanes are independent: on CPU they run side by side, one core each (LANES=1: one after the
+# other, as on a GPU node). Each lane's output goes to $RUN/logs/<lane>.log.
+mkdir -p "$RUN/logs"
+if [ "$LANES" = 2 ]; then
+  echo "== 3-6 in two lanes (one per core): tail -f $RUN/logs/reward_model_lane.log $RUN/logs/policy_lane.log"
+  reward_model_lane > "$RUN/logs/reward_model_lane.log" 2>&1 & first=$!
+  policy_lane > "$RUN/logs/policy_lane.log" 2>&1 & second=$!
+  status=0
+  wait $first || { status=1; echo "reward_model_lane failed:"; tail -n 30 "$RUN/logs/reward_model_lane.log"; }
+  wait $second || { status=1; echo "policy_lane failed:"; tail -n 30 "$RUN/logs/policy_lane.log"; }
+  [ $status = 0 ] || exit 1
+  grep -h "^== \|^reward vs gold" "$RUN/logs/reward_model_lane.log" "$RUN/logs/policy_lane.log"
+else
+  reward_model_lane 2>&1 | tee "$RUN/logs/reward_model_lane.log"
+  policy_lane 2>&1 | tee "$RUN/logs/policy_lane.log"
+fi
 
 echo "== 7. evaluation with the gold scorer on the $EVAL_SPLIT prompts ($SECONDS s)"
 python evaluate.py --run "$RUN" --prompts "$RUN/data/prompts_$EVAL_SPLIT.jsonl"

@@ -5,6 +5,7 @@ laptop with no downloads.
     python -m data.task                              # from the repo root: writes data/builtin/ in ~5 s (seed 0)
     python -m data.task --seed 1 --out /tmp/builtin  # another draw, elsewhere
     python -m data.task score --samples runs/builtin/iter1/samples.jsonl --out scored.jsonl
+    python -m data.task gold-sft --prompts data/builtin/prompts_iter1.jsonl --out gold_sft.jsonl   # exact answers
 
     from data.task import score                      # r*(x, a) of one response
     score([{"role": "user", "content": "sort 31 7 18"}], "7 18 31")                  # 1.0
@@ -35,6 +36,8 @@ THE GOLD REWARD r*(x, a) = correctness − min(1, 0.002 · extra characters), a 
     and a non-string response score 0.0. Any string scores a finite float; `score` never raises.
 
 THE SFT DEMONSTRATIONS (sft.jsonl, 60k) come from a noisy demonstrator:
+  - one systematic error: 60% of its sums drop every carry (385 + 97 → 372), a habit the SFT model
+    copies and a reward that sees correctness can train away (docs/diagnosis.md);
   - with probability 0.2 the answer is corrupted: one mistake, then another with probability 0.3
     (at most 3). List mistakes: replace an element by a random 0-99 number, swap two neighbours,
     drop an element, duplicate an element. Sum mistakes: change a digit, a carry slip (± 10^k),
@@ -50,7 +53,8 @@ synthetic behaviour policies, none of them the SFT model (as UltraFeedback pools
     average      0.35        0.3          0.1        0.40
     hasty        0.60        0.5          0.4        0.40 − g
 ("truncated": the answer stops early, a prefix of the list or of the digits.) Each prompt is
-answered by two different policies and a simulated human labels the pair
+answered by two different policies (in the SFT-LIKE PAIRS, pairs_sftlike_*.jsonl: twice by the
+demonstrator, so the pairs resemble the SFT model's own samples) and a simulated human labels the pair
     y ~ Bernoulli(σ((r*(a1) − r*(a2)) / τ)),   τ = 0.1
 so a gold gap of 0.1 is judged the right way 73% of the time, a gap of 0.3 95%; overall the label
 agrees with r* on ~84% of pairs (the accuracy ceiling of any reward model; stats.json). Pairs of
@@ -77,9 +81,11 @@ FILES written to --out (default data/builtin/, gitignored):
   model/            tokenizer.json, tokenizer_config.json (with the chat template), config.json for
                     a tiny LlamaForCausalLM, generation_config.json; no weights (sft.py --scratch)
   sft.jsonl         {"messages": [user, assistant]}
-  prompts_iter1.jsonl, prompts_iter2.jsonl, prompts_iter3.jsonl (1024 each), prompts_eval.jsonl (512):
+  prompts_iter1.jsonl, prompts_iter2.jsonl, prompts_iter3.jsonl (1024 each), prompts_eval.jsonl (512, the
+                    held-out prompts of the results tables), prompts_dev.jsonl (512, where settings are chosen):
                     {"id", "messages": [user]}
-  pairs_train.jsonl, pairs_eval.jsonl: {"id", "prompt", "chosen", "rejected", "margin", "source"}
+  pairs_train.jsonl, pairs_eval.jsonl: the offline pairs {"id", "prompt", "chosen", "rejected", "margin", "source"}
+  pairs_sftlike_train.jsonl, pairs_sftlike_eval.jsonl (20k, 2k): the same, two demonstrator answers per prompt
   stats.json        sizes, gold of the demonstrations, label/r* agreement, length statistics
 No prompt text occurs twice anywhere (SFT, pairs, iteration chunks, eval); every sub-task has the
 same share of every file. The same --seed gives the same bytes.

@@ -386,6 +386,7 @@ def test_online_iterations_run_and_resume(dpo_online_run, capsys, dpo_stage_env)
             assert (run / f"iter{t}" / name).exists(), (t, name)
     summary = json.loads((run / "iter2" / "summary.json").read_text())
     assert summary["prompts"] == 4 and summary["pairs_kept"] + sum(summary["pairs_dropped"].values()) == 4
+    assert "reward_vs_gold" not in summary  # "reverse abc" is no built-in task prompt: no gold to compare with
     samples = read_jsonl(run / "iter2" / "samples.jsonl")
     assert [r["id"] for r in samples] == [f"t2-{i}" for i in range(4)] and all(len(r["responses"]) == 4 for r in samples)
     steps2 = len(read_jsonl(run / "iter2" / "policy" / "metrics.jsonl"))

@@ -216,3 +216,10 @@ def test_reward_vs_gold_hand_computed():
     assert stats["mean_gold"] == pytest.approx(((1.0 + 0.5 + 0.45) / 3 + (0.2 + 0.9 + 0.6) / 3) / 2)
     assert stats["gold_best_of_n"] == pytest.approx((1.0 + 0.9) / 2)
     assert reward_vs_gold([{"gold": [0.5, 0.5], "rewards": [0.0, 1.0]}])["accuracy"] is None  # nothing to order
+
+
+def test_gold_scored_only_on_task_prompts():
+    from data.task import gold_scored
+    records = [{"prompt": _user("sort 3 1 2"), "responses": ["1 2 3", "3 2 1"]}, {"prompt": _user("add 5 7"), "responses": ["12"]}]
+    assert [r["gold"] for r in gold_scored(records)] == [[1.0, 1 / 3], [1.0]]
+    assert gold_scored(records + [{"prompt": _user("write a poem"), "responses": ["no"]}]) is None
