@@ -256,11 +256,12 @@ def length_correlations(run):
     """Paper 1's length-bias statistic for each online run's reward model, on its first iteration's
     samples (π_0 = SFT): {series: (mean per-prompt Pearson, prompts used, ...)}."""
     from train_rm import length_bias
-    found = {}
+    found, seen = {}, set()
     for series in ONLINE_SERIES:
-        rewards = run / series / "iter1" / "rewards.jsonl"
-        if series_reward_model(run, series) is not None and rewards.exists():
+        rewards, rm = run / series / "iter1" / "rewards.jsonl", series_reward_model(run, series)
+        if rm is not None and rm not in seen and rewards.exists():  # one line per reward model
             found[series] = length_bias(read_jsonl(rewards))
+            seen.add(rm)
     return found
 
 

@@ -18,9 +18,10 @@ THE TASK. A prompt is one user turn "<op> <numbers>"; four sub-tasks (the `sourc
     add 385 97             →  482           hard: carries                       (operands of 1-3 digits)
 Text is tokenized one character per token (see TOKENIZER), so a conversation is ~40 tokens (at
 most ~110). The 0.8M-parameter Llama of model/config.json, trained from scratch by sft.py on 2 CPU
-cores for ~3 minutes (1 epoch, 1405 steps of 16 packed 128-token blocks, lr 2e-3), reaches mean
-gold 0.76 greedy (exact 52%; reverse 0.98, sort 0.88, evens 0.86, add 0.31) and 0.64 when sampling
-at temperature 1 (best of 8 samples: 0.84): clearly imperfect, with room for alignment to help.
+cores for ~4 minutes (1 epoch, 1401 steps of 16 packed 128-token blocks, lr 2e-3), reaches mean
+gold 0.74 greedy on the held-out prompts (exact 54%; reverse 0.98, sort 0.92, evens 0.88, add 0.18)
+and 0.63 when sampling at temperature 1 (best of 4 samples by gold: 0.79): clearly imperfect, with
+room for alignment to help.
 
 THE GOLD REWARD r*(x, a) = correctness − min(1, 0.002 · extra characters), a float in [−1, 1].
   - The numbers of a response are its maximal runs of ASCII digits, in order.
@@ -44,7 +45,7 @@ THE SFT DEMONSTRATIONS (sft.jsonl, 60k) come from a noisy demonstrator:
     drop a digit. Every mistake changes the answer.
   - independently, with probability 0.3 the answer gets a preamble, a closing or both
     ("Sure! 7 12 55 83 Hope this helps!"): verbosity is unrelated to correctness here.
-  Mean gold of the demonstrations 0.91 (56% exact); a perfect answer scores 1.0 (stats.json).
+  Mean gold of the demonstrations 0.875 (51% exact); a perfect answer scores 1.0 (stats.json).
 
 THE OFFLINE PREFERENCE DATA (pairs_train.jsonl 20k, pairs_eval.jsonl 2k) comes from three
 synthetic behaviour policies, none of them the SFT model (as UltraFeedback pools other models):
@@ -61,21 +62,19 @@ agrees with r* on ~84% of pairs (the accuracy ceiling of any reward model; stats
 equal gold carry no signal and are not kept. `margin` = r*(chosen) − r*(rejected) (negative when
 the human erred); `source` = the sub-task.
 
-WHY THE REQUIREMENTS HOLD (measured with seed 0 and the default sizes):
-  - learnable but imperfect: see THE TASK above; the demonstrations are themselves 44% inexact.
-  - a Bradley-Terry RM (SFT backbone + scalar head on the last token, 1 epoch, batch 32 pairs)
-    reaches 76% held-out accuracy (ceiling 84%; ≥ 72% on every source), because r* depends on
-    visible features of (x, a) and the labels follow the BT model itself.
-  - a judge can learn to compare two responses from the same features (the pairs fed to
-    `python -m data.convert --format judge` give the preference-augmentation data).
-  - length bias: the careful policy is both the most accurate and the most verbose and the hasty
-    one truncates, so in the pairs the longer response is chosen 68% of the time and a logistic
-    regression on the length difference alone predicts 67% of held-out labels, while r* itself
-    *penalises* every extra character (within a prompt, gold and length correlate at −0.22 over
-    SFT samples). The RM above picks up the shortcut: its best-of-8 choice among SFT samples is
-    longer than average (18.0 vs 16.3 characters) and gains little gold (0.665 vs 0.646), while
-    ranking by r − λ|a| (paper 1's length penalty) gains more with shorter answers (0.718 at
-    10 characters). --verbosity-gap 0 removes the shortcut; 0.45 makes the hacking blatant.
+WHY THE REQUIREMENTS HOLD (measured with seed 0 and run.sh's sizes; docs/diagnosis.md has the tables):
+  - learnable but imperfect: see THE TASK above; the demonstrations are themselves 49% inexact.
+  - something for a reward to fix: the dropped carries. With the gold reward the online loop raises
+    `add` from 0.18 to 0.32 greedy in three iterations.
+  - a Bradley-Terry RM (SFT backbone + scalar head on the last token, 8000 SFT-like pairs, 1 epoch)
+    reaches 62% held-out accuracy (the labels' ceiling there is 77%) and orders the SFT model's
+    own samples as gold does 62% of the time: weak but above chance, on-policy.
+  - length bias: in the offline pairs the careful policy is both the most accurate and the most
+    verbose and the hasty one truncates, so the longer response is chosen 65% of the time, while
+    r* itself *penalises* every extra character. A BT model of those pairs (68% held-out) rewards
+    length (reward-length correlation 0.30 over SFT samples), its best-of-4 pick is no better than
+    a random one, and iterative DPO with it lengthens answers and lowers gold. In the SFT-like
+    pairs the longer response is chosen 45% of the time. --verbosity-gap 0 removes the shortcut.
 
 FILES written to --out (default data/builtin/, gitignored):
   model/            tokenizer.json, tokenizer_config.json (with the chat template), config.json for
@@ -340,6 +339,30 @@ def answer_as(rng, policy, prompt):
     return (rng.choice(PREAMBLES) if style != 1 else "") + body + (rng.choice(CLOSINGS) if style != 0 else "")
 
 
+def human_label(rng, pair_id, prompt, a1, a2, r1, r2, tau=TAU):
+    """The simulated human's preference between two answers of gold r1 ≠ r2: a1 wins with
+    probability σ((r1 − r2) / τ). Returns a pairs record."""
+    first_wins = rng.random() < sigmoid((r1 - r2) / tau)
+    chosen, rejected, margin = (a1, a2, r1 - r2) if first_wins else (a2, a1, r2 - r1)
+    return {"id": pair_id, "prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": round(margin, 6),
+            "source": parse_prompt(prompt_text(prompt))[0]}
+
+
+def label_samples(records, seed=0, tau=TAU):
+    """Preference pairs from sampled answers (a samples JSONL: {id, prompt, responses}), labelled by the
+    simulated human: answers 0 and 1 of each prompt, 2 and 3, ...; a pair of equal gold carries no
+    signal and is skipped. Labels on the policy's own samples, as InstructGPT's labellers gave."""
+    rng, pairs = random.Random(seed), []
+    for record in records:
+        responses = record["responses"]
+        for i in range(0, len(responses) - 1, 2):
+            a1, a2 = responses[i], responses[i + 1]
+            r1, r2 = score(record["prompt"], a1), score(record["prompt"], a2)
+            if r1 != r2:
+                pairs.append(human_label(rng, f"{record['id']}-{i // 2}", record["prompt"], a1, a2, r1, r2, tau))
+    return pairs
+
+
 def sigmoid(x):
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
@@ -453,10 +476,7 @@ def build(out, seed=0, sft_examples=60000, prompts_per_iter=1024, eval_prompts=5
                 r1, r2 = score(text, a1), score(text, a2)
                 if r1 != r2:
                     break
-            first_wins = rng.random() < sigmoid((r1 - r2) / tau)  # the simulated human's label
-            chosen, rejected, margin = (a1, a2, r1 - r2) if first_wins else (a2, a1, r2 - r1)
-            records.append({"id": f"pairs-{split}-{len(records):05d}", "prompt": user(text), "chosen": chosen,
-                            "rejected": rejected, "margin": round(margin, 6), "source": parse_prompt(text)[0]})
+            records.append(human_label(rng, f"pairs-{split}-{len(records):05d}", user(text), a1, a2, r1, r2, tau))
         write_jsonl(out / f"pairs_{split}.jsonl", records)
         # How often could a perfect r* agree with the labels (the ceiling of any RM's accuracy), and
         # how much does length alone say?
@@ -512,6 +532,18 @@ def gold_demonstrations(prompt_records):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["label"]:
+        parser = argparse.ArgumentParser(prog="python -m data.task label",
+                                         description="preference pairs from sampled answers, labelled by the simulated human")
+        parser.add_argument("--samples", required=True, help="samples JSONL ({id, prompt, responses}), e.g. from generate.py --n 2")
+        parser.add_argument("--out", required=True, help="pairs JSONL to write")
+        parser.add_argument("--seed", type=int, default=0, help="seed of the labeller's coin flips")
+        args = parser.parse_args(argv[1:])
+        pairs = label_samples(read_jsonl(args.samples), args.seed)
+        write_jsonl(args.out, pairs)
+        print(f"wrote {args.out}: {len(pairs)} pairs (label agrees with r* on "
+              f"{sum(p['margin'] > 0 for p in pairs) / max(1, len(pairs)):.3f})")
+        return
     if argv[:1] == ["gold-sft"]:
         parser = argparse.ArgumentParser(prog="python -m data.task gold-sft",
                                          description="SFT data with the exact answers to the given prompt files")
@@ -534,9 +566,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="everything is drawn from this seed")
     parser.add_argument("--sft-examples", type=int, default=60000, help="demonstrations in sft.jsonl")
     parser.add_argument("--prompts-per-iter", type=int, default=1024, help="prompts in each prompts_iter{1,2,3}.jsonl")
-    parser.add_argument("--eval-prompts", type=int, default=512, help="prompts in prompts_eval.jsonl")
-    parser.add_argument("--pairs-train", type=int, default=20000, help="preference pairs in pairs_train.jsonl")
-    parser.add_argument("--pairs-eval", type=int, default=2000, help="preference pairs in pairs_eval.jsonl")
+    parser.add_argument("--eval-prompts", type=int, default=512, help="prompts in prompts_eval.jsonl, and in prompts_dev.jsonl")
+    parser.add_argument("--pairs-train", type=int, default=20000, help="preference pairs in pairs_train.jsonl, and in pairs_sftlike_train.jsonl")
+    parser.add_argument("--pairs-eval", type=int, default=2000, help="preference pairs in pairs_eval.jsonl, and in pairs_sftlike_eval.jsonl")
     parser.add_argument("--tau", type=float, default=TAU, help="labeller temperature: P(a1 ≻ a2) = σ((r*(a1) − r*(a2)) / τ)")
     parser.add_argument("--verbosity-gap", type=float, default=VERBOSITY_GAP,
                         help="P(verbose) of the careful / hasty behaviour policy is 0.4 ± this: how much verbosity "
@@ -545,10 +577,11 @@ def main(argv=None):
     stats = build(args.out, args.seed, args.sft_examples, args.prompts_per_iter, args.eval_prompts,
                   args.pairs_train, args.pairs_eval, args.tau, args.verbosity_gap)
     print(f"wrote {args.out}: {stats['sft_examples']} demonstrations (mean gold {stats['sft_mean_gold']:.3f}, "
-          f"exact {stats['sft_exact_fraction']:.3f}), 3 × {args.prompts_per_iter} + {args.eval_prompts} prompts, "
-          f"{args.pairs_train} + {args.pairs_eval} pairs (label agrees with r* on "
-          f"{stats['pairs_eval']['gold_agrees_with_label']:.3f} of eval pairs; the longer response is chosen in "
-          f"{stats['pairs_eval']['longer_is_chosen']:.3f})")
+          f"exact {stats['sft_exact_fraction']:.3f}), 3 × {args.prompts_per_iter} + 2 × {args.eval_prompts} prompts (eval, dev), "
+          f"2 × ({args.pairs_train} + {args.pairs_eval}) pairs (label agrees with r* on "
+          f"{stats['pairs_eval']['gold_agrees_with_label']:.3f} of offline eval pairs, the longer response chosen in "
+          f"{stats['pairs_eval']['longer_is_chosen']:.3f}; SFT-like pairs: {stats['pairs_sftlike_eval']['gold_agrees_with_label']:.3f}, "
+          f"{stats['pairs_sftlike_eval']['longer_is_chosen']:.3f})")
 
 
 if __name__ == "__main__":

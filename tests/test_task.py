@@ -223,3 +223,19 @@ def test_gold_scored_only_on_task_prompts():
     records = [{"prompt": _user("sort 3 1 2"), "responses": ["1 2 3", "3 2 1"]}, {"prompt": _user("add 5 7"), "responses": ["12"]}]
     assert [r["gold"] for r in gold_scored(records)] == [[1.0, 1 / 3], [1.0]]
     assert gold_scored(records + [{"prompt": _user("write a poem"), "responses": ["no"]}]) is None
+
+
+def test_label_samples_pairs_answers_and_skips_ties(tmp_path, capsys):
+    from data.task import label_samples
+    records = [{"id": "a", "prompt": _user("sort 3 1 2"), "responses": ["1 2 3", "3 2 1", "1 2 3", "Sure! 1 2 3", "2 1 3"]},
+               {"id": "b", "prompt": _user("add 5 7"), "responses": ["12", "12"]}]
+    pairs = label_samples(records, seed=0, tau=1e-9)  # a labeller with no noise: gold decides
+    # answers (0, 1) and (2, 3) of "a" form pairs, the fifth is left over; "b"'s two answers tie in gold
+    assert [(p["id"], p["chosen"], p["rejected"]) for p in pairs] == [("a-0", "1 2 3", "3 2 1"), ("a-1", "1 2 3", "Sure! 1 2 3")]
+    assert pairs[1]["margin"] == pytest.approx(0.012) and {p["source"] for p in pairs} == {"sort"}
+    noisy = [label_samples([{"id": "c", "prompt": _user("sort 3 1 2"), "responses": ["1 2 3", "1 3 2"]}], seed=s)[0]
+             for s in range(400)]  # Δr* = 1/3: the human agrees with σ(3.33) = 0.966 of the time
+    assert 0.93 < sum(p["chosen"] == "1 2 3" for p in noisy) / 400 < 0.99
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    task_main(["label", "--samples", str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "p.jsonl")])
+    assert len(read_lines(tmp_path / "p.jsonl")) == 2 and "2 pairs" in capsys.readouterr().out
