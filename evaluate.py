@@ -185,13 +185,19 @@ class Scorer:
         return total / len(prompts)
 
 
-def series_reward_model(run, series):
-    """The BT reward model folder an online run trained with (its config.json), None for the gold reward."""
+def series_setting(run, series, name):
+    """A model folder an online run names in its config.json ("rm", "sft"): as written, or in the
+    run folder under its own name (a run folder moved elsewhere). None if absent or "gold"."""
     config = run / series / "config.json"
-    rm = json.loads(config.read_text()).get("rm") if config.exists() else None
-    if rm in (None, "gold"):
+    value = json.loads(config.read_text()).get(name) if config.exists() else None
+    if value in (None, "gold"):
         return None
-    return next((p for p in (Path(rm), run / Path(rm).name) if has_model(p)), None)
+    return next((p for p in (Path(value), run / Path(value).name) if has_model(p)), None)
+
+
+def series_reward_model(run, series):
+    """The BT reward model folder an online run trained with, None for the gold reward."""
+    return series_setting(run, series, "rm")
 
 
 def proxy_vs_gold(run, sampled_answers, scorer):
@@ -203,12 +209,12 @@ def proxy_vs_gold(run, sampled_answers, scorer):
         policies = sorted(iteration_policies(run / series).items())
         if not policies:
             continue
-        rm = series_reward_model(run, series)
+        rm, sft = series_reward_model(run, series), series_setting(run, series, "sft") or run / "sft"  # π_0: the run's reference
         points = []
-        for t, folder in [(0, run / "sft")] + policies:
+        for t, folder in [(0, sft)] + policies:
             records = sampled_answers(folder)
             gold = [g for r in records for g in r["gold"]]
-            point = dict(t=t, gold=sum(gold) / len(gold), kl=scorer.sampled_kl(folder, run / "sft", records) if t else 0.0)
+            point = dict(t=t, gold=sum(gold) / len(gold), kl=scorer.sampled_kl(folder, sft, records) if t else 0.0)
             if rm is not None:
                 rewards = [x for r in scorer.rewards(rm, records) for x in r["rewards"]]
                 point["reward"] = sum(rewards) / len(rewards)
@@ -317,7 +323,7 @@ def plot(run, results, out):
                 points = [(0, sft)] + points
                 ax.errorbar([t for t, _ in points], [r[key] for _, r in points], yerr=[r[key + "_stderr"] for _, r in points],
                             fmt="o-", capsize=3, label=label)
-        flat = [r for r in results if r["label"] == "offline DPO" or r["label"].startswith("OSP")]
+        flat = [r for r in results if r["label"] in ("offline DPO", "SFT on the gold answers (control)") or r["label"].startswith("OSP")]
         for i, r in enumerate(flat):  # single checkpoints: horizontal lines
             ax.axhline(r[key], linestyle=":", linewidth=1.2, label=r["label"], color=f"C{len(ONLINE_SERIES) + i}")
         ax.set_xticks(sorted({0} | {r["t"] for r in results if r["series"]}))
@@ -441,7 +447,7 @@ def evaluate_run(run, prompts, args, device):
 def across_runs(evaluations, runs):
     """Mean ± standard deviation over runs (seeds) of each checkpoint's numbers, as Markdown. The Δ SFT
     columns: the mean over runs of the paired difference from SFT ± the combined paired standard
-    error √(Σ s.e.²) / runs, and how many runs show a difference of more than two of their s.e."""
+    error √(Σ s.e.²) / runs, and how many runs show a difference of more than two of their s.e. in the mean's direction."""
     def cell(values, digits=3):
         if not values or None in values:
             return "n/a"
@@ -452,11 +458,12 @@ def across_runs(evaluations, runs):
         if not all("delta_" + key in r for r in rows):
             return ""
         deltas, errors = [r["delta_" + key] for r in rows], [r["delta_" + key + "_stderr"] for r in rows]
-        significant = sum(d > 2 * e for d, e in zip(deltas, errors))
+        sign = 1 if sum(deltas) >= 0 else -1
+        significant = sum(sign * d > 2 * e for d, e in zip(deltas, errors))  # beyond 2 s.e. in the mean's direction
         return f"{sum(deltas) / len(rows):+.3f} ± {math.sqrt(sum(e * e for e in errors)) / len(rows):.3f} ({significant}/{len(rows)})"
 
     lines = [f"Mean ± standard deviation over {len(runs)} runs ({', '.join(str(r) for r in runs)}). Δ SFT: mean paired "
-             "difference from SFT ± its combined standard error (runs where it exceeds 2 s.e.).", "",
+             "difference from SFT ± its combined standard error (runs whose Δ exceeds 2 of their s.e. in the mean's direction).", "",
              "| checkpoint | gold (greedy) | Δ SFT | gold (T = 1) | Δ SFT | length (T = 1) |", "| --- | --- | --- | --- | --- | --- |"]
     for label in [r["label"] for r in evaluations[0]["checkpoints"]]:
         rows = [next((r for r in e["checkpoints"] if r["label"] == label), None) for e in evaluations]

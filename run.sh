@@ -6,7 +6,7 @@
 #   ablations) → evaluation, with the over-optimisation (proxy vs gold) curves.
 #
 #   SIZE=tiny bash run.sh                # a smoke run: every stage once, tiny sizes, ~2 minutes on CPU
-#   bash run.sh                          # SIZE=small: 2 CPU cores, about 15 minutes
+#   bash run.sh                          # SIZE=small: 2 CPU cores, about 13 minutes
 #   SIZE=full bash run.sh                # small + reward hacking and its remedy + paper 2's OSP ablations; ~25 minutes
 #   SIZE=full RUN=runs/builtin-small-seed0 bash run.sh   # the same, adding to a finished small run
 #   SIZE=large SEED=1 bash run.sh        # one GPU: all the data, the papers' n = 8 / K = 7, longer OSP
@@ -52,7 +52,8 @@ LANES=${LANES:-2}
 COMMON=(--seed "$SEED")
 
 echo "== 1. the built-in task ($SECONDS s)"
-[ -f $DATA/stats.json ] || python -m data.task
+# (re)built when any file is missing, e.g. a data/builtin/ from before the dev split and the SFT-like pairs
+[ -f $DATA/stats.json ] && [ -f $DATA/prompts_dev.jsonl ] && [ -f $DATA/pairs_sftlike_eval.jsonl ] || python -m data.task
 mkdir -p "$RUN/data"
 for t in $(seq $ITERS); do head -n $PROMPTS $DATA/prompts_iter$t.jsonl > "$RUN/data/prompts_iter$t.jsonl"; done
 head -n $EVAL_PROMPTS $DATA/prompts_$EVAL_SPLIT.jsonl > "$RUN/data/prompts_$EVAL_SPLIT.jsonl"
@@ -96,7 +97,8 @@ reward_model_lane() {
 
 policy_lane() {
   echo "== 4. controls: SFT continued on the exact answers to the loop's prompts; offline DPO on the SFT-like pairs ($SECONDS s)"
-  python -m data.task gold-sft --prompts $(seq -f "$RUN/data/prompts_iter%g.jsonl" $ITERS) --out "$RUN/data/sft_gold.jsonl"
+  local prompts=(); for t in $(seq $ITERS); do prompts+=("$RUN/data/prompts_iter$t.jsonl"); done
+  python -m data.task gold-sft --prompts "${prompts[@]}" --out "$RUN/data/sft_gold.jsonl"
   python sft.py --model "$RUN/sft" --data "$RUN/data/sft_gold.jsonl" --out "$RUN/sft_gold" \
       --block-size 128 --batch-size 16 --micro-batch-size 16 --lr 3e-4 --epochs 2 --log-every 20 "${COMMON[@]}"
   python dpo.py --model "$RUN/sft" --pairs "$RUN/data/pairs_dpo.jsonl" --out "$RUN/dpo_offline" --epochs 1 "${DPO[@]}" "${COMMON[@]}"

@@ -135,3 +135,17 @@ def test_evaluate_finds_checkpoints_scores_with_gold_and_caches(task_dir, tmp_pa
     from data.task import reward_vs_gold
     assert on_policy["pairs"] == reward_vs_gold(scored)["pairs"] > 0
     assert abs(on_policy["accuracy"] - reward_vs_gold(scored)["accuracy"]) < 1e-9
+
+
+def test_across_runs_combines_paired_differences():
+    from evaluate import across_runs
+    def run(delta, stderr):
+        rows = [{"label": "SFT", "gold": 0.5, "sampled_gold": 0.4, "sampled_length": 10.0},
+                {"label": "x", "gold": 0.5 + delta, "sampled_gold": 0.4, "sampled_length": 10.0, "delta_gold": delta,
+                 "delta_gold_stderr": stderr, "delta_sampled_gold": 0.0, "delta_sampled_gold_stderr": 0.01}]
+        return {"checkpoints": rows, "references": {}, "reward_models": {}, "length_correlations": {}, "judge": None,
+                "proxy_vs_gold": {}}
+    # Δ = +0.03 (s.e. 0.01: beyond 2 s.e.), +0.01 (0.01: not), −0.01 (0.004: beyond 2 s.e., but against the mean)
+    text = across_runs([run(0.03, 0.01), run(0.01, 0.01), run(-0.01, 0.004)], ["a", "b", "c"])
+    combined = (0.01 ** 2 + 0.01 ** 2 + 0.004 ** 2) ** 0.5 / 3
+    assert f"| +0.010 ± {combined:.3f} (1/3) |" in text
