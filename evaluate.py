@@ -37,7 +37,7 @@ import torch
 from common import (InputError, atomic_write_text, default_dtype, encode_prompt, encode_response, end_of_turn_ids, has_model, load_tokenizer,
                     read_jsonl, run_cli, stop_token_ids, write_jsonl)
 from data.schema import load_records
-from data.task import GOLD_GAP, parse_prompt, prompt_text, reward_vs_gold, score
+from data.task import GOLD_GAP, parse_prompt, picked_gold, prompt_text, reward_vs_gold, score
 from generate import Engine, encode_prompts, generate_records
 from model import ModelConfig, Transformer
 
@@ -117,11 +117,6 @@ def paired_difference(values, baseline, key):
     return {f"delta_{key}": mean, f"delta_{key}_stderr": stderr}
 
 
-def picked_gold(record, rewards):
-    """The gold of the response a reward picks as best of a prompt's n (first of equals)."""
-    return record["gold"][max(range(len(rewards)), key=lambda i: (rewards[i], -i))]
-
-
 def reference_points(sampled, cooler, scored):
     """What the SFT model gives with no training: sampled at a lower temperature, and best-of-n picked
     by gold (the ceiling of reranking its samples) and by each reward model. {label: (mean, s.e.)}."""
@@ -129,7 +124,7 @@ def reference_points(sampled, cooler, scored):
               f"SFT best of {len(sampled[0]['gold'])} (T = 1), picked by gold": mean_and_stderr([max(r["gold"]) for r in sampled])}
     for name, records in scored.items():
         points[f"SFT best of {len(sampled[0]['gold'])}, picked by {REWARD_MODELS[name]}"] = mean_and_stderr(
-            [picked_gold(r, r["rewards"]) for r in records])
+            [picked_gold(r) for r in records])
     return points
 
 
@@ -147,7 +142,7 @@ class Scorer:
     """Loads each model once per evaluation: reward models' scores and log-probs of sampled answers."""
 
     def __init__(self, device):
-        self.device, self.models = device, {}
+        self.device, self.models, self.scores = device, {}, {}
 
     def model(self, folder, head="lm"):
         key = (str(folder), head)
@@ -156,11 +151,15 @@ class Scorer:
                                                             head=head).eval(), load_tokenizer(folder))
         return self.models[key]
 
-    def rewards(self, rm, records):
-        """records with `rewards` from the BT reward model in folder rm."""
+    def rewards(self, rm, policy, records):
+        """The policy's answer records with `rewards` from the BT reward model in folder rm; once per
+        (rm, policy): π_SFT's answers are the t = 0 point of several runs and the on-policy test set."""
         from train_rm import score_records
-        model, tokenizer = self.model(rm, head="score")
-        return score_records(model, tokenizer, records, self.device, 256, 1024)
+        key = (str(rm), str(policy))
+        if key not in self.scores:
+            model, tokenizer = self.model(rm, head="score")
+            self.scores[key] = score_records(model, tokenizer, records, self.device, 256, 1024)
+        return self.scores[key]
 
     @torch.no_grad()
     def sampled_kl(self, policy, reference, records, batch_size=256):
@@ -216,7 +215,7 @@ def proxy_vs_gold(run, sampled_answers, scorer):
             gold = [g for r in records for g in r["gold"]]
             point = dict(t=t, gold=sum(gold) / len(gold), kl=scorer.sampled_kl(folder, sft, records) if t else 0.0)
             if rm is not None:
-                rewards = [x for r in scorer.rewards(rm, records) for x in r["rewards"]]
+                rewards = [x for r in scorer.rewards(rm, folder, records) for x in r["rewards"]]
                 point["reward"] = sum(rewards) / len(rewards)
             points.append(point)
         curves[series] = points
@@ -384,7 +383,7 @@ def evaluate_run(run, prompts, args, device):
     scorer, on_policy, references = Scorer(device), {}, {}
     if has_model(run / "sft"):
         sft_samples = sampled_answers(run / "sft")
-        scored = {name: scorer.rewards(run / name, sft_samples) for name in REWARD_MODELS if name != "judge" and has_model(run / name)}
+        scored = {name: scorer.rewards(run / name, run / "sft", sft_samples) for name in REWARD_MODELS if name != "judge" and has_model(run / name)}
         on_policy = {name: reward_vs_gold(records) for name, records in scored.items()}
         references = reference_points(sft_samples, sampled_answers(run / "sft", COOLER_TEMPERATURE), scored)
     judge = judge_on_sft_samples(run, device)

@@ -7,7 +7,7 @@
 #
 #   SIZE=tiny bash run.sh                # a smoke run: every stage once, tiny sizes, ~2 minutes on CPU
 #   bash run.sh                          # SIZE=small: 2 CPU cores, about 13 minutes
-#   SIZE=full bash run.sh                # small + reward hacking and its remedy + paper 2's OSP ablations; ~25 minutes
+#   SIZE=full bash run.sh                # small + reward hacking and its remedy + paper 2's OSP ablations (longer)
 #   SIZE=full RUN=runs/builtin-small-seed0 bash run.sh   # the same, adding to a finished small run
 #   SIZE=large SEED=1 bash run.sh        # one GPU: all the data, the papers' n = 8 / K = 7, longer OSP
 #   EVAL_SPLIT=dev bash run.sh           # the table on the dev prompts, where the settings were chosen

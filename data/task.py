@@ -213,6 +213,12 @@ def gold_scored(records):
     return [{**r, "gold": [score(r["prompt"], y) for y in r["responses"]]} for r in records]
 
 
+def picked_gold(record):
+    """The gold of the response a record's `rewards` pick as best of its n (the first of equals)."""
+    rewards = record["rewards"]
+    return record["gold"][max(range(len(rewards)), key=lambda i: (rewards[i], -i))]
+
+
 GOLD_GAP = 0.1  # two answers "differ in correctness" when their gold scores differ by more than this
 
 
@@ -229,7 +235,7 @@ def reward_vs_gold(records):
                 if abs(gold[i] - gold[j]) > GOLD_GAP:
                     product = (rewards[i] - rewards[j]) * (gold[i] - gold[j])
                     agree.append(1.0 if product > 0 else 0.5 if product == 0 else 0.0)
-        picked.append(gold[max(range(len(gold)), key=lambda i: (rewards[i], -i))])
+        picked.append(picked_gold(record))
         mean.append(sum(gold) / len(gold))
         best.append(max(gold))
     average = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
