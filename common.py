@@ -280,9 +280,10 @@ def rank_micro_batches(batch, rank, world_size, micro_batch_size):
 
 
 def make_optimizer(model, lr, weight_decay=0.0):
-    """AdamW, betas (0.9, 0.95), on the fp32 master weights; the fused kernel on GPU."""
+    """AdamW, betas (0.9, 0.95), on the trained fp32 master weights; the fused kernel on GPU."""
     on_gpu = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=on_gpu)
+    trained = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
+    return torch.optim.AdamW(trained, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=on_gpu)
 
 
 def set_lr(optimizer, lr):
@@ -390,9 +391,13 @@ def wrap_model(model, mode, device, param_dtype=None):
     return model
 
 
-def load_for_training(path, parallel, dist_info, head="lm", scratch=False, activation_checkpointing=False):
+def load_for_training(path, parallel, dist_info, head="lm", scratch=False, activation_checkpointing=False, lora=None,
+                      adapter=None):
     """The model a stage trains: fp32 master weights, activation checkpointing set, wrapped for data
     parallelism. `scratch`: a random init from path's config.json instead of its weights.
+    `lora` (model.LoRASettings): adapters on the target Linears, everything else frozen in the
+    compute dtype (model.Transformer.add_lora); `adapter`: a PEFT adapter folder to start from (its
+    settings must equal `lora`'s).
 
     Under FSDP, the torchtitan order, so that no rank but one ever holds the full model: every rank
     builds the model on the meta device (no memory), shards each block then the root, and
@@ -400,12 +405,23 @@ def load_for_training(path, parallel, dist_info, head="lm", scratch=False, activ
     random init) into host memory and broadcasts it, each rank keeping its shards
     (set_model_state_dict with broadcast_from_rank0). For Llama-3-8B that is one 32 GB host copy
     on the node instead of 8, and no rank ever moves a full model to its GPU."""
-    from model import ModelConfig, Transformer, rope_inverse_frequencies
+    from model import ModelConfig, Transformer, read_adapter
 
     device, param_dtype = dist_info.device, default_dtype(dist_info.device)
 
     def read_full():
-        return Transformer.from_config(path, head=head) if scratch else Transformer.from_pretrained(path, head=head)
+        # with LoRA the frozen base is read straight into the compute dtype (no fp32 copy of it)
+        dtype = param_dtype if lora is not None else torch.float32
+        model = Transformer.from_config(path, head=head, dtype=dtype) if scratch else \
+            Transformer.from_pretrained(path, head=head, dtype=dtype)
+        if lora is not None:
+            model.add_lora(lora, frozen_dtype=param_dtype)
+            if adapter is not None:
+                adapter_lora, adapter_state = read_adapter(adapter)
+                if adapter_lora != lora:
+                    raise InputError(f"{adapter}: its LoRA settings {adapter_lora} differ from the run's {lora}")
+                model.load_state_dict(adapter_state, strict=False)
+        return model
 
     if parallel != "fsdp" or not dist.is_initialized():
         model = read_full()
@@ -413,17 +429,66 @@ def load_for_training(path, parallel, dist_info, head="lm", scratch=False, activ
         return wrap_model(model, parallel, device, param_dtype)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    config = ModelConfig.from_path(path)
-    with torch.device("meta"):
-        model = Transformer(config, head=head)
-    model.set_activation_checkpointing(activation_checkpointing)
-    model = wrap_model(model, "fsdp", device, param_dtype)
-    model.to_empty(device=device)
-    model.inv_freq = rope_inverse_frequencies(config).to(device)  # a buffer, not in the state dict
+    model = materialize(shard_on_meta(ModelConfig.from_path(path), head, activation_checkpointing, param_dtype, lora), device)
     full_state = read_full().state_dict() if dist_info.is_main else {}
     set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full_state
     return model
+
+
+def shard_on_meta(config, head, activation_checkpointing, param_dtype, lora=None):
+    """The model built on the meta device (no memory) and sharded with FSDP2: step one of
+    load_for_training, and of the fake-tensor memory trace (memory_trace.py)."""
+    from model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(config, head=head)
+        if lora is not None:
+            model.add_lora(lora, frozen_dtype=param_dtype)
+    model.set_activation_checkpointing(activation_checkpointing)
+    return wrap_model(model, "fsdp", torch.device("meta"), param_dtype)
+
+
+def materialize(model, device):
+    """Allocate a meta-built model's (local shards of) parameters on `device`, uninitialised, and
+    recompute its one buffer (rope's inverse frequencies: not in the state dict)."""
+    from model import rope_inverse_frequencies
+
+    model.to_empty(device=device)
+    model.inv_freq = rope_inverse_frequencies(model.config).to(device)
+    return model
+
+
+def add_lora_flags(parser):
+    """LoRA's flags, shared by sft, train_rm, dpo and osp."""
+    from model import LORA_TARGETS
+
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="train LoRA adapters of this rank instead of every weight (0: full fine-tuning; paper 2: 64)")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha (update × alpha / rank; default: 2 × rank; paper 2: 32)")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    parser.add_argument("--lora-targets", default=",".join(t.removesuffix("_proj") for t in LORA_TARGETS),
+                        help="comma-separated Linears that get adapters, among q,k,v,o,gate,up,down")
+    parser.add_argument("--save-adapter", action="store_true",
+                        help="with LoRA: also write the adapter alone in PEFT's format to OUT/adapter (the model is saved merged)")
+
+
+def lora_settings(args):
+    """model.LoRASettings from add_lora_flags' flags, or None without --lora-rank."""
+    from model import LORA_TARGETS, LoRASettings
+
+    if not args.lora_rank:
+        return None
+    if args.lora_rank < 0:
+        raise InputError(f"--lora-rank {args.lora_rank}: must be ≥ 1 (or 0 for no LoRA)")
+    if not 0 <= args.lora_dropout < 1:
+        raise InputError(f"--lora-dropout {args.lora_dropout}: must lie in [0, 1)")
+    targets = tuple(sorted(t.strip() + "_proj" for t in args.lora_targets.split(",") if t.strip()))
+    unknown = [t.removesuffix("_proj") for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise InputError(f"--lora-targets {args.lora_targets!r}: unknown {unknown or 'none given'}; choose among q,k,v,o,gate,up,down")
+    alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+    return LoRASettings(args.lora_rank, float(alpha), args.lora_dropout, targets)
 
 
 def add_scale_flags(parser):
@@ -479,11 +544,18 @@ def full_state_dict(model, dtype=None):
     return state
 
 
-def save_checkpoint(model, out_dir, tokenizer, source_dir=None, dtype=None):
+def save_checkpoint(model, out_dir, tokenizer, source_dir=None, dtype=None, save_adapter=False):
     """A full HF-format folder (config, safetensors, tokenizer, generation config) written by rank 0,
-    weights in `dtype` (default: as trained). Collective: call it on every rank."""
-    state = full_state_dict(model, dtype)
+    weights in `dtype` (default: as trained). A LoRA model is saved merged, and with `save_adapter`
+    its adapter also goes to OUT/adapter in PEFT's format (fp32). Collective: call it on every rank."""
+    from model import save_adapter as write_adapter
+
+    # cast on the way (one copy in the saved dtype), except LoRA's: merged in fp32 first
+    state = full_state_dict(model, dtype if unwrap(model).lora is None else None)
     if int(os.environ.get("RANK", 0)) == 0:
+        lora = unwrap(model).lora
+        if lora is not None and save_adapter:
+            write_adapter(Path(out_dir) / "adapter", state, lora, unwrap(model).head, base_model=source_dir)
         unwrap(model).save_pretrained(out_dir, state_dict=state, dtype=dtype, tokenizer=tokenizer)
         generation_config = Path(source_dir or "", "generation_config.json")
         if source_dir is not None and generation_config.exists():

@@ -36,7 +36,7 @@ def parameter_counts(config, head="lm"):
 
 def memory_plan(config, world_size, micro_batch_size, seq_len, mode, *, parallel="fsdp", activation_checkpointing=True,
                 param_dtype_bytes=2, master_dtype_bytes=4, packed=None, resident_reference=False,
-                kv_cache_slots=None, kv_cache_len=None, device="cuda"):
+                kv_cache_slots=None, kv_cache_len=None, device="cuda", lora=None):
     """Per-rank bytes: {"rows": {name: bytes}, "total", "peak", ...}. mode: "sft" | "dpo" | "rm" | "sample".
     param_dtype_bytes: the compute dtype (bf16 = 2 on GPU); 4 with master_dtype_bytes=4 is fp32 on a CPU.
     packed: documents packed into each sequence (sft.py packs; default: mode == "sft").
@@ -44,7 +44,9 @@ def memory_plan(config, world_size, micro_batch_size, seq_len, mode, *, parallel
     it computes the reference log-probs in a pass of its own before the policy loads, reported apart.
     kv_cache_slots / kv_cache_len: a sampling KV cache beside training (osp.py). mode "sample": the
     decode cache (default micro_batch_size slots × seq_len positions), and micro_batch_size prompts of
-    seq_len tokens prefilled at once."""
+    seq_len tokens prefilled at once.
+    lora (model.LoRASettings): only the adapters are trained (fp32 master, gradients, AdamW state);
+    the base is frozen in the compute dtype, and a resident reference is the same model, adapters off."""
     assert mode in ("sft", "dpo", "rm", "sample") and parallel in ("fsdp", "ddp", "none")
     L, H, I, V = config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size
     nh, nkv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -72,18 +74,28 @@ def memory_plan(config, world_size, micro_batch_size, seq_len, mode, *, parallel
 
     # ---- weights, gradients, AdamW: fp32 master copies, sharded 1/W under FSDP, whole under DDP
     shard = world_size if parallel == "fsdp" else 1
-    rows["weights (master)"] = P * m // shard
+    if lora is not None:  # trained: the adapters (r × (in + out) per adapted Linear); the rest frozen in b
+        sizes = {"q_proj": (H, nh * D), "k_proj": (H, nkv * D), "v_proj": (H, nkv * D), "o_proj": (nh * D, H),
+                 "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+        P_trained = L * sum(lora.rank * sum(sizes[t]) for t in lora.targets) + (H if mode == "rm" else 0)
+        rows["frozen base"] = P * b // shard
+        rows["weights (master)"] = P_trained * m // shard
+    else:
+        P_trained = P
+        rows["weights (master)"] = P * m // shard
     if parallel == "fsdp":
         # FSDP2 all-gathers a block's bf16 weights for its forward and backward while prefetching the
         # next (2 blocks at a time); the root (embedding, final norm, LM head) stays gathered from its
         # forward to the end of backward. Gradients in flight: the root's unsharded LM-head gradient
         # (computed first, reduce-scattered last) and one block's bf16 gradients + fp32 reduce-scatter copy.
+        # With LoRA neither gradient exists (the head and the blocks' weights are frozen).
         gathered = (outside + 2 * block) * b
-        rows["compute copy (gathered)"] = gathered + (V * H * b if mode != "rm" else 0) + block * (b + 4)
-    else:  # autocast caches a bf16 cast of every weight from forward to backward; nothing in fp32
-        gathered = rows["compute copy (gathered)"] = P * b if b != m else 0
-    rows["gradients"] = P * m // shard * (2 if parallel == "ddp" else 1)  # DDP: + its gradient buckets
-    rows["AdamW state"] = 2 * P * m // shard                               # exp_avg, exp_avg_sq
+        gradients_in_flight = (V * H * b if mode != "rm" else 0) + block * (b + 4)
+        rows["compute copy (gathered)"] = gathered + (gradients_in_flight if lora is None else 0)
+    else:  # autocast caches a bf16 cast of every fp32 weight from forward to backward (LoRA's base is bf16 already)
+        gathered = rows["compute copy (gathered)"] = P * b if b != m and lora is None else 0
+    rows["gradients"] = P_trained * m // shard * (2 if parallel == "ddp" else 1)  # DDP: + its gradient buckets
+    rows["AdamW state"] = 2 * P_trained * m // shard                               # exp_avg, exp_avg_sq
 
     # ---- activations. Saved for backward, per token of one decoder block:
     #   2 RMSNorms:  fp32 input (the input itself when b = 4), normalised, scaled   2 (4 H + 2 b H)
@@ -111,8 +123,8 @@ def memory_plan(config, world_size, micro_batch_size, seq_len, mode, *, parallel
 
     # ---- the reference model and a sampling KV cache, when they live beside the policy
     reference_pass = None
-    if resident_reference:
-        rows["reference model"] = P * b + no_grad_forward
+    if resident_reference:  # with LoRA: the policy itself with its adapters off, only the forward's transients
+        rows["reference model"] = (P * b if lora is None else 0) + no_grad_forward
     elif mode == "dpo":  # its own pass before training: the same wrapped weights, no-grad forward
         rows["reference model"] = 0
         reference_pass = rows["weights (master)"] + gathered + no_grad_forward + N * chunk * 2 * 4

@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -385,6 +386,115 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+# ----------------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021): a frozen weight W plus a trained low-rank update, y = x Wᵀ + s · (x Aᵀ) Bᵀ
+# with A (r, in), B (out, r) and s = alpha / r. B starts at zero, so an adapted model starts equal to
+# its base. Paper 2 (Table 4) trains Mistral-7B this way: r = 64, alpha = 32. The adapted Linear keeps
+# its HF parameter name (`q_proj.weight`) and adds `q_proj.lora_A` / `q_proj.lora_B`, so a merged
+# state dict (merge_lora) is an ordinary checkpoint and PEFT's key names are one suffix away.
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRASettings:
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: tuple = LORA_TARGETS
+
+    @property
+    def scaling(self):
+        return self.alpha / self.rank
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear with a LoRA adapter, built around an existing Linear (its weight and bias are
+    taken over, not copied). `adapters_enabled` False: exactly the base Linear (the reference model
+    of DPO and OSP is the same model with its adapters switched off)."""
+
+    def __init__(self, linear: nn.Linear, lora: LoRASettings):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: that would allocate a second weight
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.scaling, self.dropout = lora.scaling, nn.Dropout(lora.dropout)
+        # the adapter is trained: fp32 master weights whatever the (frozen) base's dtype
+        device = linear.weight.device
+        self.lora_A = nn.Parameter(torch.empty(lora.rank, self.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, lora.rank, device=device, dtype=torch.float32))
+        self.adapters_enabled = True
+        self.reset_lora()
+
+    def reset_lora(self):
+        """PEFT's default init: A Kaiming-uniform, B zero (so the update starts at exactly 0)."""
+        if self.lora_A.device.type != "meta":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if not self.adapters_enabled:
+            return y
+        # (…, in) -> (…, r) -> (…, out): never forms the (out, in) product B A
+        update = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return y + update * self.scaling
+
+
+def merge_lora(state, scaling):
+    """A state dict with LoRA tensors -> the plain checkpoint: W + s · B A for every adapted weight,
+    lora_A / lora_B dropped. Computed in fp32, then cast to W's dtype."""
+    merged = {}
+    for name, tensor in state.items():
+        if name.endswith((".lora_A", ".lora_B")):
+            continue
+        prefix = name.removesuffix(".weight")
+        if name.endswith(".weight") and f"{prefix}.lora_A" in state:
+            A, B = state[f"{prefix}.lora_A"].float(), state[f"{prefix}.lora_B"].float()
+            tensor = (tensor.float() + scaling * (B @ A)).to(tensor.dtype)
+        merged[name] = tensor
+    return merged
+
+
+# PEFT's on-disk format for an adapter (adapter_config.json + adapter_model.safetensors), so that
+# `peft.PeftModel.from_pretrained(base, folder)` loads what we train: key `q_proj.lora_A` is saved as
+# `base_model.model.<name>.lora_A.weight`; a reward model's new score head as a module to save.
+PEFT_PREFIX = "base_model.model."
+
+
+def save_adapter(path, state, lora: LoRASettings, head="lm", base_model=None):
+    """Write the adapter tensors of a (full, gathered) state dict to `path` in PEFT's format, atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {PEFT_PREFIX + (f"{name}.weight" if name.endswith((".lora_A", ".lora_B")) else name): tensor.detach().cpu().contiguous()
+               for name, tensor in state.items() if name.endswith((".lora_A", ".lora_B")) or name == "score.weight"}
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM" if head == "lm" else "SEQ_CLS", r=lora.rank,
+                  lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=sorted(lora.targets), bias="none",
+                  fan_in_fan_out=False, inference_mode=True, init_lora_weights=True, use_rslora=False, use_dora=False,
+                  modules_to_save=None if head == "lm" else ["score"],
+                  base_model_name_or_path=str(base_model) if base_model is not None else None)
+    atomic_save_folder(path, lambda tmp: (
+        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"}),
+        Path(tmp, "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")))
+
+
+def read_adapter(path):
+    """(LoRASettings, {our parameter name: tensor}) of a PEFT LoRA adapter folder."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{path}/adapter_config.json not found: expected a PEFT LoRA adapter folder")
+    config = json.loads((path / "adapter_config.json").read_text())
+    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("use_rslora") or config.get("rank_pattern") \
+            or config.get("alpha_pattern"):
+        raise ValueError(f"{path}: only plain LoRA adapters are supported (no DoRA, rsLoRA or per-module ranks)")
+    lora = LoRASettings(config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), tuple(sorted(config["target_modules"])))
+    state = {}
+    for name, tensor in load_file(str(path / "adapter_model.safetensors")).items():
+        name = name.removeprefix(PEFT_PREFIX)
+        state[name.removesuffix(".weight") if name.endswith((".lora_A.weight", ".lora_B.weight")) else name] = tensor
+    return lora, state
+
 class DecoderLayer(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -444,8 +554,44 @@ class Transformer(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if head == "score":
             self.score = nn.Linear(config.hidden_size, 1, bias=False)
+        self.lora = None  # LoRASettings once add_lora has run
         # Not a parameter and not saved: recomputed from the config on every construction.
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+
+    def add_lora(self, lora: LoRASettings, frozen_dtype=None):
+        """Put a LoRA adapter on every target Linear of the decoder blocks and freeze the rest: only
+        lora_A / lora_B are trained (and a reward model's `score` head, new and small). The frozen
+        weights are cast to `frozen_dtype` (the compute dtype: bf16 on a GPU, so the base costs 2
+        bytes a parameter and no gradient or AdamW state); trained ones are fp32 master weights.
+        Works on the meta device too (FSDP builds there). Call it before wrapping for FSDP/DDP."""
+        unknown = sorted(set(lora.targets) - set(LORA_TARGETS))
+        if unknown or not lora.targets:
+            raise ValueError(f"LoRA targets {unknown or '(none)'}: choose among {', '.join(LORA_TARGETS)}")
+        if self.lora is not None:
+            raise ValueError("this model already has LoRA adapters")
+        for layer in self.model.layers:
+            for parent in (layer.self_attn, layer.mlp):
+                for name, linear in list(parent.named_children()):
+                    if name in lora.targets:
+                        setattr(parent, name, LoRALinear(linear, lora))
+        self.lora = lora
+        for name, parameter in self.named_parameters():
+            trained = name.endswith((".lora_A", ".lora_B")) or name == "score.weight"
+            parameter.requires_grad_(trained)
+            parameter.data = parameter.data.to(torch.float32 if trained else (frozen_dtype or parameter.dtype))
+        return self
+
+    @contextmanager
+    def adapters_disabled(self):
+        """The base model inside this block: every LoRA adapter off (the DPO / OSP reference)."""
+        adapted = [m for m in self.modules() if isinstance(m, LoRALinear)]
+        for module in adapted:
+            module.adapters_enabled = False
+        try:
+            yield self
+        finally:
+            for module in adapted:
+                module.adapters_enabled = True
 
     @property
     def lm_head_weight(self):
@@ -590,10 +736,13 @@ class Transformer(nn.Module):
     def save_pretrained(self, path, state_dict=None, dtype=None, tokenizer=None):
         """Write config.json + model.safetensors (+ the tokenizer's files) atomically (temp folder,
         then rename), in a form transformers.AutoModelForCausalLM loads unchanged. `state_dict` lets a
-        caller pass a full state dict gathered from FSDP shards; `dtype` casts the saved tensors."""
+        caller pass a full state dict gathered from FSDP shards; `dtype` casts the saved tensors. A
+        model with LoRA adapters is saved merged (W + s·BA); common.save_checkpoint can add the adapter."""
         from safetensors.torch import save_file
 
         state = state_dict if state_dict is not None else self.state_dict()
+        if self.lora is not None:  # an adapted model is saved merged: a plain checkpoint any stage loads
+            state = merge_lora(state, self.lora.scaling)
         state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items() if k != "inv_freq"}
         saved_dtype = next(iter(state.values())).dtype
         config = dict(self.config.raw)

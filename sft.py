@@ -24,10 +24,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (InputError, MetricsLogger, StepSums, add_scale_flags, already_trained, autocast, batch_schedule,
+from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_scale_flags, already_trained, autocast, batch_schedule,
                     cosine_lr, default_dtype, destroy_distributed, encode_conversation, end_of_turn_ids, gradient_sync,
                     init_distributed, load_for_training, load_tokenizer, make_optimizer, optimizer_step, print0,
-                    rank_micro_batches, run_cli, save_checkpoint, scale_settings, seed_everything, set_lr, unwrap)
+                    lora_settings, rank_micro_batches, run_cli, save_checkpoint, scale_settings, seed_everything, set_lr,
+                    unwrap)
 from data.schema import load_records
 from memory_plan import print_stage_plan
 
@@ -58,6 +59,7 @@ def parse_args(argv=None):
     parser.add_argument("--log-every", type=int, default=10, help="print a step line every N steps")
     parser.add_argument("--overwrite", action="store_true", help="retrain even if --out already holds a checkpoint")
     add_scale_flags(parser)
+    add_lora_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -122,6 +124,29 @@ def make_batch(block_indices, blocks, documents, block_size, pad_id, device):
     return [t.to(device) for t in (input_ids, targets, position_ids, document_ids)]
 
 
+def train_step(model, optimizer, micro_batches, grad_clip, world_size, device):
+    """One optimizer step on this rank's micro-batches [(input ids, targets, positions, document ids)]
+    (make_batch). Returns the step's StepSums (on the device), the gradient norm and the global count
+    of assistant tokens (tensors: no host read here; memory_trace.py runs this same function).
+
+    Loss = −(sum of assistant-token log-probs) / (number of assistant tokens in the whole global
+    batch). Each rank divides by the global count and multiplies by world size because the
+    gradient all-reduce averages over ranks; every token then weighs the same however the tokens
+    fall across ranks and micro-batches. The count stays a device tensor (all-reduced, not read)."""
+    valid_tokens = torch.stack([(targets != -100).sum() for _, targets, _, _ in micro_batches]).sum()  # ()
+    if dist.is_initialized():
+        dist.all_reduce(valid_tokens)
+    sums = StepSums()
+    for i, (input_ids, targets, position_ids, document_ids) in enumerate(micro_batches):
+        with gradient_sync(model, sync=i == len(micro_batches) - 1):
+            with autocast(model, device):
+                logps = model(input_ids, position_ids=position_ids, document_ids=document_ids, targets=targets)  # (B, T)
+            loss = -logps.sum() / valid_tokens.clamp(min=1) * world_size
+            loss.backward()
+        sums.add(loss=loss / world_size)  # summed over micro-batches and ranks: the global mean loss
+    return sums, optimizer_step(model, optimizer, grad_clip), valid_tokens
+
+
 def main(argv=None):
     args = parse_args(argv)
 
@@ -136,7 +161,8 @@ def main(argv=None):
         destroy_distributed()
         return
     checkpointing, save_dtype = scale_settings(args, device)
-    print_stage_plan(args.model, "sft", dist_info, args.micro_batch_size, args.block_size, args.parallel, checkpointing)
+    lora = lora_settings(args)
+    print_stage_plan(args.model, "sft", dist_info, args.micro_batch_size, args.block_size, args.parallel, checkpointing, lora=lora)
     if args.dry_run:
         return destroy_distributed()
 
@@ -166,7 +192,8 @@ def main(argv=None):
 
     # fp32 master weights; bf16 compute on GPU (common.autocast / FSDP's policy). Under FSDP built on
     # the meta device and loaded by rank 0 alone (common.load_for_training).
-    model = load_for_training(args.model, args.parallel, dist_info, scratch=args.scratch, activation_checkpointing=checkpointing)
+    model = load_for_training(args.model, args.parallel, dist_info, scratch=args.scratch, activation_checkpointing=checkpointing,
+                              lora=lora)
     print0(f"model: {unwrap(model).num_parameters() / 1e6:.2f}M parameters, compute dtype {compute_dtype}, "
            f"activation checkpointing {'on' if checkpointing else 'off'}")
     # Training FLOPs per token: 6 × (parameters used in matmuls) + attention scores (12·L·H·T, halved by causality).
@@ -192,22 +219,7 @@ def main(argv=None):
         micro_batches = [make_batch(indices, blocks, documents, args.block_size, tokenizer.pad_token_id, device)
                          for indices in rank_micro_batches(batch, dist_info.rank, world_size, args.micro_batch_size)]
 
-        # Loss = −(sum of assistant-token log-probs) / (number of assistant tokens in the whole global
-        # batch). Each rank divides by the global count and multiplies by world size because the
-        # gradient all-reduce averages over ranks; every token then weighs the same however the tokens
-        # fall across ranks and micro-batches. The count stays a device tensor (all-reduced, not read).
-        valid_tokens = torch.stack([(targets != -100).sum() for _, targets, _, _ in micro_batches]).sum()  # ()
-        if dist.is_initialized():
-            dist.all_reduce(valid_tokens)
-        sums = StepSums()
-        for i, (input_ids, targets, position_ids, document_ids) in enumerate(micro_batches):
-            with gradient_sync(model, sync=i == len(micro_batches) - 1):
-                with autocast(model, device):
-                    logps = model(input_ids, position_ids=position_ids, document_ids=document_ids, targets=targets)  # (B, T)
-                loss = -logps.sum() / valid_tokens.clamp(min=1) * world_size
-                loss.backward()
-            sums.add(loss=loss / world_size)  # summed over micro-batches and ranks: the global mean loss
-        grad_norm = optimizer_step(model, optimizer, args.grad_clip)
+        sums, grad_norm, valid_tokens = train_step(model, optimizer, micro_batches, args.grad_clip, world_size, device)
         totals = sums.reduce(device, grad_norm=grad_norm, assistant_tokens=valid_tokens)
 
         dt = time.time() - t0  # reduce() waited for the step's work, so this is its real duration
@@ -227,7 +239,7 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------
     # Save: a full HF-format checkpoint gathered on rank 0 (weights, config, tokenizer).
 
-    save_checkpoint(model, args.out, tokenizer, source_dir=args.model, dtype=save_dtype)
+    save_checkpoint(model, args.out, tokenizer, source_dir=args.model, dtype=save_dtype, save_adapter=args.save_adapter)
     print0(f"saved {args.out}")
     destroy_distributed()
 

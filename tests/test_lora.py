@@ -1,0 +1,172 @@
+"""Tests of LoRA (model.LoRALinear, Transformer.add_lora, merge_lora, PEFT's adapter format) and of
+the stages trained with it: B = 0 starts at the base, only the adapters learn, merged = unmerged
+(full forward and cached decode), adapters off = the base bit for bit, the PEFT export loads in the
+real `peft` package to the same logits, and 2 ranks = 1 rank."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import generate
+from common import read_jsonl
+from model import LoRALinear, LoRASettings, KVCache, Transformer, merge_lora, read_adapter, save_adapter
+from tests.helpers import run_script, tiny_config, write_pairs, write_sft_data
+
+LORA = LoRASettings(rank=4, alpha=8.0, dropout=0.0)
+
+
+def adapted_model(seed=0, lora=LORA, head="lm", perturb=True):
+    """A tiny random model with adapters; `perturb`: B drawn at random (as after training), not 0."""
+    torch.manual_seed(seed)
+    model = Transformer.from_config(tiny_config(50), head=head).add_lora(lora)
+    if perturb:
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, LoRALinear):
+                    module.lora_B.normal_(0, 0.2)
+    return model.eval()
+
+
+def test_fresh_adapters_equal_the_base_and_only_adapters_train():
+    torch.manual_seed(0)
+    base = Transformer.from_config(tiny_config(50))
+    adapted = Transformer.from_config(tiny_config(50))
+    adapted.load_state_dict(base.state_dict())
+    adapted.add_lora(LORA)
+    input_ids = torch.randint(0, 50, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(adapted(input_ids), base(input_ids))  # B = 0: the update is exactly 0
+    adapted.train()
+    adapted(input_ids, targets=input_ids).sum().backward()
+    trained = {n for n, p in adapted.named_parameters() if p.grad is not None}
+    assert trained == {n for n, _ in adapted.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
+    assert len(trained) == 2 * 7 * 2  # 7 targets × 2 layers, A and B each
+    # B = 0 at init: A's gradient is 0 at step one, B's is not (as for PEFT)
+    assert all(p.grad.abs().max() > 0 for n, p in adapted.named_parameters() if n.endswith(".lora_B"))
+
+
+def test_adapters_off_is_the_base_model_bit_for_bit():
+    model = adapted_model()
+    base = Transformer.from_config(tiny_config(50))
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k})
+    input_ids = torch.randint(0, 50, (3, 9))
+    with torch.no_grad():
+        adapted = model(input_ids)
+        with model.adapters_disabled():
+            off = model(input_ids, targets=input_ids)
+            off_logits = model(input_ids)
+        assert torch.equal(off_logits, base(input_ids)) and torch.equal(off, base(input_ids, targets=input_ids))
+        assert (adapted - off_logits).abs().max() > 1e-3  # the adapters do change the model
+        assert torch.equal(model(input_ids), adapted)       # and are back on after the block
+
+
+def test_merged_equals_unmerged_in_full_forward_and_cached_decode():
+    model = adapted_model()
+    merged = Transformer.from_config(tiny_config(50))
+    merged.load_state_dict(merge_lora(model.state_dict(), LORA.scaling))
+    merged.eval()
+    input_ids = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids), merged(input_ids), atol=1e-5)
+        # cached decode: prefill 8 tokens, then 4 one at a time, against the merged full forward
+        cache = KVCache(model.config, 2, 16, "cpu", torch.float32)
+        generate.prefill(model, cache, input_ids[:, :8], torch.tensor([8, 8]))
+        for t in range(8, 12):
+            positions = torch.full((2, 1), t)
+            step_logits = model(input_ids[:, t:t + 1], position_ids=positions, cache=cache)[:, 0]
+            assert torch.allclose(step_logits, merged(input_ids[:, :t + 1])[:, -1], atol=1e-5)
+
+
+def test_a_lora_model_saves_merged_and_its_adapter_loads_in_peft(tmp_path, tiny_model_dir):
+    """save_pretrained writes W + s·BA (transformers loads it to our logits); save_adapter writes
+    PEFT's format, which peft.PeftModel.from_pretrained loads onto the base to the same logits; and
+    read_adapter reads it back exactly."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    model = Transformer.from_pretrained(tiny_model_dir).add_lora(LoRASettings(4, 8.0, 0.0, ("down_proj", "q_proj", "v_proj")))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.lora_B.normal_(0, 0.2)
+    model.eval()
+    model.save_pretrained(tmp_path / "merged")
+    save_adapter(tmp_path / "adapter", model.state_dict(), model.lora, base_model=tiny_model_dir)
+    assert not any("lora" in k for k in load_file(tmp_path / "merged" / "model.safetensors"))
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 10))
+    with torch.no_grad():
+        ours = model(input_ids)
+        hf_merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        assert (hf_merged(input_ids).logits - ours).abs().max() < 1e-4
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        with_adapter = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        assert (with_adapter(input_ids).logits - ours).abs().max() < 1e-4
+    lora, state = read_adapter(tmp_path / "adapter")
+    assert lora == model.lora
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items() if "lora_" in k)
+
+
+def test_a_reward_model_adapter_carries_its_score_head(tmp_path, tiny_model_dir):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForSequenceClassification
+
+    model = Transformer.from_pretrained(tiny_model_dir, head="score").add_lora(LORA)
+    assert model.score.weight.requires_grad and not model.model.embed_tokens.weight.requires_grad
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.lora_B.normal_(0, 0.2)
+    model.eval()
+    save_adapter(tmp_path / "adapter", model.state_dict(), model.lora, head="score", base_model=tiny_model_dir)
+    input_ids = torch.randint(1, model.config.vocab_size, (1, 10))
+    with torch.no_grad():
+        base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).eval()
+        with_adapter = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        assert abs(with_adapter(input_ids).logits[0, 0] - model(input_ids)[0, -1]) < 1e-4
+
+
+def test_lora_keeps_the_frozen_base_in_the_compute_dtype():
+    torch.manual_seed(0)
+    model = Transformer.from_config(tiny_config(50)).add_lora(LORA, frozen_dtype=torch.bfloat16)
+    dtypes = {p.dtype for n, p in model.named_parameters() if not p.requires_grad}
+    assert dtypes == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    with pytest.raises(ValueError, match="LoRA targets"):
+        Transformer.from_config(tiny_config(50)).add_lora(LoRASettings(4, 8.0, targets=("qkv",)))
+
+
+SFT_ARGS = ["--block-size", "64", "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "3", "--lr", "1e-2",
+            "--device", "cpu", "--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "q,v,down", "--save-adapter"]
+
+
+@pytest.fixture(scope="module")
+def lora_sft_one(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lora_sft")
+    write_sft_data(folder / "sft.jsonl", n=48)
+    run_script(["sft.py", "--model", str(tiny_model_dir), "--data", str(folder / "sft.jsonl"), "--out", str(folder / "one"),
+                *SFT_ARGS])
+    return folder
+
+
+def test_lora_sft_trains_only_adapters_and_saves_merged_plus_peft_adapter(lora_sft_one, tiny_model_dir):
+    out = lora_sft_one / "one"
+    merged, initial = load_file(out / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
+    assert merged.keys() == initial.keys()
+    changed = {n for n in merged if not torch.equal(merged[n], initial[n])}
+    assert changed and all(n.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight")) for n in changed)
+    lora, adapter = read_adapter(out / "adapter")
+    assert (lora.rank, lora.alpha, lora.targets) == (4, 8.0, ("down_proj", "q_proj", "v_proj"))
+    model = Transformer.from_pretrained(tiny_model_dir).add_lora(lora)
+    model.load_state_dict(adapter, strict=False)
+    assert all(torch.allclose(v, merged[k], atol=1e-6) for k, v in merge_lora(model.state_dict(), lora.scaling).items())
+    assert len(read_jsonl(out / "metrics.jsonl")) == 3
+
+
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_lora_sft_on_two_ranks_equals_one(parallel, lora_sft_one, tiny_model_dir, tmp_path):
+    run_script(["sft.py", "--model", str(tiny_model_dir), "--data", str(lora_sft_one / "sft.jsonl"), "--out",
+                str(tmp_path / "two"), "--parallel", parallel, *SFT_ARGS], nproc=2)
+    _, one = read_adapter(lora_sft_one / "one" / "adapter")
+    _, two = read_adapter(tmp_path / "two" / "adapter")
+    assert one.keys() == two.keys()
+    for name in one:
+        assert (one[name] - two[name]).abs().max().item() <= 1e-5, name
