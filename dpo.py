@@ -75,12 +75,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import generate
-from common import (InputError, MetricsLogger, StepSums, add_scale_flags, already_trained, atomic_write_text, autocast,
+from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_scale_flags, already_trained, atomic_write_text, autocast,
                     batch_schedule, check_settings, cosine_lr, default_dtype, destroy_distributed, encode_prompt,
                     encode_response, end_of_turn_ids, gradient_sync, has_model, init_distributed, load_for_training,
-                    load_tokenizer, make_optimizer, optimizer_step, print0, process_in_chunks, rank_micro_batches,
-                    read_jsonl, right_pad, run_cli, save_checkpoint, scale_settings, seed_everything, set_lr,
-                    stop_token_ids, write_jsonl)
+                    load_tokenizer, lora_settings, make_optimizer, optimizer_step, print0, process_in_chunks,
+                    rank_micro_batches, read_jsonl, right_pad, run_cli, save_checkpoint, scale_settings, seed_everything,
+                    set_lr, stop_token_ids, unwrap, write_jsonl)
 from data.schema import load_records
 from data.task import format_reward_vs_gold, gold_scored, reward_vs_gold, score
 from memory_plan import print_stage_plan
@@ -185,10 +185,11 @@ def reference_logps(model, examples, pad_id, dist_info, micro_batch_size):
 # Training
 
 
-def ensure_reference_logps(args, dist_info, examples, path):
+def ensure_reference_logps(args, dist_info, examples, path, policy=None):
     """The reference π_0's log-probs of every example's chosen and rejected response, read from
-    `path` or, the first time, computed there (once, no grad). The reference model is loaded only
-    for this pass and freed before the policy is loaded: never two models in memory at once."""
+    `path` or, the first time, computed there (once, no grad). Without LoRA the reference model is
+    loaded only for this pass and freed before the policy is loaded: never two models in memory at
+    once. With LoRA, `policy` (π_0 + adapters) is the reference with its adapters off: no second copy."""
     if Path(path).exists():
         ref = [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in read_jsonl(path)]
         if len(ref) != len(examples):
@@ -196,23 +197,69 @@ def ensure_reference_logps(args, dist_info, examples, path):
         return ref
     device = dist_info.device
     tokenizer = load_tokenizer(args.reference)
-    reference = load_for_training(args.reference, args.parallel, dist_info)
-    ref = reference_logps(reference, examples, tokenizer.pad_token_id, dist_info, args.micro_batch_size)
+    if policy is not None:
+        with unwrap(policy).adapters_disabled():
+            ref = reference_logps(policy, examples, tokenizer.pad_token_id, dist_info, args.micro_batch_size)
+    else:
+        reference = load_for_training(args.reference, args.parallel, dist_info)
+        ref = reference_logps(reference, examples, tokenizer.pad_token_id, dist_info, args.micro_batch_size)
+        del reference
     if dist_info.is_main:
         write_jsonl(path, [{"ref_chosen_logp": c, "ref_rejected_logp": r} for c, r in ref])
     if dist.is_initialized():
         dist.barrier()
-    del reference
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return ref
 
 
-def train(args, dist_info, start_model, pairs, examples, ref, out_dir):
-    """Preference optimisation of `start_model` on tokenized `examples` (from tokenize_pairs) with
-    reference log-probs `ref`; saves an HF checkpoint (+ metrics.jsonl) to out_dir."""
+def train_step(model, optimizer, micro_batches, beta, loss_type, nll_coef, grad_clip, global_pairs, pad_id, world_size, device):
+    """One optimizer step on this rank's micro-batches, each a tuple (prompt ids, chosen ids, rejected
+    ids, weight (b,), ref chosen (b,), ref rejected (b,), target (b,)); padding slots have weight 0.
+    Returns the step's StepSums (on the device) and the gradient norm (no host read here:
+    memory_trace.py runs this same function)."""
+    sums = StepSums()
+    for m, (prompts, chosen_ids, rejected_ids, weight, ref_chosen, ref_rejected, target) in enumerate(micro_batches):
+        with gradient_sync(model, sync=m == len(micro_batches) - 1):
+            with autocast(model, device):
+                # chosen and rejected in one forward: (2b, T)
+                logps, num_tokens = sequence_logps(model, prompts * 2, chosen_ids + rejected_ids, pad_id, device)
+            chosen, rejected = logps.float().split(len(prompts))                              # (b,) each
+            chosen_tokens, rejected_tokens = num_tokens.split(len(prompts))
+            per_pair = preference_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type, target,
+                                       chosen_tokens, rejected_tokens)
+            if nll_coef:  # RPO: keep the chosen response likely (its per-token NLL)
+                per_pair = per_pair - nll_coef * chosen / chosen_tokens
+            # Mean over the global batch's pairs (× world size: gradients are averaged over ranks).
+            loss = (per_pair * weight).sum() / global_pairs * world_size
+            loss.backward()
+        with torch.no_grad():
+            chosen_reward, rejected_reward = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+            # kl: the k1 estimate of KL(π‖π_0) on the training responses (exact in expectation
+            # only when they are on-policy)
+            sums.add(loss=per_pair * weight, chosen_reward=chosen_reward * weight, rejected_reward=rejected_reward * weight,
+                     accuracy=(chosen_reward > rejected_reward) * weight,
+                     kl=((chosen - ref_chosen) + (rejected - ref_rejected)) / 2 * weight,
+                     tokens=(chosen_tokens + rejected_tokens) * weight)
+    return sums, optimizer_step(model, optimizer, grad_clip)
+
+
+def train(args, dist_info, start_model, pairs, example_groups, out_dir, adapter=None):
+    """Preference optimisation of `start_model` (with LoRA: + `adapter`, a PEFT folder to continue)
+    on tokenized examples (from tokenize_pairs), given as groups [(examples, ref_logps path)]: each
+    group's reference log-probs are read from its path or computed there first. Saves an HF
+    checkpoint (+ metrics.jsonl) to out_dir."""
     device, world_size = dist_info.device, dist_info.world_size
     tokenizer = load_tokenizer(start_model)
+    lora = lora_settings(args)
+    checkpointing, save_dtype = scale_settings(args, device)
+    examples = [e for group, _ in example_groups for e in group]
+    if lora is None:  # the reference passes first, each with its own short-lived model
+        ref = [r for group, path in example_groups for r in ensure_reference_logps(args, dist_info, group, path)]
+    model = load_for_training(start_model, args.parallel, dist_info, activation_checkpointing=checkpointing, lora=lora,
+                              adapter=adapter)
+    if lora is not None:  # the reference is this model with its adapters off
+        ref = [r for group, path in example_groups for r in ensure_reference_logps(args, dist_info, group, path, policy=model)]
     # Soft labels: SPCE reads each pair's p (default 1); DPO's labels are hard (p = 1). cDPO: the
     # label is right with probability 1 − ε, i.e. SPCE with target p(1 − ε) + (1 − p)ε.
     targets = [float(pair.get("p", 1.0)) if args.loss == "spce" else 1.0 for pair in pairs]
@@ -226,8 +273,6 @@ def train(args, dist_info, start_model, pairs, examples, ref, out_dir):
     total_steps = len(schedule)
     print0(f"{len(examples)} pairs, {total_steps} steps of {args.batch_size} pairs, loss {loss_type}, β {args.beta}"
            + (f", cDPO ε {args.label_smoothing}" if args.label_smoothing else "") + (f", RPO α {args.nll_coef}" if args.nll_coef else ""))
-    checkpointing, save_dtype = scale_settings(args, device)
-    model = load_for_training(start_model, args.parallel, dist_info, activation_checkpointing=checkpointing)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     metrics = MetricsLogger(Path(out_dir) / "metrics.jsonl", enabled=dist_info.is_main)
 
@@ -238,37 +283,16 @@ def train(args, dist_info, start_model, pairs, examples, ref, out_dir):
         lr = cosine_lr(step, total_steps, args.lr, args.warmup_ratio)
         set_lr(optimizer, lr)
         global_pairs = len(batch)
-        sums = StepSums()
-        micro_batches = rank_micro_batches(batch, dist_info.rank, world_size, args.micro_batch_size)
-        for m, micro in enumerate(micro_batches):
+        micro_batches = []
+        for micro in rank_micro_batches(batch, dist_info.rank, world_size, args.micro_batch_size):
             index = [max(i, 0) for i in micro]  # padding slots (-1) re-use example 0 with weight 0
             weight = torch.tensor([float(i >= 0) for i in micro], device=device)              # (b,)
             ref_chosen, ref_rejected = ref_table[index].to(device).unbind(1)                  # (b,) each
-            target = target_table[index].to(device)                                           # (b,)
-            prompts = [examples[i][0] for i in index]
-            responses = [examples[i][1] for i in index] + [examples[i][2] for i in index]
-            with gradient_sync(model, sync=m == len(micro_batches) - 1):
-                with autocast(model, device):
-                    # chosen and rejected in one forward: (2b, T)
-                    logps, num_tokens = sequence_logps(model, prompts * 2, responses, tokenizer.pad_token_id, device)
-                chosen, rejected = logps.float().split(len(index))                           # (b,) each
-                chosen_tokens, rejected_tokens = num_tokens.split(len(index))
-                per_pair = preference_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, loss_type, target,
-                                           chosen_tokens, rejected_tokens)
-                if args.nll_coef:  # RPO: keep the chosen response likely (its per-token NLL)
-                    per_pair = per_pair - args.nll_coef * chosen / chosen_tokens
-                # Mean over the global batch's pairs (× world size: gradients are averaged over ranks).
-                loss = (per_pair * weight).sum() / global_pairs * world_size
-                loss.backward()
-            with torch.no_grad():
-                chosen_reward, rejected_reward = args.beta * (chosen - ref_chosen), args.beta * (rejected - ref_rejected)
-                # kl: the k1 estimate of KL(π‖π_0) on the training responses (exact in expectation
-                # only when they are on-policy)
-                sums.add(loss=per_pair * weight, chosen_reward=chosen_reward * weight, rejected_reward=rejected_reward * weight,
-                         accuracy=(chosen_reward > rejected_reward) * weight,
-                         kl=((chosen - ref_chosen) + (rejected - ref_rejected)) / 2 * weight,
-                         tokens=(chosen_tokens + rejected_tokens) * weight)
-        grad_norm = optimizer_step(model, optimizer, args.grad_clip)
+            micro_batches.append(([examples[i][0] for i in index], [examples[i][1] for i in index],
+                                  [examples[i][2] for i in index], weight, ref_chosen, ref_rejected,
+                                  target_table[index].to(device)))
+        sums, grad_norm = train_step(model, optimizer, micro_batches, args.beta, loss_type, args.nll_coef, args.grad_clip,
+                                     global_pairs, tokenizer.pad_token_id, world_size, device)
         totals = sums.reduce(device, grad_norm=grad_norm)  # the step's only host sync
         dt = time.time() - t0
         mean = {k: totals[k] / global_pairs for k in ("loss", "chosen_reward", "rejected_reward", "accuracy", "kl")}
@@ -281,7 +305,9 @@ def train(args, dist_info, start_model, pairs, examples, ref, out_dir):
                        f"rejected {line['rewards_rejected']:+.4f} | acc {line['reward_accuracy']:.3f} | kl {line['kl']:+.3f} | "
                        f"grad {line['grad_norm']:.3f} | lr {lr:.2e} | {line['tokens_per_s']:,.0f} tok/s")
     metrics.close()
-    save_checkpoint(model, out_dir, tokenizer, source_dir=start_model, dtype=save_dtype)
+    # online with LoRA the adapter is always kept: the next iteration continues it
+    save_checkpoint(model, out_dir, tokenizer, source_dir=start_model, dtype=save_dtype,
+                    save_adapter=args.save_adapter or args.iter is not None)
     del model, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -418,20 +444,28 @@ def run_iteration(args, sources, dist_info):
     # 4 + 5. Reference log-probs (once per iteration's pairs: π_0 never changes) and the policy update.
     if not has_model(here / "policy"):
         tokenizer = load_tokenizer(args.sft)
-        pairs, examples, ref = [], [], []
+        pairs, example_groups = [], []
         pairs_files = [run / f"iter{i}" / "pairs.jsonl" for i in (range(1, t + 1) if args.history == "all" else [t])]
         for path in pairs_files:
             iteration_pairs = load_records(path, "pairs", allow_empty=True)  # empty: every prompt was dropped
             kept, iteration_examples = tokenize_pairs(tokenizer, iteration_pairs, args.max_length)
             if iteration_examples:
-                ref += ensure_reference_logps(args, dist_info, iteration_examples, path.with_name("ref_logps.jsonl"))
+                example_groups.append((iteration_examples, path.with_name("ref_logps.jsonl")))
             pairs += kept
-            examples += iteration_examples
-        if not examples:
+        if not example_groups:
             raise InputError(f"no pairs to train on in {', '.join(map(str, pairs_files))}: every prompt's best and worst "
                              f"responses were the same text or tied (see {here / 'summary.json'}); delete {here} and rerun "
                              "with a larger --n or --temperature, or a smaller --reward-tolerance")
-        train(args, dist_info, previous_policy, pairs, examples, ref, here / "policy")
+        if args.lora_rank:
+            # LoRA: π_0 with the adapter so far (π_{t−1} = π_0 + its adapter), so that the reference π_0
+            # is this same model with its adapters off
+            adapter = None if t == 1 else previous_policy / "adapter"
+            if adapter is not None and not (adapter / "adapter_config.json").exists():
+                raise InputError(f"{adapter}: no LoRA adapter; with --lora-rank every iteration from the first must "
+                                 f"train with LoRA (delete {run} and start over, or drop --lora-rank)")
+            train(args, dist_info, args.sft, pairs, example_groups, here / "policy", adapter=adapter)
+        else:
+            train(args, dist_info, previous_policy, pairs, example_groups, here / "policy")
     print0(f"iteration {t} complete: {here}")
 
 
@@ -460,7 +494,8 @@ INPUT_SETTINGS = ("sft", "rm", "prompts", "iterations")
 SAMPLING_SETTINGS = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "max_prompt_length")
 PAIRING_SETTINGS = ("length_penalty", "reward_tolerance", "history")
 TRAINING_SETTINGS = ("loss", "beta", "label_smoothing", "nll_coef", "lr", "epochs", "batch_size", "max_length", "max_steps",
-                     "warmup_ratio", "weight_decay", "grad_clip", "seed", "save_dtype")
+                     "warmup_ratio", "weight_decay", "grad_clip", "seed", "save_dtype", "lora_rank", "lora_alpha", "lora_dropout",
+                     "lora_targets")
 RESULT_SETTINGS = INPUT_SETTINGS + SAMPLING_SETTINGS + PAIRING_SETTINGS + TRAINING_SETTINGS
 # Throughput settings: the same result whatever their value, up to floating-point summation order.
 # Saved in config.json (a batch size that fits the memory should carry over), free on a resume.
@@ -518,6 +553,7 @@ def build_parser():
     training.add_argument("--seed", type=int, default=0, help="global seed (data order; sampling seeds derive from it and t)")
     training.add_argument("--log-every", type=int, default=10, help="print a step line every N steps")
     add_scale_flags(training)
+    add_lora_flags(training)
     return parser
 
 
@@ -605,8 +641,7 @@ def run_offline(args, sources, dist_info):
     # ref_logps.jsonl survives a crash for the rerun to reuse, so it is recorded with its settings
     check_settings(out / "settings.json", {k: getattr(args, k) for k in ("pairs", "model") + TRAINING_SETTINGS}, start_over=out)
     args.reference = args.model
-    ref = ensure_reference_logps(args, dist_info, examples, out / "ref_logps.jsonl")
-    train(args, dist_info, args.model, kept, examples, ref, out)
+    train(args, dist_info, args.model, kept, [(examples, out / "ref_logps.jsonl")], out)
 
 
 def main(argv=None):
@@ -619,7 +654,8 @@ def main(argv=None):
         require_model(plan_model, "--sft" if args.iter is not None else "--model")
     if plan_model is not None and has_model(plan_model):
         checkpointing, _ = scale_settings(args, dist_info.device)
-        print_stage_plan(plan_model, "dpo", dist_info, args.micro_batch_size, args.max_length, args.parallel, checkpointing)
+        print_stage_plan(plan_model, "dpo", dist_info, args.micro_batch_size, args.max_length, args.parallel, checkpointing,
+                         lora=lora_settings(args))
     if args.dry_run:
         return destroy_distributed()
     if args.iter is not None:

@@ -218,7 +218,8 @@ def test_every_flag_is_a_run_setting_or_deliberately_not_one():
     not_saved = {"help", "pairs", "model", "out", "overwrite",  # offline mode
                  "iter", "run_dir",                              # which iteration, not how
                  "device", "parallel", "log_every",              # where it runs and what it prints
-                 "dry_run"}                                      # print the memory plan and exit
+                 "dry_run",                                      # print the memory plan and exit
+                 "save_adapter"}                                 # online, LoRA's adapter is always saved
     assert dests - set(dpo.RUN_SETTINGS) == not_saved
     assert set(dpo.RUN_SETTINGS) <= dests and len(set(dpo.RUN_SETTINGS)) == len(dpo.RUN_SETTINGS)
 

@@ -170,3 +170,41 @@ def test_lora_sft_on_two_ranks_equals_one(parallel, lora_sft_one, tiny_model_dir
     assert one.keys() == two.keys()
     for name in one:
         assert (one[name] - two[name]).abs().max().item() <= 1e-5, name
+
+
+def test_lora_online_dpo_uses_the_same_model_adapters_off_as_reference(task_dir, tmp_path, monkeypatch):
+    """Two online iterations with LoRA on the built-in task (gold reward): step 1 of iteration 1 has
+    the DPO loss log 2 (policy = reference, adapters fresh); iteration 2 continues iteration 1's
+    adapter on π_0, and its reference log-probs (adapters off) are π_0's, computed by a plain π_0."""
+    import dpo
+    from dpo import sequence_logps, tokenize_pairs
+    from common import load_tokenizer
+    from tests.helpers import builtin_model_dir
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    sft = builtin_model_dir(task_dir, tmp_path / "sft")
+    run = tmp_path / "run"
+    for t in (1, 2):
+        from common import write_jsonl
+        write_jsonl(tmp_path / f"prompts_{t}.jsonl", read_jsonl(task_dir / f"prompts_iter{t}.jsonl")[:4])
+        dpo.main(["--iter", str(t), "--run-dir", str(run), "--sft", str(sft), "--rm", "gold", "--prompts",
+                  str(tmp_path / "prompts_{t}.jsonl"), "--n", "3", "--max-new-tokens", "8", "--batch-size", "4",
+                  "--micro-batch-size", "4", "--lr", "1e-2", "--epochs", "1", "--device", "cpu", "--lora-rank", "4"])
+    step1 = read_jsonl(run / "iter1" / "policy" / "metrics.jsonl")[0]
+    assert step1["loss"] == pytest.approx(0.6931472, abs=1e-5) and step1["kl"] == pytest.approx(0, abs=1e-6)
+    assert (run / "iter1" / "policy" / "adapter" / "adapter_config.json").exists()
+    tokenizer = load_tokenizer(sft)
+    _, examples = tokenize_pairs(tokenizer, read_jsonl(run / "iter2" / "pairs.jsonl"), 4096)
+    pi0 = Transformer.from_pretrained(sft).eval()
+    with torch.no_grad():
+        logps, _ = sequence_logps(pi0, [e[0] for e in examples], [e[1] for e in examples], tokenizer.pad_token_id, "cpu")
+    recorded = [r["ref_chosen_logp"] for r in read_jsonl(run / "iter2" / "ref_logps.jsonl")]
+    assert recorded == pytest.approx(logps.tolist(), abs=1e-4)
+    # iteration 2's policy = π_0 + the adapter trained over both iterations (merged on save)
+    lora, adapter2 = read_adapter(run / "iter2" / "policy" / "adapter")
+    _, adapter1 = read_adapter(run / "iter1" / "policy" / "adapter")
+    assert any(not torch.equal(adapter1[k], adapter2[k]) for k in adapter1)
+    model = Transformer.from_pretrained(sft).add_lora(lora)
+    model.load_state_dict(adapter2, strict=False)
+    merged = load_file(run / "iter2" / "policy" / "model.safetensors")
+    assert all(torch.allclose(v, merged[k], atol=1e-6) for k, v in merge_lora(model.state_dict(), lora.scaling).items())
