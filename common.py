@@ -12,7 +12,7 @@ import random
 import shutil
 import sys
 import tempfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -434,6 +434,52 @@ def load_for_training(path, parallel, dist_info, head="lm", scratch=False, activ
     set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full_state
     return model
+
+
+def load_frozen(path, parallel, dist_info, head="lm"):
+    """A frozen model (a reference or a judge): eval mode, no gradients, weights in the compute dtype
+    (bf16 on a GPU). Under FSDP it is sharded like a policy (each rank holds 1/W of it, gathered
+    layer by layer in its forward; `gathered` makes it whole for sampling or judging); otherwise a
+    full copy on every rank."""
+    from model import ModelConfig, Transformer
+
+    device, dtype = dist_info.device, default_dtype(dist_info.device)
+    if parallel != "fsdp" or not dist.is_initialized():
+        return Transformer.from_pretrained(path, device=device, dtype=dtype, head=head).eval().requires_grad_(False)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.from_path(path), head=head).to(dtype).requires_grad_(False)
+    model = materialize(wrap_model(model, "fsdp", torch.device("meta"), dtype), device)
+    full_state = Transformer.from_pretrained(path, head=head, dtype=dtype).state_dict() if dist_info.is_main else {}
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model.eval()
+
+
+@contextmanager
+def gathered(model):
+    """Inside this block an FSDP model is whole on every rank (all-gathered once, in the compute
+    dtype) and its forwards run no collectives, as ZeRO-3 stacks do for generation: sampling calls
+    the model a different number of times on each rank (its responses end at different lengths), so
+    per-layer all-gathers in every decode step would deadlock, besides costing one all-gather per
+    layer per token. Its parameters are resharded on exit. Other models: nothing to do."""
+    if not is_fsdp(model):
+        yield model
+        return
+    modules = [m for m in model.modules() if is_fsdp(m)]
+    # FSDP makes the first module to run a forward the root. Sampling runs the blocks outside the
+    # root's forward (generate.prefill calls hidden_states), so settle the root role now (private API).
+    model._get_fsdp_state()._lazy_init()
+    model.set_reshard_after_forward(False)
+    for module in modules:
+        module.unshard()
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.reshard()
+        model.set_reshard_after_forward(True)             # the blocks' setting (wrap_model's default) ...
+        model.set_reshard_after_forward(False, recurse=False)  # ... and the root's: kept for the backward
 
 
 def shard_on_meta(config, head, activation_checkpointing, param_dtype, lora=None):

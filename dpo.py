@@ -126,7 +126,7 @@ def sequence_logps(model, prompts, responses, pad_id, device):
     for row, (p, r) in enumerate(zip(prompts, responses)):
         # position t predicts token t+1: response token j (at position len(p)+j) is the target at len(p)+j−1
         targets[row, len(p) - 1:len(p) + len(r) - 1] = torch.tensor(r, device=device)
-    token_logps = model(input_ids, targets=targets)                      # (B, T), 0 where ignored
+    token_logps = model(input_ids, targets=targets, num_targets=sum(map(len, responses)))  # (B, T), 0 where ignored
     return token_logps.sum(1), torch.tensor([len(r) for r in responses], device=device)
 
 

@@ -638,11 +638,13 @@ class Transformer(nn.Module):
         return self.model.norm(x)
 
     def forward(self, input_ids, position_ids=None, document_ids=None, cache=None, targets=None, temperature=1.0,
-                cache_len=None):
+                cache_len=None, num_targets=None):
         """Logits (B, T, V) in the model's dtype (scores (B, T) for a reward model); or, given `targets` (B, T) (-100 = ignored), the
         per-token log-probs log p(target | prefix) (B, T) in fp32, computed by kernels/logprob.py from
         the hidden states and the LM head without materialising the logits. The log-prob path goes
-        through forward (not a separate method) so that FSDP's forward hooks gather the LM head."""
+        through forward (not a separate method) so that FSDP's forward hooks gather the LM head.
+        num_targets: the number of targets that are not -100, when the caller knows it on the host:
+        the kernel then computes those rows only, without reading the device (see kernels/logprob.py)."""
         hidden = self.hidden_states(input_ids, position_ids, document_ids, cache, cache_len)
         if self.head == "score":  # a scalar per position (B, T); the caller reads the last real token
             return F.linear(hidden, self.score.weight).squeeze(-1).float()
@@ -658,7 +660,8 @@ class Transformer(nn.Module):
             dtype = torch.get_autocast_dtype(device_type)
             hidden, weight = hidden.to(dtype), weight.to(dtype)
         with torch.autocast(device_type, enabled=False):
-            logps = token_logprobs(hidden.reshape(B * T, H), weight, targets.reshape(B * T), temperature=temperature)
+            logps = token_logprobs(hidden.reshape(B * T, H), weight, targets.reshape(B * T), temperature=temperature,
+                                   num_valid=num_targets)
         return logps.view(B, T)
 
     def init_weights(self, std=None):

@@ -31,10 +31,14 @@ after preference augmentation; --model itself when omitted). Paper 2's TinyLlama
 defaults: K = 7, β = 0.001, lr 2e-6, batch 16 prompts, top-p 0.9, temperature 0.7.
 Ablations: --loss spce|dpo|ipo (DPO/IPO take the higher-ranked response as chosen), --pairing
 ranked|random|best (best = RAFT: NLL on the top-ranked response only), --sampling policy|sft.
-Data parallelism is DDP: each rank samples with its own full replica of the policy. A rerun with a
-finished model in --out does nothing (--overwrite trains again).
+Data parallelism: FSDP2 by default (the policy, the reference and the judge sharded; each is
+gathered whole once for a rollout or a judging pass, common.gathered), or DDP. Paper 2's own setup,
+Mistral-7B on one 48 GB GPU, is LoRA: --lora-rank 64 --lora-alpha 32 --lr 2e-5 --beta 0.1; the
+reference and the judge are then the policy with its adapters off. A rerun with a finished model
+in --out does nothing (--overwrite trains again).
 """
 import argparse
+import contextlib
 import random
 import time
 from pathlib import Path
@@ -42,16 +46,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import (InputError, MetricsLogger, StepSums, add_scale_flags, already_trained, autocast, cosine_lr,
-                    default_dtype, destroy_distributed, encode_response, end_of_turn_ids, gradient_sync,
-                    init_distributed, load_for_training, load_tokenizer, make_optimizer, optimizer_step, print0,
-                    run_cli, save_checkpoint, scale_settings, seed_everything, set_lr, stop_token_ids, unwrap)
+from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_scale_flags, already_trained, autocast,
+                    cosine_lr, default_dtype, destroy_distributed, encode_response, end_of_turn_ids, gathered, gradient_sync,
+                    init_distributed, load_for_training, load_frozen, load_tokenizer, lora_settings, make_optimizer,
+                    optimizer_step, print0, run_cli, save_checkpoint, scale_settings, seed_everything, set_lr,
+                    stop_token_ids, unwrap)
 from data.judge import JUDGE_TEMPLATES
 from data.schema import load_records
 from dpo import preference_loss, sequence_logps
 from generate import Engine, encode_prompts, generate_records
 from memory_plan import print_stage_plan
-from model import Transformer
 from train_rm import judge_template, pairwise_preference
 
 # ----------------------------------------------------------------------------------------------
@@ -97,11 +101,23 @@ def prompt_batches(num_prompts, batch_size, seed):
         order = order[batch_size:]
 
 
+@contextlib.contextmanager
+def sft_view(frozen, policy):
+    """π_SFT for a no-grad forward: the frozen model (reference or judge), or with LoRA (frozen is
+    None) the policy itself with its adapters off: no second copy of the model."""
+    if frozen is not None:
+        yield frozen
+    else:
+        with unwrap(policy).adapters_disabled():
+            yield unwrap(policy)
+
+
 def rollout(engine, tokenizer, prompt_records, args, step, device):
     """1. K responses per prompt from the sampler (the current policy, or π_SFT): texts, a list of
-    K per prompt. Seeds come from (seed, step, prompt id, sample index): no dependence on ranks."""
+    K per prompt. Seeds come from (seed, step, prompt id, sample index): no dependence on ranks.
+    A sharded sampler is gathered whole once for the rollout (common.gathered), not per token."""
     engine.model.eval()
-    with autocast(engine.model, device):
+    with gathered(engine.model), autocast(engine.model, device):
         samples = generate_records(engine, tokenizer, prompt_records, args.k, args.max_new_tokens, args.temperature,
                                    top_p=args.top_p, seed=args.seed * 1_000_003 + step)
     return [record["responses"] for record in samples]
@@ -143,17 +159,18 @@ def target_strengths(judge, judge_tokenizer, template, prompt_messages, response
 def pair_losses(policy, reference, prompt_tokens, chosen_tokens, rejected_tokens, targets, args, pad_id, device):
     """The loss of each pair of a micro-batch (B,), with h (B,), the implicit preference's argument,
     and the log-ratio log π_θ(y|x) − log π_SFT(y|x) of each pair's responses, averaged (B,) (both
-    detached, for the metrics). rejected_tokens None: RAFT, per-token NLL of the best response."""
+    detached, for the metrics). rejected_tokens None: RAFT, per-token NLL of the best response.
+    reference None: the policy with its adapters off (LoRA)."""
     if rejected_tokens is None:
         logps, counts = sequence_logps(policy, prompt_tokens, chosen_tokens, pad_id, device)
-        with torch.no_grad():
-            ref_logps, _ = sequence_logps(reference, prompt_tokens, chosen_tokens, pad_id, device)
+        with torch.no_grad(), sft_view(reference, policy) as sft_model:
+            ref_logps, _ = sequence_logps(sft_model, prompt_tokens, chosen_tokens, pad_id, device)
         return -logps / counts, torch.zeros_like(ref_logps), logps.detach() - ref_logps
     n = len(prompt_tokens)
     # chosen and rejected in one forward: (2B, T)
     logps, counts = sequence_logps(policy, prompt_tokens * 2, chosen_tokens + rejected_tokens, pad_id, device)
-    with torch.no_grad():
-        ref_logps, _ = sequence_logps(reference, prompt_tokens * 2, chosen_tokens + rejected_tokens, pad_id, device)
+    with torch.no_grad(), sft_view(reference, policy) as sft_model:
+        ref_logps, _ = sequence_logps(sft_model, prompt_tokens * 2, chosen_tokens + rejected_tokens, pad_id, device)
     # The token counts make IPO use length-normalised log-probs (dpo.preference_loss, as in dpo.py).
     per_pair = preference_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], args.beta, args.loss, targets,
                                chosen_tokens=counts[:n], rejected_tokens=counts[n:])
@@ -234,6 +251,9 @@ def parse_args():
     parser.add_argument("--out", required=True, help="output checkpoint folder (+ metrics.jsonl)")
     parser.add_argument("--overwrite", action="store_true", help="train again even if --out already holds a model")
     add_scale_flags(parser)
+    add_lora_flags(parser)
+    parser.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp",
+                        help="data parallelism of the policy under torchrun (fsdp: the reference and judge are sharded too)")
     parser.add_argument("--steps", type=int, default=100, help="training steps (one batch of prompts each)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per step, over all ranks (paper 2: 16)")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="pairs per forward per rank")
@@ -277,12 +297,14 @@ def main():
         raise InputError(f"--batch-size {args.batch_size} must be a multiple of the number of ranks ({world_size})")
     if already_trained(args.out, args.overwrite):
         return destroy_distributed()
-    # The policy under DDP (a full copy per rank), the frozen reference and judge beside it, and the
-    # sampling cache (prompt length: --max-prompt-length, or 512 tokens assumed).
+    # The policy (FSDP or DDP), π_SFT as reference and judge beside it (with LoRA: the policy with its
+    # adapters off), and the sampling cache (prompt length: --max-prompt-length, or 512 tokens assumed).
     checkpointing, save_dtype = scale_settings(args, device)
+    lora = lora_settings(args)
     sequence = (args.max_prompt_length or 512) + args.max_new_tokens
-    print_stage_plan(args.model, "dpo", dist_info, args.micro_batch_size, sequence, "ddp", checkpointing,
-                     resident_reference=True, kv_cache_slots=args.batch_size // world_size * args.k, kv_cache_len=sequence)
+    print_stage_plan(args.model, "dpo", dist_info, args.micro_batch_size, sequence, args.parallel, checkpointing,
+                     resident_reference=True, kv_cache_slots=args.batch_size // world_size * args.k, kv_cache_len=sequence,
+                     lora=lora)
     if args.dry_run:
         return destroy_distributed()
 
@@ -293,26 +315,27 @@ def main():
     template = judge_template(args.judge or args.model, args.judge_template, default="dialogue")
 
     # ----------------------------------------------------------------------------------------------
-    # Models: the policy (trained, fp32 master weights, DDP), the reference π_SFT and the judge (frozen).
+    # Models: the policy (trained, fp32 master weights), the reference π_SFT and the judge (frozen, in
+    # the compute dtype; sharded under FSDP). None stands for "the policy with its adapters off".
 
     compute_dtype = default_dtype(device)
     tokenizer = load_tokenizer(args.model)
-    policy = load_for_training(args.model, "ddp", dist_info, activation_checkpointing=checkpointing)
-    reference = Transformer.from_pretrained(args.model, device=device, dtype=compute_dtype).eval().requires_grad_(False)
+    policy = load_for_training(args.model, args.parallel, dist_info, activation_checkpointing=checkpointing, lora=lora)
+    reference = None if lora is not None else load_frozen(args.model, args.parallel, dist_info)
     same_judge = args.judge in (None, args.model)
-    judge = reference if same_judge else \
-        Transformer.from_pretrained(args.judge, device=device, dtype=compute_dtype).eval().requires_grad_(False)
+    judge = reference if same_judge else load_frozen(args.judge, args.parallel, dist_info)
     judge_tokenizer = tokenizer if same_judge else load_tokenizer(args.judge)
     optimizer = make_optimizer(policy, args.lr)
     # Every prompt is checked against the context up front, on every rank (generate.encode_prompts);
     # those over --max-prompt-length are left out of the prompts the steps draw from.
-    prompts, prompt_tokens = encode_prompts(tokenizer, prompts, args.max_new_tokens, reference.config.max_position_embeddings,
+    prompts, prompt_tokens = encode_prompts(tokenizer, prompts, args.max_new_tokens, unwrap(policy).config.max_position_embeddings,
                                             args.prompts, args.max_prompt_length)
     local_batch = args.batch_size // world_size
     # The sampler reads the policy's (or π_SFT's) weights in place: after each optimizer step the next
     # samples come from the updated policy, with no copy to keep in sync.
-    sampler = unwrap(policy) if args.sampling == "policy" else reference
+    sampler = unwrap(policy) if args.sampling == "policy" or reference is None else reference
     engine = Engine(sampler, local_batch * args.k, stop_token_ids(tokenizer), dtype=compute_dtype)
+    sample_sft_with_adapters_off = args.sampling == "sft" and reference is None
 
     # ----------------------------------------------------------------------------------------------
     # Training loop: Algorithm 1, one batch of prompts per step
@@ -324,10 +347,13 @@ def main():
         t0 = time.time()
         mine = next(batches)[dist_info.rank * local_batch:(dist_info.rank + 1) * local_batch]
         messages = [prompts[i]["messages"] for i in mine]
-        responses = rollout(engine, tokenizer, [prompts[i] for i in mine], args, step, device)
-        self_scores = judge_self_scores(judge, judge_tokenizer, template, messages, responses, device)
-        pairs = make_pairs(self_scores, args.pairing, pairing_rng)
-        targets = target_strengths(judge, judge_tokenizer, template, messages, responses, pairs, device)
+        with sft_view(None, policy) if sample_sft_with_adapters_off else contextlib.nullcontext():
+            responses = rollout(engine, tokenizer, [prompts[i] for i in mine], args, step, device)
+        # the judge is read at one position per query, outside forward: gathered whole (common.gathered)
+        with sft_view(judge, policy) as judge_model, gathered(judge_model):
+            self_scores = judge_self_scores(judge_model, judge_tokenizer, template, messages, responses, device)
+            pairs = make_pairs(self_scores, args.pairing, pairing_rng)
+            targets = target_strengths(judge_model, judge_tokenizer, template, messages, responses, pairs, device)
         sums, grad_norm = update(policy, reference, optimizer, tokenizer, [prompt_tokens[i] for i in mine], responses, pairs,
                                  targets, args, step, world_size, device)
         sums.add(length_chars=sum(len(text) for texts in responses for text in texts),
@@ -343,7 +369,7 @@ def main():
     # Save
 
     metrics.close()
-    save_checkpoint(policy, args.out, tokenizer, source_dir=args.model, dtype=save_dtype)
+    save_checkpoint(policy, args.out, tokenizer, source_dir=args.model, dtype=save_dtype, save_adapter=args.save_adapter)
     print0(f"saved {args.out}")
     destroy_distributed()
 

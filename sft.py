@@ -104,8 +104,9 @@ def pack_blocks(documents, block_size, seed):
 
 def make_batch(block_indices, blocks, documents, block_size, pad_id, device):
     """Packed tensors (B, block_size): input ids, targets, positions restarting per document, and
-    document ids. Padding (and a padding block, index -1) gets document id -1 and target -100, so
-    it never affects the loss."""
+    document ids, and the number of targets that count (a host int, for the log-prob kernel).
+    Padding (and a padding block, index -1) gets document id -1 and target -100, so it never
+    affects the loss."""
     B, T = len(block_indices), block_size
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     targets = torch.full((B, T), -100, dtype=torch.long)
@@ -121,26 +122,28 @@ def make_batch(block_indices, blocks, documents, block_size, pad_id, device):
             position_ids[row, start:end] = torch.arange(len(ids))
             document_ids[row, start:end] = doc_number
             start = end
-    return [t.to(device) for t in (input_ids, targets, position_ids, document_ids)]
+    num_targets = int((targets != -100).sum())  # counted here, on the host, before the copy to the device
+    return [t.to(device) for t in (input_ids, targets, position_ids, document_ids)] + [num_targets]
 
 
 def train_step(model, optimizer, micro_batches, grad_clip, world_size, device):
-    """One optimizer step on this rank's micro-batches [(input ids, targets, positions, document ids)]
-    (make_batch). Returns the step's StepSums (on the device), the gradient norm and the global count
+    """One optimizer step on this rank's micro-batches [(input ids, targets, positions, document ids,
+    number of targets)] (make_batch). Returns the step's StepSums (on the device), the gradient norm and the global count
     of assistant tokens (tensors: no host read here; memory_trace.py runs this same function).
 
     Loss = −(sum of assistant-token log-probs) / (number of assistant tokens in the whole global
     batch). Each rank divides by the global count and multiplies by world size because the
     gradient all-reduce averages over ranks; every token then weighs the same however the tokens
     fall across ranks and micro-batches. The count stays a device tensor (all-reduced, not read)."""
-    valid_tokens = torch.stack([(targets != -100).sum() for _, targets, _, _ in micro_batches]).sum()  # ()
+    valid_tokens = torch.tensor(sum(batch[-1] for batch in micro_batches), device=device)  # ()
     if dist.is_initialized():
         dist.all_reduce(valid_tokens)
     sums = StepSums()
-    for i, (input_ids, targets, position_ids, document_ids) in enumerate(micro_batches):
+    for i, (input_ids, targets, position_ids, document_ids, num_targets) in enumerate(micro_batches):
         with gradient_sync(model, sync=i == len(micro_batches) - 1):
             with autocast(model, device):
-                logps = model(input_ids, position_ids=position_ids, document_ids=document_ids, targets=targets)  # (B, T)
+                logps = model(input_ids, position_ids=position_ids, document_ids=document_ids, targets=targets,
+                              num_targets=num_targets)  # (B, T)
             loss = -logps.sum() / valid_tokens.clamp(min=1) * world_size
             loss.backward()
         sums.add(loss=loss / world_size)  # summed over micro-batches and ranks: the global mean loss

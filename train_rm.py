@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (InputError, MetricsLogger, StepSums, add_scale_flags, already_trained, atomic_write_text, autocast,
+from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_scale_flags, already_trained, atomic_write_text, autocast,
                     batch_schedule, cosine_lr, default_dtype, destroy_distributed, encode_prompt, encode_response,
-                    end_of_turn_ids, gradient_sync, init_distributed, load_for_training, load_tokenizer, make_optimizer,
+                    end_of_turn_ids, gradient_sync, init_distributed, load_for_training, load_tokenizer, lora_settings, make_optimizer,
                     optimizer_step, print0, process_in_chunks, rank_micro_batches, right_pad, run_cli, save_checkpoint,
                     scale_settings, seed_everything, set_lr, unwrap)
 from data.judge import JUDGE_LABELS, JUDGE_TEMPLATES, render_judge_prompt
@@ -263,6 +263,34 @@ def training_examples(args, tokenizer, pairs, template, rng):
     return examples, dropped, truncated
 
 
+def train_step(model, optimizer, micro_batches, kind, center_coef, grad_clip, global_pairs, pad_id, world_size, device):
+    """One optimizer step on this rank's micro-batches [(examples, weight (b,))], an example being
+    (chosen ids, rejected ids, margin) for kind "bt", (query ids, label id) for "pairwise". Returns
+    the step's StepSums (on the device) and the gradient norm (memory_trace.py runs this function)."""
+    sums = StepSums()
+    for m, (items, weight) in enumerate(micro_batches):
+        with gradient_sync(model, sync=m == len(micro_batches) - 1):
+            with autocast(model, device):
+                if kind == "bt":
+                    rewards = sequence_rewards(model, [e[0] for e in items] + [e[1] for e in items], pad_id, device)
+                    chosen, rejected = rewards[:len(items)], rewards[len(items):]
+                    margins = torch.tensor([e[2] for e in items], device=device)
+                    per_pair = bt_loss(chosen, rejected, margins, center_coef)                    # (B,)
+                    correct = (chosen > rejected).float()
+                else:  # cross-entropy on the label token, over the full vocabulary
+                    input_ids, lengths = right_pad([e[0] for e in items], pad_id, device)
+                    targets = torch.full_like(input_ids, -100)
+                    targets[torch.arange(len(items), device=device), lengths - 1] = torch.tensor([e[1] for e in items], device=device)
+                    per_pair = -model(input_ids, targets=targets, num_targets=len(items)).sum(1)  # (B,)
+                    correct = (per_pair < math.log(2)).float()  # the label has probability > 1/2
+            # Mean over the global batch's pairs: divide by its size, × world size (the gradient
+            # all-reduce averages over ranks).
+            batch_loss = (per_pair * weight).sum() / global_pairs
+            (batch_loss * world_size).backward()
+        sums.add(loss=batch_loss, correct=correct * weight)  # summed over micro-batches and ranks
+    return sums, optimizer_step(model, optimizer, grad_clip)
+
+
 def train(args, dist_info):
     device, world_size = dist_info.device, dist_info.world_size
 
@@ -293,7 +321,7 @@ def train(args, dist_info):
 
     checkpointing, save_dtype = scale_settings(args, device)
     model = load_for_training(args.model, args.parallel, dist_info, head="score" if args.type == "bt" else "lm",
-                              activation_checkpointing=checkpointing)
+                              activation_checkpointing=checkpointing, lora=lora_settings(args))
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
 
     # ------------------------------------------------------------------------------------------
@@ -306,30 +334,11 @@ def train(args, dist_info):
         lr = cosine_lr(step, total_steps, args.lr, args.warmup_ratio)
         set_lr(optimizer, lr)
         micro_batches = rank_micro_batches(batch, dist_info.rank, world_size, args.micro_batch_size)
-        sums = StepSums()
-        for m, indices in enumerate(micro_batches):
-            items = [examples[max(i, 0)] for i in indices]                               # index -1: padding ...
-            weight = torch.tensor([float(i >= 0) for i in indices], device=device)       # ... with weight 0
-            with gradient_sync(model, sync=m == len(micro_batches) - 1):
-                with autocast(model, device):
-                    if args.type == "bt":
-                        rewards = sequence_rewards(model, [e[0] for e in items] + [e[1] for e in items], tokenizer.pad_token_id, device)
-                        chosen, rejected = rewards[:len(items)], rewards[len(items):]
-                        margins = torch.tensor([e[2] for e in items], device=device)
-                        per_pair = bt_loss(chosen, rejected, margins, args.center_coef)            # (B,)
-                        correct = (chosen > rejected).float()
-                    else:  # cross-entropy on the label token, over the full vocabulary
-                        input_ids, lengths = right_pad([e[0] for e in items], tokenizer.pad_token_id, device)
-                        targets = torch.full_like(input_ids, -100)
-                        targets[torch.arange(len(items), device=device), lengths - 1] = torch.tensor([e[1] for e in items], device=device)
-                        per_pair = -model(input_ids, targets=targets).sum(1)                      # (B,)
-                        correct = (per_pair < math.log(2)).float()  # the label has probability > 1/2
-                # Mean over the global batch's pairs: divide by its size, × world size (the gradient
-                # all-reduce averages over ranks).
-                batch_loss = (per_pair * weight).sum() / len(batch)
-                (batch_loss * world_size).backward()
-            sums.add(loss=batch_loss, correct=correct * weight)  # summed over micro-batches and ranks
-        grad_norm = optimizer_step(model, optimizer, args.grad_clip)
+        micro_batches = [([examples[max(i, 0)] for i in indices],                                  # index -1: padding ...
+                          torch.tensor([float(i >= 0) for i in indices], device=device))             # ... with weight 0
+                         for indices in micro_batches]
+        sums, grad_norm = train_step(model, optimizer, micro_batches, args.type, args.center_coef, args.grad_clip, len(batch),
+                                     tokenizer.pad_token_id, world_size, device)
         totals = sums.reduce(device, grad_norm=grad_norm)
         line = dict(step=step + 1, loss=totals["loss"], accuracy=totals["correct"] / len(batch), lr=lr,
                     grad_norm=totals["grad_norm"], ms=(time.time() - t0) * 1000)
@@ -351,7 +360,7 @@ def train(args, dist_info):
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
     elif dist_info.is_main:  # written first, so the atomic checkpoint save carries it into the folder
         atomic_write_text(Path(args.out) / "judge_template.txt", template)
-    save_checkpoint(model, args.out, tokenizer, source_dir=args.model, dtype=save_dtype)
+    save_checkpoint(model, args.out, tokenizer, source_dir=args.model, dtype=save_dtype, save_adapter=args.save_adapter)
     print0(f"saved {args.out}")
 
 
@@ -429,6 +438,7 @@ def build_parser():
     train_parser.add_argument("--log-every", type=int, default=10, help="print a step line every N steps")
     train_parser.add_argument("--overwrite", action="store_true", help="retrain even if --out already holds a model")
     add_scale_flags(train_parser)
+    add_lora_flags(train_parser)
 
     score_parser = commands.add_parser("score", parents=[shared], allow_abbrev=False,
                                        help="add a reward to every response of a samples file",
@@ -464,7 +474,7 @@ def main(argv=None):
         checkpointing, _ = scale_settings(args, device)
         # bt: chosen and rejected through the score head; pairwise: one (query, label) sequence each
         print_stage_plan(args.model, "rm" if args.type == "bt" else "sft", dist_info, args.micro_batch_size, args.max_length,
-                         args.parallel, checkpointing, packed=False)
+                         args.parallel, checkpointing, packed=False, lora=lora_settings(args))
         if args.dry_run:
             return destroy_distributed()
         if not already_trained(args.out, args.overwrite):

@@ -3,6 +3,8 @@ materialising the [tokens x vocab] logits.
 
     from kernels.logprob import token_logprobs
     logps = token_logprobs(hidden, lm_head_weight, targets, temperature=1.0)   # (N,) fp32, -100 -> 0.0
+    logps = token_logprobs(hidden, lm_head_weight, targets, num_valid=n)       # n = #targets != -100, a host int:
+                                                                               # only those n rows are computed
 
     python -m kernels.logprob --bench              # H100: ours vs naive PyTorch vs Liger (fwd + bwd)
     python -m kernels.logprob --bench --cpu-smoke  # tiny run of the same code path on a CPU
@@ -51,8 +53,15 @@ Design (why it looks the way it does):
      the same four matmuls. Gradients that are not needed are skipped (a frozen LM head: 3 matmuls;
      no grad at all, e.g. reference-model log-probs: 1).
   4. Ignored positions (target == ignore_index) are dropped before any matmul: prompts and padding
-     are often half of an RLHF batch, and skipping them halves the work. Counting them costs one
-     host sync per call.
+     are often half of an RLHF batch, and skipping them halves the work. But the matmul shapes are
+     chosen on the host, so the host must know how many rows remain. Reading that count back from the
+     GPU (nonzero()) makes the CPU wait for every queued kernel, once per call -- and a fake
+     tensor (FakeTensorMode, torch.compile tracing) has no values to read at all. So the count comes
+     from the caller, who built the targets from Python lists and knows it: num_valid=. Given it,
+     nonzero_static picks those rows without a read back. Without it we still never read the device:
+     every row goes through the matmuls, ignored ones zeroed and masked out -- correct, but paying for
+     the ignored rows too. Nothing in forward or backward reads a device value: the target-range check
+     is torch._assert_async on a GPU (a plain assert on a CPU, where reading costs nothing).
 """
 import argparse
 import math
@@ -61,6 +70,7 @@ import sys
 import time
 
 import torch
+from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
 from kernels import first_use_fallback
 
@@ -102,10 +112,15 @@ def resolve_impl(hidden, impl=None):
         triton_runs_here = HAS_TRITON and (hidden.is_cuda or interpreted)
         # fp64 (gradcheck) stays on the chunked path: the Triton kernels compute in fp32.
         impl = "triton" if triton_runs_here and hidden.dtype != torch.float64 else "chunked"
+    if impl == "triton" and is_fake(hidden):
+        # A fake tensor has no memory for a kernel to read; the chunked loop gives the same shapes. (Trying
+        # Triton would also make first_use_fallback give up on it for the rest of the process.)
+        impl = "chunked"
     return impl
 
 
-def token_logprobs(hidden, weight, targets, temperature=1.0, ignore_index=-100, impl=None, vocab_chunk_size=None):
+def token_logprobs(hidden, weight, targets, temperature=1.0, ignore_index=-100, impl=None, vocab_chunk_size=None,
+                   num_valid=None):
     """Per-token log p(targets[i] | hidden[i]) under softmax(hidden @ weight.T / temperature).
 
     hidden (N, H) and weight (V, H) in bf16, fp16, fp32 (or fp64: chunked/torch only), same dtype;
@@ -114,17 +129,25 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, ignore_index=-100, 
     gradient. weight may be a tied embedding: its gradient here is simply added to the others.
     impl: "auto" | "triton" | "chunked" | "torch" (the reference); default $RLHF_KERNELS or "auto".
     vocab_chunk_size: logits columns per chunk; None picks one from the number of tokens.
+    num_valid: how many targets are not ignore_index, as a host int (e.g. the sum of the response lengths
+    the targets were built from). Given, only those rows are computed; None computes all N rows and masks
+    the ignored ones (same result, more work). Never read from the device here: see point 4 above.
+    A wrong num_valid fails an assert (at once on a CPU; on a GPU as a device-side assert at the next sync).
     """
     assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1], \
         f"expected hidden (N, H) and weight (V, H), got {tuple(hidden.shape)} and {tuple(weight.shape)}"
     assert targets.shape == hidden.shape[:1], f"targets {tuple(targets.shape)} must be (N,) = {hidden.shape[0]}"
     assert temperature > 0, "temperature must be positive"
+    assert num_valid is None or (isinstance(num_valid, int) and 0 <= num_valid <= targets.shape[0]), \
+        f"num_valid must be None or a host int in [0, {targets.shape[0]}], got {num_valid!r}"
+    _check_targets(targets, weight.shape[0], ignore_index, num_valid)
     impl = resolve_impl(hidden, impl)
     if impl == "torch":
         return token_logprobs_reference(hidden, weight, targets, temperature, ignore_index)
     assert hidden.dtype == weight.dtype, f"hidden is {hidden.dtype} but weight is {weight.dtype}"
     def run(use_triton):
-        return ChunkedTokenLogprobs.apply(hidden, weight, targets, float(temperature), ignore_index, use_triton, vocab_chunk_size)
+        return ChunkedTokenLogprobs.apply(hidden, weight, targets, float(temperature), ignore_index, use_triton,
+                                          vocab_chunk_size, num_valid)
 
     if impl == "triton":  # the kernels compile on first use; if that fails, the chunked PyTorch loop
         return first_use_fallback("kernels.logprob (Triton)", lambda: run(True), lambda: run(False))
@@ -151,51 +174,56 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
     """Forward: for each vocabulary chunk, logits = hidden @ W[chunk]^T in fp32, fold them into a running
     logsumexp and pick out the target logit. Saves only lse (n,). Backward: recompute each chunk's logits,
     turn them into G[:, chunk] (the softmax gradient), then grad_weight[chunk] = G^T @ hidden and
-    grad_hidden += G @ W[chunk]."""
+    grad_hidden += G @ W[chunk].
+
+    Which n rows the loops see (point 4 of the module docstring), decided from host values only:
+      num_valid == N:     all rows, as they are.
+      num_valid < N:      rows = the num_valid non-ignored indices (nonzero_static), gathered; results
+                          scattered back with index_copy_, ignored rows left at exactly 0.
+      num_valid is None:  all N rows, "masked": ignored rows get hidden 0, target 0 and upstream gradient 0,
+                          so they add exactly nothing to any gradient (even if their hidden states are
+                          inf/NaN garbage), and their log-probs are set to 0 by a where()."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, ignore_index, use_triton, vocab_chunk_size):
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index, use_triton, vocab_chunk_size, num_valid):
         num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
         accumulate_dtype = _accumulate_dtype(weight.dtype)
-        # Keep only the tokens that count. nonzero() syncs with the device: the count sizes the matmuls.
-        rows = (targets != ignore_index).nonzero().squeeze(1)  # (n,) indices of non-ignored tokens
-        n = rows.numel()
-        all_valid = n == num_tokens
+        rows, valid = _select_rows(targets, ignore_index, num_valid)
+        n = num_tokens if num_valid is None else num_valid  # host ints only: no device read sizes anything
         logprobs = torch.zeros(num_tokens, dtype=accumulate_dtype, device=hidden.device)
         lse = torch.empty(0, dtype=accumulate_dtype, device=hidden.device)
         chunk = vocab_chunk_size or _auto_vocab_chunk_size(n, vocab_size, hidden.device)
         if n > 0:
-            h = hidden if all_valid else hidden[rows]     # (n, H)
-            t = (targets if all_valid else targets[rows]).contiguous()  # (n,), read by the Triton kernels
-            lowest, highest = torch.stack(t.aminmax()).tolist()
-            assert 0 <= lowest and highest < vocab_size, \
-                f"target ids must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}"
+            h = _take_rows(hidden, rows, valid)                   # (n, H)
+            t = _take_rows(targets, rows, valid).contiguous()     # (n,) all in [0, V), read by the Triton kernels
             lse, target_logit = _forward_chunks(h, weight, t, 1.0 / temperature, use_triton, chunk)
-            if all_valid:
-                logprobs = target_logit - lse
-            else:
+            if rows is not None:
                 logprobs.index_copy_(0, rows, target_logit - lse)
+            else:
+                logprobs = _take_rows(target_logit - lse, None, valid)  # masked rows -> 0 (no-op when valid is None)
         ctx.save_for_backward(hidden, weight, targets, rows, lse)
         ctx.temperature, ctx.use_triton, ctx.chunk = temperature, use_triton, chunk
+        ctx.ignore_index, ctx.num_valid = ignore_index, num_valid
         return logprobs
 
     @staticmethod
     def backward(ctx, grad_logprobs):
         hidden, weight, targets, rows, lse = ctx.saved_tensors
         need_grad_hidden, need_grad_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        n, num_tokens = rows.numel(), hidden.shape[0]
-        all_valid = n == num_tokens
-        # Ignored rows get exact zeros; when every row counts, grad_hidden is built from scratch below.
-        grad_hidden = torch.zeros_like(hidden) if need_grad_hidden and not all_valid else None
+        n = hidden.shape[0] if ctx.num_valid is None else ctx.num_valid
+        valid = targets != ctx.ignore_index if ctx.num_valid is None else None  # the masked case, as in forward
+        # Ignored rows get exact zeros; when the loops see every row, grad_hidden comes out of them whole.
+        grad_hidden = torch.zeros_like(hidden) if need_grad_hidden and rows is not None else None
         grad_weight = None
         if need_grad_weight:  # when n > 0, every row is written by exactly one chunk: no memset needed
             make = torch.empty if n > 0 else torch.zeros
             grad_weight = make(weight.shape, dtype=weight.dtype, device=weight.device)
+        nones = (None,) * 6  # targets, temperature, ignore_index, use_triton, vocab_chunk_size, num_valid
         if n == 0:  # nothing counted: zero gradients (also covers N == 0)
-            return torch.zeros_like(hidden) if need_grad_hidden else None, grad_weight, None, None, None, None, None
-        h = hidden if all_valid else hidden[rows]                # (n, H)
-        t = (targets if all_valid else targets[rows]).contiguous()  # (n,)
-        g = grad_logprobs if all_valid else grad_logprobs[rows]  # (n,) upstream gradient, any values
+            return (torch.zeros_like(hidden) if need_grad_hidden else None), grad_weight, *nones
+        h = _take_rows(hidden, rows, valid)                     # (n, H)
+        t = _take_rows(targets, rows, valid).contiguous()       # (n,)
+        g = _take_rows(grad_logprobs, rows, valid)              # (n,) upstream gradient, any values; 0 if masked
         g = g.to(lse.dtype).contiguous()  # contiguous: .sum()'s backward hands us a stride-0 expand
         def run(use_triton):  # every grad_weight row is (re)written by its chunk: a failed try leaves nothing behind
             return _backward_chunks(h, weight, t, lse, g, 1.0 / ctx.temperature, use_triton, ctx.chunk, grad_weight,
@@ -204,11 +232,65 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         grad_h = first_use_fallback("kernels.logprob backward (Triton)", lambda: run(True), lambda: run(False)) \
             if ctx.use_triton else run(False)
         if need_grad_hidden:
-            if all_valid:
+            if rows is None:
                 grad_hidden = grad_h.to(hidden.dtype)
             else:
                 grad_hidden.index_copy_(0, rows, grad_h.to(hidden.dtype))
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, *nones
+
+
+# ----------------------------------------------------------------------------------------------
+# Row selection and target checks, from host values only (see point 4 of the module docstring).
+
+def _select_rows(targets, ignore_index, num_valid):
+    """(rows, valid): the indices (num_valid,) of the non-ignored targets when only some count, else None;
+    and the (N,) mask of non-ignored targets when the ignored rows must be masked (num_valid is None)."""
+    if num_valid is None:
+        return None, targets != ignore_index
+    if num_valid == targets.shape[0]:
+        return None, None
+    return _first_true_rows(targets != ignore_index, num_valid), None
+
+
+def _first_true_rows(mask, count):
+    """Indices (count,) of the True entries of mask (N,), in order, where the caller knows how many there are.
+    nonzero() would have to read the count from the device to size its output; nonzero_static is told it."""
+    try:
+        return torch.nonzero_static(mask, size=count).squeeze(1)
+    except NotImplementedError:  # a PyTorch build without a CUDA nonzero_static: a stable sort puts True first
+        return torch.argsort((~mask).to(torch.uint8), stable=True)[:count]
+
+
+def _take_rows(x, rows, valid):
+    """The rows of x (N, ...) that the loops see: x[rows] when rows are picked, else x with the rows where
+    valid is False set to 0 (for targets: id 0, any in-range id will do), else x itself."""
+    if rows is not None:
+        return x[rows]
+    if valid is not None:
+        return torch.where(valid.view(-1, *[1] * (x.dim() - 1)), x, 0)  # where(), not *: 0 * NaN would be NaN
+    return x
+
+
+def _check_targets(targets, vocab_size, ignore_index, num_valid):
+    """Every target is ignore_index or an id in [0, vocab_size), and num_valid (if given) counts the others.
+    An id outside the vocabulary would otherwise just never match a column: a silent log-prob of -lse."""
+    valid = targets != ignore_index
+    in_range = (valid.logical_not() | ((targets >= 0) & (targets < vocab_size))).all()
+    _assert_without_sync(in_range, f"target ids must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}")
+    if num_valid is not None:
+        _assert_without_sync(valid.sum() == num_valid, f"num_valid={num_valid} is not the number of targets "
+                                                       f"!= ignore_index={ignore_index}")
+
+
+def _assert_without_sync(condition, message):
+    """assert on a 0-dim bool tensor without waiting for the GPU. On a CPU the value is right there: a plain
+    assert. On a GPU torch._assert_async queues the check as a kernel; if it fails, the process dies with a
+    device-side assert (the message is printed from the device) at the next sync -- loud, but later and not
+    catchable, like any out-of-bounds index on a GPU. Fake tensors have no values: their check is a no-op."""
+    if condition.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(condition):
+        assert bool(condition), message
+    else:
+        torch._assert_async(condition, message)
 
 
 def _forward_chunks(h, weight, targets, inv_temperature, use_triton, chunk):
@@ -283,22 +365,27 @@ _CUDA_FP32_OUTPUT = {}  # (op, device, dtype) -> bool, probed once
 
 def _cuda_fp32_output(op, device, dtype):
     """Can cuBLAS give fp32 results from bf16/fp16 inputs here? torch.mm(..., out_dtype=) arrived in
-    PyTorch 2.8, addmm into an fp32 accumulator later; requirements.txt allows older versions. Probe once."""
+    PyTorch 2.8, addmm into an fp32 accumulator later; requirements.txt allows older versions. Probe once,
+    on real tensors even under FakeTensorMode (a fake probe cannot read its result and would cache "no")."""
     key = (op, str(device), dtype)
     if key not in _CUDA_FP32_OUTPUT:
-        try:
-            mat = torch.ones(2, 3, device=device, dtype=dtype)
-            if op == "mm":
-                result = torch.mm(mat, mat.t(), out_dtype=torch.float32)
-                works = result.dtype == torch.float32 and bool((result == 3).all())
-            else:
-                accumulator = torch.ones(2, 2, device=device)
-                torch.addmm(accumulator, mat, mat.t(), out_dtype=torch.float32, out=accumulator)
-                works = bool((accumulator == 4).all())
-        except (RuntimeError, TypeError, NotImplementedError):
-            works = False
-        _CUDA_FP32_OUTPUT[key] = works
+        with unset_fake_temporarily():
+            _CUDA_FP32_OUTPUT[key] = _probe_cuda_fp32_output(op, device, dtype)
     return _CUDA_FP32_OUTPUT[key]
+
+
+def _probe_cuda_fp32_output(op, device, dtype):
+    """Run op on a tiny bf16/fp16 input with an fp32 result and check the answer (one sync, once per process)."""
+    try:
+        mat = torch.ones(2, 3, device=device, dtype=dtype)
+        if op == "mm":
+            result = torch.mm(mat, mat.t(), out_dtype=torch.float32)
+            return result.dtype == torch.float32 and bool((result == 3).all())
+        accumulator = torch.ones(2, 2, device=device)
+        torch.addmm(accumulator, mat, mat.t(), out_dtype=torch.float32, out=accumulator)
+        return bool((accumulator == 4).all())
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,7 +425,7 @@ if HAS_TRITON:
     @triton.jit
     def _lse_update_kernel(
         logits_ptr, logits_row_stride,  # (n, Vc) fp32 raw logits of this vocabulary chunk
-        targets_ptr,                    # (n,) int64 target ids (all valid: ignored rows were dropped)
+        targets_ptr,                    # (n,) int64 target ids, all in [0, V) (ignored rows dropped or set to 0)
         lse_ptr,                        # (n,) fp32 running logsumexp, read and updated
         target_logit_ptr,               # (n,) fp32 target logit / T, written by the chunk that holds it
         n_rows, n_cols, vocab_start, inv_temperature,
@@ -497,10 +584,12 @@ def bench(args):
 
     results = {}
     results["ours (triton)"] = _measure("ours (triton)", make_step(
-        lambda: token_logprobs(hidden, weight, targets, impl="triton")), params, bench_fn)
+        lambda: token_logprobs(hidden, weight, targets, impl="triton", num_valid=n_valid)), params, bench_fn)
     if args.all:
         results["ours (chunked torch)"] = _measure("ours (chunked torch)", make_step(
-            lambda: token_logprobs(hidden, weight, targets, impl="chunked")), params, bench_fn)
+            lambda: token_logprobs(hidden, weight, targets, impl="chunked", num_valid=n_valid)), params, bench_fn)
+        results["ours, no num_valid"] = _measure("ours, no num_valid", make_step(  # all N rows, masked
+            lambda: token_logprobs(hidden, weight, targets, impl="triton")), params, bench_fn)
     results["naive PyTorch"] = _measure("naive PyTorch", make_step(
         lambda: _naive_logprobs(hidden, weight, targets)), params, bench_fn)
     try:
@@ -543,9 +632,10 @@ def _cpu_smoke():
     targets[::5] = -100
     g = torch.randn(N)
     outputs = {}
+    num_valid = int((targets != -100).sum())  # a CPU tensor: reading it is free
     for impl in ("torch", resolve_impl(hidden)):
         t0 = time.perf_counter()
-        logps = token_logprobs(hidden, weight, targets, impl=impl, vocab_chunk_size=384)
+        logps = token_logprobs(hidden, weight, targets, impl=impl, vocab_chunk_size=384, num_valid=num_valid)
         (logps * g).sum().backward()
         ms = (time.perf_counter() - t0) * 1e3
         outputs[impl] = (logps.detach(), hidden.grad, weight.grad)

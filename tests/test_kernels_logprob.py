@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
+import kernels
 import kernels.logprob as logprob
 from kernels.logprob import token_logprobs, token_logprobs_reference
 
@@ -43,11 +45,18 @@ def assert_close(actual, expected, tolerance, what):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
-def check_against_reference(impl, dtype, temperature=1.0, vocab_chunk_size=None, **input_kwargs):
+def count_valid(targets):
+    """num_valid as a caller would pass it: a host int (here read from a CPU tensor, which costs nothing)."""
+    return int((targets != IGNORE).sum())
+
+
+def check_against_reference(impl, dtype, temperature=1.0, vocab_chunk_size=None, pass_num_valid=True, **input_kwargs):
+    """pass_num_valid: True computes only the counted rows (nonzero_static), False all rows with masking."""
     hidden, weight, targets, grad_output = make_inputs(dtype=dtype, **input_kwargs)
     expected = logps_and_grads(token_logprobs_reference, hidden, weight, targets, grad_output, temperature=temperature)
+    num_valid = count_valid(targets) if pass_num_valid else None
     actual = logps_and_grads(token_logprobs, hidden, weight, targets, grad_output, temperature=temperature,
-                             impl=impl, vocab_chunk_size=vocab_chunk_size)
+                             impl=impl, vocab_chunk_size=vocab_chunk_size, num_valid=num_valid)
     tolerance = TOLERANCES[dtype]
     for name, a, e in zip(("logp", "grad_hidden", "grad_weight"), actual, expected):
         # Gradients are compared relative to their own scale (bf16 keeps ~3 significant digits).
@@ -82,9 +91,40 @@ def test_logprob_chunked_gradcheck_float64():
 @pytest.mark.parametrize("impl", ["triton", "chunked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("vocab_chunk_size, temperature", [(None, 1.0), (48, 0.7)], ids=["one_chunk", "chunks48_T0.7"])
-def test_logprob_matches_reference(impl, dtype, vocab_chunk_size, temperature):
+@pytest.mark.parametrize("pass_num_valid", [True, False], ids=["num_valid", "masked"])
+def test_logprob_matches_reference(impl, dtype, vocab_chunk_size, temperature, pass_num_valid):
     # V=123 is not a multiple of anything: one chunk is 123 columns in a 128-wide tile; chunks of 48 leave 27.
-    check_against_reference(impl, dtype, temperature=temperature, vocab_chunk_size=vocab_chunk_size)
+    check_against_reference(impl, dtype, temperature=temperature, vocab_chunk_size=vocab_chunk_size,
+                            pass_num_valid=pass_num_valid)
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+@pytest.mark.parametrize("ignore_fraction", [0.0, 0.4, 1.0], ids=["none_ignored", "some_ignored", "all_ignored"])
+def test_logprob_num_valid_given_or_not_agree(impl, ignore_fraction):
+    # The counted rows (gathered, computed, scattered back) and the masked rows (all N computed, ignored ones
+    # zeroed) are the same math on the same rows: equal values and gradients, and both equal the reference.
+    hidden, weight, targets, grad_output = make_inputs(ignore_fraction=ignore_fraction, seed=2)
+    counted = logps_and_grads(token_logprobs, hidden, weight, targets, grad_output, impl=impl, vocab_chunk_size=48,
+                              num_valid=count_valid(targets))
+    masked = logps_and_grads(token_logprobs, hidden, weight, targets, grad_output, impl=impl, vocab_chunk_size=48)
+    expected = logps_and_grads(token_logprobs_reference, hidden, weight, targets, grad_output)
+    for name, a, b, e in zip(("logp", "grad_hidden", "grad_weight"), counted, masked, expected):
+        assert_close(a, b, (1e-6, 1e-5), f"{impl} {name}: num_valid given vs not")
+        assert_close(a, e, (1e-5, 1e-4), f"{impl} {name}: num_valid given vs the reference")
+
+
+@pytest.mark.parametrize("pass_num_valid", [True, False], ids=["num_valid", "masked"])
+def test_logprob_garbage_in_ignored_rows_stays_out(pass_num_valid):
+    # Hidden states at ignored positions (padding) may be anything, NaN included; they must not reach the
+    # outputs or either gradient. (The masked path zeroes them: 0 * NaN would be NaN.)
+    hidden, weight, targets, grad_output = make_inputs()
+    ignored = targets == IGNORE
+    expected = logps_and_grads(token_logprobs_reference, hidden, weight, targets, grad_output)
+    hidden = hidden.masked_fill(ignored[:, None], float("nan"))
+    num_valid = count_valid(targets) if pass_num_valid else None
+    actual = logps_and_grads(token_logprobs, hidden, weight, targets, grad_output, impl="chunked", num_valid=num_valid)
+    for name, a, e in zip(("logp", "grad_hidden", "grad_weight"), actual, expected):
+        assert_close(a, e, (1e-5, 1e-4), f"{name} with NaN hidden states at ignored positions")
 
 
 @pytest.mark.parametrize("vocab_chunk_size", [None, 50])
@@ -166,8 +206,74 @@ def test_logprob_dispatch(monkeypatch):
         logprob.resolve_impl(hidden, impl="cuda")
 
 
-def test_logprob_rejects_out_of_range_targets():
-    hidden, weight, targets, _ = make_inputs(N=5, V=11, H=4)
+@pytest.mark.parametrize("num_valid", [None, 5])
+def test_logprob_rejects_out_of_range_targets(num_valid):
+    hidden, weight, targets, _ = make_inputs(N=5, V=11, H=4, ignore_fraction=0.0)
     targets[0] = 11
-    with pytest.raises(AssertionError):
-        token_logprobs(hidden, weight, targets, impl="chunked")
+    with pytest.raises(AssertionError, match="target ids"):
+        token_logprobs(hidden, weight, targets, impl="chunked", num_valid=num_valid)
+
+
+def test_logprob_rejects_wrong_num_valid():
+    # On a CPU the count is checked at once. (On a GPU the same check is a torch._assert_async: a wrong count
+    # kills the process with a device-side assert at the next sync instead of a Python AssertionError.)
+    hidden, weight, targets, _ = make_inputs(N=9, V=11, H=4, ignore_fraction=0.5, seed=3)
+    num_valid = count_valid(targets)
+    assert 0 < num_valid < 9
+    for wrong in (num_valid - 1, num_valid + 1):
+        with pytest.raises(AssertionError, match="num_valid"):
+            token_logprobs(hidden, weight, targets, impl="chunked", num_valid=wrong)
+    with pytest.raises(AssertionError, match="host int"):  # a device tensor would need the read we avoid
+        token_logprobs(hidden, weight, targets, impl="chunked", num_valid=torch.tensor(num_valid))
+
+
+def test_logprob_first_true_rows_without_nonzero_static(monkeypatch):
+    # Builds whose CUDA lacks nonzero_static fall back to a stable sort; both give the True indices in order.
+    mask = make_inputs(N=47)[2] != IGNORE
+    expected = mask.nonzero().squeeze(1)
+    assert torch.equal(logprob._first_true_rows(mask, expected.numel()), expected)
+
+    def missing(*args, **kwargs):
+        raise NotImplementedError("Could not run 'aten::nonzero_static' with arguments from the 'CUDA' backend")
+    monkeypatch.setattr(torch, "nonzero_static", missing)
+    assert torch.equal(logprob._first_true_rows(mask, expected.numel()), expected)
+
+
+@pytest.mark.parametrize("num_valid", [None, 30, 47, 0], ids=["masked", "some", "all", "none"])
+def test_logprob_runs_on_fake_tensors(num_valid):
+    # Fake tensors carry shapes and no values, so any read of a device value (nonzero(), .tolist(), bool())
+    # raises: forward + backward running here means neither does one on a GPU. impl="auto" would pick Triton
+    # under TRITON_INTERPRET=1; fake inputs must go to the chunked loop instead, without marking Triton broken.
+    broken_before = set(kernels._broken)
+    with FakeTensorMode():
+        hidden = torch.randn(47, 32, dtype=torch.bfloat16, requires_grad=True)
+        weight = torch.randn(123, 32, dtype=torch.bfloat16, requires_grad=True)
+        targets = torch.randint(0, 123, (47,))
+        assert logprob.resolve_impl(hidden) == "chunked"
+        logps = token_logprobs(hidden, weight, targets, vocab_chunk_size=48, num_valid=num_valid)
+        logps.sum().backward()
+        assert logps.shape == (47,) and logps.dtype == torch.float32
+        assert hidden.grad.shape == hidden.shape and hidden.grad.dtype == torch.bfloat16
+        assert weight.grad.shape == weight.shape and weight.grad.dtype == torch.bfloat16
+    assert kernels._broken == broken_before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+@pytest.mark.parametrize("pass_num_valid", [True, False], ids=["num_valid", "masked"])
+def test_logprob_no_host_sync_on_gpu(impl, pass_num_valid):
+    # The fake-tensor test above in real life: forward + backward queue their kernels without the CPU ever
+    # waiting for the GPU (sync debug mode raises on any device-to-host read or stream sync).
+    hidden, weight, targets, grad_output = (x.cuda() for x in make_inputs(dtype=torch.bfloat16))
+    num_valid = count_valid(targets.cpu()) if pass_num_valid else None
+    expected = logps_and_grads(token_logprobs_reference, hidden, weight, targets, grad_output)
+    # Warm-up outside the check: Triton compiles and the fp32-output probe reads its answer once per process.
+    logps_and_grads(token_logprobs, hidden, weight, targets, grad_output, impl=impl, num_valid=num_valid)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        actual = logps_and_grads(token_logprobs, hidden, weight, targets, grad_output, impl=impl, num_valid=num_valid)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    # Loose: PyTorch < 2.8 rounds the GPU logits to bf16 (see _cuda_fp32_output); accuracy is tested on the CPU.
+    assert_close(actual[0], expected[0], (5e-2, 1e-2), f"{impl} logp on the GPU")
