@@ -208,3 +208,61 @@ def test_lora_online_dpo_uses_the_same_model_adapters_off_as_reference(task_dir,
     model.load_state_dict(adapter2, strict=False)
     merged = load_file(run / "iter2" / "policy" / "model.safetensors")
     assert all(torch.allclose(v, merged[k], atol=1e-6) for k, v in merge_lora(model.state_dict(), lora.scaling).items())
+
+
+def osp_args(sft, prompts, out, *extra):
+    return ["osp.py", "--model", str(sft), "--prompts", str(prompts), "--out", str(out), "--steps", "2", "--batch-size", "2",
+            "--k", "3", "--max-new-tokens", "6", "--lr", "1e-2", "--beta", "0.1", "--device", "cpu", *extra]
+# (--loss dpo in the rank comparison: SPCE's gradient β(σ(βh) − p) at h = 0 with a judge target p ≈ 0.5001 is
+# a difference of nearly equal numbers, whose float noise AdamW then normalises up to full-size steps)
+
+
+@pytest.fixture(scope="module")
+def osp_sft(task_dir, tmp_path_factory):
+    from tests.helpers import builtin_model_dir
+    return builtin_model_dir(task_dir, tmp_path_factory.mktemp("osp_lora") / "sft")
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_osp_fsdp_on_two_ranks_equals_one(lora, osp_sft, task_dir, tmp_path):
+    """OSP with the policy, reference and judge under FSDP2 on 2 ranks (each rollout and judging pass
+    on a gathered model) gives the weights one process gives; with LoRA (paper 2's setup: the
+    reference and the judge are the policy with its adapters off), step 1 is at the reference
+    (loss log 2, implicit strength 1/2, KL 0) and only the adapted weights move."""
+    extra = ["--loss", "dpo"] + (["--lora-rank", "4", "--lora-targets", "q,o,up", "--save-adapter"] if lora else [])
+    prompts = task_dir / "prompts_iter1.jsonl"
+    run_script(osp_args(osp_sft, prompts, tmp_path / "one", *extra))
+    run_script(osp_args(osp_sft, prompts, tmp_path / "two", "--parallel", "fsdp", *extra), nproc=2)
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    initial = load_file(osp_sft / "model.safetensors")
+    # The updates agree to 1% in norm. (Not weight by weight: AdamW's first steps move a weight by ~lr
+    # whatever its gradient's size, so a gradient that is float noise, as on the embedding rows of
+    # unused tokens, moves its weight by noise × lr / noise.)
+    update_one = torch.cat([(one[n] - initial[n]).flatten() for n in one])
+    update_two = torch.cat([(two[n] - initial[n]).flatten() for n in one])
+    assert update_one.norm() > 1e-2 and (update_one - update_two).norm() <= 1e-2 * update_one.norm()
+    moved = {n for n in one if (one[n] - initial[n]).abs().max() > 1e-6}
+    line = read_jsonl(tmp_path / "one" / "metrics.jsonl")[0]
+    assert line["loss"] == pytest.approx(0.6931472, abs=1e-6) and line["implicit_strength"] == pytest.approx(0.5, abs=1e-7)
+    assert abs(line["kl"]) < 1e-6
+    metrics_one, metrics_two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert [m["loss"] for m in metrics_two] == pytest.approx([m["loss"] for m in metrics_one], abs=1e-5)
+    # AdamW would hide a gradient scaled wrongly across ranks; the gradient norm does not
+    assert [m["grad_norm"] for m in metrics_two] == pytest.approx([m["grad_norm"] for m in metrics_one], rel=1e-3)
+    if lora:
+        assert all(n.endswith(("q_proj.weight", "o_proj.weight", "up_proj.weight")) for n in moved)
+        assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_lora_reward_model_trains_its_adapters_and_score_head(tiny_model_dir, tmp_path):
+    write_pairs(tmp_path / "pairs.jsonl", 16)
+    run_script(["train_rm.py", "train", "--type", "bt", "--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"),
+                "--out", str(tmp_path / "rm"), "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2", "--lr", "1e-2",
+                "--device", "cpu", "--lora-rank", "4", "--save-adapter"])
+    lora, adapter = read_adapter(tmp_path / "rm" / "adapter")
+    assert "score.weight" in adapter and lora.rank == 4
+    rm = Transformer.from_pretrained(tmp_path / "rm", head="score")
+    assert torch.equal(rm.score.weight, adapter["score.weight"].to(rm.score.weight.dtype))
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    saved = load_file(tmp_path / "rm" / "model.safetensors")
+    assert torch.equal(saved["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])  # frozen
