@@ -178,30 +178,37 @@ def pair_losses(policy, reference, prompt_tokens, chosen_tokens, rejected_tokens
     return per_pair, log_ratios[0] - log_ratios[1], log_ratios.mean(0)
 
 
-def update(policy, reference, optimizer, tokenizer, prompt_tokens, responses, pairs, targets, args, step, world_size, device):
+def encode_pairs(tokenizer, responses, pairs):
+    """The token ids of each pair's responses, as generation produced them (common.encode_response:
+    the text, then the end-of-turn token): [(chosen ids, rejected ids or None for RAFT)]."""
+    end_of_turn = end_of_turn_ids(tokenizer)
+    return [(encode_response(tokenizer, responses[row][hi], end_of_turn),
+             None if lo is None else encode_response(tokenizer, responses[row][lo], end_of_turn)) for row, hi, lo in pairs]
+
+
+def update(policy, reference, optimizer, prompt_tokens, pairs, pair_tokens, targets, args, step, world_size, pad_id, device):
     """4. One optimizer step of the loss, averaged over all pairs of the global batch (every rank
-    holds the same number, from its own prompts). Returns the step's metric sums (StepSums, still on
-    the device) and the gradient norm (a tensor)."""
+    holds the same number, from its own prompts). pairs: (row, chosen, rejected) as make_pairs gives
+    them, pair_tokens: their token ids (encode_pairs), prompt_tokens: this rank's prompts' ids by row.
+    Returns the step's metric sums (StepSums, still on the device) and the gradient norm (a tensor):
+    no host read here, so memory_trace.py runs this same function on fake tensors."""
     policy.train()
     set_lr(optimizer, cosine_lr(step, args.steps, args.lr, args.warmup_ratio))
-    end_of_turn, pad_id = end_of_turn_ids(tokenizer), tokenizer.pad_token_id
     global_pairs = len(pairs) * world_size
     micro_batches = [range(start, min(start + args.micro_batch_size, len(pairs)))
                      for start in range(0, len(pairs), args.micro_batch_size)]
     sums = StepSums()
     for m, indices in enumerate(micro_batches):
-        rows = [pairs[i] for i in indices]
-        chosen = [encode_response(tokenizer, responses[row][hi], end_of_turn) for row, hi, _ in rows]
-        rejected = None if args.pairing == "best" else [encode_response(tokenizer, responses[row][lo], end_of_turn)
-                                                       for row, _, lo in rows]
+        chosen = [pair_tokens[i][0] for i in indices]
+        rejected = None if args.pairing == "best" else [pair_tokens[i][1] for i in indices]
         with gradient_sync(policy, sync=m == len(micro_batches) - 1), autocast(policy, device):
-            per_pair, h, log_ratio = pair_losses(policy, reference, [prompt_tokens[row] for row, _, _ in rows], chosen,
+            per_pair, h, log_ratio = pair_losses(policy, reference, [prompt_tokens[pairs[i][0]] for i in indices], chosen,
                                                  rejected, targets[indices.start:indices.stop], args, pad_id, device)
-            # Mean over the global batch's pairs (× world size: DDP averages the gradients over ranks).
+            # Mean over the global batch's pairs (× world size: gradients are averaged over ranks).
             (per_pair.sum() / global_pairs * world_size).backward()
         # k1 estimate of KL(π_θ‖π_SFT): the samples are on-policy, so the mean log-ratio is unbiased.
         sums.add(loss=per_pair, target=targets[indices.start:indices.stop], implicit=torch.sigmoid(args.beta * h),
-                 kl=log_ratio, pairs=len(rows))
+                 kl=log_ratio, pairs=len(indices))
     return sums, optimizer_step(policy, optimizer, args.grad_clip)
 
 
@@ -354,8 +361,9 @@ def main():
             self_scores = judge_self_scores(judge_model, judge_tokenizer, template, messages, responses, device)
             pairs = make_pairs(self_scores, args.pairing, pairing_rng)
             targets = target_strengths(judge_model, judge_tokenizer, template, messages, responses, pairs, device)
-        sums, grad_norm = update(policy, reference, optimizer, tokenizer, [prompt_tokens[i] for i in mine], responses, pairs,
-                                 targets, args, step, world_size, device)
+        sums, grad_norm = update(policy, reference, optimizer, [prompt_tokens[i] for i in mine], pairs,
+                                 encode_pairs(tokenizer, responses, pairs), targets, args, step, world_size,
+                                 tokenizer.pad_token_id, device)
         sums.add(length_chars=sum(len(text) for texts in responses for text in texts),
                  responses=sum(map(len, responses)))
         if args.gold:
