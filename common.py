@@ -169,9 +169,17 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+def emulating_gpu():
+    """RLHF_EMULATE_GPU=1: a CPU process takes the decisions a GPU run takes (bf16 compute, fused AdamW,
+    the log-prob kernel's GPU chunk width), so that memory_trace.py's fake-tensor trace of a stage's
+    step on the CPU shows what the step holds on a GPU."""
+    return os.environ.get("RLHF_EMULATE_GPU") == "1"
+
+
 def default_dtype(device):
-    """bf16 on GPUs that support it (training keeps fp32 master weights, see wrap_model), fp32 on CPU."""
-    if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
+    """bf16 on GPUs that support it (training keeps fp32 master weights, see wrap_model), fp32 on CPU
+    (bf16 there too when emulating_gpu())."""
+    if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() or emulating_gpu():
         return torch.bfloat16
     return torch.float32
 
@@ -231,7 +239,7 @@ def right_pad(sequences, pad_id, device=None):
     """Token lists -> (ids (B, T) right-padded, lengths (B,)). Real tokens are found through
     `lengths`, never by comparing with pad_id (pad often equals eos)."""
     lengths = torch.tensor([len(s) for s in sequences])
-    ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
+    ids = torch.full((len(sequences), max(map(len, sequences))), pad_id, dtype=torch.long)  # width from the host lists
     for i, s in enumerate(sequences):
         ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
     return ids.to(device), lengths.to(device)
@@ -281,9 +289,9 @@ def rank_micro_batches(batch, rank, world_size, micro_batch_size):
 
 def make_optimizer(model, lr, weight_decay=0.0):
     """AdamW, betas (0.9, 0.95), on the trained fp32 master weights; the fused kernel on GPU."""
-    on_gpu = next(model.parameters()).device.type == "cuda"
+    fused = next(model.parameters()).device.type == "cuda" or emulating_gpu()
     trained = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
-    return torch.optim.AdamW(trained, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=on_gpu)
+    return torch.optim.AdamW(trained, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=fused)
 
 
 def set_lr(optimizer, lr):
@@ -429,7 +437,7 @@ def load_for_training(path, parallel, dist_info, head="lm", scratch=False, activ
         return wrap_model(model, parallel, device, param_dtype)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    model = materialize(shard_on_meta(ModelConfig.from_path(path), head, activation_checkpointing, param_dtype, lora), device)
+    model = materialize(build_on_meta(ModelConfig.from_path(path), head, "fsdp", param_dtype, activation_checkpointing, lora), device)
     full_state = read_full().state_dict() if dist_info.is_main else {}
     set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full_state
@@ -448,9 +456,7 @@ def load_frozen(path, parallel, dist_info, head="lm"):
         return Transformer.from_pretrained(path, device=device, dtype=dtype, head=head).eval().requires_grad_(False)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    with torch.device("meta"):
-        model = Transformer(ModelConfig.from_path(path), head=head).to(dtype).requires_grad_(False)
-    model = materialize(wrap_model(model, "fsdp", torch.device("meta"), dtype), device)
+    model = materialize(build_on_meta(ModelConfig.from_path(path), head, "fsdp", dtype, frozen=True), device)
     full_state = Transformer.from_pretrained(path, head=head, dtype=dtype).state_dict() if dist_info.is_main else {}
     set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model.eval()
@@ -482,17 +488,21 @@ def gathered(model):
         model.set_reshard_after_forward(False, recurse=False)  # ... and the root's: kept for the backward
 
 
-def shard_on_meta(config, head, activation_checkpointing, param_dtype, lora=None):
-    """The model built on the meta device (no memory) and sharded with FSDP2: step one of
-    load_for_training, and of the fake-tensor memory trace (memory_trace.py)."""
+def build_on_meta(config, head, parallel, param_dtype, activation_checkpointing=False, lora=None, frozen=False):
+    """A model built on the meta device (no memory) as a stage will train or use it: LoRA adapters
+    added (the base in param_dtype), or all of it frozen in param_dtype (`frozen`: a reference or a
+    judge), checkpointing set, sharded with FSDP2 when parallel == "fsdp". Step one of loading under
+    FSDP (load_for_training, load_frozen), and of memory_trace.py's fake-tensor trace of any stage."""
     from model import Transformer
 
     with torch.device("meta"):
         model = Transformer(config, head=head)
         if lora is not None:
             model.add_lora(lora, frozen_dtype=param_dtype)
+        if frozen:
+            model = model.to(param_dtype).requires_grad_(False).eval()
     model.set_activation_checkpointing(activation_checkpointing)
-    return wrap_model(model, "fsdp", torch.device("meta"), param_dtype)
+    return wrap_model(model, "fsdp", torch.device("meta"), param_dtype) if parallel == "fsdp" else model
 
 
 def materialize(model, device):

@@ -102,15 +102,15 @@ def label_token_ids(tokenizer):
     return ids[0][0], ids[1][0]
 
 
-def pairwise_logits_ab(model, queries, tokenizer, device):
+def pairwise_logits_ab(model, queries, label_ids, pad_id, device):
     """(B, 2) logits of the tokens "A" and "B" at the position after each query: the last real
     position's hidden state projected onto those two rows of the LM head only, not the (B, T, V)
     logits of every position (at B = 64, T = 2048, V = 128k that is 32 GiB in bf16 for 2 numbers a
     row). Inference only, on a plain model: the LM head is read outside forward, which FSDP would
     not have gathered. Training reads the label's log-prob through forward(targets=...), which
     computes it at the label position only (kernels/logprob.py skips ignored positions)."""
-    label_ids = torch.tensor(label_token_ids(tokenizer), device=device)
-    input_ids, lengths = right_pad(queries, tokenizer.pad_token_id, device)
+    label_ids = torch.tensor(label_ids, device=device)                           # label_token_ids(tokenizer)
+    input_ids, lengths = right_pad(queries, pad_id, device)
     hidden = model.hidden_states(input_ids)                                        # (B, T, H)
     last = hidden[torch.arange(len(queries), device=device), lengths - 1]          # (B, H)
     return F.linear(last, model.lm_head_weight[label_ids]).float()                 # (B, 2)
@@ -123,10 +123,10 @@ def pairwise_preference(model, tokenizer, prompts, responses_1, responses_2, dev
     (paper 1 §2.2; paper 2 §3.2 for the judge's target preference strength)."""
     first = [pairwise_query_ids(tokenizer, p, a, b, template) for p, a, b in zip(prompts, responses_1, responses_2)]
     swapped = [pairwise_query_ids(tokenizer, p, b, a, template) for p, a, b in zip(prompts, responses_1, responses_2)]
-    probabilities = []
+    probabilities, labels, pad_id = [], label_token_ids(tokenizer), tokenizer.pad_token_id
     for start in range(0, len(first), batch_size):
-        p_first = pairwise_logits_ab(model, first[start:start + batch_size], tokenizer, device).softmax(-1)[:, 0]
-        p_swapped = pairwise_logits_ab(model, swapped[start:start + batch_size], tokenizer, device).softmax(-1)[:, 1]
+        p_first = pairwise_logits_ab(model, first[start:start + batch_size], labels, pad_id, device).softmax(-1)[:, 0]
+        p_swapped = pairwise_logits_ab(model, swapped[start:start + batch_size], labels, pad_id, device).softmax(-1)[:, 1]
         probabilities.append((p_first + p_swapped) / 2)
     return torch.cat(probabilities) if probabilities else torch.zeros(0, device=device)
 

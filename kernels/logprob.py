@@ -165,7 +165,8 @@ def _auto_vocab_chunk_size(n_rows, vocab_size, device):
     """Columns per chunk so that one chunk of logits is ~256 MB of fp32 on a GPU (16 MB on a CPU).
     At the benchmark shape (16384 tokens) that is 4096 columns: the matmuls stay large enough to run
     at full speed, and the (n_rows, chunk) buffers stay well under the 2 GB grad_weight itself."""
-    budget = 2**26 if device.type == "cuda" else 2**22  # logits elements per chunk
+    on_gpu = device.type == "cuda" or os.environ.get("RLHF_EMULATE_GPU") == "1"  # (memory_trace.py: a GPU's choices)
+    budget = 2**26 if on_gpu else 2**22  # logits elements per chunk
     chunk = max(256, (budget // max(n_rows, 1)) // 256 * 256)  # a multiple of 256 keeps GEMM tiles whole
     return min(chunk, vocab_size)
 

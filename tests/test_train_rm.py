@@ -71,7 +71,7 @@ def test_pairwise_logits_ab_equal_the_full_logits_at_the_last_real_token(tiny_mo
     queries = [train_rm.pairwise_query_ids(tokenizer, p, a, b) for p, a, b in zip(prompts, ["cba", "hello", "x"], ["abc", "", "yz"])]
     labels = list(train_rm.label_token_ids(tokenizer))
     with torch.no_grad():
-        logits_ab = train_rm.pairwise_logits_ab(model, queries, tokenizer, "cpu")                 # (B, 2)
+        logits_ab = train_rm.pairwise_logits_ab(model, queries, labels, tokenizer.pad_token_id, "cpu")                 # (B, 2)
         full = torch.stack([model(torch.tensor([q]))[0, -1] for q in queries])                    # (B, V), one query at a time
         input_ids, lengths = right_pad(queries, tokenizer.pad_token_id)
         targets = torch.full_like(input_ids, -100)

@@ -1,0 +1,509 @@
+"""Traced memory: the per-rank peak of a REAL training step, run on fake tensors at full shape.
+
+    python memory_trace.py                 # self-check (tiny model: fake peak == real peak), then
+                                           # Llama-3-8B under FSDP2 over 8 fake ranks, 1 × 2048 tokens
+    python memory_trace.py --skip-full     # the tiny self-check alone (seconds)
+
+    from memory_trace import fake_distributed, fake_tensor_mode, materialize, trace_peak, format_peak
+    fake_mode = fake_tensor_mode()
+    with fake_distributed(world_size=8):
+        with torch.device("meta"):
+            model = Transformer(config)
+        model = wrap_model(model, "fsdp", torch.device("cpu"), torch.bfloat16)
+        materialize(model, fake_mode)                  # fake storage: no bytes are allocated
+        with fake_mode:  # the step's tensors must be fake too: make them (and the optimizer) inside
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)   # fused, as on a GPU
+            peak = trace_peak(train_step, model, optimizer, frozen=[reference], steps=2)
+    print(format_peak(peak))               # {"Sharded Param": bytes, ..., "Total": bytes}
+
+How: FakeTensorMode runs every op for its shapes and dtypes only (no data, no memory), and torch's
+memory trackers (torch.distributed._tools: MemTracker, and FSDPMemTracker for FSDP2 models) watch
+each op's outputs and the storages' lifetimes, labelling every byte by what it is (parameter,
+gradient, optimizer state, activation, ...). A fake process group of W ranks lets FSDP2 shard
+exactly as on W GPUs while its collectives do nothing, so one CPU process sees one rank's tensors.
+Everything is on the CPU device (this torch cannot fake CUDA tensors), with bf16 compute as on a GPU.
+The figures are the tracker's sums of tensor storages, not the CUDA caching allocator's
+reservations: add fragmentation and the CUDA context (~1-3 GiB) before comparing with a GPU.
+
+What the CPU device changes, so what a caller must set as a GPU run would: the compute dtype (bf16:
+FSDP2's param_dtype, or torch.autocast("cpu", bfloat16) for an unwrapped model; common.autocast and
+default_dtype say fp32 on a CPU), fused AdamW (make_optimizer picks it on CUDA only; the CPU for-loop
+AdamW makes per-parameter temporaries), and anything else chosen by device type (the log-prob
+kernel's vocabulary chunk, FlexAttention). Ops that read values fail on fake tensors (.item(),
+.tolist(), bool(t), nonzero(), x[mask], unique()): a traced step must not read the device.
+
+All private-API use of the project lives in this module (torch 2.13 is what it was written on).
+"""
+import argparse
+import time
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.distributed as dist
+
+try:  # private torch tools: say which one is missing instead of failing deep inside a trace
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed.fsdp import FSDPModule
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # importing it registers backend "fake"
+    _MISSING = None
+except ImportError as error:
+    _MISSING = error
+
+GiB = 2**30
+FROZEN = "Frozen weights"   # our own row: frozen parameters (LoRA base, reference, judge) split out of "Parameter"
+
+
+def _require():
+    if _MISSING is not None:
+        raise RuntimeError(f"memory_trace needs torch's fake tensors, fake process group and memory trackers "
+                           f"(torch.distributed._tools, written against torch 2.13); this torch {torch.__version__} "
+                           f"lacks one: {_MISSING}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake ranks and fake tensors
+
+
+@contextmanager
+def fake_distributed(world_size, rank=0):
+    """A process group of `world_size` ranks in which this process is `rank` and every collective is a
+    no-op: fully_shard shards as it would on world_size GPUs, dist.all_reduce returns at once."""
+    _require()
+    if dist.is_initialized():
+        raise RuntimeError("a process group already exists; fake_distributed needs to create its own")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def fake_tensor_mode():
+    """The FakeTensorMode to build and run models in. allow_non_fake_inputs: real tensors made before the
+    mode was entered (a device mesh, a constant) may meet fake ones; they are treated as constants."""
+    _require()
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def materialize(model, fake_mode):
+    """Give a model built on the meta device (and already wrapped: fully_shard must run OUTSIDE fake
+    mode, it builds a real device mesh) fake CPU storage, in place. Returns the model."""
+    with fake_mode:
+        model.to_empty(device="cpu")
+        if hasattr(model, "inv_freq"):  # rope's buffer is not a parameter: to_empty leaves it empty
+            from model import rope_inverse_frequencies
+            model.inv_freq = rope_inverse_frequencies(model.config)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# The trace
+
+
+class _NoHook:
+    """Stands in for a gradient-hook handle on a frozen parameter (see trace_peak)."""
+
+    def remove(self):
+        pass
+
+
+def _storages(tensors):
+    """{id: storage} of the tensors' untyped storages (a DTensor's local shard), each once."""
+    found = {}
+    for tensor in tensors:
+        tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        found[id(tensor.untyped_storage())] = tensor.untyped_storage()
+    return found
+
+
+def _update_global_peak(tracker):
+    """The trackers' _update_peak_stats without its per-module half. After every op that one walks all
+    the modules seen so far to update each one's own peak: O(ops × modules), 289 s instead of 16 s for
+    Llama-3-8B with LoRA on one device (~900 modules). We read the global peak only."""
+    def update(peak_state):
+        for device, snap in tracker._curr_mem_snap.items():
+            if tracker._peak_mem.get(device, 0) < snap["Total"]:
+                tracker._peak_mem[device] = snap["Total"]
+                tracker._peak_mem_snap[device] = dict(snap)  # a flat dict of ints: a copy is a deep copy
+    return update
+
+
+def _reset_peak(tracker):
+    """Forget the peak so far: the next one is the peak of what runs from now on (the trackers have
+    no public call for it; this is what their __enter__ does)."""
+    tracker._peak_mem_snap = tracker.get_tracker_snapshot()
+    tracker._peak_mem = {device: snap["Total"] for device, snap in tracker._peak_mem_snap.items()}
+
+
+def trace_peak(train_step, model, optimizer=None, frozen=(), steps=2, inputs=()):
+    """Run train_step() `steps` times under torch's memory tracker and return this rank's peak during
+    the LAST call: {category: bytes, ..., "Total": bytes}. Read a step after the first: the AdamW
+    state exists only from the first optimizer step on, and under FSDP2 step 0 is inflated (~135 GiB
+    instead of 20.3 for Llama-3-8B): DTensor works out each new (op, shapes) once by running it on
+    fake tensors of the GLOBAL shape (torch/distributed/tensor/_sharding_prop.py,
+    _propagate_tensor_meta_non_cached: `detect_fake_mode() or FakeTensorMode()`), and inside our fake
+    mode it finds ours, so the tracker counts them. It caches the result: later steps are exact.
+
+    train_step: a callable doing one optimizer step (any number of micro-batches: forward, backward,
+        then optimizer step and zero_grad(set_to_none=True)), on the tensors of the mode it runs in.
+    model: the trained model; an FSDP2 model (fully_shard) is traced with FSDPMemTracker, which knows
+        sharded/unsharded parameters and gradients and the collectives' buffers; any other with MemTracker.
+    optimizer: the model's optimizer (its state is "Optstate"/"OptState").
+    frozen: models kept resident beside the trained one (reference, judge), frozen or not.
+    inputs: tensors made outside train_step that live through it (counted as "Other"/"Inputs").
+
+    Frozen parameters (requires_grad=False), inside `model` or in `frozen`, are reported as "Frozen
+    weights" and taken out of the parameter row they are tracked in."""
+    _require()
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        # DDP's constructor reads parameter data (_verify_param_shape_across_processes): fake tensors have none
+        raise ValueError("DDP cannot be built on fake tensors: trace its module unwrapped and add DDP's "
+                         "gradient buckets (one more fp32 copy of the trained gradients)")
+    is_fsdp = isinstance(model, FSDPModule)
+    tracker = FSDPMemTracker(model, optimizer) if is_fsdp else MemTracker()
+    relied_on = ("_update_peak_stats", "_curr_mem_snap", "_peak_mem", "_peak_mem_snap", "_WINFO", "_mod_tracker",
+                 "_param_to_grad_hook_handles", "_update_and_maybe_create_winfos", "memory_tracking")
+    missing = [name for name in relied_on if not hasattr(tracker, name)]
+    if missing:
+        raise RuntimeError(f"torch {torch.__version__}'s {type(tracker).__name__} lacks {missing}, which memory_trace "
+                           "relies on (written against torch 2.13): adapt trace_peak to this version")
+    tracker._update_peak_stats = _update_global_peak(tracker)  # an instance attribute shadows the method
+    frozen_tensors = [p for p in model.parameters() if not p.requires_grad]
+    for other in frozen:
+        frozen_tensors += list(other.parameters()) + list(other.buffers())
+    if is_fsdp:
+        # FSDPMemTracker finds the sharded parameters, gradients and optimizer state itself, but its
+        # track_external is a no-op: models beside the FSDP one and the inputs are registered here.
+        for other in frozen:
+            for tensor in list(other.parameters()) + list(other.buffers()):
+                tracker._update_and_maybe_create_winfos(tensor, _FSDPRefType.SHARDED_PARAM)
+        tracker.track_inputs(tuple(inputs))
+    else:
+        tracker.track_external(model, *frozen, *([optimizer] if optimizer is not None else []), *inputs)
+        # MemTracker hooks every parameter of each module it sees run, for its gradient, with
+        # Tensor.register_hook, which raises "cannot register a hook on a tensor that doesn't
+        # require gradient" on a frozen one. It skips parameters it already has a handle for: give
+        # the frozen ones a handle that does nothing.
+        for parameter in model.parameters():
+            if not parameter.requires_grad:
+                tracker._param_to_grad_hook_handles[parameter] = (_NoHook(), _NoHook())
+        for other in frozen:
+            for parameter in other.parameters():
+                tracker._param_to_grad_hook_handles[parameter] = (_NoHook(), _NoHook())
+
+    # Both trackers raise NotImplementedError when a top-level module runs a second forward while they
+    # still hold its statistics ("does not support memory tracking for multiple iterative calls"):
+    # that is every micro-batch after the first, and every step after the first. We read only the
+    # global peak, not the per-module statistics, so forget a module's statistics as its forward
+    # begins (never in the backward: there a forward is the activation-checkpointing recompute,
+    # which the tracker recognises by the module being known). A global pre-hook registered before
+    # the tracker's own runs before it.
+    def forget_module(module, args):
+        if not tracker._mod_tracker.is_bw:
+            tracker.memory_tracking.pop(module, None)
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(forget_module)
+    try:
+        with tracker:
+            for _ in range(steps):
+                _reset_peak(tracker)
+                train_step()
+    finally:
+        hook.remove()
+
+    snapshots = tracker.get_tracker_snapshot("peak")
+    if len(snapshots) > 1:
+        raise RuntimeError(f"tensors on several devices {list(snapshots)}: trace one device's tensors")
+    snapshot = next(iter(snapshots.values()), {"Total": 0})
+    peak = {getattr(kind, "value", kind): size for kind, size in snapshot.items() if kind != "Total"}
+    peak[FROZEN] = 0
+    # Frozen weights are alive from start to end, so the bytes they add to a row at the peak are the
+    # bytes they hold now: move them row by row to their own.
+    for storage in _storages(frozen_tensors).values():
+        info, _ = tracker._WINFO.get(storage, (None, None))
+        if info is not None:
+            peak[info.reftype.value] -= info.mem_consumed
+            peak[FROZEN] += info.mem_consumed
+    peak["Total"] = snapshot["Total"]
+    return peak
+
+
+def format_peak(peak, title="peak per rank"):
+    rows = [f"{title}:"] + [f"  {kind:<22}{size / GiB:9.3f} GiB" for kind, size in peak.items() if kind != "Total" and size]
+    return "\n".join(rows + [f"  {'Total':<22}{peak['Total'] / GiB:9.3f} GiB"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The stages' own steps, at any shape: build each stage's models as the stage does (common.build_on_meta,
+# the meta-device half of load_for_training / load_frozen), then run the stage's own step function
+# (sft.train_step, train_rm.train_step, dpo.train_step, osp's rollout → judge → update) on fake tensors.
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=False)
+# the published config.json values (no hub here): Meta-Llama-3-8B and Mistral-7B-v0.1
+LLAMA3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5,
+                 max_position_embeddings=8192, tie_word_embeddings=False)
+MISTRAL_7B = dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, rope_theta=10000.0, rms_norm_eps=1e-5,
+                  max_position_embeddings=32768, sliding_window=4096, tie_word_embeddings=False)
+KNOWN_CONFIGS = {"tiny": TINY, "llama3-8b": LLAMA3_8B, "mistral-7b": MISTRAL_7B}
+MODES = ("sft", "rm", "dpo", "osp", "sample")
+
+
+@contextmanager
+def emulated_gpu():
+    """RLHF_EMULATE_GPU=1 for the block (common.emulating_gpu): the stages take a GPU run's decisions
+    on this CPU: bf16 compute, fused AdamW, the log-prob kernel's GPU chunk width."""
+    import os
+    before = os.environ.get("RLHF_EMULATE_GPU")
+    os.environ["RLHF_EMULATE_GPU"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["RLHF_EMULATE_GPU"]
+        else:
+            os.environ["RLHF_EMULATE_GPU"] = before
+
+
+def _build(config, head, parallel, activation_checkpointing, lora, frozen, fake_mode):
+    """A stage's model: common.build_on_meta, then storage, fake (fake_mode) or real (small weights)."""
+    from common import build_on_meta
+    from model import rope_inverse_frequencies
+
+    model = build_on_meta(config, head, parallel, torch.bfloat16, activation_checkpointing, lora, frozen)
+    if fake_mode is not None:
+        return materialize(model, fake_mode)
+    model.to_empty(device="cpu")
+    model.inv_freq = rope_inverse_frequencies(model.config)
+    with torch.no_grad():  # real tensors (tiny shapes): any finite values will do, only sizes and lifetimes matter
+        for parameter in model.parameters():
+            (parameter.to_local() if hasattr(parameter, "to_local") else parameter).normal_(0, 0.02)
+    return model
+
+
+def trace_stage(config, mode, world_size=1, seq_len=2048, micro_batch_size=1, lora=None, activation_checkpointing=True,
+                fake=True, k=7, prompts_per_rank=2, steps=2):
+    """The peak per rank (trace_peak: {category: bytes, "Total": bytes}) of `steps` steps of a stage,
+    FSDP2 over `world_size` fake ranks (one device, unwrapped, when 1), as on a GPU (emulated_gpu).
+      sft:    micro_batch_size sequences of seq_len tokens, every token a target (packing into one
+              document: the GPU's FlexAttention costs what one causal attention costs);
+      rm:     micro_batch_size pairs, chosen and rejected of seq_len tokens each (Bradley-Terry);
+      dpo:    micro_batch_size pairs, each response seq_len / 2 tokens after a seq_len / 2 prompt
+              (reference log-probs precomputed, as dpo.py does);
+      osp:    one step of Algorithm 1 on prompts_per_rank prompts of seq_len / 2 tokens, k samples of
+              seq_len / 2 new tokens each: the rollout (the sampler gathered whole, its KV cache of
+              prompts × k slots, a prefill and a decode step at full length), the judge (gathered
+              whole; one batch of pairwise queries), the update (osp.update, micro_batch_size pairs per
+              forward); reference and judge resident (sharded), or with LoRA the policy, adapters off;
+      sample: a bf16 replica per rank, micro_batch_size decode slots of seq_len positions, a prefill
+              of seq_len / 2-token prompts as the engine batches them and a decode step.
+    lora: model.LoRASettings (sft, rm, dpo, osp). fake=False runs real tensors (tiny shapes only)."""
+    import argparse as _argparse
+
+    import dpo
+    import generate
+    import osp
+    import sft
+    import train_rm
+    from common import gathered, make_optimizer
+    from model import KVCache, ModelConfig
+
+    assert mode in MODES, mode
+    config = ModelConfig.from_dict(config) if isinstance(config, dict) else config
+    parallel = "fsdp" if world_size > 1 else "none"
+    device = torch.device("cpu")
+    with emulated_gpu(), fake_distributed(world_size) if world_size > 1 else nullcontext():
+        fake_mode = fake_tensor_mode() if fake else None
+        frozen_models, optimizer = [], None
+        if mode == "sample":
+            model = _build(config, "lm", "none", False, None, True, fake_mode)
+        else:
+            model = _build(config, "score" if mode == "rm" else "lm", parallel, activation_checkpointing, lora, False, fake_mode)
+            if mode == "osp" and lora is None:  # π_SFT: reference = judge, frozen, sharded like the policy
+                frozen_models.append(_build(config, "lm", parallel, False, None, True, fake_mode))
+        with fake_mode if fake else nullcontext():
+            if mode != "sample":
+                optimizer = make_optimizer(model, 1e-5)
+            half = seq_len // 2
+            if mode == "sft":
+                ids = torch.zeros(micro_batch_size, seq_len, dtype=torch.long)
+                positions = torch.arange(seq_len).expand(micro_batch_size, seq_len)
+                batch = (ids, ids.clone(), positions, None, ids.numel())
+
+                def step():
+                    sft.train_step(model, optimizer, [batch], 1.0, world_size, device)
+            elif mode == "rm":
+                items = [([1] * seq_len, [2] * seq_len, 0.0)] * micro_batch_size
+                weight = torch.ones(micro_batch_size)
+
+                def step():
+                    train_rm.train_step(model, optimizer, [(items, weight)], "bt", 0.0, 1.0, micro_batch_size * world_size, 0,
+                                        world_size, device)
+            elif mode == "dpo":
+                zeros = torch.zeros(micro_batch_size)
+                micro = ([[1] * half] * micro_batch_size, [[2] * (seq_len - half)] * micro_batch_size,
+                         [[3] * (seq_len - half)] * micro_batch_size, torch.ones(micro_batch_size), zeros, zeros.clone(),
+                         torch.ones(micro_batch_size))
+
+                def step():
+                    dpo.train_step(model, optimizer, [micro], 0.1, "dpo", 0.0, 1.0, micro_batch_size * world_size, 0,
+                                   world_size, device)
+            else:  # osp and sample: the generation engine's own calls
+                slots = prompts_per_rank * k if mode == "osp" else micro_batch_size
+                sampler = model if mode == "sample" else model
+                engine = generate.Engine(sampler, slots, [0], dtype=torch.bfloat16)
+                prefill_count = min(slots if mode == "sample" else prompts_per_rank, max(1, generate.PREFILL_TOKENS // half))
+                tokens, seeds = torch.zeros(slots, dtype=torch.long), torch.arange(slots)
+                positions = torch.full((slots,), seq_len - 1)
+
+                def rollout_phase():
+                    with gathered(sampler), torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=mode == "sample"):
+                        engine.reserve(seq_len)  # allocated once, then kept for the run (Engine.reserve)
+                        prefill_cache = KVCache(config, prefill_count, half, device, torch.bfloat16)
+                        generate.prefill(sampler, prefill_cache, torch.zeros(prefill_count, half, dtype=torch.long),
+                                         torch.full((prefill_count,), half))
+                        del prefill_cache
+                        generate.decode_step(sampler, engine.cache, tokens, positions, engine.cache.max_len, seeds, 0.7, 0,
+                                             0.9, 0.0)
+
+                if mode == "sample":
+                    step = rollout_phase
+                else:
+                    args = _argparse.Namespace(micro_batch_size=micro_batch_size, pairing="ranked", beta=0.1, loss="spce",
+                                               steps=steps, lr=1e-5, warmup_ratio=0.0, grad_clip=1.0)
+                    judge = frozen_models[0] if frozen_models else None
+                    pairs = [(row, 0, 1) for row in range(prompts_per_rank) for _ in range(k // 2)]
+                    pair_tokens = [([2] * (seq_len - half), [3] * (seq_len - half))] * len(pairs)
+                    prompt_tokens = [[1] * half] * prompts_per_rank
+                    targets = torch.full((len(pairs),), 0.6)
+                    judge_queries = [[1] * (half + 2 * (seq_len - half))] * min(64, prompts_per_rank * k)
+
+                    def step():
+                        rollout_phase()
+                        with osp.sft_view(judge, model) as judge_model, gathered(judge_model), torch.no_grad():
+                            train_rm.pairwise_logits_ab(judge_model, judge_queries, (4, 5), 0, device)
+                        osp.update(model, judge, optimizer, prompt_tokens, pairs, pair_tokens, targets, args, 0,
+                                   world_size, 0, device)
+            return trace_peak(step, model, optimizer, frozen=frozen_models, steps=steps)
+
+
+def plan_for(config, mode, world_size, seq_len, micro_batch_size, lora=None, k=7, prompts_per_rank=2):
+    """memory_plan.memory_plan for the same stage and shape as trace_stage, as the stage prints it."""
+    from memory_plan import memory_plan
+    from model import ModelConfig
+
+    config = ModelConfig.from_dict(config) if isinstance(config, dict) else config
+    parallel = "fsdp" if world_size > 1 else "none"
+    if mode == "osp":  # osp.py's own call: dpo's step, a resident reference, the sampling cache
+        return memory_plan(config, world_size, micro_batch_size, seq_len, "dpo", parallel=parallel, lora=lora,
+                           resident_reference=True, kv_cache_slots=prompts_per_rank * k, kv_cache_len=seq_len)
+    if mode == "sample":
+        return memory_plan(config, 1, micro_batch_size, seq_len, "sample")
+    # dpo's micro-batch of pairs: the plan's seq_len is each response's sequence (prompt + response)
+    return memory_plan(config, world_size, micro_batch_size, seq_len, mode, parallel=parallel, lora=lora, packed=False)
+
+
+# Not seen by a trace: the CUDA context, NCCL's and cuBLAS's workspaces, Triton's and FlexAttention's
+# own buffers, and the caching allocator's fragmentation. The allowance added before a row is said to fit:
+ALLOWANCE_GIB, ALLOWANCE_FRACTION = 3.0, 0.10
+
+# The README's table (python memory_trace.py --table): Llama-3-8B on 8 × 80 GB, and paper 2's setup.
+TABLE = [
+    ("SFT, 1 × 8192 tokens", "llama3-8b", "sft", 8, 8192, 1, None, 80),
+    ("RM, 1 pair × 2 × 2048", "llama3-8b", "rm", 8, 2048, 1, None, 80),
+    ("DPO, 1 pair × 2 × 2048", "llama3-8b", "dpo", 8, 2048, 1, None, 80),
+    ("OSP, K = 7, 1024 tokens, 2 prompts/rank, 8 pairs/forward", "llama3-8b", "osp", 8, 1024, 8, None, 80),
+    ("sampling, 64 slots × 4096", "llama3-8b", "sample", 1, 4096, 64, None, 80),
+    ("DPO + LoRA r 64, 1 pair × 2 × 2048", "llama3-8b", "dpo", 8, 2048, 1, (64, 32.0), 80),
+    ("Mistral-7B OSP + LoRA r 64 (paper 2), one GPU, K = 7, 1024 tokens, 2 prompts, 2 pairs/forward", "mistral-7b", "osp", 1,
+     1024, 2, (64, 32.0), 48),
+]
+
+
+def fits(traced_bytes, gpu_gib):
+    """(fits, margin GiB): the traced peak plus the allowance, against the GPU's memory."""
+    need = traced_bytes / GiB * (1 + ALLOWANCE_FRACTION) + ALLOWANCE_GIB
+    return need <= gpu_gib, gpu_gib - need
+
+
+def table(rows=TABLE):
+    """Trace every row of TABLE; returns markdown lines (and prints each row as it finishes)."""
+    from model import LoRASettings
+
+    lines = ["| per rank | ranks | planned (GiB) | traced (GiB) | traced + allowance | GPU (GiB) | margin (GiB) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, config_name, mode, world, seq_len, micro, lora_ra, gpu in rows:
+        lora = LoRASettings(lora_ra[0], lora_ra[1]) if lora_ra else None
+        start = time.perf_counter()
+        peak = trace_stage(KNOWN_CONFIGS[config_name], mode, world, seq_len, micro, lora)
+        plan = plan_for(KNOWN_CONFIGS[config_name], mode, world, seq_len, micro, lora)
+        ok, margin = fits(peak["Total"], gpu)
+        need = peak["Total"] / GiB * (1 + ALLOWANCE_FRACTION) + ALLOWANCE_GIB
+        lines.append(f"| {name} | {world} | {plan['peak'] / GiB:.2f} | {peak['Total'] / GiB:.2f} | {need:.2f} | {gpu} | "
+                     f"{margin:+.2f}{'' if ok else ' (does NOT fit)'} |")
+        print(lines[-1], f"({time.perf_counter() - start:.0f} s)", flush=True)
+    return lines
+
+
+def check_fake_matches_real(world_size=2):
+    """{case: (real peak, fake peak)} at the tiny shape, each stage's own step on real and on fake
+    tensors: sft, dpo and osp under FSDP2 over world_size fake ranks, and dpo and osp with LoRA on one
+    device. A test asserts real == fake for each."""
+    from model import LoRASettings
+
+    lora = LoRASettings(4, 8.0)
+    cases = {"sft, FSDP2": ("sft", world_size, None), "dpo, FSDP2": ("dpo", world_size, None),
+             "osp, FSDP2": ("osp", world_size, None), "dpo + LoRA, one device": ("dpo", 1, lora),
+             "osp + LoRA, one device": ("osp", 1, lora)}
+    return {case: tuple(trace_stage(TINY, mode, world, 32, 2, lora, fake=fake, k=3) for fake in (False, True))
+            for case, (mode, world, lora) in cases.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Per-rank memory of a stage's real step at full shape, on fake tensors, "
+                                                 "next to the formula plan (memory_plan.py).")
+    parser.add_argument("--config", default="llama3-8b",
+                        help=f"one of {sorted(KNOWN_CONFIGS)}, or an HF config.json / checkpoint folder")
+    parser.add_argument("--mode", choices=MODES, default="sft", help="the stage to trace")
+    parser.add_argument("--world-size", type=int, default=8, help="ranks (FSDP2 over fake ranks; 1: one device)")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (dpo/osp: prompt + response)")
+    parser.add_argument("--micro-batch-size", type=int, default=1, help="sequences / pairs per forward (sample: decode slots)")
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (0: full fine-tuning)")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 × rank)")
+    parser.add_argument("--k", type=int, default=7, help="osp: samples per prompt")
+    parser.add_argument("--prompts-per-rank", type=int, default=2, help="osp: prompts per rank per step")
+    parser.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory to check the traced peak against")
+    parser.add_argument("--table", action="store_true", help="trace every row of the README's table")
+    parser.add_argument("--self-check", action="store_true", help="tiny shape: each stage's fake peak = its real peak")
+    args = parser.parse_args()
+    from model import LoRASettings, ModelConfig
+
+    if args.self_check:
+        for case, (real, fake) in check_fake_matches_real().items():
+            print(f"tiny, {case}: real peak {real['Total']:,} B, fake peak {fake['Total']:,} B"
+                  + (" (equal)" if real == fake else " DIFFER"))
+        return
+    if args.table:
+        print("\n".join(table()))
+        return
+    config = KNOWN_CONFIGS.get(args.config) or ModelConfig.from_path(args.config)
+    lora = LoRASettings(args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank) if args.lora_rank else None
+    start = time.perf_counter()
+    peak = trace_stage(config, args.mode, args.world_size, args.seq_len, args.micro_batch_size, lora, k=args.k,
+                       prompts_per_rank=args.prompts_per_rank)
+    plan = plan_for(config, args.mode, args.world_size, args.seq_len, args.micro_batch_size, lora, args.k, args.prompts_per_rank)
+    from memory_plan import format_memory_plan
+    print(format_peak(peak, f"traced: {args.config} {args.mode}, {args.world_size} rank(s), peak of step 2 per rank"))
+    print(format_memory_plan(plan, args.gpu_gib))
+    ok, margin = fits(peak["Total"], args.gpu_gib)
+    print(f"traced {peak['Total'] / GiB:.2f} GiB + allowance ({ALLOWANCE_FRACTION:.0%} + {ALLOWANCE_GIB:g} GiB for what a "
+          f"trace cannot see) {'fits' if ok else 'does NOT fit'} {args.gpu_gib:g} GiB: margin {margin:+.2f} GiB "
+          f"(traced in {time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
