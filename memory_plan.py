@@ -68,7 +68,8 @@ def memory_plan(config, world_size, micro_batch_size, seq_len, mode, *, parallel
         rows["weights"] = P * b
         rows["KV cache"] = kv_bytes(slots, cache_len)
         # prefill of micro_batch_size prompts of seq_len tokens: their own cache, copied into the slots after
-        rows["prefill"] = kv_bytes(micro_batch_size, seq_len) + no_grad_forward
+        # + the prefill's final hidden states (N, H) and its prompts' last-position logits (prompts, V)
+        rows["prefill"] = kv_bytes(micro_batch_size, seq_len) + no_grad_forward + N * H * b + micro_batch_size * V * b
         rows["logits + sampling"] = slots * V * (b + 3 * 4)  # (slots, V) logits, ~3 fp32 temporaries (softmax, sort)
         return finish(rows, mode, world_size)
 
@@ -133,6 +134,52 @@ def memory_plan(config, world_size, micro_batch_size, seq_len, mode, *, parallel
     return finish(rows, mode, world_size, reference_pass, lm_head=lm_head, block_backward=block_backward)
 
 
+def osp_memory_plan(config, world_size, micro_batch_size, seq_len, prompts_per_rank, k, *, parallel="fsdp", lora=None,
+                    separate_judge=False, activation_checkpointing=True, param_dtype_bytes=2, master_dtype_bytes=4,
+                    device="cuda", judge_batch=64):
+    """osp.py's step, phase by phase (its phases never overlap): what stays resident (the policy's
+    master weights and AdamW state, π_SFT's frozen copies, the sampling KV cache) plus the largest of
+      rollout: the sampler gathered whole (FSDP: a bf16 copy of the policy), a prefill of prompts of
+               seq_len / 2 tokens as generate.Engine batches them, a decode step's logits;
+      judge:   the judge gathered whole (FSDP), one no-grad batch of pairwise queries (prompt + 2 responses);
+      update:  dpo's training step on micro_batch_size pairs (memory_plan "dpo") and the reference's no-grad forward.
+    π_SFT (reference = judge unless separate_judge) is frozen in the compute dtype, sharded under
+    FSDP; with LoRA it is the policy itself, adapters off: no copy at all."""
+    from generate import PREFILL_TOKENS
+
+    b, L, V = param_dtype_bytes, config.num_hidden_layers, config.vocab_size
+    block, outside = parameter_counts(config)
+    P = L * block + outside
+    shard = world_size if parallel == "fsdp" else 1
+    update = memory_plan(config, world_size, micro_batch_size, seq_len, "dpo", parallel=parallel, lora=lora,
+                         activation_checkpointing=activation_checkpointing, param_dtype_bytes=b,
+                         master_dtype_bytes=master_dtype_bytes, device=device)
+    resident_names = ("weights (master)", "frozen base", "AdamW state")
+    rows = {name: update["rows"][name] for name in resident_names if name in update["rows"]}
+    rows["π_SFT (reference, judge)"] = 0 if lora is not None else (1 + separate_judge) * P * b // shard
+    slots, half = prompts_per_rank * k, seq_len // 2
+    kv_per_position = L * 2 * config.num_key_value_heads * config.head_dim * b
+    rows["KV cache"] = slots * seq_len * kv_per_position
+    H, I = config.hidden_size, config.intermediate_size
+
+    def no_grad_forward(tokens):  # one block's inference transients: gate, up, silu (N, I); two (N, H)
+        return tokens * b * (3 * I + 2 * H)
+
+    whole = P * b if parallel == "fsdp" else 0  # gathered whole for the phase (common.gathered)
+    prefill_count = min(prompts_per_rank, max(1, PREFILL_TOKENS // half))
+    phases = {
+        "rollout": whole + prefill_count * half * kv_per_position + no_grad_forward(prefill_count * half) + slots * V * (b + 3 * 4),
+        "judge": whole + no_grad_forward(min(judge_batch, slots) * (half + 2 * (seq_len - half))),
+        "update": sum(size for name, size in update["rows"].items() if name not in resident_names and name != "reference model")
+                  + no_grad_forward(2 * micro_batch_size * seq_len),
+    }
+    largest = max(phases, key=phases.get)
+    rows[f"largest phase: {largest}"] = phases[largest]
+    plan = finish(rows, "osp", world_size)
+    plan["phases"] = phases
+    return plan
+
+
 def finish(rows, mode, world_size, reference_pass=None, **parts):
     total = sum(rows.values())
     return dict(rows=rows, total=total, peak=max(total, reference_pass or 0), mode=mode, world_size=world_size,
@@ -146,6 +193,8 @@ def format_memory_plan(plan, gpu_gib=80.0, memory_name="GPU"):
         note = ""
         if name == "working set":  # say which phase it is
             note = f"  (max of LM head {plan['lm_head'] / GiB:.2f}, block backward {plan['block_backward'] / GiB:.2f})"
+        if name.startswith("largest phase"):
+            note = "  (" + ", ".join(f"{phase} {size / GiB:.2f}" for phase, size in plan["phases"].items()) + ")"
         lines.append(f"  {name:<26}{size / GiB:8.2f} GiB{note}")
     lines.append(f"  {'total':<26}{plan['total'] / GiB:8.2f} GiB")
     if plan["reference_pass"] is not None:

@@ -393,16 +393,18 @@ def trace_stage(config, mode, world_size=1, seq_len=2048, micro_batch_size=1, lo
 
 def plan_for(config, mode, world_size, seq_len, micro_batch_size, lora=None, k=7, prompts_per_rank=2):
     """memory_plan.memory_plan for the same stage and shape as trace_stage, as the stage prints it."""
-    from memory_plan import memory_plan
+    from memory_plan import memory_plan, osp_memory_plan
     from model import ModelConfig
 
     config = ModelConfig.from_dict(config) if isinstance(config, dict) else config
     parallel = "fsdp" if world_size > 1 else "none"
-    if mode == "osp":  # osp.py's own call: dpo's step, a resident reference, the sampling cache
-        return memory_plan(config, world_size, micro_batch_size, seq_len, "dpo", parallel=parallel, lora=lora,
-                           resident_reference=True, kv_cache_slots=prompts_per_rank * k, kv_cache_len=seq_len)
-    if mode == "sample":
-        return memory_plan(config, 1, micro_batch_size, seq_len, "sample")
+    if mode == "osp":  # osp.py's own plan
+        return osp_memory_plan(config, world_size, micro_batch_size, seq_len, prompts_per_rank, k, parallel=parallel, lora=lora)
+    if mode == "sample":  # the prefill as generate.Engine batches it: PREFILL_TOKENS padded tokens at most
+        from generate import PREFILL_TOKENS
+        half = seq_len // 2
+        return memory_plan(config, 1, min(micro_batch_size, max(1, PREFILL_TOKENS // half)), half, "sample",
+                           kv_cache_slots=micro_batch_size, kv_cache_len=seq_len)
     # dpo's micro-batch of pairs: the plan's seq_len is each response's sequence (prompt + response)
     return memory_plan(config, world_size, micro_batch_size, seq_len, mode, parallel=parallel, lora=lora, packed=False)
 
