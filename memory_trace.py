@@ -269,7 +269,7 @@ def emulated_gpu():
             os.environ["RLHF_EMULATE_GPU"] = before
 
 
-def _build(config, head, parallel, activation_checkpointing, lora, frozen, fake_mode):
+def _build(config, head, parallel, activation_checkpointing, lora, frozen, fake_mode, device="cpu"):
     """A stage's model: common.build_on_meta, then storage, fake (fake_mode) or real (small weights)."""
     from common import build_on_meta
     from model import rope_inverse_frequencies
@@ -277,16 +277,27 @@ def _build(config, head, parallel, activation_checkpointing, lora, frozen, fake_
     model = build_on_meta(config, head, parallel, torch.bfloat16, activation_checkpointing, lora, frozen)
     if fake_mode is not None:
         return materialize(model, fake_mode)
-    model.to_empty(device="cpu")
-    model.inv_freq = rope_inverse_frequencies(model.config)
+    model.to_empty(device=device)
+    model.inv_freq = rope_inverse_frequencies(model.config).to(device)
     with torch.no_grad():  # real tensors (tiny shapes): any finite values will do, only sizes and lifetimes matter
         for parameter in model.parameters():
             (parameter.to_local() if hasattr(parameter, "to_local") else parameter).normal_(0, 0.02)
     return model
 
 
+def measure_cuda_peak(step, model, optimizer=None, frozen=(), steps=2):
+    """What trace_peak reports, measured on a GPU: torch.cuda.max_memory_allocated during the last of
+    `steps` calls of step() (the caching allocator's count of live tensor bytes, so comparable)."""
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+    torch.cuda.synchronize()
+    return {"Total": torch.cuda.max_memory_allocated()}
+
+
 def trace_stage(config, mode, world_size=1, seq_len=2048, micro_batch_size=1, lora=None, activation_checkpointing=True,
-                fake=True, k=7, prompts_per_rank=2, steps=2):
+                fake=True, k=7, prompts_per_rank=2, steps=2, device="cpu"):
     """The peak per rank (trace_peak: {category: bytes, "Total": bytes}) of `steps` steps of a stage,
     FSDP2 over `world_size` fake ranks (one device, unwrapped, when 1), as on a GPU (emulated_gpu).
       sft:    micro_batch_size sequences of seq_len tokens, every token a target (packing into one
@@ -301,7 +312,8 @@ def trace_stage(config, mode, world_size=1, seq_len=2048, micro_batch_size=1, lo
               forward); reference and judge resident (sharded), or with LoRA the policy, adapters off;
       sample: a bf16 replica per rank, micro_batch_size decode slots of seq_len positions, a prefill
               of seq_len / 2-token prompts as the engine batches them and a decode step.
-    lora: model.LoRASettings (sft, rm, dpo, osp). fake=False runs real tensors (tiny shapes only)."""
+    lora: model.LoRASettings (sft, rm, dpo, osp). fake=False runs real tensors (tiny shapes only on a
+    CPU); device="cuda" (real tensors, one device): the same steps measured on a GPU (measure_cuda_peak)."""
     import argparse as _argparse
 
     import dpo
@@ -315,17 +327,20 @@ def trace_stage(config, mode, world_size=1, seq_len=2048, micro_batch_size=1, lo
     assert mode in MODES, mode
     config = ModelConfig.from_dict(config) if isinstance(config, dict) else config
     parallel = "fsdp" if world_size > 1 else "none"
-    device = torch.device("cpu")
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    assert not (on_gpu and (fake or world_size > 1)), "on a GPU: real tensors, one device"
     with emulated_gpu(), fake_distributed(world_size) if world_size > 1 else nullcontext():
         fake_mode = fake_tensor_mode() if fake else None
         frozen_models, optimizer = [], None
         if mode == "sample":
-            model = _build(config, "lm", "none", False, None, True, fake_mode)
+            model = _build(config, "lm", "none", False, None, True, fake_mode, device)
         else:
-            model = _build(config, "score" if mode == "rm" else "lm", parallel, activation_checkpointing, lora, False, fake_mode)
+            model = _build(config, "score" if mode == "rm" else "lm", parallel, activation_checkpointing, lora, False,
+                           fake_mode, device)
             if mode == "osp" and lora is None:  # π_SFT: reference = judge, frozen, sharded like the policy
-                frozen_models.append(_build(config, "lm", parallel, False, None, True, fake_mode))
-        with fake_mode if fake else nullcontext():
+                frozen_models.append(_build(config, "lm", parallel, False, None, True, fake_mode, device))
+        with fake_mode if fake else nullcontext(), torch.device(device):
             if mode != "sample":
                 optimizer = make_optimizer(model, 1e-5)
             half = seq_len // 2
@@ -361,7 +376,7 @@ def trace_stage(config, mode, world_size=1, seq_len=2048, micro_batch_size=1, lo
                 positions = torch.full((slots,), seq_len - 1)
 
                 def rollout_phase():
-                    with gathered(sampler), torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=mode == "sample"):
+                    with gathered(sampler), torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=mode == "sample"):
                         engine.reserve(seq_len)  # allocated once, then kept for the run (Engine.reserve)
                         prefill_cache = KVCache(config, prefill_count, half, device, torch.bfloat16)
                         generate.prefill(sampler, prefill_cache, torch.zeros(prefill_count, half, dtype=torch.long),
@@ -388,7 +403,7 @@ def trace_stage(config, mode, world_size=1, seq_len=2048, micro_batch_size=1, lo
                             train_rm.pairwise_logits_ab(judge_model, judge_queries, (4, 5), 0, device)
                         osp.update(model, judge, optimizer, prompt_tokens, pairs, pair_tokens, targets, args, 0,
                                    world_size, 0, device)
-            return trace_peak(step, model, optimizer, frozen=frozen_models, steps=steps)
+            return (measure_cuda_peak if on_gpu else trace_peak)(step, model, optimizer, frozen=frozen_models, steps=steps)
 
 
 def plan_for(config, mode, world_size, seq_len, micro_batch_size, lora=None, k=7, prompts_per_rank=2):
@@ -465,6 +480,36 @@ def check_fake_matches_real(world_size=2):
             for case, (mode, world, lora) in cases.items()}
 
 
+# tools/gpu_check.sh: the same steps measured on a GPU and traced here, at a real but small shape
+# (TinyLlama-1.1B's config, one device, bf16); the CPU dry run compares real and fake CPU tensors instead.
+TINYLLAMA = dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                 num_attention_heads=32, num_key_value_heads=4, rope_theta=10000.0, rms_norm_eps=1e-5,
+                 max_position_embeddings=2048, tie_word_embeddings=False)
+GPU_CHECK = [("sft", None, 4, 1024), ("dpo", None, 2, 1024), ("osp", (16, 32.0), 4, 512)]
+
+
+def gpu_check(dry_run=False):
+    """One SFT, DPO and OSP + LoRA step each, measured (torch.cuda.max_memory_allocated) against the
+    fake-tensor trace of the same step at the same shape. Returns the printed lines; raises if a
+    measurement differs from its trace by more than 10%."""
+    from model import LoRASettings
+
+    config, device = (TINYLLAMA, "cuda") if not dry_run else (TINY, "cpu")
+    lines, worst = [], 0.0
+    for mode, lora_ra, micro, seq_len in GPU_CHECK:
+        lora = LoRASettings(*lora_ra) if lora_ra else None
+        seq_len = seq_len if not dry_run else 32
+        traced = trace_stage(config, mode, 1, seq_len, micro, lora, k=3)["Total"]
+        measured = trace_stage(config, mode, 1, seq_len, micro, lora, fake=False, k=3, device=device)["Total"]
+        worst = max(worst, abs(measured / traced - 1))
+        lines.append(f"{mode}{' + LoRA' if lora else ''}, {micro} × {seq_len} tokens on {device}: measured "
+                     f"{measured / GiB:.3f} GiB, traced {traced / GiB:.3f} GiB, measured / traced {measured / traced:.3f}")
+        print(lines[-1], flush=True)
+    if worst > 0.10:
+        raise SystemExit(f"a measured peak differs from its trace by {worst:.0%} (> 10%): explain it before trusting the table")
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description="Per-rank memory of a stage's real step at full shape, on fake tensors, "
                                                  "next to the formula plan (memory_plan.py).")
@@ -481,7 +526,13 @@ def main():
     parser.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory to check the traced peak against")
     parser.add_argument("--table", action="store_true", help="trace every row of the README's table")
     parser.add_argument("--self-check", action="store_true", help="tiny shape: each stage's fake peak = its real peak")
+    parser.add_argument("--gpu-check", action="store_true",
+                        help="on a GPU: sft, dpo, osp + LoRA steps measured against their traces (tools/gpu_check.sh)")
+    parser.add_argument("--dry-run", action="store_true", help="with --gpu-check: tiny shapes on the CPU, real vs fake tensors")
     args = parser.parse_args()
+    if args.gpu_check:
+        gpu_check(args.dry_run)
+        return
     from model import LoRASettings, ModelConfig
 
     if args.self_check:

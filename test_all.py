@@ -12,10 +12,13 @@ One module per file of the project, in reading order; shared fixtures and writer
 | tests/test_model.py | logits = transformers' Llama/Qwen2, KV-cached decoding = full forward, packed documents isolated |
 | tests/test_attention.py | packed / cached / sliding-window attention = a dense-mask reference (and transformers' Mistral), FlexAttention's block mask, checkpointing changes no gradient, packed memory at T = 4096 |
 | tests/test_scale.py | FSDP2 meta-device init + rank-0 broadcast = a single-process load (bit for bit), sharded save in bf16, bf16 LM-head log-probs under autocast |
-| tests/test_memory_plan.py | the memory plan within 25% of measured CPU allocation (and a wrong plan outside it), FSDP/checkpointing arithmetic, Llama-3-8B SFT 8k and DPO 2×2k fit 80 GiB, `--dry-run` in every stage |
+| tests/test_memory_plan.py | FSDP/checkpointing/LoRA arithmetic, Llama-3-8B SFT 8k and DPO 2×2k fit 80 GiB, `--dry-run` in every stage |
+| tests/test_memory_trace.py | each stage's own step on fake tensors: traced peak = real-tensor peak to the byte (sft, rm, dpo, osp, LoRA, sampling), the plan within [1, 1.2] × the trace, Llama-3-8B DPO traced on 8 fake ranks fits 80 GiB |
+| tests/test_lora.py | LoRA: B = 0 equals the base, only adapters train, merged = unmerged (forward and cached decode), adapters off = base bit for bit, PEFT loads our adapter to the same logits, LoRA SFT/RM/DPO/OSP end to end, OSP under FSDP2 2 ranks = 1 |
 | tests/test_common.py | the prompt/response token boundary, the LR schedule, atomic JSONL |
 | tests/test_kernels_logprob.py | fused log-probs = the PyTorch reference (values and gradients, fp32/bf16) |
 | tests/test_kernels_sampling.py | top-k/top-p/min-p sampling stays in the kept set, exact log-probs, per-row seeds |
+| tests/test_cuda.py | on a GPU: Triton kernels = twins, cached decode in bf16, FlexAttention = twin (CPU variants at tiny shapes) |
 | tests/test_sft.py | SFT lowers the loss, exports to transformers, 2 ranks = 1 rank |
 | tests/test_train_rm.py | BT loss by hand, reward at the last real token, export + scoring, pairwise symmetry |
 | tests/test_generate.py | greedy = uncached argmax = transformers, stop tokens, seeded samples independent of batch/ranks |
@@ -29,9 +32,12 @@ from tests.test_model import *  # noqa: F401,F403
 from tests.test_attention import *  # noqa: F401,F403
 from tests.test_scale import *  # noqa: F401,F403
 from tests.test_memory_plan import *  # noqa: F401,F403
+from tests.test_memory_trace import *  # noqa: F401,F403
+from tests.test_lora import *  # noqa: F401,F403
 from tests.test_common import *  # noqa: F401,F403
 from tests.test_kernels_logprob import *  # noqa: F401,F403
 from tests.test_kernels_sampling import *  # noqa: F401,F403
+from tests.test_cuda import *  # noqa: F401,F403
 from tests.test_sft import *  # noqa: F401,F403
 from tests.test_train_rm import *  # noqa: F401,F403
 from tests.test_generate import *  # noqa: F401,F403
