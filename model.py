@@ -662,7 +662,8 @@ class Transformer(nn.Module):
         with torch.autocast(device_type, enabled=False):
             logps = token_logprobs(hidden.reshape(B * T, H), weight, targets.reshape(B * T), temperature=temperature,
                                    num_valid=num_targets)
-        return logps.view(B, T)
+        # a copy, not a view: FSDP2 warns on every forward whose output is a view (an in-place op on it would skip its hook)
+        return logps.view(B, T).clone()
 
     def init_weights(self, std=None):
         """Random init for training from scratch: normal(0, initializer_range) linears/embeddings."""
