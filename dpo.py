@@ -43,6 +43,11 @@ running out of memory. --device, --parallel and --log-every are never saved.
 Offline, --out gets the same kind of record (settings.json beside ref_logps.jsonl, which a rerun
 after a crash reuses); a --out that holds a model is skipped unless --overwrite.
 
+LoRA (--lora-rank r, --lora-alpha, --lora-targets; model.add_lora): only the adapters train; the
+reference π_0 is the same model with its adapters off (no second copy, as TRL does with PEFT).
+Online, iteration t trains π_0 + the adapter of iteration t − 1, saved in iter{t−1}/policy/adapter/
+(PEFT's format); policy/ itself holds the merged model, which the next iteration samples from.
+
 Losses, with h = [log π(a_w|x) − log π_0(a_w|x)] − [log π(a_l|x) − log π_0(a_l|x)]:
   DPO   −log σ(βh)                               (Rafailov et al. 2023, eq. 7; paper 1 eq. (3))
   IPO   (h − 1/(2β))²                            (Azar et al. 2023, eq. 17) on length-normalised log-probs

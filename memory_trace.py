@@ -1,36 +1,28 @@
-"""Traced memory: the per-rank peak of a REAL training step, run on fake tensors at full shape.
+"""Traced memory: the per-rank peak of a stage's REAL step, run on fake tensors at full shape, next
+to the formula plan (memory_plan.py).
 
-    python memory_trace.py                 # self-check (tiny model: fake peak == real peak), then
-                                           # Llama-3-8B under FSDP2 over 8 fake ranks, 1 × 2048 tokens
-    python memory_trace.py --skip-full     # the tiny self-check alone (seconds)
-
-    from memory_trace import fake_distributed, fake_tensor_mode, materialize, trace_peak, format_peak
-    fake_mode = fake_tensor_mode()
-    with fake_distributed(world_size=8):
-        with torch.device("meta"):
-            model = Transformer(config)
-        model = wrap_model(model, "fsdp", torch.device("cpu"), torch.bfloat16)
-        materialize(model, fake_mode)                  # fake storage: no bytes are allocated
-        with fake_mode:  # the step's tensors must be fake too: make them (and the optimizer) inside
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)   # fused, as on a GPU
-            peak = trace_peak(train_step, model, optimizer, frozen=[reference], steps=2)
-    print(format_peak(peak))               # {"Sharded Param": bytes, ..., "Total": bytes}
+    python memory_trace.py --config llama3-8b --mode dpo --world-size 8 --seq-len 2048   # one stage, one shape
+    python memory_trace.py --config /ckpt/Mistral-7B --mode osp --world-size 1 --seq-len 1024 \
+        --micro-batch-size 2 --lora-rank 64 --lora-alpha 32                               # paper 2's setup
+    python memory_trace.py --table          # the README's table (~5 minutes on 2 cores)
+    python memory_trace.py --self-check     # small shape: each stage's fake peak = its real-tensor peak
+    python memory_trace.py --gpu-check      # on a GPU: the same steps measured (tools/gpu_check.sh)
 
 How: FakeTensorMode runs every op for its shapes and dtypes only (no data, no memory), and torch's
 memory trackers (torch.distributed._tools: MemTracker, and FSDPMemTracker for FSDP2 models) watch
 each op's outputs and the storages' lifetimes, labelling every byte by what it is (parameter,
 gradient, optimizer state, activation, ...). A fake process group of W ranks lets FSDP2 shard
 exactly as on W GPUs while its collectives do nothing, so one CPU process sees one rank's tensors.
-Everything is on the CPU device (this torch cannot fake CUDA tensors), with bf16 compute as on a GPU.
-The figures are the tracker's sums of tensor storages, not the CUDA caching allocator's
-reservations: add fragmentation and the CUDA context (~1-3 GiB) before comparing with a GPU.
+The models are built as the stages build them (common.build_on_meta: meta device, LoRA, FSDP2),
+then given fake storage; the steps are the stages' own functions (trace_stage). Everything is on
+the CPU device (this torch cannot fake CUDA tensors) and takes a GPU run's decisions (bf16 compute,
+fused AdamW, the log-prob kernel's GPU chunk width: emulated_gpu). Ops that read values fail on
+fake tensors (.item(), .tolist(), bool(t), nonzero(), x[mask]): a traced step must not read the
+device, which is also what keeps a GPU step free of host syncs.
 
-What the CPU device changes, so what a caller must set as a GPU run would: the compute dtype (bf16:
-FSDP2's param_dtype, or torch.autocast("cpu", bfloat16) for an unwrapped model; common.autocast and
-default_dtype say fp32 on a CPU), fused AdamW (make_optimizer picks it on CUDA only; the CPU for-loop
-AdamW makes per-parameter temporaries), and anything else chosen by device type (the log-prob
-kernel's vocabulary chunk, FlexAttention). Ops that read values fail on fake tensors (.item(),
-.tolist(), bool(t), nonzero(), x[mask], unique()): a traced step must not read the device.
+The figures are the tracker's sums of tensor storages, not the CUDA caching allocator's
+reservations: fits() adds an allowance for what a trace cannot see (CUDA context, NCCL and cuBLAS
+workspaces, Triton and FlexAttention internals, fragmentation).
 
 All private-API use of the project lives in this module (torch 2.13 is what it was written on).
 """
@@ -369,7 +361,7 @@ def trace_stage(config, mode, world_size=1, seq_len=2048, micro_batch_size=1, lo
                                    world_size, device)
             else:  # osp and sample: the generation engine's own calls
                 slots = prompts_per_rank * k if mode == "osp" else micro_batch_size
-                sampler = model if mode == "sample" else model
+                sampler = model  # osp: the current policy (--sampling policy, the default)
                 engine = generate.Engine(sampler, slots, [0], dtype=torch.bfloat16)
                 prefill_count = min(slots if mode == "sample" else prompts_per_rank, max(1, generate.PREFILL_TOKENS // half))
                 tokens, seeds = torch.zeros(slots, dtype=torch.long), torch.arange(slots)
@@ -466,18 +458,20 @@ def table(rows=TABLE):
     return lines
 
 
-def check_fake_matches_real(world_size=2):
-    """{case: (real peak, fake peak)} at the tiny shape, each stage's own step on real and on fake
-    tensors: sft, dpo and osp under FSDP2 over world_size fake ranks, and dpo and osp with LoRA on one
-    device. A test asserts real == fake for each."""
+SELF_CHECK_CASES = {"sft, FSDP2": ("sft", 2, False, 2), "rm, FSDP2": ("rm", 2, False, 2), "dpo, FSDP2": ("dpo", 2, False, 2),
+                    "osp, FSDP2": ("osp", 2, False, 2), "dpo + LoRA": ("dpo", 1, True, 2), "osp + LoRA": ("osp", 1, True, 2),
+                    "sample": ("sample", 1, False, 8)}  # (mode, ranks: FSDP2 over fake ranks or one device, LoRA, micro-batch)
+
+
+def check_fake_matches_real(config=TINY, seq_len=32, cases=SELF_CHECK_CASES):
+    """{case: (real-tensor peak, fake-tensor peak)} of each stage's own step (2 steps, K = 3, LoRA
+    rank 4), at a shape small enough for real tensors on a CPU. tests/test_memory_trace.py asserts
+    real == fake for each."""
     from model import LoRASettings
 
-    lora = LoRASettings(4, 8.0)
-    cases = {"sft, FSDP2": ("sft", world_size, None), "dpo, FSDP2": ("dpo", world_size, None),
-             "osp, FSDP2": ("osp", world_size, None), "dpo + LoRA, one device": ("dpo", 1, lora),
-             "osp + LoRA, one device": ("osp", 1, lora)}
-    return {case: tuple(trace_stage(TINY, mode, world, 32, 2, lora, fake=fake, k=3) for fake in (False, True))
-            for case, (mode, world, lora) in cases.items()}
+    return {case: tuple(trace_stage(config, mode, world, seq_len, micro, LoRASettings(4, 8.0) if lora else None, fake=fake, k=3)
+                        for fake in (False, True))
+            for case, (mode, world, lora, micro) in cases.items()}
 
 
 # tools/gpu_check.sh: the same steps measured on a GPU and traced here, at a real but small shape

@@ -7,6 +7,9 @@
     torchrun --nproc_per_node 8 sft.py --model /ckpt/Meta-Llama-3-8B --data chat.jsonl --out runs/sft \\
         --block-size 8192 --batch-size 32 --micro-batch-size 1
 
+    # LoRA: a frozen bf16 base and rank-64 adapters; saved merged, and in PEFT's format in OUT/adapter
+    python sft.py --model /ckpt/Mistral-7B --data chat.jsonl --out runs/sft-lora --lora-rank 64 --lora-alpha 32 --save-adapter
+
 Input: JSONL records {"messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]}.
 Output: an HF-format folder (config.json, model.safetensors, tokenizer) + metrics.jsonl. A rerun
 with --out already holding a model does nothing (--overwrite trains it again).

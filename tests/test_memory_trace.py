@@ -3,27 +3,23 @@ equals the real-tensor peak byte for byte, and the formula plan (memory_plan.py)
 trace and within 20% of it; at full Llama-3-8B shape one trace fits 80 GiB per rank."""
 import pytest
 
-from memory_trace import GiB, LLAMA3_8B, TINY, fits, plan_for, trace_stage
+from memory_trace import GiB, LLAMA3_8B, SELF_CHECK_CASES, TINY, check_fake_matches_real, fits, plan_for, trace_stage
 from model import LoRASettings
 from tests.helpers import run_script
 
 SMALL = dict(TINY, hidden_size=256, intermediate_size=640, num_hidden_layers=4, vocab_size=1024, num_attention_heads=8,
              num_key_value_heads=4)
-LORA = LoRASettings(4, 8.0)
-# (mode, ranks, LoRA, micro-batch): FSDP2 over 2 fake ranks, or one device; sequences of 64 tokens, K = 3
-CASES = {"sft, FSDP2": ("sft", 2, None, 2), "rm, FSDP2": ("rm", 2, None, 2), "dpo, FSDP2": ("dpo", 2, None, 2),
-         "osp, FSDP2": ("osp", 2, None, 2), "dpo + LoRA": ("dpo", 1, LORA, 2), "osp + LoRA": ("osp", 1, LORA, 2),
-         "sample": ("sample", 1, None, 8)}
+CASES = SELF_CHECK_CASES  # (mode, ranks, LoRA, micro-batch): FSDP2 over 2 fake ranks, or one device; K = 3
 
 
 @pytest.fixture(scope="module")
 def traces():
-    """{case: (real-tensor peak, fake-tensor peak)}: the stage's own step, 2 steps, peak of the second.
-    The PyTorch twins of the kernels, as stage runs on a CPU take (not Triton's interpreter)."""
+    """{case: (real-tensor peak, fake-tensor peak)}: the stage's own step, 2 steps, peak of the second,
+    sequences of 64 tokens. The PyTorch twins of the kernels, as stage runs on a CPU take (not
+    Triton's interpreter)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("TRITON_INTERPRET", raising=False)
-        return {case: tuple(trace_stage(SMALL, mode, world, 64, micro, lora, fake=fake, k=3) for fake in (False, True))
-                for case, (mode, world, lora, micro) in CASES.items()}
+        return check_fake_matches_real(SMALL, 64)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -36,7 +32,7 @@ def test_traced_peak_equals_the_real_tensor_peak(case, traces):
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_plan_is_never_below_the_trace_and_within_20_percent(case, traces):
     mode, world, lora, micro = CASES[case]
-    plan = plan_for(SMALL, mode, world, 64, micro, lora, k=3)
+    plan = plan_for(SMALL, mode, world, 64, micro, LoRASettings(4, 8.0) if lora else None, k=3)
     ratio = plan["peak"] / traces[case][1]["Total"]
     assert 1.0 <= ratio <= 1.2, (case, ratio)
 
