@@ -14,6 +14,7 @@ counted in full beside the peak activations, although they fill in as the activa
 """
 import argparse
 import os
+from functools import partial
 
 import torch
 
@@ -136,11 +137,11 @@ def memory_plan(config, world_size, micro_batch_size, seq_len, mode, *, parallel
 
 def osp_memory_plan(config, world_size, micro_batch_size, seq_len, prompts_per_rank, k, *, parallel="fsdp", lora=None,
                     separate_judge=False, activation_checkpointing=True, param_dtype_bytes=2, master_dtype_bytes=4,
-                    device="cuda", judge_batch=64):
+                    device="cuda", judge_batch=64, prompt_len=None):
     """osp.py's step, phase by phase (its phases never overlap): what stays resident (the policy's
     master weights and AdamW state, π_SFT's frozen copies, the sampling KV cache) plus the largest of
       rollout: the sampler gathered whole (FSDP: a bf16 copy of the policy), a prefill of prompts of
-               seq_len / 2 tokens as generate.Engine batches them, a decode step's logits;
+               prompt_len tokens (default seq_len / 2) as generate.Engine batches them, a decode step's logits;
       judge:   the judge gathered whole (FSDP), one no-grad batch of pairwise queries (prompt + 2 responses);
       update:  dpo's training step on micro_batch_size pairs (memory_plan "dpo") and the reference's no-grad forward.
     π_SFT (reference = judge unless separate_judge) is frozen in the compute dtype, sharded under
@@ -157,7 +158,7 @@ def osp_memory_plan(config, world_size, micro_batch_size, seq_len, prompts_per_r
     resident_names = ("weights (master)", "frozen base", "AdamW state")
     rows = {name: update["rows"][name] for name in resident_names if name in update["rows"]}
     rows["π_SFT (reference, judge)"] = 0 if lora is not None else (1 + separate_judge) * P * b // shard
-    slots, half = prompts_per_rank * k, seq_len // 2
+    slots, half = prompts_per_rank * k, prompt_len or seq_len // 2
     kv_per_position = L * 2 * config.num_key_value_heads * config.head_dim * b
     rows["KV cache"] = slots * seq_len * kv_per_position
     H, I = config.hidden_size, config.intermediate_size
@@ -214,9 +215,10 @@ def print_stage_plan(model_path, mode, dist_info, micro_batch_size, seq_len, par
     config = ModelConfig.from_path(model_path)
     on_gpu = dist_info.device.type == "cuda"
     parallel = parallel if dist_info.world_size > 1 else "none"
-    plan = memory_plan(config, dist_info.world_size, micro_batch_size, seq_len, mode, parallel=parallel,
-                       activation_checkpointing=activation_checkpointing, param_dtype_bytes=2 if on_gpu else 4,
-                       device=dist_info.device.type, **extra)
+    plan = (osp_memory_plan if mode == "osp" else partial(memory_plan, mode=mode))(
+        config, dist_info.world_size, micro_batch_size, seq_len, parallel=parallel,
+        activation_checkpointing=activation_checkpointing, param_dtype_bytes=2 if on_gpu else 4, device=dist_info.device.type,
+        **extra)
     if on_gpu:
         print0(format_memory_plan(plan, torch.cuda.get_device_properties(dist_info.device).total_memory / GiB))
     else:

@@ -309,9 +309,9 @@ def main():
     checkpointing, save_dtype = scale_settings(args, device)
     lora = lora_settings(args)
     sequence = (args.max_prompt_length or 512) + args.max_new_tokens
-    print_stage_plan(args.model, "dpo", dist_info, args.micro_batch_size, sequence, args.parallel, checkpointing,
-                     resident_reference=True, kv_cache_slots=args.batch_size // world_size * args.k, kv_cache_len=sequence,
-                     lora=lora)
+    print_stage_plan(args.model, "osp", dist_info, args.micro_batch_size, sequence, args.parallel, checkpointing, lora=lora,
+                     prompts_per_rank=args.batch_size // world_size, k=args.k, prompt_len=args.max_prompt_length or 512,
+                     separate_judge=args.judge not in (None, args.model))
     if args.dry_run:
         return destroy_distributed()
 
