@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import run_cli, write_jsonl
+from common import read_jsonl, run_cli, write_jsonl
 from data.task import build
 from model import Transformer
 
@@ -152,3 +152,16 @@ def run_main_expecting_error(main, argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: main(argv))
     return check_one_line_error(exit_info.value.code, capsys.readouterr().err)
+
+
+def run_builtin_online(task_dir, tmp_path, *extra, lr="1e-3"):
+    """Two online iterations of dpo.py on 4 built-in task prompts each, scored by the gold reward
+    (run.sh's oracle control), in this process. Returns (sft folder, run folder)."""
+    import dpo
+    sft, run = builtin_model_dir(task_dir, tmp_path / "sft"), tmp_path / "run"
+    for t in (1, 2):
+        write_jsonl(tmp_path / f"prompts_{t}.jsonl", read_jsonl(task_dir / f"prompts_iter{t}.jsonl")[:4])
+        dpo.main(["--iter", str(t), "--run-dir", str(run), "--sft", str(sft), "--rm", "gold", "--prompts",
+                  str(tmp_path / "prompts_{t}.jsonl"), "--n", "3", "--max-new-tokens", "8", "--batch-size", "4",
+                  "--micro-batch-size", "4", "--lr", lr, "--epochs", "1", "--device", "cpu", *extra])
+    return sft, run

@@ -15,7 +15,7 @@ import dpo
 from common import encode_response, init_distributed, load_tokenizer, process_in_chunks, read_jsonl, run_cli, write_jsonl
 from data.task import score
 from model import Transformer
-from tests.helpers import ROOT, builtin_model_dir, run_script, tiny_config, write_pairs
+from tests.helpers import ROOT, builtin_model_dir, run_builtin_online, run_script, tiny_config, write_pairs
 
 
 def trl_sigmoid_loss(pc, pr, rc, rr, beta, label_smoothing=0.0):
@@ -431,13 +431,7 @@ def test_online_iterations_on_builtin_task_with_gold_reward(task_dir, tmp_path, 
     """run.sh's oracle control: two online iterations on the built-in task scored by the gold reward.
     Every pair's chosen response has the higher gold score, and step 1 of iteration 1 (policy =
     reference) has the DPO loss log 2."""
-    sft = builtin_model_dir(task_dir, tmp_path / "sft")
-    run = tmp_path / "run"
-    for t in (1, 2):
-        write_jsonl(tmp_path / f"prompts_{t}.jsonl", read_jsonl(task_dir / f"prompts_iter{t}.jsonl")[:4])
-        dpo.main(["--iter", str(t), "--run-dir", str(run), "--sft", str(sft), "--rm", "gold", "--prompts",
-                  str(tmp_path / "prompts_{t}.jsonl"), "--n", "3", "--max-new-tokens", "8", "--batch-size", "4",
-                  "--micro-batch-size", "4", "--lr", "1e-3", "--epochs", "1", "--device", "cpu"])
+    _, run = run_builtin_online(task_dir, tmp_path)
     for t in (1, 2):
         rewards = read_jsonl(run / f"iter{t}" / "rewards.jsonl")
         assert len(rewards) == 4 and all(r["rewards"] == [score(r["prompt"], y) for y in r["responses"]] for r in rewards)

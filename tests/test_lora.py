@@ -176,20 +176,12 @@ def test_lora_online_dpo_uses_the_same_model_adapters_off_as_reference(task_dir,
     """Two online iterations with LoRA on the built-in task (gold reward): step 1 of iteration 1 has
     the DPO loss log 2 (policy = reference, adapters fresh); iteration 2 continues iteration 1's
     adapter on π_0, and its reference log-probs (adapters off) are π_0's, computed by a plain π_0."""
-    import dpo
-    from dpo import sequence_logps, tokenize_pairs
     from common import load_tokenizer
-    from tests.helpers import builtin_model_dir
+    from dpo import sequence_logps, tokenize_pairs
+    from tests.helpers import run_builtin_online
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    sft = builtin_model_dir(task_dir, tmp_path / "sft")
-    run = tmp_path / "run"
-    for t in (1, 2):
-        from common import write_jsonl
-        write_jsonl(tmp_path / f"prompts_{t}.jsonl", read_jsonl(task_dir / f"prompts_iter{t}.jsonl")[:4])
-        dpo.main(["--iter", str(t), "--run-dir", str(run), "--sft", str(sft), "--rm", "gold", "--prompts",
-                  str(tmp_path / "prompts_{t}.jsonl"), "--n", "3", "--max-new-tokens", "8", "--batch-size", "4",
-                  "--micro-batch-size", "4", "--lr", "1e-2", "--epochs", "1", "--device", "cpu", "--lora-rank", "4"])
+    sft, run = run_builtin_online(task_dir, tmp_path, "--lora-rank", "4", lr="1e-2")
     step1 = read_jsonl(run / "iter1" / "policy" / "metrics.jsonl")[0]
     assert step1["loss"] == pytest.approx(0.6931472, abs=1e-5) and step1["kl"] == pytest.approx(0, abs=1e-6)
     assert (run / "iter1" / "policy" / "adapter" / "adapter_config.json").exists()
