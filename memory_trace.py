@@ -4,7 +4,7 @@ to the formula plan (memory_plan.py).
     python memory_trace.py --config llama3-8b --mode dpo --world-size 8 --seq-len 2048   # one stage, one shape
     python memory_trace.py --config /ckpt/Mistral-7B --mode osp --world-size 1 --seq-len 1024 \
         --micro-batch-size 2 --lora-rank 64 --lora-alpha 32                               # paper 2's setup
-    python memory_trace.py --table          # the README's table (~5 minutes on 2 cores)
+    python memory_trace.py --table          # the README's table (~2.5 minutes)
     python memory_trace.py --self-check     # small shape: each stage's fake peak = its real-tensor peak
     python memory_trace.py --gpu-check      # on a GPU: the same steps measured (tools/gpu_check.sh)
 
