@@ -30,6 +30,7 @@ def parameter_counts(config, head="lm"):
     H, I, nh, nkv, D = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
                         config.num_key_value_heads, config.head_dim)
     attention = H * (nh + 2 * nkv) * D + nh * D * H + config.qkv_bias * (nh + 2 * nkv) * D + config.o_bias * H
+    attention += config.qk_norm * 2 * D  # Qwen3's q_norm, k_norm: one (D,) weight each, shared by the heads
     mlp = 3 * H * I + config.mlp_bias * (2 * I + H)
     head_params = H if head == "score" else config.vocab_size * H * (not config.tie_word_embeddings)
     return attention + mlp + 2 * H, config.vocab_size * H + H + head_params   # block: + its two RMSNorm weights
@@ -106,7 +107,8 @@ def memory_plan(config, world_size, micro_batch_size, seq_len, mode, *, parallel
     #                packed: per-document outputs, then a copy for o_proj          b nh D
     #   SwiGLU MLP:  gate, up, silu(gate), silu(gate)·up, each (N, I)              4 b I
     #   (the Linears save these same tensors; residual adds and rope's cos/sin products save nothing)
-    per_token_block = 2 * (4 * H + 2 * b * H) + b * (2 * nh * D + 2 * nkv * D) + 4 * nh + packed * b * nh * D + 4 * b * I
+    per_token_block = 2 * (4 * H + 2 * b * H) + b * (2 * nh * D + 2 * nkv * D) + 4 * nh + packed * b * nh * D + 4 * b * I \
+        + config.qk_norm * (nh + nkv) * D * (4 + 2 * b)   # Qwen3's per-head q/k RMSNorms, as the block's two
     per_token_outside = (4 * H + 2 * b * H) + 2 * D * b                # final RMSNorm; rope cos, sin (shared)
     # kept until the backward: each block's input (N, H) with checkpointing, else all its tensors
     rows["activations (kept)"] = N * (L * (b * H if activation_checkpointing else per_token_block) + per_token_outside)

@@ -1,4 +1,4 @@
-"""A Llama-family decoder written from scratch: Llama-2/3, TinyLlama, Mistral, Qwen2, SmolLM2.
+"""A Llama-family decoder written from scratch: Llama-2/3, TinyLlama, Mistral, Qwen2, Qwen3 (dense), SmolLM2.
 
     from model import Transformer
     model = Transformer.from_pretrained("path/to/hf_folder", device="cuda", dtype=torch.bfloat16)
@@ -11,7 +11,8 @@ Architecture (one decoder block):  x = x + Attn(RMSNorm(x));  x = x + MLP(RMSNor
   - rotary position embeddings on q and k (rotate-half layout), with Llama-3 "rope_scaling";
   - grouped-query attention (n_kv_heads ≤ n_heads) through F.scaled_dot_product_attention;
   - SwiGLU MLP: down(silu(gate(x)) * up(x));
-  - optional q/k/v bias (Qwen2), tied or untied input/output embeddings.
+  - optional q/k/v bias (Qwen2), optional per-head RMSNorm of q and k before rope (Qwen3),
+    tied or untied input/output embeddings.
 
 Parameter names deliberately equal the Hugging Face names (`model.layers.3.self_attn.q_proj.weight`, ...)
 so a checkpoint's state dict loads and saves with no renaming table to get wrong.
@@ -33,7 +34,7 @@ import torch.utils.checkpoint
 from kernels import first_use_fallback
 from kernels.logprob import token_logprobs
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 # ----------------------------------------------------------------------------------------------
 # Config: read from an HF config.json; the raw dict is kept so save_pretrained writes it back.
@@ -53,10 +54,11 @@ class ModelConfig:
     rope_scaling: dict | None          # None, {"rope_type": "linear"|"llama3", ...}
     max_position_embeddings: int
     tie_word_embeddings: bool
-    qkv_bias: bool                     # Qwen2 (always) or Llama's attention_bias
-    o_bias: bool                       # Llama's attention_bias also biases o_proj
+    qkv_bias: bool                     # Qwen2 (always) or attention_bias (Llama, Qwen3)
+    o_bias: bool                       # attention_bias (Llama, Qwen3) also biases o_proj
     mlp_bias: bool
-    sliding_window: int | None         # Mistral: a token attends at most this many positions back
+    qk_norm: bool                      # Qwen3: RMSNorm (weights q_norm / k_norm, size head_dim) on each head's q, k
+    sliding_window: int | None         # a token attends at most this many positions back (sliding_window_of)
     raw: dict                          # the original config.json contents
 
     @classmethod
@@ -81,7 +83,8 @@ class ModelConfig:
             raise ValueError(f"rope scaling type {rope_type!r} is not supported (default, linear, llama3)")
         attention_bias = bool(d.get("attention_bias", False))
         n_heads = d["num_attention_heads"]
-        use_sliding = d.get("use_sliding_window", model_type == "mistral")
+        # transformers' Qwen3Config defaults head_dim to 128 whatever hidden_size / num_attention_heads is
+        default_head_dim = 128 if model_type == "qwen3" else d["hidden_size"] // n_heads
         return cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -89,7 +92,7 @@ class ModelConfig:
             num_hidden_layers=d["num_hidden_layers"],
             num_attention_heads=n_heads,
             num_key_value_heads=d.get("num_key_value_heads") or n_heads,
-            head_dim=d.get("head_dim") or d["hidden_size"] // n_heads,
+            head_dim=d.get("head_dim") or default_head_dim,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
@@ -98,9 +101,38 @@ class ModelConfig:
             qkv_bias=attention_bias or model_type == "qwen2",
             o_bias=attention_bias and model_type != "qwen2",
             mlp_bias=bool(d.get("mlp_bias", False)),
-            sliding_window=d.get("sliding_window") if use_sliding else None,
+            qk_norm=model_type == "qwen3",
+            sliding_window=sliding_window_of(d, model_type),
             raw=dict(d),
         )
+
+
+def sliding_window_of(d, model_type):
+    """The sliding window of a config dict, or None; one window for every layer, as our attention has.
+    Mistral: `sliding_window` unless use_sliding_window is false. Qwen2 / Qwen3, read as transformers'
+    config reads them: a window only with use_sliding_window true, and then only on the layers that
+    layer_types marks "sliding_attention" (default: the layers from max_window_layers on, 28 by default).
+    A config that mixes full and sliding layers is refused rather than run with the wrong attention."""
+    if model_type not in ("qwen2", "qwen3"):
+        return d.get("sliding_window") if d.get("use_sliding_window", model_type == "mistral") else None
+    window = d.get("sliding_window", 4096) if d.get("use_sliding_window", False) else None
+    if window is None:
+        return None
+    n_layers = d["num_hidden_layers"]
+    layer_types = d.get("layer_types") or ["sliding_attention" if i >= d.get("max_window_layers", 28) else "full_attention"
+                                           for i in range(n_layers)]
+    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unknown or len(layer_types) != n_layers:
+        raise ValueError(f"{model_type} config: layer_types must be {n_layers} of 'full_attention' / 'sliding_attention' "
+                         f"(got {unknown or len(layer_types)})")
+    sliding = [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
+    if not sliding:
+        return None
+    if len(sliding) < n_layers:
+        raise ValueError(f"{model_type} config: use_sliding_window puts a sliding window on layers {sliding} of "
+                         f"{n_layers} only (max_window_layers / layer_types); a window on some layers but not "
+                         "others is not supported, only on all or none")
+    return window
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,12 +379,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(H, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(H, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=config.o_bias)
+        # Qwen3's QK-norm: q and k RMS-normalised per head (over D, one weight shared by the heads), which
+        # keeps attention logits from growing in training
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
     def forward(self, x, cos, sin, inputs: AttentionInputs, layer_index=0):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:  # before rope, as Qwen3 does; before the branch, so every path below sees it
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache, window = inputs.cache, inputs.window
         if cache is not None and inputs.prefill:  # a fresh cache: keys/values at 0..T-1, plain causal
@@ -534,8 +572,9 @@ class Backbone(nn.Module):
 
 
 ARCHITECTURES = {("llama", "lm"): "LlamaForCausalLM", ("mistral", "lm"): "MistralForCausalLM", ("qwen2", "lm"): "Qwen2ForCausalLM",
+                 ("qwen3", "lm"): "Qwen3ForCausalLM",
                  ("llama", "score"): "LlamaForSequenceClassification", ("mistral", "score"): "MistralForSequenceClassification",
-                 ("qwen2", "score"): "Qwen2ForSequenceClassification"}
+                 ("qwen2", "score"): "Qwen2ForSequenceClassification", ("qwen3", "score"): "Qwen3ForSequenceClassification"}
 
 
 class Transformer(nn.Module):

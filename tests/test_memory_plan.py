@@ -24,7 +24,7 @@ LLAMA3_8B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "
 
 
 def test_parameter_counts_match_the_model():
-    for overrides in ({}, {"tie_word_embeddings": True}, {"model_type": "qwen2"}, {"attention_bias": True, "mlp_bias": True}):
+    for overrides in ({}, {"tie_word_embeddings": True}, {"model_type": "qwen2"}, {"model_type": "qwen3"}, {"attention_bias": True, "mlp_bias": True}):
         for head in ("lm", "score"):
             config = ModelConfig.from_dict({**SMALL, **overrides})
             with torch.device("meta"):

@@ -1,11 +1,12 @@
-"""Tests of model.py against transformers: logits parity, KV cache, packing."""
+"""Tests of model.py against transformers: logits parity (Llama, Qwen2, Qwen3), KV cache, packing."""
 import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3ForSequenceClassification)
 
-from model import KVCache, Transformer
+from model import KVCache, ModelConfig, Transformer
 from tests.helpers import tiny_config
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -17,6 +18,12 @@ PARITY_CASES = {
     "linear-rope-scaling": (LlamaForCausalLM, LlamaConfig, dict(rope_scaling={"rope_type": "linear", "factor": 4.0})),
     "qwen2-untied": (Qwen2ForCausalLM, Qwen2Config, dict(tie_word_embeddings=False)),
     "qwen2-tied": (Qwen2ForCausalLM, Qwen2Config, dict(tie_word_embeddings=True)),
+    # Qwen3: q_norm / k_norm, and a head_dim (32) that is not hidden_size / num_attention_heads (16)
+    "qwen3-untied": (Qwen3ForCausalLM, Qwen3Config, dict(head_dim=32, tie_word_embeddings=False)),
+    "qwen3-tied": (Qwen3ForCausalLM, Qwen3Config, dict(head_dim=32, tie_word_embeddings=True)),
+    # a window on every layer (max_window_layers=0) shorter than the sequence
+    "qwen3-sliding-window": (Qwen3ForCausalLM, Qwen3Config, dict(head_dim=32, use_sliding_window=True, sliding_window=6,
+                                                                 max_window_layers=0)),
 }
 
 
@@ -27,10 +34,7 @@ def test_model_logits_match_transformers(case, tmp_path):
     config = config_class(vocab_size=123, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **extra)
     reference = hf_class(config).eval()
-    with torch.no_grad():  # random (non-zero) biases so Qwen2's q/k/v bias is actually exercised
-        for name, p in reference.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.5)
+    randomize_biases_and_norms(reference)
     reference.save_pretrained(tmp_path / "hf")
     ours = Transformer.from_pretrained(tmp_path / "hf").eval()
     input_ids = torch.randint(0, 123, (2, 47))
@@ -39,12 +43,64 @@ def test_model_logits_match_transformers(case, tmp_path):
         got = ours(input_ids)
     assert got.shape == (2, 47, 123)
     assert (got - expected).abs().max().item() <= 1e-4
+    assert ours.config.sliding_window == getattr(config, "sliding_window", None)  # transformers' window, if in use
     # save → transformers load → the same logits
     ours.save_pretrained(tmp_path / "ours")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
     assert type(reloaded) is hf_class
     with torch.no_grad():
         assert (reloaded(input_ids).logits - got).abs().max().item() <= 1e-4
+
+
+def randomize_biases_and_norms(model):
+    """Random (non-zero) biases and (non-one) norm weights, so Qwen2's q/k/v bias and Qwen3's
+    q_norm / k_norm are actually exercised (transformers initialises them to 0 and 1)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+            elif name.endswith("norm.weight"):
+                p.normal_(1, 0.5)
+
+
+QWEN3_TINY = dict(vocab_size=123, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, max_position_embeddings=256, pad_token_id=0)
+
+
+def test_qwen3_reward_model_export_scores_like_transformers(tmp_path):
+    """A Qwen3 reward model (head="score") saved by us: AutoModelForSequenceClassification loads it
+    as Qwen3ForSequenceClassification, and its score is ours at the last token."""
+    torch.manual_seed(0)
+    reference = Qwen3ForCausalLM(Qwen3Config(**QWEN3_TINY)).eval()
+    randomize_biases_and_norms(reference)
+    reference.save_pretrained(tmp_path / "hf")
+    ours = Transformer.from_pretrained(tmp_path / "hf", head="score").eval()
+    ours.save_pretrained(tmp_path / "rm")
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    assert type(hf) is Qwen3ForSequenceClassification
+    input_ids = torch.randint(1, 123, (2, 13))  # no pad id (0): transformers scores the last token
+    with torch.no_grad():
+        assert (hf(input_ids).logits[:, 0] - ours(input_ids)[:, -1]).abs().max().item() <= 1e-4
+
+
+def test_qwen3_config_reading():
+    """head_dim defaults to 128 as in transformers' Qwen3Config; no q/k/v bias unless attention_bias;
+    a sliding window only with use_sliding_window, and a window on some layers only is refused."""
+    config = ModelConfig.from_dict({"model_type": "qwen3", **{k: v for k, v in QWEN3_TINY.items() if k != "head_dim"}})
+    assert (config.head_dim, config.qk_norm, config.qkv_bias, config.o_bias, config.sliding_window) == (128, True, False, False, None)
+    assert Transformer(config).model.layers[0].self_attn.q_norm.weight.shape == (128,)
+    biased = ModelConfig.from_dict({"model_type": "qwen3", **QWEN3_TINY, "attention_bias": True})
+    assert biased.qkv_bias and biased.o_bias  # as Qwen3Attention: attention_bias biases o_proj too
+    assert not ModelConfig.from_dict({"model_type": "qwen2", **QWEN3_TINY}).qk_norm
+    sliding = {"model_type": "qwen3", **QWEN3_TINY, "use_sliding_window": True, "sliding_window": 8}
+    assert ModelConfig.from_dict({**sliding, "use_sliding_window": False}).sliding_window is None
+    assert ModelConfig.from_dict(sliding).sliding_window is None  # max_window_layers 28 > 2 layers: all full
+    assert ModelConfig.from_dict({**sliding, "max_window_layers": 0}).sliding_window == 8
+    assert ModelConfig.from_dict({**sliding, "layer_types": ["sliding_attention"] * 2}).sliding_window == 8
+    with pytest.raises(ValueError, match="sliding window on layers \\[1\\]"):
+        ModelConfig.from_dict({**sliding, "max_window_layers": 1})
+    with pytest.raises(ValueError, match="layer_types"):
+        ModelConfig.from_dict({**sliding, "layer_types": ["full_attention", "chunked_attention"]})
 
 
 def test_model_loads_old_style_rope_config_sharded_and_bf16(tmp_path):
@@ -78,9 +134,19 @@ def test_model_rejects_unsupported_config(tmp_path):
         Transformer.from_pretrained(tmp_path)
 
 
-def test_kv_cache_incremental_decoding_equals_full_forward():
+def tiny_model(model_type):
+    """A random tiny model; Qwen3 with head_dim 32 (not 64 / 4) and random q_norm / k_norm weights."""
     torch.manual_seed(0)
-    model = Transformer.from_config(tiny_config(50)).eval()
+    if model_type == "llama":
+        return Transformer.from_config(tiny_config(50)).eval()
+    model = Transformer.from_config(tiny_config(50, model_type="qwen3", head_dim=32)).eval()
+    randomize_biases_and_norms(model)
+    return model
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_kv_cache_incremental_decoding_equals_full_forward(model_type):
+    model = tiny_model(model_type)
     input_ids = torch.randint(0, 50, (3, 20))
     positions = torch.arange(20).expand(3, 20)
     with torch.no_grad():
@@ -112,11 +178,11 @@ def test_kv_cache_rows_at_different_positions_match_unpadded():
             assert (torch.cat(steps, 1)[row] - alone[0, len(prompt):]).abs().max().item() <= 1e-5
 
 
-def test_packing_documents_do_not_see_each_other():
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_packing_documents_do_not_see_each_other(model_type):
     """Changing document 1 leaves document 2's logits unchanged, and document 2 packed after
     document 1 (positions restarting) equals document 2 run alone."""
-    torch.manual_seed(0)
-    model = Transformer.from_config(tiny_config(50)).eval()
+    model = tiny_model(model_type)
     doc1, doc1_changed, doc2 = torch.randint(0, 50, (9,)), torch.randint(0, 50, (9,)), torch.randint(0, 50, (6,))
     document_ids = torch.tensor([[0] * 9 + [1] * 6])
     position_ids = torch.cat([torch.arange(9), torch.arange(6)])[None]
