@@ -33,14 +33,62 @@ class InputError(ValueError):
 
 
 def run_cli(main):
-    """Run a stage's main(): InputError and FileNotFoundError become `error: ...` on stderr, exit 2."""
+    """Run a stage's main(): InputError and FileNotFoundError become `error: ...` on stderr, exit 2;
+    Ctrl-C (KeyboardInterrupt) becomes one line saying how to resume, exit 130 (128 + SIGINT)."""
+    rank = int(os.environ.get("RANK", 0))
     try:
         main()
     except (InputError, FileNotFoundError) as error:
-        rank = int(os.environ.get("RANK", 0))
         prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
         print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        # Under torchrun every rank gets the SIGINT: one line, from rank 0. Every output is written
+        # atomically (a temp file, then a rename) and each stage skips the work already written, so
+        # nothing finished is lost and nothing half-written is left behind.
+        if rank == 0:
+            print("\ninterrupted: the outputs finished so far are kept; rerun the same command to resume "
+                  "(finished work is skipped; an unfinished training run starts over)", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        if dist.is_initialized():
+            # No destroy_process_group: it may wait on a rank that is gone. Skip the interpreter's
+            # teardown too, for the same reason; the OS closes the connections.
+            os._exit(130)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flag values are checked by argparse itself (`type=` below), so a bad one stops the stage at once
+# with `error: argument --lr: must be > 0, got -1` (exit status 2), before any work or any file.
+
+
+def checked_number(kind, must, ok):
+    """An argparse `type=`: the flag's text converted by `kind` (int or float), accepted when finite and
+    ok(value); otherwise an ArgumentTypeError saying what the value `must` be. Also takes a number
+    (settings read back from a file, which argparse does not convert: dpo.resolve_settings)."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or kind is int and not isinstance(text, str) and value != text:  # 2.5 read back is no int
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be {must}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = checked_number(int, "≥ 1", lambda n: n >= 1)                       # counts, sizes, lengths, steps
+non_negative_int = checked_number(int, "≥ 0", lambda n: n >= 0)                   # 0: off or automatic
+positive_float = checked_number(float, "> 0", lambda x: x > 0)                    # rates, β, epochs
+non_negative_float = checked_number(float, "≥ 0", lambda x: x >= 0)               # 0: off
+fraction = checked_number(float, "in [0, 1]", lambda x: 0 <= x <= 1)              # warmup ratio, min-p
+positive_fraction = checked_number(float, "in (0, 1]", lambda x: 0 < x <= 1)      # top-p (1: off)
+dropout_probability = checked_number(float, "in [0, 1)", lambda x: 0 <= x < 1)
+step_limit = checked_number(int, "≥ 1, or -1 for no limit", lambda n: n >= 1 or n == -1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -519,10 +567,11 @@ def add_lora_flags(parser):
     """LoRA's flags, shared by sft, train_rm, dpo and osp."""
     from model import LORA_TARGETS
 
-    parser.add_argument("--lora-rank", type=int, default=0,
+    parser.add_argument("--lora-rank", type=non_negative_int, default=0,
                         help="train LoRA adapters of this rank instead of every weight (0: full fine-tuning; paper 2: 64)")
-    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha (update × alpha / rank; default: 2 × rank; paper 2: 32)")
-    parser.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    parser.add_argument("--lora-alpha", type=positive_float, default=None,
+                        help="LoRA scale alpha (update × alpha / rank; default: 2 × rank; paper 2: 32)")
+    parser.add_argument("--lora-dropout", type=dropout_probability, default=0.0, help="dropout on the adapters' input")
     parser.add_argument("--lora-targets", default=",".join(t.removesuffix("_proj") for t in LORA_TARGETS),
                         help="comma-separated Linears that get adapters, among q,k,v,o,gate,up,down")
     parser.add_argument("--save-adapter", action="store_true",
@@ -530,15 +579,12 @@ def add_lora_flags(parser):
 
 
 def lora_settings(args):
-    """model.LoRASettings from add_lora_flags' flags, or None without --lora-rank."""
+    """model.LoRASettings from add_lora_flags' flags (their values already checked by their types), or
+    None without --lora-rank."""
     from model import LORA_TARGETS, LoRASettings
 
     if not args.lora_rank:
         return None
-    if args.lora_rank < 0:
-        raise InputError(f"--lora-rank {args.lora_rank}: must be ≥ 1 (or 0 for no LoRA)")
-    if not 0 <= args.lora_dropout < 1:
-        raise InputError(f"--lora-dropout {args.lora_dropout}: must lie in [0, 1)")
     targets = tuple(sorted(t.strip() + "_proj" for t in args.lora_targets.split(",") if t.strip()))
     unknown = [t.removesuffix("_proj") for t in targets if t not in LORA_TARGETS]
     if unknown or not targets:

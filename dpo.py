@@ -81,11 +81,12 @@ from tqdm import tqdm
 
 import generate
 from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_scale_flags, already_trained, atomic_write_text, autocast,
-                    batch_schedule, check_settings, cosine_lr, default_dtype, destroy_distributed, encode_prompt,
-                    encode_response, end_of_turn_ids, gradient_sync, has_model, init_distributed, load_for_training,
-                    load_tokenizer, lora_settings, make_optimizer, optimizer_step, print0, process_in_chunks,
-                    rank_micro_batches, read_jsonl, right_pad, run_cli, save_checkpoint, scale_settings, seed_everything,
-                    set_lr, stop_token_ids, unwrap, write_jsonl)
+                    batch_schedule, check_settings, checked_number, cosine_lr, default_dtype, destroy_distributed, encode_prompt,
+                    encode_response, end_of_turn_ids, fraction, gradient_sync, has_model, init_distributed, load_for_training,
+                    load_tokenizer, lora_settings, make_optimizer, non_negative_float, non_negative_int, optimizer_step,
+                    positive_float, positive_fraction, positive_int, print0, process_in_chunks, rank_micro_batches, read_jsonl,
+                    right_pad, run_cli, save_checkpoint, scale_settings, seed_everything, set_lr, step_limit, stop_token_ids,
+                    unwrap, write_jsonl)
 from data.schema import load_records
 from data.task import format_reward_vs_gold, gold_scored, reward_vs_gold, score
 from memory_plan import print_stage_plan
@@ -518,45 +519,48 @@ def build_parser():
     offline.add_argument("--overwrite", action="store_true", help="offline: train again even if --out holds a model "
                                                                   "(online: delete an iteration's folder to redo it)")
     online = parser.add_argument_group("online")
-    online.add_argument("--iter", type=int, help="run online iteration t (1-based)")
+    online.add_argument("--iter", type=positive_int, help="run online iteration t (1-based)")
     online.add_argument("--run-dir", "--run", dest="run_dir", help="the run's folder (iter{t}/ sub-folders, config.json)")
     online.add_argument("--sft", help="the SFT checkpoint: π_0, the first policy and the reference")
     online.add_argument("--rm", help="the Bradley-Terry reward model folder (train_rm.py); 'gold' scores with the built-in "
                                      "task's gold reward instead (the oracle control of run.sh)")
     online.add_argument("--prompts", help="prompts JSONL; with '{t}' in the name, one file per iteration")
-    online.add_argument("--iterations", type=int, default=3, help="slices of a single --prompts file")
-    online.add_argument("--n", "--num-samples", dest="n", type=int, default=8, help="responses per prompt (paper 1: 8)")
-    online.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper 1: 1.0)")
-    online.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1 = off)")
-    online.add_argument("--top-k", type=int, default=0, help="top-k (0 = off)")
-    online.add_argument("--max-new-tokens", type=int, default=2048, help="response length cap")
-    online.add_argument("--max-prompt-length", type=int, default=None,
+    online.add_argument("--iterations", type=positive_int, default=3, help="slices of a single --prompts file")
+    online.add_argument("--n", "--num-samples", dest="n", type=checked_number(int, "≥ 2 (a pair needs two responses)", lambda n: n >= 2),
+                        default=8, help="responses per prompt (paper 1: 8)")
+    online.add_argument("--temperature", type=positive_float, default=1.0,
+                        help="sampling temperature (paper 1: 1.0); > 0, since greedy decoding gives n identical responses")
+    online.add_argument("--top-p", type=positive_fraction, default=1.0, help="nucleus mass (1 = off)")
+    online.add_argument("--top-k", type=non_negative_int, default=0, help="top-k (0 = off)")
+    online.add_argument("--max-new-tokens", type=positive_int, default=2048, help="response length cap")
+    online.add_argument("--max-prompt-length", type=positive_int, default=None,
                         help="skip (and count) prompts longer than this many tokens; default: only the context limits them")
-    online.add_argument("--length-penalty", type=float, default=0.0, help="λ in r − λ·characters (paper 1's concise run: 0.001)")
-    online.add_argument("--reward-tolerance", type=float, default=0.0, help="drop a prompt when best − worst reward ≤ this")
+    online.add_argument("--length-penalty", type=non_negative_float, default=0.0, help="λ in r − λ·characters (paper 1's concise run: 0.001)")
+    online.add_argument("--reward-tolerance", type=non_negative_float, default=0.0, help="drop a prompt when best − worst reward ≤ this")
     online.add_argument("--history", choices=["all", "last"], default="all",
                         help="train on all pairs so far (paper) or the newest only (authors' code)")
-    online.add_argument("--gen-batch-size", type=int, default=0,
+    online.add_argument("--gen-batch-size", type=non_negative_int, default=0,
                         help="decode slots per rank when sampling; 0: as many as fit in free GPU memory (64 on a CPU)")
-    online.add_argument("--chunk-size", type=int, default=256, help="prompts per resumable sampling/scoring chunk")
+    online.add_argument("--chunk-size", type=positive_int, default=256, help="prompts per resumable sampling/scoring chunk")
     training = parser.add_argument_group("training")
     training.add_argument("--loss", choices=["dpo", "ipo", "spce"], default="dpo", help="preference loss")
-    training.add_argument("--beta", type=float, default=0.1, help="β (paper 1: 0.1)")
-    training.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO ε: the label is wrong with probability ε (dpo/spce)")
-    training.add_argument("--nll-coef", type=float, default=0.0, help="weight of the chosen response's per-token NLL (RPO)")
-    training.add_argument("--lr", type=float, default=5e-7, help="peak learning rate (paper 1: 5e-7)")
-    training.add_argument("--epochs", type=float, default=2.0, help="passes over the pairs (paper 1: 2)")
-    training.add_argument("--batch-size", type=int, default=128, help="global batch in pairs (paper 1: 128)")
-    training.add_argument("--micro-batch-size", type=int, default=4, help="pairs per forward per rank")
-    training.add_argument("--max-length", type=int, default=4096, help="prompt + response tokens; longer responses are truncated (counted)")
-    training.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: epochs decide)")
-    training.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warmup fraction of the cosine schedule")
-    training.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    training.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    training.add_argument("--beta", type=positive_float, default=0.1, help="β (paper 1: 0.1)")
+    training.add_argument("--label-smoothing", type=checked_number(float, "in [0, 0.5)", lambda e: 0 <= e < 0.5), default=0.0,
+                          help="cDPO ε: the label is wrong with probability ε (dpo/spce)")
+    training.add_argument("--nll-coef", type=non_negative_float, default=0.0, help="weight of the chosen response's per-token NLL (RPO)")
+    training.add_argument("--lr", type=positive_float, default=5e-7, help="peak learning rate (paper 1: 5e-7)")
+    training.add_argument("--epochs", type=positive_float, default=2.0, help="passes over the pairs (paper 1: 2)")
+    training.add_argument("--batch-size", type=positive_int, default=128, help="global batch in pairs (paper 1: 128)")
+    training.add_argument("--micro-batch-size", type=positive_int, default=4, help="pairs per forward per rank")
+    training.add_argument("--max-length", type=positive_int, default=4096, help="prompt + response tokens; longer responses are truncated (counted)")
+    training.add_argument("--max-steps", type=step_limit, default=-1, help="stop after this many steps (-1: epochs decide)")
+    training.add_argument("--warmup-ratio", type=fraction, default=0.03, help="linear warmup fraction of the cosine schedule")
+    training.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay")
+    training.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max gradient norm (0: off)")
     training.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp", help="data parallelism under torchrun")
     training.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     training.add_argument("--seed", type=int, default=0, help="global seed (data order; sampling seeds derive from it and t)")
-    training.add_argument("--log-every", type=int, default=10, help="print a step line every N steps")
+    training.add_argument("--log-every", type=positive_int, default=10, help="print a step line every N steps")
     add_scale_flags(training)
     add_lora_flags(training)
     return parser
@@ -597,12 +601,23 @@ def resolve_settings(argv=None):
     args = parser.parse_args(argv)
     for name in given_on_command_line(argv):
         sources[name] = "command line"
+    # argparse checked the flags given, not the values read back: the same checks on those, naming the file.
+    for action in parser._actions:
+        value, source = getattr(args, action.dest, None), sources.get(action.dest)
+        if source in (None, "command line", "default") or value is None:
+            continue
+        try:
+            if action.type is not None:
+                action.type(value)
+            if action.choices is not None and value not in action.choices:
+                raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+        except argparse.ArgumentTypeError as error:
+            raise InputError(f"{Path(args.run_dir) / source}: {action.dest} {error}; fix it there or give "
+                             f"{action.option_strings[0]} on the command line") from None
 
     if args.iter is not None:
         if args.run_dir is None:
             parser.error("--iter needs --run-dir")
-        if args.iter < 1:
-            parser.error(f"--iter {args.iter}: iterations count from 1")
         if args.overwrite:
             parser.error("--overwrite is for offline mode; to redo an online iteration delete its folder")
         if not (args.sft and args.rm and args.prompts):

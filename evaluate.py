@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from common import (InputError, atomic_write_text, default_dtype, encode_prompt, encode_response, end_of_turn_ids, has_model, load_tokenizer,
-                    read_jsonl, run_cli, stop_token_ids, write_jsonl)
+                    non_negative_int, positive_int, read_jsonl, run_cli, stop_token_ids, write_jsonl)
 from data.schema import load_records
 from data.task import GOLD_GAP, parse_prompt, picked_gold, prompt_text, reward_vs_gold, score
 from generate import Engine, encode_prompts, generate_records
@@ -498,20 +498,22 @@ def across_runs(evaluations, runs):
     return "\n".join(lines) + "\n"
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--run", required=True, nargs="+", help="run folder(s) (sft/, online/, osp_*/ ...); several: seeds")
     parser.add_argument("--summary", help="with several --run: write the mean ± std over them to this Markdown file")
     parser.add_argument("--prompts", default=str(Path(__file__).resolve().parent / "data" / "builtin" / "prompts_eval.jsonl"),
                         help="held-out prompts of the built-in task")
-    parser.add_argument("--max-new-tokens", type=int, default=96, help="answer length cap")
-    parser.add_argument("--samples", type=int, default=4, help="answers per prompt sampled at temperature 1")
-    parser.add_argument("--batch-size", type=int, default=0, help="decode slots; 0: as many as fit in free GPU memory (256 on a CPU)")
-    parser.add_argument("--max-prompt-length", type=int, default=None,
+    parser.add_argument("--max-new-tokens", type=positive_int, default=96, help="answer length cap")
+    parser.add_argument("--samples", type=positive_int, default=4, help="answers per prompt sampled at temperature 1")
+    parser.add_argument("--batch-size", type=non_negative_int, default=0, help="decode slots; 0: as many as fit in free GPU memory (256 on a CPU)")
+    parser.add_argument("--max-prompt-length", type=positive_int, default=None,
                         help="skip (and count) prompts longer than this many tokens; default: only the context limits them")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.batch_size and args.samples > args.batch_size:
+        parser.error(f"--samples {args.samples} per prompt need --batch-size {args.samples} or more (it is {args.batch_size})")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     prompts = load_records(args.prompts, "prompts")
     runs = [Path(r) for r in args.run]

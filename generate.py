@@ -45,8 +45,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (InputError, default_dtype, destroy_distributed, encode_prompt, init_distributed, load_tokenizer, print0,
-                    process_in_chunks, run_cli, stop_token_ids)
+from common import (InputError, default_dtype, destroy_distributed, encode_prompt, fraction, init_distributed, load_tokenizer,
+                    non_negative_float, non_negative_int, positive_fraction, positive_int, print0, process_in_chunks, run_cli,
+                    stop_token_ids)
 from data.schema import load_records
 from kernels.sampling import sample
 from model import KVCache, Transformer
@@ -353,7 +354,7 @@ def generate_records(engine, tokenizer, records, n, max_new_tokens, temperature=
     return samples
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--model", help="HF checkpoint folder of the policy")
@@ -361,27 +362,29 @@ def main():
     parser.add_argument("--out", help="output samples JSONL")
     # --num-samples is the spelling to use under torchrun: its argument parser takes "--n" for an
     # abbreviation of its own --nnodes/--nproc-per-node/... and stops with "ambiguous option".
-    parser.add_argument("--n", "--num-samples", dest="n", type=int, default=8, help="samples per prompt (paper 1: 8; paper 2: K = 7)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p × the top probability (0 = off)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="a sample that reaches it ends with finish_reason 'length'")
+    parser.add_argument("--n", "--num-samples", dest="n", type=positive_int, default=8, help="samples per prompt (paper 1: 8; paper 2: K = 7)")
+    parser.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=positive_fraction, default=1.0, help="nucleus sampling mass (1 = off)")
+    parser.add_argument("--top-k", type=non_negative_int, default=0, help="keep the k most likely tokens (0 = off)")
+    parser.add_argument("--min-p", type=fraction, default=0.0, help="drop tokens below min_p × the top probability (0 = off)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="a sample that reaches it ends with finish_reason 'length'")
     parser.add_argument("--seed", type=int, default=0, help="global seed; each sample's stream comes from (seed, prompt id, sample index)")
-    parser.add_argument("--batch-size", type=int, default=0,
+    parser.add_argument("--batch-size", type=non_negative_int, default=0,
                         help="decode slots (concurrent samples) per rank; 0: as many as fit in free GPU memory (64 on a CPU)")
-    parser.add_argument("--max-prompt-length", type=int, default=None,
+    parser.add_argument("--max-prompt-length", type=positive_int, default=None,
                         help="skip (and count) prompts longer than this many tokens; default: only the context limits them")
-    parser.add_argument("--chunk-size", type=int, default=256, help="prompts per resumable chunk")
+    parser.add_argument("--chunk-size", type=positive_int, default=256, help="prompts per resumable chunk")
     parser.add_argument("--logprobs", action="store_true", help="store per-token and summed log-probs of the samples")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--bench", action="store_true", help="GPU benchmark against transformers' generate")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.bench:
         return benchmark()
     if not (args.model and args.prompts and args.out):
         parser.error("--model, --prompts and --out are required")
+    if args.batch_size and args.n > args.batch_size:
+        parser.error(f"--n {args.n} samples per prompt need --batch-size {args.n} or more (it is {args.batch_size})")
 
     dist_info = init_distributed(args.device)
     if Path(args.out).exists():

@@ -47,10 +47,10 @@ import torch
 from tqdm import tqdm
 
 from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_scale_flags, already_trained, autocast,
-                    cosine_lr, default_dtype, destroy_distributed, encode_response, end_of_turn_ids, gathered, gradient_sync,
-                    init_distributed, load_for_training, load_frozen, load_tokenizer, lora_settings, make_optimizer,
-                    optimizer_step, print0, run_cli, save_checkpoint, scale_settings, seed_everything, set_lr,
-                    stop_token_ids, unwrap)
+                    cosine_lr, default_dtype, destroy_distributed, encode_response, end_of_turn_ids, fraction, gathered,
+                    gradient_sync, init_distributed, load_for_training, load_frozen, load_tokenizer, lora_settings, make_optimizer,
+                    non_negative_float, non_negative_int, optimizer_step, positive_float, positive_fraction, positive_int, print0,
+                    run_cli, save_checkpoint, scale_settings, seed_everything, set_lr, stop_token_ids, unwrap)
 from data.judge import JUDGE_TEMPLATES
 from data.schema import load_records
 from dpo import preference_loss, sequence_logps
@@ -249,7 +249,7 @@ def log_step(metrics, totals, step, lr, seconds, args, is_main):
 # Command line
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--model", required=True, help="π_SFT: the initial policy and the reference")
@@ -261,38 +261,39 @@ def parse_args():
     add_lora_flags(parser)
     parser.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp",
                         help="data parallelism of the policy under torchrun (fsdp: the reference and judge are sharded too)")
-    parser.add_argument("--steps", type=int, default=100, help="training steps (one batch of prompts each)")
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per step, over all ranks (paper 2: 16)")
-    parser.add_argument("--micro-batch-size", type=int, default=8, help="pairs per forward per rank")
-    parser.add_argument("--k", type=int, default=7, help="responses sampled per prompt (paper 2: K = 7)")
+    parser.add_argument("--steps", type=positive_int, default=100, help="training steps (one batch of prompts each)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="prompts per step, over all ranks (paper 2: 16)")
+    parser.add_argument("--micro-batch-size", type=positive_int, default=8, help="pairs per forward per rank")
+    parser.add_argument("--k", type=positive_int, default=7, help="responses sampled per prompt (paper 2: K = 7)")
     parser.add_argument("--loss", choices=["spce", "dpo", "ipo"], default="spce", help="preference loss (ablation)")
     parser.add_argument("--pairing", choices=["ranked", "random", "best"], default="ranked", help="pair construction (ablation)")
     parser.add_argument("--sampling", choices=["policy", "sft"], default="policy", help="sample from the current policy (on-policy) or π_SFT")
-    parser.add_argument("--beta", type=float, default=0.001, help="β (paper 2: 0.001 dialogue, 0.02 summarization)")
-    parser.add_argument("--lr", type=float, default=2e-6, help="peak learning rate (paper 2: 2e-6)")
-    parser.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warmup fraction of the cosine schedule")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (paper 2: 0.7)")
-    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (paper 2: 0.9)")
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="response length cap (paper 2: 512/768)")
-    parser.add_argument("--max-prompt-length", type=int, default=None,
+    parser.add_argument("--beta", type=positive_float, default=0.001, help="β (paper 2: 0.001 dialogue, 0.02 summarization)")
+    parser.add_argument("--lr", type=positive_float, default=2e-6, help="peak learning rate (paper 2: 2e-6)")
+    parser.add_argument("--warmup-ratio", type=fraction, default=0.03, help="linear warmup fraction of the cosine schedule")
+    parser.add_argument("--temperature", type=positive_float, default=0.7,
+                        help="sampling temperature (paper 2: 0.7); > 0, since greedy decoding gives K identical responses")
+    parser.add_argument("--top-p", type=positive_fraction, default=0.9, help="nucleus sampling mass (paper 2: 0.9)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=512, help="response length cap (paper 2: 512/768)")
+    parser.add_argument("--max-prompt-length", type=positive_int, default=None,
                         help="skip (and count) prompts longer than this many tokens; default: only the context limits them")
     parser.add_argument("--judge-template", default=None,
                         help=f"judge instruction: one of {sorted(JUDGE_TEMPLATES)} or a text file with {{context}}, {{response_a}}, "
                              "{response_b}; default: the judge's judge_template.txt (a train_rm.py pairwise model), else 'dialogue'")
     parser.add_argument("--gold", action="store_true", help="log agreement of the judge with the built-in task's gold scorer")
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    parser.add_argument("--save-every", type=int, default=0, help="also save a checkpoint every N steps (0: only at the end)")
+    parser.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max gradient norm (0: off)")
+    parser.add_argument("--save-every", type=non_negative_int, default=0, help="also save a checkpoint every N steps (0: only at the end)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0, help="global seed (prompt order, sampling streams)")
-    parser.add_argument("--log-every", type=int, default=1, help="print a step line every N steps")
-    args = parser.parse_args()
+    parser.add_argument("--log-every", type=positive_int, default=1, help="print a step line every N steps")
+    args = parser.parse_args(argv)
     if args.k < 2 and args.pairing != "best":
         parser.error(f"--k {args.k}: pairs need at least 2 responses per prompt (or --pairing best)")
     return args
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
 
     # ----------------------------------------------------------------------------------------------
     # Distributed init

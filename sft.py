@@ -28,10 +28,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_scale_flags, already_trained, autocast, batch_schedule,
-                    cosine_lr, default_dtype, destroy_distributed, encode_conversation, end_of_turn_ids, gradient_sync,
-                    init_distributed, load_for_training, load_tokenizer, make_optimizer, optimizer_step, print0,
-                    lora_settings, rank_micro_batches, run_cli, save_checkpoint, scale_settings, seed_everything, set_lr,
-                    unwrap)
+                    cosine_lr, default_dtype, destroy_distributed, encode_conversation, end_of_turn_ids, fraction, gradient_sync,
+                    init_distributed, load_for_training, load_tokenizer, make_optimizer, non_negative_float, optimizer_step,
+                    positive_float, positive_int, print0, lora_settings, rank_micro_batches, run_cli, save_checkpoint,
+                    scale_settings, seed_everything, set_lr, step_limit, unwrap)
 from data.schema import load_records
 from memory_plan import print_stage_plan
 
@@ -46,20 +46,20 @@ def parse_args(argv=None):
     parser.add_argument("--scratch", action="store_true", help="initialise weights randomly from the folder's config.json")
     parser.add_argument("--data", required=True, help="chat JSONL with a 'messages' list per line")
     parser.add_argument("--out", required=True, help="output checkpoint folder")
-    parser.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (paper 1: 2e-5)")
-    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the data (fractions allowed)")
-    parser.add_argument("--batch-size", type=int, default=32, help="global batch, in packed blocks per optimizer step")
-    parser.add_argument("--micro-batch-size", type=int, default=4, help="blocks per forward pass on each rank (gradient accumulation makes up the rest)")
-    parser.add_argument("--block-size", type=int, default=2048, help="tokens per packed block (paper 1: 8192)")
-    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: epochs decide)")
-    parser.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps with linear warmup")
-    parser.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine decays to this fraction of --lr")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
+    parser.add_argument("--lr", type=positive_float, default=2e-5, help="peak learning rate (paper 1: 2e-5)")
+    parser.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the data (fractions allowed)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="global batch, in packed blocks per optimizer step")
+    parser.add_argument("--micro-batch-size", type=positive_int, default=4, help="blocks per forward pass on each rank (gradient accumulation makes up the rest)")
+    parser.add_argument("--block-size", type=positive_int, default=2048, help="tokens per packed block (paper 1: 8192)")
+    parser.add_argument("--max-steps", type=step_limit, default=-1, help="stop after this many optimizer steps (-1: epochs decide)")
+    parser.add_argument("--warmup-ratio", type=fraction, default=0.03, help="fraction of steps with linear warmup")
+    parser.add_argument("--min-lr-ratio", type=fraction, default=0.0, help="cosine decays to this fraction of --lr")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay")
+    parser.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max global gradient norm (0: off)")
     parser.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp", help="data parallelism under torchrun")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0, help="global seed (packing and data order, init)")
-    parser.add_argument("--log-every", type=int, default=10, help="print a step line every N steps")
+    parser.add_argument("--log-every", type=positive_int, default=10, help="print a step line every N steps")
     parser.add_argument("--overwrite", action="store_true", help="retrain even if --out already holds a checkpoint")
     add_scale_flags(parser)
     add_lora_flags(parser)

@@ -9,7 +9,7 @@ One module per file of the project, in reading order; shared fixtures and writer
 
 | module | what it proves |
 | --- | --- |
-| tests/test_model.py | logits = transformers' Llama/Qwen2, KV-cached decoding = full forward, packed documents isolated |
+| tests/test_model.py | logits = transformers' Llama/Qwen2/Qwen3, KV-cached decoding = full forward, packed documents isolated |
 | tests/test_attention.py | packed / cached / sliding-window attention = a dense-mask reference (and transformers' Mistral), FlexAttention's block mask, checkpointing changes no gradient, packed memory at T = 4096 |
 | tests/test_scale.py | FSDP2 meta-device init + rank-0 broadcast = a single-process load (bit for bit), sharded save in bf16, bf16 LM-head log-probs under autocast |
 | tests/test_memory_plan.py | FSDP/checkpointing/LoRA arithmetic, Llama-3-8B SFT 8k and DPO 2×2k fit 80 GiB, `--dry-run` in every stage |
@@ -27,6 +27,7 @@ One module per file of the project, in reading order; shared fixtures and writer
 | tests/test_evaluate.py | checkpoints found, gold-scored, answers cached |
 | tests/test_data.py, tests/test_data_extra.py | converters on the published formats, judge templates, the validator, optional fields, unreadable and empty files, `python -m data.*` |
 | tests/test_task.py | the built-in task: gold scorer, splits, tokenizer, labels, determinism |
+| tests/test_first_hour.py | a bad numeric flag in any stage (or in a run's config.json) stops it at once, naming the flag, before any file; Ctrl-C is one line and exit 130, finished chunks kept; a missing field shows an example record |
 """
 from tests.test_model import *  # noqa: F401,F403
 from tests.test_attention import *  # noqa: F401,F403
@@ -47,3 +48,4 @@ from tests.test_evaluate import *  # noqa: F401,F403
 from tests.test_data import *  # noqa: F401,F403
 from tests.test_task import *  # noqa: F401,F403
 from tests.test_data_extra import *  # noqa: F401,F403
+from tests.test_first_hour import *  # noqa: F401,F403

@@ -42,9 +42,10 @@ from tqdm import tqdm
 
 from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_scale_flags, already_trained, atomic_write_text, autocast,
                     batch_schedule, cosine_lr, default_dtype, destroy_distributed, encode_prompt, encode_response,
-                    end_of_turn_ids, gradient_sync, init_distributed, load_for_training, load_tokenizer, lora_settings, make_optimizer,
-                    optimizer_step, print0, process_in_chunks, rank_micro_batches, right_pad, run_cli, save_checkpoint,
-                    scale_settings, seed_everything, set_lr, unwrap)
+                    end_of_turn_ids, fraction, gradient_sync, init_distributed, load_for_training, load_tokenizer, lora_settings,
+                    make_optimizer, non_negative_float, optimizer_step, positive_float, positive_int, print0, process_in_chunks,
+                    rank_micro_batches, right_pad, run_cli, save_checkpoint, scale_settings, seed_everything, set_lr, step_limit,
+                    unwrap)
 from data.judge import JUDGE_LABELS, JUDGE_TEMPLATES, render_judge_prompt
 from data.schema import load_records
 from memory_plan import print_stage_plan
@@ -406,8 +407,8 @@ def build_parser():
     # Flags every subcommand takes.
     shared = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     shared.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    shared.add_argument("--max-length", type=int, default=2048, help="tokens per sequence; longer ones are truncated (counted)")
-    shared.add_argument("--eval-batch-size", type=int, default=32, help="sequences per forward when scoring or evaluating")
+    shared.add_argument("--max-length", type=positive_int, default=2048, help="tokens per sequence; longer ones are truncated (counted)")
+    shared.add_argument("--eval-batch-size", type=positive_int, default=32, help="sequences per forward when scoring or evaluating")
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,score,eval}")
@@ -423,19 +424,19 @@ def build_parser():
     train_parser.add_argument("--eval-pairs", help="held-out pairs JSONL evaluated after training (eval.json in --out)")
     train_parser.add_argument("--template", help="pairwise: the A/B instruction, one of data.judge.JUDGE_TEMPLATES or a text "
                                                  "file (default 'pairwise'); recorded as judge_template.txt in --out")
-    train_parser.add_argument("--lr", type=float, default=2e-6, help="peak learning rate (paper 1: 2e-6 BT, 5e-6 pairwise)")
-    train_parser.add_argument("--epochs", type=float, default=1.0, help="passes over the pairs (fractions allowed)")
-    train_parser.add_argument("--batch-size", type=int, default=512, help="global batch in pairs (paper 1: 512)")
-    train_parser.add_argument("--micro-batch-size", type=int, default=8, help="pairs per forward pass on each rank")
-    train_parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: epochs decide)")
-    train_parser.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warmup fraction of the cosine schedule")
-    train_parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    train_parser.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
+    train_parser.add_argument("--lr", type=positive_float, default=2e-6, help="peak learning rate (paper 1: 2e-6 BT, 5e-6 pairwise)")
+    train_parser.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the pairs (fractions allowed)")
+    train_parser.add_argument("--batch-size", type=positive_int, default=512, help="global batch in pairs (paper 1: 512)")
+    train_parser.add_argument("--micro-batch-size", type=positive_int, default=8, help="pairs per forward pass on each rank")
+    train_parser.add_argument("--max-steps", type=step_limit, default=-1, help="stop after this many optimizer steps (-1: epochs decide)")
+    train_parser.add_argument("--warmup-ratio", type=fraction, default=0.03, help="linear warmup fraction of the cosine schedule")
+    train_parser.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay")
+    train_parser.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max global gradient norm (0: off)")
     train_parser.add_argument("--use-margin", action="store_true", help="BT: subtract each pair's `margin` inside the sigmoid")
-    train_parser.add_argument("--center-coef", type=float, default=0.0, help="BT: reward-centering coefficient (0: off)")
+    train_parser.add_argument("--center-coef", type=non_negative_float, default=0.0, help="BT: reward-centering coefficient (0: off)")
     train_parser.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp", help="data parallelism under torchrun")
     train_parser.add_argument("--seed", type=int, default=0, help="global seed (data order, A/B order, new head)")
-    train_parser.add_argument("--log-every", type=int, default=10, help="print a step line every N steps")
+    train_parser.add_argument("--log-every", type=positive_int, default=10, help="print a step line every N steps")
     train_parser.add_argument("--overwrite", action="store_true", help="retrain even if --out already holds a model")
     add_scale_flags(train_parser)
     add_lora_flags(train_parser)
@@ -447,7 +448,7 @@ def build_parser():
     score_parser.add_argument("--rm", required=True, help="a trained Bradley-Terry reward model folder")
     score_parser.add_argument("--samples", required=True, help="samples JSONL (id, prompt, responses)")
     score_parser.add_argument("--out", required=True, help="output rewards JSONL (skipped when it exists)")
-    score_parser.add_argument("--chunk-size", type=int, default=256, help="prompts per resumable chunk")
+    score_parser.add_argument("--chunk-size", type=positive_int, default=256, help="prompts per resumable chunk")
 
     eval_parser = commands.add_parser("eval", parents=[shared], allow_abbrev=False,
                                       help="held-out accuracy and the length-bias statistic of a trained model",

@@ -24,8 +24,10 @@ reasons. An optional field that is present is checked like a required one.
 
 A broken record raises InputError (a ValueError) naming the file, the line and the field, e.g.
     prompts.jsonl:17: field 'messages'[2].role: expected one of system/user/assistant, got 'bot'
-and so does a file that is not UTF-8 or JSON at some line, or that holds no records at all.
+and so does a file that is not UTF-8 or JSON at some line, or that holds no records at all. A record
+missing a required field is shown what a record of its kind looks like (EXAMPLES).
 """
+import json
 import math
 
 from common import InputError, read_jsonl_numbered
@@ -33,6 +35,14 @@ from common import InputError, read_jsonl_numbered
 ROLES = ("system", "user", "assistant")
 FINISH_REASONS = ("stop", "length")
 KINDS = ("sft", "prompts", "pairs", "samples", "rewards")
+# The smallest valid record of each kind (the required fields only), quoted by the missing-field error.
+EXAMPLES = {
+    "sft": {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]},
+    "prompts": {"id": "p1", "messages": [{"role": "user", "content": "..."}]},
+    "pairs": {"prompt": [{"role": "user", "content": "..."}], "chosen": "...", "rejected": "..."},
+    "samples": {"id": "p1", "prompt": [{"role": "user", "content": "..."}], "responses": ["...", "..."]},
+    "rewards": {"id": "p1", "prompt": [{"role": "user", "content": "..."}], "responses": ["...", "..."], "rewards": [0.5, -1.0]},
+}
 
 
 class _Invalid(Exception):
@@ -40,6 +50,10 @@ class _Invalid(Exception):
 
     def __init__(self, field, problem):
         super().__init__(f"field {field}: {problem}" if field else problem)
+
+
+class _Missing(_Invalid):
+    """A required field is absent: the record is probably of another kind or format."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,7 +73,7 @@ def _is_number(value):
 
 def _require(record, name):
     if name not in record:
-        raise _Invalid("", f"missing field '{name}'")
+        raise _Missing("", f"missing field '{name}'")
     return record[name]
 
 
@@ -173,6 +187,8 @@ def validate_record(record, kind):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     try:
         _CHECKS[kind](record)
+    except _Missing as e:
+        raise ValueError(f"{e}; a {kind} record looks like {json.dumps(EXAMPLES[kind])} (see data/README.md)") from None
     except _Invalid as e:
         raise ValueError(str(e)) from None
 

@@ -40,7 +40,12 @@ from tests.test_kernels_sampling import exact_truncated
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read once: Triton decides it when the kernels are defined
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"))]
+# The CPU variants run inside `tools/gpu_check.sh --dry-run` (GPU_CHECK_DRY_RUN=1), which the suite runs
+# once (test_gpu_check_dry_run_writes_every_section): not a second time on their own.
+IN_DRY_RUN = os.environ.get("GPU_CHECK_DRY_RUN") == "1"
+DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not IN_DRY_RUN, reason="run by tools/gpu_check.sh --dry-run "
+                                                        "(test_gpu_check_dry_run_writes_every_section)")),
+           pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"))]
 
 
 def size_for(device):

@@ -185,7 +185,7 @@ run_section a "${TIMEOUTS[0]}" "environment: nvidia-smi, versions, device" bash 
 
 if [ "$DRY_RUN" = 1 ]; then
     run_section b "${TIMEOUTS[1]}" "tests/test_cuda.py, CPU variants" \
-        env TRITON_INTERPRET=1 "$PYTHON" -m pytest -q tests/test_cuda.py -rs -p no:cacheprovider \
+        env TRITON_INTERPRET=1 GPU_CHECK_DRY_RUN=1 "$PYTHON" -m pytest -q tests/test_cuda.py -rs -p no:cacheprovider \
         -k "not gpu_check_dry_run" --durations=5
 else
     run_section b "${TIMEOUTS[1]}" "tests/test_cuda.py on the GPU: Triton = twins, cached decode bf16, FlexAttention = twin" \
