@@ -572,23 +572,35 @@ def add_lora_flags(parser):
     parser.add_argument("--lora-alpha", type=positive_float, default=None,
                         help="LoRA scale alpha (update × alpha / rank; default: 2 × rank; paper 2: 32)")
     parser.add_argument("--lora-dropout", type=dropout_probability, default=0.0, help="dropout on the adapters' input")
-    parser.add_argument("--lora-targets", default=",".join(t.removesuffix("_proj") for t in LORA_TARGETS),
+    parser.add_argument("--lora-targets", type=lora_target_list, default=",".join(t.removesuffix("_proj") for t in LORA_TARGETS),
                         help="comma-separated Linears that get adapters, among q,k,v,o,gate,up,down")
     parser.add_argument("--save-adapter", action="store_true",
                         help="with LoRA: also write the adapter alone in PEFT's format to OUT/adapter (the model is saved merged)")
 
 
+def lora_target_names(text):
+    """'q,v,down' -> ('down_proj', 'q_proj', 'v_proj'): the Linears LoRA adapts (model.LORA_TARGETS)."""
+    return tuple(sorted(t.strip() + "_proj" for t in text.split(",") if t.strip()))
+
+
+def lora_target_list(text):
+    """argparse `type=` of --lora-targets: the text itself, once every name is known (checked at parse time)."""
+    from model import LORA_TARGETS
+
+    unknown = [t.removesuffix("_proj") for t in lora_target_names(text) if t not in LORA_TARGETS]
+    if unknown or not lora_target_names(text):
+        raise argparse.ArgumentTypeError(f"unknown {unknown or 'none given'} in {text!r}; choose among q,k,v,o,gate,up,down")
+    return text
+
+
 def lora_settings(args):
     """model.LoRASettings from add_lora_flags' flags (their values already checked by their types), or
     None without --lora-rank."""
-    from model import LORA_TARGETS, LoRASettings
+    from model import LoRASettings
 
     if not args.lora_rank:
         return None
-    targets = tuple(sorted(t.strip() + "_proj" for t in args.lora_targets.split(",") if t.strip()))
-    unknown = [t.removesuffix("_proj") for t in targets if t not in LORA_TARGETS]
-    if unknown or not targets:
-        raise InputError(f"--lora-targets {args.lora_targets!r}: unknown {unknown or 'none given'}; choose among q,k,v,o,gate,up,down")
+    targets = lora_target_names(args.lora_targets)
     alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
     return LoRASettings(args.lora_rank, float(alpha), args.lora_dropout, targets)
 

@@ -36,6 +36,21 @@ def parameter_counts(config, head="lm"):
     return attention + mlp + 2 * H, config.vocab_size * H + H + head_params   # block: + its two RMSNorm weights
 
 
+def kv_cache_bytes(config, slots, positions, b):
+    """A KV cache of `slots` rows × `positions`: k and v, every layer, in b-byte elements."""
+    return slots * positions * config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * b
+
+
+def sampling_bytes(config, slots, b):
+    """A decode step's (slots, V) logits and ~3 fp32 temporaries of the sampler (softmax, top-p mask)."""
+    return slots * config.vocab_size * (b + 3 * 4)
+
+
+def inference_transient_bytes(config, tokens, b):
+    """One block's no-grad forward transients over `tokens` tokens: gate, up, silu (N, I); two (N, H)."""
+    return tokens * b * (3 * config.intermediate_size + 2 * config.hidden_size)
+
+
 def memory_plan(config, world_size, micro_batch_size, seq_len, mode, *, parallel="fsdp", activation_checkpointing=True,
                 param_dtype_bytes=2, master_dtype_bytes=4, packed=None, resident_reference=False,
                 kv_cache_slots=None, kv_cache_len=None, device="cuda", lora=None):
@@ -60,10 +75,10 @@ def memory_plan(config, world_size, micro_batch_size, seq_len, mode, *, parallel
     slots = kv_cache_slots if kv_cache_slots is not None else (micro_batch_size if mode == "sample" else 0)
     cache_len = kv_cache_len if kv_cache_len is not None else seq_len
 
-    def kv_bytes(slots, positions):  # k and v, every layer
-        return slots * positions * L * 2 * nkv * D * b
+    def kv_bytes(slots, positions):
+        return kv_cache_bytes(config, slots, positions, b)
 
-    no_grad_forward = N * b * (3 * I + 2 * H)   # inference transients of one block: gate, up, silu (N, I); two (N, H)
+    no_grad_forward = inference_transient_bytes(config, N, b)
     rows = {}
 
     if mode == "sample":  # a full bf16 replica per rank: each rank samples its own prompts
@@ -72,7 +87,7 @@ def memory_plan(config, world_size, micro_batch_size, seq_len, mode, *, parallel
         # prefill of micro_batch_size prompts of seq_len tokens: their own cache, copied into the slots after
         # + the prefill's final hidden states (N, H) and its prompts' last-position logits (prompts, V)
         rows["prefill"] = kv_bytes(micro_batch_size, seq_len) + no_grad_forward + N * H * b + micro_batch_size * V * b
-        rows["logits + sampling"] = slots * V * (b + 3 * 4)  # (slots, V) logits, ~3 fp32 temporaries (softmax, sort)
+        rows["logits + sampling"] = sampling_bytes(config, slots, b)
         return finish(rows, mode, world_size)
 
     # ---- weights, gradients, AdamW: fp32 master copies, sharded 1/W under FSDP, whole under DDP
@@ -150,7 +165,7 @@ def osp_memory_plan(config, world_size, micro_batch_size, seq_len, prompts_per_r
     FSDP; with LoRA it is the policy itself, adapters off: no copy at all."""
     from generate import PREFILL_TOKENS
 
-    b, L, V = param_dtype_bytes, config.num_hidden_layers, config.vocab_size
+    b, L = param_dtype_bytes, config.num_hidden_layers
     block, outside = parameter_counts(config)
     P = L * block + outside
     shard = world_size if parallel == "fsdp" else 1
@@ -161,17 +176,15 @@ def osp_memory_plan(config, world_size, micro_batch_size, seq_len, prompts_per_r
     rows = {name: update["rows"][name] for name in resident_names if name in update["rows"]}
     rows["π_SFT (reference, judge)"] = 0 if lora is not None else (1 + separate_judge) * P * b // shard
     slots, half = prompts_per_rank * k, prompt_len or seq_len // 2
-    kv_per_position = L * 2 * config.num_key_value_heads * config.head_dim * b
-    rows["KV cache"] = slots * seq_len * kv_per_position
-    H, I = config.hidden_size, config.intermediate_size
+    rows["KV cache"] = kv_cache_bytes(config, slots, seq_len, b)
 
-    def no_grad_forward(tokens):  # one block's inference transients: gate, up, silu (N, I); two (N, H)
-        return tokens * b * (3 * I + 2 * H)
+    def no_grad_forward(tokens):
+        return inference_transient_bytes(config, tokens, b)
 
     whole = P * b if parallel == "fsdp" else 0  # gathered whole for the phase (common.gathered)
     prefill_count = min(prompts_per_rank, max(1, PREFILL_TOKENS // half))
     phases = {
-        "rollout": whole + prefill_count * half * kv_per_position + no_grad_forward(prefill_count * half) + slots * V * (b + 3 * 4),
+        "rollout": whole + kv_cache_bytes(config, prefill_count, half, b) + no_grad_forward(prefill_count * half) + sampling_bytes(config, slots, b),
         "judge": whole + no_grad_forward(min(judge_batch, slots) * (half + 2 * (seq_len - half))),
         "update": sum(size for name, size in update["rows"].items() if name not in resident_names and name != "reference model")
                   + no_grad_forward(2 * micro_batch_size * seq_len),

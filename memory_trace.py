@@ -27,6 +27,7 @@ workspaces, Triton and FlexAttention internals, fragmentation).
 All private-API use of the project lives in this module (torch 2.13 is what it was written on).
 """
 import argparse
+import os
 import time
 from contextlib import contextmanager, nullcontext
 
@@ -249,7 +250,6 @@ MODES = ("sft", "rm", "dpo", "osp", "sample")
 def emulated_gpu():
     """RLHF_EMULATE_GPU=1 for the block (common.emulating_gpu): the stages take a GPU run's decisions
     on this CPU: bf16 compute, fused AdamW, the log-prob kernel's GPU chunk width."""
-    import os
     before = os.environ.get("RLHF_EMULATE_GPU")
     os.environ["RLHF_EMULATE_GPU"] = "1"
     try:
@@ -433,10 +433,14 @@ TABLE = [
 ]
 
 
+def with_allowance(traced_bytes):
+    """GiB a GPU needs for a traced peak: the trace plus the allowance for what it cannot see."""
+    return traced_bytes / GiB * (1 + ALLOWANCE_FRACTION) + ALLOWANCE_GIB
+
+
 def fits(traced_bytes, gpu_gib):
     """(fits, margin GiB): the traced peak plus the allowance, against the GPU's memory."""
-    need = traced_bytes / GiB * (1 + ALLOWANCE_FRACTION) + ALLOWANCE_GIB
-    return need <= gpu_gib, gpu_gib - need
+    return with_allowance(traced_bytes) <= gpu_gib, gpu_gib - with_allowance(traced_bytes)
 
 
 def table(rows=TABLE):
@@ -451,8 +455,8 @@ def table(rows=TABLE):
         peak = trace_stage(KNOWN_CONFIGS[config_name], mode, world, seq_len, micro, lora)
         plan = plan_for(KNOWN_CONFIGS[config_name], mode, world, seq_len, micro, lora)
         ok, margin = fits(peak["Total"], gpu)
-        need = peak["Total"] / GiB * (1 + ALLOWANCE_FRACTION) + ALLOWANCE_GIB
-        lines.append(f"| {name} | {world} | {plan['peak'] / GiB:.2f} | {peak['Total'] / GiB:.2f} | {need:.2f} | {gpu} | "
+        lines.append(f"| {name} | {world} | {plan['peak'] / GiB:.2f} | {peak['Total'] / GiB:.2f} | "
+                     f"{with_allowance(peak['Total']):.2f} | {gpu} | "
                      f"{margin:+.2f}{'' if ok else ' (does NOT fit)'} |")
         print(lines[-1], f"({time.perf_counter() - start:.0f} s)", flush=True)
     return lines
@@ -505,25 +509,29 @@ def gpu_check(dry_run=False):
 
 
 def main():
+    from common import checked_number, non_negative_int, positive_float, positive_int
+
     parser = argparse.ArgumentParser(description="Per-rank memory of a stage's real step at full shape, on fake tensors, "
                                                  "next to the formula plan (memory_plan.py).")
     parser.add_argument("--config", default="llama3-8b",
                         help=f"one of {sorted(KNOWN_CONFIGS)}, or an HF config.json / checkpoint folder")
     parser.add_argument("--mode", choices=MODES, default="sft", help="the stage to trace")
-    parser.add_argument("--world-size", type=int, default=8, help="ranks (FSDP2 over fake ranks; 1: one device)")
-    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (dpo/osp: prompt + response)")
-    parser.add_argument("--micro-batch-size", type=int, default=1, help="sequences / pairs per forward (sample: decode slots)")
-    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (0: full fine-tuning)")
-    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 × rank)")
-    parser.add_argument("--k", type=int, default=7, help="osp: samples per prompt")
-    parser.add_argument("--prompts-per-rank", type=int, default=2, help="osp: prompts per rank per step")
-    parser.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory to check the traced peak against")
+    parser.add_argument("--world-size", type=positive_int, default=8, help="ranks (FSDP2 over fake ranks; 1: one device)")
+    parser.add_argument("--seq-len", type=positive_int, default=2048, help="tokens per sequence (dpo/osp: prompt + response)")
+    parser.add_argument("--micro-batch-size", type=positive_int, default=1, help="sequences / pairs per forward (sample: decode slots)")
+    parser.add_argument("--lora-rank", type=non_negative_int, default=0, help="LoRA adapters of this rank (0: full fine-tuning)")
+    parser.add_argument("--lora-alpha", type=positive_float, default=None, help="LoRA alpha (default 2 × rank)")
+    parser.add_argument("--k", type=checked_number(int, "≥ 2", lambda n: n >= 2), default=7, help="osp: samples per prompt")
+    parser.add_argument("--prompts-per-rank", type=positive_int, default=2, help="osp: prompts per rank per step")
+    parser.add_argument("--gpu-gib", type=positive_float, default=80.0, help="GPU memory to check the traced peak against")
     parser.add_argument("--table", action="store_true", help="trace every row of the README's table")
     parser.add_argument("--self-check", action="store_true", help="tiny shape: each stage's fake peak = its real peak")
     parser.add_argument("--gpu-check", action="store_true",
                         help="on a GPU: sft, dpo, osp + LoRA steps measured against their traces (tools/gpu_check.sh)")
     parser.add_argument("--dry-run", action="store_true", help="with --gpu-check: tiny shapes on the CPU, real vs fake tensors")
     args = parser.parse_args()
+    if args.seq_len < 2:
+        parser.error(f"argument --seq-len: must be ≥ 2 (a prompt and a response), got {args.seq_len}")
     if args.gpu_check:
         gpu_check(args.dry_run)
         return

@@ -341,9 +341,9 @@ def main(argv=None):
     local_batch = args.batch_size // world_size
     # The sampler reads the policy's (or π_SFT's) weights in place: after each optimizer step the next
     # samples come from the updated policy, with no copy to keep in sync.
+    # --sampling sft: π_SFT, the reference, or with LoRA the policy with its adapters off (sft_view below).
     sampler = unwrap(policy) if args.sampling == "policy" or reference is None else reference
     engine = Engine(sampler, local_batch * args.k, stop_token_ids(tokenizer), dtype=compute_dtype)
-    sample_sft_with_adapters_off = args.sampling == "sft" and reference is None
 
     # ----------------------------------------------------------------------------------------------
     # Training loop: Algorithm 1, one batch of prompts per step
@@ -355,7 +355,7 @@ def main(argv=None):
         t0 = time.time()
         mine = next(batches)[dist_info.rank * local_batch:(dist_info.rank + 1) * local_batch]
         messages = [prompts[i]["messages"] for i in mine]
-        with sft_view(None, policy) if sample_sft_with_adapters_off else contextlib.nullcontext():
+        with sft_view(reference, policy) if args.sampling == "sft" else contextlib.nullcontext():
             responses = rollout(engine, tokenizer, [prompts[i] for i in mine], args, step, device)
         # the judge is read at one position per query, outside forward: gathered whole (common.gathered)
         with sft_view(judge, policy) as judge_model, gathered(judge_model):

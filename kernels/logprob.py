@@ -311,7 +311,7 @@ def _forward_chunks(h, weight, targets, inv_temperature, use_triton, chunk):
 
 def _backward_chunks(h, weight, targets, lse, g, inv_temperature, use_triton, chunk, grad_weight, need_grad_hidden):
     """Fills grad_weight (V, H) chunk by chunk (if given) and returns grad_hidden (n, H) in fp32 (or None)."""
-    n, vocab_size = h.shape[0], weight.shape[0]
+    vocab_size = weight.shape[0]
     grad_h = torch.zeros(h.shape, dtype=lse.dtype, device=h.device) if need_grad_hidden else None  # (n, H)
     h_mm = _matmul_operand(h)
     softmax_grad = _softmax_grad_triton if use_triton else _softmax_grad_torch

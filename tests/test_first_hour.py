@@ -87,6 +87,8 @@ BAD_FLAGS = [  # (stage, flag, value, what the error says)
     ("osp", "--top-p", "1.5", "must be in (0, 1]"),
     ("osp", "--save-every", "-1", "must be ≥ 0"),
     ("osp", "--lora-rank", "-1", "must be ≥ 0"),
+    ("osp", "--lora-targets", "q,qkv", "unknown ['qkv']"),
+    ("sft", "--lora-targets", ",", "unknown none given"),
     ("generate", "--n", "0", "must be ≥ 1"),
     ("generate", "--num-samples", "-3", "must be ≥ 1"),
     ("generate", "--temperature", "-1", "must be ≥ 0"),

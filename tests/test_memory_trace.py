@@ -65,3 +65,13 @@ def test_command_line_prints_trace_and_plan():
     out = run_script(["memory_trace.py", "--config", "tiny", "--mode", "dpo", "--world-size", "2", "--seq-len", "32",
                       "--lora-rank", "4"])
     assert "traced: tiny dpo, 2 rank(s)" in out and "memory plan per rank: dpo" in out and "fits 80 GiB" in out
+
+
+def test_command_line_refuses_bad_numbers_naming_the_flag():
+    import subprocess
+    import sys
+    from tests.helpers import ROOT
+    for flag, value, message in (("--k", "1", "must be ≥ 2"), ("--world-size", "0", "must be ≥ 1"), ("--gpu-gib", "-8", "must be > 0")):
+        result = subprocess.run([sys.executable, "memory_trace.py", flag, value], cwd=ROOT, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 2 and f"argument {flag}: {message}" in result.stderr, result.stderr
