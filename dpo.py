@@ -122,18 +122,32 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
     raise ValueError(f"unknown loss_type {loss_type!r} (dpo, ipo, spce)")
 
 
-def sequence_logps(model, prompts, responses, pad_id, device):
-    """Summed log-probs of each response given its prompt: (logps (B,), num_tokens (B,)).
-    prompts/responses: token-id lists; only response tokens are scored (prompt and padding are
-    masked with -100), through the fused LM-head log-prob kernel (model.forward with targets)."""
+def token_logps(model, prompts, responses, pad_id, device):
+    """The log-prob of each response token given its prompt and the response before it: (B, T),
+    0 at prompt and padding positions. prompts/responses: token-id lists; only response tokens are
+    scored (the rest is masked with -100), through the fused LM-head log-prob kernel."""
     sequences = [p + r for p, r in zip(prompts, responses)]
     input_ids, _ = right_pad(sequences, pad_id, device)                   # (B, T)
     targets = torch.full_like(input_ids, -100)
     for row, (p, r) in enumerate(zip(prompts, responses)):
         # position t predicts token t+1: response token j (at position len(p)+j) is the target at len(p)+j−1
         targets[row, len(p) - 1:len(p) + len(r) - 1] = torch.tensor(r, device=device)
-    token_logps = model(input_ids, targets=targets, num_targets=sum(map(len, responses)))  # (B, T), 0 where ignored
-    return token_logps.sum(1), torch.tensor([len(r) for r in responses], device=device)
+    return model(input_ids, targets=targets, num_targets=sum(map(len, responses)))  # (B, T)
+
+
+def sequence_logps(model, prompts, responses, pad_id, device):
+    """Summed log-probs of each response given its prompt: (logps (B,), num_tokens (B,))."""
+    logps = token_logps(model, prompts, responses, pad_id, device)
+    return logps.sum(1), torch.tensor([len(r) for r in responses], device=device)
+
+
+def k3_kl(logps, ref_logps):
+    """KL(π‖π_ref) of each response (B,), by Schulman's k3 estimator on its tokens (B, T):
+    Σ_t (r_t − 1 − log r_t) with r_t = π_ref(y_t|·) / π(y_t|·). Every term is ≥ 0, and on tokens
+    sampled from π the sum is unbiased: E_π[r_t] = 1 leaves E[−log r_t], the per-token KL (k1 has
+    the same mean, but a batch of it can be negative). A masked position (0 in both) adds 0."""
+    log_r = ref_logps.float() - logps.float()
+    return (log_r.exp() - 1 - log_r).sum(-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,11 +255,11 @@ def train_step(model, optimizer, micro_batches, beta, loss_type, nll_coef, grad_
             loss.backward()
         with torch.no_grad():
             chosen_reward, rejected_reward = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
-            # kl: the k1 estimate of KL(π‖π_0) on the training responses (exact in expectation
-            # only when they are on-policy)
+            # log_ratio: the mean log π/π_0 of the training responses. Not a KL estimate: the
+            # responses were sampled from π_{t−1}, not π, so it can be negative (README, "step lines").
             sums.add(loss=per_pair * weight, chosen_reward=chosen_reward * weight, rejected_reward=rejected_reward * weight,
                      accuracy=(chosen_reward > rejected_reward) * weight,
-                     kl=((chosen - ref_chosen) + (rejected - ref_rejected)) / 2 * weight,
+                     log_ratio=((chosen - ref_chosen) + (rejected - ref_rejected)) / 2 * weight,
                      tokens=(chosen_tokens + rejected_tokens) * weight)
     return sums, optimizer_step(model, optimizer, grad_clip)
 
@@ -301,14 +315,17 @@ def train(args, dist_info, start_model, pairs, example_groups, out_dir, adapter=
                                      global_pairs, tokenizer.pad_token_id, world_size, device)
         totals = sums.reduce(device, grad_norm=grad_norm)  # the step's only host sync
         dt = time.time() - t0
-        mean = {k: totals[k] / global_pairs for k in ("loss", "chosen_reward", "rejected_reward", "accuracy", "kl")}
-        line = dict(step=step + 1, loss=mean["loss"], rewards_chosen=mean["chosen_reward"], rewards_rejected=mean["rejected_reward"],
+        mean = {k: totals[k] / global_pairs for k in ("loss", "chosen_reward", "rejected_reward", "accuracy", "log_ratio")}
+        line = dict(step=step + 1, loss=mean["loss"],
+                    rewards_chosen=mean["chosen_reward"], rewards_rejected=mean["rejected_reward"],
                     reward_accuracy=mean["accuracy"], reward_margin=mean["chosen_reward"] - mean["rejected_reward"],
-                    kl=mean["kl"], grad_norm=totals["grad_norm"], lr=lr, tokens_per_s=totals["tokens"] / dt, ms=dt * 1000)
+                    log_ratio=mean["log_ratio"], grad_norm=totals["grad_norm"], lr=lr,
+                    tokens_per_s=totals["tokens"] / dt, ms=dt * 1000)
         metrics.log(**line)
         if dist_info.is_main and (step % args.log_every == 0 or step == total_steps - 1):
-            tqdm.write(f"step {step + 1}/{total_steps} | loss {line['loss']:.4f} | chosen {line['rewards_chosen']:+.4f} | "
-                       f"rejected {line['rewards_rejected']:+.4f} | acc {line['reward_accuracy']:.3f} | kl {line['kl']:+.3f} | "
+            tqdm.write(f"step {step + 1}/{total_steps} | loss {line['loss']:.4f} | "
+                       f"chosen {line['rewards_chosen']:+.4f} | rejected {line['rewards_rejected']:+.4f} | "
+                       f"acc {line['reward_accuracy']:.3f} | log-ratio {line['log_ratio']:+.3f} | "
                        f"grad {line['grad_norm']:.3f} | lr {lr:.2e} | {line['tokens_per_s']:,.0f} tok/s")
     metrics.close()
     # online with LoRA the adapter is always kept: the next iteration continues it
@@ -406,9 +423,10 @@ def run_iteration(args, sources, dist_info):
         engine = generate.Engine(policy, args.gen_batch_size, stop_token_ids(tokenizer))
         sampling = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, seed=args.seed * 1000 + t)
-        process_in_chunks(prompts, here / "samples.jsonl", lambda chunk: generate.generate_records(engine, tokenizer, chunk, **sampling),
+        process_in_chunks(prompts, here / "samples.jsonl",
+                          lambda chunk, bar: generate.generate_records(engine, tokenizer, chunk, progress=bar, **sampling),
                           dist_info, chunk_size=args.chunk_size, desc=f"iter {t}: sampling",
-                          settings={"policy": str(previous_policy), **sampling})
+                          settings={"policy": str(previous_policy), **sampling}, reports_progress=True)
         del policy, engine
     # 2. Rewards: the reward model's, or (--rm gold, the built-in task's control) the gold reward r*.
     if not (here / "rewards.jsonl").exists():
@@ -444,7 +462,8 @@ def run_iteration(args, sources, dist_info):
             print0(f"iter {t}: mean reward {summary['mean_reward']:.4f}, mean length {summary['mean_length_chars']:.1f} chars, "
                    f"{len(pairs)} pairs kept, dropped {dropped}")
             if scored is not None and args.rm != "gold":
-                print0(format_reward_vs_gold(summary["reward_vs_gold"], f"π_{t - 1}'s samples"))
+                run_name = f"{Path(args.run_dir).name}, iteration {t}"
+                print0(format_reward_vs_gold(summary["reward_vs_gold"], f"π_{t - 1}'s samples ({run_name})"))
         if dist.is_initialized():
             dist.barrier()
     # 4 + 5. Reference log-probs (once per iteration's pairs: π_0 never changes) and the policy update.

@@ -3,7 +3,7 @@ per prompt, the SFT model judges them itself (LLM-as-a-judge, the logits of "A"/
 paired by rank, and the soft preference strengths are learned with the SPCE loss.
 
     # (optional, paper 2 needs it for small models) preference augmentation: SFT on judge instructions
-    python data/convert.py --format judge --input data/builtin/pairs_train.jsonl --output data/builtin/judge_sft.jsonl
+    python -m data.convert --format judge --input data/builtin/pairs_train.jsonl --output data/builtin/judge_sft.jsonl
     python sft.py --model runs/builtin/sft --data data/builtin/judge_sft.jsonl --out runs/builtin/judge
     # or the same A/B objective through train_rm.py (records its template; run.sh does this, paper 1's format)
     python train_rm.py train --type pairwise --model runs/builtin/sft --pairs data/builtin/pairs_train.jsonl \\
@@ -53,7 +53,7 @@ from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_sca
                     run_cli, save_checkpoint, scale_settings, seed_everything, set_lr, stop_token_ids, unwrap)
 from data.judge import JUDGE_TEMPLATES
 from data.schema import load_records
-from dpo import preference_loss, sequence_logps
+from dpo import k3_kl, preference_loss, token_logps
 from generate import Engine, encode_prompts, generate_records
 from memory_plan import print_stage_plan
 from train_rm import judge_template, pairwise_preference
@@ -114,13 +114,16 @@ def sft_view(frozen, policy):
 
 def rollout(engine, tokenizer, prompt_records, args, step, device):
     """1. K responses per prompt from the sampler (the current policy, or π_SFT): texts, a list of
-    K per prompt. Seeds come from (seed, step, prompt id, sample index): no dependence on ranks.
+    K per prompt, and the tokens generated per second (this rank's, for the progress bar).
+    Seeds come from (seed, step, prompt id, sample index): no dependence on ranks.
     A sharded sampler is gathered whole once for the rollout (common.gathered), not per token."""
     engine.model.eval()
+    t0 = time.time()
     with gathered(engine.model), autocast(engine.model, device):
         samples = generate_records(engine, tokenizer, prompt_records, args.k, args.max_new_tokens, args.temperature,
                                    top_p=args.top_p, seed=args.seed * 1_000_003 + step)
-    return [record["responses"] for record in samples]
+    tokens = sum(sum(record["num_tokens"]) for record in samples)
+    return [record["responses"] for record in samples], tokens / (time.time() - t0)
 
 
 @torch.no_grad()
@@ -158,24 +161,26 @@ def target_strengths(judge, judge_tokenizer, template, prompt_messages, response
 
 def pair_losses(policy, reference, prompt_tokens, chosen_tokens, rejected_tokens, targets, args, pad_id, device):
     """The loss of each pair of a micro-batch (B,), with h (B,), the implicit preference's argument,
-    and the log-ratio log π_θ(y|x) − log π_SFT(y|x) of each pair's responses, averaged (B,) (both
-    detached, for the metrics). rejected_tokens None: RAFT, per-token NLL of the best response.
-    reference None: the policy with its adapters off (LoRA)."""
-    if rejected_tokens is None:
-        logps, counts = sequence_logps(policy, prompt_tokens, chosen_tokens, pad_id, device)
-        with torch.no_grad(), sft_view(reference, policy) as sft_model:
-            ref_logps, _ = sequence_logps(sft_model, prompt_tokens, chosen_tokens, pad_id, device)
-        return -logps / counts, torch.zeros_like(ref_logps), logps.detach() - ref_logps
-    n = len(prompt_tokens)
-    # chosen and rejected in one forward: (2B, T)
-    logps, counts = sequence_logps(policy, prompt_tokens * 2, chosen_tokens + rejected_tokens, pad_id, device)
+    and KL(π_θ‖π_SFT) on each pair's responses, averaged (B,) (both detached, for the metrics; the
+    responses are π_θ's own samples, so dpo.k3_kl applies). rejected_tokens None: RAFT, per-token
+    NLL of the best response. reference None: the policy with its adapters off (LoRA)."""
+    responses = chosen_tokens if rejected_tokens is None else chosen_tokens + rejected_tokens
+    prompts = prompt_tokens * (len(responses) // len(prompt_tokens))
+    # RAFT: the best responses; otherwise chosen and rejected in one forward: (2B, T)
+    logps = token_logps(policy, prompts, responses, pad_id, device)                  # (2B, T)
     with torch.no_grad(), sft_view(reference, policy) as sft_model:
-        ref_logps, _ = sequence_logps(sft_model, prompt_tokens * 2, chosen_tokens + rejected_tokens, pad_id, device)
+        ref_logps = token_logps(sft_model, prompts, responses, pad_id, device)
+    kl = k3_kl(logps.detach(), ref_logps)                                             # (2B,)
+    sums, ref_sums = logps.sum(1), ref_logps.sum(1)
+    counts = torch.tensor([len(r) for r in responses], device=device)
+    if rejected_tokens is None:
+        return -sums / counts, torch.zeros_like(ref_sums), kl
+    n = len(prompt_tokens)
     # The token counts make IPO use length-normalised log-probs (dpo.preference_loss, as in dpo.py).
-    per_pair = preference_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], args.beta, args.loss, targets,
+    per_pair = preference_loss(sums[:n], sums[n:], ref_sums[:n], ref_sums[n:], args.beta, args.loss, targets,
                                chosen_tokens=counts[:n], rejected_tokens=counts[n:])
-    log_ratios = (logps.detach() - ref_logps).view(2, n)                 # (chosen, rejected) × B
-    return per_pair, log_ratios[0] - log_ratios[1], log_ratios.mean(0)
+    log_ratios = (sums.detach() - ref_sums).view(2, n)                    # (chosen, rejected) × B
+    return per_pair, log_ratios[0] - log_ratios[1], kl.view(2, n).mean(0)
 
 
 def encode_pairs(tokenizer, responses, pairs):
@@ -202,13 +207,12 @@ def update(policy, reference, optimizer, prompt_tokens, pairs, pair_tokens, targ
         chosen = [pair_tokens[i][0] for i in indices]
         rejected = None if args.pairing == "best" else [pair_tokens[i][1] for i in indices]
         with gradient_sync(policy, sync=m == len(micro_batches) - 1), autocast(policy, device):
-            per_pair, h, log_ratio = pair_losses(policy, reference, [prompt_tokens[pairs[i][0]] for i in indices], chosen,
-                                                 rejected, targets[indices.start:indices.stop], args, pad_id, device)
+            per_pair, h, kl = pair_losses(policy, reference, [prompt_tokens[pairs[i][0]] for i in indices], chosen,
+                                          rejected, targets[indices.start:indices.stop], args, pad_id, device)
             # Mean over the global batch's pairs (× world size: gradients are averaged over ranks).
             (per_pair.sum() / global_pairs * world_size).backward()
-        # k1 estimate of KL(π_θ‖π_SFT): the samples are on-policy, so the mean log-ratio is unbiased.
         sums.add(loss=per_pair, target=targets[indices.start:indices.stop], implicit=torch.sigmoid(args.beta * h),
-                 kl=log_ratio, pairs=len(indices))
+                 kl=kl, pairs=len(indices))
     return sums, optimizer_step(policy, optimizer, args.grad_clip)
 
 
@@ -351,12 +355,14 @@ def main(argv=None):
     metrics = MetricsLogger(Path(args.out) / "metrics.jsonl", enabled=dist_info.is_main)
     batches = prompt_batches(len(prompts), args.batch_size, args.seed)
     pairing_rng = random.Random(args.seed * 7919 + dist_info.rank)
-    for step in tqdm(range(args.steps), desc=f"osp ({args.loss}, {args.pairing})", disable=not dist_info.is_main):
+    bar = tqdm(range(args.steps), desc=f"osp ({args.loss}, {args.pairing})", disable=not dist_info.is_main)
+    for step in bar:
         t0 = time.time()
         mine = next(batches)[dist_info.rank * local_batch:(dist_info.rank + 1) * local_batch]
         messages = [prompts[i]["messages"] for i in mine]
         with sft_view(reference, policy) if args.sampling == "sft" else contextlib.nullcontext():
-            responses = rollout(engine, tokenizer, [prompts[i] for i in mine], args, step, device)
+            responses, tokens_per_second = rollout(engine, tokenizer, [prompts[i] for i in mine], args, step, device)
+        bar.set_postfix_str(f"rollout {tokens_per_second:,.0f} tok/s", refresh=False)
         # the judge is read at one position per query, outside forward: gathered whole (common.gathered)
         with sft_view(judge, policy) as judge_model, gathered(judge_model):
             self_scores = judge_self_scores(judge_model, judge_tokenizer, template, messages, responses, device)

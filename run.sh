@@ -20,6 +20,7 @@
 # added) continues where it stopped. Results: $RUN/results.md (+ results.json, PNG plots).
 set -euo pipefail
 cd "$(dirname "$0")"
+source tools/setup.sh  # .venv (or the active environment), with what is missing installed
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=5
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
@@ -116,17 +117,20 @@ policy_lane() {
 }
 
 # The two lanes are independent: on CPU they run side by side, one core each (LANES=1: one after the
-# other, as on a GPU node). Each lane's output goes to $RUN/logs/<lane>.log.
+# other, as on a GPU node). Each lane's output goes to $RUN/logs/<lane>.log; the terminal gets its
+# stage headers and reward-vs-gold lines as they happen, prefixed by the lane.
 mkdir -p "$RUN/logs"
+headlines() {  # the lane's log, and its headlines on the terminal as they come
+  tee "$RUN/logs/$1.log" | awk -v lane="[$1]" '/^== |^reward vs gold/ { print lane, $0; fflush() }'
+}
 if [ "$LANES" = 2 ]; then
-  echo "== 3-6 in two lanes (one per core): tail -f $RUN/logs/reward_model_lane.log $RUN/logs/policy_lane.log"
-  reward_model_lane > "$RUN/logs/reward_model_lane.log" 2>&1 & first=$!
-  policy_lane > "$RUN/logs/policy_lane.log" 2>&1 & second=$!
+  echo "== 3-6 in two lanes (one per core); all they print: tail -f $RUN/logs/reward_model_lane.log $RUN/logs/policy_lane.log"
+  reward_model_lane 2>&1 | headlines reward_model_lane & first=$!
+  policy_lane 2>&1 | headlines policy_lane & second=$!
   status=0
   wait $first || { status=1; echo "reward_model_lane failed:"; tail -n 30 "$RUN/logs/reward_model_lane.log"; }
   wait $second || { status=1; echo "policy_lane failed:"; tail -n 30 "$RUN/logs/policy_lane.log"; }
   [ $status = 0 ] || exit 1
-  grep -h "^== \|^reward vs gold" "$RUN/logs/reward_model_lane.log" "$RUN/logs/policy_lane.log"
 else
   reward_model_lane 2>&1 | tee "$RUN/logs/reward_model_lane.log"
   policy_lane 2>&1 | tee "$RUN/logs/policy_lane.log"

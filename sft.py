@@ -1,6 +1,6 @@
 """Supervised fine-tuning on chat data, with the loss on assistant tokens only.
 
-    # the built-in task: a tiny model from scratch on 2 CPU cores (python data/task.py writes the data)
+    # the built-in task: a tiny model from scratch on 2 CPU cores (python -m data.task writes the data)
     python sft.py --model data/builtin/model --scratch --data data/builtin/sft.jsonl --out runs/builtin/sft
 
     # a real checkpoint on one node (FSDP2, bf16 compute, fp32 master weights)

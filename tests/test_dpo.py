@@ -135,6 +135,21 @@ def test_sequence_logps_sum_only_response_tokens():
     assert counts.tolist() == [2, 4]
 
 
+def test_k3_kl_hand_values_and_unbiased_on_policy():
+    # one response of two tokens and a masked position: r − 1 − log r per token, 0 where masked
+    logps, ref_logps = torch.tensor([[math.log(0.5), math.log(0.2), 0.0]]), torch.tensor([[math.log(0.25), math.log(0.4), 0.0]])
+    expected = (0.5 - 1 - math.log(0.5)) + (2.0 - 1 - math.log(2.0))
+    assert dpo.k3_kl(logps, ref_logps).item() == pytest.approx(expected, abs=1e-6)
+    # over every token y of a vocabulary, weighted by π(y): the exact expectation is KL(π‖π_ref), and
+    # no term is negative (k1's terms log π − log π_ref are, where π_ref > π)
+    torch.manual_seed(0)
+    log_pi, log_ref = torch.log_softmax(torch.randn(20), 0), torch.log_softmax(torch.randn(20), 0)
+    terms = dpo.k3_kl(log_pi[:, None], log_ref[:, None])                                      # (20,) one token each
+    assert (terms >= 0).all() and ((log_pi - log_ref) < 0).any()
+    kl = (log_pi.exp() * (log_pi - log_ref)).sum()
+    assert (log_pi.exp() * terms).sum().item() == pytest.approx(kl.item(), rel=1e-5)
+
+
 def test_select_pairs_best_worst_ties_and_length_penalty(tmp_path):
     records = [
         {"id": "a", "prompt": [{"role": "user", "content": "x"}], "responses": ["r0", "r1", "r2"], "rewards": [0.5, 2.0, -1.0]},
@@ -347,7 +362,7 @@ def test_offline_dpo_two_ranks_match_one_and_move_toward_chosen(parallel, tiny_m
     assert len(metrics) == 4
     assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # step 0: policy = reference
     assert metrics[-1]["reward_margin"] > metrics[0]["reward_margin"] and metrics[-1]["loss"] < metrics[0]["loss"]
-    assert {"rewards_chosen", "rewards_rejected", "reward_accuracy", "kl", "grad_norm", "lr", "tokens_per_s"} <= set(metrics[0])
+    assert {"rewards_chosen", "rewards_rejected", "reward_accuracy", "log_ratio", "grad_norm", "lr", "tokens_per_s"} <= set(metrics[0])
     assert len(read_jsonl(tmp_path / "one" / "ref_logps.jsonl")) == 16
 
 
@@ -439,5 +454,5 @@ def test_online_iterations_on_builtin_task_with_gold_reward(task_dir, tmp_path, 
         assert pairs and all(score(p["prompt"], p["chosen"]) > score(p["prompt"], p["rejected"]) for p in pairs)
     step1 = read_jsonl(run / "iter1" / "policy" / "metrics.jsonl")[0]
     assert step1["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    assert step1["rewards_chosen"] == pytest.approx(0, abs=1e-5) and step1["kl"] == pytest.approx(0, abs=1e-5)
+    assert step1["rewards_chosen"] == pytest.approx(0, abs=1e-5) and step1["log_ratio"] == pytest.approx(0, abs=1e-5)
     assert (run / "iter2" / "policy" / "model.safetensors").exists()

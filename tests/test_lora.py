@@ -183,7 +183,7 @@ def test_lora_online_dpo_uses_the_same_model_adapters_off_as_reference(task_dir,
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     sft, run = run_builtin_online(task_dir, tmp_path, "--lora-rank", "4", lr="1e-2")
     step1 = read_jsonl(run / "iter1" / "policy" / "metrics.jsonl")[0]
-    assert step1["loss"] == pytest.approx(0.6931472, abs=1e-5) and step1["kl"] == pytest.approx(0, abs=1e-6)
+    assert step1["loss"] == pytest.approx(0.6931472, abs=1e-5) and step1["log_ratio"] == pytest.approx(0, abs=1e-6)
     assert (run / "iter1" / "policy" / "adapter" / "adapter_config.json").exists()
     tokenizer = load_tokenizer(sft)
     _, examples = tokenize_pairs(tokenizer, read_jsonl(run / "iter2" / "pairs.jsonl"), 4096)

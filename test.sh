@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The tests, on a fresh clone: creates or reuses .venv, installs what is missing (tools/setup.sh),
+# then runs `pytest test_all.py`. Arguments go to pytest: bash test.sh -k dpo -x
+set -euo pipefail
+cd "$(dirname "$0")"
+source tools/setup.sh
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+python -m pytest -q test_all.py --durations=10 "$@"

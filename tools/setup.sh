@@ -1,0 +1,28 @@
+# Sourced by run.sh and test.sh: the Python environment, with what is missing installed.
+#   - a virtual environment that is already active is used as it is; otherwise ./.venv is created
+#     (python3 ≥ 3.10, or $PYTHON) or reused, and activated;
+#   - torch, if missing: on a GPU node (nvidia-smi present) pip's default build, the CUDA one; on a
+#     CPU-only machine torch 2.13.0's CPU build (PyTorch's CPU index; a plain `pip install torch` on
+#     Linux pulls the CUDA build, several GB). Set TORCH_SPEC to choose, e.g. TORCH_SPEC="torch==2.7.1";
+#   - then requirements.txt (pip skips what is already there, in a few seconds).
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  if [ ! -x .venv/bin/python ]; then
+    python=${PYTHON:-python3}
+    "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || {
+      echo "Python ≥ 3.10 is needed ($python is $("$python" --version 2>&1)); set PYTHON=/path/to/python3.x" >&2; exit 2; }
+    echo "== creating .venv with $("$python" --version)"
+    "$python" -m venv .venv
+  fi
+  source .venv/bin/activate
+fi
+if ! python -c "import torch" 2>/dev/null; then
+  if [ -n "${TORCH_SPEC:-}" ]; then
+    python -m pip install $TORCH_SPEC
+  elif command -v nvidia-smi > /dev/null 2>&1; then
+    python -m pip install torch
+  else
+    python -m pip install --retries 1 --timeout 30 torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+python -m pip install -q -r requirements.txt
+echo "== python: $(command -v python) ($(python -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)'))"
