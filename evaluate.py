@@ -184,6 +184,12 @@ class Scorer:
         return total / len(prompts)
 
 
+# The proxy-vs-gold table's header, and what its KL column is (Scorer.sampled_kl).
+CURVE_HEADER = "| online run | t | KL (k1) | reward model | gold (T = 1) |"
+KL_NOTE = ("KL (k1): the mean over the sampled answers of log π_t(y|x) − log π_SFT(y|x); unbiased, but an average "
+           "of few answers can fall slightly below 0 (t = 0 is π_SFT itself: exactly 0).")
+
+
 def series_setting(run, series, name):
     """A model folder an online run names in its config.json ("rm", "sft"): as written, or in the
     run folder under its own name (a run folder moved elsewhere). None if absent or "gold"."""
@@ -282,75 +288,128 @@ def matplotlib_pyplot():
     return plt
 
 
+def series_style(series):
+    """An online run's colour and marker, the same in every plot."""
+    i = list(ONLINE_SERIES).index(series)
+    return dict(color=f"C{i}", marker="osD^"[i])
+
+
+def reference_style(i):
+    """The i-th horizontal reference line's colour and dash pattern: no two alike, none an online run's colour."""
+    dashes = ["--", ":", "-.", (0, (6, 2, 1, 2, 1, 2)), (0, (1, 3)), (0, (10, 3))]
+    return dict(color=f"C{4 + i % 6}", linestyle=dashes[i % len(dashes)])
+
+
+def label_iterations(ax, series, xs, ys, points, labelled):
+    """Write t = … beside each point in the run's colour, once per spot (the runs share their t = 0 point,
+    π_SFT); two of the runs' labels go below their points, so that nearby points of two runs keep readable labels."""
+    offset = (5, -12 if series in ("online", "online_biased") else 5)  # points
+    for x, y, p in zip(xs, ys, points):
+        spot = (round(x, 3), round(y, 3), p["t"])
+        if spot not in labelled:
+            labelled.add(spot)
+            ax.annotate(f"t={p['t']}", (x, y), fontsize=7, color=series_style(series)["color"], textcoords="offset points", xytext=offset,
+                        bbox=dict(boxstyle="square,pad=0.1", facecolor="white", edgecolor="none", alpha=0.7))
+
+
 def plot_proxy_vs_gold(curves, out):
-    """over_optimisation.png: per online run, gold (left axis) and the reward model's mean reward
-    (right axis) of the policy's samples against the KL from π_SFT, each point labelled by its t."""
+    """over_optimisation.png, after Gao et al. 2023 (fig. 1): the mean gold (left) and the mean reward of
+    the run's own reward model (right) of each online run's sampled answers, against √KL(π_t ‖ π_SFT);
+    one line per run, each point labelled with its iteration t. A BT reward is defined only up to a
+    shift, so the right panel shows the change since t = 0 and every reward model starts at 0."""
     plt = matplotlib_pyplot() if curves else None
     if plt is None:
         return []
-    fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 3.3), squeeze=False)
-    for ax, (series, points) in zip(axes[0], curves.items()):
-        kl = [p["kl"] for p in points]
-        ax.plot(kl, [p["gold"] for p in points], "o-", color="C0", label="gold r*")
-        for p in points:
-            ax.annotate(f"t={p['t']}", (p["kl"], p["gold"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
-        ax.set_xlabel("KL(π_t ‖ π_SFT), nats")
-        ax.set_ylabel("gold, sampled answers", color="C0")
-        ax.set_title(ONLINE_SERIES[series], fontsize=8)
-        if all("reward" in p for p in points):
-            twin = ax.twinx()
-            twin.plot(kl, [p["reward"] for p in points], "s--", color="C1", label="reward model")
-            twin.set_ylabel("reward model's mean reward", color="C1")
-    fig.tight_layout()
+    proxied = {s: points for s, points in curves.items() if all("reward" in p for p in points)}  # not the gold-reward run
+    fig, axes = plt.subplots(1, 2 if proxied else 1, figsize=(11 if proxied else 6, 4.6), squeeze=False, layout="constrained")
+    gold_ax, proxy_ax = axes[0][0], axes[0][-1]
+    labelled = {ax: set() for ax in axes[0]}  # (x, y, t) of the labels written
+    for series, points in curves.items():
+        root_kl = [math.sqrt(max(p["kl"], 0.0)) for p in points]  # an estimate of a KL near 0 can come out just below 0
+        golds = [p["gold"] for p in points]
+        gold_ax.plot(root_kl, golds, "-", label=ONLINE_SERIES[series], **series_style(series))
+        label_iterations(gold_ax, series, root_kl, golds, points, labelled[gold_ax])
+        if series in proxied:
+            rewards = [p["reward"] - points[0]["reward"] for p in points]
+            proxy_ax.plot(root_kl, rewards, "--", **series_style(series))
+            label_iterations(proxy_ax, series, root_kl, rewards, points, labelled[proxy_ax])
+    gold_ax.set(title="gold r* (held-out prompts, sampled at T = 1)", ylabel="mean gold r*")
+    if proxied:
+        proxy_ax.set(title="proxy: the run's own reward model", ylabel="mean reward − its value at t = 0")
+    for ax in axes[0]:
+        ax.set_xlabel("√KL(π_t ‖ π_SFT), KL in nats")
+        ax.margins(x=0.12, y=0.1)  # room for the t labels inside the frame
+        ax.grid(alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8)
     fig.savefig(out / "over_optimisation.png", dpi=120)
     plt.close(fig)
     return [out / "over_optimisation.png"]
 
 
 def plot(run, results, out):
-    """gold_per_iteration.png and training_curves.png (skipped, with a note, without matplotlib)."""
+    """gold_per_iteration.png: the gold of greedy and of sampled answers per online iteration (± s.e.), the
+    single checkpoints as horizontal lines, the legends below the panels; and training_curves.png
+    (both skipped, with a note, without matplotlib)."""
     plt = matplotlib_pyplot()
     if plt is None:
         return []
-    written = []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.4), layout="constrained")
     sft = next((r for r in results if r["label"] == "SFT"), None)
+    flat = [r for r in results if r["label"] in ("offline DPO", "SFT on the gold answers (control)") or r["label"].startswith("OSP")]
     for ax, key, title in ((axes[0], "gold", "greedy answers"), (axes[1], "sampled_gold", "sampled at temperature 1")):
-        for series, label in ONLINE_SERIES.items():
+        for i, (series, label) in enumerate(ONLINE_SERIES.items()):
             points = sorted((r["t"], r) for r in results if r["series"] == series)
             if points and sft:
                 points = [(0, sft)] + points
-                ax.errorbar([t for t, _ in points], [r[key] for _, r in points], yerr=[r[key + "_stderr"] for _, r in points],
-                            fmt="o-", capsize=3, label=label)
-        flat = [r for r in results if r["label"] in ("offline DPO", "SFT on the gold answers (control)") or r["label"].startswith("OSP")]
+                nudge = 0.04 * (i - (len(ONLINE_SERIES) - 1) / 2)  # side by side, so that the error bars do not hide each other
+                ax.errorbar([t + nudge for t, _ in points], [r[key] for _, r in points], yerr=[r[key + "_stderr"] for _, r in points],
+                            capsize=3, label=label, **series_style(series))
         for i, r in enumerate(flat):  # single checkpoints: horizontal lines
-            ax.axhline(r[key], linestyle=":", linewidth=1.2, label=r["label"], color=f"C{len(ONLINE_SERIES) + i}")
+            ax.axhline(r[key], linewidth=1.5, label=r["label"], **reference_style(i))
         ax.set_xticks(sorted({0} | {r["t"] for r in results if r["series"]}))
-        ax.set_xlabel("online iteration t (0 = SFT)")
-        ax.set_ylabel("gold score, held-out prompts")
-        ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        ax.set(xlabel="online iteration t (0 = SFT)", ylabel="mean gold r*, held-out prompts", title=title)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    handles = dict(zip(labels, handles))
+    online = [label for label in ONLINE_SERIES.values() if label in handles]
+    for ax, title, labels in ((axes[0], "online runs (t = 0: SFT)", online), (axes[1], "single checkpoints", [r["label"] for r in flat])):
+        if labels:  # below the panel, clear of the data
+            ax.legend([handles[label] for label in labels], labels, loc="upper center", bbox_to_anchor=(0.5, -0.15), title=title,
+                      fontsize=8, title_fontsize=8, handlelength=4)
     fig.savefig(out / "gold_per_iteration.png", dpi=120)
-    written.append(out / "gold_per_iteration.png")
     plt.close(fig)
+    return [out / "gold_per_iteration.png"] + plot_training_curves(plt, run, out)
 
-    curves = [(label, p / "metrics.jsonl") for label, p in [("SFT", run / "sft")] +
-              [(f"DPO iter {t}", p) for t, p in sorted(iteration_policies(run / "online").items())] +
-              [(p.name, p) for p in sorted(run.glob("osp_*"))] if (p / "metrics.jsonl").exists()]
-    if curves:
-        fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3), squeeze=False)
-        for ax, (label, path) in zip(axes[0], curves):
-            lines = read_jsonl(path)
-            ax.plot([line["step"] for line in lines], [line["loss"] for line in lines], linewidth=1)
-            ax.set_title(label, fontsize=9)
-            ax.set_xlabel("step")
-        axes[0][0].set_ylabel("training loss")
-        fig.tight_layout()
-        fig.savefig(out / "training_curves.png", dpi=120)
-        written.append(out / "training_curves.png")
-        plt.close(fig)
-    return written
+
+def plot_training_curves(plt, run, out):
+    """training_curves.png: the training loss per optimizer step of each run that logged one (metrics.jsonl);
+    an online run's iterations share a panel, one line each."""
+    panels = [("SFT (sft/)", "cross-entropy, nats per token", {"": run / "sft"})]
+    panels += [(f"{label}\n({series}/iter*/policy)", "training loss, mean per pair",
+                {f"t = {t}": p for t, p in sorted(iteration_policies(run / series).items())}) for series, label in ONLINE_SERIES.items()]
+    panels += [(f"OSP ({p.name}/)", "training loss, mean per pair", {"": p}) for p in sorted(run.glob("osp_*"))]
+    panels = [(title, ylabel, {name: p / "metrics.jsonl" for name, p in lines.items() if (p / "metrics.jsonl").exists()})
+              for title, ylabel, lines in panels]
+    panels = [panel for panel in panels if panel[2]]
+    if not panels:
+        return []
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False, layout="constrained")
+    for ax in axes.flat[len(panels):]:
+        ax.remove()
+    for ax, (title, ylabel, lines) in zip(axes.flat, panels):
+        for name, path in lines.items():
+            records = read_jsonl(path)
+            ax.plot([r["step"] for r in records], [r["loss"] for r in records], linewidth=1, label=name or None)
+        ax.set(title=title, xlabel="optimizer step", ylabel=ylabel)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.title.set_fontsize(9)
+        if any(lines):  # an online run's iterations
+            ax.legend(fontsize=7)
+    fig.savefig(out / "training_curves.png", dpi=120)
+    plt.close(fig)
+    return [out / "training_curves.png"]
 
 
 def evaluate_run(run, prompts, args, device):
@@ -426,8 +485,8 @@ def evaluate_run(run, prompts, args, device):
                       f"{fraction(judge['prefers_longer'])} of the time"]
     if curves:
         lines += ["", "Over-optimisation (proxy vs gold): per online run and iteration t, its reward model's mean reward of the "
-                      "policy's sampled answers to the held-out prompts, their mean gold, and KL(π_t ‖ π_SFT) in nats.", "",
-                  "| online run | t | KL | reward model | gold (T = 1) |", "| --- | --- | --- | --- | --- |"]
+                      "policy's sampled answers to the held-out prompts, their mean gold, and KL(π_t ‖ π_SFT) in nats.",
+                  KL_NOTE, "", CURVE_HEADER, "| --- | --- | --- | --- | --- |"]
         for series, points in curves.items():
             lines += [f"| {ONLINE_SERIES[series]} | {p['t']} | {p['kl']:.2f} | " + (f"{p['reward']:.3f}" if "reward" in p else "—")
                       + f" | {p['gold']:.3f} |" for p in points]
@@ -487,7 +546,7 @@ def across_runs(evaluations, runs):
                       f"{cell([e['judge']['prefers_longer'] for e in evaluations])}"]
     curves = [s for s in evaluations[0]["proxy_vs_gold"] if all(s in e["proxy_vs_gold"] for e in evaluations)]
     if curves:
-        lines += ["", "| online run | t | KL | reward model | gold (T = 1) |", "| --- | --- | --- | --- | --- |"]
+        lines += ["", KL_NOTE, "", CURVE_HEADER, "| --- | --- | --- | --- | --- |"]
         for series in curves:
             for i, point in enumerate(evaluations[0]["proxy_vs_gold"][series]):
                 points = [e["proxy_vs_gold"][series][i] for e in evaluations if len(e["proxy_vs_gold"][series]) > i]

@@ -3,6 +3,7 @@ import itertools
 import json
 import shutil
 
+import pytest
 import torch
 
 from common import encode_prompt, load_tokenizer, read_jsonl
@@ -149,3 +150,25 @@ def test_across_runs_combines_paired_differences():
     text = across_runs([run(0.03, 0.01), run(0.01, 0.01), run(-0.01, 0.004)], ["a", "b", "c"])
     combined = (0.01 ** 2 + 0.01 ** 2 + 0.004 ** 2) ** 0.5 / 3
     assert f"| +0.010 ± {combined:.3f} (1/3) |" in text
+
+
+def test_plots_render_from_synthetic_results(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+    from evaluate import plot, plot_proxy_vs_gold
+    # A KL estimate just below 0 is drawn at √KL = 0; the gold-reward run alone has no proxy panel.
+    gold_only = {"online_gold": [dict(t=0, gold=0.6, kl=0.0), dict(t=1, gold=0.7, kl=-0.003)]}
+    (tmp_path / "gold").mkdir()
+    [png] = plot_proxy_vs_gold(gold_only, tmp_path / "gold")
+    both = gold_only | {"online": [dict(t=0, gold=0.6, kl=0.0, reward=1.5), dict(t=1, gold=0.65, kl=0.4, reward=1.9)]}
+    [png_with_proxy] = plot_proxy_vs_gold(both, tmp_path)
+    assert imread(png_with_proxy).shape[1] > 1.5 * imread(png).shape[1]  # two panels, one
+
+    for folder in ("sft", "online/iter1/policy", "online/iter2/policy", "osp_spce_ranked"):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / folder / "metrics.jsonl").write_text('{"step": 1, "loss": 0.7}\n{"step": 2, "loss": 0.6}\n')
+    def row(label, series, t):
+        return dict(label=label, series=series, t=t, gold=0.5, gold_stderr=0.01, sampled_gold=0.4, sampled_gold_stderr=0.01)
+    results = [row("SFT", None, 0), row("offline DPO", None, None), row("OSP (spce, ranked)", None, None),
+               row("iterative DPO, BT reward model, t = 1", "online", 1), row("iterative DPO, BT reward model, t = 2", "online", 2)]
+    assert [p.name for p in plot(tmp_path, results, tmp_path)] == ["gold_per_iteration.png", "training_curves.png"]
