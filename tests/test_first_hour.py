@@ -246,3 +246,12 @@ def test_a_missing_field_shows_an_example_record(tmp_path):
                                 '{"id": "p1", "messages": [{"role": "user", "content": "..."}]} (see data/README.md)')
     for kind, example in EXAMPLES.items():  # every example is a valid record of its kind
         validate_record(example, kind)
+
+
+def test_usage_texts_run_the_data_scripts_as_modules():
+    # `python data/task.py` fails (its imports need the repo root on the path); `python -m data.task` works.
+    # Every usage text a stage prints with --help, and the README, must say the second.
+    texts = {path.name: path.read_text() for path in [*ROOT.glob("*.py"), *ROOT.glob("data/*.py"), ROOT / "README.md"]}
+    wrong = [name for name, text in texts.items() if "python data/" in text]
+    assert not wrong, f"'python data/…' in {wrong}: write 'python -m data.…'"
+

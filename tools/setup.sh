@@ -16,13 +16,15 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   source .venv/bin/activate
 fi
 if ! python -c "import torch" 2>/dev/null; then
+  echo "== installing torch"
   if [ -n "${TORCH_SPEC:-}" ]; then
     python -m pip install $TORCH_SPEC
   elif command -v nvidia-smi > /dev/null 2>&1; then
     python -m pip install torch
   else
-    python -m pip install --retries 1 --timeout 30 torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+    python -m pip install -qq --retries 1 --timeout 30 torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-python -m pip install -q -r requirements.txt
+echo "== installing what is missing from requirements.txt"
+python -m pip install -qq -r requirements.txt  # -qq: errors only
 echo "== python: $(command -v python) ($(python -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)'))"
