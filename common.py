@@ -238,7 +238,8 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def process_in_chunks(records, out_path, process, dist_info, chunk_size=64, desc="processing", settings=None):
+def process_in_chunks(records, out_path, process, dist_info, chunk_size=64, desc="processing", settings=None,
+                      reports_progress=False):
     """Apply `process(list of records) -> list of records` to `records` chunk by chunk and write the
     concatenated results, in input order, to out_path (JSONL). Crash-safe and rank-count-free:
       - every rank gets an equal share, so none idles into the collective timeout while another
@@ -255,6 +256,9 @@ def process_in_chunks(records, out_path, process, dist_info, chunk_size=64, desc
       - rank 0 finally merges the chunks into out_path (atomically) and removes the parts folder;
       - `settings` (a dict: model, sampling parameters, ...) are recorded in the parts folder, and a
         resume with different settings stops (check_settings) instead of mixing the two.
+    Progress (rank 0): one bar over this rank's remaining records, one per prompt in every caller. It
+    advances a chunk at a time, or with reports_progress as `process(chunk, bar)` advances it itself
+    (generation: as each prompt's samples end, with tokens/s beside it).
     Collective under torchrun: every rank must call it. Returns nothing; read out_path."""
     out_path = Path(out_path)
     world_size = dist_info.world_size
@@ -270,9 +274,17 @@ def process_in_chunks(records, out_path, process, dist_info, chunk_size=64, desc
     todo = [c for c in mine if not (parts / f"{c:06d}.jsonl").exists()]
     if len(todo) < len(mine):
         print0(f"{desc}: resuming, {len(mine) - len(todo)} of {len(mine)} chunks already done")
-    for c in tqdm(todo, desc=desc, disable=not dist_info.is_main):
-        chunk = records[start(c):start(c + 1)]
-        write_jsonl(parts / f"{c:06d}.jsonl", process(chunk) if chunk else [])
+    remaining = sum(start(c + 1) - start(c) for c in todo)
+    with tqdm(total=remaining, desc=desc, unit="prompt", disable=not dist_info.is_main) as bar:
+        for c in todo:
+            chunk = records[start(c):start(c + 1)]
+            counted = bar.n
+            if not chunk:
+                results = []
+            else:
+                results = process(chunk, bar) if reports_progress else process(chunk)
+            write_jsonl(parts / f"{c:06d}.jsonl", results)
+            bar.update(len(chunk) - (bar.n - counted))  # what `process` did not count itself
     if dist.is_initialized():
         dist.barrier()
     if dist_info.is_main:

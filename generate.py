@@ -13,14 +13,15 @@ How it works:
     one slot holds one sample; the cache is indexed by position (model.KVCache), so every slot
     decodes at its own position and nothing is padded. --batch-size 0 (the default): as many slots
     as fit in 80% of the free GPU memory, up to 512 (decode_slots); 64 on a CPU;
-  - a prompt is admitted when n slots are free: prompts are prefilled together, once each
-    (`prefill`, up to 8192 padded tokens a forward), and each prompt's keys/values are copied into
-    its n slots (the n samples share the prefill);
-  - every decode step (`decode_step`) runs all slots at one fixed shape (B, 1) and reads only the
-    cache positions in use: the engine bounds them on the host (each slot's prompt length plus the
-    steps since it was admitted) and rounds up to a multiple of 64; a slot whose sample ends (a stop
-    token, or --max-new-tokens) is emptied and refilled from the waiting prompts (continuous
-    batching), so the batch stays full until the queue runs dry;
+  - Engine.generate is a loop of four steps, one method each. admit: a prompt is admitted when n
+    slots are free; prefill_batch: prompts are prefilled together, once each (`prefill`, up to 8192
+    padded tokens a forward), each prompt's keys/values copied into its n slots (the n samples
+    share the prefill) and each sample's first token drawn; decode: one decode step (`decode_step`)
+    runs all slots at one fixed shape (B, 1) and reads only the cache positions in use (the engine
+    bounds them on the host: each slot's prompt length plus the steps since it was admitted,
+    rounded up to a multiple of 64); retire: a slot whose sample ends (a stop token, or
+    --max-new-tokens) is emptied, to be refilled from the waiting prompts (continuous batching), so
+    the batch stays full until the queue runs dry;
   - `prefill` and `decode_step` are module-level functions of the model, as in gpt-fast: --compile
     swaps in a torch.compile'd decode_step (fixed shapes, one per cache length read: compiled and
     replayed as CUDA graphs);
@@ -45,9 +46,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (InputError, default_dtype, destroy_distributed, encode_prompt, fraction, init_distributed, load_tokenizer,
-                    non_negative_float, non_negative_int, positive_fraction, positive_int, print0, process_in_chunks, run_cli,
-                    stop_token_ids)
+from common import (InputError, default_dtype, destroy_distributed, encode_prompt, fraction, init_distributed,
+                    load_tokenizer, non_negative_float, non_negative_int, positive_fraction, positive_int, print0,
+                    process_in_chunks, run_cli, stop_token_ids)
 from data.schema import load_records
 from kernels.sampling import sample
 from model import KVCache, Transformer
@@ -81,10 +82,10 @@ def prefill(model, cache, input_ids, lengths):
 def decode_step(model, cache, tokens, positions, cache_len, seeds, temperature, top_k, top_p, min_p):
     """One token for every slot: (B,) tokens at (B,) positions -> kernels.sampling.Sampled of (B,)
     tokens and log-probs. Only the first cache_len positions of the cache are read (a host-side
-    bound, more than every position in use: see Engine.generate). Fixed shapes whatever the slots
+    bound, more than every position in use: see Engine.decode). Fixed shapes whatever the slots
     hold, and cache_len moves in steps of CACHE_LEN_STEP, so a compiled step sees few shapes."""
-    logits = model(tokens[:, None], position_ids=positions[:, None], cache=cache, cache_len=cache_len)[:, 0]  # (B, V)
-    return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds)
+    logits = model(tokens[:, None], position_ids=positions[:, None], cache=cache, cache_len=cache_len)  # (B, 1, V)
+    return sample(logits[:, 0], temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds)
 
 
 eager_decode_step = decode_step
@@ -119,7 +120,8 @@ def decode_slots(config, max_len, dtype, free_bytes, cap=MAX_AUTO_SLOTS):
     most cap. A slot holds the key and the value of every layer at every position:
     layers × 2 × n_kv_heads × head_dim × dtype bytes × max_len (Llama-3-8B, bf16, 4096 positions:
     512 MiB). May be 0: the caller says what does not fit."""
-    bytes_per_slot = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * dtype.itemsize * max_len
+    bytes_per_position = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * dtype.itemsize
+    bytes_per_slot = bytes_per_position * max_len
     return min(cap, int(free_bytes * CACHE_MEMORY_FRACTION) // bytes_per_slot)
 
 
@@ -130,6 +132,60 @@ def free_memory_bytes(device):
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
+class GenerationState:
+    """One Engine.generate call: what it was asked, and what each of the B decode slots holds. The
+    per-slot state lives on the device, so that a decode step needs no host round trip; the host
+    keeps only what it knows without reading the device: which slots are busy, and where their
+    positions are."""
+
+    def __init__(self, prompts, n, max_new_tokens, sampling, base_seeds, progress, num_slots, device):
+        self.prompts, self.n, self.max_new_tokens = prompts, n, max_new_tokens
+        self.sampling = sampling      # (temperature, top_k, top_p, min_p), in the order sample() takes them
+        self.base_seeds = base_seeds  # per prompt, n ints (sample_seed); None: torch's global generator
+        self.progress = progress      # a tqdm bar or None: one update per prompt whose n samples are done
+        self.queue = list(range(len(prompts)))        # prompts waiting for slots, in order
+        self.results = [[None] * n for _ in prompts]  # per prompt, n dicts once its samples end
+        self.samples_left = [n] * len(prompts)
+        B = num_slots
+        self.tokens = torch.zeros(B, dtype=torch.long, device=device)     # (B,) what each slot feeds next
+        self.positions = torch.zeros(B, dtype=torch.long, device=device)  # (B,) ... and at which position
+        self.steps = torch.zeros(B, dtype=torch.long, device=device)      # (B,) tokens generated so far
+        self.active = torch.zeros(B, dtype=torch.bool, device=device)     # (B,) the slot holds a sample
+        self.seeds = torch.zeros(B, dtype=torch.long, device=device)      # (B,) the sample's base seed
+        self.out_tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+        self.out_logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
+        self.rows = torch.arange(B, device=device)
+        # Host-side, per slot: the (prompt index, sample index) it holds (None: empty), and the
+        # position it feeds at the next decode step minus the decode steps run so far (prompt length
+        # − steps at admission). A slot's position is then known without reading the device: it grows
+        # by one per decode step until the slot is retired, which bounds the cache positions in use.
+        self.owner = [None] * B
+        self.position_offset = [0] * B
+        self.decode_steps = 0
+        self.generated_tokens = 0  # for the progress bar's tokens/s
+        self.started = time.perf_counter()
+
+    def busy(self):
+        return any(owner is not None for owner in self.owner)
+
+    def step_seeds(self):
+        """(B,) each slot's seed for its next token: base seed + step · SEED_STRIDE."""
+        if self.base_seeds is None:
+            return None
+        return self.seeds + self.steps * SEED_STRIDE
+
+    def record(self, sampled, slot_mask):
+        """Store the sampled token and log-prob of every slot in slot_mask (B,); advance those slots."""
+        at = (self.rows, self.steps.clamp(max=self.max_new_tokens - 1))  # each slot's next output column
+        self.out_tokens[at] = torch.where(slot_mask, sampled.tokens, self.out_tokens[at])
+        self.out_logprobs[at] = torch.where(slot_mask, sampled.logprobs_untruncated, self.out_logprobs[at])
+        self.tokens.copy_(torch.where(slot_mask, sampled.tokens, self.tokens))
+        self.steps.add_(slot_mask.long())
+
+    def tokens_per_second(self):
+        return self.generated_tokens / (time.perf_counter() - self.started)
+
+
 class Engine:
     def __init__(self, model, max_batch, stop_ids, dtype=None, cpu_slots=64):
         """model: a Transformer (eval mode, on its device). max_batch: decode slots; 0 or None: as
@@ -138,7 +194,8 @@ class Engine:
         autocast). The cache is allocated by generate(), for the call's longest prompt + its
         max_new_tokens, and kept for later calls that fit in it: a file of short prompts never pays
         for the longest prompt of another."""
-        self.model, self.requested_slots, self.cpu_slots = model, max_batch, cpu_slots
+        self.model = model
+        self.requested_slots, self.cpu_slots = max_batch, cpu_slots
         self.context_length = model.config.max_position_embeddings
         self.device = model.lm_head_weight.device
         self.dtype = dtype or model.lm_head_weight.dtype
@@ -157,140 +214,136 @@ class Engine:
         if self.requested_slots:
             slots = self.requested_slots
         elif self.device.type == "cuda":
-            slots = decode_slots(self.model.config, max_len, self.dtype, free_memory_bytes(self.device))
+            free_bytes = free_memory_bytes(self.device)
+            slots = decode_slots(self.model.config, max_len, self.dtype, free_bytes)
         else:
             slots = self.cpu_slots
         self.cache = KVCache(self.model.config, slots, max_len, self.device, self.dtype)
 
     @torch.no_grad()
-    def generate(self, prompts, n, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, base_seeds=None,
-                 progress=None):
+    def generate(self, prompts, n, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                 base_seeds=None, progress=None):
         """prompts: list of token-id lists. base_seeds: per prompt, a list of n ints (sample_seed),
         or None to use torch's global generator. Returns, per prompt, n dicts with `tokens` (list,
         the stop token included), `token_logprobs` (list) and `finish_reason`. Prompts must fit the
-        context with max_new_tokens (users get that checked with names by encode_prompts)."""
+        context with max_new_tokens (users get that checked with names by encode_prompts).
+        progress: a tqdm bar (or None), advanced by one as each prompt's n samples are done, its
+        postfix the call's generated tokens per second."""
         if not prompts:
             return []
         longest = max(map(len, prompts))
         if longest + max_new_tokens > self.context_length:
-            raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context ({self.context_length})")
+            raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens "
+                             f"exceeds the context ({self.context_length})")
         self.reserve(longest + max_new_tokens)
-        B, device = self.cache.k[0].shape[0], self.device
-        if n > B:
+        num_slots = self.cache.k[0].shape[0]
+        if n > num_slots:
             how = "fit in free GPU memory" if not self.requested_slots else "were asked for"
-            raise ValueError(f"n = {n} samples per prompt need at least n decode slots of {self.cache.max_len} positions; "
-                             f"{B} {how}")
-        results = [[None] * n for _ in prompts]
-        # Per-slot state, all on the device so a decode step needs no host round trip.
-        tokens = torch.zeros(B, dtype=torch.long, device=device)      # the token each slot feeds next
-        positions = torch.zeros(B, dtype=torch.long, device=device)   # ... and its position
-        steps = torch.zeros(B, dtype=torch.long, device=device)       # tokens generated so far
-        active = torch.zeros(B, dtype=torch.bool, device=device)
-        seeds = torch.zeros(B, dtype=torch.long, device=device)
-        out_tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
-        out_logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
-        # Host-side, per slot: the (prompt index, sample index) it holds, and the position it feeds
-        # at the next decode step minus the decode steps run so far (prompt length − steps at
-        # admission). The position is then known on the host without reading the device: it grows by
-        # one per decode step until the slot is harvested, which bounds the cache positions in use.
-        owner = [None] * B
-        position_offset = [0] * B
-        decode_steps = 0
-        queue = list(range(len(prompts)))
-        rows = torch.arange(B, device=device)
+            raise ValueError(f"n = {n} samples per prompt need at least n decode slots of "
+                             f"{self.cache.max_len} positions; {num_slots} {how}")
+        sampling = (temperature, top_k, top_p, min_p)
+        state = GenerationState(prompts, n, max_new_tokens, sampling, base_seeds, progress, num_slots,
+                                self.device)
+        # Continuous batching: fill the free slots, decode every slot one token, retire the finished,
+        # refill, ... until the queue runs dry and the last sample ends.
+        self.admit(state)
+        self.retire(state)  # samples that ended on their first token
+        while state.queue or state.busy():
+            if state.busy():  # else every sample ended on its first token: refill before decoding
+                self.decode(state)
+                self.retire(state)
+            self.admit(state)
+            self.retire(state)
+        return state.results
 
-        def step_seeds():
-            return seeds + steps * SEED_STRIDE if base_seeds is not None else None
+    def admit(self, state):
+        """Give waiting prompts the free slots, n each, prefilling them in batches of at most
+        PREFILL_TOKENS padded tokens a forward (at least one prompt), so that the prefill's
+        activations and its temporary cache stay small beside the decode cache."""
+        n, prompts, queue = state.n, state.prompts, state.queue
+        free = [slot for slot, owner in enumerate(state.owner) if owner is None]
+        while len(free) >= n and queue:
+            batch = [queue.pop(0)]
+            width = len(prompts[batch[0]])
+            while queue and (len(batch) + 1) * n <= len(free):
+                wider = max(width, len(prompts[queue[0]]))
+                if (len(batch) + 1) * wider > PREFILL_TOKENS:
+                    break
+                batch.append(queue.pop(0))
+                width = wider
+            self.prefill_batch(state, batch, free[:len(batch) * n])
+            free = free[len(batch) * n:]
 
-        def record(sampled, slot_mask):
-            """Store the sampled token of every slot in slot_mask and advance those slots."""
-            index = steps.clamp(max=max_new_tokens - 1)
-            out_tokens[rows, index] = torch.where(slot_mask, sampled.tokens, out_tokens[rows, index])
-            out_logprobs[rows, index] = torch.where(slot_mask, sampled.logprobs_untruncated, out_logprobs[rows, index])
-            tokens.copy_(torch.where(slot_mask, sampled.tokens, tokens))
-            steps.add_(slot_mask.long())
+    def prefill_batch(self, state, batch, new_slots):
+        """Prefill the prompts `batch` (indices) in one forward, copy each one's keys/values into its
+        n slots (the next n of the list `new_slots`), and sample each of those slots' first token."""
+        device, n, count = self.device, state.n, len(batch)
+        lengths = [len(state.prompts[p]) for p in batch]
+        width = max(lengths)
+        input_ids = torch.zeros(count, width, dtype=torch.long)  # (count, width), right-padded
+        for row, p in enumerate(batch):
+            input_ids[row, :lengths[row]] = torch.tensor(state.prompts[p])
+        lengths = torch.tensor(lengths, device=device)  # (count,)
+        prefill_cache = KVCache(self.model.config, count, width, device, self.cache.k[0].dtype)
+        last_logits = prefill(self.model, prefill_cache, input_ids.to(device), lengths)  # (count, V)
 
-        def harvest():
-            """Empty the slots whose sample just ended and hand their results back (one host sync)."""
-            finished = active & (torch.isin(tokens, self.stop_ids) | (steps >= max_new_tokens))
-            for slot in finished.nonzero()[:, 0].tolist():
-                length = int(steps[slot])
-                ids = out_tokens[slot, :length].tolist()
-                prompt_index, sample_index = owner[slot]
-                results[prompt_index][sample_index] = {
-                    "tokens": ids, "token_logprobs": out_logprobs[slot, :length].tolist(),
-                    "finish_reason": "stop" if ids[-1] in self.stop_ids.tolist() else "length"}
-                owner[slot] = None
-                if progress is not None:
-                    progress.update(1)
-            active.logical_and_(~finished)
-            positions.masked_fill_(finished, 0)  # an empty slot decodes at position 0, inside any cache_len
+        slots = torch.tensor(new_slots, device=device)                         # (count·n,)
+        source_rows = torch.arange(count, device=device).repeat_interleave(n)  # (count·n,) their prompt's row
+        for layer in range(len(self.cache.k)):
+            self.cache.k[layer][slots, :, :width] = prefill_cache.k[layer][source_rows]
+            self.cache.v[layer][slots, :, :width] = prefill_cache.v[layer][source_rows]
+        owners = [(p, i) for p in batch for i in range(n)]  # (prompt index, sample index) of each slot
+        for slot, (p, i) in zip(new_slots, owners):
+            state.owner[slot] = (p, i)
+            state.position_offset[slot] = len(state.prompts[p]) - state.decode_steps
+        if state.base_seeds is not None:
+            state.seeds[slots] = torch.tensor([state.base_seeds[p][i] for p, i in owners], device=device)
+        slot_mask = torch.zeros_like(state.active)  # (B,) the slots just filled
+        slot_mask[slots] = True
+        state.steps.masked_fill_(slot_mask, 0)
+        state.positions[slots] = lengths[source_rows]
+        state.active.logical_or_(slot_mask)
 
-        def admit():
-            """Prefill as many waiting prompts as there are free groups of n slots, at most
-            PREFILL_TOKENS padded tokens per forward (at least one prompt), so that the prefill's
-            activations and its temporary cache stay small beside the decode cache."""
-            free = [s for s in range(B) if owner[s] is None]
-            while len(free) >= n and queue:
-                batch = [queue.pop(0)]
-                width = len(prompts[batch[0]])
-                while queue and (len(batch) + 1) * n <= len(free) and \
-                        (len(batch) + 1) * max(width, len(prompts[queue[0]])) <= PREFILL_TOKENS:
-                    batch.append(queue.pop(0))
-                    width = max(width, len(prompts[batch[-1]]))
-                admit_batch(batch, free[:len(batch) * n])
-                free = free[len(batch) * n:]
+        # The first token of each sample, from its prompt's last-position logits. All B rows go to
+        # the sampler (the others zeros, not recorded), as in a decode step.
+        logits = last_logits.new_zeros(len(state.owner), last_logits.shape[-1])  # (B, V)
+        logits[slots] = last_logits[source_rows]
+        state.record(sample(logits, *state.sampling, seeds=state.step_seeds()), slot_mask)
+        state.generated_tokens += len(new_slots)
 
-        def admit_batch(batch, free):
-            """Prefill the prompts `batch` together and give each its n slots from `free`."""
-            count = len(batch)
-            lengths = torch.tensor([len(prompts[p]) for p in batch], device=device)
-            width = max(len(prompts[p]) for p in batch)
-            input_ids = torch.zeros(count, width, dtype=torch.long)
-            for row, p in enumerate(batch):
-                input_ids[row, :len(prompts[p])] = torch.tensor(prompts[p])
-            prefill_cache = KVCache(self.model.config, count, width, device, self.cache.k[0].dtype)
-            last_logits = prefill(self.model, prefill_cache, input_ids.to(device), lengths)  # (count, V)
-            slots = torch.tensor(free, device=device)
-            source_rows = torch.arange(count, device=device).repeat_interleave(n)
-            for layer in range(len(self.cache.k)):  # each prompt's keys/values into its n slots
-                self.cache.k[layer][slots, :, :width] = prefill_cache.k[layer][source_rows]
-                self.cache.v[layer][slots, :, :width] = prefill_cache.v[layer][source_rows]
-            for i, slot in enumerate(free):
-                owner[slot] = (batch[i // n], i % n)
-                position_offset[slot] = len(prompts[batch[i // n]]) - decode_steps
-                if base_seeds is not None:
-                    seeds[slot] = base_seeds[batch[i // n]][i % n]
-            slot_mask = torch.zeros(B, dtype=torch.bool, device=device)
-            slot_mask[slots] = True
-            steps.masked_fill_(slot_mask, 0)
-            positions[slots] = lengths[source_rows]
-            active.logical_or_(slot_mask)
-            # The first token of each sample, from its prompt's last-position logits.
-            logits = torch.zeros(B, last_logits.shape[-1], device=device, dtype=last_logits.dtype)
-            logits[slots] = last_logits[source_rows]
-            record(sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seeds=step_seeds()), slot_mask)
+    def decode(self, state):
+        """One token for every busy slot: a decode step at the fixed shape (B, 1). Empty slots decode
+        garbage at position 0, which is never recorded."""
+        busy = [offset for offset, owner in zip(state.position_offset, state.owner) if owner is not None]
+        # Every position in use is below cache_len: the step writes and reads no further.
+        in_use = max(busy) + state.decode_steps + 1
+        cache_len = min(round_up(in_use, CACHE_LEN_STEP), self.cache.max_len)
+        sampled = decode_step(self.model, self.cache, state.tokens, state.positions, cache_len,
+                              state.step_seeds(), *state.sampling)  # (B,) tokens and log-probs
+        state.decode_steps += 1
+        state.generated_tokens += len(busy)
+        state.record(sampled, state.active)
+        state.positions.copy_(torch.where(state.active, state.positions + 1, 0))
 
-        admit()
-        harvest()
-        while queue or any(o is not None for o in owner):
-            if all(o is None for o in owner):  # every sample ended on its first token: refill before decoding
-                admit()
-                harvest()
-                continue
-            # Every position in use is below cache_len: the next decode step writes and reads no further.
-            in_use = max(position_offset[s] for s in range(B) if owner[s] is not None) + decode_steps + 1
-            cache_len = min(round_up(in_use, CACHE_LEN_STEP), self.cache.max_len)
-            sampled = decode_step(self.model, self.cache, tokens, positions, cache_len, step_seeds(), temperature, top_k,
-                                  top_p, min_p)
-            decode_steps += 1
-            # Empty slots decode garbage at position 0 (fixed shapes); it is never recorded.
-            record(sampled, active)
-            positions.copy_(torch.where(active, positions + 1, 0))
-            harvest()
-            admit()
-            harvest()
-        return results
+    def retire(self, state):
+        """Empty the slots whose sample just ended (a stop token, or max_new_tokens) and hand their
+        results back: one host sync."""
+        stopped = torch.isin(state.tokens, self.stop_ids)                           # (B,)
+        finished = state.active & (stopped | (state.steps >= state.max_new_tokens))  # (B,)
+        for slot in finished.nonzero()[:, 0].tolist():
+            length = int(state.steps[slot])
+            ids = state.out_tokens[slot, :length].tolist()
+            prompt_index, sample_index = state.owner[slot]
+            state.results[prompt_index][sample_index] = {
+                "tokens": ids, "token_logprobs": state.out_logprobs[slot, :length].tolist(),
+                "finish_reason": "stop" if ids[-1] in self.stop_ids.tolist() else "length"}
+            state.owner[slot] = None
+            state.samples_left[prompt_index] -= 1
+            if state.progress is not None and state.samples_left[prompt_index] == 0:
+                state.progress.set_postfix_str(f"{state.tokens_per_second():,.0f} tok/s", refresh=False)
+                state.progress.update(1)
+        state.active.logical_and_(~finished)
+        state.positions.masked_fill_(finished, 0)  # an empty slot decodes at position 0, inside any cache_len
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,18 +364,19 @@ def encode_prompts(tokenizer, records, max_new_tokens, context_length, source=No
             continue
         if len(ids) + max_new_tokens > context_length:
             where = f"{source}: " if source else ""
-            raise InputError(f"{where}prompt id {record['id']!r} is {len(ids)} tokens; with --max-new-tokens {max_new_tokens} "
-                             f"it needs {len(ids) + max_new_tokens} positions, more than the model's context of {context_length} "
-                             "(max_position_embeddings): lower --max-new-tokens or drop the prompt")
+            raise InputError(f"{where}prompt id {record['id']!r} is {len(ids)} tokens; "
+                             f"with --max-new-tokens {max_new_tokens} it needs {len(ids) + max_new_tokens} positions, "
+                             f"more than the model's context of {context_length} (max_position_embeddings): "
+                             "lower --max-new-tokens or drop the prompt")
         kept.append(record)
         prompts.append(ids)
     if len(kept) < len(records):
         where = f" in {source}" if source else ""
-        print0(f"skipped {len(records) - len(kept)} of {len(records)} prompts{where} longer than --max-prompt-length "
-               f"{max_prompt_length} tokens")
+        print0(f"skipped {len(records) - len(kept)} of {len(records)} prompts{where} "
+               f"longer than --max-prompt-length {max_prompt_length} tokens")
         if not kept:
-            raise InputError(f"{source or 'prompts'}: all {len(records)} prompts are longer than --max-prompt-length "
-                             f"{max_prompt_length} tokens: nothing to sample")
+            raise InputError(f"{source or 'prompts'}: all {len(records)} prompts are "
+                             f"longer than --max-prompt-length {max_prompt_length} tokens: nothing to sample")
     return kept, prompts
 
 
@@ -333,13 +387,13 @@ def response_text(tokenizer, tokens, stop_ids):
     return tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens)
 
 
-def generate_records(engine, tokenizer, records, n, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0,
-                     logprobs=False):
+def generate_records(engine, tokenizer, records, n, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                     seed=0, logprobs=False, progress=None):
     """Samples records (see the module docstring) for a list of prompts records: n responses per
-    prompt, sample i of prompt `id` seeded by sample_seed(seed, id, i)."""
+    prompt, sample i of prompt `id` seeded by sample_seed(seed, id, i). progress: see Engine.generate."""
     _, prompts = encode_prompts(tokenizer, records, max_new_tokens, engine.context_length)
     base_seeds = [[sample_seed(seed, r["id"], i) for i in range(n)] for r in records]
-    outputs = engine.generate(prompts, n, max_new_tokens, temperature, top_k, top_p, min_p, base_seeds)
+    outputs = engine.generate(prompts, n, max_new_tokens, temperature, top_k, top_p, min_p, base_seeds, progress)
     stop_ids = set(engine.stop_ids.tolist())
     samples = []
     for record, outs in zip(records, outputs):
@@ -362,17 +416,23 @@ def main(argv=None):
     parser.add_argument("--out", help="output samples JSONL")
     # --num-samples is the spelling to use under torchrun: its argument parser takes "--n" for an
     # abbreviation of its own --nnodes/--nproc-per-node/... and stops with "ambiguous option".
-    parser.add_argument("--n", "--num-samples", dest="n", type=positive_int, default=8, help="samples per prompt (paper 1: 8; paper 2: K = 7)")
+    parser.add_argument("--n", "--num-samples", dest="n", type=positive_int, default=8,
+                        help="samples per prompt (paper 1: 8; paper 2: K = 7)")
     parser.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 = greedy")
     parser.add_argument("--top-p", type=positive_fraction, default=1.0, help="nucleus sampling mass (1 = off)")
     parser.add_argument("--top-k", type=non_negative_int, default=0, help="keep the k most likely tokens (0 = off)")
-    parser.add_argument("--min-p", type=fraction, default=0.0, help="drop tokens below min_p × the top probability (0 = off)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="a sample that reaches it ends with finish_reason 'length'")
-    parser.add_argument("--seed", type=int, default=0, help="global seed; each sample's stream comes from (seed, prompt id, sample index)")
+    parser.add_argument("--min-p", type=fraction, default=0.0,
+                        help="drop tokens below min_p × the top probability (0 = off)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256,
+                        help="a sample that reaches it ends with finish_reason 'length'")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="global seed; each sample's stream comes from (seed, prompt id, sample index)")
     parser.add_argument("--batch-size", type=non_negative_int, default=0,
-                        help="decode slots (concurrent samples) per rank; 0: as many as fit in free GPU memory (64 on a CPU)")
+                        help="decode slots (concurrent samples) per rank; 0: as many as fit in free GPU memory "
+                             "(64 on a CPU)")
     parser.add_argument("--max-prompt-length", type=positive_int, default=None,
-                        help="skip (and count) prompts longer than this many tokens; default: only the context limits them")
+                        help="skip (and count) prompts longer than this many tokens; default: only the context "
+                             "limits them")
     parser.add_argument("--chunk-size", type=positive_int, default=256, help="prompts per resumable chunk")
     parser.add_argument("--logprobs", action="store_true", help="store per-token and summed log-probs of the samples")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs)")
@@ -392,21 +452,24 @@ def main(argv=None):
         return destroy_distributed()
     records = load_records(args.prompts, "prompts")
     tokenizer = load_tokenizer(args.model)
-    model = Transformer.from_pretrained(args.model, device=dist_info.device, dtype=default_dtype(dist_info.device)).eval()
+    device = dist_info.device
+    model = Transformer.from_pretrained(args.model, device=device, dtype=default_dtype(device)).eval()
     # Every rank checks every prompt (not only its chunks), so a bad one stops all ranks at once.
-    records, _ = encode_prompts(tokenizer, records, args.max_new_tokens, model.config.max_position_embeddings, args.prompts,
-                                args.max_prompt_length)
+    context = model.config.max_position_embeddings
+    records, _ = encode_prompts(tokenizer, records, args.max_new_tokens, context, args.prompts, args.max_prompt_length)
     if args.compile:
         compile_decode_step()
     engine = Engine(model, args.batch_size, stop_token_ids(tokenizer))
-    sampling = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, min_p=args.min_p, seed=args.seed, logprobs=args.logprobs)
+    sampling = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed, logprobs=args.logprobs)
     t0 = time.time()
     # The settings are recorded beside the finished chunks: a resume with other ones stops instead
     # of mixing two sets of samples in one file (the batch size is not one: samples do not depend on it).
-    process_in_chunks(records, args.out, lambda chunk: generate_records(engine, tokenizer, chunk, **sampling), dist_info,
-                      chunk_size=args.chunk_size, desc="generating",
-                      settings=dict(model=str(Path(args.model).resolve()), max_prompt_length=args.max_prompt_length, **sampling))
+    settings = dict(model=str(Path(args.model).resolve()), max_prompt_length=args.max_prompt_length, **sampling)
+    process_in_chunks(records, args.out,
+                      lambda chunk, bar: generate_records(engine, tokenizer, chunk, progress=bar, **sampling),
+                      dist_info, chunk_size=args.chunk_size, desc="generating", settings=settings,
+                      reports_progress=True)
     print0(f"wrote {args.out}: {len(records)} prompts × {args.n} samples in {time.time() - t0:.1f} s")
     destroy_distributed()
 
@@ -461,10 +524,12 @@ def benchmark(prompt_len=128, new_tokens=256, batches=(64, 256)):
             hf_tps = batch * new_tokens / (time.time() - t0)
             # Bandwidth roofline: every step reads the weights once plus each row's KV cache (mean length).
             c = ours.config
-            kv_bytes = batch * (prompt_len + new_tokens / 2) * c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 2
+            kv_bytes_per_position = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 2  # bf16
+            kv_bytes = batch * (prompt_len + new_tokens / 2) * kv_bytes_per_position
             roofline = batch / ((weight_bytes + kv_bytes) / 3.35e12)
             print(f"{name:15s} batch {batch:4d}: ours {ours_tps:9,.0f} tok/s | HF generate {hf_tps:8,.0f} tok/s | "
-                  f"{ours_tps / hf_tps:5.2f}x | {100 * ours_tps / roofline:5.1f}% of the {roofline:,.0f} tok/s bandwidth roofline")
+                  f"{ours_tps / hf_tps:5.2f}x | "
+                  f"{100 * ours_tps / roofline:5.1f}% of the {roofline:,.0f} tok/s bandwidth roofline")
         del ours, hf, engine
         torch.cuda.empty_cache()
 

@@ -6,9 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import common
 import generate
-from common import InputError, load_tokenizer, read_jsonl, write_jsonl
-from model import ModelConfig, Transformer
+from common import InputError, init_distributed, load_tokenizer, read_jsonl, write_jsonl
+from kernels.sampling import sample
+from model import KVCache, ModelConfig, Transformer
 from tests.helpers import run_script, run_script_expecting_error, tiny_config
 
 
@@ -59,6 +61,103 @@ def test_generate_stop_tokens_logprobs_and_n_samples(tiny_model_dir):
                 logits = model(torch.tensor([prompt + s["tokens"]]))[0, len(prompt) - 1:-1] / 0.8
             expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(s["tokens"])[:, None])[:, 0]
             assert torch.allclose(torch.tensor(s["token_logprobs"]), expected, atol=1e-4)
+
+
+def one_sample_reference(model, prompt, base_seed, max_new_tokens, stop, temperature, top_p):
+    """One sample alone, as a plain loop: its prompt through generate.prefill into a cache of its own,
+    then one cached forward per token, each token drawn with seed base_seed + step · SEED_STRIDE.
+    No slots, no batching, no refill. Returns (tokens, log-probs, finish reason)."""
+    cache = KVCache(model.config, 1, len(prompt) + max_new_tokens, "cpu", torch.float32)
+    with torch.no_grad():
+        logits = generate.prefill(model, cache, torch.tensor([prompt]), torch.tensor([len(prompt)]))  # (1, V)
+        tokens, logprobs = [], []
+        while True:
+            seeds = torch.tensor([base_seed]) + torch.tensor([len(tokens)]) * generate.SEED_STRIDE  # int64 wrap-around
+            sampled = sample(logits, temperature, top_p=top_p, seeds=seeds)
+            tokens.append(int(sampled.tokens))
+            logprobs.append(float(sampled.logprobs_untruncated))
+            if tokens[-1] in stop or len(tokens) == max_new_tokens:
+                return tokens, logprobs, "stop" if tokens[-1] in stop else "length"
+            position = torch.tensor([[len(prompt) + len(tokens) - 1]])
+            logits = model(torch.tensor([tokens[-1:]]), position_ids=position, cache=cache)[:, 0]
+
+
+def test_seeded_samples_equal_one_sample_at_a_time(tiny_model_dir, monkeypatch):
+    """The engine shares slots, prefills prompts together and refills slots as samples end; none of
+    that may change a sample: each equals the plain one-sample loop with the same seed."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the PyTorch sampler, in the engine and the reference
+    model = Transformer.from_pretrained(tiny_model_dir).eval()
+    prompts = [[5 + (3 * p + j) % 50 for j in range(length)] for p, length in enumerate([3, 17, 9, 1, 30])]
+    seeds = [[generate.sample_seed(5, p, i) for i in range(2)] for p in range(len(prompts))]
+    stop = list(range(10, 25))
+    engine = generate.Engine(model, 5, stop_ids=stop)  # 5 prompts × 2 samples: prefilled 2 at once, queued, refilled
+    outputs = engine.generate(prompts, 2, max_new_tokens=12, temperature=0.9, top_p=0.9, base_seeds=seeds)
+    reasons = set()
+    for prompt, prompt_seeds, samples in zip(prompts, seeds, outputs):
+        for seed, s in zip(prompt_seeds, samples):
+            tokens, logprobs, reason = one_sample_reference(model, prompt, seed, 12, stop, 0.9, 0.9)
+            assert (s["tokens"], s["finish_reason"]) == (tokens, reason)
+            assert torch.allclose(torch.tensor(s["token_logprobs"]), torch.tensor(logprobs), atol=1e-5)
+            reasons.add(reason)
+    assert reasons == {"stop", "length"}
+
+
+class FakeBar:
+    """Stands in for a tqdm bar: keeps what it is told."""
+
+    def __init__(self, total=None, **settings):
+        self.total, self.settings, self.n, self.updates, self.postfix = total, settings, 0, [], None
+
+    def update(self, count=1):
+        self.n += count
+        self.updates.append(count)
+
+    def set_postfix_str(self, text, refresh=True):
+        self.postfix = text
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+
+def test_progress_counts_prompts_as_their_samples_end(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = Transformer.from_pretrained(tiny_model_dir).eval()
+    prompts = [[5 + p] * (2 + p) for p in range(5)]
+    engine = generate.Engine(model, 4, stop_ids=[])  # 4 slots, 5 prompts × 2 samples: prompts wait
+    # At each update, note how many prompts have all their samples (the call's state, spied on).
+    events, bar, states = [], FakeBar(), []
+    count, real_prefill, real_state = bar.update, generate.prefill, generate.GenerationState
+    bar.update = lambda n=1: events.append(sum(all(samples) for samples in states[0].results)) or count(n)
+    monkeypatch.setattr(generate, "prefill", lambda *args: events.append("prefill") or real_prefill(*args))
+    monkeypatch.setattr(generate, "GenerationState", lambda *args: states.append(real_state(*args)) or states[-1])
+    engine.generate(prompts, 2, max_new_tokens=6, base_seeds=[[p, p + 1] for p in range(5)], progress=bar)
+    assert bar.updates == [1] * 5 and bar.postfix.endswith(" tok/s")
+    # one update as each prompt's 2nd sample ends, not when the call returns: the first before the last prefill
+    assert [e for e in events if e != "prefill"] == [1, 2, 3, 4, 5]
+    assert events.index(1) < len(events) - 1 - events[::-1].index("prefill")
+
+    # process_in_chunks: one bar over this rank's remaining records (unit: prompt), advanced by the
+    # process itself (reports_progress), and for what it did not count, a chunk at a time.
+    bars = []
+    monkeypatch.setattr(common, "tqdm", lambda **settings: bars.append(FakeBar(**settings)) or bars[-1])
+    records = [{"id": i} for i in range(7)]  # chunk_size 3: chunks of 3, 2 and 2
+    single = init_distributed("cpu")
+
+    def all_but_one_counted(chunk, bar):
+        bar.update(len(chunk) - 1)
+        return chunk
+
+    common.process_in_chunks(records, tmp_path / "a.jsonl", lambda chunk: chunk, single, chunk_size=3)
+    common.process_in_chunks(records, tmp_path / "b.jsonl", all_but_one_counted, single, chunk_size=3,
+                             reports_progress=True)
+    write_jsonl(tmp_path / "c.jsonl.parts-n7-chunks3" / "000000.jsonl", records[:3])  # a run that stopped after chunk 0
+    common.process_in_chunks(records, tmp_path / "c.jsonl", lambda chunk: chunk, single, chunk_size=3)
+    assert [(b.total, b.settings["unit"], b.updates) for b in bars] == [
+        (7, "prompt", [3, 2, 2]), (7, "prompt", [2, 1, 1, 1, 1, 1]), (4, "prompt", [2, 2])]
+    assert read_jsonl(tmp_path / "b.jsonl") == read_jsonl(tmp_path / "c.jsonl") == records
 
 
 def test_response_text_drops_only_a_final_stop_token(tiny_model_dir):
