@@ -20,7 +20,8 @@ Iteration t, in runs/NAME/iter{t}/, each sub-step skipped on rerun when its outp
                    before its first output; never rewritten)
   samples.jsonl    n responses per prompt of chunk t from π_{t−1} (π_0 = SFT), generate.py's engine
   rewards.jsonl    the reward model's score of each response (train_rm.py)
-  pairs.jsonl      (best, worst) by reward − λ·characters; prompts whose best and worst are the
+  pairs.jsonl      (chosen, rejected) by reward − λ·characters (− c if cut without a stop token):
+                   best vs worst, or --pair-selection's choice; prompts whose two responses are the
                    same text or within --reward-tolerance are dropped (and counted)
   ref_logps.jsonl  log π_0 of every pair's chosen and rejected response, computed once, no grad
   policy/          DPO from π_{t−1} with reference π_0 on the pairs so far (--history all, the
@@ -340,24 +341,42 @@ def train(args, dist_info, start_model, pairs, example_groups, out_dir, adapter=
 # Online iteration: sample → score → pair → train
 
 
-def select_pairs(records, length_penalty=0.0, reward_tolerance=0.0, source=None):
-    """Best-of-n vs worst-of-n per prompt by r̃ = r − λ·(characters) (paper 1 §3.3; λ = 0.001 in its
-    "concise" run). A prompt is dropped when its best and worst responses are the same text or their
-    r̃ differ by no more than reward_tolerance. Ties: best is the first maximum, worst the last minimum
-    (so equal rewards count as a reward tie, not as one response paired with itself). Returns
-    (pairs, counts of dropped prompts by reason)."""
+PAIR_SELECTIONS = ("max_min", "max_random", "random")
+
+
+def select_pairs(records, selection="max_min", length_penalty=0.0, missing_eos_penalty=0.0, reward_tolerance=0.0,
+                 source=None):
+    """One (chosen, rejected) pair per prompt, by the adjusted reward
+        r̃ = r − λ·characters − c·[the response hit --max-new-tokens without a stop token]
+    (λ: paper 1 §3.3, 0.001 in its "concise" run; c: TRL's missing_eos_penalty). `selection`, as in
+    paper 1's code (RLHFlow's run_dpo.py, choose_type):
+      max_min     the best vs the worst (paper 1); ties: best is the first maximum, worst the last
+                  minimum, so equal rewards count as a reward tie, not one response paired with itself;
+      max_random  the best vs the first other response (the n samples are i.i.d., so a random one);
+      random      responses 0 and 1, the higher r̃ chosen.
+    A prompt is dropped when its two responses are the same text or their r̃ differ by no more than
+    reward_tolerance. Returns (pairs, counts of dropped prompts by reason)."""
     pairs, dropped = [], {"same_text": 0, "reward_tie": 0}
     for record in records:
-        adjusted = [r - length_penalty * len(text) for r, text in zip(record["rewards"], record["responses"])]
-        best = max(range(len(adjusted)), key=lambda i: (adjusted[i], -i))
-        worst = min(range(len(adjusted)), key=lambda i: (adjusted[i], -i))
-        if record["responses"][best] == record["responses"][worst]:
+        responses, rewards = record["responses"], record["rewards"]
+        cut = [reason == "length" for reason in record.get("finish_reasons", [None] * len(responses))]
+        adjusted = [r - length_penalty * len(text) - missing_eos_penalty * c for r, text, c in zip(rewards, responses, cut)]
+        if selection == "random":
+            first, second = 0, 1
+        else:
+            first = max(range(len(adjusted)), key=lambda i: (adjusted[i], -i))                   # the best
+            if selection == "max_min":
+                second = min(range(len(adjusted)), key=lambda i: (adjusted[i], -i))              # the worst
+            else:
+                second = 1 if first == 0 else 0
+        best, worst = (first, second) if adjusted[first] >= adjusted[second] else (second, first)
+        if responses[best] == responses[worst]:
             dropped["same_text"] += 1
         elif adjusted[best] - adjusted[worst] <= reward_tolerance:
             dropped["reward_tie"] += 1
         else:
-            pairs.append({"id": record["id"], "prompt": record["prompt"], "chosen": record["responses"][best],
-                          "rejected": record["responses"][worst], "margin": adjusted[best] - adjusted[worst],
+            pairs.append({"id": record["id"], "prompt": record["prompt"], "chosen": responses[best],
+                          "rejected": responses[worst], "margin": adjusted[best] - adjusted[worst],
                           **({"source": source} if source else {})})
     return pairs, dropped
 
@@ -445,13 +464,16 @@ def run_iteration(args, sources, dist_info):
     # 3. Pairs (cheap and deterministic: rank 0 writes, the others wait).
     if not (here / "pairs.jsonl").exists():
         rewards = load_records(here / "rewards.jsonl", "rewards")
-        pairs, dropped = select_pairs(rewards, args.length_penalty, args.reward_tolerance, source=f"iter{t}")
+        pairs, dropped = select_pairs(rewards, args.pair_selection, args.length_penalty, args.missing_eos_penalty,
+                                      args.reward_tolerance, source=f"iter{t}")
         all_rewards = [r for rec in rewards for r in rec["rewards"]]
         summary = dict(iteration=t, prompts=len(rewards), samples=len(all_rewards),
                        mean_reward=sum(all_rewards) / len(all_rewards),
                        mean_length_chars=sum(len(x) for rec in rewards for x in rec["responses"]) / len(all_rewards))
         if all("num_tokens" in rec for rec in rewards):  # optional: samples from other generators may lack it
             summary["mean_tokens"] = sum(n for rec in rewards for n in rec["num_tokens"]) / len(all_rewards)
+        # samples that hit --max-new-tokens without a stop token (--missing-eos-penalty lowers their r̃)
+        summary["missing_eos"] = sum(reason == "length" for rec in rewards for reason in rec.get("finish_reasons", []))
         summary.update(pairs_kept=len(pairs), pairs_dropped=dropped)
         scored = gold_scored(rewards)  # on the built-in task: how good is the reward on the policy's own samples?
         if scored is not None:
@@ -517,7 +539,7 @@ def prompt_chunk(args, t):
 INPUT_SETTINGS = ("sft", "rm", "prompts", "iterations")
 # + seed (the samples' seeds derive from it); max_prompt_length decides which prompts are sampled.
 SAMPLING_SETTINGS = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "max_prompt_length")
-PAIRING_SETTINGS = ("length_penalty", "reward_tolerance", "history")
+PAIRING_SETTINGS = ("pair_selection", "length_penalty", "missing_eos_penalty", "reward_tolerance", "history")
 TRAINING_SETTINGS = ("loss", "beta", "label_smoothing", "nll_coef", "lr", "epochs", "batch_size", "max_length", "max_steps",
                      "warmup_ratio", "weight_decay", "grad_clip", "seed", "save_dtype", "lora_rank", "lora_alpha", "lora_dropout",
                      "lora_targets")
@@ -554,7 +576,13 @@ def build_parser():
     online.add_argument("--max-new-tokens", type=positive_int, default=2048, help="response length cap")
     online.add_argument("--max-prompt-length", type=positive_int, default=None,
                         help="skip (and count) prompts longer than this many tokens; default: only the context limits them")
+    online.add_argument("--pair-selection", choices=PAIR_SELECTIONS, default="max_min",
+                        help="which two of a prompt's n responses make its pair (select_pairs): best vs worst (paper 1), "
+                             "best vs a random other, or two random ones")
     online.add_argument("--length-penalty", type=non_negative_float, default=0.0, help="λ in r − λ·characters (paper 1's concise run: 0.001)")
+    online.add_argument("--missing-eos-penalty", type=non_negative_float, default=0.0,
+                        help="subtract this from the reward of a response cut at --max-new-tokens without a stop token "
+                             "(TRL's missing_eos_penalty); their number is in summary.json")
     online.add_argument("--reward-tolerance", type=non_negative_float, default=0.0, help="drop a prompt when best − worst reward ≤ this")
     online.add_argument("--history", choices=["all", "last"], default="all",
                         help="train on all pairs so far (paper) or the newest only (authors' code)")

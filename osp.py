@@ -114,7 +114,8 @@ def sft_view(frozen, policy):
 
 def rollout(engine, tokenizer, prompt_records, args, step, device):
     """1. K responses per prompt from the sampler (the current policy, or π_SFT): texts, a list of
-    K per prompt, and the tokens generated per second (this rank's, for the progress bar).
+    K per prompt; whether each was cut at --max-new-tokens without a stop token (the same shape);
+    and the tokens generated per second (this rank's, for the progress bar).
     Seeds come from (seed, step, prompt id, sample index): no dependence on ranks.
     A sharded sampler is gathered whole once for the rollout (common.gathered), not per token."""
     engine.model.eval()
@@ -123,7 +124,8 @@ def rollout(engine, tokenizer, prompt_records, args, step, device):
         samples = generate_records(engine, tokenizer, prompt_records, args.k, args.max_new_tokens, args.temperature,
                                    top_p=args.top_p, seed=args.seed * 1_000_003 + step)
     tokens = sum(sum(record["num_tokens"]) for record in samples)
-    return [record["responses"] for record in samples], tokens / (time.time() - t0)
+    cut = [[reason == "length" for reason in record["finish_reasons"]] for record in samples]
+    return [record["responses"] for record in samples], cut, tokens / (time.time() - t0)
 
 
 @torch.no_grad()
@@ -136,6 +138,14 @@ def judge_self_scores(judge, judge_tokenizer, template, prompt_messages, respons
         scores = pairwise_preference(judge, judge_tokenizer, flat_prompts, flat_responses, [""] * len(flat_responses),
                                      device, template)
     return scores.view(len(responses), -1).tolist()
+
+
+def penalise_missing_eos(self_scores, cut, penalty):
+    """--missing-eos-penalty c: a response cut at --max-new-tokens without a stop token scores c lower
+    (TRL's missing_eos_penalty, there on a reward), so that it ranks below the answers that ended.
+    It changes which responses pair up, and for DPO / IPO which one is chosen; a pair's target
+    strength stays the judge's own."""
+    return [[s - penalty * c for s, c in zip(scores, cuts)] for scores, cuts in zip(self_scores, cut)]
 
 
 def make_pairs(self_scores, pairing, rng):
@@ -236,7 +246,8 @@ def log_step(metrics, totals, step, lr, seconds, args, is_main):
     pairs, responses = totals["pairs"], totals["responses"]
     line = dict(step=step + 1, loss=totals["loss"] / pairs, target_strength=totals["target"] / pairs,
                 implicit_strength=totals["implicit"] / pairs, kl=totals["kl"] / pairs, grad_norm=totals["grad_norm"], lr=lr,
-                mean_length_chars=totals["length_chars"] / responses, ms=seconds * 1000)
+                mean_length_chars=totals["length_chars"] / responses, missing_eos=totals["missing_eos"] / responses,
+                ms=seconds * 1000)
     if args.gold:
         line["gold_mean"] = totals["gold"] / responses
         decided = totals.get("judge_decided", 0)
@@ -279,6 +290,9 @@ def parse_args(argv=None):
                         help="sampling temperature (paper 2: 0.7); > 0, since greedy decoding gives K identical responses")
     parser.add_argument("--top-p", type=positive_fraction, default=0.9, help="nucleus sampling mass (paper 2: 0.9)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=512, help="response length cap (paper 2: 512/768)")
+    parser.add_argument("--missing-eos-penalty", type=non_negative_float, default=0.0,
+                        help="subtract this from the self-score of a response cut at --max-new-tokens without a stop "
+                             "token, before ranking (TRL's missing_eos_penalty); metrics.jsonl's missing_eos: their share")
     parser.add_argument("--max-prompt-length", type=positive_int, default=None,
                         help="skip (and count) prompts longer than this many tokens; default: only the context limits them")
     parser.add_argument("--judge-template", default=None,
@@ -361,18 +375,19 @@ def main(argv=None):
         mine = next(batches)[dist_info.rank * local_batch:(dist_info.rank + 1) * local_batch]
         messages = [prompts[i]["messages"] for i in mine]
         with sft_view(reference, policy) if args.sampling == "sft" else contextlib.nullcontext():
-            responses, tokens_per_second = rollout(engine, tokenizer, [prompts[i] for i in mine], args, step, device)
+            responses, cut, tokens_per_second = rollout(engine, tokenizer, [prompts[i] for i in mine], args, step, device)
         bar.set_postfix_str(f"rollout {tokens_per_second:,.0f} tok/s", refresh=False)
         # the judge is read at one position per query, outside forward: gathered whole (common.gathered)
         with sft_view(judge, policy) as judge_model, gathered(judge_model):
             self_scores = judge_self_scores(judge_model, judge_tokenizer, template, messages, responses, device)
+            self_scores = penalise_missing_eos(self_scores, cut, args.missing_eos_penalty)
             pairs = make_pairs(self_scores, args.pairing, pairing_rng)
             targets = target_strengths(judge_model, judge_tokenizer, template, messages, responses, pairs, device)
         sums, grad_norm = update(policy, reference, optimizer, [prompt_tokens[i] for i in mine], pairs,
                                  encode_pairs(tokenizer, responses, pairs), targets, args, step, world_size,
                                  tokenizer.pad_token_id, device)
         sums.add(length_chars=sum(len(text) for texts in responses for text in texts),
-                 responses=sum(map(len, responses)))
+                 responses=sum(map(len, responses)), missing_eos=sum(map(sum, cut)))
         if args.gold:
             sums.add(**gold_sums(messages, responses, pairs, targets))
         totals = sums.reduce(device, grad_norm=grad_norm)  # the step's one all-reduce and host read

@@ -170,6 +170,27 @@ def test_select_pairs_best_worst_ties_and_length_penalty(tmp_path):
     assert [p["id"] for p in pairs] == ["a", "d", "e"]
 
 
+
+def test_pair_selection_and_missing_eos_penalty():
+    # rewards 0.5, 2.0, −1.0, 1.5: best 1, worst 2; responses 0 and 1 for "random"; best vs the first other for "max_random"
+    record = {"id": "a", "prompt": [{"role": "user", "content": "x"}], "responses": ["r0", "r1", "r2", "r3"],
+              "rewards": [0.5, 2.0, -1.0, 1.5], "finish_reasons": ["stop", "length", "stop", "stop"]}
+    chosen_rejected = lambda selection, **kw: [(p["chosen"], p["rejected"], p["margin"])  # noqa: E731
+                                               for p in dpo.select_pairs([record], selection, **kw)[0]]
+    assert chosen_rejected("max_min") == [("r1", "r2", 3.0)]
+    assert chosen_rejected("max_random") == [("r1", "r0", 1.5)]
+    assert chosen_rejected("random") == [("r1", "r0", 1.5)]
+    # r1 hit the length cap: a penalty of 1 makes it 1.0, below r3 (1.5) and above r0 (0.5)
+    assert chosen_rejected("max_min", missing_eos_penalty=1.0) == [("r3", "r2", 2.5)]
+    assert chosen_rejected("max_random", missing_eos_penalty=1.0) == [("r3", "r0", 1.0)]
+    assert chosen_rejected("random", missing_eos_penalty=1.0) == [("r1", "r0", 0.5)]
+    assert chosen_rejected("random", missing_eos_penalty=2.0) == [("r0", "r1", 0.5)]
+    # random pairs take the higher reward as chosen whichever comes first; equal rewards are a tie
+    swapped = {**record, "rewards": [2.0, 0.5, -1.0, 1.5]}
+    assert [(p["chosen"], p["rejected"]) for p in dpo.select_pairs([swapped], "random")[0]] == [("r0", "r1")]
+    tied = {**record, "rewards": [1.0, 1.0, 0.0, 0.0]}
+    assert dpo.select_pairs([tied], "random") == ([], {"same_text": 0, "reward_tie": 1})
+
 # ----------------------------------------------------------------------------------------------
 # The settings of a run: every spelling of a flag counts, the run's settings carry over, a resume
 # may not change them. resolve_settings and start_iteration are what `dpo.py --iter t` runs first.
@@ -387,7 +408,7 @@ def dpo_online_run(tiny_model_dir, tmp_path_factory):
     first = ["--iter", "1", "--run-dir", str(run), "--sft", str(tiny_model_dir), "--rm", str(tmp / "rm"),
              "--prompts", str(tmp / "prompts_{t}.jsonl"), "--n", "4", "--max-new-tokens", "8", "--batch-size", "4",
              "--micro-batch-size", "2", "--lr", "1e-3", "--epochs", "1", "--device", "cpu", "--chunk-size", "2",
-             "--label-smoothing", "0.1", "--nll-coef", "0.5"]
+             "--label-smoothing", "0.1", "--nll-coef", "0.5", "--pair-selection", "max_random", "--missing-eos-penalty", "0.5"]
     outputs = [run_in_process(first), run_in_process(["--iter", "2", "--run-dir", str(run), "--device", "cpu"])]
     return run, outputs
 
@@ -403,6 +424,13 @@ def test_online_iterations_run_and_resume(dpo_online_run, capsys, dpo_stage_env)
     summary = json.loads((run / "iter2" / "summary.json").read_text())
     assert summary["prompts"] == 4 and summary["pairs_kept"] + sum(summary["pairs_dropped"].values()) == 4
     assert "reward_vs_gold" not in summary  # "reverse abc" is no built-in task prompt: no gold to compare with
+    # iteration 1's pair selection and missing-EOS penalty, read back by iteration 2, decide its pairs
+    rewards = read_jsonl(run / "iter2" / "rewards.jsonl")
+    assert summary["missing_eos"] == sum(r == "length" for rec in rewards for r in rec["finish_reasons"]) > 0
+    settings = json.loads((run / "iter2" / "settings.json").read_text())
+    assert (settings["pair_selection"], settings["missing_eos_penalty"]) == ("max_random", 0.5)
+    expected, _ = dpo.select_pairs(rewards, "max_random", missing_eos_penalty=0.5, source="iter2")
+    assert read_jsonl(run / "iter2" / "pairs.jsonl") == expected
     samples = read_jsonl(run / "iter2" / "samples.jsonl")
     assert [r["id"] for r in samples] == [f"t2-{i}" for i in range(4)] and all(len(r["responses"]) == 4 for r in samples)
     steps2 = len(read_jsonl(run / "iter2" / "policy" / "metrics.jsonl"))

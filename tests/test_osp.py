@@ -21,6 +21,17 @@ def test_ranked_pairs_odd_and_even_k():
     assert ranked_pairs([0.7]) == []
 
 
+def test_missing_eos_penalty_ranks_a_cut_response_lower():
+    from osp import make_pairs, penalise_missing_eos
+    scores, cut = [[0.9, 0.8, 0.2, 0.1]], [[True, False, False, False]]  # the judge's favourite never ended
+    assert penalise_missing_eos(scores, cut, 0.0) == scores
+    penalised = penalise_missing_eos(scores, cut, 1.0)
+    assert penalised[0] == pytest.approx([-0.1, 0.8, 0.2, 0.1])
+    assert make_pairs(scores, "ranked", None) == [(0, 0, 3), (0, 1, 2)]
+    assert make_pairs(penalised, "ranked", None) == [(0, 1, 0), (0, 2, 3)]  # now the lowest: paired as rejected
+    assert make_pairs(penalised, "best", None) == [(0, 1, None)]
+
+
 def test_random_pairs_are_disjoint_and_oriented_by_score():
     import random as random_module
 
@@ -90,6 +101,7 @@ def test_osp_steps_run_on_builtin_task_and_change_the_policy(loss, pairing, npro
         assert 0.0 < line["target_strength"] < 1.0 and line["target_strength"] != 0.5  # the judge's soft targets
     assert line["implicit_strength"] == pytest.approx(0.5, abs=1e-7) and abs(line["kl"]) < 1e-6
     assert -1.0 <= line["gold_mean"] <= 1.0 and line["mean_length_chars"] > 0 and line["grad_norm"] > 0
+    assert 0.0 <= line["missing_eos"] <= 1.0
     before, after = load_file(sft / "model.safetensors"), load_file(out / "model.safetensors")
     assert max((after[n] - before[n]).abs().max().item() for n in before) > 1e-4
     AutoModelForCausalLM.from_pretrained(out)  # the trained policy is a valid HF checkpoint
