@@ -12,6 +12,7 @@ import random
 import shutil
 import sys
 import tempfile
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -151,22 +152,58 @@ def write_jsonl(path, records):
 
 class MetricsLogger:
     """Per-step metrics as JSONL (rank 0 only). A log, so lines are appended and flushed as they
-    come; a rerun of a stage starts the file afresh."""
+    come; a rerun of a stage starts the file afresh, and one that resumes after step `resume_step`
+    (load_training_state) keeps the lines up to that step.
 
-    def __init__(self, path, enabled=True):
-        self.file = None
-        if enabled and path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "w", encoding="utf-8")
+    report_to "wandb" or "tensorboard" (--report-to, add_tracking_flags) also sends each line's
+    numbers, with `step` as the x-axis, to one tracker run named `run_name` whose config is the
+    stage's settings (`config`). Its files sit beside the JSONL: OUT/wandb/ (the project is
+    $WANDB_PROJECT, default "online-rlhf"; WANDB_MODE=offline keeps it on disk) or OUT/tensorboard/.
+    The package is imported only here, when asked; add_tracking_flags checked it is installed."""
+
+    def __init__(self, path, enabled=True, report_to="none", run_name=None, config=None, resume_step=0):
+        self.file = self.wandb_run = self.tensorboard = None
+        if not enabled or path is None:
+            return
+        folder = Path(path).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        kept = [line for line in read_jsonl(path) if line["step"] <= resume_step] if resume_step and Path(path).exists() else []
+        self.file = open(path, "w", encoding="utf-8")
+        self.file.writelines(json.dumps(line) + "\n" for line in kept)
+        config = json.loads(json.dumps(config or {}, default=str))  # JSON-safe: paths (and anything else) as text
+        if report_to == "wandb":
+            import wandb
+            # No symlinks (wandb/latest-run, debug.log): saving the checkpoint copies OUT's files into
+            # the new folder, and a copy would follow them and store the run twice.
+            self.wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "online-rlhf"), name=run_name,
+                                        config=config, dir=folder, settings=wandb.Settings(symlink=False))
+        elif report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            # TensorBoard names a run by its folder (`tensorboard --logdir runs/NAME` lists sft/tensorboard,
+            # online/iter2/policy/tensorboard, ...); the name and the settings are also kept as text.
+            self.tensorboard = SummaryWriter(folder / "tensorboard")
+            self.tensorboard.add_text("run_name", run_name or str(folder))
+            self.tensorboard.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")  # markdown: keep the layout
 
     def log(self, **metrics):
         if self.file is not None:
             self.file.write(json.dumps(metrics) + "\n")
             self.file.flush()
+        scalars = {name: value for name, value in metrics.items() if name != "step" and isinstance(value, (int, float))}
+        if self.wandb_run is not None:
+            self.wandb_run.log(scalars, step=metrics["step"])
+        if self.tensorboard is not None:
+            for name, value in scalars.items():
+                self.tensorboard.add_scalar(name, value, metrics["step"])
+            self.tensorboard.flush()  # like the JSONL: a crashed run keeps every step logged so far
 
     def close(self):
         if self.file is not None:
             self.file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,6 +252,12 @@ def print0(*args, **kwargs):
     """print on rank 0 only."""
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
+
+
+def barrier():
+    """Wait for every rank (nothing to wait for in a single process)."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def emulating_gpu():
@@ -417,6 +460,141 @@ def already_trained(out_dir, overwrite):
     return False
 
 
+# ----------------------------------------------------------------------------------------------
+# Resumable training (--save-every N): every N optimizer steps the training state goes to
+# OUT.resume/step{N}/, and a rerun of the same command continues from the latest one. (Beside OUT,
+# not in it: saving the model into OUT carries OUT's files over, and these are large.) The step
+# count fixes everything else: the LR schedule is a function of it, and every stage's batch
+# schedule is fixed by its seed, so the data position is the step.
+
+# Flags that change no result (and the output folder, which may have moved): a resume may change them.
+RESUME_FREE_SETTINGS = {"out", "run_dir", "log_every", "report_to", "save_every", "snapshot_every", "device", "overwrite",
+                        "dry_run"}
+
+
+def add_resume_flag(parser):
+    parser.add_argument("--save-every", type=non_negative_int, default=0,
+                        help="every N optimizer steps, save the training state (model, optimizer, step, random "
+                             "streams) to OUT.resume/; a rerun of the command continues from it (0: off)")
+
+
+def resume_folder(out_dir):
+    """OUT.resume/, beside the stage's output folder OUT."""
+    return Path(out_dir).with_name(Path(out_dir).name + ".resume")
+
+
+def resume_settings(args):
+    """The settings a resume must share with the run it continues: every flag but RESUME_FREE_SETTINGS."""
+    return {k: v for k, v in vars(args).items() if k not in RESUME_FREE_SETTINGS}
+
+
+def random_streams(rng=None):
+    """Every random state a training step may draw from: torch's (CPU and CUDA), Python's, numpy's,
+    and a stage's own random.Random (`rng`)."""
+    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                python=random.getstate(), numpy=np.random.get_state(), stage=rng.getstate() if rng else None)
+
+
+def restore_random_streams(saved, rng=None):
+    torch.set_rng_state(saved["torch"])
+    if saved["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
+    random.setstate(saved["python"])
+    np.random.set_state(saved["numpy"])
+    if rng is not None:
+        rng.setstate(saved["stage"])
+
+
+def checkpoint_state(model, optimizer):
+    """The model's trainable weights and the optimizer's state, as torch.distributed.checkpoint saves
+    and loads them: FSDP2's shards stay shards (each rank writes and reads its own), and a frozen
+    LoRA base is left out (it is reloaded from the base model: hence strict=False on loading; DCP's
+    load itself fails on any requested entry the checkpoint lacks)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    return {"model": model_state, "optimizer": optimizer_state}, options
+
+
+@contextmanager
+def single_process_checkpoint():
+    """DCP in one process (no process group) works, but warns that it assumes so at every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save_training_state(out_dir, step, model, optimizer, settings, rng=None):
+    """The training state after `step` optimizer steps, in OUT.resume/step{step}/: the model and the
+    optimizer by torch.distributed.checkpoint, each rank's random streams, and state.json (the step,
+    the world size, the settings). Atomic: written to step{step}.tmp/ and renamed once every rank has
+    written, then the older ones removed, so a crash during a save leaves the previous one whole.
+    Collective: call it on every rank."""
+    import torch.distributed.checkpoint as dcp
+    root = resume_folder(out_dir)
+    temporary = root / f"step{step}.tmp"
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if rank == 0:
+        shutil.rmtree(temporary, ignore_errors=True)  # a save that crashed half-way
+    barrier()
+    state, _ = checkpoint_state(model, optimizer)
+    with single_process_checkpoint():
+        dcp.save(state, checkpoint_id=temporary, no_dist=not dist.is_initialized())
+    torch.save(random_streams(rng), temporary / f"random_rank{rank}.pt")
+    barrier()
+    if rank == 0:
+        atomic_write_text(temporary / "state.json", json.dumps(dict(step=step, world_size=world_size, settings=settings),
+                                                               indent=2, default=str) + "\n")
+        temporary.rename(root / f"step{step}")
+        for old in saved_states(out_dir)[:-1]:
+            shutil.rmtree(old)
+    barrier()
+
+
+def saved_states(out_dir):
+    """The finished training states in OUT.resume/, oldest first."""
+    found = [p for p in resume_folder(out_dir).glob("step*") if p.name[4:].isdigit() and (p / "state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name[4:]))
+
+
+def load_training_state(out_dir, model, optimizer, settings, rng=None):
+    """Load the latest state in OUT.resume/ (if any) into model, optimizer and the random streams;
+    returns the steps it was saved after (0: start from scratch). Another world size is fine: DCP
+    reshards the weights and the optimizer; only the random streams (one per rank) start afresh, so
+    the run is then no longer identical to an uninterrupted one, and it says so."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    found = saved_states(out_dir)
+    if not found:
+        return 0
+    latest = found[-1]
+    saved = json.loads((latest / "state.json").read_text())
+    settings = json.loads(json.dumps(settings, default=str))
+    changed = [f"{k} {saved['settings'].get(k)!r} → {v!r}" for k, v in sorted(settings.items()) if saved["settings"].get(k) != v]
+    if changed:
+        raise InputError(f"{latest} was saved with other settings ({'; '.join(changed)}): rerun with those to continue, "
+                         f"or delete {latest.parent} to train from the start")
+    state, options = checkpoint_state(model, optimizer)
+    with single_process_checkpoint():
+        dcp.load(state, checkpoint_id=latest, no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if saved["world_size"] == world_size:
+        restore_random_streams(torch.load(latest / f"random_rank{rank}.pt", weights_only=False), rng)
+        print0(f"resuming after step {saved['step']} from {latest}")
+    else:
+        print0(f"resuming after step {saved['step']} from {latest}, saved by {saved['world_size']} ranks, on {world_size}: "
+               "the weights and optimizer state are resharded; the random streams (one per rank) start afresh, so the "
+               "result will not be bit-identical to an uninterrupted run")
+    return saved["step"]
+
+
+def finish_training_state(out_dir):
+    """After the final save: the stage is done, its resume states go (rank 0)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        shutil.rmtree(resume_folder(out_dir), ignore_errors=True)
+
+
 def check_settings(path, settings, start_over):
     """Record at `path` (JSON) the settings an output is made with; when that record exists (a rerun,
     or a resume after a crash), stop unless the settings are the same, so one output never mixes
@@ -575,6 +753,23 @@ def materialize(model, device):
     return model
 
 
+def add_tracking_flags(parser):
+    """--report-to, shared by sft, train_rm, dpo and osp: where MetricsLogger also sends the metrics."""
+    parser.add_argument("--report-to", type=installed_tracker, choices=("none", "wandb", "tensorboard"), default="none",
+                        help="also send every step's metrics (as in metrics.jsonl) and the run's settings to Weights & Biases "
+                             "(files in OUT/wandb; project $WANDB_PROJECT, default online-rlhf) or TensorBoard (OUT/tensorboard)")
+
+
+def installed_tracker(name):
+    """argparse `type=` of --report-to: the name, once the tracker's package is installed (checked at
+    parse time, before any work; MetricsLogger imports it later, on rank 0 only)."""
+    from importlib.util import find_spec
+
+    if name in ("wandb", "tensorboard") and find_spec(name) is None:
+        raise argparse.ArgumentTypeError(f"{name} is not installed; run: pip install {name}")
+    return name
+
+
 def add_lora_flags(parser):
     """LoRA's flags, shared by sft, train_rm, dpo and osp."""
     from model import LORA_TARGETS
@@ -700,6 +895,10 @@ def save_checkpoint(model, out_dir, tokenizer, source_dir=None, dtype=None, save
 # boundary; encoding the two texts separately reproduces that split at training time (tokenizing
 # the concatenated string could merge the last prompt characters with the first response ones).
 # `add_special_tokens=False` everywhere: the chat template itself writes BOS where the model wants it.
+#
+# A reward model is the exception (encode_rendering): it reads text that already exists, so it gets
+# the template's whole rendering of the finished conversation tokenized as one text, exactly what
+# transformers' apply_chat_template returns, and its reward is read at that rendering's last token.
 
 
 def load_tokenizer(path):
@@ -727,15 +926,22 @@ def encode_text(tokenizer, text):
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
+def closing_ids(tokenizer):
+    """The ids the chat template writes after the last assistant message's text, to the end of its
+    rendering: <|im_end|> and a newline for ChatML, <|eot_id|> for Llama-3, </s> for Mistral. The
+    last of them ends every full rendering (encode_rendering): the token a reward model is read at."""
+    probe = "PROBE"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}]
+    text = render_chat(tokenizer, messages, add_generation_prompt=False)
+    return encode_text(tokenizer, text[text.rindex(probe) + len(probe):])
+
+
 def end_of_turn_ids(tokenizer):
     """The ids the chat template writes right after an assistant message, up to and including its
     first special token (e.g. <|im_end|>, <|eot_id|>, </s>). This is what the model must learn to
     emit to end its turn, and what generation stops on. Falls back to [eos] if the template writes
     no special token there."""
-    probe = "PROBE"
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}]
-    text = render_chat(tokenizer, messages, add_generation_prompt=False)
-    suffix_ids = encode_text(tokenizer, text[text.rindex(probe) + len(probe):])
+    suffix_ids = closing_ids(tokenizer)
     special = set(tokenizer.all_special_ids)
     for i, token in enumerate(suffix_ids):
         if token in special:
@@ -756,6 +962,17 @@ def encode_prompt(tokenizer, messages):
 def encode_response(tokenizer, response, end_of_turn=None):
     """Response ids: the response text tokenized alone, then the end-of-turn token(s)."""
     return encode_text(tokenizer, response) + list(end_of_turn if end_of_turn is not None else end_of_turn_ids(tokenizer))
+
+
+def encode_rendering(tokenizer, messages):
+    """A finished conversation as a reward model reads it: the chat template's whole rendering,
+    tokenized as one text. These are exactly the ids of tokenizer.apply_chat_template(messages),
+    which is what transformers users feed AutoModelForSequenceClassification and what TRL's
+    RewardTrainer trains on, so our reward and theirs are read at the same last token (for ChatML
+    the newline after <|im_end|>, a token the policy never generates). It differs from the policy's
+    split where the template does more than concatenate (Llama-3 trims each message, Mistral writes
+    a space before the answer), and it needs no tokenizer or template in common with the policy."""
+    return encode_text(tokenizer, render_chat(tokenizer, messages, add_generation_prompt=False))
 
 
 def encode_conversation(tokenizer, messages, end_of_turn=None):

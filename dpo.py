@@ -27,6 +27,8 @@ Iteration t, in runs/NAME/iter{t}/, each sub-step skipped on rerun when its outp
   policy/          DPO from π_{t−1} with reference π_0 on the pairs so far (--history all, the
                    paper's algorithm) or only this iteration's (--history last, the authors' code)
   summary.json     mean reward and length of the samples, pairs kept and dropped
+  policy.resume/   with --save-every N: the update's training state every N steps, so that a
+                   crash mid-update costs at most N steps (common.save_training_state)
 
 Settings of an online run. Each setting comes from, in order: the command line; the iteration's own
 iter{t}/settings.json (a rerun or a resume of iteration t); the run's config.json; the default. The
@@ -40,7 +42,7 @@ start of every iteration prints each setting with its source.
 The throughput settings (--micro-batch-size, --gen-batch-size, --chunk-size) change only how the
 work is cut up (samples are seeded per prompt and sample index; losses are sums over the global
 batch), so they are kept in config.json but may change on a resume, e.g. a smaller micro-batch after
-running out of memory. --device, --parallel and --log-every are never saved.
+running out of memory. --device, --parallel, --log-every and --report-to are never saved.
 Offline, --out gets the same kind of record (settings.json beside ref_logps.jsonl, which a rerun
 after a crash reuses); a --out that holds a model is skipped unless --overwrite.
 
@@ -81,7 +83,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import generate
-from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_scale_flags, already_trained, atomic_write_text, autocast,
+from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_resume_flag, add_scale_flags,
+                    add_tracking_flags, already_trained, atomic_write_text, autocast, finish_training_state,
+                    load_training_state, resume_settings, save_training_state,
                     batch_schedule, check_settings, checked_number, cosine_lr, default_dtype, destroy_distributed, encode_prompt,
                     encode_response, end_of_turn_ids, fraction, gradient_sync, has_model, init_distributed, load_for_training,
                     load_tokenizer, lora_settings, make_optimizer, non_negative_float, non_negative_int, optimizer_step,
@@ -295,11 +299,16 @@ def train(args, dist_info, start_model, pairs, example_groups, out_dir, adapter=
     print0(f"{len(examples)} pairs, {total_steps} steps of {args.batch_size} pairs, loss {loss_type}, β {args.beta}"
            + (f", cDPO ε {args.label_smoothing}" if args.label_smoothing else "") + (f", RPO α {args.nll_coef}" if args.nll_coef else ""))
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    metrics = MetricsLogger(Path(out_dir) / "metrics.jsonl", enabled=dist_info.is_main)
+    # After a crash: the latest --save-every state, and the step to go on from (0: none).
+    start = load_training_state(out_dir, model, optimizer, resume_settings(args))
+    metrics = MetricsLogger(Path(out_dir) / "metrics.jsonl", enabled=dist_info.is_main, report_to=args.report_to,
+                            run_name=f"dpo {out_dir}", config=vars(args), resume_step=start)
 
     # One host read per step: the metrics stay on the device (StepSums) until reduce().
     model.train()
-    for step, batch in enumerate(tqdm(schedule, desc=f"{loss_type} training", disable=not dist_info.is_main)):
+    for step in tqdm(range(start, total_steps), desc=f"{loss_type} training", initial=start, total=total_steps,
+                     disable=not dist_info.is_main):
+        batch = schedule[step]
         t0 = time.time()
         lr = cosine_lr(step, total_steps, args.lr, args.warmup_ratio)
         set_lr(optimizer, lr)
@@ -328,10 +337,13 @@ def train(args, dist_info, start_model, pairs, example_groups, out_dir, adapter=
                        f"chosen {line['rewards_chosen']:+.4f} | rejected {line['rewards_rejected']:+.4f} | "
                        f"acc {line['reward_accuracy']:.3f} | log-ratio {line['log_ratio']:+.3f} | "
                        f"grad {line['grad_norm']:.3f} | lr {lr:.2e} | {line['tokens_per_s']:,.0f} tok/s")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+            save_training_state(out_dir, step + 1, model, optimizer, resume_settings(args))
     metrics.close()
     # online with LoRA the adapter is always kept: the next iteration continues it
     save_checkpoint(model, out_dir, tokenizer, source_dir=start_model, dtype=save_dtype,
                     save_adapter=args.save_adapter or args.iter is not None)
+    finish_training_state(out_dir)
     del model, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -546,7 +558,7 @@ TRAINING_SETTINGS = ("loss", "beta", "label_smoothing", "nll_coef", "lr", "epoch
 RESULT_SETTINGS = INPUT_SETTINGS + SAMPLING_SETTINGS + PAIRING_SETTINGS + TRAINING_SETTINGS
 # Throughput settings: the same result whatever their value, up to floating-point summation order.
 # Saved in config.json (a batch size that fits the memory should carry over), free on a resume.
-THROUGHPUT_SETTINGS = ("micro_batch_size", "gen_batch_size", "chunk_size", "activation_checkpointing")
+THROUGHPUT_SETTINGS = ("micro_batch_size", "gen_batch_size", "chunk_size", "activation_checkpointing", "save_every")
 RUN_SETTINGS = RESULT_SETTINGS + THROUGHPUT_SETTINGS
 
 
@@ -610,6 +622,8 @@ def build_parser():
     training.add_argument("--log-every", type=positive_int, default=10, help="print a step line every N steps")
     add_scale_flags(training)
     add_lora_flags(training)
+    add_tracking_flags(training)
+    add_resume_flag(training)
     return parser
 
 

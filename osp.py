@@ -46,7 +46,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_scale_flags, already_trained, autocast,
+from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_resume_flag, add_scale_flags,
+                    add_tracking_flags, already_trained, autocast, finish_training_state, load_training_state,
+                    resume_settings, save_training_state,
                     cosine_lr, default_dtype, destroy_distributed, encode_response, end_of_turn_ids, fraction, gathered,
                     gradient_sync, init_distributed, load_for_training, load_frozen, load_tokenizer, lora_settings, make_optimizer,
                     non_negative_float, non_negative_int, optimizer_step, positive_float, positive_fraction, positive_int, print0,
@@ -274,6 +276,8 @@ def parse_args(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="train again even if --out already holds a model")
     add_scale_flags(parser)
     add_lora_flags(parser)
+    add_tracking_flags(parser)
+    add_resume_flag(parser)
     parser.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp",
                         help="data parallelism of the policy under torchrun (fsdp: the reference and judge are sharded too)")
     parser.add_argument("--steps", type=positive_int, default=100, help="training steps (one batch of prompts each)")
@@ -300,7 +304,8 @@ def parse_args(argv=None):
                              "{response_b}; default: the judge's judge_template.txt (a train_rm.py pairwise model), else 'dialogue'")
     parser.add_argument("--gold", action="store_true", help="log agreement of the judge with the built-in task's gold scorer")
     parser.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max gradient norm (0: off)")
-    parser.add_argument("--save-every", type=non_negative_int, default=0, help="also save a checkpoint every N steps (0: only at the end)")
+    parser.add_argument("--snapshot-every", type=non_negative_int, default=0,
+                        help="also save the policy as an HF checkpoint in OUT/step{N}/ every N steps (0: only at the end)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0, help="global seed (prompt order, sampling streams)")
     parser.add_argument("--log-every", type=positive_int, default=1, help="print a step line every N steps")
@@ -366,10 +371,17 @@ def main(argv=None):
     # ----------------------------------------------------------------------------------------------
     # Training loop: Algorithm 1, one batch of prompts per step
 
-    metrics = MetricsLogger(Path(args.out) / "metrics.jsonl", enabled=dist_info.is_main)
     batches = prompt_batches(len(prompts), args.batch_size, args.seed)
     pairing_rng = random.Random(args.seed * 7919 + dist_info.rank)
-    bar = tqdm(range(args.steps), desc=f"osp ({args.loss}, {args.pairing})", disable=not dist_info.is_main)
+    # After a crash: the latest --save-every state, and the step to go on from (0: none); the prompt
+    # batches are a function of the seed, so the ones done are skipped.
+    start = load_training_state(args.out, policy, optimizer, resume_settings(args), rng=pairing_rng)
+    for _ in range(start):
+        next(batches)
+    metrics = MetricsLogger(Path(args.out) / "metrics.jsonl", enabled=dist_info.is_main, report_to=args.report_to,
+                            run_name=f"osp {args.out}", config=vars(args), resume_step=start)
+    bar = tqdm(range(start, args.steps), desc=f"osp ({args.loss}, {args.pairing})", initial=start, total=args.steps,
+               disable=not dist_info.is_main)
     for step in bar:
         t0 = time.time()
         mine = next(batches)[dist_info.rank * local_batch:(dist_info.rank + 1) * local_batch]
@@ -392,14 +404,17 @@ def main(argv=None):
             sums.add(**gold_sums(messages, responses, pairs, targets))
         totals = sums.reduce(device, grad_norm=grad_norm)  # the step's one all-reduce and host read
         log_step(metrics, totals, step, optimizer.param_groups[0]["lr"], time.time() - t0, args, dist_info.is_main)
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+        if args.snapshot_every and (step + 1) % args.snapshot_every == 0 and step + 1 < args.steps:
             save_checkpoint(policy, Path(args.out) / f"step{step + 1}", tokenizer, source_dir=args.model, dtype=save_dtype)
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save_training_state(args.out, step + 1, policy, optimizer, resume_settings(args), rng=pairing_rng)
 
     # ----------------------------------------------------------------------------------------------
     # Save
 
     metrics.close()
     save_checkpoint(policy, args.out, tokenizer, source_dir=args.model, dtype=save_dtype, save_adapter=args.save_adapter)
+    finish_training_state(args.out)
     print0(f"saved {args.out}")
     destroy_distributed()
 

@@ -27,10 +27,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_scale_flags, already_trained, autocast, batch_schedule,
-                    cosine_lr, default_dtype, destroy_distributed, encode_conversation, end_of_turn_ids, fraction, gradient_sync,
-                    init_distributed, load_for_training, load_tokenizer, make_optimizer, non_negative_float, optimizer_step,
-                    positive_float, positive_int, print0, lora_settings, rank_micro_batches, run_cli, save_checkpoint,
+from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_resume_flag, add_scale_flags,
+                    add_tracking_flags, already_trained, autocast, batch_schedule, cosine_lr, default_dtype,
+                    destroy_distributed, encode_conversation, end_of_turn_ids, finish_training_state, fraction,
+                    gradient_sync, init_distributed, load_for_training, load_tokenizer, load_training_state,
+                    lora_settings, make_optimizer, non_negative_float, optimizer_step, positive_float, positive_int,
+                    print0, rank_micro_batches, resume_settings, run_cli, save_checkpoint, save_training_state,
                     scale_settings, seed_everything, set_lr, step_limit, unwrap)
 from data.schema import load_records
 from memory_plan import print_stage_plan
@@ -63,6 +65,8 @@ def parse_args(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="retrain even if --out already holds a checkpoint")
     add_scale_flags(parser)
     add_lora_flags(parser)
+    add_tracking_flags(parser)
+    add_resume_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -216,9 +220,13 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------
     # Training loop: one host read per step (StepSums.reduce).
 
-    metrics = MetricsLogger(Path(args.out) / "metrics.jsonl", enabled=dist_info.is_main)
+    # After a crash: the latest --save-every state, and the step to go on from (0: none).
+    start = load_training_state(args.out, model, optimizer, resume_settings(args))
+    metrics = MetricsLogger(Path(args.out) / "metrics.jsonl", enabled=dist_info.is_main, report_to=args.report_to,
+                            run_name=f"sft {args.out}", config=vars(args), resume_step=start)
     model.train()
-    for step, batch in enumerate(tqdm(schedule, desc="sft", disable=not dist_info.is_main)):
+    for step in tqdm(range(start, total_steps), desc="sft", initial=start, total=total_steps, disable=not dist_info.is_main):
+        batch = schedule[step]
         t0 = time.time()
         lr = cosine_lr(step, total_steps, args.lr, args.warmup_ratio, args.min_lr_ratio)
         set_lr(optimizer, lr)
@@ -240,12 +248,15 @@ def main(argv=None):
             mfu = f" | MFU {line['mfu'] * 100:.1f}%" if peak_flops else ""
             tqdm.write(f"step {step + 1}/{total_steps} | loss {line['loss']:.4f} | lr {lr:.2e} | grad {line['grad_norm']:.3f} | "
                        f"{dt * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s{mfu}")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+            save_training_state(args.out, step + 1, model, optimizer, resume_settings(args))
     metrics.close()
 
     # ------------------------------------------------------------------------------------------
     # Save: a full HF-format checkpoint gathered on rank 0 (weights, config, tokenizer).
 
     save_checkpoint(model, args.out, tokenizer, source_dir=args.model, dtype=save_dtype, save_adapter=args.save_adapter)
+    finish_training_state(args.out)
     print0(f"saved {args.out}")
     destroy_distributed()
 

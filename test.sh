@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source tools/setup.sh
+python -m pip install -qq -r requirements-test.txt  # wandb and tensorboard, for tests/test_tracking.py
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 python -m pytest -q test_all.py --durations=10 "$@"

@@ -21,12 +21,15 @@ One module per file of the project, in reading order; shared fixtures and writer
 | tests/test_cuda.py | on a GPU: Triton kernels = twins, cached decode in bf16, FlexAttention = twin (CPU variants at tiny shapes) |
 | tests/test_sft.py | SFT lowers the loss, exports to transformers, 2 ranks = 1 rank |
 | tests/test_train_rm.py | BT loss by hand, reward at the last real token, export + scoring, pairwise symmetry |
+| tests/test_reward_interop.py | a reward is read where transformers and TRL read it (ChatML, Llama-3, Mistral templates; padded batches, right and left), and dpo.py scores with a reward model of another tokenizer and template |
 | tests/test_generate.py | greedy = uncached argmax = transformers, stop tokens, seeded samples independent of batch/ranks |
 | tests/test_dpo.py | DPO/IPO/SPCE/cDPO by hand and against TRL's formulas, offline and online runs, resume |
 | tests/test_osp.py | ranked/random pairing, judge symmetry, OSP steps end to end |
 | tests/test_evaluate.py | checkpoints found, gold-scored, answers cached |
 | tests/test_data.py, tests/test_data_extra.py | converters on the published formats, judge templates, the validator, optional fields, unreadable and empty files, `python -m data.*` |
 | tests/test_task.py | the built-in task: gold scorer, splits, tokenizer, labels, determinism |
+| tests/test_resume.py | `--save-every`: train_rm, DPO with LoRA and OSP killed after a saved state and rerun end bit for bit where an uninterrupted run ends (sft.py under kill -9 of one of 2 ranks: tests/test_sft.py) |
+| tests/test_tracking.py | `--report-to tensorboard / wandb` (offline): the event file and the run read back = metrics.jsonl, run name and config; a missing package stops at parse time |
 | tests/test_first_hour.py | a bad numeric flag in any stage (or in a run's config.json) stops it at once, naming the flag, before any file; Ctrl-C is one line and exit 130, finished chunks kept; a missing field shows an example record |
 """
 from tests.test_model import *  # noqa: F401,F403
@@ -41,6 +44,7 @@ from tests.test_kernels_sampling import *  # noqa: F401,F403
 from tests.test_cuda import *  # noqa: F401,F403
 from tests.test_sft import *  # noqa: F401,F403
 from tests.test_train_rm import *  # noqa: F401,F403
+from tests.test_reward_interop import *  # noqa: F401,F403
 from tests.test_generate import *  # noqa: F401,F403
 from tests.test_dpo import *  # noqa: F401,F403
 from tests.test_osp import *  # noqa: F401,F403
@@ -49,3 +53,5 @@ from tests.test_data import *  # noqa: F401,F403
 from tests.test_task import *  # noqa: F401,F403
 from tests.test_data_extra import *  # noqa: F401,F403
 from tests.test_first_hour import *  # noqa: F401,F403
+from tests.test_tracking import *  # noqa: F401,F403
+from tests.test_resume import *  # noqa: F401,F403

@@ -22,12 +22,19 @@ A rerun of `train` with --out already holding a model skips training (--overwrit
 
 Bradley-Terry (paper 1, eq. (1)): P(a_w ≻ a_l | x) = σ(r(x, a_w) − r(x, a_l)), trained by
 L = −log σ(r_w − r_l). The reward r(x, a) is a linear head on the backbone's last hidden state,
-read at the last real token of prompt + response (the end-of-turn token), found from the sequence
-lengths — never by searching for the pad id, which many checkpoints set equal to eos.
+read at the last token of the chat template's full rendering of x + a, tokenized as one text
+(common.encode_rendering: the ids of tokenizer.apply_chat_template(x + [a])). That token is the
+newline after <|im_end|> for ChatML, <|eot_id|> for Llama-3, </s> for Mistral; it is where
+transformers' AutoModelForSequenceClassification reads the same text, and the sequence TRL's
+RewardTrainer trains on, so a reward model trained here or there scores the same everywhere. The
+position is found from the sequence lengths, never by searching for the pad id, which many
+checkpoints set equal to eos. Scoring re-renders each record's text with the reward model's own
+tokenizer and template, which need not be the policy's.
 The saved RM is an HF *ForSequenceClassification folder (num_labels=1, head `score`), so other
-tools load it; transformers finds the last real token as the last non-pad one, so its config's
-pad_token_id is an id that never occurs inside a scored sequence, and its saved tokenizer pads with
-that same id (tokenizer(texts, padding=True) then gives transformers the batch it expects).
+tools load it; transformers reads the last token that is not the pad id (left or right padding), so
+its config's pad_token_id is an id that never ends a scored sequence, and its saved tokenizer pads
+with that same id (apply_chat_template(conversations, padding=True) then gives transformers the
+batch it expects).
 """
 import argparse
 import json
@@ -40,9 +47,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_scale_flags, already_trained, atomic_write_text, autocast,
-                    batch_schedule, cosine_lr, default_dtype, destroy_distributed, encode_prompt, encode_response,
-                    end_of_turn_ids, fraction, gradient_sync, init_distributed, load_for_training, load_tokenizer, lora_settings,
+from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_resume_flag, add_scale_flags,
+                    add_tracking_flags, already_trained, atomic_write_text, autocast, finish_training_state,
+                    load_training_state, resume_settings, save_training_state,
+                    batch_schedule, closing_ids, cosine_lr, default_dtype, destroy_distributed, encode_prompt,
+                    encode_rendering, fraction, gradient_sync, init_distributed, load_for_training, load_tokenizer, lora_settings,
                     make_optimizer, non_negative_float, optimizer_step, positive_float, positive_int, print0, process_in_chunks,
                     rank_micro_batches, right_pad, run_cli, save_checkpoint, scale_settings, seed_everything, set_lr, step_limit,
                     unwrap)
@@ -77,10 +86,11 @@ def sequence_rewards(model, sequences, pad_id, device):
     return scores.gather(1, (lengths - 1)[:, None]).squeeze(1)   # (B,)
 
 
-def pair_token_ids(tokenizer, prompt, response, end_of_turn, max_length):
-    """prompt + response tokens, split exactly as generation produced them (common.py). Truncation
-    keeps the first max_length tokens; callers count and report it."""
-    ids = encode_prompt(tokenizer, prompt) + encode_response(tokenizer, response, end_of_turn)
+def pair_token_ids(tokenizer, prompt, response, max_length):
+    """The tokens a reward is read from: the chat template's full rendering of prompt + response
+    (common.encode_rendering), the reward read at its last token. Truncation keeps the first
+    max_length tokens; callers count and report it."""
+    ids = encode_rendering(tokenizer, prompt + [{"role": "assistant", "content": response}])
     return ids[:max_length], len(ids) > max_length
 
 
@@ -90,8 +100,11 @@ def pair_token_ids(tokenizer, prompt, response, end_of_turn, max_length):
 
 def pairwise_query_ids(tokenizer, prompt, response_a, response_b, template="pairwise"):
     """A comparison query as a user turn of the chat template; the model's next token is "A" or "B".
-    `template` is a name in data.judge.JUDGE_TEMPLATES or a template text: paper 1's bare pairwise
-    format by default, paper 2's judge instruction ("dialogue", "summarization") for osp.py."""
+    The query is the template's full rendering of that turn with the generation prompt (the ids of
+    apply_chat_template(turn, add_generation_prompt=True)), so a transformers user reads the A/B
+    logits at the same position. `template` is a name in data.judge.JUDGE_TEMPLATES or a template
+    text: paper 1's bare pairwise format by default, paper 2's judge instruction ("dialogue",
+    "summarization") for osp.py."""
     return encode_prompt(tokenizer, [{"role": "user", "content": render_judge_prompt(prompt, response_a, response_b, template)}])
 
 
@@ -140,13 +153,12 @@ def pairwise_preference(model, tokenizer, prompts, responses_1, responses_2, dev
 def preference_accuracy(model, tokenizer, pairs, kind, device, batch_size, max_length, template="pairwise"):
     """Held-out accuracy: the fraction of pairs where the model prefers `chosen` (BT: r_w > r_l;
     pairwise: P(chosen ≻ rejected) > 0.5); ties count as half. Returns overall and per-source."""
-    end_of_turn = end_of_turn_ids(tokenizer)
     correct = []
     for start in tqdm(range(0, len(pairs), batch_size), desc="eval", leave=False):
         batch = pairs[start:start + batch_size]
         if kind == "bt":
-            chosen = [pair_token_ids(tokenizer, p["prompt"], p["chosen"], end_of_turn, max_length)[0] for p in batch]
-            rejected = [pair_token_ids(tokenizer, p["prompt"], p["rejected"], end_of_turn, max_length)[0] for p in batch]
+            chosen = [pair_token_ids(tokenizer, p["prompt"], p["chosen"], max_length)[0] for p in batch]
+            rejected = [pair_token_ids(tokenizer, p["prompt"], p["rejected"], max_length)[0] for p in batch]
             rewards = sequence_rewards(model, chosen + rejected, tokenizer.pad_token_id, device)
             difference = rewards[:len(batch)] - rewards[len(batch):]
         else:
@@ -187,9 +199,9 @@ def length_bias(records):
 
 def score_records(model, tokenizer, records, device, batch_size, max_length):
     """Add `rewards` (one float per response) to each samples record. Reads only each record's
-    `prompt` and `responses`; every other field is passed through unchanged."""
-    end_of_turn = end_of_turn_ids(tokenizer)
-    flat = [(i, pair_token_ids(tokenizer, r["prompt"], response, end_of_turn, max_length))
+    `prompt` and `responses`; every other field is passed through unchanged. `tokenizer` is the
+    reward model's own: each record is rendered from its text with the reward model's template."""
+    flat = [(i, pair_token_ids(tokenizer, r["prompt"], response, max_length))
             for i, r in enumerate(records) for response in r["responses"]]
     truncated = sum(t for _, (_, t) in flat)
     if truncated:
@@ -239,12 +251,11 @@ def training_examples(args, tokenizer, pairs, template, rng):
     id, 0) with the two responses in a random A/B order (fights position bias). A pair whose chosen
     and rejected are the same (after truncation, for BT) carries no preference and is dropped.
     Returns the examples, the number dropped and the number of truncated sequences."""
-    end_of_turn = end_of_turn_ids(tokenizer)
     examples, dropped, truncated = [], 0, 0
     if args.type == "bt":
         for p in pairs:
-            chosen, t1 = pair_token_ids(tokenizer, p["prompt"], p["chosen"], end_of_turn, args.max_length)
-            rejected, t2 = pair_token_ids(tokenizer, p["prompt"], p["rejected"], end_of_turn, args.max_length)
+            chosen, t1 = pair_token_ids(tokenizer, p["prompt"], p["chosen"], args.max_length)
+            rejected, t2 = pair_token_ids(tokenizer, p["prompt"], p["rejected"], args.max_length)
             truncated += t1 + t2
             if chosen == rejected:
                 dropped += 1
@@ -328,9 +339,14 @@ def train(args, dist_info):
     # ------------------------------------------------------------------------------------------
     # Training loop: one host read per step (StepSums.reduce).
 
-    metrics = MetricsLogger(Path(args.out) / "metrics.jsonl", enabled=dist_info.is_main)
+    # After a crash: the latest --save-every state, and the step to go on from (0: none).
+    start = load_training_state(args.out, model, optimizer, resume_settings(args))
+    metrics = MetricsLogger(Path(args.out) / "metrics.jsonl", enabled=dist_info.is_main, report_to=args.report_to,
+                            run_name=f"train_rm {args.out}", config=vars(args), resume_step=start)
     model.train()
-    for step, batch in enumerate(tqdm(schedule, desc=f"train_rm ({args.type})", disable=not dist_info.is_main)):
+    for step in tqdm(range(start, total_steps), desc=f"train_rm ({args.type})", initial=start, total=total_steps,
+                     disable=not dist_info.is_main):
+        batch = schedule[step]
         t0 = time.time()
         lr = cosine_lr(step, total_steps, args.lr, args.warmup_ratio)
         set_lr(optimizer, lr)
@@ -347,6 +363,8 @@ def train(args, dist_info):
         if dist_info.is_main and (step % args.log_every == 0 or step == total_steps - 1):
             tqdm.write(f"step {step + 1}/{total_steps} | loss {line['loss']:.4f} | acc {line['accuracy']:.3f} | "
                        f"lr {lr:.2e} | grad {line['grad_norm']:.3f} | {line['ms']:.0f} ms")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+            save_training_state(args.out, step + 1, model, optimizer, resume_settings(args))
     metrics.close()
 
     # ------------------------------------------------------------------------------------------
@@ -354,21 +372,23 @@ def train(args, dist_info):
 
     if args.type == "bt":
         # transformers' sequence classifier reads the last token that is not pad_token_id: pick a pad
-        # no real token uses, and let the saved tokenizer pad with that same id, so a batch padded by
-        # it is read at the same (last real) token as ours.
+        # that never ends a scored sequence, and let the saved tokenizer pad with that same id, so a
+        # batch padded by it is read at the same (last real) token as ours.
         pad_id = unused_pad_id(tokenizer)
         unwrap(model).config.raw["pad_token_id"] = pad_id
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
     elif dist_info.is_main:  # written first, so the atomic checkpoint save carries it into the folder
         atomic_write_text(Path(args.out) / "judge_template.txt", template)
     save_checkpoint(model, args.out, tokenizer, source_dir=args.model, dtype=save_dtype, save_adapter=args.save_adapter)
+    finish_training_state(args.out)
     print0(f"saved {args.out}")
 
 
 def unused_pad_id(tokenizer):
-    """A token id that never appears inside a chat sequence: the pad token when it is distinct from
-    eos/end-of-turn, else the unk token or the last vocabulary id."""
-    used = set(end_of_turn_ids(tokenizer)) | {tokenizer.eos_token_id}
+    """A token id that never ends a scored sequence: the pad token when it is none of the tokens the
+    template closes a conversation with (common.closing_ids) nor eos, else the unk token or the last
+    vocabulary id."""
+    used = set(closing_ids(tokenizer)) | {tokenizer.eos_token_id}
     for candidate in (tokenizer.pad_token_id, tokenizer.unk_token_id, len(tokenizer) - 1):
         if candidate is not None and candidate not in used:
             return candidate
@@ -440,6 +460,8 @@ def build_parser():
     train_parser.add_argument("--overwrite", action="store_true", help="retrain even if --out already holds a model")
     add_scale_flags(train_parser)
     add_lora_flags(train_parser)
+    add_tracking_flags(train_parser)
+    add_resume_flag(train_parser)
 
     score_parser = commands.add_parser("score", parents=[shared], allow_abbrev=False,
                                        help="add a reward to every response of a samples file",

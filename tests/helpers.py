@@ -44,6 +44,75 @@ def build_char_tokenizer(folder):
     return len(vocab)
 
 
+# Two more families' chat templates, copied whitespace and all: Llama-3-Instruct's, and Mistral-7B-Instruct's
+# (v0.2/v0.3 style: " [INST] ... [/INST]", then " " + the answer + "</s>"; add_generation_prompt changes nothing).
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+MISTRAL_TEMPLATE = """{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif %}
+    {%- if message['role'] == 'user' %}
+        {%- if loop.first and system_message is defined %}
+            {{- ' [INST] ' + system_message + '\n\n' + message['content'] + ' [/INST]' }}
+        {%- else %}
+            {{- ' [INST] ' + message['content'] + ' [/INST]' }}
+        {%- endif %}
+    {%- elif message['role'] == 'assistant' %}
+        {{- ' ' + message['content'] + eos_token}}
+    {%- else %}
+        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}
+    {%- endif %}
+{%- endfor %}
+"""
+
+
+def build_template_tokenizer(folder, family):
+    """A character-level HF tokenizer with the special tokens, chat template and BOS handling of a
+    model family: "chatml" (build_char_tokenizer), "llama3" (specials after the characters, BOS
+    <|begin_of_text|>, eos <|eot_id|>, no pad or unk) or "mistral" (<unk> <s> </s> first, the
+    characters in reverse order). Like the real ones, the Llama-3 and Mistral tokenizers add BOS on
+    tokenizer(text) and the template writes it too. Each family numbers the characters differently,
+    so a sequence encoded with another family's tokenizer reads as other tokens. Returns the
+    vocabulary size."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if family == "chatml":
+        return build_char_tokenizer(folder)
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    if family == "llama3":
+        specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                    "<|reserved_special_token_0|>", "<|reserved_special_token_1|>"]
+        tokens, names, template = chars + specials, dict(bos_token=specials[0], eos_token="<|eot_id|>"), LLAMA3_TEMPLATE
+    else:
+        specials = ["<unk>", "<s>", "</s>"]
+        tokens, names, template = specials + chars[::-1], dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"), MISTRAL_TEMPLATE
+    vocab = {token: i for i, token in enumerate(tokens)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=names.get("unk_token", specials[-1])))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.post_processor = processors.TemplateProcessing(single=f"{names['bos_token']} $A", pair=f"{names['bos_token']} $A $B",
+                                                        special_tokens=[(names["bos_token"], vocab[names["bos_token"]])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, additional_special_tokens=[t for t in specials if t not in names.values()],
+                                        **names)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(folder)
+    return len(vocab)
+
+
 def tiny_config(vocab_size, **overrides):
     config = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=vocab_size, hidden_size=64,
                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -64,17 +133,26 @@ def tiny_model_dir(tmp_path_factory):
     return folder
 
 
-def run_script(args, nproc=1, timeout=600):
-    """Run a stage script (optionally under torchrun on CPU) and return its stdout; fail loudly."""
-    # Stage scripts use the PyTorch kernels on CPU: the Triton ones run under the (slow) interpreter only in
-    # the kernel tests, which compare them with these.
+def stage_env():
+    """The environment a stage script runs in as a user runs it: one thread, unbuffered output, and
+    the PyTorch kernels on CPU (the Triton ones run under the slow interpreter only in the kernel
+    tests, which compare them with these)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def stage_command(args, nproc=1):
+    """python SCRIPT ARGS, or under torchrun on nproc CPU ranks."""
     if nproc > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    else:
-        command = [sys.executable, *args]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return [sys.executable, *args]
+
+
+def run_script(args, nproc=1, timeout=600):
+    """Run a stage script (optionally under torchrun on CPU) and return its stdout; fail loudly."""
+    command = stage_command(args, nproc)
+    result = subprocess.run(command, cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result.stdout
 
@@ -141,9 +219,7 @@ def check_one_line_error(returncode, stderr):
 
 def run_script_expecting_error(args):
     """Run a stage script as a user would; it must stop on a user error (check_one_line_error)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=300)
     return check_one_line_error(result.returncode, result.stderr)
 
 

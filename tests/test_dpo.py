@@ -253,7 +253,7 @@ def test_every_flag_is_a_run_setting_or_deliberately_not_one():
     dests = {action.dest for action in dpo.build_parser()._actions}
     not_saved = {"help", "pairs", "model", "out", "overwrite",  # offline mode
                  "iter", "run_dir",                              # which iteration, not how
-                 "device", "parallel", "log_every",              # where it runs and what it prints
+                 "device", "parallel", "log_every", "report_to", # where it runs and what it prints
                  "dry_run",                                      # print the memory plan and exit
                  "save_adapter"}                                 # online, LoRA's adapter is always saved
     assert dests - set(dpo.RUN_SETTINGS) == not_saved

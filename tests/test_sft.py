@@ -1,5 +1,9 @@
 """Tests of sft.py."""
+import os
 import shutil
+import signal
+import subprocess
+import time
 
 import pytest
 import torch
@@ -8,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import sft
 from common import load_tokenizer, read_jsonl, write_jsonl
 from model import Transformer
-from tests.helpers import run_main_expecting_error, run_script, run_script_expecting_error, write_sft_data
+from tests.helpers import ROOT, run_main_expecting_error, stage_command, stage_env, run_script, run_script_expecting_error, write_sft_data
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +89,14 @@ def test_sft_with_no_assistant_token_within_the_block_stops_with_a_one_line_erro
     assert not (tmp_path / "out").exists()
 
 
-SHARED_DISTRIBUTED_ARGS = ["--block-size", "64", "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "3",
-                           "--lr", "1e-3", "--device", "cpu"]
+# 18 steps (3 epochs of 6), a resumable state every 4 (test_sft_killed_mid_training_...)
+SHARED_DISTRIBUTED_ARGS = ["--block-size", "64", "--batch-size", "8", "--micro-batch-size", "2", "--epochs", "3",
+                           "--save-every", "4", "--lr", "1e-3", "--device", "cpu", "--log-every", "100"]
 
 
 @pytest.fixture(scope="module")
 def sft_single_process(tiny_model_dir, tmp_path_factory):
-    """Three steps in one process: the reference for the distributed runs."""
+    """18 steps in one process: the reference for the distributed runs."""
     folder = tmp_path_factory.mktemp("sft_one")
     write_sft_data(folder / "sft.jsonl", n=48)
     run_script(["sft.py", "--model", str(tiny_model_dir), "--data", str(folder / "sft.jsonl"), "--out", str(folder / "one"),
@@ -99,22 +104,69 @@ def sft_single_process(tiny_model_dir, tmp_path_factory):
     return folder
 
 
+def two_rank_args(tiny_model_dir, data_folder, out, parallel="fsdp"):
+    return ["sft.py", "--model", str(tiny_model_dir), "--data", str(data_folder / "sft.jsonl"), "--out", str(out),
+            "--parallel", parallel, *SHARED_DISTRIBUTED_ARGS]
+
+
+@pytest.fixture(scope="module")
+def sft_two_ranks(sft_single_process, tiny_model_dir):
+    """The same 18 steps on two gloo ranks under FSDP2, uninterrupted."""
+    out = sft_single_process / "two"
+    run_script(two_rank_args(tiny_model_dir, sft_single_process, out), nproc=2)
+    return out
+
+
 @pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
-def test_sft_distributed_matches_single_process(parallel, sft_single_process, tiny_model_dir, tmp_path):
+def test_sft_distributed_matches_single_process(parallel, sft_single_process, sft_two_ranks, tiny_model_dir, tmp_path):
     """Two gloo ranks (FSDP2 or DDP) on the same global batches give the same weights as one process
-    (fp32 on CPU; tolerance 1e-5 absolute on every weight after 3 AdamW steps), and the same
+    (fp32 on CPU; tolerance 1e-5 absolute on every weight after 18 AdamW steps), and the same
     logged loss and trained-token count (each summed over ranks once per step)."""
-    run_script(["sft.py", "--model", str(tiny_model_dir), "--data", str(sft_single_process / "sft.jsonl"),
-                "--out", str(tmp_path / "two"), "--parallel", parallel, *SHARED_DISTRIBUTED_ARGS], nproc=2)
+    two_folder = sft_two_ranks
+    if parallel == "ddp":
+        two_folder = tmp_path / "two"
+        run_script(two_rank_args(tiny_model_dir, sft_single_process, two_folder, "ddp"), nproc=2)
     from safetensors.torch import load_file
-    one, two = load_file(sft_single_process / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    one, two = load_file(sft_single_process / "one" / "model.safetensors"), load_file(two_folder / "model.safetensors")
     assert one.keys() == two.keys()
     initial = load_file(tiny_model_dir / "model.safetensors")
     for name in one:
         assert (one[name] - two[name]).abs().max().item() <= 1e-5, name
     assert any((one[n] - initial[n]).abs().max() > 1e-4 for n in one)  # training moved the weights
     lines_one = read_jsonl(sft_single_process / "one" / "metrics.jsonl")
-    lines_two = read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    lines_two = read_jsonl(two_folder / "metrics.jsonl")
     assert [line["assistant_tokens"] for line in lines_two] == [line["assistant_tokens"] for line in lines_one]
     assert [line["loss"] for line in lines_two] == pytest.approx([line["loss"] for line in lines_one], abs=1e-5)
     assert [line["grad_norm"] for line in lines_two] == pytest.approx([line["grad_norm"] for line in lines_one], rel=1e-4)
+
+
+def test_sft_killed_mid_training_resumes_to_the_same_weights(sft_single_process, sft_two_ranks, tiny_model_dir,
+                                                            tmp_path, capsys):
+    """kill -9 of one of two gloo ranks mid-training, then the same command again: it goes on from the
+    latest --save-every state (model, AdamW state, step, random streams; each rank its own shards)
+    and ends with the weights and metrics of the uninterrupted run, bit for bit. The same state also
+    resumes on one rank (resharded), and says that the result then differs."""
+    from safetensors.torch import load_file
+    out = tmp_path / "killed"
+    args = two_rank_args(tiny_model_dir, sft_single_process, out)
+    launcher = subprocess.Popen(stage_command(args, nproc=2), cwd=ROOT, env=stage_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    saved = tmp_path / "killed.resume"  # beside --out
+    while not (saved / "step4" / "state.json").exists() and launcher.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    ranks = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    assert ranks, "the ranks ended before their first saved state"
+    os.kill(int(ranks[-1]), signal.SIGKILL)
+    assert launcher.wait(timeout=120) != 0 and not (out / "model.safetensors").exists()
+    for folder in ("killed", "killed.resume"):
+        shutil.copytree(tmp_path / folder, tmp_path / folder.replace("killed", "on_one_rank"))
+    stdout = run_script(args, nproc=2)
+    assert "resuming after step" in stdout and not saved.exists()
+    whole, resumed = load_file(sft_two_ranks / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+    steps = lambda folder: [(line["step"], line["loss"]) for line in read_jsonl(folder / "metrics.jsonl")]  # noqa: E731
+    assert steps(out) == steps(sft_two_ranks)
+    sft.main([str(tmp_path / "on_one_rank") if a == str(out) else a for a in args[1:]])  # in this process: one rank
+    assert "saved by 2 ranks, on 1" in capsys.readouterr().out
+    assert [step for step, _ in steps(tmp_path / "on_one_rank")] == list(range(1, 19))

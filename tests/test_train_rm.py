@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train_rm
-from common import end_of_turn_ids, load_tokenizer, read_jsonl, render_chat, right_pad, write_jsonl
+from common import closing_ids, load_tokenizer, read_jsonl, right_pad, write_jsonl
 from model import Transformer
 from tests.helpers import run_main_expecting_error, run_script, run_script_expecting_error, tiny_config, write_pairs
 
@@ -216,32 +216,34 @@ def test_scoring_reads_only_id_prompt_and_responses(bt_rm):
 
 
 def test_exported_rm_scores_batches_padded_by_its_tokenizer_in_transformers(bt_rm):
-    """The saved folder as others use it: AutoTokenizer pads a batch of texts of different lengths
-    (right padding), AutoModelForSequenceClassification scores it; the scores equal ours. The
-    starting tokenizer padded with eos (the end-of-turn token, the last real token of every text),
-    so the RM's pad must be another id, in the config and the saved tokenizer alike."""
+    """The saved folder as others use it: AutoTokenizer pads the texts of the chat template's full
+    renderings (of different lengths; right and left padding), AutoModelForSequenceClassification
+    scores them; the scores equal ours. The starting tokenizer padded with eos (<|im_end|>), so
+    the RM's pad must be another id, in the config and the saved tokenizer alike.
+    (tests/test_reward_interop.py checks the Llama-3 and Mistral templates the same way.)"""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     rm = bt_rm["rm"]
     hf = AutoModelForSequenceClassification.from_pretrained(rm).eval()
     hf_tokenizer = AutoTokenizer.from_pretrained(rm)
-    ours_tokenizer = load_tokenizer(rm)
-    end_of_turn = end_of_turn_ids(ours_tokenizer)
     assert hf.config.pad_token_id == hf_tokenizer.pad_token_id != hf_tokenizer.eos_token_id
-    assert hf.config.pad_token_id not in end_of_turn and hf_tokenizer.padding_side == "right"
+    assert hf.config.pad_token_id not in closing_ids(hf_tokenizer)
     samples = bt_rm["samples"]
-    texts = [render_chat(hf_tokenizer, s["prompt"], add_generation_prompt=True) + response + hf_tokenizer.decode(end_of_turn)
+    texts = [hf_tokenizer.apply_chat_template(s["prompt"] + [{"role": "assistant", "content": response}], tokenize=False)
              for s in samples for response in s["responses"]]
-    batch = hf_tokenizer(texts, padding=True, return_tensors="pt")
-    # The texts tokenize to exactly the sequences we scored, and the batch really is padded.
-    ours_ids = [train_rm.pair_token_ids(ours_tokenizer, s["prompt"], response, end_of_turn, 2048)[0]
+    ours_ids = [train_rm.pair_token_ids(load_tokenizer(rm), s["prompt"], response, 2048)[0]
                 for s in samples for response in s["responses"]]
-    lengths = batch["attention_mask"].sum(1).tolist()
-    assert [row[:n] for row, n in zip(batch["input_ids"].tolist(), lengths)] == ours_ids
-    assert len(set(lengths)) > 3 and min(lengths) < batch["input_ids"].shape[1]
-    with torch.no_grad():
-        hf_scores = hf(**batch).logits[:, 0]
     ours = torch.tensor([x for r in bt_rm["scored"] for x in r["rewards"]])
-    assert (hf_scores - ours).abs().max().item() <= 1e-4
+    for side in ("right", "left"):
+        hf_tokenizer.padding_side = side
+        batch = hf_tokenizer(texts, padding=True, return_tensors="pt")
+        # The texts tokenize to exactly the sequences we scored, and the batch really is padded.
+        real = batch["attention_mask"].bool()
+        assert [row[mask].tolist() for row, mask in zip(batch["input_ids"], real)] == ours_ids
+        lengths = real.sum(1).tolist()
+        assert len(set(lengths)) > 3 and min(lengths) < batch["input_ids"].shape[1]
+        with torch.no_grad():
+            hf_scores = hf(**batch).logits[:, 0]
+        assert (hf_scores - ours).abs().max().item() <= 1e-4, side
 
 
 def test_eval_subcommand_writes_accuracy_and_length_bias(bt_rm, tmp_path, capsys):
@@ -307,9 +309,8 @@ def small_builtin_model_dir(task_dir, folder):
 
 def held_out_accuracy_and_loss(model, tokenizer, pairs):
     """(fraction of pairs with r_chosen > r_rejected, mean BT loss) of a reward model."""
-    end_of_turn = end_of_turn_ids(tokenizer)
-    chosen = [train_rm.pair_token_ids(tokenizer, p["prompt"], p["chosen"], end_of_turn, 128)[0] for p in pairs]
-    rejected = [train_rm.pair_token_ids(tokenizer, p["prompt"], p["rejected"], end_of_turn, 128)[0] for p in pairs]
+    chosen = [train_rm.pair_token_ids(tokenizer, p["prompt"], p["chosen"], 128)[0] for p in pairs]
+    rejected = [train_rm.pair_token_ids(tokenizer, p["prompt"], p["rejected"], 128)[0] for p in pairs]
     with torch.no_grad():
         rewards = torch.cat([train_rm.sequence_rewards(model, chosen[i:i + 128] + rejected[i:i + 128], 0, "cpu").view(2, -1).T
                              for i in range(0, len(pairs), 128)])  # (N, 2): chosen, rejected

@@ -1,0 +1,84 @@
+"""--save-every: a stage that dies mid-training and is run again goes on from its latest saved state
+and ends exactly where an uninterrupted run ends. sft.py's test kills one of two gloo ranks with
+kill -9 (tests/test_sft.py); here each other stage dies in this process right after a save."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+import dpo
+import osp
+import train_rm
+from common import read_jsonl
+from tests.helpers import builtin_model_dir, write_pairs
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.fixture
+def in_process_stage(monkeypatch):
+    """A stage's main() in this process as `python STAGE.py` runs it: the PyTorch kernels on CPU (the
+    Triton interpreter, far slower, is for the kernel tests)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def crash_after_first_save(monkeypatch, stage):
+    """The stage's save_training_state, raising once the first state is on disk: a crash mid-training."""
+    def save_then_crash(*args, **kwargs):
+        common.save_training_state(*args, **kwargs)
+        raise Crash
+    monkeypatch.setattr(stage, "save_training_state", save_then_crash)
+
+
+def run_interrupted_and_whole(stage, argv, out, monkeypatch, capsys):
+    """The stage run once whole (into OUT.whole) and once killed after its first saved state, then
+    rerun; returns the two final weight files and metrics."""
+    stage.main([*argv, "--out", f"{out}.whole"])
+    with monkeypatch.context() as patch:
+        crash_after_first_save(patch, stage)
+        with pytest.raises(Crash):
+            stage.main([*argv, "--out", str(out)])
+    assert not (out / "model.safetensors").exists()
+    capsys.readouterr()
+    stage.main([*argv, "--out", str(out)])
+    assert "resuming after step 2" in capsys.readouterr().out
+    assert not out.with_name(out.name + ".resume").exists()  # a finished stage leaves no state behind
+    whole = f"{out}.whole"
+    return (load_file(f"{whole}/model.safetensors"), load_file(out / "model.safetensors"),
+            read_jsonl(f"{whole}/metrics.jsonl"), read_jsonl(out / "metrics.jsonl"))
+
+
+def same_run(whole, resumed, whole_lines, resumed_lines):
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[name], resumed[name]) for name in whole)
+    drop_timing = lambda lines: [{k: v for k, v in line.items() if k not in ("ms", "tokens_per_s")} for line in lines]  # noqa: E731
+    assert drop_timing(resumed_lines) == drop_timing(whole_lines) and len(whole_lines) >= 4
+
+
+def test_reward_model_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch, capsys, in_process_stage):
+    write_pairs(tmp_path / "pairs.jsonl", 32)
+    argv = ["train", "--type", "bt", "--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"),
+            "--batch-size", "8", "--micro-batch-size", "4", "--epochs", "1", "--lr", "1e-3", "--save-every", "2",
+            "--device", "cpu"]
+    same_run(*run_interrupted_and_whole(train_rm, argv, tmp_path / "rm", monkeypatch, capsys))
+
+
+def test_dpo_with_lora_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch, capsys, in_process_stage):
+    # LoRA: only the adapters (and their AdamW state) are saved; the frozen base comes from --model
+    write_pairs(tmp_path / "pairs.jsonl", 32)
+    argv = ["--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"), "--batch-size", "8",
+            "--micro-batch-size", "4", "--epochs", "1", "--lr", "1e-2", "--lora-rank", "4", "--lora-dropout", "0.1",
+            "--save-every", "2", "--device", "cpu"]
+    same_run(*run_interrupted_and_whole(dpo, argv, tmp_path / "dpo", monkeypatch, capsys))
+    saved = next(iter(load_file(tmp_path / "dpo" / "model.safetensors").values()))
+    assert saved.dtype == torch.float32
+
+
+def test_osp_resumes_exactly(task_dir, tmp_path, monkeypatch, capsys, in_process_stage):
+    # the prompt batches and the random pairing go on where they stopped; the samples are seeded by step
+    sft = builtin_model_dir(task_dir, tmp_path / "sft")
+    argv = ["--model", str(sft), "--prompts", str(task_dir / "prompts_iter1.jsonl"), "--steps", "4", "--batch-size", "2",
+            "--k", "4", "--max-new-tokens", "6", "--lr", "1e-2", "--beta", "0.1", "--loss", "dpo", "--pairing", "random",
+            "--save-every", "2", "--device", "cpu"]
+    same_run(*run_interrupted_and_whole(osp, argv, tmp_path / "osp", monkeypatch, capsys))
