@@ -84,14 +84,15 @@ from tqdm import tqdm
 
 import generate
 from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_resume_flag, add_scale_flags,
-                    add_tracking_flags, already_trained, atomic_write_text, autocast, finish_training_state,
-                    load_training_state, resume_settings, save_training_state,
-                    batch_schedule, check_settings, checked_number, cosine_lr, default_dtype, destroy_distributed, encode_prompt,
-                    encode_response, end_of_turn_ids, fraction, gradient_sync, has_model, init_distributed, load_for_training,
-                    load_tokenizer, lora_settings, make_optimizer, non_negative_float, non_negative_int, optimizer_step,
-                    positive_float, positive_fraction, positive_int, print0, process_in_chunks, rank_micro_batches, read_jsonl,
-                    right_pad, run_cli, save_checkpoint, scale_settings, seed_everything, set_lr, step_limit, stop_token_ids,
-                    unwrap, write_jsonl)
+                    add_tracking_flags, already_trained, atomic_write_text, autocast, batch_schedule,
+                    check_settings, checked_number, cosine_lr, default_dtype, destroy_distributed,
+                    encode_prompt, encode_response, end_of_turn_ids, finish_training_state, fraction,
+                    gradient_sync, has_model, init_distributed, load_for_training, load_tokenizer,
+                    load_training_state, lora_settings, make_optimizer, non_negative_float, non_negative_int,
+                    optimizer_step, positive_float, positive_fraction, positive_int, print0,
+                    process_in_chunks, rank_micro_batches, read_jsonl, resume_settings, right_pad, run_cli,
+                    save_checkpoint, save_training_state, scale_settings, seed_everything, set_lr, step_limit,
+                    stop_token_ids, unwrap, write_jsonl)
 from data.schema import load_records
 from data.task import format_reward_vs_gold, gold_scored, reward_vs_gold, score
 from memory_plan import print_stage_plan
@@ -101,16 +102,18 @@ from model import ModelConfig, Transformer
 # The math: sequence log-probs and the preference losses.
 
 
-def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-                    loss_type="dpo", target=None, chosen_tokens=None, rejected_tokens=None):
+def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    beta, loss_type="dpo", target=None, chosen_tokens=None, rejected_tokens=None):
     """Per-pair losses (B,) from summed response log-probs (B,). `target` is the soft label
     p = P(chosen ≻ rejected) for SPCE (a tensor (B,) or a float); DPO is SPCE with p = 1.
     IPO with `chosen_tokens` / `rejected_tokens` (B,) given: each of the four log-probs is first
     divided by its response's token count (TRL's convention: IPO on per-token mean log-probs, so
     the target margin 1/(2β) does not depend on response length). DPO and SPCE ignore the counts."""
     if loss_type == "ipo" and chosen_tokens is not None:
-        policy_chosen_logps, ref_chosen_logps = policy_chosen_logps / chosen_tokens, ref_chosen_logps / chosen_tokens
-        policy_rejected_logps, ref_rejected_logps = policy_rejected_logps / rejected_tokens, ref_rejected_logps / rejected_tokens
+        policy_chosen_logps = policy_chosen_logps / chosen_tokens
+        ref_chosen_logps = ref_chosen_logps / chosen_tokens
+        policy_rejected_logps = policy_rejected_logps / rejected_tokens
+        ref_rejected_logps = ref_rejected_logps / rejected_tokens
     # h > 0 when the policy raised the chosen response's likelihood, relative to the reference,
     # more than the rejected one's. β h is the difference of DPO's implicit rewards.
     h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
@@ -171,7 +174,8 @@ def tokenize_pairs(tokenizer, pairs, max_length):
         if room < 1:
             dropped += 1
             continue
-        chosen, rejected = (encode_response(tokenizer, pair[k], end_of_turn) for k in ("chosen", "rejected"))
+        chosen = encode_response(tokenizer, pair["chosen"], end_of_turn)
+        rejected = encode_response(tokenizer, pair["rejected"], end_of_turn)
         truncated += (len(chosen) > room) + (len(rejected) > room)
         kept.append(pair)
         examples.append((prompt, chosen[:room], rejected[:room]))
@@ -189,16 +193,23 @@ def reference_logps(model, examples, pad_id, dist_info, micro_batch_size):
     the device until the pass ends (one host read)."""
     model.eval()
     device = dist_info.device
-    batches = rank_micro_batches(range(len(examples)), dist_info.rank, dist_info.world_size, micro_batch_size)
+    batches = rank_micro_batches(range(len(examples)), dist_info.rank, dist_info.world_size,
+                                 micro_batch_size)
     chosen, rejected = [], []
     for batch in tqdm(batches, desc="reference log-probs", disable=not dist_info.is_main):
-        rows = [examples[max(i, 0)] for i in batch]  # padding (-1) re-uses example 0; its result is dropped
+        # padding (-1) re-uses example 0; its result is dropped
+        rows = [examples[max(i, 0)] for i in batch]
+        prompts = [e[0] for e in rows] * 2
+        responses = [e[1] for e in rows] + [e[2] for e in rows]
         with autocast(model, device):
-            logps, _ = sequence_logps(model, [e[0] for e in rows] * 2, [e[1] for e in rows] + [e[2] for e in rows], pad_id, device)
+            logps, _ = sequence_logps(model, prompts, responses, pad_id, device)
         chosen.append(logps[:len(rows)].float())
         rejected.append(logps[len(rows):].float())
-    values = torch.stack([torch.cat(chosen), torch.cat(rejected)], 1).tolist() if batches else []  # (my pairs, 2)
-    results = {i: tuple(v) for i, v in zip((i for batch in batches for i in batch), values) if i >= 0}
+    values = []
+    if batches:
+        values = torch.stack([torch.cat(chosen), torch.cat(rejected)], 1).tolist()  # (my pairs, 2)
+    pair_indices = (i for batch in batches for i in batch)
+    results = {i: tuple(v) for i, v in zip(pair_indices, values) if i >= 0}
     if dist.is_initialized():
         gathered = [None] * dist_info.world_size
         dist.all_gather_object(gathered, results)
@@ -218,16 +229,18 @@ def ensure_reference_logps(args, dist_info, examples, path, policy=None):
     if Path(path).exists():
         ref = [(r["ref_chosen_logp"], r["ref_rejected_logp"]) for r in read_jsonl(path)]
         if len(ref) != len(examples):
-            raise InputError(f"{path} has {len(ref)} records for {len(examples)} pairs; delete it to recompute")
+            raise InputError(f"{path} has {len(ref)} records for {len(examples)} pairs; "
+                             f"delete it to recompute")
         return ref
     device = dist_info.device
     tokenizer = load_tokenizer(args.reference)
+    pad_id = tokenizer.pad_token_id
     if policy is not None:
         with unwrap(policy).adapters_disabled():
-            ref = reference_logps(policy, examples, tokenizer.pad_token_id, dist_info, args.micro_batch_size)
+            ref = reference_logps(policy, examples, pad_id, dist_info, args.micro_batch_size)
     else:
         reference = load_for_training(args.reference, args.parallel, dist_info)
-        ref = reference_logps(reference, examples, tokenizer.pad_token_id, dist_info, args.micro_batch_size)
+        ref = reference_logps(reference, examples, pad_id, dist_info, args.micro_batch_size)
         del reference
     if dist_info.is_main:
         write_jsonl(path, [{"ref_chosen_logp": c, "ref_rejected_logp": r} for c, r in ref])
@@ -238,35 +251,42 @@ def ensure_reference_logps(args, dist_info, examples, path, policy=None):
     return ref
 
 
-def train_step(model, optimizer, micro_batches, beta, loss_type, nll_coef, grad_clip, global_pairs, pad_id, world_size, device):
+def train_step(model, optimizer, micro_batches, beta, loss_type, nll_coef, grad_clip, global_pairs,
+               pad_id, world_size, device):
     """One optimizer step on this rank's micro-batches, each a tuple (prompt ids, chosen ids, rejected
     ids, weight (b,), ref chosen (b,), ref rejected (b,), target (b,)); padding slots have weight 0.
     Returns the step's StepSums (on the device) and the gradient norm (no host read here:
     memory_trace.py runs this same function)."""
     sums = StepSums()
-    for m, (prompts, chosen_ids, rejected_ids, weight, ref_chosen, ref_rejected, target) in enumerate(micro_batches):
+    for m, micro_batch in enumerate(micro_batches):
+        prompts, chosen_ids, rejected_ids, weight, ref_chosen, ref_rejected, target = micro_batch
         with gradient_sync(model, sync=m == len(micro_batches) - 1):
             with autocast(model, device):
                 # chosen and rejected in one forward: (2b, T)
-                logps, num_tokens = sequence_logps(model, prompts * 2, chosen_ids + rejected_ids, pad_id, device)
-            chosen, rejected = logps.float().split(len(prompts))                              # (b,) each
+                logps, num_tokens = sequence_logps(model, prompts * 2, chosen_ids + rejected_ids,
+                                                   pad_id, device)
+            chosen, rejected = logps.float().split(len(prompts))  # (b,) each
             chosen_tokens, rejected_tokens = num_tokens.split(len(prompts))
-            per_pair = preference_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type, target,
-                                       chosen_tokens, rejected_tokens)
+            per_pair = preference_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type,
+                                       target, chosen_tokens, rejected_tokens)
             if nll_coef:  # RPO: keep the chosen response likely (its per-token NLL)
                 per_pair = per_pair - nll_coef * chosen / chosen_tokens
             # Mean over the global batch's pairs (× world size: gradients are averaged over ranks).
             loss = (per_pair * weight).sum() / global_pairs * world_size
             loss.backward()
         with torch.no_grad():
-            chosen_reward, rejected_reward = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+            chosen_reward = beta * (chosen - ref_chosen)
+            rejected_reward = beta * (rejected - ref_rejected)
             # log_ratio: the mean log π/π_0 of the training responses. Not a KL estimate: the
             # responses were sampled from π_{t−1}, not π, so it can be negative (README, "step lines").
-            sums.add(loss=per_pair * weight, chosen_reward=chosen_reward * weight, rejected_reward=rejected_reward * weight,
+            sums.add(loss=per_pair * weight,
+                     chosen_reward=chosen_reward * weight,
+                     rejected_reward=rejected_reward * weight,
                      accuracy=(chosen_reward > rejected_reward) * weight,
                      log_ratio=((chosen - ref_chosen) + (rejected - ref_rejected)) / 2 * weight,
                      tokens=(chosen_tokens + rejected_tokens) * weight)
-    return sums, optimizer_step(model, optimizer, grad_clip)
+    grad_norm = optimizer_step(model, optimizer, grad_clip)
+    return sums, grad_norm
 
 
 def train(args, dist_info, start_model, pairs, example_groups, out_dir, adapter=None):
@@ -280,34 +300,40 @@ def train(args, dist_info, start_model, pairs, example_groups, out_dir, adapter=
     checkpointing, save_dtype = scale_settings(args, device)
     examples = [e for group, _ in example_groups for e in group]
     if lora is None:  # the reference passes first, each with its own short-lived model
-        ref = [r for group, path in example_groups for r in ensure_reference_logps(args, dist_info, group, path)]
-    model = load_for_training(start_model, args.parallel, dist_info, activation_checkpointing=checkpointing, lora=lora,
-                              adapter=adapter)
+        ref = [r for group, path in example_groups
+               for r in ensure_reference_logps(args, dist_info, group, path)]
+    model = load_for_training(start_model, args.parallel, dist_info,
+                              activation_checkpointing=checkpointing, lora=lora, adapter=adapter)
     if lora is not None:  # the reference is this model with its adapters off
-        ref = [r for group, path in example_groups for r in ensure_reference_logps(args, dist_info, group, path, policy=model)]
+        ref = [r for group, path in example_groups
+               for r in ensure_reference_logps(args, dist_info, group, path, policy=model)]
     # Soft labels: SPCE reads each pair's p (default 1); DPO's labels are hard (p = 1). cDPO: the
     # label is right with probability 1 − ε, i.e. SPCE with target p(1 − ε) + (1 − p)ε.
     targets = [float(pair.get("p", 1.0)) if args.loss == "spce" else 1.0 for pair in pairs]
     if args.label_smoothing:
         targets = [t * (1 - args.label_smoothing) + (1 - t) * args.label_smoothing for t in targets]
     loss_type = "spce" if args.label_smoothing else args.loss
-    ref_table = torch.tensor(ref, dtype=torch.float32)             # (N, 2): log π_0 of chosen, rejected
-    target_table = torch.tensor(targets, dtype=torch.float32)      # (N,)
+    ref_table = torch.tensor(ref, dtype=torch.float32)         # (N, 2): log π_0 of chosen, rejected
+    target_table = torch.tensor(targets, dtype=torch.float32)  # (N,)
 
-    schedule = batch_schedule(len(examples), args.batch_size, args.epochs, args.seed, args.max_steps)
+    schedule = batch_schedule(len(examples), args.batch_size, args.epochs, args.seed,
+                              args.max_steps)
     total_steps = len(schedule)
-    print0(f"{len(examples)} pairs, {total_steps} steps of {args.batch_size} pairs, loss {loss_type}, β {args.beta}"
-           + (f", cDPO ε {args.label_smoothing}" if args.label_smoothing else "") + (f", RPO α {args.nll_coef}" if args.nll_coef else ""))
+    cdpo_note = f", cDPO ε {args.label_smoothing}" if args.label_smoothing else ""
+    rpo_note = f", RPO α {args.nll_coef}" if args.nll_coef else ""
+    print0(f"{len(examples)} pairs, {total_steps} steps of {args.batch_size} pairs, "
+           f"loss {loss_type}, β {args.beta}" + cdpo_note + rpo_note)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     # After a crash: the latest --save-every state, and the step to go on from (0: none).
     start = load_training_state(out_dir, model, optimizer, resume_settings(args))
-    metrics = MetricsLogger(Path(out_dir) / "metrics.jsonl", enabled=dist_info.is_main, report_to=args.report_to,
+    metrics_path = Path(out_dir) / "metrics.jsonl"
+    metrics = MetricsLogger(metrics_path, enabled=dist_info.is_main, report_to=args.report_to,
                             run_name=f"dpo {out_dir}", config=vars(args), resume_step=start)
 
     # One host read per step: the metrics stay on the device (StepSums) until reduce().
     model.train()
-    for step in tqdm(range(start, total_steps), desc=f"{loss_type} training", initial=start, total=total_steps,
-                     disable=not dist_info.is_main):
+    for step in tqdm(range(start, total_steps), desc=f"{loss_type} training", initial=start,
+                     total=total_steps, disable=not dist_info.is_main):
         batch = schedule[step]
         t0 = time.time()
         lr = cosine_lr(step, total_steps, args.lr, args.warmup_ratio)
@@ -316,27 +342,35 @@ def train(args, dist_info, start_model, pairs, example_groups, out_dir, adapter=
         micro_batches = []
         for micro in rank_micro_batches(batch, dist_info.rank, world_size, args.micro_batch_size):
             index = [max(i, 0) for i in micro]  # padding slots (-1) re-use example 0 with weight 0
-            weight = torch.tensor([float(i >= 0) for i in micro], device=device)              # (b,)
-            ref_chosen, ref_rejected = ref_table[index].to(device).unbind(1)                  # (b,) each
-            micro_batches.append(([examples[i][0] for i in index], [examples[i][1] for i in index],
-                                  [examples[i][2] for i in index], weight, ref_chosen, ref_rejected,
-                                  target_table[index].to(device)))
-        sums, grad_norm = train_step(model, optimizer, micro_batches, args.beta, loss_type, args.nll_coef, args.grad_clip,
-                                     global_pairs, tokenizer.pad_token_id, world_size, device)
+            weight = torch.tensor([float(i >= 0) for i in micro], device=device)  # (b,)
+            ref_chosen, ref_rejected = ref_table[index].to(device).unbind(1)      # (b,) each
+            prompts = [examples[i][0] for i in index]
+            chosen_ids = [examples[i][1] for i in index]
+            rejected_ids = [examples[i][2] for i in index]
+            target = target_table[index].to(device)
+            micro_batches.append((prompts, chosen_ids, rejected_ids, weight,
+                                  ref_chosen, ref_rejected, target))
+        sums, grad_norm = train_step(model, optimizer, micro_batches, args.beta, loss_type,
+                                     args.nll_coef, args.grad_clip, global_pairs,
+                                     tokenizer.pad_token_id, world_size, device)
         totals = sums.reduce(device, grad_norm=grad_norm)  # the step's only host sync
         dt = time.time() - t0
-        mean = {k: totals[k] / global_pairs for k in ("loss", "chosen_reward", "rejected_reward", "accuracy", "log_ratio")}
+        averaged = ("loss", "chosen_reward", "rejected_reward", "accuracy", "log_ratio")
+        mean = {k: totals[k] / global_pairs for k in averaged}
         line = dict(step=step + 1, loss=mean["loss"],
                     rewards_chosen=mean["chosen_reward"], rewards_rejected=mean["rejected_reward"],
-                    reward_accuracy=mean["accuracy"], reward_margin=mean["chosen_reward"] - mean["rejected_reward"],
+                    reward_accuracy=mean["accuracy"],
+                    reward_margin=mean["chosen_reward"] - mean["rejected_reward"],
                     log_ratio=mean["log_ratio"], grad_norm=totals["grad_norm"], lr=lr,
                     tokens_per_s=totals["tokens"] / dt, ms=dt * 1000)
         metrics.log(**line)
         if dist_info.is_main and (step % args.log_every == 0 or step == total_steps - 1):
             tqdm.write(f"step {step + 1}/{total_steps} | loss {line['loss']:.4f} | "
-                       f"chosen {line['rewards_chosen']:+.4f} | rejected {line['rewards_rejected']:+.4f} | "
+                       f"chosen {line['rewards_chosen']:+.4f} | "
+                       f"rejected {line['rewards_rejected']:+.4f} | "
                        f"acc {line['reward_accuracy']:.3f} | log-ratio {line['log_ratio']:+.3f} | "
-                       f"grad {line['grad_norm']:.3f} | lr {lr:.2e} | {line['tokens_per_s']:,.0f} tok/s")
+                       f"grad {line['grad_norm']:.3f} | lr {lr:.2e} | "
+                       f"{line['tokens_per_s']:,.0f} tok/s")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             save_training_state(out_dir, step + 1, model, optimizer, resume_settings(args))
     metrics.close()
@@ -356,8 +390,8 @@ def train(args, dist_info, start_model, pairs, example_groups, out_dir, adapter=
 PAIR_SELECTIONS = ("max_min", "max_random", "random")
 
 
-def select_pairs(records, selection="max_min", length_penalty=0.0, missing_eos_penalty=0.0, reward_tolerance=0.0,
-                 source=None):
+def select_pairs(records, selection="max_min", length_penalty=0.0, missing_eos_penalty=0.0,
+                 reward_tolerance=0.0, source=None):
     """One (chosen, rejected) pair per prompt, by the adjusted reward
         r̃ = r − λ·characters − c·[the response hit --max-new-tokens without a stop token]
     (λ: paper 1 §3.3, 0.001 in its "concise" run; c: TRL's missing_eos_penalty). `selection`, as in
@@ -371,14 +405,16 @@ def select_pairs(records, selection="max_min", length_penalty=0.0, missing_eos_p
     pairs, dropped = [], {"same_text": 0, "reward_tie": 0}
     for record in records:
         responses, rewards = record["responses"], record["rewards"]
-        cut = [reason == "length" for reason in record.get("finish_reasons", [None] * len(responses))]
-        adjusted = [r - length_penalty * len(text) - missing_eos_penalty * c for r, text, c in zip(rewards, responses, cut)]
+        finish_reasons = record.get("finish_reasons", [None] * len(responses))
+        cut = [reason == "length" for reason in finish_reasons]
+        adjusted = [r - length_penalty * len(text) - missing_eos_penalty * c
+                    for r, text, c in zip(rewards, responses, cut)]
         if selection == "random":
             first, second = 0, 1
         else:
-            first = max(range(len(adjusted)), key=lambda i: (adjusted[i], -i))                   # the best
+            first = max(range(len(adjusted)), key=lambda i: (adjusted[i], -i))  # the best
             if selection == "max_min":
-                second = min(range(len(adjusted)), key=lambda i: (adjusted[i], -i))              # the worst
+                second = min(range(len(adjusted)), key=lambda i: (adjusted[i], -i))  # the worst
             else:
                 second = 1 if first == 0 else 0
         best, worst = (first, second) if adjusted[first] >= adjusted[second] else (second, first)
@@ -400,7 +436,8 @@ def require_model(path, what):
     if not Path(path).is_dir():
         raise InputError(f"{what} {path}: no such model folder")
     if not has_model(path):
-        raise InputError(f"{what} {path}: holds no model (expected config.json and model.safetensors)")
+        raise InputError(f"{what} {path}: holds no model "
+                         "(expected config.json and model.safetensors)")
 
 
 def start_iteration(args, sources, dist_info):
@@ -420,22 +457,28 @@ def start_iteration(args, sources, dist_info):
     if t > 1 and not has_model(previous_policy):
         raise InputError(f"{previous_policy} holds no model: run iteration {t - 1} first "
                          f"(python dpo.py --iter {t - 1} --run-dir {run})")
-    print_settings(args, sources, RUN_SETTINGS, f"iter {t} settings (from the command line, {run}/config.json, "
-                                                 f"{here.name}/settings.json or the default):")
+    title = (f"iter {t} settings (from the command line, {run}/config.json, "
+             f"{here.name}/settings.json or the default):")
+    print_settings(args, sources, RUN_SETTINGS, title)
     prompts = None
     if not (here / "samples.jsonl").exists():
         records, path = prompt_chunk(args, t)
         # Every prompt must leave room for --max-new-tokens in the model's context (generate.py says which does not).
-        context = ModelConfig.from_dict(json.loads((previous_policy / "config.json").read_text())).max_position_embeddings
+        config_text = (previous_policy / "config.json").read_text()
+        context = ModelConfig.from_dict(json.loads(config_text)).max_position_embeddings
         # Prompts over --max-prompt-length are skipped (counted): their records are absent from samples.jsonl on.
-        prompts, _ = generate.encode_prompts(load_tokenizer(previous_policy), records, args.max_new_tokens, context, path,
-                                             args.max_prompt_length)
+        policy_tokenizer = load_tokenizer(previous_policy)
+        prompts, _ = generate.encode_prompts(policy_tokenizer, records, args.max_new_tokens, context,
+                                             path, args.max_prompt_length)
     if dist.is_initialized():
         dist.barrier()  # every rank has read config.json and the record before rank 0 writes them
-    check_settings(here / "settings.json", {k: getattr(args, k) for k in RESULT_SETTINGS}, start_over=here)
-    started = [int(m.group(1)) for p in run.glob("iter*/settings.json") if (m := re.fullmatch(r"iter(\d+)", p.parent.name))]
+    iteration_settings = {k: getattr(args, k) for k in RESULT_SETTINGS}
+    check_settings(here / "settings.json", iteration_settings, start_over=here)
+    started = [int(m.group(1)) for p in run.glob("iter*/settings.json")
+               if (m := re.fullmatch(r"iter(\d+)", p.parent.name))]
     if dist_info.is_main and t >= max(started, default=t):
-        atomic_write_text(run / "config.json", json.dumps({k: getattr(args, k) for k in RUN_SETTINGS}, indent=2) + "\n")
+        run_settings = {k: getattr(args, k) for k in RUN_SETTINGS}
+        atomic_write_text(run / "config.json", json.dumps(run_settings, indent=2) + "\n")
     return here, previous_policy, prompts
 
 
@@ -450,61 +493,75 @@ def run_iteration(args, sources, dist_info):
     # 1. Samples from π_{t−1}.
     if prompts is not None:
         tokenizer = load_tokenizer(previous_policy)
-        policy = Transformer.from_pretrained(previous_policy, device=device, dtype=default_dtype(device)).eval()
+        dtype = default_dtype(device)
+        policy = Transformer.from_pretrained(previous_policy, device=device, dtype=dtype).eval()
         engine = generate.Engine(policy, args.gen_batch_size, stop_token_ids(tokenizer))
-        sampling = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, seed=args.seed * 1000 + t)
+        sampling = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed * 1000 + t)
         process_in_chunks(prompts, here / "samples.jsonl",
-                          lambda chunk, bar: generate.generate_records(engine, tokenizer, chunk, progress=bar, **sampling),
+                          lambda chunk, bar: generate.generate_records(engine, tokenizer, chunk,
+                                                                       progress=bar, **sampling),
                           dist_info, chunk_size=args.chunk_size, desc=f"iter {t}: sampling",
-                          settings={"policy": str(previous_policy), **sampling}, reports_progress=True)
+                          settings={"policy": str(previous_policy), **sampling},
+                          reports_progress=True)
         del policy, engine
     # 2. Rewards: the reward model's, or (--rm gold, the built-in task's control) the gold reward r*.
     if not (here / "rewards.jsonl").exists():
         samples = load_records(here / "samples.jsonl", "samples")
         if args.rm == "gold":
-            scorer = lambda chunk: [{**r, "rewards": [score(r["prompt"], y) for y in r["responses"]]} for r in chunk]  # noqa: E731
+            scorer = lambda chunk: [  # noqa: E731
+                {**r, "rewards": [score(r["prompt"], y) for y in r["responses"]]} for r in chunk]
         else:
             import train_rm
-            rm = Transformer.from_pretrained(args.rm, device=device, dtype=default_dtype(device), head="score").eval()
+            dtype = default_dtype(device)
+            rm = Transformer.from_pretrained(args.rm, device=device, dtype=dtype, head="score").eval()
             rm_tokenizer = load_tokenizer(args.rm)
-            scorer = lambda chunk: train_rm.score_records(rm, rm_tokenizer, chunk, device, args.micro_batch_size * 4,  # noqa: E731
-                                                          args.max_length)
-        process_in_chunks(samples, here / "rewards.jsonl", scorer, dist_info, chunk_size=args.chunk_size, desc=f"iter {t}: scoring",
+            scorer = lambda chunk: train_rm.score_records(  # noqa: E731
+                rm, rm_tokenizer, chunk, device, args.micro_batch_size * 4, args.max_length)
+        process_in_chunks(samples, here / "rewards.jsonl", scorer, dist_info,
+                          chunk_size=args.chunk_size, desc=f"iter {t}: scoring",
                           settings=dict(rm=args.rm, max_length=args.max_length))
         scorer = rm = None  # free the reward model before training
     # 3. Pairs (cheap and deterministic: rank 0 writes, the others wait).
     if not (here / "pairs.jsonl").exists():
         rewards = load_records(here / "rewards.jsonl", "rewards")
-        pairs, dropped = select_pairs(rewards, args.pair_selection, args.length_penalty, args.missing_eos_penalty,
-                                      args.reward_tolerance, source=f"iter{t}")
+        pairs, dropped = select_pairs(rewards, args.pair_selection, args.length_penalty,
+                                      args.missing_eos_penalty, args.reward_tolerance, source=f"iter{t}")
         all_rewards = [r for rec in rewards for r in rec["rewards"]]
+        total_chars = sum(len(x) for rec in rewards for x in rec["responses"])
         summary = dict(iteration=t, prompts=len(rewards), samples=len(all_rewards),
                        mean_reward=sum(all_rewards) / len(all_rewards),
-                       mean_length_chars=sum(len(x) for rec in rewards for x in rec["responses"]) / len(all_rewards))
-        if all("num_tokens" in rec for rec in rewards):  # optional: samples from other generators may lack it
-            summary["mean_tokens"] = sum(n for rec in rewards for n in rec["num_tokens"]) / len(all_rewards)
+                       mean_length_chars=total_chars / len(all_rewards))
+        # optional: samples from other generators may lack it
+        if all("num_tokens" in rec for rec in rewards):
+            total_tokens = sum(n for rec in rewards for n in rec["num_tokens"])
+            summary["mean_tokens"] = total_tokens / len(all_rewards)
         # samples that hit --max-new-tokens without a stop token (--missing-eos-penalty lowers their r̃)
-        summary["missing_eos"] = sum(reason == "length" for rec in rewards for reason in rec.get("finish_reasons", []))
+        finish_reasons = [reason for rec in rewards for reason in rec.get("finish_reasons", [])]
+        summary["missing_eos"] = sum(reason == "length" for reason in finish_reasons)
         summary.update(pairs_kept=len(pairs), pairs_dropped=dropped)
-        scored = gold_scored(rewards)  # on the built-in task: how good is the reward on the policy's own samples?
+        # on the built-in task: how good is the reward on the policy's own samples?
+        scored = gold_scored(rewards)
         if scored is not None:
             summary["reward_vs_gold"] = reward_vs_gold(scored)
         if dist_info.is_main:
             atomic_write_text(here / "summary.json", json.dumps(summary, indent=2) + "\n")
             write_jsonl(here / "pairs.jsonl", pairs)
-            print0(f"iter {t}: mean reward {summary['mean_reward']:.4f}, mean length {summary['mean_length_chars']:.1f} chars, "
+            print0(f"iter {t}: mean reward {summary['mean_reward']:.4f}, "
+                   f"mean length {summary['mean_length_chars']:.1f} chars, "
                    f"{len(pairs)} pairs kept, dropped {dropped}")
             if scored is not None and args.rm != "gold":
                 run_name = f"{Path(args.run_dir).name}, iteration {t}"
-                print0(format_reward_vs_gold(summary["reward_vs_gold"], f"π_{t - 1}'s samples ({run_name})"))
+                samples_name = f"π_{t - 1}'s samples ({run_name})"
+                print0(format_reward_vs_gold(summary["reward_vs_gold"], samples_name))
         if dist.is_initialized():
             dist.barrier()
     # 4 + 5. Reference log-probs (once per iteration's pairs: π_0 never changes) and the policy update.
     if not has_model(here / "policy"):
         tokenizer = load_tokenizer(args.sft)
         pairs, example_groups = [], []
-        pairs_files = [run / f"iter{i}" / "pairs.jsonl" for i in (range(1, t + 1) if args.history == "all" else [t])]
+        pair_iterations = range(1, t + 1) if args.history == "all" else [t]
+        pairs_files = [run / f"iter{i}" / "pairs.jsonl" for i in pair_iterations]
         for path in pairs_files:
             iteration_pairs = load_records(path, "pairs", allow_empty=True)  # empty: every prompt was dropped
             kept, iteration_examples = tokenize_pairs(tokenizer, iteration_pairs, args.max_length)
@@ -512,16 +569,19 @@ def run_iteration(args, sources, dist_info):
                 example_groups.append((iteration_examples, path.with_name("ref_logps.jsonl")))
             pairs += kept
         if not example_groups:
-            raise InputError(f"no pairs to train on in {', '.join(map(str, pairs_files))}: every prompt's best and worst "
-                             f"responses were the same text or tied (see {here / 'summary.json'}); delete {here} and rerun "
-                             "with a larger --n or --temperature, or a smaller --reward-tolerance")
+            files = ", ".join(map(str, pairs_files))
+            raise InputError(f"no pairs to train on in {files}: every prompt's best and worst "
+                             f"responses were the same text or tied (see {here / 'summary.json'}); "
+                             f"delete {here} and rerun with a larger --n or --temperature, "
+                             "or a smaller --reward-tolerance")
         if args.lora_rank:
             # LoRA: π_0 with the adapter so far (π_{t−1} = π_0 + its adapter), so that the reference π_0
             # is this same model with its adapters off
             adapter = None if t == 1 else previous_policy / "adapter"
             if adapter is not None and not (adapter / "adapter_config.json").exists():
-                raise InputError(f"{adapter}: no LoRA adapter; with --lora-rank every iteration from the first must "
-                                 f"train with LoRA (delete {run} and start over, or drop --lora-rank)")
+                raise InputError(f"{adapter}: no LoRA adapter; with --lora-rank every iteration "
+                                 "from the first must train with LoRA "
+                                 f"(delete {run} and start over, or drop --lora-rank)")
             train(args, dist_info, args.sft, pairs, example_groups, here / "policy", adapter=adapter)
         else:
             train(args, dist_info, previous_policy, pairs, example_groups, here / "policy")
@@ -538,8 +598,8 @@ def prompt_chunk(args, t):
     size = math.ceil(len(prompts) / args.iterations)
     chunk = prompts[(t - 1) * size:t * size]
     if not chunk:
-        raise InputError(f"{args.prompts}: its {len(prompts)} prompts cut into --iterations {args.iterations} slices "
-                         f"leave none for iteration {t}")
+        raise InputError(f"{args.prompts}: its {len(prompts)} prompts cut into "
+                         f"--iterations {args.iterations} slices leave none for iteration {t}")
     return chunk, args.prompts
 
 
@@ -552,74 +612,107 @@ INPUT_SETTINGS = ("sft", "rm", "prompts", "iterations")
 # + seed (the samples' seeds derive from it); max_prompt_length decides which prompts are sampled.
 SAMPLING_SETTINGS = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "max_prompt_length")
 PAIRING_SETTINGS = ("pair_selection", "length_penalty", "missing_eos_penalty", "reward_tolerance", "history")
-TRAINING_SETTINGS = ("loss", "beta", "label_smoothing", "nll_coef", "lr", "epochs", "batch_size", "max_length", "max_steps",
-                     "warmup_ratio", "weight_decay", "grad_clip", "seed", "save_dtype", "lora_rank", "lora_alpha", "lora_dropout",
-                     "lora_targets")
+TRAINING_SETTINGS = ("loss", "beta", "label_smoothing", "nll_coef", "lr", "epochs", "batch_size",
+                     "max_length", "max_steps", "warmup_ratio", "weight_decay", "grad_clip", "seed",
+                     "save_dtype", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 RESULT_SETTINGS = INPUT_SETTINGS + SAMPLING_SETTINGS + PAIRING_SETTINGS + TRAINING_SETTINGS
 # Throughput settings: the same result whatever their value, up to floating-point summation order.
 # Saved in config.json (a batch size that fits the memory should carry over), free on a resume.
-THROUGHPUT_SETTINGS = ("micro_batch_size", "gen_batch_size", "chunk_size", "activation_checkpointing", "save_every")
+THROUGHPUT_SETTINGS = ("micro_batch_size", "gen_batch_size", "chunk_size", "activation_checkpointing",
+                       "save_every")
 RUN_SETTINGS = RESULT_SETTINGS + THROUGHPUT_SETTINGS
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     offline = parser.add_argument_group("offline")
     offline.add_argument("--pairs", help="preference pairs JSONL (offline mode)")
-    offline.add_argument("--model", help="starting policy = reference (offline mode; the SFT model)")
+    offline.add_argument("--model",
+                         help="starting policy = reference (offline mode; the SFT model)")
     offline.add_argument("--out", help="output folder (offline mode)")
-    offline.add_argument("--overwrite", action="store_true", help="offline: train again even if --out holds a model "
-                                                                  "(online: delete an iteration's folder to redo it)")
+    offline.add_argument("--overwrite", action="store_true",
+                         help="offline: train again even if --out holds a model "
+                              "(online: delete an iteration's folder to redo it)")
     online = parser.add_argument_group("online")
     online.add_argument("--iter", type=positive_int, help="run online iteration t (1-based)")
-    online.add_argument("--run-dir", "--run", dest="run_dir", help="the run's folder (iter{t}/ sub-folders, config.json)")
+    online.add_argument("--run-dir", "--run", dest="run_dir",
+                        help="the run's folder (iter{t}/ sub-folders, config.json)")
     online.add_argument("--sft", help="the SFT checkpoint: π_0, the first policy and the reference")
-    online.add_argument("--rm", help="the Bradley-Terry reward model folder (train_rm.py); 'gold' scores with the built-in "
-                                     "task's gold reward instead (the oracle control of run.sh)")
-    online.add_argument("--prompts", help="prompts JSONL; with '{t}' in the name, one file per iteration")
-    online.add_argument("--iterations", type=positive_int, default=3, help="slices of a single --prompts file")
-    online.add_argument("--n", "--num-samples", dest="n", type=checked_number(int, "≥ 2 (a pair needs two responses)", lambda n: n >= 2),
-                        default=8, help="responses per prompt (paper 1: 8)")
+    online.add_argument("--rm",
+                        help="the Bradley-Terry reward model folder (train_rm.py); 'gold' scores with "
+                             "the built-in task's gold reward instead (the oracle control of run.sh)")
+    online.add_argument("--prompts",
+                        help="prompts JSONL; with '{t}' in the name, one file per iteration")
+    online.add_argument("--iterations", type=positive_int, default=3,
+                        help="slices of a single --prompts file")
+    at_least_two = checked_number(int, "≥ 2 (a pair needs two responses)", lambda n: n >= 2)
+    online.add_argument("--n", "--num-samples", dest="n", type=at_least_two, default=8,
+                        help="responses per prompt (paper 1: 8)")
     online.add_argument("--temperature", type=positive_float, default=1.0,
-                        help="sampling temperature (paper 1: 1.0); > 0, since greedy decoding gives n identical responses")
-    online.add_argument("--top-p", type=positive_fraction, default=1.0, help="nucleus mass (1 = off)")
+                        help="sampling temperature (paper 1: 1.0); "
+                             "> 0, since greedy decoding gives n identical responses")
+    online.add_argument("--top-p", type=positive_fraction, default=1.0,
+                        help="nucleus mass (1 = off)")
     online.add_argument("--top-k", type=non_negative_int, default=0, help="top-k (0 = off)")
-    online.add_argument("--max-new-tokens", type=positive_int, default=2048, help="response length cap")
+    online.add_argument("--max-new-tokens", type=positive_int, default=2048,
+                        help="response length cap")
     online.add_argument("--max-prompt-length", type=positive_int, default=None,
-                        help="skip (and count) prompts longer than this many tokens; default: only the context limits them")
+                        help="skip (and count) prompts longer than this many tokens; "
+                             "default: only the context limits them")
     online.add_argument("--pair-selection", choices=PAIR_SELECTIONS, default="max_min",
-                        help="which two of a prompt's n responses make its pair (select_pairs): best vs worst (paper 1), "
-                             "best vs a random other, or two random ones")
-    online.add_argument("--length-penalty", type=non_negative_float, default=0.0, help="λ in r − λ·characters (paper 1's concise run: 0.001)")
+                        help="which two of a prompt's n responses make its pair (select_pairs): "
+                             "best vs worst (paper 1), best vs a random other, or two random ones")
+    online.add_argument("--length-penalty", type=non_negative_float, default=0.0,
+                        help="λ in r − λ·characters (paper 1's concise run: 0.001)")
     online.add_argument("--missing-eos-penalty", type=non_negative_float, default=0.0,
-                        help="subtract this from the reward of a response cut at --max-new-tokens without a stop token "
-                             "(TRL's missing_eos_penalty); their number is in summary.json")
-    online.add_argument("--reward-tolerance", type=non_negative_float, default=0.0, help="drop a prompt when best − worst reward ≤ this")
+                        help="subtract this from the reward of a response cut at --max-new-tokens "
+                             "without a stop token (TRL's missing_eos_penalty); "
+                             "their number is in summary.json")
+    online.add_argument("--reward-tolerance", type=non_negative_float, default=0.0,
+                        help="drop a prompt when best − worst reward ≤ this")
     online.add_argument("--history", choices=["all", "last"], default="all",
                         help="train on all pairs so far (paper) or the newest only (authors' code)")
     online.add_argument("--gen-batch-size", type=non_negative_int, default=0,
-                        help="decode slots per rank when sampling; 0: as many as fit in free GPU memory (64 on a CPU)")
-    online.add_argument("--chunk-size", type=positive_int, default=256, help="prompts per resumable sampling/scoring chunk")
+                        help="decode slots per rank when sampling; "
+                             "0: as many as fit in free GPU memory (64 on a CPU)")
+    online.add_argument("--chunk-size", type=positive_int, default=256,
+                        help="prompts per resumable sampling/scoring chunk")
     training = parser.add_argument_group("training")
-    training.add_argument("--loss", choices=["dpo", "ipo", "spce"], default="dpo", help="preference loss")
+    training.add_argument("--loss", choices=["dpo", "ipo", "spce"], default="dpo",
+                          help="preference loss")
     training.add_argument("--beta", type=positive_float, default=0.1, help="β (paper 1: 0.1)")
-    training.add_argument("--label-smoothing", type=checked_number(float, "in [0, 0.5)", lambda e: 0 <= e < 0.5), default=0.0,
+    smoothing_epsilon = checked_number(float, "in [0, 0.5)", lambda e: 0 <= e < 0.5)
+    training.add_argument("--label-smoothing", type=smoothing_epsilon, default=0.0,
                           help="cDPO ε: the label is wrong with probability ε (dpo/spce)")
-    training.add_argument("--nll-coef", type=non_negative_float, default=0.0, help="weight of the chosen response's per-token NLL (RPO)")
-    training.add_argument("--lr", type=positive_float, default=5e-7, help="peak learning rate (paper 1: 5e-7)")
-    training.add_argument("--epochs", type=positive_float, default=2.0, help="passes over the pairs (paper 1: 2)")
-    training.add_argument("--batch-size", type=positive_int, default=128, help="global batch in pairs (paper 1: 128)")
-    training.add_argument("--micro-batch-size", type=positive_int, default=4, help="pairs per forward per rank")
-    training.add_argument("--max-length", type=positive_int, default=4096, help="prompt + response tokens; longer responses are truncated (counted)")
-    training.add_argument("--max-steps", type=step_limit, default=-1, help="stop after this many steps (-1: epochs decide)")
-    training.add_argument("--warmup-ratio", type=fraction, default=0.03, help="linear warmup fraction of the cosine schedule")
-    training.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay")
-    training.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max gradient norm (0: off)")
-    training.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp", help="data parallelism under torchrun")
+    training.add_argument("--nll-coef", type=non_negative_float, default=0.0,
+                          help="weight of the chosen response's per-token NLL (RPO)")
+    training.add_argument("--lr", type=positive_float, default=5e-7,
+                          help="peak learning rate (paper 1: 5e-7)")
+    training.add_argument("--epochs", type=positive_float, default=2.0,
+                          help="passes over the pairs (paper 1: 2)")
+    training.add_argument("--batch-size", type=positive_int, default=128,
+                          help="global batch in pairs (paper 1: 128)")
+    training.add_argument("--micro-batch-size", type=positive_int, default=4,
+                          help="pairs per forward per rank")
+    training.add_argument("--max-length", type=positive_int, default=4096,
+                          help="prompt + response tokens; longer responses are truncated (counted)")
+    training.add_argument("--max-steps", type=step_limit, default=-1,
+                          help="stop after this many steps (-1: epochs decide)")
+    training.add_argument("--warmup-ratio", type=fraction, default=0.03,
+                          help="linear warmup fraction of the cosine schedule")
+    training.add_argument("--weight-decay", type=non_negative_float, default=0.0,
+                          help="AdamW weight decay")
+    training.add_argument("--grad-clip", type=non_negative_float, default=1.0,
+                          help="max gradient norm (0: off)")
+    training.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp",
+                          help="data parallelism under torchrun")
     training.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    training.add_argument("--seed", type=int, default=0, help="global seed (data order; sampling seeds derive from it and t)")
-    training.add_argument("--log-every", type=positive_int, default=10, help="print a step line every N steps")
+    training.add_argument("--seed", type=int, default=0,
+                          help="global seed (data order; sampling seeds derive from it and t)")
+    training.add_argument("--log-every", type=positive_int, default=10,
+                          help="print a step line every N steps")
     add_scale_flags(training)
     add_lora_flags(training)
     add_tracking_flags(training)
@@ -643,51 +736,61 @@ def resolve_settings(argv=None):
     on a rerun or resume), "config.json" (the run's, written by the latest iteration) or "default"."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    where = parser.parse_args(argv)  # first pass: which run and iteration (and any flag error, at once)
+    # first pass: which run and iteration (and any flag error, at once)
+    where = parser.parse_args(argv)
     sources = {action.dest: "default" for action in parser._actions}
     if where.iter is not None and where.run_dir is not None:
         # The run's saved settings become the parser's defaults: the command line still wins, in any spelling.
         run = Path(where.run_dir)
         saved = {}
-        for path in (run / "config.json", run / f"iter{where.iter}" / "settings.json"):  # later files win
+        # later files win
+        for path in (run / "config.json", run / f"iter{where.iter}" / "settings.json"):
             if path.exists():
                 try:
                     values = json.loads(path.read_text())
                 except json.JSONDecodeError as error:
-                    raise InputError(f"{path}: not valid JSON ({error.msg}); fix or delete it") from None
+                    raise InputError(f"{path}: not valid JSON ({error.msg}); "
+                                     "fix or delete it") from None
                 for name in RUN_SETTINGS:
                     if name in values:
-                        saved[name], sources[name] = values[name], str(path.relative_to(run))
+                        saved[name] = values[name]
+                        sources[name] = str(path.relative_to(run))
         parser.set_defaults(**saved)
     args = parser.parse_args(argv)
     for name in given_on_command_line(argv):
         sources[name] = "command line"
     # argparse checked the flags given, not the values read back: the same checks on those, naming the file.
     for action in parser._actions:
-        value, source = getattr(args, action.dest, None), sources.get(action.dest)
+        value = getattr(args, action.dest, None)
+        source = sources.get(action.dest)
         if source in (None, "command line", "default") or value is None:
             continue
         try:
             if action.type is not None:
                 action.type(value)
             if action.choices is not None and value not in action.choices:
-                raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+                choices = ", ".join(map(str, action.choices))
+                raise argparse.ArgumentTypeError(f"must be one of {choices}, got {value!r}")
         except argparse.ArgumentTypeError as error:
-            raise InputError(f"{Path(args.run_dir) / source}: {action.dest} {error}; fix it there or give "
+            record_path = Path(args.run_dir) / source
+            raise InputError(f"{record_path}: {action.dest} {error}; fix it there or give "
                              f"{action.option_strings[0]} on the command line") from None
 
     if args.iter is not None:
         if args.run_dir is None:
             parser.error("--iter needs --run-dir")
         if args.overwrite:
-            parser.error("--overwrite is for offline mode; to redo an online iteration delete its folder")
+            parser.error("--overwrite is for offline mode; "
+                         "to redo an online iteration delete its folder")
         if not (args.sft and args.rm and args.prompts):
-            parser.error(f"online mode needs --sft, --rm and --prompts: give them at iteration 1 (later iterations read "
-                         f"them from {Path(args.run_dir) / 'config.json'})")
+            parser.error(f"online mode needs --sft, --rm and --prompts: give them at iteration 1 "
+                         f"(later iterations read them from {Path(args.run_dir) / 'config.json'})")
     elif not (args.pairs and args.model and args.out):
-        parser.error("offline mode needs --pairs, --model and --out (or --iter and --run-dir for online mode)")
+        parser.error("offline mode needs --pairs, --model and --out "
+                     "(or --iter and --run-dir for online mode)")
     if args.iter is not None and args.gen_batch_size and args.n > args.gen_batch_size:
-        parser.error(f"--n {args.n} samples per prompt need --gen-batch-size {args.n} or more (it is {args.gen_batch_size})")
+        parser.error(f"--n {args.n} samples per prompt need --gen-batch-size {args.n} or more "
+                     f"(it is {args.gen_batch_size})")
     if args.label_smoothing and args.loss == "ipo":
         parser.error("--label-smoothing (cDPO) applies to --loss dpo or spce, not ipo")
     return args, sources
@@ -696,8 +799,11 @@ def resolve_settings(argv=None):
 def print_settings(args, sources, names, title):
     """One line per setting: name, value, where it came from."""
     values = {name: str(getattr(args, name)) for name in names}
-    name_width, value_width = max(map(len, names)), min(40, max(map(len, values.values())))
-    print0("\n".join([title] + [f"  {name:<{name_width}}  {values[name]:<{value_width}}  {sources[name]}" for name in names]))
+    name_width = max(map(len, names))
+    value_width = min(40, max(map(len, values.values())))
+    rows = [f"  {name:<{name_width}}  {values[name]:<{value_width}}  {sources[name]}"
+            for name in names]
+    print0("\n".join([title] + rows))
 
 
 def run_offline(args, sources, dist_info):
@@ -711,16 +817,20 @@ def run_offline(args, sources, dist_info):
     pairs = load_records(args.pairs, "pairs")
     kept, examples = tokenize_pairs(load_tokenizer(args.model), pairs, args.max_length)
     if not examples:
+        dropped_note = (f", all dropped because their prompt alone fills "
+                        f"--max-length {args.max_length}" if pairs else "")
         raise InputError(f"{args.pairs}: no pairs to train on ({len(pairs)} read"
-                         + (f", all dropped because their prompt alone fills --max-length {args.max_length}" if pairs else "")
+                         + dropped_note
                          + ")")
-    if args.overwrite and dist_info.is_main:  # start over: the old record and reference log-probs go too
+    # start over: the old record and reference log-probs go too
+    if args.overwrite and dist_info.is_main:
         for name in ("settings.json", "ref_logps.jsonl"):
             (out / name).unlink(missing_ok=True)
     if dist.is_initialized():
         dist.barrier()
     # ref_logps.jsonl survives a crash for the rerun to reuse, so it is recorded with its settings
-    check_settings(out / "settings.json", {k: getattr(args, k) for k in ("pairs", "model") + TRAINING_SETTINGS}, start_over=out)
+    offline_settings = {k: getattr(args, k) for k in ("pairs", "model") + TRAINING_SETTINGS}
+    check_settings(out / "settings.json", offline_settings, start_over=out)
     args.reference = args.model
     train(args, dist_info, args.model, kept, [(examples, out / "ref_logps.jsonl")], out)
 
@@ -735,8 +845,8 @@ def main(argv=None):
         require_model(plan_model, "--sft" if args.iter is not None else "--model")
     if plan_model is not None and has_model(plan_model):
         checkpointing, _ = scale_settings(args, dist_info.device)
-        print_stage_plan(plan_model, "dpo", dist_info, args.micro_batch_size, args.max_length, args.parallel, checkpointing,
-                         lora=lora_settings(args))
+        print_stage_plan(plan_model, "dpo", dist_info, args.micro_batch_size, args.max_length,
+                         args.parallel, checkpointing, lora=lora_settings(args))
     if args.dry_run:
         return destroy_distributed()
     if args.iter is not None:

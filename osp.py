@@ -47,12 +47,13 @@ import torch
 from tqdm import tqdm
 
 from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_resume_flag, add_scale_flags,
-                    add_tracking_flags, already_trained, autocast, finish_training_state, load_training_state,
-                    resume_settings, save_training_state,
-                    cosine_lr, default_dtype, destroy_distributed, encode_response, end_of_turn_ids, fraction, gathered,
-                    gradient_sync, init_distributed, load_for_training, load_frozen, load_tokenizer, lora_settings, make_optimizer,
-                    non_negative_float, non_negative_int, optimizer_step, positive_float, positive_fraction, positive_int, print0,
-                    run_cli, save_checkpoint, scale_settings, seed_everything, set_lr, stop_token_ids, unwrap)
+                    add_tracking_flags, already_trained, autocast, cosine_lr, default_dtype,
+                    destroy_distributed, encode_response, end_of_turn_ids, finish_training_state, fraction,
+                    gathered, gradient_sync, init_distributed, load_for_training, load_frozen, load_tokenizer,
+                    load_training_state, lora_settings, make_optimizer, non_negative_float, non_negative_int,
+                    optimizer_step, positive_float, positive_fraction, positive_int, print0, resume_settings,
+                    run_cli, save_checkpoint, save_training_state, scale_settings, seed_everything, set_lr,
+                    stop_token_ids, unwrap)
 from data.judge import JUDGE_TEMPLATES
 from data.schema import load_records
 from dpo import k3_kl, preference_loss, token_logps
@@ -123,11 +124,13 @@ def rollout(engine, tokenizer, prompt_records, args, step, device):
     engine.model.eval()
     t0 = time.time()
     with gathered(engine.model), autocast(engine.model, device):
-        samples = generate_records(engine, tokenizer, prompt_records, args.k, args.max_new_tokens, args.temperature,
-                                   top_p=args.top_p, seed=args.seed * 1_000_003 + step)
+        samples = generate_records(engine, tokenizer, prompt_records, args.k, args.max_new_tokens,
+                                   args.temperature, top_p=args.top_p,
+                                   seed=args.seed * 1_000_003 + step)
     tokens = sum(sum(record["num_tokens"]) for record in samples)
     cut = [[reason == "length" for reason in record["finish_reasons"]] for record in samples]
-    return [record["responses"] for record in samples], cut, tokens / (time.time() - t0)
+    texts = [record["responses"] for record in samples]
+    return texts, cut, tokens / (time.time() - t0)
 
 
 @torch.no_grad()
@@ -136,9 +139,10 @@ def judge_self_scores(judge, judge_tokenizer, template, prompt_messages, respons
     (read on the host: the ranking is done there)."""
     flat_prompts = [messages for messages, texts in zip(prompt_messages, responses) for _ in texts]
     flat_responses = [text for texts in responses for text in texts]
+    empty_responses = [""] * len(flat_responses)
     with autocast(judge, device):
-        scores = pairwise_preference(judge, judge_tokenizer, flat_prompts, flat_responses, [""] * len(flat_responses),
-                                     device, template)
+        scores = pairwise_preference(judge, judge_tokenizer, flat_prompts, flat_responses,
+                                     empty_responses, device, template)
     return scores.view(len(responses), -1).tolist()
 
 
@@ -147,7 +151,8 @@ def penalise_missing_eos(self_scores, cut, penalty):
     (TRL's missing_eos_penalty, there on a reward), so that it ranks below the answers that ended.
     It changes which responses pair up, and for DPO / IPO which one is chosen; a pair's target
     strength stays the judge's own."""
-    return [[s - penalty * c for s, c in zip(scores, cuts)] for scores, cuts in zip(self_scores, cut)]
+    return [[s - penalty * c for s, c in zip(scores, cuts)]
+            for scores, cuts in zip(self_scores, cut)]
 
 
 def make_pairs(self_scores, pairing, rng):
@@ -165,13 +170,15 @@ def target_strengths(judge, judge_tokenizer, template, prompt_messages, response
     1 for RAFT's single responses (the best is taken as simply right)."""
     if pairs and pairs[0][2] is None:
         return torch.ones(len(pairs), device=device)
+    prompts = [prompt_messages[row] for row, _, _ in pairs]
+    chosen = [responses[row][hi] for row, hi, _ in pairs]
+    rejected = [responses[row][lo] for row, _, lo in pairs]
     with autocast(judge, device):
-        return pairwise_preference(judge, judge_tokenizer, [prompt_messages[row] for row, _, _ in pairs],
-                                   [responses[row][hi] for row, hi, _ in pairs],
-                                   [responses[row][lo] for row, _, lo in pairs], device, template)
+        return pairwise_preference(judge, judge_tokenizer, prompts, chosen, rejected, device, template)
 
 
-def pair_losses(policy, reference, prompt_tokens, chosen_tokens, rejected_tokens, targets, args, pad_id, device):
+def pair_losses(policy, reference, prompt_tokens, chosen_tokens, rejected_tokens, targets, args, pad_id,
+                device):
     """The loss of each pair of a micro-batch (B,), with h (B,), the implicit preference's argument,
     and KL(π_θ‖π_SFT) on each pair's responses, averaged (B,) (both detached, for the metrics; the
     responses are π_θ's own samples, so dpo.k3_kl applies). rejected_tokens None: RAFT, per-token
@@ -189,8 +196,8 @@ def pair_losses(policy, reference, prompt_tokens, chosen_tokens, rejected_tokens
         return -sums / counts, torch.zeros_like(ref_sums), kl
     n = len(prompt_tokens)
     # The token counts make IPO use length-normalised log-probs (dpo.preference_loss, as in dpo.py).
-    per_pair = preference_loss(sums[:n], sums[n:], ref_sums[:n], ref_sums[n:], args.beta, args.loss, targets,
-                               chosen_tokens=counts[:n], rejected_tokens=counts[n:])
+    per_pair = preference_loss(sums[:n], sums[n:], ref_sums[:n], ref_sums[n:], args.beta, args.loss,
+                               targets, chosen_tokens=counts[:n], rejected_tokens=counts[n:])
     log_ratios = (sums.detach() - ref_sums).view(2, n)                    # (chosen, rejected) × B
     return per_pair, log_ratios[0] - log_ratios[1], kl.view(2, n).mean(0)
 
@@ -200,10 +207,12 @@ def encode_pairs(tokenizer, responses, pairs):
     the text, then the end-of-turn token): [(chosen ids, rejected ids or None for RAFT)]."""
     end_of_turn = end_of_turn_ids(tokenizer)
     return [(encode_response(tokenizer, responses[row][hi], end_of_turn),
-             None if lo is None else encode_response(tokenizer, responses[row][lo], end_of_turn)) for row, hi, lo in pairs]
+             None if lo is None else encode_response(tokenizer, responses[row][lo], end_of_turn))
+            for row, hi, lo in pairs]
 
 
-def update(policy, reference, optimizer, prompt_tokens, pairs, pair_tokens, targets, args, step, world_size, pad_id, device):
+def update(policy, reference, optimizer, prompt_tokens, pairs, pair_tokens, targets, args, step, world_size,
+           pad_id, device):
     """4. One optimizer step of the loss, averaged over all pairs of the global batch (every rank
     holds the same number, from its own prompts). pairs: (row, chosen, rejected) as make_pairs gives
     them, pair_tokens: their token ids (encode_pairs), prompt_tokens: this rank's prompts' ids by row.
@@ -218,14 +227,17 @@ def update(policy, reference, optimizer, prompt_tokens, pairs, pair_tokens, targ
     for m, indices in enumerate(micro_batches):
         chosen = [pair_tokens[i][0] for i in indices]
         rejected = None if args.pairing == "best" else [pair_tokens[i][1] for i in indices]
+        prompt_ids = [prompt_tokens[pairs[i][0]] for i in indices]
+        micro_targets = targets[indices.start:indices.stop]
         with gradient_sync(policy, sync=m == len(micro_batches) - 1), autocast(policy, device):
-            per_pair, h, kl = pair_losses(policy, reference, [prompt_tokens[pairs[i][0]] for i in indices], chosen,
-                                          rejected, targets[indices.start:indices.stop], args, pad_id, device)
+            per_pair, h, kl = pair_losses(policy, reference, prompt_ids, chosen, rejected, micro_targets,
+                                          args, pad_id, device)
             # Mean over the global batch's pairs (× world size: gradients are averaged over ranks).
             (per_pair.sum() / global_pairs * world_size).backward()
-        sums.add(loss=per_pair, target=targets[indices.start:indices.stop], implicit=torch.sigmoid(args.beta * h),
+        sums.add(loss=per_pair, target=micro_targets, implicit=torch.sigmoid(args.beta * h),
                  kl=kl, pairs=len(indices))
-    return sums, optimizer_step(policy, optimizer, args.grad_clip)
+    grad_norm = optimizer_step(policy, optimizer, args.grad_clip)
+    return sums, grad_norm
 
 
 def gold_sums(prompt_messages, responses, pairs, targets):
@@ -233,13 +245,16 @@ def gold_sums(prompt_messages, responses, pairs, targets):
     differ (and the judge is not indifferent), whether the judge's target sides with gold. Sums, for
     StepSums; the comparison with the targets stays on the device."""
     from data.task import score as gold_score
-    gold = [[gold_score(messages, text) for text in texts] for messages, texts in zip(prompt_messages, responses)]
+    gold = [[gold_score(messages, text) for text in texts]
+            for messages, texts in zip(prompt_messages, responses)]
     sums = dict(gold=sum(map(sum, gold)))
     if pairs and pairs[0][2] is not None:
-        gold_sign = torch.tensor([float(gold[row][hi] > gold[row][lo]) - float(gold[row][hi] < gold[row][lo])
-                                  for row, hi, lo in pairs], device=targets.device)          # (P,) +1, −1 or 0
+        signs = [float(gold[row][hi] > gold[row][lo]) - float(gold[row][hi] < gold[row][lo])
+                 for row, hi, lo in pairs]
+        gold_sign = torch.tensor(signs, device=targets.device)  # (P,) +1, −1 or 0
         decided = (gold_sign != 0) & (targets != 0.5)
-        sums.update(judge_decided=decided, judge_agrees=decided & ((gold_sign > 0) == (targets > 0.5)))
+        agrees = decided & ((gold_sign > 0) == (targets > 0.5))
+        sums.update(judge_decided=decided, judge_agrees=agrees)
     return sums
 
 
@@ -247,19 +262,23 @@ def log_step(metrics, totals, step, lr, seconds, args, is_main):
     """5. The step's metrics line (metrics.jsonl) from the reduced sums, and a step line every --log-every."""
     pairs, responses = totals["pairs"], totals["responses"]
     line = dict(step=step + 1, loss=totals["loss"] / pairs, target_strength=totals["target"] / pairs,
-                implicit_strength=totals["implicit"] / pairs, kl=totals["kl"] / pairs, grad_norm=totals["grad_norm"], lr=lr,
-                mean_length_chars=totals["length_chars"] / responses, missing_eos=totals["missing_eos"] / responses,
-                ms=seconds * 1000)
+                implicit_strength=totals["implicit"] / pairs, kl=totals["kl"] / pairs,
+                grad_norm=totals["grad_norm"], lr=lr,
+                mean_length_chars=totals["length_chars"] / responses,
+                missing_eos=totals["missing_eos"] / responses, ms=seconds * 1000)
     if args.gold:
         line["gold_mean"] = totals["gold"] / responses
         decided = totals.get("judge_decided", 0)
         line["judge_gold_agreement"] = totals["judge_agrees"] / decided if decided else float("nan")
     metrics.log(**line)
     if is_main and (step % args.log_every == 0 or step == args.steps - 1):
-        gold_text = f" | gold {line['gold_mean']:.3f} | judge~gold {line['judge_gold_agreement']:.2f}" if args.gold else ""
-        tqdm.write(f"step {step + 1}/{args.steps} | loss {line['loss']:.4f} | target {line['target_strength']:.3f} | "
-                   f"implicit {line['implicit_strength']:.3f} | kl {line['kl']:+.3f} | len {line['mean_length_chars']:.1f}"
-                   f"{gold_text} | grad {line['grad_norm']:.3f} | lr {lr:.2e} | {line['ms']:.0f} ms")
+        gold_text = (f" | gold {line['gold_mean']:.3f}"
+                     f" | judge~gold {line['judge_gold_agreement']:.2f}" if args.gold else "")
+        tqdm.write(f"step {step + 1}/{args.steps} | loss {line['loss']:.4f} | "
+                   f"target {line['target_strength']:.3f} | "
+                   f"implicit {line['implicit_strength']:.3f} | "
+                   f"kl {line['kl']:+.3f} | len {line['mean_length_chars']:.1f}{gold_text} | "
+                   f"grad {line['grad_norm']:.3f} | lr {lr:.2e} | {line['ms']:.0f} ms")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,51 +286,79 @@ def log_step(metrics, totals, step, lr, seconds, args, is_main):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("--model", required=True, help="π_SFT: the initial policy and the reference")
-    parser.add_argument("--judge", default=None, help="the judge (π_SFT after preference augmentation); default --model")
+    parser.add_argument("--model", required=True,
+                        help="π_SFT: the initial policy and the reference")
+    parser.add_argument("--judge", default=None,
+                        help="the judge (π_SFT after preference augmentation); default --model")
     parser.add_argument("--prompts", required=True, help="prompts JSONL (id, messages)")
     parser.add_argument("--out", required=True, help="output checkpoint folder (+ metrics.jsonl)")
-    parser.add_argument("--overwrite", action="store_true", help="train again even if --out already holds a model")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train again even if --out already holds a model")
     add_scale_flags(parser)
     add_lora_flags(parser)
     add_tracking_flags(parser)
     add_resume_flag(parser)
     parser.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp",
-                        help="data parallelism of the policy under torchrun (fsdp: the reference and judge are sharded too)")
-    parser.add_argument("--steps", type=positive_int, default=100, help="training steps (one batch of prompts each)")
-    parser.add_argument("--batch-size", type=positive_int, default=16, help="prompts per step, over all ranks (paper 2: 16)")
-    parser.add_argument("--micro-batch-size", type=positive_int, default=8, help="pairs per forward per rank")
-    parser.add_argument("--k", type=positive_int, default=7, help="responses sampled per prompt (paper 2: K = 7)")
-    parser.add_argument("--loss", choices=["spce", "dpo", "ipo"], default="spce", help="preference loss (ablation)")
-    parser.add_argument("--pairing", choices=["ranked", "random", "best"], default="ranked", help="pair construction (ablation)")
-    parser.add_argument("--sampling", choices=["policy", "sft"], default="policy", help="sample from the current policy (on-policy) or π_SFT")
-    parser.add_argument("--beta", type=positive_float, default=0.001, help="β (paper 2: 0.001 dialogue, 0.02 summarization)")
-    parser.add_argument("--lr", type=positive_float, default=2e-6, help="peak learning rate (paper 2: 2e-6)")
-    parser.add_argument("--warmup-ratio", type=fraction, default=0.03, help="linear warmup fraction of the cosine schedule")
+                        help="data parallelism of the policy under torchrun "
+                             "(fsdp: the reference and judge are sharded too)")
+    parser.add_argument("--steps", type=positive_int, default=100,
+                        help="training steps (one batch of prompts each)")
+    parser.add_argument("--batch-size", type=positive_int, default=16,
+                        help="prompts per step, over all ranks (paper 2: 16)")
+    parser.add_argument("--micro-batch-size", type=positive_int, default=8,
+                        help="pairs per forward per rank")
+    parser.add_argument("--k", type=positive_int, default=7,
+                        help="responses sampled per prompt (paper 2: K = 7)")
+    parser.add_argument("--loss", choices=["spce", "dpo", "ipo"], default="spce",
+                        help="preference loss (ablation)")
+    parser.add_argument("--pairing", choices=["ranked", "random", "best"], default="ranked",
+                        help="pair construction (ablation)")
+    parser.add_argument("--sampling", choices=["policy", "sft"], default="policy",
+                        help="sample from the current policy (on-policy) or π_SFT")
+    parser.add_argument("--beta", type=positive_float, default=0.001,
+                        help="β (paper 2: 0.001 dialogue, 0.02 summarization)")
+    parser.add_argument("--lr", type=positive_float, default=2e-6,
+                        help="peak learning rate (paper 2: 2e-6)")
+    parser.add_argument("--warmup-ratio", type=fraction, default=0.03,
+                        help="linear warmup fraction of the cosine schedule")
     parser.add_argument("--temperature", type=positive_float, default=0.7,
-                        help="sampling temperature (paper 2: 0.7); > 0, since greedy decoding gives K identical responses")
-    parser.add_argument("--top-p", type=positive_fraction, default=0.9, help="nucleus sampling mass (paper 2: 0.9)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=512, help="response length cap (paper 2: 512/768)")
+                        help="sampling temperature (paper 2: 0.7); "
+                             "> 0, since greedy decoding gives K identical responses")
+    parser.add_argument("--top-p", type=positive_fraction, default=0.9,
+                        help="nucleus sampling mass (paper 2: 0.9)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=512,
+                        help="response length cap (paper 2: 512/768)")
     parser.add_argument("--missing-eos-penalty", type=non_negative_float, default=0.0,
-                        help="subtract this from the self-score of a response cut at --max-new-tokens without a stop "
-                             "token, before ranking (TRL's missing_eos_penalty); metrics.jsonl's missing_eos: their share")
+                        help="subtract this from the self-score of a response cut at --max-new-tokens "
+                             "without a stop token, before ranking (TRL's missing_eos_penalty); "
+                             "metrics.jsonl's missing_eos: their share")
     parser.add_argument("--max-prompt-length", type=positive_int, default=None,
-                        help="skip (and count) prompts longer than this many tokens; default: only the context limits them")
+                        help="skip (and count) prompts longer than this many tokens; "
+                             "default: only the context limits them")
     parser.add_argument("--judge-template", default=None,
-                        help=f"judge instruction: one of {sorted(JUDGE_TEMPLATES)} or a text file with {{context}}, {{response_a}}, "
-                             "{response_b}; default: the judge's judge_template.txt (a train_rm.py pairwise model), else 'dialogue'")
-    parser.add_argument("--gold", action="store_true", help="log agreement of the judge with the built-in task's gold scorer")
-    parser.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max gradient norm (0: off)")
+                        help=f"judge instruction: one of {sorted(JUDGE_TEMPLATES)} or a text file with "
+                             f"{{context}}, {{response_a}}, {{response_b}}; "
+                             "default: the judge's judge_template.txt (a train_rm.py pairwise model), "
+                             "else 'dialogue'")
+    parser.add_argument("--gold", action="store_true",
+                        help="log agreement of the judge with the built-in task's gold scorer")
+    parser.add_argument("--grad-clip", type=non_negative_float, default=1.0,
+                        help="max gradient norm (0: off)")
     parser.add_argument("--snapshot-every", type=non_negative_int, default=0,
-                        help="also save the policy as an HF checkpoint in OUT/step{N}/ every N steps (0: only at the end)")
+                        help="also save the policy as an HF checkpoint in OUT/step{N}/ every N steps "
+                             "(0: only at the end)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--seed", type=int, default=0, help="global seed (prompt order, sampling streams)")
-    parser.add_argument("--log-every", type=positive_int, default=1, help="print a step line every N steps")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="global seed (prompt order, sampling streams)")
+    parser.add_argument("--log-every", type=positive_int, default=1,
+                        help="print a step line every N steps")
     args = parser.parse_args(argv)
     if args.k < 2 and args.pairing != "best":
-        parser.error(f"--k {args.k}: pairs need at least 2 responses per prompt (or --pairing best)")
+        parser.error(f"--k {args.k}: pairs need at least 2 responses per prompt "
+                     "(or --pairing best)")
     return args
 
 
@@ -325,7 +372,8 @@ def main(argv=None):
     device, world_size = dist_info.device, dist_info.world_size
     seed_everything(args.seed)
     if args.batch_size % world_size:
-        raise InputError(f"--batch-size {args.batch_size} must be a multiple of the number of ranks ({world_size})")
+        raise InputError(f"--batch-size {args.batch_size} must be a multiple of "
+                         f"the number of ranks ({world_size})")
     if already_trained(args.out, args.overwrite):
         return destroy_distributed()
     # The policy (FSDP or DDP), π_SFT as reference and judge beside it (with LoRA: the policy with its
@@ -333,8 +381,9 @@ def main(argv=None):
     checkpointing, save_dtype = scale_settings(args, device)
     lora = lora_settings(args)
     sequence = (args.max_prompt_length or 512) + args.max_new_tokens
-    print_stage_plan(args.model, "osp", dist_info, args.micro_batch_size, sequence, args.parallel, checkpointing, lora=lora,
-                     prompts_per_rank=args.batch_size // world_size, k=args.k, prompt_len=args.max_prompt_length or 512,
+    print_stage_plan(args.model, "osp", dist_info, args.micro_batch_size, sequence, args.parallel,
+                     checkpointing, lora=lora, prompts_per_rank=args.batch_size // world_size,
+                     k=args.k, prompt_len=args.max_prompt_length or 512,
                      separate_judge=args.judge not in (None, args.model))
     if args.dry_run:
         return destroy_distributed()
@@ -351,7 +400,8 @@ def main(argv=None):
 
     compute_dtype = default_dtype(device)
     tokenizer = load_tokenizer(args.model)
-    policy = load_for_training(args.model, args.parallel, dist_info, activation_checkpointing=checkpointing, lora=lora)
+    policy = load_for_training(args.model, args.parallel, dist_info,
+                               activation_checkpointing=checkpointing, lora=lora)
     reference = None if lora is not None else load_frozen(args.model, args.parallel, dist_info)
     same_judge = args.judge in (None, args.model)
     judge = reference if same_judge else load_frozen(args.judge, args.parallel, dist_info)
@@ -359,7 +409,8 @@ def main(argv=None):
     optimizer = make_optimizer(policy, args.lr)
     # Every prompt is checked against the context up front, on every rank (generate.encode_prompts);
     # those over --max-prompt-length are left out of the prompts the steps draw from.
-    prompts, prompt_tokens = encode_prompts(tokenizer, prompts, args.max_new_tokens, unwrap(policy).config.max_position_embeddings,
+    context = unwrap(policy).config.max_position_embeddings
+    prompts, prompt_tokens = encode_prompts(tokenizer, prompts, args.max_new_tokens, context,
                                             args.prompts, args.max_prompt_length)
     local_batch = args.batch_size // world_size
     # The sampler reads the policy's (or π_SFT's) weights in place: after each optimizer step the next
@@ -378,34 +429,43 @@ def main(argv=None):
     start = load_training_state(args.out, policy, optimizer, resume_settings(args), rng=pairing_rng)
     for _ in range(start):
         next(batches)
-    metrics = MetricsLogger(Path(args.out) / "metrics.jsonl", enabled=dist_info.is_main, report_to=args.report_to,
+    metrics_path = Path(args.out) / "metrics.jsonl"
+    metrics = MetricsLogger(metrics_path, enabled=dist_info.is_main, report_to=args.report_to,
                             run_name=f"osp {args.out}", config=vars(args), resume_step=start)
-    bar = tqdm(range(start, args.steps), desc=f"osp ({args.loss}, {args.pairing})", initial=start, total=args.steps,
-               disable=not dist_info.is_main)
+    bar = tqdm(range(start, args.steps), desc=f"osp ({args.loss}, {args.pairing})", initial=start,
+               total=args.steps, disable=not dist_info.is_main)
     for step in bar:
         t0 = time.time()
-        mine = next(batches)[dist_info.rank * local_batch:(dist_info.rank + 1) * local_batch]
+        global_batch = next(batches)
+        mine = global_batch[dist_info.rank * local_batch:(dist_info.rank + 1) * local_batch]
         messages = [prompts[i]["messages"] for i in mine]
+        prompt_records = [prompts[i] for i in mine]
         with sft_view(reference, policy) if args.sampling == "sft" else contextlib.nullcontext():
-            responses, cut, tokens_per_second = rollout(engine, tokenizer, [prompts[i] for i in mine], args, step, device)
+            responses, cut, tokens_per_second = rollout(engine, tokenizer, prompt_records, args, step, device)
         bar.set_postfix_str(f"rollout {tokens_per_second:,.0f} tok/s", refresh=False)
         # the judge is read at one position per query, outside forward: gathered whole (common.gathered)
         with sft_view(judge, policy) as judge_model, gathered(judge_model):
-            self_scores = judge_self_scores(judge_model, judge_tokenizer, template, messages, responses, device)
+            self_scores = judge_self_scores(judge_model, judge_tokenizer, template,
+                                            messages, responses, device)
             self_scores = penalise_missing_eos(self_scores, cut, args.missing_eos_penalty)
             pairs = make_pairs(self_scores, args.pairing, pairing_rng)
-            targets = target_strengths(judge_model, judge_tokenizer, template, messages, responses, pairs, device)
-        sums, grad_norm = update(policy, reference, optimizer, [prompt_tokens[i] for i in mine], pairs,
-                                 encode_pairs(tokenizer, responses, pairs), targets, args, step, world_size,
-                                 tokenizer.pad_token_id, device)
+            targets = target_strengths(judge_model, judge_tokenizer, template,
+                                       messages, responses, pairs, device)
+        my_prompt_tokens = [prompt_tokens[i] for i in mine]
+        pair_tokens = encode_pairs(tokenizer, responses, pairs)
+        sums, grad_norm = update(policy, reference, optimizer, my_prompt_tokens, pairs, pair_tokens,
+                                 targets, args, step, world_size, tokenizer.pad_token_id, device)
         sums.add(length_chars=sum(len(text) for texts in responses for text in texts),
                  responses=sum(map(len, responses)), missing_eos=sum(map(sum, cut)))
         if args.gold:
             sums.add(**gold_sums(messages, responses, pairs, targets))
         totals = sums.reduce(device, grad_norm=grad_norm)  # the step's one all-reduce and host read
-        log_step(metrics, totals, step, optimizer.param_groups[0]["lr"], time.time() - t0, args, dist_info.is_main)
+        lr = optimizer.param_groups[0]["lr"]
+        seconds = time.time() - t0
+        log_step(metrics, totals, step, lr, seconds, args, dist_info.is_main)
         if args.snapshot_every and (step + 1) % args.snapshot_every == 0 and step + 1 < args.steps:
-            save_checkpoint(policy, Path(args.out) / f"step{step + 1}", tokenizer, source_dir=args.model, dtype=save_dtype)
+            snapshot_dir = Path(args.out) / f"step{step + 1}"
+            save_checkpoint(policy, snapshot_dir, tokenizer, source_dir=args.model, dtype=save_dtype)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             save_training_state(args.out, step + 1, policy, optimizer, resume_settings(args), rng=pairing_rng)
 
@@ -413,7 +473,8 @@ def main(argv=None):
     # Save
 
     metrics.close()
-    save_checkpoint(policy, args.out, tokenizer, source_dir=args.model, dtype=save_dtype, save_adapter=args.save_adapter)
+    save_checkpoint(policy, args.out, tokenizer, source_dir=args.model, dtype=save_dtype,
+                    save_adapter=args.save_adapter)
     finish_training_state(args.out)
     print0(f"saved {args.out}")
     destroy_distributed()

@@ -29,11 +29,12 @@ from tqdm import tqdm
 
 from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_resume_flag, add_scale_flags,
                     add_tracking_flags, already_trained, autocast, batch_schedule, cosine_lr, default_dtype,
-                    destroy_distributed, encode_conversation, end_of_turn_ids, finish_training_state, fraction,
-                    gradient_sync, init_distributed, load_for_training, load_tokenizer, load_training_state,
-                    lora_settings, make_optimizer, non_negative_float, optimizer_step, positive_float, positive_int,
-                    print0, rank_micro_batches, resume_settings, run_cli, save_checkpoint, save_training_state,
-                    scale_settings, seed_everything, set_lr, step_limit, unwrap)
+                    destroy_distributed, encode_conversation, end_of_turn_ids, finish_training_state,
+                    fraction, gradient_sync, init_distributed, load_for_training, load_tokenizer,
+                    load_training_state, lora_settings, make_optimizer, non_negative_float, optimizer_step,
+                    positive_float, positive_int, print0, rank_micro_batches, resume_settings, run_cli,
+                    save_checkpoint, save_training_state, scale_settings, seed_everything, set_lr, step_limit,
+                    unwrap)
 from data.schema import load_records
 from memory_plan import print_stage_plan
 
@@ -42,27 +43,46 @@ from memory_plan import print_stage_plan
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("--model", required=True, help="HF checkpoint folder (or, with --scratch, a folder with config.json + tokenizer)")
-    parser.add_argument("--scratch", action="store_true", help="initialise weights randomly from the folder's config.json")
+    parser.add_argument("--model", required=True,
+                        help="HF checkpoint folder (or, with --scratch, "
+                             "a folder with config.json + tokenizer)")
+    parser.add_argument("--scratch", action="store_true",
+                        help="initialise weights randomly from the folder's config.json")
     parser.add_argument("--data", required=True, help="chat JSONL with a 'messages' list per line")
     parser.add_argument("--out", required=True, help="output checkpoint folder")
-    parser.add_argument("--lr", type=positive_float, default=2e-5, help="peak learning rate (paper 1: 2e-5)")
-    parser.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the data (fractions allowed)")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="global batch, in packed blocks per optimizer step")
-    parser.add_argument("--micro-batch-size", type=positive_int, default=4, help="blocks per forward pass on each rank (gradient accumulation makes up the rest)")
-    parser.add_argument("--block-size", type=positive_int, default=2048, help="tokens per packed block (paper 1: 8192)")
-    parser.add_argument("--max-steps", type=step_limit, default=-1, help="stop after this many optimizer steps (-1: epochs decide)")
-    parser.add_argument("--warmup-ratio", type=fraction, default=0.03, help="fraction of steps with linear warmup")
-    parser.add_argument("--min-lr-ratio", type=fraction, default=0.0, help="cosine decays to this fraction of --lr")
-    parser.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay")
-    parser.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max global gradient norm (0: off)")
-    parser.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp", help="data parallelism under torchrun")
+    parser.add_argument("--lr", type=positive_float, default=2e-5,
+                        help="peak learning rate (paper 1: 2e-5)")
+    parser.add_argument("--epochs", type=positive_float, default=1.0,
+                        help="passes over the data (fractions allowed)")
+    parser.add_argument("--batch-size", type=positive_int, default=32,
+                        help="global batch, in packed blocks per optimizer step")
+    parser.add_argument("--micro-batch-size", type=positive_int, default=4,
+                        help="blocks per forward pass on each rank "
+                             "(gradient accumulation makes up the rest)")
+    parser.add_argument("--block-size", type=positive_int, default=2048,
+                        help="tokens per packed block (paper 1: 8192)")
+    parser.add_argument("--max-steps", type=step_limit, default=-1,
+                        help="stop after this many optimizer steps (-1: epochs decide)")
+    parser.add_argument("--warmup-ratio", type=fraction, default=0.03,
+                        help="fraction of steps with linear warmup")
+    parser.add_argument("--min-lr-ratio", type=fraction, default=0.0,
+                        help="cosine decays to this fraction of --lr")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=0.0,
+                        help="AdamW weight decay")
+    parser.add_argument("--grad-clip", type=non_negative_float, default=1.0,
+                        help="max global gradient norm (0: off)")
+    parser.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp",
+                        help="data parallelism under torchrun")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--seed", type=int, default=0, help="global seed (packing and data order, init)")
-    parser.add_argument("--log-every", type=positive_int, default=10, help="print a step line every N steps")
-    parser.add_argument("--overwrite", action="store_true", help="retrain even if --out already holds a checkpoint")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="global seed (packing and data order, init)")
+    parser.add_argument("--log-every", type=positive_int, default=10,
+                        help="print a step line every N steps")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="retrain even if --out already holds a checkpoint")
     add_scale_flags(parser)
     add_lora_flags(parser)
     add_tracking_flags(parser)
@@ -85,7 +105,8 @@ def tokenize_conversations(tokenizer, conversations, block_size, show_progress):
         if len(ids) > block_size:
             truncated += 1
             ids, is_assistant = ids[:block_size], is_assistant[:block_size]
-        targets = [ids[t + 1] if is_assistant[t + 1] else -100 for t in range(len(ids) - 1)] + [-100]
+        targets = [ids[t + 1] if is_assistant[t + 1] else -100 for t in range(len(ids) - 1)]
+        targets.append(-100)
         if all(target == -100 for target in targets):
             dropped += 1
             continue
@@ -129,32 +150,41 @@ def make_batch(block_indices, blocks, documents, block_size, pad_id, device):
             position_ids[row, start:end] = torch.arange(len(ids))
             document_ids[row, start:end] = doc_number
             start = end
-    num_targets = int((targets != -100).sum())  # counted here, on the host, before the copy to the device
-    return [t.to(device) for t in (input_ids, targets, position_ids, document_ids)] + [num_targets]
+    # counted here, on the host, before the copy to the device
+    num_targets = int((targets != -100).sum())
+    device_tensors = [t.to(device) for t in (input_ids, targets, position_ids, document_ids)]
+    return device_tensors + [num_targets]
 
 
 def train_step(model, optimizer, micro_batches, grad_clip, world_size, device):
     """One optimizer step on this rank's micro-batches [(input ids, targets, positions, document ids,
-    number of targets)] (make_batch). Returns the step's StepSums (on the device), the gradient norm and the global count
-    of assistant tokens (tensors: no host read here; memory_trace.py runs this same function).
+    number of targets)] (make_batch). Returns the step's StepSums (on the device), the gradient norm
+    and the global count of assistant tokens (tensors: no host read here; memory_trace.py runs this
+    same function).
 
     Loss = −(sum of assistant-token log-probs) / (number of assistant tokens in the whole global
     batch). Each rank divides by the global count and multiplies by world size because the
     gradient all-reduce averages over ranks; every token then weighs the same however the tokens
     fall across ranks and micro-batches. The count stays a device tensor (all-reduced, not read)."""
-    valid_tokens = torch.tensor(sum(batch[-1] for batch in micro_batches), device=device)  # ()
+    rank_tokens = sum(batch[-1] for batch in micro_batches)
+    valid_tokens = torch.tensor(rank_tokens, device=device)  # ()
     if dist.is_initialized():
         dist.all_reduce(valid_tokens)
     sums = StepSums()
     for i, (input_ids, targets, position_ids, document_ids, num_targets) in enumerate(micro_batches):
         with gradient_sync(model, sync=i == len(micro_batches) - 1):
             with autocast(model, device):
-                logps = model(input_ids, position_ids=position_ids, document_ids=document_ids, targets=targets,
+                logps = model(input_ids,
+                              position_ids=position_ids,
+                              document_ids=document_ids,
+                              targets=targets,
                               num_targets=num_targets)  # (B, T)
             loss = -logps.sum() / valid_tokens.clamp(min=1) * world_size
             loss.backward()
-        sums.add(loss=loss / world_size)  # summed over micro-batches and ranks: the global mean loss
-    return sums, optimizer_step(model, optimizer, grad_clip), valid_tokens
+        # summed over micro-batches and ranks: the global mean loss
+        sums.add(loss=loss / world_size)
+    grad_norm = optimizer_step(model, optimizer, grad_clip)
+    return sums, grad_norm, valid_tokens
 
 
 def main(argv=None):
@@ -172,7 +202,8 @@ def main(argv=None):
         return
     checkpointing, save_dtype = scale_settings(args, device)
     lora = lora_settings(args)
-    print_stage_plan(args.model, "sft", dist_info, args.micro_batch_size, args.block_size, args.parallel, checkpointing, lora=lora)
+    print_stage_plan(args.model, "sft", dist_info, args.micro_batch_size, args.block_size,
+                     args.parallel, checkpointing, lora=lora)
     if args.dry_run:
         return destroy_distributed()
 
@@ -181,35 +212,49 @@ def main(argv=None):
 
     tokenizer = load_tokenizer(args.model)
     conversations = load_records(args.data, "sft")
-    documents, truncated, dropped = tokenize_conversations(tokenizer, conversations, args.block_size, dist_info.is_main)
+    documents, truncated, dropped = tokenize_conversations(tokenizer, conversations,
+                                                           args.block_size, dist_info.is_main)
     if not documents:
+        dropped_note = (f", {dropped} with no assistant token within --block-size {args.block_size}"
+                        if dropped else "")
         raise InputError(f"{args.data}: no conversation to train on ({len(conversations)} read"
-                         + (f", {dropped} with no assistant token within --block-size {args.block_size}" if dropped else "")
-                         + "); SFT needs JSONL records {\"messages\": [...]} with at least one assistant turn")
+                         + dropped_note
+                         + "); SFT needs JSONL records {\"messages\": [...]} "
+                           "with at least one assistant turn")
     if truncated:
-        print0(f"warning: {truncated} of {len(conversations)} conversations were longer than --block-size "
-               f"{args.block_size} and were truncated to it" + (f"; {dropped} of them kept no assistant token and were dropped" if dropped else ""))
+        dropped_note = (f"; {dropped} of them kept no assistant token and were dropped"
+                        if dropped else "")
+        print0(f"warning: {truncated} of {len(conversations)} conversations were longer than "
+               f"--block-size {args.block_size} and were truncated to it" + dropped_note)
     blocks = pack_blocks(documents, args.block_size, args.seed)
     # One global batch of block indices per optimizer step (its own seed: packing used args.seed).
-    schedule = batch_schedule(len(blocks), args.batch_size, args.epochs, args.seed + 1, args.max_steps)
+    schedule = batch_schedule(len(blocks), args.batch_size, args.epochs, args.seed + 1,
+                              args.max_steps)
     total_steps = len(schedule)
-    micro_steps = len(rank_micro_batches(schedule[0], dist_info.rank, world_size, args.micro_batch_size))
+    first_micro_batches = rank_micro_batches(schedule[0], dist_info.rank, world_size,
+                                             args.micro_batch_size)
+    micro_steps = len(first_micro_batches)
     print0(f"{len(documents)} conversations → {len(blocks)} blocks of {args.block_size} tokens; "
-           f"{total_steps} steps of {args.batch_size} blocks ({micro_steps} micro-batches of {args.micro_batch_size} per rank)")
+           f"{total_steps} steps of {args.batch_size} blocks "
+           f"({micro_steps} micro-batches of {args.micro_batch_size} per rank)")
 
     # ------------------------------------------------------------------------------------------
     # Model
 
     # fp32 master weights; bf16 compute on GPU (common.autocast / FSDP's policy). Under FSDP built on
     # the meta device and loaded by rank 0 alone (common.load_for_training).
-    model = load_for_training(args.model, args.parallel, dist_info, scratch=args.scratch, activation_checkpointing=checkpointing,
-                              lora=lora)
-    print0(f"model: {unwrap(model).num_parameters() / 1e6:.2f}M parameters, compute dtype {compute_dtype}, "
+    model = load_for_training(args.model, args.parallel, dist_info, scratch=args.scratch,
+                              activation_checkpointing=checkpointing, lora=lora)
+    total_parameters = unwrap(model).num_parameters()
+    print0(f"model: {total_parameters / 1e6:.2f}M parameters, compute dtype {compute_dtype}, "
            f"activation checkpointing {'on' if checkpointing else 'off'}")
     # Training FLOPs per token: 6 × (parameters used in matmuls) + attention scores (12·L·H·T, halved by causality).
     config = unwrap(model).config
-    flops_per_token = 6 * (unwrap(model).num_parameters(exclude_embeddings=True) + config.vocab_size * config.hidden_size * config.tie_word_embeddings) \
-        + 6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * args.block_size
+    matmul_parameters = (unwrap(model).num_parameters(exclude_embeddings=True)
+                         + config.vocab_size * config.hidden_size * config.tie_word_embeddings)
+    attention_flops = (6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim
+                       * args.block_size)
+    flops_per_token = 6 * matmul_parameters + attention_flops
     peak_flops = 989e12 if device.type == "cuda" else None  # H100 SXM dense bf16
 
     # ------------------------------------------------------------------------------------------
@@ -222,31 +267,39 @@ def main(argv=None):
 
     # After a crash: the latest --save-every state, and the step to go on from (0: none).
     start = load_training_state(args.out, model, optimizer, resume_settings(args))
-    metrics = MetricsLogger(Path(args.out) / "metrics.jsonl", enabled=dist_info.is_main, report_to=args.report_to,
+    metrics_path = Path(args.out) / "metrics.jsonl"
+    metrics = MetricsLogger(metrics_path, enabled=dist_info.is_main, report_to=args.report_to,
                             run_name=f"sft {args.out}", config=vars(args), resume_step=start)
+    pad_id = tokenizer.pad_token_id
     model.train()
-    for step in tqdm(range(start, total_steps), desc="sft", initial=start, total=total_steps, disable=not dist_info.is_main):
+    for step in tqdm(range(start, total_steps), desc="sft", initial=start, total=total_steps,
+                     disable=not dist_info.is_main):
         batch = schedule[step]
         t0 = time.time()
         lr = cosine_lr(step, total_steps, args.lr, args.warmup_ratio, args.min_lr_ratio)
         set_lr(optimizer, lr)
-        micro_batches = [make_batch(indices, blocks, documents, args.block_size, tokenizer.pad_token_id, device)
-                         for indices in rank_micro_batches(batch, dist_info.rank, world_size, args.micro_batch_size)]
+        block_groups = rank_micro_batches(batch, dist_info.rank, world_size, args.micro_batch_size)
+        micro_batches = [make_batch(indices, blocks, documents, args.block_size, pad_id, device)
+                         for indices in block_groups]
 
-        sums, grad_norm, valid_tokens = train_step(model, optimizer, micro_batches, args.grad_clip, world_size, device)
+        sums, grad_norm, valid_tokens = train_step(model, optimizer, micro_batches, args.grad_clip,
+                                                   world_size, device)
         totals = sums.reduce(device, grad_norm=grad_norm, assistant_tokens=valid_tokens)
 
-        dt = time.time() - t0  # reduce() waited for the step's work, so this is its real duration
+        # reduce() waited for the step's work, so this is its real duration
+        dt = time.time() - t0
         tokens = len(micro_batches) * args.micro_batch_size * world_size * args.block_size  # padding included
         tokens_per_s = tokens / dt
-        line = dict(step=step + 1, loss=totals["loss"], lr=lr, grad_norm=totals["grad_norm"], ms=dt * 1000,
-                    tokens_per_s=tokens_per_s, assistant_tokens=int(totals["assistant_tokens"]))
+        line = dict(step=step + 1, loss=totals["loss"], lr=lr, grad_norm=totals["grad_norm"],
+                    ms=dt * 1000, tokens_per_s=tokens_per_s,
+                    assistant_tokens=int(totals["assistant_tokens"]))
         if peak_flops:
             line["mfu"] = flops_per_token * tokens_per_s / (peak_flops * world_size)
         metrics.log(**line)
         if dist_info.is_main and (step % args.log_every == 0 or step == total_steps - 1):
             mfu = f" | MFU {line['mfu'] * 100:.1f}%" if peak_flops else ""
-            tqdm.write(f"step {step + 1}/{total_steps} | loss {line['loss']:.4f} | lr {lr:.2e} | grad {line['grad_norm']:.3f} | "
+            tqdm.write(f"step {step + 1}/{total_steps} | loss {line['loss']:.4f} | "
+                       f"lr {lr:.2e} | grad {line['grad_norm']:.3f} | "
                        f"{dt * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s{mfu}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             save_training_state(args.out, step + 1, model, optimizer, resume_settings(args))
@@ -255,7 +308,8 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------
     # Save: a full HF-format checkpoint gathered on rank 0 (weights, config, tokenizer).
 
-    save_checkpoint(model, args.out, tokenizer, source_dir=args.model, dtype=save_dtype, save_adapter=args.save_adapter)
+    save_checkpoint(model, args.out, tokenizer, source_dir=args.model, dtype=save_dtype,
+                    save_adapter=args.save_adapter)
     finish_training_state(args.out)
     print0(f"saved {args.out}")
     destroy_distributed()

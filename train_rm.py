@@ -48,12 +48,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_resume_flag, add_scale_flags,
-                    add_tracking_flags, already_trained, atomic_write_text, autocast, finish_training_state,
-                    load_training_state, resume_settings, save_training_state,
-                    batch_schedule, closing_ids, cosine_lr, default_dtype, destroy_distributed, encode_prompt,
-                    encode_rendering, fraction, gradient_sync, init_distributed, load_for_training, load_tokenizer, lora_settings,
-                    make_optimizer, non_negative_float, optimizer_step, positive_float, positive_int, print0, process_in_chunks,
-                    rank_micro_batches, right_pad, run_cli, save_checkpoint, scale_settings, seed_everything, set_lr, step_limit,
+                    add_tracking_flags, already_trained, atomic_write_text, autocast, batch_schedule,
+                    closing_ids, cosine_lr, default_dtype, destroy_distributed, encode_prompt,
+                    encode_rendering, finish_training_state, fraction, gradient_sync, init_distributed,
+                    load_for_training, load_tokenizer, load_training_state, lora_settings, make_optimizer,
+                    non_negative_float, optimizer_step, positive_float, positive_int, print0,
+                    process_in_chunks, rank_micro_batches, resume_settings, right_pad, run_cli,
+                    save_checkpoint, save_training_state, scale_settings, seed_everything, set_lr, step_limit,
                     unwrap)
 from data.judge import JUDGE_LABELS, JUDGE_TEMPLATES, render_judge_prompt
 from data.schema import load_records
@@ -105,14 +106,16 @@ def pairwise_query_ids(tokenizer, prompt, response_a, response_b, template="pair
     logits at the same position. `template` is a name in data.judge.JUDGE_TEMPLATES or a template
     text: paper 1's bare pairwise format by default, paper 2's judge instruction ("dialogue",
     "summarization") for osp.py."""
-    return encode_prompt(tokenizer, [{"role": "user", "content": render_judge_prompt(prompt, response_a, response_b, template)}])
+    query = render_judge_prompt(prompt, response_a, response_b, template)
+    return encode_prompt(tokenizer, [{"role": "user", "content": query}])
 
 
 def label_token_ids(tokenizer):
     """The ids of the two answer tokens (data.judge.JUDGE_LABELS: first / second response better)."""
     ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in JUDGE_LABELS]
     if any(len(i) != 1 for i in ids):
-        raise ValueError(f"the answer labels {JUDGE_LABELS} must each be a single token for the pairwise model, got {ids}")
+        raise ValueError(f"the answer labels {JUDGE_LABELS} must each be a single token "
+                         f"for the pairwise model, got {ids}")
     return ids[0][0], ids[1][0]
 
 
@@ -131,16 +134,23 @@ def pairwise_logits_ab(model, queries, label_ids, pad_id, device):
 
 
 @torch.no_grad()
-def pairwise_preference(model, tokenizer, prompts, responses_1, responses_2, device, template="pairwise", batch_size=64):
+def pairwise_preference(model, tokenizer, prompts, responses_1, responses_2, device,
+                        template="pairwise", batch_size=64):
     """P(response_1 ≻ response_2 | prompt) (B,): the softmax over the "A"/"B" logits, P("A") with
     response_1 shown first averaged with P("B") with the order swapped, so a position bias cancels
     (paper 1 §2.2; paper 2 §3.2 for the judge's target preference strength)."""
-    first = [pairwise_query_ids(tokenizer, p, a, b, template) for p, a, b in zip(prompts, responses_1, responses_2)]
-    swapped = [pairwise_query_ids(tokenizer, p, b, a, template) for p, a, b in zip(prompts, responses_1, responses_2)]
-    probabilities, labels, pad_id = [], label_token_ids(tokenizer), tokenizer.pad_token_id
+    first = [pairwise_query_ids(tokenizer, p, a, b, template)
+             for p, a, b in zip(prompts, responses_1, responses_2)]
+    swapped = [pairwise_query_ids(tokenizer, p, b, a, template)
+               for p, a, b in zip(prompts, responses_1, responses_2)]
+    probabilities = []
+    labels = label_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id
     for start in range(0, len(first), batch_size):
-        p_first = pairwise_logits_ab(model, first[start:start + batch_size], labels, pad_id, device).softmax(-1)[:, 0]
-        p_swapped = pairwise_logits_ab(model, swapped[start:start + batch_size], labels, pad_id, device).softmax(-1)[:, 1]
+        first_batch = first[start:start + batch_size]
+        swapped_batch = swapped[start:start + batch_size]
+        p_first = pairwise_logits_ab(model, first_batch, labels, pad_id, device).softmax(-1)[:, 0]
+        p_swapped = pairwise_logits_ab(model, swapped_batch, labels, pad_id, device).softmax(-1)[:, 1]
         probabilities.append((p_first + p_swapped) / 2)
     return torch.cat(probabilities) if probabilities else torch.zeros(0, device=device)
 
@@ -150,25 +160,34 @@ def pairwise_preference(model, tokenizer, prompts, responses_1, responses_2, dev
 
 
 @torch.no_grad()
-def preference_accuracy(model, tokenizer, pairs, kind, device, batch_size, max_length, template="pairwise"):
+def preference_accuracy(model, tokenizer, pairs, kind, device, batch_size, max_length,
+                        template="pairwise"):
     """Held-out accuracy: the fraction of pairs where the model prefers `chosen` (BT: r_w > r_l;
     pairwise: P(chosen ≻ rejected) > 0.5); ties count as half. Returns overall and per-source."""
     correct = []
     for start in tqdm(range(0, len(pairs), batch_size), desc="eval", leave=False):
         batch = pairs[start:start + batch_size]
         if kind == "bt":
-            chosen = [pair_token_ids(tokenizer, p["prompt"], p["chosen"], max_length)[0] for p in batch]
-            rejected = [pair_token_ids(tokenizer, p["prompt"], p["rejected"], max_length)[0] for p in batch]
+            chosen = [pair_token_ids(tokenizer, p["prompt"], p["chosen"], max_length)[0]
+                      for p in batch]
+            rejected = [pair_token_ids(tokenizer, p["prompt"], p["rejected"], max_length)[0]
+                        for p in batch]
             rewards = sequence_rewards(model, chosen + rejected, tokenizer.pad_token_id, device)
             difference = rewards[:len(batch)] - rewards[len(batch):]
         else:
-            difference = pairwise_preference(model, tokenizer, [p["prompt"] for p in batch], [p["chosen"] for p in batch],
-                                             [p["rejected"] for p in batch], device, template) - 0.5
+            prompts = [p["prompt"] for p in batch]
+            chosen_texts = [p["chosen"] for p in batch]
+            rejected_texts = [p["rejected"] for p in batch]
+            p_chosen = pairwise_preference(model, tokenizer, prompts, chosen_texts, rejected_texts,
+                                           device, template)
+            difference = p_chosen - 0.5
         correct += ((difference > 0).float() + 0.5 * (difference == 0).float()).tolist()
     by_source = defaultdict(list)
     for pair, c in zip(pairs, correct):
         by_source[pair.get("source", "all")].append(c)
-    return sum(correct) / max(1, len(correct)), {s: sum(v) / len(v) for s, v in sorted(by_source.items())}
+    accuracy = sum(correct) / max(1, len(correct))
+    accuracy_by_source = {s: sum(v) / len(v) for s, v in sorted(by_source.items())}
+    return accuracy, accuracy_by_source
 
 
 def pearson(xs, ys):
@@ -205,7 +224,8 @@ def score_records(model, tokenizer, records, device, batch_size, max_length):
             for i, r in enumerate(records) for response in r["responses"]]
     truncated = sum(t for _, (_, t) in flat)
     if truncated:
-        print0(f"warning: {truncated} responses exceed --max-length {max_length}; scored on their first {max_length} tokens")
+        print0(f"warning: {truncated} responses exceed --max-length {max_length}; "
+               f"scored on their first {max_length} tokens")
     rewards = []
     with torch.no_grad():
         for start in range(0, len(flat), batch_size):
@@ -221,7 +241,8 @@ def score_records(model, tokenizer, records, device, batch_size, max_length):
 
 def load_for_inference(path, kind, device):
     dtype = default_dtype(device)
-    model = Transformer.from_pretrained(path, device=device, dtype=dtype, head="score" if kind == "bt" else "lm")
+    head = "score" if kind == "bt" else "lm"
+    model = Transformer.from_pretrained(path, device=device, dtype=dtype, head=head)
     return model.eval()
 
 
@@ -260,7 +281,8 @@ def training_examples(args, tokenizer, pairs, template, rng):
             if chosen == rejected:
                 dropped += 1
                 continue
-            examples.append((chosen, rejected, float(p.get("margin", 0.0)) if args.use_margin else 0.0))
+            margin = float(p.get("margin", 0.0)) if args.use_margin else 0.0
+            examples.append((chosen, rejected, margin))
     else:
         first_label, second_label = label_token_ids(tokenizer)
         flips = (torch.rand(len(pairs), generator=rng) < 0.5).tolist()
@@ -268,14 +290,19 @@ def training_examples(args, tokenizer, pairs, template, rng):
             if p["chosen"] == p["rejected"]:
                 dropped += 1
                 continue
-            first, second = (p["rejected"], p["chosen"]) if chosen_second else (p["chosen"], p["rejected"])
+            if chosen_second:
+                first, second = p["rejected"], p["chosen"]
+            else:
+                first, second = p["chosen"], p["rejected"]
             query = pairwise_query_ids(tokenizer, p["prompt"], first, second, template)
             truncated += len(query) > args.max_length
-            examples.append((query[-args.max_length:], second_label if chosen_second else first_label, 0.0))
+            label = second_label if chosen_second else first_label
+            examples.append((query[-args.max_length:], label, 0.0))
     return examples, dropped, truncated
 
 
-def train_step(model, optimizer, micro_batches, kind, center_coef, grad_clip, global_pairs, pad_id, world_size, device):
+def train_step(model, optimizer, micro_batches, kind, center_coef, grad_clip, global_pairs, pad_id,
+               world_size, device):
     """One optimizer step on this rank's micro-batches [(examples, weight (b,))], an example being
     (chosen ids, rejected ids, margin) for kind "bt", (query ids, label id) for "pairwise". Returns
     the step's StepSums (on the device) and the gradient norm (memory_trace.py runs this function)."""
@@ -284,23 +311,27 @@ def train_step(model, optimizer, micro_batches, kind, center_coef, grad_clip, gl
         with gradient_sync(model, sync=m == len(micro_batches) - 1):
             with autocast(model, device):
                 if kind == "bt":
-                    rewards = sequence_rewards(model, [e[0] for e in items] + [e[1] for e in items], pad_id, device)
+                    chosen_and_rejected = [e[0] for e in items] + [e[1] for e in items]
+                    rewards = sequence_rewards(model, chosen_and_rejected, pad_id, device)
                     chosen, rejected = rewards[:len(items)], rewards[len(items):]
                     margins = torch.tensor([e[2] for e in items], device=device)
-                    per_pair = bt_loss(chosen, rejected, margins, center_coef)                    # (B,)
+                    per_pair = bt_loss(chosen, rejected, margins, center_coef)  # (B,)
                     correct = (chosen > rejected).float()
                 else:  # cross-entropy on the label token, over the full vocabulary
                     input_ids, lengths = right_pad([e[0] for e in items], pad_id, device)
                     targets = torch.full_like(input_ids, -100)
-                    targets[torch.arange(len(items), device=device), lengths - 1] = torch.tensor([e[1] for e in items], device=device)
-                    per_pair = -model(input_ids, targets=targets, num_targets=len(items)).sum(1)  # (B,)
+                    labels = torch.tensor([e[1] for e in items], device=device)
+                    targets[torch.arange(len(items), device=device), lengths - 1] = labels
+                    label_logps = model(input_ids, targets=targets, num_targets=len(items))  # (B, T)
+                    per_pair = -label_logps.sum(1)  # (B,)
                     correct = (per_pair < math.log(2)).float()  # the label has probability > 1/2
             # Mean over the global batch's pairs: divide by its size, × world size (the gradient
             # all-reduce averages over ranks).
             batch_loss = (per_pair * weight).sum() / global_pairs
             (batch_loss * world_size).backward()
         sums.add(loss=batch_loss, correct=correct * weight)  # summed over micro-batches and ranks
-    return sums, optimizer_step(model, optimizer, grad_clip)
+    grad_norm = optimizer_step(model, optimizer, grad_clip)
+    return sums, grad_norm
 
 
 def train(args, dist_info):
@@ -311,20 +342,27 @@ def train(args, dist_info):
 
     tokenizer = load_tokenizer(args.model)
     pairs = load_records(args.pairs, "pairs")
-    template = judge_template(args.model, args.template or "pairwise") if args.type == "pairwise" else None
-    examples, dropped, truncated = training_examples(args, tokenizer, pairs, template, torch.Generator().manual_seed(args.seed))
+    template = (judge_template(args.model, args.template or "pairwise")
+                if args.type == "pairwise" else None)
+    ab_order_rng = torch.Generator().manual_seed(args.seed)
+    examples, dropped, truncated = training_examples(args, tokenizer, pairs, template, ab_order_rng)
     if not examples:
-        why = f", {dropped} dropped: chosen and rejected identical after truncation to --max-length {args.max_length}" if dropped else ""
-        raise InputError(f"{args.pairs}: no preference pair to train on ({len(pairs)} read{why}); expected JSONL records "
-                         '{"prompt": [...], "chosen": "...", "rejected": "..."}')
+        why = (f", {dropped} dropped: chosen and rejected identical after truncation to "
+               f"--max-length {args.max_length}" if dropped else "")
+        raise InputError(f"{args.pairs}: no preference pair to train on ({len(pairs)} read{why}); "
+                         'expected JSONL records {"prompt": [...], "chosen": "...", "rejected": "..."}')
     if dropped:
-        print0(f"warning: {dropped} of {len(pairs)} pairs have identical chosen and rejected (after truncation to "
-               f"--max-length {args.max_length}): no preference to learn, dropped")
+        print0(f"warning: {dropped} of {len(pairs)} pairs have identical chosen and rejected "
+               f"(after truncation to --max-length {args.max_length}): no preference to learn, dropped")
     if truncated:
-        print0(f"warning: {truncated} sequences exceed --max-length {args.max_length} and were truncated")
-    schedule = batch_schedule(len(examples), args.batch_size, args.epochs, args.seed + 1, args.max_steps)
+        print0(f"warning: {truncated} sequences exceed --max-length {args.max_length} "
+               f"and were truncated")
+    schedule = batch_schedule(len(examples), args.batch_size, args.epochs, args.seed + 1,
+                              args.max_steps)
     total_steps = len(schedule)
-    micro_steps = len(rank_micro_batches(schedule[0], dist_info.rank, world_size, args.micro_batch_size))
+    first_micro_batches = rank_micro_batches(schedule[0], dist_info.rank, world_size,
+                                             args.micro_batch_size)
+    micro_steps = len(first_micro_batches)
     print0(f"{len(examples)} pairs, {total_steps} steps of {args.batch_size} pairs "
            f"({micro_steps} micro-batches of {args.micro_batch_size} per rank)")
 
@@ -332,7 +370,8 @@ def train(args, dist_info):
     # Model and optimizer (the cosine schedule is set each step)
 
     checkpointing, save_dtype = scale_settings(args, device)
-    model = load_for_training(args.model, args.parallel, dist_info, head="score" if args.type == "bt" else "lm",
+    head = "score" if args.type == "bt" else "lm"
+    model = load_for_training(args.model, args.parallel, dist_info, head=head,
                               activation_checkpointing=checkpointing, lora=lora_settings(args))
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
 
@@ -341,28 +380,33 @@ def train(args, dist_info):
 
     # After a crash: the latest --save-every state, and the step to go on from (0: none).
     start = load_training_state(args.out, model, optimizer, resume_settings(args))
-    metrics = MetricsLogger(Path(args.out) / "metrics.jsonl", enabled=dist_info.is_main, report_to=args.report_to,
+    metrics_path = Path(args.out) / "metrics.jsonl"
+    metrics = MetricsLogger(metrics_path, enabled=dist_info.is_main, report_to=args.report_to,
                             run_name=f"train_rm {args.out}", config=vars(args), resume_step=start)
     model.train()
-    for step in tqdm(range(start, total_steps), desc=f"train_rm ({args.type})", initial=start, total=total_steps,
-                     disable=not dist_info.is_main):
+    for step in tqdm(range(start, total_steps), desc=f"train_rm ({args.type})", initial=start,
+                     total=total_steps, disable=not dist_info.is_main):
         batch = schedule[step]
         t0 = time.time()
         lr = cosine_lr(step, total_steps, args.lr, args.warmup_ratio)
         set_lr(optimizer, lr)
-        micro_batches = rank_micro_batches(batch, dist_info.rank, world_size, args.micro_batch_size)
-        micro_batches = [([examples[max(i, 0)] for i in indices],                                  # index -1: padding ...
-                          torch.tensor([float(i >= 0) for i in indices], device=device))             # ... with weight 0
-                         for indices in micro_batches]
-        sums, grad_norm = train_step(model, optimizer, micro_batches, args.type, args.center_coef, args.grad_clip, len(batch),
-                                     tokenizer.pad_token_id, world_size, device)
+        index_groups = rank_micro_batches(batch, dist_info.rank, world_size, args.micro_batch_size)
+        micro_batches = []
+        for indices in index_groups:
+            items = [examples[max(i, 0)] for i in indices]  # index -1: padding ...
+            weight = torch.tensor([float(i >= 0) for i in indices], device=device)  # ... with weight 0
+            micro_batches.append((items, weight))
+        sums, grad_norm = train_step(model, optimizer, micro_batches, args.type, args.center_coef,
+                                     args.grad_clip, len(batch), tokenizer.pad_token_id,
+                                     world_size, device)
         totals = sums.reduce(device, grad_norm=grad_norm)
-        line = dict(step=step + 1, loss=totals["loss"], accuracy=totals["correct"] / len(batch), lr=lr,
-                    grad_norm=totals["grad_norm"], ms=(time.time() - t0) * 1000)
+        line = dict(step=step + 1, loss=totals["loss"], accuracy=totals["correct"] / len(batch),
+                    lr=lr, grad_norm=totals["grad_norm"], ms=(time.time() - t0) * 1000)
         metrics.log(**line)
         if dist_info.is_main and (step % args.log_every == 0 or step == total_steps - 1):
-            tqdm.write(f"step {step + 1}/{total_steps} | loss {line['loss']:.4f} | acc {line['accuracy']:.3f} | "
-                       f"lr {lr:.2e} | grad {line['grad_norm']:.3f} | {line['ms']:.0f} ms")
+            tqdm.write(f"step {step + 1}/{total_steps} | loss {line['loss']:.4f} | "
+                       f"acc {line['accuracy']:.3f} | lr {lr:.2e} | grad {line['grad_norm']:.3f} | "
+                       f"{line['ms']:.0f} ms")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             save_training_state(args.out, step + 1, model, optimizer, resume_settings(args))
     metrics.close()
@@ -379,7 +423,8 @@ def train(args, dist_info):
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
     elif dist_info.is_main:  # written first, so the atomic checkpoint save carries it into the folder
         atomic_write_text(Path(args.out) / "judge_template.txt", template)
-    save_checkpoint(model, args.out, tokenizer, source_dir=args.model, dtype=save_dtype, save_adapter=args.save_adapter)
+    save_checkpoint(model, args.out, tokenizer, source_dir=args.model, dtype=save_dtype,
+                    save_adapter=args.save_adapter)
     finish_training_state(args.out)
     print0(f"saved {args.out}")
 
@@ -398,23 +443,29 @@ def unused_pad_id(tokenizer):
 def evaluate(path, pairs_path, samples_path, device, batch_size, max_length, template=None):
     """Print and save (eval.json in the model folder) accuracy and the length-bias statistic."""
     kind = model_kind(path)
-    model, tokenizer = load_for_inference(path, kind, device), load_tokenizer(path)
+    model = load_for_inference(path, kind, device)
+    tokenizer = load_tokenizer(path)
     results = {"model": str(path), "type": kind}
     if pairs_path:
         pairs = load_records(pairs_path, "pairs")
         if not pairs:
             raise InputError(f"{pairs_path}: no preference pairs to evaluate on (the file is empty)")
-        accuracy, by_source = preference_accuracy(model, tokenizer, pairs, kind, device, batch_size, max_length,
-                                                  judge_template(path, template))
+        resolved_template = judge_template(path, template)
+        accuracy, by_source = preference_accuracy(model, tokenizer, pairs, kind, device, batch_size,
+                                                  max_length, resolved_template)
         results.update(pairs=str(pairs_path), accuracy=accuracy, accuracy_by_source=by_source)
-        print0(f"held-out accuracy {accuracy:.4f}  " + "  ".join(f"{s}: {a:.4f}" for s, a in by_source.items()))
+        per_source = "  ".join(f"{s}: {a:.4f}" for s, a in by_source.items())
+        print0(f"held-out accuracy {accuracy:.4f}  " + per_source)
     if samples_path and kind == "bt":
         samples = load_records(samples_path, "samples")
         if not samples:
-            raise InputError(f"{samples_path}: no samples to measure the length bias on (the file is empty)")
-        mean, used, skipped = length_bias(score_records(model, tokenizer, samples, device, batch_size, max_length))
+            raise InputError(f"{samples_path}: no samples to measure the length bias on "
+                             "(the file is empty)")
+        scored = score_records(model, tokenizer, samples, device, batch_size, max_length)
+        mean, used, skipped = length_bias(scored)
         results.update(length_correlation=mean, length_correlation_prompts=used)
-        print0(f"reward-length Pearson correlation: mean {mean:.4f} over {used} prompts ({skipped} with constant length or reward)")
+        print0(f"reward-length Pearson correlation: mean {mean:.4f} over {used} prompts "
+               f"({skipped} with constant length or reward)")
     atomic_write_text(Path(path) / "eval.json", json.dumps(results, indent=2) + "\n")
     return results
 
@@ -427,60 +478,92 @@ def build_parser():
     # Flags every subcommand takes.
     shared = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     shared.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    shared.add_argument("--max-length", type=positive_int, default=2048, help="tokens per sequence; longer ones are truncated (counted)")
-    shared.add_argument("--eval-batch-size", type=positive_int, default=32, help="sequences per forward when scoring or evaluating")
+    shared.add_argument("--max-length", type=positive_int, default=2048,
+                        help="tokens per sequence; longer ones are truncated (counted)")
+    shared.add_argument("--eval-batch-size", type=positive_int, default=32,
+                        help="sequences per forward when scoring or evaluating")
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,score,eval}")
 
-    train_parser = commands.add_parser("train", parents=[shared], allow_abbrev=False,
-                                       help="train a Bradley-Terry reward model or a pairwise preference model",
-                                       description="Train a Bradley-Terry reward model (--type bt) or a pairwise "
-                                                   "preference model (--type pairwise) on preference pairs.")
-    train_parser.add_argument("--type", choices=["bt", "pairwise"], default="bt", help="Bradley-Terry RM or pairwise preference model")
-    train_parser.add_argument("--model", required=True, help="starting checkpoint folder (the SFT model)")
+    train_parser = commands.add_parser(
+        "train", parents=[shared], allow_abbrev=False,
+        help="train a Bradley-Terry reward model or a pairwise preference model",
+        description="Train a Bradley-Terry reward model (--type bt) or a pairwise "
+                    "preference model (--type pairwise) on preference pairs.")
+    train_parser.add_argument("--type", choices=["bt", "pairwise"], default="bt",
+                              help="Bradley-Terry RM or pairwise preference model")
+    train_parser.add_argument("--model", required=True,
+                              help="starting checkpoint folder (the SFT model)")
     train_parser.add_argument("--pairs", required=True, help="preference pairs JSONL to train on")
     train_parser.add_argument("--out", required=True, help="output model folder")
-    train_parser.add_argument("--eval-pairs", help="held-out pairs JSONL evaluated after training (eval.json in --out)")
-    train_parser.add_argument("--template", help="pairwise: the A/B instruction, one of data.judge.JUDGE_TEMPLATES or a text "
-                                                 "file (default 'pairwise'); recorded as judge_template.txt in --out")
-    train_parser.add_argument("--lr", type=positive_float, default=2e-6, help="peak learning rate (paper 1: 2e-6 BT, 5e-6 pairwise)")
-    train_parser.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the pairs (fractions allowed)")
-    train_parser.add_argument("--batch-size", type=positive_int, default=512, help="global batch in pairs (paper 1: 512)")
-    train_parser.add_argument("--micro-batch-size", type=positive_int, default=8, help="pairs per forward pass on each rank")
-    train_parser.add_argument("--max-steps", type=step_limit, default=-1, help="stop after this many optimizer steps (-1: epochs decide)")
-    train_parser.add_argument("--warmup-ratio", type=fraction, default=0.03, help="linear warmup fraction of the cosine schedule")
-    train_parser.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay")
-    train_parser.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max global gradient norm (0: off)")
-    train_parser.add_argument("--use-margin", action="store_true", help="BT: subtract each pair's `margin` inside the sigmoid")
-    train_parser.add_argument("--center-coef", type=non_negative_float, default=0.0, help="BT: reward-centering coefficient (0: off)")
-    train_parser.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp", help="data parallelism under torchrun")
-    train_parser.add_argument("--seed", type=int, default=0, help="global seed (data order, A/B order, new head)")
-    train_parser.add_argument("--log-every", type=positive_int, default=10, help="print a step line every N steps")
-    train_parser.add_argument("--overwrite", action="store_true", help="retrain even if --out already holds a model")
+    train_parser.add_argument("--eval-pairs",
+                              help="held-out pairs JSONL evaluated after training (eval.json in --out)")
+    train_parser.add_argument("--template",
+                              help="pairwise: the A/B instruction, one of data.judge.JUDGE_TEMPLATES or a "
+                                   "text file (default 'pairwise'); recorded as judge_template.txt in --out")
+    train_parser.add_argument("--lr", type=positive_float, default=2e-6,
+                              help="peak learning rate (paper 1: 2e-6 BT, 5e-6 pairwise)")
+    train_parser.add_argument("--epochs", type=positive_float, default=1.0,
+                              help="passes over the pairs (fractions allowed)")
+    train_parser.add_argument("--batch-size", type=positive_int, default=512,
+                              help="global batch in pairs (paper 1: 512)")
+    train_parser.add_argument("--micro-batch-size", type=positive_int, default=8,
+                              help="pairs per forward pass on each rank")
+    train_parser.add_argument("--max-steps", type=step_limit, default=-1,
+                              help="stop after this many optimizer steps (-1: epochs decide)")
+    train_parser.add_argument("--warmup-ratio", type=fraction, default=0.03,
+                              help="linear warmup fraction of the cosine schedule")
+    train_parser.add_argument("--weight-decay", type=non_negative_float, default=0.0,
+                              help="AdamW weight decay")
+    train_parser.add_argument("--grad-clip", type=non_negative_float, default=1.0,
+                              help="max global gradient norm (0: off)")
+    train_parser.add_argument("--use-margin", action="store_true",
+                              help="BT: subtract each pair's `margin` inside the sigmoid")
+    train_parser.add_argument("--center-coef", type=non_negative_float, default=0.0,
+                              help="BT: reward-centering coefficient (0: off)")
+    train_parser.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp",
+                              help="data parallelism under torchrun")
+    train_parser.add_argument("--seed", type=int, default=0,
+                              help="global seed (data order, A/B order, new head)")
+    train_parser.add_argument("--log-every", type=positive_int, default=10,
+                              help="print a step line every N steps")
+    train_parser.add_argument("--overwrite", action="store_true",
+                              help="retrain even if --out already holds a model")
     add_scale_flags(train_parser)
     add_lora_flags(train_parser)
     add_tracking_flags(train_parser)
     add_resume_flag(train_parser)
 
-    score_parser = commands.add_parser("score", parents=[shared], allow_abbrev=False,
-                                       help="add a reward to every response of a samples file",
-                                       description="Score every response of a samples file with a Bradley-Terry "
-                                                   "reward model (chunked, sharded under torchrun, resumable).")
-    score_parser.add_argument("--rm", required=True, help="a trained Bradley-Terry reward model folder")
-    score_parser.add_argument("--samples", required=True, help="samples JSONL (id, prompt, responses)")
-    score_parser.add_argument("--out", required=True, help="output rewards JSONL (skipped when it exists)")
-    score_parser.add_argument("--chunk-size", type=positive_int, default=256, help="prompts per resumable chunk")
+    score_parser = commands.add_parser(
+        "score", parents=[shared], allow_abbrev=False,
+        help="add a reward to every response of a samples file",
+        description="Score every response of a samples file with a Bradley-Terry "
+                    "reward model (chunked, sharded under torchrun, resumable).")
+    score_parser.add_argument("--rm", required=True,
+                              help="a trained Bradley-Terry reward model folder")
+    score_parser.add_argument("--samples", required=True,
+                              help="samples JSONL (id, prompt, responses)")
+    score_parser.add_argument("--out", required=True,
+                              help="output rewards JSONL (skipped when it exists)")
+    score_parser.add_argument("--chunk-size", type=positive_int, default=256,
+                              help="prompts per resumable chunk")
 
-    eval_parser = commands.add_parser("eval", parents=[shared], allow_abbrev=False,
-                                      help="held-out accuracy and the length-bias statistic of a trained model",
-                                      description="Held-out accuracy on --pairs (overall and per source) and, for a "
-                                                  "Bradley-Terry model, the reward-length correlation on --samples; "
-                                                  "written to eval.json in the model folder.")
-    eval_parser.add_argument("--rm", required=True, help="a trained model folder (a reward model or a pairwise model)")
+    eval_parser = commands.add_parser(
+        "eval", parents=[shared], allow_abbrev=False,
+        help="held-out accuracy and the length-bias statistic of a trained model",
+        description="Held-out accuracy on --pairs (overall and per source) and, for a "
+                    "Bradley-Terry model, the reward-length correlation on --samples; "
+                    "written to eval.json in the model folder.")
+    eval_parser.add_argument("--rm", required=True,
+                             help="a trained model folder (a reward model or a pairwise model)")
     eval_parser.add_argument("--pairs", help="held-out preference pairs JSONL")
-    eval_parser.add_argument("--samples", help="samples JSONL for the length-bias statistic (Bradley-Terry models)")
-    eval_parser.add_argument("--template", help="pairwise: the A/B instruction (default: the model's judge_template.txt)")
+    eval_parser.add_argument("--samples",
+                             help="samples JSONL for the length-bias statistic (Bradley-Terry models)")
+    eval_parser.add_argument("--template",
+                             help="pairwise: the A/B instruction (default: the model's judge_template.txt)")
     return parser
 
 
@@ -496,14 +579,16 @@ def main(argv=None):
         seed_everything(args.seed)
         checkpointing, _ = scale_settings(args, device)
         # bt: chosen and rejected through the score head; pairwise: one (query, label) sequence each
-        print_stage_plan(args.model, "rm" if args.type == "bt" else "sft", dist_info, args.micro_batch_size, args.max_length,
+        plan_stage = "rm" if args.type == "bt" else "sft"
+        print_stage_plan(args.model, plan_stage, dist_info, args.micro_batch_size, args.max_length,
                          args.parallel, checkpointing, packed=False, lora=lora_settings(args))
         if args.dry_run:
             return destroy_distributed()
         if not already_trained(args.out, args.overwrite):
             train(args, dist_info)
         if args.eval_pairs and dist_info.is_main:
-            evaluate(args.out, args.eval_pairs, None, device, args.eval_batch_size, args.max_length, args.template)
+            evaluate(args.out, args.eval_pairs, None, device, args.eval_batch_size, args.max_length,
+                     args.template)
     elif args.command == "score":
         if Path(args.out).exists():
             print0(f"{args.out} exists; skipping")
@@ -511,14 +596,17 @@ def main(argv=None):
             records = load_records(args.samples, "samples")
             if not records:
                 raise InputError(f"{args.samples}: no samples to score (the file is empty)")
-            model, tokenizer = load_for_inference(args.rm, "bt", device), load_tokenizer(args.rm)
-            process_in_chunks(records, args.out, lambda chunk: score_records(model, tokenizer, chunk, device,
-                                                                             args.eval_batch_size, args.max_length),
+            model = load_for_inference(args.rm, "bt", device)
+            tokenizer = load_tokenizer(args.rm)
+            process_in_chunks(records, args.out,
+                              lambda chunk: score_records(model, tokenizer, chunk, device,
+                                                         args.eval_batch_size, args.max_length),
                               dist_info, chunk_size=args.chunk_size, desc="scoring",
                               settings=dict(rm=str(args.rm), max_length=args.max_length))
             print0(f"wrote {args.out}")
     elif dist_info.is_main:  # eval
-        evaluate(args.rm, args.pairs, args.samples, device, args.eval_batch_size, args.max_length, args.template)
+        evaluate(args.rm, args.pairs, args.samples, device, args.eval_batch_size, args.max_length,
+                 args.template)
     destroy_distributed()
 
 
