@@ -267,11 +267,22 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None, i
     default $RLHF_KERNELS or "auto". Returns Sampled(tokens, logprobs, logprobs_untruncated), each (B,).
     """
     params = _params(logits, temperature, top_k, top_p, min_p)
-    seeds = _seeds(seeds, logits.shape[0], logits.device)
+    seeds = _seeds(seeds, logits.shape[0], logits.device)  # drawn even when unused: the same global stream
+    if not isinstance(temperature, torch.Tensor) and temperature == 0:
+        return _greedy(logits)
     if resolve_impl(logits, impl) == "torch":
         return _sample_torch(logits, params, seeds, top_k, top_p)
     return first_use_fallback("kernels.sampling (Triton)", lambda: _sample_triton(logits, params, seeds),
                               lambda: _sample_torch(logits, params, seeds, top_k, top_p))
+
+
+def _greedy(logits):
+    """Temperature 0 for every row, known on the host: the argmax (first index on ties), which is what
+    the race picks with no noise, without making the noise of B × V entries it would throw away.
+    Log-probs are 0, as for the race's greedy rows."""
+    tokens = logits.float().argmax(dim=-1)                          # (B,)
+    zero = torch.zeros(tokens.shape, device=logits.device)
+    return Sampled(tokens, zero, zero.clone())
 
 
 def sample_reference(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None):

@@ -92,9 +92,11 @@ def test_sampling_greedy_and_top1_are_argmax(impl):
     seeds = row_seeds(5)
     for dtype in (torch.float32, torch.bfloat16):
         x = logits.to(dtype)
-        out = sample(x, temperature=0.0, top_p=0.5, top_k=3, seeds=seeds, impl=impl)  # truncation is moot
-        assert torch.equal(out.tokens, x.float().argmax(dim=-1)) and out.tokens[2] == 40
-        assert torch.equal(out.logprobs, torch.zeros(5)) and torch.equal(out.logprobs_untruncated, torch.zeros(5))
+        # a Python 0 takes the argmax without noise; a per-row 0 goes through the kernel's noiseless race
+        for temperature in (0.0, torch.zeros(5)):
+            out = sample(x, temperature=temperature, top_p=0.5, top_k=3, seeds=seeds, impl=impl)  # truncation is moot
+            assert torch.equal(out.tokens, x.float().argmax(dim=-1)) and out.tokens[2] == 40
+            assert torch.equal(out.logprobs, torch.zeros(5)) and torch.equal(out.logprobs_untruncated, torch.zeros(5))
     untied = [0, 1, 3, 4]
     for temperature in (1.0, 0.5):
         out = sample(logits, temperature=temperature, top_k=1, seeds=seeds, impl=impl)
