@@ -42,7 +42,8 @@ start of every iteration prints each setting with its source.
 The throughput settings (--micro-batch-size, --gen-batch-size, --chunk-size) change only how the
 work is cut up (samples are seeded per prompt and sample index; losses are sums over the global
 batch), so they are kept in config.json but may change on a resume, e.g. a smaller micro-batch after
-running out of memory. --device, --parallel, --log-every and --report-to are never saved.
+running out of memory. --save-every (how often the update's training state is saved) is kept the
+same way. --device, --parallel, --log-every and --report-to are never saved.
 Offline, --out gets the same kind of record (settings.json beside ref_logps.jsonl, which a rerun
 after a crash reuses); a --out that holds a model is skipped unless --overwrite.
 
