@@ -524,13 +524,17 @@ def single_process_checkpoint():
         yield
 
 
-def save_training_state(out_dir, step, model, optimizer, settings, rng=None):
-    """The training state after `step` optimizer steps, in OUT.resume/step{step}/: the model and the
-    optimizer by torch.distributed.checkpoint, each rank's random streams, and state.json (the step,
-    the world size, the settings). Atomic: written to step{step}.tmp/ and renamed once every rank has
-    written, then the older ones removed, so a crash during a save leaves the previous one whole.
-    Collective: call it on every rank."""
+def save_training_state(out_dir, step, total_steps, model, optimizer, args, rng=None):
+    """Called after every optimizer step; when `step` is a multiple of --save-every (and not the last
+    step: the stage saves its model then), the training state goes to OUT.resume/step{step}/: the
+    model and the optimizer by torch.distributed.checkpoint, each rank's random streams, and
+    state.json (the step, the world size, the settings). Atomic: written to step{step}.tmp/ and
+    renamed once every rank has written, then the older ones removed, so a crash during a save
+    leaves the previous one whole. Collective: call it on every rank."""
+    if not args.save_every or step % args.save_every or step == total_steps:
+        return
     import torch.distributed.checkpoint as dcp
+    settings = resume_settings(args)
     root = resume_folder(out_dir)
     temporary = root / f"step{step}.tmp"
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -557,11 +561,12 @@ def saved_states(out_dir):
     return sorted(found, key=lambda p: int(p.name[4:]))
 
 
-def load_training_state(out_dir, model, optimizer, settings, rng=None):
+def load_training_state(out_dir, model, optimizer, args, rng=None):
     """Load the latest state in OUT.resume/ (if any) into model, optimizer and the random streams;
-    returns the steps it was saved after (0: start from scratch). Another world size is fine: DCP
-    reshards the weights and the optimizer; only the random streams (one per rank) start afresh, so
-    the run is then no longer identical to an uninterrupted one, and it says so."""
+    returns the steps it was saved after (0: start from scratch). The stage's flags must be those it
+    was saved with (resume_settings). Another world size is fine: DCP reshards the weights and the
+    optimizer; only the random streams (one per rank) start afresh, so the run is then no longer
+    identical to an uninterrupted one, and it says so."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
     found = saved_states(out_dir)
@@ -569,7 +574,7 @@ def load_training_state(out_dir, model, optimizer, settings, rng=None):
         return 0
     latest = found[-1]
     saved = json.loads((latest / "state.json").read_text())
-    settings = json.loads(json.dumps(settings, default=str))
+    settings = json.loads(json.dumps(resume_settings(args), default=str))
     changed = [f"{k} {saved['settings'].get(k)!r} → {v!r}" for k, v in sorted(settings.items()) if saved["settings"].get(k) != v]
     if changed:
         raise InputError(f"{latest} was saved with other settings ({'; '.join(changed)}): rerun with those to continue, "

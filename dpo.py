@@ -91,7 +91,7 @@ from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_res
                     gradient_sync, has_model, init_distributed, load_for_training, load_tokenizer,
                     load_training_state, lora_settings, make_optimizer, non_negative_float, non_negative_int,
                     optimizer_step, positive_float, positive_fraction, positive_int, print0,
-                    process_in_chunks, rank_micro_batches, read_jsonl, resume_settings, right_pad, run_cli,
+                    process_in_chunks, rank_micro_batches, read_jsonl, right_pad, run_cli,
                     save_checkpoint, save_training_state, scale_settings, seed_everything, set_lr, step_limit,
                     stop_token_ids, unwrap, write_jsonl)
 from data.schema import load_records
@@ -326,7 +326,7 @@ def train(args, dist_info, start_model, pairs, example_groups, out_dir, adapter=
            f"loss {loss_type}, β {args.beta}" + cdpo_note + rpo_note)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     # After a crash: the latest --save-every state, and the step to go on from (0: none).
-    start = load_training_state(out_dir, model, optimizer, resume_settings(args))
+    start = load_training_state(out_dir, model, optimizer, args)
     metrics_path = Path(out_dir) / "metrics.jsonl"
     metrics = MetricsLogger(metrics_path, enabled=dist_info.is_main, report_to=args.report_to,
                             run_name=f"dpo {out_dir}", config=vars(args), resume_step=start)
@@ -372,8 +372,7 @@ def train(args, dist_info, start_model, pairs, example_groups, out_dir, adapter=
                        f"acc {line['reward_accuracy']:.3f} | log-ratio {line['log_ratio']:+.3f} | "
                        f"grad {line['grad_norm']:.3f} | lr {lr:.2e} | "
                        f"{line['tokens_per_s']:,.0f} tok/s")
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            save_training_state(out_dir, step + 1, model, optimizer, resume_settings(args))
+        save_training_state(out_dir, step + 1, total_steps, model, optimizer, args)
     metrics.close()
     # online with LoRA the adapter is always kept: the next iteration continues it
     save_checkpoint(model, out_dir, tokenizer, source_dir=start_model, dtype=save_dtype,

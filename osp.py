@@ -51,7 +51,7 @@ from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_res
                     destroy_distributed, encode_response, end_of_turn_ids, finish_training_state, fraction,
                     gathered, gradient_sync, init_distributed, load_for_training, load_frozen, load_tokenizer,
                     load_training_state, lora_settings, make_optimizer, non_negative_float, non_negative_int,
-                    optimizer_step, positive_float, positive_fraction, positive_int, print0, resume_settings,
+                    optimizer_step, positive_float, positive_fraction, positive_int, print0,
                     run_cli, save_checkpoint, save_training_state, scale_settings, seed_everything, set_lr,
                     stop_token_ids, unwrap)
 from data.judge import JUDGE_TEMPLATES
@@ -426,7 +426,7 @@ def main(argv=None):
     pairing_rng = random.Random(args.seed * 7919 + dist_info.rank)
     # After a crash: the latest --save-every state, and the step to go on from (0: none); the prompt
     # batches are a function of the seed, so the ones done are skipped.
-    start = load_training_state(args.out, policy, optimizer, resume_settings(args), rng=pairing_rng)
+    start = load_training_state(args.out, policy, optimizer, args, rng=pairing_rng)
     for _ in range(start):
         next(batches)
     metrics_path = Path(args.out) / "metrics.jsonl"
@@ -466,8 +466,7 @@ def main(argv=None):
         if args.snapshot_every and (step + 1) % args.snapshot_every == 0 and step + 1 < args.steps:
             snapshot_dir = Path(args.out) / f"step{step + 1}"
             save_checkpoint(policy, snapshot_dir, tokenizer, source_dir=args.model, dtype=save_dtype)
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            save_training_state(args.out, step + 1, policy, optimizer, resume_settings(args), rng=pairing_rng)
+        save_training_state(args.out, step + 1, args.steps, policy, optimizer, args, rng=pairing_rng)
 
     # ----------------------------------------------------------------------------------------------
     # Save

@@ -32,7 +32,7 @@ from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_res
                     destroy_distributed, encode_conversation, end_of_turn_ids, finish_training_state,
                     fraction, gradient_sync, init_distributed, load_for_training, load_tokenizer,
                     load_training_state, lora_settings, make_optimizer, non_negative_float, optimizer_step,
-                    positive_float, positive_int, print0, rank_micro_batches, resume_settings, run_cli,
+                    positive_float, positive_int, print0, rank_micro_batches, run_cli,
                     save_checkpoint, save_training_state, scale_settings, seed_everything, set_lr, step_limit,
                     unwrap)
 from data.schema import load_records
@@ -266,7 +266,7 @@ def main(argv=None):
     # Training loop: one host read per step (StepSums.reduce).
 
     # After a crash: the latest --save-every state, and the step to go on from (0: none).
-    start = load_training_state(args.out, model, optimizer, resume_settings(args))
+    start = load_training_state(args.out, model, optimizer, args)
     metrics_path = Path(args.out) / "metrics.jsonl"
     metrics = MetricsLogger(metrics_path, enabled=dist_info.is_main, report_to=args.report_to,
                             run_name=f"sft {args.out}", config=vars(args), resume_step=start)
@@ -301,8 +301,7 @@ def main(argv=None):
             tqdm.write(f"step {step + 1}/{total_steps} | loss {line['loss']:.4f} | "
                        f"lr {lr:.2e} | grad {line['grad_norm']:.3f} | "
                        f"{dt * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s{mfu}")
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            save_training_state(args.out, step + 1, model, optimizer, resume_settings(args))
+        save_training_state(args.out, step + 1, total_steps, model, optimizer, args)
     metrics.close()
 
     # ------------------------------------------------------------------------------------------

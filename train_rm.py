@@ -53,7 +53,7 @@ from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_res
                     encode_rendering, finish_training_state, fraction, gradient_sync, init_distributed,
                     load_for_training, load_tokenizer, load_training_state, lora_settings, make_optimizer,
                     non_negative_float, optimizer_step, positive_float, positive_int, print0,
-                    process_in_chunks, rank_micro_batches, resume_settings, right_pad, run_cli,
+                    process_in_chunks, rank_micro_batches, right_pad, run_cli,
                     save_checkpoint, save_training_state, scale_settings, seed_everything, set_lr, step_limit,
                     unwrap)
 from data.judge import JUDGE_LABELS, JUDGE_TEMPLATES, render_judge_prompt
@@ -379,7 +379,7 @@ def train(args, dist_info):
     # Training loop: one host read per step (StepSums.reduce).
 
     # After a crash: the latest --save-every state, and the step to go on from (0: none).
-    start = load_training_state(args.out, model, optimizer, resume_settings(args))
+    start = load_training_state(args.out, model, optimizer, args)
     metrics_path = Path(args.out) / "metrics.jsonl"
     metrics = MetricsLogger(metrics_path, enabled=dist_info.is_main, report_to=args.report_to,
                             run_name=f"train_rm {args.out}", config=vars(args), resume_step=start)
@@ -407,8 +407,7 @@ def train(args, dist_info):
             tqdm.write(f"step {step + 1}/{total_steps} | loss {line['loss']:.4f} | "
                        f"acc {line['accuracy']:.3f} | lr {lr:.2e} | grad {line['grad_norm']:.3f} | "
                        f"{line['ms']:.0f} ms")
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            save_training_state(args.out, step + 1, model, optimizer, resume_settings(args))
+        save_training_state(args.out, step + 1, total_steps, model, optimizer, args)
     metrics.close()
 
     # ------------------------------------------------------------------------------------------

@@ -26,9 +26,10 @@ def in_process_stage(monkeypatch):
 
 def crash_after_first_save(monkeypatch, stage):
     """The stage's save_training_state, raising once the first state is on disk: a crash mid-training."""
-    def save_then_crash(*args, **kwargs):
-        common.save_training_state(*args, **kwargs)
-        raise Crash
+    def save_then_crash(out_dir, *args, **kwargs):
+        common.save_training_state(out_dir, *args, **kwargs)
+        if common.saved_states(out_dir):
+            raise Crash
     monkeypatch.setattr(stage, "save_training_state", save_then_crash)
 
 
