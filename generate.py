@@ -107,6 +107,8 @@ MAX_AUTO_SLOTS = 512         # decode slots chosen from free GPU memory stop her
                              # decode step is compute-bound and more slots add little throughput
 CACHE_MEMORY_FRACTION = 0.8  # of the free GPU memory, for the KV cache; the rest is for the prefill's
                              # and the sampler's temporaries and for fragmentation
+DECODE_ROWS_STEP = 8         # on a CPU, a decode step runs the first multiple of this many slots that
+                             # holds every busy one (Engine.decode_rows)
 PREFILL_TOKENS = 8192        # padded prompt tokens per prefill forward: bounds its activations and
                              # temporary cache (Llama-3-8B: ~2 GiB), and already saturates a GPU
 
@@ -175,12 +177,28 @@ class GenerationState:
         return self.seeds + self.steps * SEED_STRIDE
 
     def record(self, sampled, slot_mask):
-        """Store the sampled token and log-prob of every slot in slot_mask (B,); advance those slots."""
-        at = (self.rows, self.steps.clamp(max=self.max_new_tokens - 1))  # each slot's next output column
+        """Store the sampled token and log-prob of every slot in slot_mask (B,); advance those slots.
+        `sampled` may cover only the first b <= B slots (Engine.decode_rows): the rest are untouched."""
+        b = sampled.tokens.shape[0]
+        slot_mask, tokens, steps = slot_mask[:b], self.tokens[:b], self.steps[:b]  # views: written in place
+        at = (self.rows[:b], steps.clamp(max=self.max_new_tokens - 1))  # each slot's next output column
         self.out_tokens[at] = torch.where(slot_mask, sampled.tokens, self.out_tokens[at])
         self.out_logprobs[at] = torch.where(slot_mask, sampled.logprobs_untruncated, self.out_logprobs[at])
-        self.tokens.copy_(torch.where(slot_mask, sampled.tokens, self.tokens))
-        self.steps.add_(slot_mask.long())
+        tokens.copy_(torch.where(slot_mask, sampled.tokens, tokens))
+        steps.add_(slot_mask.long())
+
+    def move(self, source, target, cache):
+        """Move the sample in slot `source` to the empty slot `target`: its cache rows, its device
+        state and the host's bookkeeping."""
+        for buffer in cache.k + cache.v:
+            buffer[target] = buffer[source]
+        for tensor in (self.tokens, self.positions, self.steps, self.active, self.seeds, self.out_tokens,
+                       self.out_logprobs):
+            tensor[target] = tensor[source]
+        self.active[source] = False
+        self.positions[source] = 0
+        self.owner[target], self.owner[source] = self.owner[source], None
+        self.position_offset[target] = self.position_offset[source]
 
     def tokens_per_second(self):
         return self.generated_tokens / (time.perf_counter() - self.started)
@@ -312,18 +330,38 @@ class Engine:
         state.generated_tokens += len(new_slots)
 
     def decode(self, state):
-        """One token for every busy slot: a decode step at the fixed shape (B, 1). Empty slots decode
-        garbage at position 0, which is never recorded."""
+        """One token for every busy slot: a decode step at the fixed shape (b, 1) over the first b
+        slots (decode_rows). Empty slots among them decode garbage at position 0, never recorded."""
         busy = [offset for offset, owner in zip(state.position_offset, state.owner) if owner is not None]
         # Every position in use is below cache_len: the step writes and reads no further.
         in_use = max(busy) + state.decode_steps + 1
         cache_len = min(round_up(in_use, CACHE_LEN_STEP), self.cache.max_len)
-        sampled = decode_step(self.model, self.cache, state.tokens, state.positions, cache_len,
-                              state.step_seeds(), *state.sampling)  # (B,) tokens and log-probs
+        b = self.decode_rows(state)
+        cache = self.cache if b == len(state.owner) else self.cache.first_rows(b)
+        seeds = state.step_seeds()
+        sampled = decode_step(self.model, cache, state.tokens[:b], state.positions[:b], cache_len,
+                              None if seeds is None else seeds[:b], *state.sampling)  # (b,) tokens, log-probs
         state.decode_steps += 1
         state.generated_tokens += len(busy)
         state.record(sampled, state.active)
         state.positions.copy_(torch.where(state.active, state.positions + 1, 0))
+
+    def decode_rows(self, state):
+        """How many slots, from the first, a decode step runs: all B on a GPU (one shape, so a compiled
+        step is captured once per cache length). On a CPU, which compiles nothing and pays per row,
+        up to the last busy slot, rounded up to a multiple of DECODE_ROWS_STEP: admit fills the lowest
+        free slots first, and once no prompt waits the last samples are moved into the first slots, so
+        the step shrinks as they end."""
+        B = len(state.owner)
+        if self.device.type != "cpu" or decode_step is not eager_decode_step:
+            return B
+        busy = [slot for slot, owner in enumerate(state.owner) if owner is not None]
+        if not state.queue:  # the last samples: gather them into the first slots (a few MB of copies)
+            free = [slot for slot in range(len(busy)) if state.owner[slot] is None]
+            for source, target in zip(reversed([slot for slot in busy if slot >= len(busy)]), free):
+                state.move(source, target, self.cache)
+            busy = range(len(busy))
+        return min(round_up(busy[-1] + 1, DECODE_ROWS_STEP), B)
 
     def retire(self, state):
         """Empty the slots whose sample just ended (a stop token, or max_new_tokens) and hand their

@@ -213,6 +213,12 @@ class KVCache:
             for buffer in self.k + self.v:
                 torch._dynamo.mark_static_address(buffer)
 
+    def first_rows(self, n):
+        """A cache of the first n rows: views of this one's buffers (what a forward writes lands here)."""
+        view = object.__new__(KVCache)
+        view.k, view.v, view.max_len = [k[:n] for k in self.k], [v[:n] for v in self.v], self.max_len
+        return view
+
 
 # ----------------------------------------------------------------------------------------------
 # Attention without dense masks. A (T × T) mask, or a mask together with enable_gqa, sends CUDA's

@@ -82,16 +82,27 @@ def one_sample_reference(model, prompt, base_seed, max_new_tokens, stop, tempera
             logits = model(torch.tensor([tokens[-1:]]), position_ids=position, cache=cache)[:, 0]
 
 
-def test_seeded_samples_equal_one_sample_at_a_time(tiny_model_dir, monkeypatch):
-    """The engine shares slots, prefills prompts together and refills slots as samples end; none of
-    that may change a sample: each equals the plain one-sample loop with the same seed."""
+@pytest.mark.parametrize("slots, rows_step", [(5, 8), (10, 1)])
+def test_seeded_samples_equal_one_sample_at_a_time(tiny_model_dir, monkeypatch, slots, rows_step):
+    """The engine shares slots, prefills prompts together and refills slots as samples end, and on a
+    CPU decodes only the first slots that hold samples, moving the last samples there; none of that
+    may change a sample: each equals the plain one-sample loop with the same seed."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the PyTorch sampler, in the engine and the reference
+    monkeypatch.setattr(generate, "DECODE_ROWS_STEP", rows_step)
+    moves, rows, real_move, real_rows = [], [], generate.GenerationState.move, generate.Engine.decode_rows
+    monkeypatch.setattr(generate.GenerationState, "move", lambda *a: moves.append(a[1:3]) or real_move(*a))
+    monkeypatch.setattr(generate.Engine, "decode_rows", lambda *a: rows.append(real_rows(*a)) or rows[-1])
     model = Transformer.from_pretrained(tiny_model_dir).eval()
     prompts = [[5 + (3 * p + j) % 50 for j in range(length)] for p, length in enumerate([3, 17, 9, 1, 30])]
     seeds = [[generate.sample_seed(5, p, i) for i in range(2)] for p in range(len(prompts))]
     stop = list(range(10, 25))
-    engine = generate.Engine(model, 5, stop_ids=stop)  # 5 prompts × 2 samples: prefilled 2 at once, queued, refilled
+    # 5 slots: 5 prompts × 2 samples are prefilled 2 at once, queued, refilled. 10 slots: all at once,
+    # then the step shrinks one row at a time as samples end.
+    engine = generate.Engine(model, slots, stop_ids=stop)
     outputs = engine.generate(prompts, 2, max_new_tokens=12, temperature=0.9, top_p=0.9, base_seeds=seeds)
+    if rows_step == 1:
+        assert moves and all(source > target for source, target in moves)
+        assert rows[0] > 5 and min(rows) == 1 and rows == sorted(rows, reverse=True)
     reasons = set()
     for prompt, prompt_seeds, samples in zip(prompts, seeds, outputs):
         for seed, s in zip(prompt_seeds, samples):

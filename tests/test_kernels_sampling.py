@@ -257,6 +257,22 @@ def test_sampling_impl_switch(monkeypatch):
         sample(logits, top_p=0.0)
 
 
+def test_sampling_untruncated_fast_path_is_the_general_race():
+    """Without top-k, top-p or min-p (what the online loop samples with) the PyTorch twin skips the
+    kept-set mask; it must draw the same tokens with the same log-probs as the general path, which a
+    per-row tensor parameter forces."""
+    logits = tied_logits(6, 123, seed=3)
+    seeds = row_seeds(6, offset=11)
+    for temperature in (1.0, 0.7, 1.5):
+        assert sampling._plain(sampling._params(logits, temperature, 0, 1.0, 0.0))
+        plain = sample_reference(logits, temperature, seeds=seeds)
+        general = sample_reference(logits, temperature, min_p=torch.zeros(6), seeds=seeds)
+        assert torch.equal(plain.tokens, general.tokens)
+        torch.testing.assert_close(plain.logprobs, general.logprobs, rtol=0, atol=1e-6)
+        torch.testing.assert_close(plain.logprobs_untruncated, general.logprobs_untruncated, rtol=0, atol=1e-6)
+    assert not sampling._plain(sampling._params(logits, 1.0, 5, 1.0, 0.0))
+
+
 @pytest.mark.usefixtures("small_triton_sizes")
 def test_sampling_noise_is_the_documented_hash():
     """The random stream is exactly the documented 32-bit hash of (seed, token id), for any int64 seed,
