@@ -348,6 +348,8 @@ def _matmul(a, b, out_dtype, out=None):
         result = torch.mm(a, b)
     else:
         accumulate_dtype = _accumulate_dtype(a.dtype)
+        if out is not None and out.dtype == accumulate_dtype:  # straight into `out`: no copy
+            return torch.mm(a.to(accumulate_dtype), b.to(accumulate_dtype), out=out)
         result = torch.mm(a.to(accumulate_dtype), b.to(accumulate_dtype))
     return result.to(out_dtype) if out is None else out.copy_(result)
 
@@ -395,7 +397,8 @@ def _probe_cuda_fp32_output(op, device, dtype):
 
 def _lse_update_torch(logits, targets, start, inv_temperature, lse, target_logit):
     """Fold this chunk (n, Vc) into the running logsumexp lse (n,); record target logits that fall in it."""
-    logits.mul_(inv_temperature)
+    if inv_temperature != 1.0:  # (a pass over the chunk saved at T = 1)
+        logits.mul_(inv_temperature)
     lse.copy_(torch.logaddexp(lse, torch.logsumexp(logits, dim=1)))  # logaddexp(-inf, x) = x on chunk 0
     local = targets - start                                          # target's column inside this chunk
     in_chunk = (local >= 0) & (local < logits.shape[1])
@@ -406,7 +409,8 @@ def _lse_update_torch(logits, targets, start, inv_temperature, lse, target_logit
 def _softmax_grad_torch(logits, targets, start, inv_temperature, lse, g, out_dtype):
     """G = g (onehot - p) / T for this chunk (n, Vc), with p = exp(logits / T - lse)."""
     scale = g * inv_temperature                                   # (n,) g_i / T
-    grad = logits.mul_(inv_temperature).sub_(lse[:, None]).exp_()  # (n, Vc) p, reusing the logits buffer
+    grad = logits.mul_(inv_temperature) if inv_temperature != 1.0 else logits
+    grad = grad.sub_(lse[:, None]).exp_()                         # (n, Vc) p, reusing the logits buffer
     grad.mul_(-scale[:, None])                                    # -g p / T
     local = targets - start
     in_chunk = (local >= 0) & (local < logits.shape[1])
