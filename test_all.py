@@ -30,6 +30,7 @@ One module per file of the project, in reading order; shared fixtures and writer
 | tests/test_task.py | the built-in task: gold scorer, splits, tokenizer, labels, determinism |
 | tests/test_resume.py | `--save-every`: train_rm, DPO with LoRA and OSP killed after a saved state and rerun end bit for bit where an uninterrupted run ends (sft.py under kill -9 of one of 2 ranks: tests/test_sft.py) |
 | tests/test_tracking.py | `--report-to tensorboard / wandb` (offline): the event file and the run read back = metrics.jsonl, run name and config; a missing package stops at parse time |
+| tests/test_bench.py | `python -m bench --tiny`: every row runs and prints both sides; greedy answers, log-probs or DPO losses that differ from transformers', the naive computation or TRL's fail the command |
 | tests/test_first_hour.py | a bad numeric flag in any stage (or in a run's config.json) stops it at once, naming the flag, before any file; Ctrl-C is one line and exit 130, finished chunks kept; a missing field shows an example record |
 """
 from tests.test_model import *  # noqa: F401,F403
@@ -55,3 +56,4 @@ from tests.test_data_extra import *  # noqa: F401,F403
 from tests.test_first_hour import *  # noqa: F401,F403
 from tests.test_tracking import *  # noqa: F401,F403
 from tests.test_resume import *  # noqa: F401,F403
+from tests.test_bench import *  # noqa: F401,F403
