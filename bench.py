@@ -457,6 +457,9 @@ def parse_args(argv=None):
                         help="the built-in task's model shape with random weights and tiny shapes")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="compute dtype of the generate and logprob rows (default: bfloat16 on CUDA, float32 on "
+                             "a CPU; in bf16 a greedy near-tie can go either way on the two sides: float32 checks exactly)")
     parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--repeats", type=positive_int, default=None, help="timed runs per side (median)")
     parser.add_argument("--prompts", type=positive_int, default=None, help="generate: prompts")
@@ -498,7 +501,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     with tempfile.TemporaryDirectory() as scratch:
         if args.tiny:
             path = tiny_model(Path(scratch))

@@ -21,7 +21,9 @@ How it works:
     bounds them on the host: each slot's prompt length plus the steps since it was admitted,
     rounded up to a multiple of 64); retire: a slot whose sample ends (a stop token, or
     --max-new-tokens) is emptied, to be refilled from the waiting prompts (continuous batching), so
-    the batch stays full until the queue runs dry;
+    the batch stays full until the queue runs dry; on a CPU (which compiles nothing and pays per
+    row) a decode step runs only the first slots, up to the last busy one, and once the queue is dry
+    the last samples are moved into the first slots, so the step shrinks as they end (decode_rows);
   - `prefill` and `decode_step` are module-level functions of the model, as in gpt-fast: --compile
     swaps in a torch.compile'd decode_step (fixed shapes, one per cache length read: compiled and
     replayed as CUDA graphs);

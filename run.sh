@@ -12,9 +12,10 @@
 #   SIZE=large SEED=1 bash run.sh        # one GPU: all the data, the papers' n = 8 / K = 7, longer OSP
 #   EVAL_SPLIT=dev bash run.sh           # the table on the dev prompts, where the settings were chosen
 #
-# CPU runs use one thread per process unless OMP_NUM_THREADS says otherwise: the model is tiny, and on a
-# shared 2-core machine torch's default thread count made SFT ~5× slower (14.2 s vs 2.5 s per step).
-# Figures reproduce exactly only with the same thread count (float sums are ordered by threads).
+# CPU runs use one thread per process in the two lanes (stages 3-6) unless OMP_NUM_THREADS says
+# otherwise: the model is tiny, and on a shared 2-core machine torch's default thread count made SFT ~5×
+# slower (14.2 s vs 2.5 s per step). The stages that run alone (2, SFT, and 7, evaluation) take the
+# lanes' threads together (2): SFT 187 vs 285 ms a step, the same weights bit for bit.
 #
 # Every stage skips what it has already finished, so a rerun after a crash (or with a new stage
 # added) continues where it stopped. Results: $RUN/results.md (+ results.json, PNG plots).
@@ -47,6 +48,7 @@ case "$SIZE" in
   *) echo "SIZE must be tiny, small, full or large" >&2; exit 2 ;;
 esac
 LANES=${LANES:-2}
+SOLO_THREADS=$((OMP_NUM_THREADS * LANES))  # threads of a stage that runs alone (2, 7)
 # The tiny model trains from scratch, so its learning rates are far above the papers' (which are
 # for fine-tuning 8B / 1.1B models): SFT 2e-3, reward models 1e-3. DPO: lr 1e-4, β 0.5 and an NLL term
 # on the chosen answer (RPO, α = 1), chosen on the dev split (docs/diagnosis.md).
@@ -69,7 +71,7 @@ head -n $RM_PAIRS $DATA/pairs_train.jsonl > "$RUN/data/pairs_biased.jsonl"
 head -n $EVAL_PAIRS $DATA/pairs_eval.jsonl > "$RUN/data/pairs_biased_eval.jsonl"
 
 echo "== 2. SFT from scratch ($SECONDS s)"
-python sft.py --model $DATA/model --scratch --data $DATA/sft.jsonl --out "$RUN/sft" \
+OMP_NUM_THREADS=$SOLO_THREADS python sft.py --model $DATA/model --scratch --data $DATA/sft.jsonl --out "$RUN/sft" \
     --block-size 128 --batch-size 16 --micro-batch-size 16 --lr 2e-3 --max-steps $SFT_STEPS --log-every 200 "${COMMON[@]}"
 
 RM=(--lr 1e-3 --micro-batch-size 64 --max-length 256 --log-every 50 "${COMMON[@]}")
@@ -137,5 +139,5 @@ else
 fi
 
 echo "== 7. evaluation with the gold scorer on the $EVAL_SPLIT prompts ($SECONDS s)"
-python evaluate.py --run "$RUN" --prompts "$RUN/data/prompts_$EVAL_SPLIT.jsonl"
+OMP_NUM_THREADS=$SOLO_THREADS python evaluate.py --run "$RUN" --prompts "$RUN/data/prompts_$EVAL_SPLIT.jsonl"
 echo "== done in $SECONDS s"
