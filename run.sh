@@ -6,7 +6,7 @@
 #   ablations) → evaluation, with the over-optimisation (proxy vs gold) curves.
 #
 #   SIZE=tiny bash run.sh                # a smoke run: every stage once, tiny sizes, ~3 minutes on 2 CPU cores
-#   bash run.sh                          # SIZE=small: 2 CPU cores, about 16 minutes
+#   bash run.sh                          # SIZE=small: 2 CPU cores, about 15 minutes
 #   SIZE=full bash run.sh                # small + reward hacking and its remedy + paper 2's OSP ablations (longer)
 #   SIZE=full RUN=runs/builtin-small-seed0 bash run.sh   # the same, adding to a finished small run
 #   SIZE=large SEED=1 bash run.sh        # one GPU: all the data, the papers' n = 8 / K = 7, longer OSP

@@ -220,7 +220,10 @@ def test_ctrl_c_during_generation_keeps_the_finished_chunks(tiny_model_dir, tmp_
     env.pop("TRITON_INTERPRET", None)
     process = subprocess.Popen([sys.executable, "generate.py", "--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.jsonl"),
                                 "--out", str(out), "--n", "4", "--max-new-tokens", "200", "--chunk-size", "4", "--device", "cpu"],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               # Ctrl-C's default action even when pytest runs as a background job,
+                               # which a non-interactive shell starts with SIGINT ignored (inherited)
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while not list(tmp_path.glob("samples.jsonl.parts-*/000000.jsonl")) and process.poll() is None and time.time() < deadline:
