@@ -102,11 +102,11 @@ def peak_memory_mib(fn, device):
         result = fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - start) / 2**20, result
-    if not Path("/proc/self/clear_refs").exists():  # not Linux
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory back to the OS: the peak counts fresh allocations
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    except OSError:  # not Linux with glibc, or /proc not writable here: no figure rather than a wrong one
         return None, fn()
-    libc = ctypes.CDLL("libc.so.6")
-    libc.malloc_trim(0)  # freed memory back to the OS, so the peak below counts fresh allocations
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
     start = _process_status("VmRSS")
     result = fn()
     return _process_status("VmHWM") - start, result
