@@ -49,7 +49,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import encode_prompt, load_tokenizer, positive_int, run_cli, stop_token_ids
+from common import (encode_prompt, load_tokenizer, non_negative_float, positive_float, positive_int, run_cli,
+                    stop_token_ids)
 from data import task
 from model import Transformer
 
@@ -470,9 +471,9 @@ def parse_args(argv=None):
     parser.add_argument("--pairs", type=positive_int, default=8, help="dpo: pairs in the one batch")
     parser.add_argument("--words", type=positive_int, default=None, help="dpo: words per response")
     parser.add_argument("--steps", type=positive_int, default=3, help="dpo: optimizer steps per side")
-    parser.add_argument("--beta", type=float, default=0.1, help="dpo: beta")
-    parser.add_argument("--lr", type=float, default=1e-5, help="dpo: learning rate")
-    parser.add_argument("--loss-tolerance", type=float, default=1e-4, help="dpo: allowed loss difference")
+    parser.add_argument("--beta", type=positive_float, default=0.1, help="dpo: beta")
+    parser.add_argument("--lr", type=positive_float, default=1e-5, help="dpo: learning rate")
+    parser.add_argument("--loss-tolerance", type=non_negative_float, default=1e-4, help="dpo: allowed loss difference")
     parser.add_argument("--logprob-tokens", type=positive_int, default=None, help="logprob: tokens N")
     parser.add_argument("--sft-batch", type=positive_int, default=None, help="sft: blocks per step")
     parser.add_argument("--sft-block", type=positive_int, default=None, help="sft: tokens per block")

@@ -57,7 +57,8 @@ def test_bench_dpo_fails_when_the_losses_disagree(monkeypatch, capsys):
 def test_bench_refuses_bad_flags(capsys):
     for argv, message in ((["--rows", "generate,speed"], "unknown speed"),
                           (["--tiny", "--model", "x"], "--tiny builds its own model"),
-                          (["--gen-rows", "2", "--n", "4"], "must hold the --n 4 samples")):
+                          (["--gen-rows", "2", "--n", "4"], "must hold the --n 4 samples"),
+                          (["--beta", "-0.1"], "--beta")):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
         assert message in capsys.readouterr().err
