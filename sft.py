@@ -156,6 +156,18 @@ def make_batch(block_indices, blocks, documents, block_size, pad_id, device):
     return device_tensors + [num_targets]
 
 
+PEAK_BF16_FLOPS = 989e12  # H100 / H200 SXM, dense bf16: the MFU denominator
+
+
+def training_flops_per_token(model, block_size):
+    """6 × (parameters used in matmuls) + attention scores (12·L·H·T, halved by causality)."""
+    config = model.config
+    matmul_parameters = (model.num_parameters(exclude_embeddings=True)
+                         + config.vocab_size * config.hidden_size * config.tie_word_embeddings)
+    attention = 6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * block_size
+    return 6 * matmul_parameters + attention
+
+
 def train_step(model, optimizer, micro_batches, grad_clip, world_size, device):
     """One optimizer step on this rank's micro-batches [(input ids, targets, positions, document ids,
     number of targets)] (make_batch). Returns the step's StepSums (on the device), the gradient norm
@@ -248,14 +260,8 @@ def main(argv=None):
     total_parameters = unwrap(model).num_parameters()
     print0(f"model: {total_parameters / 1e6:.2f}M parameters, compute dtype {compute_dtype}, "
            f"activation checkpointing {'on' if checkpointing else 'off'}")
-    # Training FLOPs per token: 6 × (parameters used in matmuls) + attention scores (12·L·H·T, halved by causality).
-    config = unwrap(model).config
-    matmul_parameters = (unwrap(model).num_parameters(exclude_embeddings=True)
-                         + config.vocab_size * config.hidden_size * config.tie_word_embeddings)
-    attention_flops = (6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim
-                       * args.block_size)
-    flops_per_token = 6 * matmul_parameters + attention_flops
-    peak_flops = 989e12 if device.type == "cuda" else None  # H100 SXM dense bf16
+    flops_per_token = training_flops_per_token(unwrap(model), args.block_size)
+    peak_flops = PEAK_BF16_FLOPS if device.type == "cuda" else None
 
     # ------------------------------------------------------------------------------------------
     # Optimizer (the cosine schedule is set each step)
