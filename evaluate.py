@@ -9,9 +9,11 @@ table + JSON + PNG plots summarise the run. run.sh calls it last.
 Checkpoints are found by their place in the run folder (those missing are left out of the table):
   sft/                               the SFT model (π_0)
   sft_gold/                          control: SFT continued on the exact answers to the loop's prompts
-  dpo_offline/                       offline DPO on the labelled pairs
+  dpo_offline_offpolicy/             offline DPO on the off-policy pairs (paper 1's baseline)
+  dpo_offline/                       offline DPO on the SFT-like pairs with human labels (the ideal)
   online_gold/iter{t}/policy/        iterative DPO after t online iterations, gold reward r* (oracle)
-  online/iter{t}/policy/             the same with a Bradley-Terry reward model (rm_bt/)
+  online_offpolicy/iter{t}/policy/   the same with a Bradley-Terry reward model of the off-policy pairs (rm_offpolicy/)
+  online/iter{t}/policy/             the same with a BT model of the SFT-like pairs (rm_bt/)
   online_biased/iter{t}/policy/      the same with a length-biased BT reward model (rm_biased/)
   online_biased_lp/iter{t}/policy/   the same with a length penalty in pair selection
   osp_*/                             online self-preferring runs (the folder name is the variant)
@@ -42,17 +44,20 @@ from generate import Engine, encode_prompts, generate_records
 from model import ModelConfig, Transformer
 
 
-ONLINE_SERIES = {"online_gold": "iterative DPO, gold reward (oracle)", "online": "iterative DPO, BT reward model",
-                 "online_biased": "iterative DPO, length-biased BT", "online_biased_lp": "iterative DPO, length-biased BT + length penalty"}
+ONLINE_SERIES = {"online_gold": "iterative DPO, gold reward (oracle)", "online_offpolicy": "iterative DPO, BT on off-policy pairs",
+                 "online": "iterative DPO, BT on SFT-like pairs", "online_biased": "iterative DPO, length-biased BT",
+                 "online_biased_lp": "iterative DPO, length-biased BT + length penalty"}
+# The single checkpoints (no iterations): folder, label.
+SINGLE_CHECKPOINTS = {"sft_gold": "SFT on the gold answers (control)", "dpo_offline_offpolicy": "offline DPO, off-policy pairs",
+                      "dpo_offline": "offline DPO, SFT-like pairs, human labels (the ideal)"}
 COOLER_TEMPERATURE = 0.5  # the SFT reference point "sampled at a lower temperature" (sharpening without training)
-REWARD_MODELS = {"rm_bt": "Bradley-Terry (SFT-like pairs)", "rm_biased": "Bradley-Terry (offline pairs: length-biased)",
+REWARD_MODELS = {"rm_offpolicy": "Bradley-Terry (off-policy pairs)", "rm_bt": "Bradley-Terry (SFT-like pairs)", "rm_biased": "Bradley-Terry (offline pairs: length-biased)",
                  "judge": "pairwise (OSP judge)"}
 
 
 def checkpoints(run):
     """(label, folder, series, t) of every checkpoint present in the run folder, in the table's order."""
-    found = [("SFT", run / "sft", None, 0), ("SFT on the gold answers (control)", run / "sft_gold", None, None),
-             ("offline DPO", run / "dpo_offline", None, None)]
+    found = [("SFT", run / "sft", None, 0)] + [(label, run / name, None, None) for name, label in SINGLE_CHECKPOINTS.items()]
     for name, label in ONLINE_SERIES.items():
         found += [(f"{label}, t = {t}", p, name, t) for t, p in sorted(iteration_policies(run / name).items())]
     found += [(f"OSP ({p.name.removeprefix('osp_').replace('_', ', ')})", p, None, None) for p in sorted(run.glob("osp_*"))]
@@ -128,6 +133,22 @@ def reference_points(sampled, cooler, scored):
     return points
 
 
+def training_reward_accuracy(folder, series, t):
+    """How well the reward a checkpoint was trained with ordered that training's own samples as gold does
+    (data.task.reward_vs_gold): an online iteration t's reward model on π_{t−1}'s samples (its summary.json),
+    an OSP run's judge on the policy's samples over all its steps (metrics.jsonl, --gold). None otherwise."""
+    if series is not None:
+        summary = folder.parent / "summary.json"
+        stats = json.loads(summary.read_text()).get("reward_vs_gold") if summary.exists() else None
+        return stats["accuracy"] if stats and series != "online_gold" else None
+    metrics = folder / "metrics.jsonl"
+    if folder.name.startswith("osp_") and metrics.exists():
+        steps = [r for r in read_jsonl(metrics) if "judge_gold_pairs" in r]
+        decided = sum(r["judge_gold_pairs"] for r in steps)
+        return sum(r["judge_gold_agreement"] * r["judge_gold_pairs"] for r in steps) / decided if decided else None
+    return None
+
+
 def reward_model_rows(run, on_policy):
     """(label, held-out eval.json, on-policy reward_vs_gold or None) of each reward model present."""
     rows = []
@@ -183,6 +204,10 @@ class Scorer:
             del self.models[(str(policy), "lm")]  # each policy is scored once; the reference stays
         return total / len(prompts)
 
+
+REWARD_ACCURACY_NOTE = (f"reward acc.: how well the reward the checkpoint was trained with ordered the answers it was trained on as gold "
+                        f"does (pairs whose gold differs by more than {GOLD_GAP}; 0.5 = chance): an online iteration t's reward model "
+                        "on π_{t−1}'s samples, an OSP judge on its ranked pairs over all steps.")
 
 # The proxy-vs-gold table's header, and what its KL column is (Scorer.sampled_kl).
 CURVE_HEADER = "| online run | t | KL (k1) | reward model | gold (T = 1) |"
@@ -291,13 +316,13 @@ def matplotlib_pyplot():
 def series_style(series):
     """An online run's colour and marker, the same in every plot."""
     i = list(ONLINE_SERIES).index(series)
-    return dict(color=f"C{i}", marker="osD^"[i])
+    return dict(color=f"C{i}", marker="osD^v"[i])
 
 
 def reference_style(i):
     """The i-th horizontal reference line's colour and dash pattern: no two alike, none an online run's colour."""
     dashes = ["--", ":", "-.", (0, (6, 2, 1, 2, 1, 2)), (0, (1, 3)), (0, (10, 3))]
-    return dict(color=f"C{4 + i % 6}", linestyle=dashes[i % len(dashes)])
+    return dict(color=f"C{len(ONLINE_SERIES) + i % 5}", linestyle=dashes[i % len(dashes)])
 
 
 def label_iterations(ax, series, xs, ys, points, labelled):
@@ -355,7 +380,7 @@ def plot(run, results, out):
         return []
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.4), layout="constrained")
     sft = next((r for r in results if r["label"] == "SFT"), None)
-    flat = [r for r in results if r["label"] in ("offline DPO", "SFT on the gold answers (control)") or r["label"].startswith("OSP")]
+    flat = [r for r in results if r["label"] in SINGLE_CHECKPOINTS.values() or r["label"].startswith("OSP")]
     for ax, key, title in ((axes[0], "gold", "greedy answers"), (axes[1], "sampled_gold", "sampled at temperature 1")):
         for i, (series, label) in enumerate(ONLINE_SERIES.items()):
             points = sorted((r["t"], r) for r in results if r["series"] == series)
@@ -434,7 +459,8 @@ def evaluate_run(run, prompts, args, device):
         baseline = baseline or (values if label == "SFT" else None)
         if baseline and label != "SFT":  # paired with SFT's answers to the same prompts
             summary |= paired_difference(values[0], baseline[0], "gold") | paired_difference(values[1], baseline[1], "sampled_gold")
-        results.append(dict(label=label, folder=str(folder), series=series, t=step, **summary))
+        results.append(dict(label=label, folder=str(folder), series=series, t=step, **summary,
+                            reward_accuracy=training_reward_accuracy(folder, series, step)))
         print(f"{label:50s} greedy gold {summary['gold']:.4f} ± {summary['gold_stderr']:.4f}, length {summary['length']:.1f} | "
               f"sampled gold {summary['sampled_gold']:.4f} ± {summary['sampled_gold_stderr']:.4f}, length {summary['sampled_length']:.1f}")
 
@@ -458,13 +484,15 @@ def evaluate_run(run, prompts, args, device):
     lines = [f"Held-out prompts: {len(prompts)} ({args.prompts}); gold score r* in [-1, 1], mean ± standard error over "
              f"prompts; greedy answers, and {args.samples} answers per prompt sampled at temperature 1; Δ SFT = the paired "
              "difference from the SFT model on the same prompts ± its standard error; exact = fraction of greedy answers "
-             "with r* = 1; per-sub-task columns are greedy gold.", "",
-             "| checkpoint | gold (greedy) | Δ SFT | exact | length | gold (T = 1) | Δ SFT | length (T = 1) | " + " | ".join(tasks) + " |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in tasks) + " |"]
+             "with r* = 1; per-sub-task columns are greedy gold. " + REWARD_ACCURACY_NOTE, "",
+             "| checkpoint | gold (greedy) | Δ SFT | exact | length | gold (T = 1) | Δ SFT | length (T = 1) | reward acc. | "
+             + " | ".join(tasks) + " |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in tasks) + " |"]
     for r in results:
         lines.append(f"| {r['label']} | {r['gold']:.3f} ± {r['gold_stderr']:.3f} | {signed(r, 'gold')} | {r['exact']:.3f} | "
                      f"{r['length']:.1f} | {r['sampled_gold']:.3f} ± {r['sampled_gold_stderr']:.3f} | {signed(r, 'sampled_gold')} | "
-                     f"{r['sampled_length']:.1f} | " + " | ".join(f"{r['by_task'].get(t, float('nan')):.3f}" for t in tasks) + " |")
+                     f"{r['sampled_length']:.1f} | {fraction(r['reward_accuracy']) if r['reward_accuracy'] is not None else '—'} | "
+                     + " | ".join(f"{r['by_task'].get(t, float('nan')):.3f}" for t in tasks) + " |")
     if references:
         lines += ["", "| reference point (the SFT model, no training) | gold |", "| --- | --- |"]
         lines += [f"| {label} | {mean:.3f} ± {stderr:.3f} |" for label, (mean, stderr) in references.items()]
@@ -522,12 +550,16 @@ def across_runs(evaluations, runs):
 
     lines = [f"Mean ± standard deviation over {len(runs)} runs ({', '.join(str(r) for r in runs)}). Δ SFT: mean paired "
              "difference from SFT ± its combined standard error (runs whose Δ exceeds 2 of their s.e. in the mean's direction).", "",
-             "| checkpoint | gold (greedy) | Δ SFT | gold (T = 1) | Δ SFT | length (T = 1) |", "| --- | --- | --- | --- | --- | --- |"]
+             REWARD_ACCURACY_NOTE, "",
+             "| checkpoint | gold (greedy) | Δ SFT | gold (T = 1) | Δ SFT | length (T = 1) | reward acc. |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for label in [r["label"] for r in evaluations[0]["checkpoints"]]:
         rows = [next((r for r in e["checkpoints"] if r["label"] == label), None) for e in evaluations]
         if None not in rows:
             lines.append(f"| {label} | {cell([r['gold'] for r in rows])} | {delta(rows, 'gold')} | {cell([r['sampled_gold'] for r in rows])} | "
-                         f"{delta(rows, 'sampled_gold')} | {cell([r['sampled_length'] for r in rows], 1)} |")
+                         f"{delta(rows, 'sampled_gold')} | {cell([r['sampled_length'] for r in rows], 1)} | "
+                         + ("—" if all(r.get("reward_accuracy") is None for r in rows) else cell([r.get("reward_accuracy") for r in rows]))
+                         + " |")
     references = [label for label in evaluations[0]["references"] if all(label in e["references"] for e in evaluations)]
     if references:
         lines += ["", "| reference point (the SFT model, no training) | gold |", "| --- | --- |"]

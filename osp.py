@@ -242,14 +242,15 @@ def update(policy, reference, optimizer, prompt_tokens, pairs, pair_tokens, targ
 
 def gold_sums(prompt_messages, responses, pairs, targets):
     """The built-in task's gold reward r* of the step's samples, and on the pairs whose gold scores
-    differ (and the judge is not indifferent), whether the judge's target sides with gold. Sums, for
-    StepSums; the comparison with the targets stays on the device."""
-    from data.task import score as gold_score
+    differ by more than data.task.GOLD_GAP (as in reward_vs_gold) and the judge is not indifferent,
+    whether the judge's target sides with gold. Sums, for StepSums; the comparison with the targets
+    stays on the device."""
+    from data.task import GOLD_GAP, score as gold_score
     gold = [[gold_score(messages, text) for text in texts]
             for messages, texts in zip(prompt_messages, responses)]
     sums = dict(gold=sum(map(sum, gold)))
     if pairs and pairs[0][2] is not None:
-        signs = [float(gold[row][hi] > gold[row][lo]) - float(gold[row][hi] < gold[row][lo])
+        signs = [float(gold[row][hi] > gold[row][lo] + GOLD_GAP) - float(gold[row][hi] < gold[row][lo] - GOLD_GAP)
                  for row, hi, lo in pairs]
         gold_sign = torch.tensor(signs, device=targets.device)  # (P,) +1, −1 or 0
         decided = (gold_sign != 0) & (targets != 0.5)
@@ -270,6 +271,7 @@ def log_step(metrics, totals, step, lr, seconds, args, is_main):
         line["gold_mean"] = totals["gold"] / responses
         decided = totals.get("judge_decided", 0)
         line["judge_gold_agreement"] = totals["judge_agrees"] / decided if decided else float("nan")
+        line["judge_gold_pairs"] = int(decided)
     metrics.log(**line)
     if is_main and (step % args.log_every == 0 or step == args.steps - 1):
         gold_text = (f" | gold {line['gold_mean']:.3f}"

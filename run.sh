@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The whole workflow on the built-in task (data/task.py), from nothing to a results table:
-#   task data → SFT from scratch → controls (SFT on the gold answers; offline DPO) → 3 online iterations
-#   of iterative DPO (gold reward: the oracle; a Bradley-Terry reward model; SIZE=full: a length-biased
-#   one, with and without paper 1's length penalty) → OSP (a pairwise judge; SIZE=full: paper 2's
-#   ablations) → evaluation, with the over-optimisation (proxy vs gold) curves.
+#   task data → pretraining on raw text of correct computations → SFT on a flawed demonstrator → controls
+#   (SFT on the gold answers; offline DPO on off-policy pairs, paper 1's baseline, and on SFT-like pairs with
+#   human labels, the ideal) → 3 online iterations of iterative DPO (gold reward: the oracle; a Bradley-Terry
+#   reward model of the off-policy pairs; SIZE=full: one of the SFT-like pairs, and a length-biased one with
+#   and without paper 1's length penalty) → OSP (a pairwise judge; SIZE=full: paper 2's ablations) →
+#   evaluation, with the over-optimisation (proxy vs gold) curves.
 #
 #   SIZE=tiny bash run.sh                # a smoke run: every stage once, tiny sizes, ~3 minutes on 2 CPU cores
 #   bash run.sh                          # SIZE=small: 2 CPU cores, about 15 minutes

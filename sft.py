@@ -10,7 +10,9 @@
     # LoRA: a frozen bf16 base and rank-64 adapters; saved merged, and in PEFT's format in OUT/adapter
     python sft.py --model /ckpt/Mistral-7B --data chat.jsonl --out runs/sft-lora --lora-rank 64 --lora-alpha 32 --save-adapter
 
-Input: JSONL records {"messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]}.
+Input: JSONL records {"messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]}, the loss
+on assistant tokens; or plain-text records {"text": "..."} (pretraining: no chat template, bos + text +
+eos, the loss on every token), as the built-in task's pretrain.jsonl. A file may mix the two.
 Output: an HF-format folder (config.json, model.safetensors, tokenizer) + metrics.jsonl. A rerun
 with --out already holding a model does nothing (--overwrite trains it again).
 
@@ -29,7 +31,7 @@ from tqdm import tqdm
 
 from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_resume_flag, add_scale_flags,
                     add_tracking_flags, already_trained, autocast, batch_schedule, cosine_lr, default_dtype,
-                    destroy_distributed, encode_conversation, end_of_turn_ids, finish_training_state,
+                    destroy_distributed, encode_conversation, encode_text, end_of_turn_ids, finish_training_state,
                     fraction, gradient_sync, init_distributed, load_for_training, load_tokenizer,
                     load_training_state, lora_settings, make_optimizer, non_negative_float, optimizer_step,
                     positive_float, positive_int, print0, rank_micro_batches, run_cli,
@@ -94,14 +96,25 @@ def parse_args(argv=None):
 # Data: tokenize every conversation, mark the tokens the loss trains on, pack into blocks.
 
 
+def encode_plain_text(tokenizer, text):
+    """A plain-text (pretraining) record: bos (if the tokenizer has one) + text + eos, every token trained on."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = bos + encode_text(tokenizer, text) + [tokenizer.eos_token_id]
+    return ids, [False] * len(bos) + [True] * (len(ids) - len(bos))
+
+
 def tokenize_conversations(tokenizer, conversations, block_size, show_progress):
     """(ids, targets) per conversation, cut to block_size tokens. targets[t] is the token t+1 where
-    that token is assistant text (the model learns to predict it from the prefix), else -100.
+    that token is assistant text — or any token after bos, in a plain-text record — (the model learns to
+    predict it from the prefix), else -100.
     Returns the documents and how many were truncated / dropped (no assistant token left to train on)."""
     end_of_turn = end_of_turn_ids(tokenizer)
     documents, truncated, dropped = [], 0, 0
     for record in tqdm(conversations, desc="tokenizing", disable=not show_progress):
-        ids, is_assistant = encode_conversation(tokenizer, record["messages"], end_of_turn)
+        if "messages" in record:
+            ids, is_assistant = encode_conversation(tokenizer, record["messages"], end_of_turn)
+        else:
+            ids, is_assistant = encode_plain_text(tokenizer, record["text"])
         if len(ids) > block_size:
             truncated += 1
             ids, is_assistant = ids[:block_size], is_assistant[:block_size]
@@ -232,7 +245,7 @@ def main(argv=None):
         raise InputError(f"{args.data}: no conversation to train on ({len(conversations)} read"
                          + dropped_note
                          + "); SFT needs JSONL records {\"messages\": [...]} "
-                           "with at least one assistant turn")
+                           "with at least one assistant turn, or {\"text\": \"...\"}")
     if truncated:
         dropped_note = (f"; {dropped} of them kept no assistant token and were dropped"
                         if dropped else "")

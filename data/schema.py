@@ -8,7 +8,8 @@ One JSON object per line. Extra fields are allowed everywhere (stages pass them 
 below are required unless marked optional. A "message" is {"role": "system"|"user"|"assistant",
 "content": str}; "messages" is a non-empty list of them. data/README.md has the full description.
 
-    sft       messages (at least one assistant turn)
+    sft       messages (at least one assistant turn); or, for pretraining, text (a non-empty str):
+              plain text, no chat template, the loss on every token
     prompts   id (str, unique in the file), messages (ending with a user turn)
     pairs     prompt (messages ending with a user turn), chosen (str), rejected (str),
               optional p (float in [0, 1] = P(chosen ≻ rejected), default 1), margin (finite float),
@@ -118,6 +119,11 @@ def _check_list(value, field, length, item_ok, item_wanted):
 
 
 def _check_sft(record):
+    if "text" in record and "messages" not in record:  # a plain-text (pretraining) record
+        _check_string(record["text"], "'text'")
+        if not record["text"]:
+            raise _Invalid("'text'", "expected a non-empty string (nothing to train on)")
+        return
     messages = _require(record, "messages")
     _check_messages(messages, "'messages'", ends_with_user=False)
     if not any(m["role"] == "assistant" for m in messages):

@@ -270,6 +270,7 @@ class Policy(NamedTuple):
 # the online loop has something to fix beyond sharpening the distribution (docs/diagnosis.md).
 DEMONSTRATOR = Policy("demonstrator", p_error=0.20, p_more=0.3, p_truncate=0.0, p_verbose=0.30, p_no_carry=0.6)
 VERBOSITY_GAP = 0.35  # how much more often the careful policy talks than the average one (and the hasty one less)
+OFFPOLICY_VERBOSITY_GAP = 0.15  # the same in pairs_offpolicy_*: a milder length bias, paper 1's off-policy baseline data
 
 
 def behaviour_policies(verbosity_gap=VERBOSITY_GAP):
@@ -431,7 +432,8 @@ def write_model_folder(folder):
 
 
 def build(out, seed=0, sft_examples=60000, prompts_per_iter=1024, eval_prompts=512, pairs_train=20000,
-          pairs_eval=2000, tau=TAU, verbosity_gap=VERBOSITY_GAP):
+          pairs_eval=2000, tau=TAU, verbosity_gap=VERBOSITY_GAP, pretrain_texts=60000,
+          offpolicy_verbosity_gap=OFFPOLICY_VERBOSITY_GAP):
     """Write every file of the task into `out`; returns the stats dict (also saved as stats.json)."""
     out = Path(out)
     rng = random.Random(seed)
@@ -469,15 +471,24 @@ def build(out, seed=0, sft_examples=60000, prompts_per_iter=1024, eval_prompts=5
     # Preference pairs labelled by a noisy BT "human": offline ones from the behaviour policies, and
     # SFT-like ones (two answers of the demonstrator, whose habits the SFT model copies).
     policies = behaviour_policies(verbosity_gap)
-    stats = {"seed": seed, "tau": tau, "verbosity_gap": verbosity_gap, "extra_char_penalty": EXTRA_CHAR_PENALTY,
+    stats = {"seed": seed, "tau": tau, "verbosity_gap": verbosity_gap, "offpolicy_verbosity_gap": offpolicy_verbosity_gap,
+             "extra_char_penalty": EXTRA_CHAR_PENALTY,
              "sft_examples": sft_examples, "sft_mean_gold": sum(demo_gold) / max(1, len(demo_gold)),
              "sft_exact_fraction": sum(g == 1.0 for g in demo_gold) / max(1, len(demo_gold)),
              "sft_mean_chars": sum(map(len, demonstrations)) / max(1, len(demonstrations))}
-    for split, n in (("train", pairs_train), ("eval", pairs_eval), ("sftlike_train", pairs_train), ("sftlike_eval", pairs_eval)):
+    # Drawn in this order so that files added later (pretrain, offpolicy) left the earlier ones' bytes unchanged.
+    for split, n in (("train", pairs_train), ("eval", pairs_eval), ("sftlike_train", pairs_train), ("sftlike_eval", pairs_eval),
+                     ("pretrain", pretrain_texts), ("offpolicy_train", pairs_train), ("offpolicy_eval", pairs_eval)):
+        if split == "pretrain":
+            # Raw text of correct computations, no chat template: what a pretrained base has read before SFT.
+            write_jsonl(out / "pretrain.jsonl", [{"text": f"{p} = {' '.join(parse_prompt(p)[1])}"} for p in fresh_prompts(n)])
+            stats["pretrain_texts"] = n
+            continue
+        pool = behaviour_policies(offpolicy_verbosity_gap) if split.startswith("offpolicy") else policies
         records = []
         for text in fresh_prompts(n):
             while True:  # two responses of different gold: by two distinct behaviour policies, or both by the demonstrator
-                first, second = (DEMONSTRATOR, DEMONSTRATOR) if split.startswith("sftlike") else rng.sample(policies, 2)
+                first, second = (DEMONSTRATOR, DEMONSTRATOR) if split.startswith("sftlike") else rng.sample(pool, 2)
                 a1, a2 = answer_as(rng, first, text), answer_as(rng, second, text)
                 r1, r2 = score(text, a1), score(text, a2)
                 if r1 != r2:
@@ -579,15 +590,27 @@ def main(argv=None):
     parser.add_argument("--verbosity-gap", type=float, default=VERBOSITY_GAP,
                         help="P(verbose) of the careful / hasty behaviour policy is 0.4 ± this: how much verbosity "
                              "goes with quality in the preference data (0 = no length shortcut to learn)")
+    parser.add_argument("--offpolicy-verbosity-gap", type=float, default=OFFPOLICY_VERBOSITY_GAP,
+                        help="the same for pairs_offpolicy_*.jsonl (paper 1's off-policy comparison: a milder length bias)")
+    parser.add_argument("--pretrain-texts", type=int, default=60000, help="plain-text computations in pretrain.jsonl")
     args = parser.parse_args(argv)
+    for flag in ("sft_examples", "prompts_per_iter", "eval_prompts", "pairs_train", "pairs_eval", "pretrain_texts"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag in ("verbosity_gap", "offpolicy_verbosity_gap"):
+        if not 0 <= getattr(args, flag) <= 0.4:
+            parser.error(f"--{flag.replace('_', '-')} must be in [0, 0.4] (it shifts P(verbose) = 0.4 of the behaviour policies)")
     stats = build(args.out, args.seed, args.sft_examples, args.prompts_per_iter, args.eval_prompts,
-                  args.pairs_train, args.pairs_eval, args.tau, args.verbosity_gap)
+                  args.pairs_train, args.pairs_eval, args.tau, args.verbosity_gap, args.pretrain_texts,
+                  args.offpolicy_verbosity_gap)
     print(f"wrote {args.out}: {stats['sft_examples']} demonstrations (mean gold {stats['sft_mean_gold']:.3f}, "
           f"exact {stats['sft_exact_fraction']:.3f}), 3 × {args.prompts_per_iter} + 2 × {args.eval_prompts} prompts (eval, dev), "
           f"2 × ({args.pairs_train} + {args.pairs_eval}) pairs (label agrees with r* on "
           f"{stats['pairs_eval']['gold_agrees_with_label']:.3f} of offline eval pairs, the longer response chosen in "
           f"{stats['pairs_eval']['longer_is_chosen']:.3f}; SFT-like pairs: {stats['pairs_sftlike_eval']['gold_agrees_with_label']:.3f}, "
-          f"{stats['pairs_sftlike_eval']['longer_is_chosen']:.3f})")
+          f"{stats['pairs_sftlike_eval']['longer_is_chosen']:.3f}; off-policy pairs: "
+          f"{stats['pairs_offpolicy_eval']['gold_agrees_with_label']:.3f}, {stats['pairs_offpolicy_eval']['longer_is_chosen']:.3f}), "
+          f"{stats['pretrain_texts']} pretraining texts")
 
 
 if __name__ == "__main__":

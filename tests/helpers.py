@@ -190,10 +190,10 @@ def builtin_model_dir(task_dir, folder, seed=0):
     return folder
 
 
-SMALL = dict(seed=0, sft_examples=800, prompts_per_iter=40, eval_prompts=24, pairs_train=3000, pairs_eval=200)
+SMALL = dict(seed=0, sft_examples=800, prompts_per_iter=40, eval_prompts=24, pairs_train=3000, pairs_eval=200, pretrain_texts=400)
 TASK_FILES = ("sft.jsonl", "prompts_iter1.jsonl", "prompts_iter2.jsonl", "prompts_iter3.jsonl", "prompts_eval.jsonl",
               "prompts_dev.jsonl", "pairs_train.jsonl", "pairs_eval.jsonl", "pairs_sftlike_train.jsonl",
-              "pairs_sftlike_eval.jsonl", "stats.json", "model/tokenizer.json",
+              "pairs_sftlike_eval.jsonl", "pretrain.jsonl", "pairs_offpolicy_train.jsonl", "pairs_offpolicy_eval.jsonl", "stats.json", "model/tokenizer.json",
               "model/tokenizer_config.json", "model/config.json", "model/generation_config.json")
 
 

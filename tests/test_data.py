@@ -338,6 +338,8 @@ def test_data_judge_templates_match_paper_and_render_safely():
     ("sft", {"messages": [{"role": "user", "content": "x"}]}, "at least one assistant turn"),
     ("sft", {"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]},
      "field 'messages'[0].content: expected a string, got int"),
+    ("sft", {"text": ""}, "field 'text': expected a non-empty string"),
+    ("sft", {"text": 3}, "field 'text': expected a string, got int"),
     ("pairs", {"prompt": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": "b", "p": 1.5}, "field 'p'"),
     ("pairs", {"prompt": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": None}, "field 'rejected': expected a string"),
     ("pairs", {"prompt": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": "b", "margin": True}, "field 'margin'"),

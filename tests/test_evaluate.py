@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from common import encode_prompt, load_tokenizer, read_jsonl
+from common import encode_prompt, load_tokenizer, read_jsonl, write_jsonl
 from data.task import score
 from model import Transformer
 from tests.helpers import builtin_model_dir, run_script
@@ -35,6 +35,10 @@ def test_evaluate_finds_checkpoints_scores_with_gold_and_caches(task_dir, tmp_pa
     builtin_model_dir(task_dir, run / "sft")
     shutil.copytree(run / "sft", run / "online" / "iter1" / "policy")
     shutil.copytree(run / "sft", run / "osp_spce_ranked")
+    # What the rewards the runs trained with got right on their own samples (dpo.py's summary.json, osp.py's --gold lines).
+    (run / "online" / "iter1" / "summary.json").write_text(json.dumps({"reward_vs_gold": {"accuracy": 0.61, "pairs": 10}}))
+    write_jsonl(run / "osp_spce_ranked" / "metrics.jsonl", [dict(step=1, loss=0.7, judge_gold_agreement=0.5, judge_gold_pairs=2),
+                                                            dict(step=2, loss=0.6, judge_gold_agreement=1.0, judge_gold_pairs=6)])
     builtin_model_dir(task_dir, run / "online_gold" / "iter1" / "policy", seed=2)  # a policy that differs from SFT
     # The reward model the "online" run trained with (a random scalar head): the proxy of its curve.
     rm = run / "rm_bt"
@@ -62,12 +66,14 @@ def test_evaluate_finds_checkpoints_scores_with_gold_and_caches(task_dir, tmp_pa
     assert f"skipped {len(lengths) - kept} of {len(lengths)} prompts" in stdout and f"Held-out prompts: {kept} " in stdout
     evaluation = json.loads((run / "results.json").read_text())
     results = evaluation["checkpoints"]
-    assert [r["label"] for r in results] == ["SFT", "iterative DPO, gold reward (oracle), t = 1", "iterative DPO, BT reward model, t = 1",
+    assert [r["label"] for r in results] == ["SFT", "iterative DPO, gold reward (oracle), t = 1", "iterative DPO, BT on SFT-like pairs, t = 1",
                                              "OSP (spce, ranked)"]
     answers = read_jsonl(run / "sft" / "eval_samples_T0.jsonl")
     assert [len(encode_prompt(tokenizer, a["prompt"])) <= limit for a in answers] == [True] * kept
     gold = [score(a["prompt"], a["responses"][0]) for a in answers]  # recomputed here from the answers
     assert abs(results[0]["gold"] - sum(gold) / len(gold)) < 1e-9
+    assert [r["reward_accuracy"] for r in results] == [None, None, 0.61, (0.5 * 2 + 1.0 * 6) / 8]  # the oracle: no proxy
+    assert "| 0.610 |" in (run / "results.md").read_text()
     assert results[0]["gold"] == results[2]["gold"]  # the same weights answer the same (greedy, and seeded samples)
     assert results[0]["sampled_gold"] == results[2]["sampled_gold"]
     assert results[2]["delta_gold"] == 0 and results[2]["delta_sampled_gold_stderr"] == 0  # paired with SFT
@@ -128,7 +134,7 @@ def test_evaluate_finds_checkpoints_scores_with_gold_and_caches(task_dir, tmp_pa
     assert abs(curves["online_gold"][1]["gold"] - sum(golds) / len(golds)) < 1e-9
     assert abs(curves["online"][0]["reward"] - sum(rewards) / len(rewards)) < 1e-4
     assert curves["online"][0]["reward"] == curves["online"][1]["reward"]
-    assert (run / "over_optimisation.png").exists() and "| iterative DPO, BT reward model | 1 | 0.00 |" in (run / "results.md").read_text()
+    assert (run / "over_optimisation.png").exists() and "| iterative DPO, BT on SFT-like pairs | 1 | 0.00 |" in (run / "results.md").read_text()
     # the reward model on SFT's own samples (on-policy), beside its held-out accuracy
     on_policy = evaluation["reward_models"]["Bradley-Terry (SFT-like pairs)"]["on_policy"]
     scored = [{"gold": [score(r["prompt"], y) for y in r["responses"]], "rewards": rewards[4 * i:4 * i + 4]}
@@ -170,5 +176,5 @@ def test_plots_render_from_synthetic_results(tmp_path):
     def row(label, series, t):
         return dict(label=label, series=series, t=t, gold=0.5, gold_stderr=0.01, sampled_gold=0.4, sampled_gold_stderr=0.01)
     results = [row("SFT", None, 0), row("offline DPO", None, None), row("OSP (spce, ranked)", None, None),
-               row("iterative DPO, BT reward model, t = 1", "online", 1), row("iterative DPO, BT reward model, t = 2", "online", 2)]
+               row("iterative DPO, BT on SFT-like pairs, t = 1", "online", 1), row("iterative DPO, BT reward model, t = 2", "online", 2)]
     assert [p.name for p in plot(tmp_path, results, tmp_path)] == ["gold_per_iteration.png", "training_curves.png"]

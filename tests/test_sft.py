@@ -89,6 +89,25 @@ def test_sft_with_no_assistant_token_within_the_block_stops_with_a_one_line_erro
     assert not (tmp_path / "out").exists()
 
 
+def test_sft_plain_text_records_train_on_every_token(tiny_model_dir, tmp_path):
+    """{"text": ...} (pretraining): bos + text + eos, every token after bos is a target; a chat record in
+    the same file keeps its loss on the assistant tokens only; the stage trains on a mixed file."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    records = [{"text": "add 5 7 = 12"}, {"messages": [{"role": "user", "content": "abc"}, {"role": "assistant", "content": "cba"}]}]
+    documents, truncated, dropped = sft.tokenize_conversations(tokenizer, records, 128, show_progress=False)
+    (ids, targets), (chat_ids, chat_targets) = documents
+    text_ids = tokenizer("add 5 7 = 12", add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    assert ids == bos + text_ids + [tokenizer.eos_token_id] and (truncated, dropped) == (0, 0)
+    assert targets == ids[1:] + [-100]  # every next token, the first text token (after bos) included
+    assert sum(t != -100 for t in chat_targets) == len(tokenizer("cba", add_special_tokens=False)["input_ids"]) + 1  # + end of turn
+    write_jsonl(tmp_path / "mixed.jsonl", records * 8)
+    sft.main(["--model", str(tiny_model_dir), "--scratch", "--data", str(tmp_path / "mixed.jsonl"), "--out", str(tmp_path / "out"),
+              "--block-size", "64", "--batch-size", "2", "--micro-batch-size", "2", "--max-steps", "2", "--device", "cpu"])
+    lines = read_jsonl(tmp_path / "out" / "metrics.jsonl")
+    assert len(lines) == 2 and sum(line["assistant_tokens"] for line in lines) > 0
+
+
 # 18 steps (3 epochs of 6), a resumable state every 4 (test_sft_killed_mid_training_...)
 SHARED_DISTRIBUTED_ARGS = ["--block-size", "64", "--batch-size", "8", "--micro-batch-size", "2", "--epochs", "3",
                            "--save-every", "4", "--lr", "1e-3", "--device", "cpu", "--log-every", "100"]
