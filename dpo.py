@@ -390,6 +390,24 @@ def train(args, dist_info, start_model, pairs, example_groups, out_dir, adapter=
 PAIR_SELECTIONS = ("max_min", "max_random", "random")
 
 
+def reward_models(text):
+    """--rm's folders: one, or an ensemble written as folders separated by commas."""
+    return [folder for folder in text.split(",") if folder]
+
+
+def ensemble_rewards(member_rewards, mode="mean"):
+    """One reward per response from K reward models' (a list of K lists): their mean, or with
+    mode "mean_minus_std" the mean minus their standard deviation over members (Coste et al. 2023,
+    uncertainty-weighted optimisation with λ = 1: responses the members disagree on are trusted
+    less, against over-optimisation). One member: its own rewards."""
+    k = len(member_rewards)
+    means = [sum(values) / k for values in zip(*member_rewards)]
+    if mode == "mean" or k == 1:
+        return means
+    stds = [math.sqrt(sum((v - m) ** 2 for v in values) / (k - 1)) for values, m in zip(zip(*member_rewards), means)]
+    return [m - s for m, s in zip(means, stds)]
+
+
 def select_pairs(records, selection="max_min", length_penalty=0.0, missing_eos_penalty=0.0,
                  reward_tolerance=0.0, source=None):
     """One (chosen, rejected) pair per prompt, by the adjusted reward
@@ -452,7 +470,8 @@ def start_iteration(args, sources, dist_info):
         return "" if sources[name] == "command line" else f" (from {sources[name]})"
     require_model(args.sft, f"--sft{read_back('sft')}")
     if args.rm != "gold":
-        require_model(args.rm, f"--rm{read_back('rm')}")
+        for folder in reward_models(args.rm):
+            require_model(folder, f"--rm{read_back('rm')}")
     previous_policy = Path(args.sft) if t == 1 else run / f"iter{t - 1}" / "policy"
     if t > 1 and not has_model(previous_policy):
         raise InputError(f"{previous_policy} holds no model: run iteration {t - 1} first "
@@ -514,14 +533,18 @@ def run_iteration(args, sources, dist_info):
         else:
             import train_rm
             dtype = default_dtype(device)
-            rm = Transformer.from_pretrained(args.rm, device=device, dtype=dtype, head="score").eval()
-            rm_tokenizer = load_tokenizer(args.rm)
-            scorer = lambda chunk: train_rm.score_records(  # noqa: E731
-                rm, rm_tokenizer, chunk, device, args.micro_batch_size * 4, args.max_length)
+            members = [(Transformer.from_pretrained(folder, device=device, dtype=dtype, head="score").eval(),
+                        load_tokenizer(folder)) for folder in reward_models(args.rm)]
+
+            def scorer(chunk):
+                scored = [train_rm.score_records(rm, rm_tokenizer, chunk, device, args.micro_batch_size * 4, args.max_length)
+                          for rm, rm_tokenizer in members]
+                return [{**r, "rewards": ensemble_rewards([s[i]["rewards"] for s in scored], args.ensemble)}
+                        for i, r in enumerate(chunk)]
         process_in_chunks(samples, here / "rewards.jsonl", scorer, dist_info,
                           chunk_size=args.chunk_size, desc=f"iter {t}: scoring",
                           settings=dict(rm=args.rm, max_length=args.max_length))
-        scorer = rm = None  # free the reward model before training
+        scorer = members = None  # free the reward models before training
     # 3. Pairs (cheap and deterministic: rank 0 writes, the others wait).
     if not (here / "pairs.jsonl").exists():
         rewards = load_records(here / "rewards.jsonl", "rewards")
@@ -608,7 +631,7 @@ def prompt_chunk(args, t):
 
 # Settings that decide what an online iteration produces: recorded in iter{t}/settings.json (a rerun
 # or resume with other values stops) and saved in config.json as the next iteration's defaults.
-INPUT_SETTINGS = ("sft", "rm", "prompts", "iterations")
+INPUT_SETTINGS = ("sft", "rm", "ensemble", "prompts", "iterations")
 # + seed (the samples' seeds derive from it); max_prompt_length decides which prompts are sampled.
 SAMPLING_SETTINGS = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "max_prompt_length")
 PAIRING_SETTINGS = ("pair_selection", "length_penalty", "missing_eos_penalty", "reward_tolerance", "history")
@@ -641,8 +664,12 @@ def build_parser():
                         help="the run's folder (iter{t}/ sub-folders, config.json)")
     online.add_argument("--sft", help="the SFT checkpoint: π_0, the first policy and the reference")
     online.add_argument("--rm",
-                        help="the Bradley-Terry reward model folder (train_rm.py); 'gold' scores with "
-                             "the built-in task's gold reward instead (the oracle control of run.sh)")
+                        help="the Bradley-Terry reward model folder (train_rm.py), or several separated by "
+                             "commas (an ensemble, see --ensemble); 'gold' scores with the built-in task's gold "
+                             "reward instead (the oracle control of run.sh)")
+    online.add_argument("--ensemble", choices=["mean", "mean_minus_std"], default="mean",
+                        help="how an ensemble's rewards combine: their mean, or mean − std over the members "
+                             "(Coste et al. 2023, against over-optimisation)")
     online.add_argument("--prompts",
                         help="prompts JSONL; with '{t}' in the name, one file per iteration")
     online.add_argument("--iterations", type=positive_int, default=3,
@@ -785,6 +812,8 @@ def resolve_settings(argv=None):
         if not (args.sft and args.rm and args.prompts):
             parser.error(f"online mode needs --sft, --rm and --prompts: give them at iteration 1 "
                          f"(later iterations read them from {Path(args.run_dir) / 'config.json'})")
+        if args.ensemble != "mean" and len(reward_models(args.rm)) < 2:
+            parser.error(f"--ensemble {args.ensemble} needs two or more reward models (--rm A,B,...)")
     elif not (args.pairs and args.model and args.out):
         parser.error("offline mode needs --pairs, --model and --out "
                      "(or --iter and --run-dir for online mode)")

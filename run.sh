@@ -9,7 +9,8 @@
 #
 #   SIZE=tiny bash run.sh                # a smoke run: every stage once, tiny sizes, ~3 minutes on 2 CPU cores
 #   bash run.sh                          # SIZE=small: 2 CPU cores, about 15 minutes
-#   SIZE=full bash run.sh                # small + reward hacking and its remedy + paper 2's OSP ablations (longer)
+#   SIZE=full bash run.sh                # small + a BT model of the SFT-like pairs, reward hacking and its remedy,
+#                                        # paper 2's OSP ablations (longer)
 #   SIZE=full RUN=runs/builtin-small-seed0 bash run.sh   # the same, adding to a finished small run
 #   SIZE=large SEED=1 bash run.sh        # one GPU: all the data, the papers' n = 8 / K = 7, longer OSP
 #   EVAL_SPLIT=dev bash run.sh           # the table on the dev prompts, where the settings were chosen
@@ -35,18 +36,19 @@ DATA=data/builtin
 # setting below was chosen, docs/diagnosis.md). ITERS: online iterations; SFT_STEPS: SFT optimizer steps
 # (-1: one epoch); EVAL_PROMPTS: prompts graded; EVAL_PAIRS: held-out pairs the reward models are scored on.
 EVAL_SPLIT=${EVAL_SPLIT:-eval}
-# BIASED=1: also the reward-hacking runs (a length-biased reward model, with and without a length penalty).
+# EXTRA_RM_RUNS=1: also the loop with a BT model of the SFT-like pairs and the reward-hacking runs (a length-biased
+# reward model, with and without a length penalty).
 # LANES: stages 3-6 run as two lanes side by side (CPU: one core each) or one after the other (1).
-OSP_VARIANTS="spce_ranked"; ITERS=3; SFT_STEPS=-1; EVAL_PROMPTS=512; EVAL_PAIRS=2000; BIASED=0
+OSP_VARIANTS="spce_ranked"; ITERS=3; SFT_STEPS=-1; EVAL_PROMPTS=512; EVAL_PAIRS=2000; EXTRA_RM_RUNS=0
 ABLATIONS="spce_ranked dpo_ranked ipo_ranked spce_random"
 case "$SIZE" in
   tiny)  PROMPTS=32; RM_PAIRS=512; JUDGE_PAIRS=256; DPO_PAIRS=256; N=2; K=2; OSP_STEPS=3; OSP_BATCH=4
-         ITERS=1; SFT_STEPS=100; EVAL_PROMPTS=16; EVAL_PAIRS=256; BIASED=1 ;;
+         ITERS=1; SFT_STEPS=100; EVAL_PROMPTS=16; EVAL_PAIRS=256 ;;
   small) PROMPTS=384; RM_PAIRS=8000; JUDGE_PAIRS=4000; DPO_PAIRS=4000; N=4; K=4; OSP_STEPS=30; OSP_BATCH=8 ;;
   full)  PROMPTS=384; RM_PAIRS=8000; JUDGE_PAIRS=4000; DPO_PAIRS=4000; N=4; K=4; OSP_STEPS=30; OSP_BATCH=8
-         BIASED=1; OSP_VARIANTS=$ABLATIONS ;;  # small + the reward-hacking runs + paper 2's ablations
+         EXTRA_RM_RUNS=1; OSP_VARIANTS=$ABLATIONS ;;  # small + the reward-hacking runs + paper 2's ablations
   large) PROMPTS=1024; RM_PAIRS=20000; JUDGE_PAIRS=20000; DPO_PAIRS=20000; N=8; K=7; OSP_STEPS=200; OSP_BATCH=16
-         BIASED=1; OSP_VARIANTS=$ABLATIONS; LANES=${LANES:-1} ;;  # one GPU: one lane
+         EXTRA_RM_RUNS=1; OSP_VARIANTS=$ABLATIONS; LANES=${LANES:-1} ;;  # one GPU: one lane
   *) echo "SIZE must be tiny, small, full or large" >&2; exit 2 ;;
 esac
 LANES=${LANES:-2}
@@ -58,17 +60,21 @@ COMMON=(--seed "$SEED")
 
 echo "== 1. the built-in task ($SECONDS s)"
 # (re)built when any file is missing, e.g. a data/builtin/ from before the dev split and the SFT-like pairs
-[ -f $DATA/stats.json ] && [ -f $DATA/prompts_dev.jsonl ] && [ -f $DATA/pairs_sftlike_eval.jsonl ] || python -m data.task
+[ -f $DATA/stats.json ] && [ -f $DATA/prompts_dev.jsonl ] && [ -f $DATA/pairs_offpolicy_eval.jsonl ] || python -m data.task
 mkdir -p "$RUN/data"
 for t in $(seq $ITERS); do head -n $PROMPTS $DATA/prompts_iter$t.jsonl > "$RUN/data/prompts_iter$t.jsonl"; done
 head -n $EVAL_PROMPTS $DATA/prompts_$EVAL_SPLIT.jsonl > "$RUN/data/prompts_$EVAL_SPLIT.jsonl"
-# Two kinds of human preference data: pairs of SFT-like answers (two demonstrator answers to a prompt,
-# labelled by the simulated human), and the offline pairs of three other policies, where the longer
-# answer usually wins (the length bias paper 1 warns about).
+# Human preference data of three kinds: off-policy pairs (answers of three other policies, the longer chosen
+# 59% of the time: paper 1's setting, its reward model's and its DPO baseline's data); pairs of SFT-like answers
+# (two demonstrator answers to a prompt: on-policy human labels, the ideal that real projects cannot afford);
+# and the offline pairs of the same policies with a strong length bias (65%), for the reward-hacking runs.
 head -n $RM_PAIRS $DATA/pairs_sftlike_train.jsonl > "$RUN/data/pairs_rm.jsonl"
 head -n $JUDGE_PAIRS $DATA/pairs_sftlike_train.jsonl > "$RUN/data/pairs_judge.jsonl"
 head -n $DPO_PAIRS $DATA/pairs_sftlike_train.jsonl > "$RUN/data/pairs_dpo.jsonl"
 head -n $EVAL_PAIRS $DATA/pairs_sftlike_eval.jsonl > "$RUN/data/pairs_rm_eval.jsonl"
+head -n $RM_PAIRS $DATA/pairs_offpolicy_train.jsonl > "$RUN/data/pairs_offpolicy.jsonl"
+head -n $DPO_PAIRS $DATA/pairs_offpolicy_train.jsonl > "$RUN/data/pairs_dpo_offpolicy.jsonl"
+head -n $EVAL_PAIRS $DATA/pairs_offpolicy_eval.jsonl > "$RUN/data/pairs_offpolicy_eval.jsonl"
 head -n $RM_PAIRS $DATA/pairs_train.jsonl > "$RUN/data/pairs_biased.jsonl"
 head -n $EVAL_PAIRS $DATA/pairs_eval.jsonl > "$RUN/data/pairs_biased_eval.jsonl"
 
@@ -82,14 +88,18 @@ ONLINE=(--sft "$RUN/sft" --prompts "$RUN/data/prompts_iter{t}.jsonl" --n $N --ma
         --gen-batch-size 256 --epochs 2 "${DPO[@]}" "${COMMON[@]}")
 
 reward_model_lane() {
-  echo "== 3. Bradley-Terry reward model on the SFT-like pairs ($SECONDS s)"
-  python train_rm.py train --type bt --model "$RUN/sft" --pairs "$RUN/data/pairs_rm.jsonl" --eval-pairs "$RUN/data/pairs_rm_eval.jsonl" \
-      --out "$RUN/rm_bt" --batch-size 64 "${RM[@]}"
+  echo "== 3. Bradley-Terry reward model on the off-policy pairs ($SECONDS s)"
+  python train_rm.py train --type bt --model "$RUN/sft" --pairs "$RUN/data/pairs_offpolicy.jsonl" \
+      --eval-pairs "$RUN/data/pairs_offpolicy_eval.jsonl" --out "$RUN/rm_offpolicy" --batch-size 64 "${RM[@]}"
   echo "== 5b. online iterative DPO: sample n per prompt → BT reward → best vs worst → DPO ($SECONDS s)"
   # dpo.py prints how the reward model ranks the policy's own samples against gold, before it trains.
-  for t in $(seq $ITERS); do python dpo.py --iter $t --run-dir "$RUN/online" --rm "$RUN/rm_bt" "${ONLINE[@]}"; done
-  if [ "$BIASED" = 1 ]; then
-    echo "== 3c + 5c. reward hacking: a BT model of the offline pairs (length-biased), with and without a length penalty ($SECONDS s)"
+  for t in $(seq $ITERS); do python dpo.py --iter $t --run-dir "$RUN/online_offpolicy" --rm "$RUN/rm_offpolicy" "${ONLINE[@]}"; done
+  if [ "$EXTRA_RM_RUNS" = 1 ]; then
+    echo "== 3b + 5c. the same with a BT model of the SFT-like pairs ($SECONDS s)"
+    python train_rm.py train --type bt --model "$RUN/sft" --pairs "$RUN/data/pairs_rm.jsonl" --eval-pairs "$RUN/data/pairs_rm_eval.jsonl" \
+        --out "$RUN/rm_bt" --batch-size 64 "${RM[@]}"
+    for t in $(seq $ITERS); do python dpo.py --iter $t --run-dir "$RUN/online" --rm "$RUN/rm_bt" "${ONLINE[@]}"; done
+    echo "== 3c + 5d. reward hacking: a BT model of the offline pairs (length-biased), with and without a length penalty ($SECONDS s)"
     python train_rm.py train --type bt --model "$RUN/sft" --pairs "$RUN/data/pairs_biased.jsonl" \
         --eval-pairs "$RUN/data/pairs_biased_eval.jsonl" --out "$RUN/rm_biased" --batch-size 64 "${RM[@]}"
     for t in $(seq $ITERS); do python dpo.py --iter $t --run-dir "$RUN/online_biased" --rm "$RUN/rm_biased" "${ONLINE[@]}"; done
@@ -101,11 +111,14 @@ reward_model_lane() {
 }
 
 policy_lane() {
-  echo "== 4. controls: SFT continued on the exact answers to the loop's prompts; offline DPO on the SFT-like pairs ($SECONDS s)"
+  echo "== 4. controls: SFT continued on the exact answers to the loop's prompts; offline DPO on the off-policy pairs"\
+       "(paper 1's baseline) and on the SFT-like pairs (on-policy human labels: the ideal) ($SECONDS s)"
   local prompts=(); for t in $(seq $ITERS); do prompts+=("$RUN/data/prompts_iter$t.jsonl"); done
   python -m data.task gold-sft --prompts "${prompts[@]}" --out "$RUN/data/sft_gold.jsonl"
   python sft.py --model "$RUN/sft" --data "$RUN/data/sft_gold.jsonl" --out "$RUN/sft_gold" \
       --block-size 128 --batch-size 16 --micro-batch-size 16 --lr 3e-4 --epochs 2 --log-every 20 "${COMMON[@]}"
+  python dpo.py --model "$RUN/sft" --pairs "$RUN/data/pairs_dpo_offpolicy.jsonl" --out "$RUN/dpo_offline_offpolicy" --epochs 1 \
+      "${DPO[@]}" "${COMMON[@]}"
   python dpo.py --model "$RUN/sft" --pairs "$RUN/data/pairs_dpo.jsonl" --out "$RUN/dpo_offline" --epochs 1 "${DPO[@]}" "${COMMON[@]}"
   echo "== 5a. online iterative DPO with the gold reward r* in place of a reward model: the oracle ($SECONDS s)"
   for t in $(seq $ITERS); do python dpo.py --iter $t --run-dir "$RUN/online_gold" --rm gold "${ONLINE[@]}"; done

@@ -323,6 +323,25 @@ def sum_without_carries(operands):
     return str(int("".join(map(str, reversed(columns)))))
 
 
+def worksheet(rng, prompt, seen):
+    """A pretraining text: the prompt's exact computation, then the other computations on the same
+    numbers (the list's other operations in a random order, or the sum with its operands swapped), one
+    per line: "sort 7 3 = 3 7\nreverse 7 3 = 3 7". Copies of the numbers are predictable, so most of
+    the text's loss is on what a model must learn (copying, ordering, carrying); a text of one
+    computation alone is mostly unpredictable numbers (measured: two epochs of those did not teach the
+    0.8M model the task, docs/diagnosis.md). Lines whose prompt was drawn elsewhere are left out (and
+    the rest are marked `seen`), so no prompt text occurs in two files."""
+    task, operands = prompt.split(" ", 1)
+    others = [f"add {' '.join(operands.split()[::-1])}"] if task == "add" else [
+        f"{op} {operands}" for op in rng.sample([t for t in TASKS if t not in ("add", task)], 2)]
+    lines = [prompt]
+    for other in others:
+        if other not in seen and other != prompt and parse_prompt(other)[1]:  # evens of all-odd numbers: no answer
+            seen.add(other)
+            lines.append(other)
+    return "\n".join(f"{p} = {' '.join(parse_prompt(p)[1])}" for p in lines)
+
+
 def answer_as(rng, policy, prompt):
     """A response to `prompt` (text) by a synthetic policy: dropped carries, truncation, corruptions,
     politeness."""
@@ -432,7 +451,7 @@ def write_model_folder(folder):
 
 
 def build(out, seed=0, sft_examples=60000, prompts_per_iter=1024, eval_prompts=512, pairs_train=20000,
-          pairs_eval=2000, tau=TAU, verbosity_gap=VERBOSITY_GAP, pretrain_texts=60000,
+          pairs_eval=2000, tau=TAU, verbosity_gap=VERBOSITY_GAP, pretrain_texts=16000,
           offpolicy_verbosity_gap=OFFPOLICY_VERBOSITY_GAP):
     """Write every file of the task into `out`; returns the stats dict (also saved as stats.json)."""
     out = Path(out)
@@ -481,7 +500,7 @@ def build(out, seed=0, sft_examples=60000, prompts_per_iter=1024, eval_prompts=5
                      ("pretrain", pretrain_texts), ("offpolicy_train", pairs_train), ("offpolicy_eval", pairs_eval)):
         if split == "pretrain":
             # Raw text of correct computations, no chat template: what a pretrained base has read before SFT.
-            write_jsonl(out / "pretrain.jsonl", [{"text": f"{p} = {' '.join(parse_prompt(p)[1])}"} for p in fresh_prompts(n)])
+            write_jsonl(out / "pretrain.jsonl", [{"text": worksheet(rng, p, seen)} for p in fresh_prompts(n)])
             stats["pretrain_texts"] = n
             continue
         pool = behaviour_policies(offpolicy_verbosity_gap) if split.startswith("offpolicy") else policies
@@ -592,7 +611,7 @@ def main(argv=None):
                              "goes with quality in the preference data (0 = no length shortcut to learn)")
     parser.add_argument("--offpolicy-verbosity-gap", type=float, default=OFFPOLICY_VERBOSITY_GAP,
                         help="the same for pairs_offpolicy_*.jsonl (paper 1's off-policy comparison: a milder length bias)")
-    parser.add_argument("--pretrain-texts", type=int, default=60000, help="plain-text computations in pretrain.jsonl")
+    parser.add_argument("--pretrain-texts", type=int, default=16000, help="plain-text worksheets (1-3 computations each) in pretrain.jsonl")
     args = parser.parse_args(argv)
     for flag in ("sft_examples", "prompts_per_iter", "eval_prompts", "pairs_train", "pairs_eval", "pretrain_texts"):
         if getattr(args, flag) < 1:

@@ -144,3 +144,32 @@ def test_dpo_scores_with_a_reward_model_of_another_tokenizer_and_template(policy
             # ... and the policy's tokenizer would have given the reward model other tokens entirely
             assert policy_tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False) != alone["input_ids"][0].tolist()
     assert json.loads((tmp_path / "run" / "iter1" / "summary.json").read_text())["samples"] == 4
+
+
+def test_dpo_scores_with_an_ensemble_of_reward_models_of_other_families(family_models, tmp_path, monkeypatch, capsys):
+    """--rm A,B --ensemble mean_minus_std: each response's reward is the mean of the members' own
+    transformers scores minus their standard deviation (Coste et al. 2023), each member reading the
+    conversation with its own tokenizer and template. One member with mean_minus_std is refused."""
+    import statistics
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # stage code on CPU: the PyTorch kernels
+    policy, _ = family_models["chatml"]
+    members = [family_models[family][1] for family in ("llama3", "chatml", "mistral")]
+    write_jsonl(tmp_path / "prompts.jsonl", [{"id": "q0", "messages": [{"role": "user", "content": "reverse abc"}]}])
+    argv = ["--iter", "1", "--run-dir", str(tmp_path / "run"), "--sft", str(policy), "--prompts", str(tmp_path / "prompts.jsonl"),
+            "--iterations", "1", "--n", "3", "--max-new-tokens", "4", "--batch-size", "4", "--micro-batch-size", "4", "--epochs", "1",
+            "--device", "cpu", "--ensemble", "mean_minus_std"]
+    with pytest.raises(SystemExit):
+        dpo.main(argv + ["--rm", str(members[0])])
+    assert "--ensemble mean_minus_std needs two or more reward models" in capsys.readouterr().err
+    dpo.main(argv + ["--rm", ",".join(map(str, members))])
+    [record] = read_jsonl(tmp_path / "run" / "iter1" / "rewards.jsonl")
+    scorers = [(AutoModelForSequenceClassification.from_pretrained(m).eval(), AutoTokenizer.from_pretrained(m)) for m in members]
+    for response, reward in zip(record["responses"], record["rewards"]):
+        conversation = record["prompt"] + [{"role": "assistant", "content": response}]
+        with torch.no_grad():
+            scores = [hf(**tok.apply_chat_template(conversation, tokenize=True, return_dict=True, return_tensors="pt")).logits[0, 0].item()
+                      for hf, tok in scorers]
+        assert statistics.stdev(scores) > 1e-3  # the members disagree, so the two modes differ
+        assert reward == pytest.approx(statistics.mean(scores) - statistics.stdev(scores), abs=1e-4)
+    assert dpo.ensemble_rewards([[1.0, 2.0], [3.0, 2.0]]) == [2.0, 2.0]  # the default mode: the mean
