@@ -269,8 +269,7 @@ def model_kind(path):
 
 def training_examples(args, tokenizer, pairs, template, rng):
     """Token lists of each pair. BT: (chosen ids, rejected ids, margin); pairwise: (query ids, label
-    id, 0) with the two responses in a random A/B order (fights position bias), or with --both-orders
-    twice, once in each order (paper 2's preference augmentation, §3.3). A pair whose chosen
+    id, 0) with the two responses in a random A/B order (fights position bias). A pair whose chosen
     and rejected are the same (after truncation, for BT) carries no preference and is dropped.
     Returns the examples, the number dropped and the number of truncated sequences."""
     examples, dropped, truncated = [], 0, 0
@@ -287,8 +286,6 @@ def training_examples(args, tokenizer, pairs, template, rng):
     else:
         first_label, second_label = label_token_ids(tokenizer)
         flips = (torch.rand(len(pairs), generator=rng) < 0.5).tolist()
-        if args.both_orders:
-            pairs, flips = [p for p in pairs for _ in range(2)], [second for _ in pairs for second in (False, True)]
         for p, chosen_second in zip(pairs, flips):
             if p["chosen"] == p["rejected"]:
                 dropped += 1
@@ -522,9 +519,6 @@ def build_parser():
                               help="AdamW weight decay")
     train_parser.add_argument("--grad-clip", type=non_negative_float, default=1.0,
                               help="max global gradient norm (0: off)")
-    train_parser.add_argument("--both-orders", action="store_true",
-                              help="pairwise: train on every pair in both A/B orders (paper 2's preference "
-                                   "augmentation; default: one random order per pair)")
     train_parser.add_argument("--use-margin", action="store_true",
                               help="BT: subtract each pair's `margin` inside the sigmoid")
     train_parser.add_argument("--center-coef", type=non_negative_float, default=0.0,
@@ -577,8 +571,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "eval" and not (args.pairs or args.samples):
         parser.error("eval needs --pairs and/or --samples")
-    if args.command == "train" and args.both_orders and args.type != "pairwise":
-        parser.error("--both-orders is for --type pairwise (a Bradley-Terry pair has no A/B order)")
 
     dist_info = init_distributed(args.device)
     device = dist_info.device

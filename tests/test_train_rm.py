@@ -353,31 +353,3 @@ def test_pairwise_model_learns_the_tiny_pairs_and_records_its_template(tiny_mode
     assert evaluation["type"] == "pairwise" and evaluation["accuracy"] >= 0.9, evaluation
     lines = read_jsonl(judge / "metrics.jsonl")
     assert len(lines) == 16 and sum(line["loss"] for line in lines[-4:]) < 0.5 * sum(line["loss"] for line in lines[:4])
-
-
-
-def test_pairwise_both_orders_trains_each_pair_once_in_each_order(tiny_model_dir, tmp_path, capsys):
-    """--both-orders (paper 2's preference augmentation): every pair as two queries, chosen as A and as
-    B; the default draws one order per pair. A Bradley-Terry model has no order: refused at parse time."""
-    import argparse
-    tokenizer = load_tokenizer(tiny_model_dir)
-    pairs = [{"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(6)]
-    first, second = train_rm.label_token_ids(tokenizer)
-
-    def examples(both):
-        args = argparse.Namespace(type="pairwise", both_orders=both, max_length=256)
-        return train_rm.training_examples(args, tokenizer, pairs, "pairwise", torch.Generator().manual_seed(0))[0]
-
-    both, one = examples(True), examples(False)
-    assert len(both) == 12 and len(one) == 6
-    for i, p in enumerate(pairs):
-        a_first = train_rm.pairwise_query_ids(tokenizer, p["prompt"], p["chosen"], p["rejected"])
-        b_first = train_rm.pairwise_query_ids(tokenizer, p["prompt"], p["rejected"], p["chosen"])
-        assert both[2 * i][:2] == (a_first, first) and both[2 * i + 1][:2] == (b_first, second)
-        assert one[i][:2] in ((a_first, first), (b_first, second))
-    write_pairs(tmp_path / "pairs.jsonl", 4)
-    with pytest.raises(SystemExit) as exit_info:
-        train_rm.main(["train", "--type", "bt", "--both-orders", "--model", str(tiny_model_dir),
-                       "--pairs", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "rm")])
-    assert exit_info.value.code == 2 and "error: --both-orders is for --type pairwise" in capsys.readouterr().err
-    assert not (tmp_path / "rm").exists()
