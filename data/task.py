@@ -2,7 +2,7 @@
 whole RLHF workflow — SFT, reward model, iterative DPO, OSP — runs and can be *measured* on a
 laptop with no downloads.
 
-    python -m data.task                              # from the repo root: writes data/builtin/ in ~5 s (seed 0)
+    python -m data.task                              # from the repo root: writes data/builtin/ in ~15 s (seed 0)
     python -m data.task --seed 1 --out /tmp/builtin  # another draw, elsewhere
     python -m data.task score --samples runs/builtin/iter1/samples.jsonl --out scored.jsonl
     python -m data.task gold-sft --prompts data/builtin/prompts_iter1.jsonl --out gold_sft.jsonl   # exact answers
@@ -85,9 +85,15 @@ FILES written to --out (default data/builtin/, gitignored):
                     {"id", "messages": [user]}
   pairs_train.jsonl, pairs_eval.jsonl: the offline pairs {"id", "prompt", "chosen", "rejected", "margin", "source"}
   pairs_sftlike_train.jsonl, pairs_sftlike_eval.jsonl (20k, 2k): the same, two demonstrator answers per prompt
+  pairs_offpolicy_train.jsonl, pairs_offpolicy_eval.jsonl (20k, 2k): the behaviour policies again, with a milder
+                    length bias (--offpolicy-verbosity-gap 0.15: the longer answer chosen in 59% of pairs, against 65%):
+                    paper 1's off-policy data for its reward model and its offline DPO baseline
+  pretrain.jsonl    {"text"}: 16k worksheets of correct computations, no chat template ("sort 7 3 = 3 7\nreverse 7 3
+                    = 3 7"), for a pretraining stage (sft.py trains on every token of a text record; docs/diagnosis.md
+                    §6 measures what it teaches the 0.8M model: too little within run.sh's budget, so run.sh does not use it)
   stats.json        sizes, gold of the demonstrations, label/r* agreement, length statistics
-No prompt text occurs twice anywhere (SFT, pairs, iteration chunks, eval); every sub-task has the
-same share of every file. The same --seed gives the same bytes.
+No prompt text occurs twice anywhere (SFT, pairs, iteration chunks, eval, the worksheets' lines); every
+sub-task has the same share of every file. The same --seed gives the same bytes.
 
 TOKENIZER: one token per character (a BPE without merges), 112 ids:
   0 <|pad|>   1 <|bos|>   2 <|end|> (end of turn = eos)   3 <|unk|>   4 <|system|>   5 <|user|>
