@@ -19,15 +19,15 @@ One module per file of the project, in reading order; shared fixtures and writer
 | tests/test_kernels_logprob.py | fused log-probs = the PyTorch reference (values and gradients, fp32/bf16) |
 | tests/test_kernels_sampling.py | top-k/top-p/min-p sampling stays in the kept set, exact log-probs, per-row seeds |
 | tests/test_cuda.py | on a GPU: Triton kernels = twins, cached decode in bf16, FlexAttention = twin (CPU variants at tiny shapes) |
-| tests/test_sft.py | SFT lowers the loss, exports to transformers, 2 ranks = 1 rank |
+| tests/test_sft.py | SFT lowers the loss, exports to transformers, 2 ranks = 1 rank, plain-text (pretraining) records train on every token |
 | tests/test_train_rm.py | BT loss by hand, reward at the last real token, export + scoring, pairwise symmetry |
-| tests/test_reward_interop.py | a reward is read where transformers and TRL read it (ChatML, Llama-3, Mistral templates; padded batches, right and left), and dpo.py scores with a reward model of another tokenizer and template |
+| tests/test_reward_interop.py | a reward is read where transformers and TRL read it (ChatML, Llama-3, Mistral templates; padded batches, right and left), and dpo.py scores with a reward model of another tokenizer and template, or with an ensemble (mean − std) of three |
 | tests/test_generate.py | greedy = uncached argmax = transformers, stop tokens, seeded samples independent of batch/ranks |
 | tests/test_dpo.py | DPO/IPO/SPCE/cDPO by hand and against TRL's formulas, offline and online runs, resume |
 | tests/test_osp.py | ranked/random pairing, judge symmetry, OSP steps end to end |
-| tests/test_evaluate.py | checkpoints found, gold-scored, answers cached |
+| tests/test_evaluate.py | checkpoints found, gold-scored, answers cached, each row's training reward's on-policy accuracy |
 | tests/test_data.py, tests/test_data_extra.py | converters on the published formats, judge templates, the validator, optional fields, unreadable and empty files, `python -m data.*` |
-| tests/test_task.py | the built-in task: gold scorer, splits, tokenizer, labels, determinism |
+| tests/test_task.py | the built-in task: gold scorer, splits, tokenizer, labels (and the off-policy pairs' milder length bias), pretraining texts exact, determinism |
 | tests/test_resume.py | `--save-every`: train_rm, DPO with LoRA and OSP killed after a saved state and rerun end bit for bit where an uninterrupted run ends (sft.py under kill -9 of one of 2 ranks: tests/test_sft.py) |
 | tests/test_tracking.py | `--report-to tensorboard / wandb` (offline): the event file and the run read back = metrics.jsonl, run name and config; a missing package stops at parse time |
 | tests/test_bench.py | `python -m bench --tiny`: every row runs and prints both sides; greedy answers, log-probs or DPO losses that differ from transformers', the naive computation or TRL's fail the command |
