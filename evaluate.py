@@ -143,7 +143,7 @@ def training_reward_accuracy(folder, series, t):
         return stats["accuracy"] if stats and series != "online_gold" else None
     metrics = folder / "metrics.jsonl"
     if folder.name.startswith("osp_") and metrics.exists():
-        steps = [r for r in read_jsonl(metrics) if "judge_gold_pairs" in r]
+        steps = [r for r in read_jsonl(metrics) if r.get("judge_gold_pairs")]  # a step with no decided pair logs NaN
         decided = sum(r["judge_gold_pairs"] for r in steps)
         return sum(r["judge_gold_agreement"] * r["judge_gold_pairs"] for r in steps) / decided if decided else None
     return None

@@ -38,7 +38,8 @@ def test_evaluate_finds_checkpoints_scores_with_gold_and_caches(task_dir, tmp_pa
     # What the rewards the runs trained with got right on their own samples (dpo.py's summary.json, osp.py's --gold lines).
     (run / "online" / "iter1" / "summary.json").write_text(json.dumps({"reward_vs_gold": {"accuracy": 0.61, "pairs": 10}}))
     write_jsonl(run / "osp_spce_ranked" / "metrics.jsonl", [dict(step=1, loss=0.7, judge_gold_agreement=0.5, judge_gold_pairs=2),
-                                                            dict(step=2, loss=0.6, judge_gold_agreement=1.0, judge_gold_pairs=6)])
+                                                            dict(step=2, loss=0.6, judge_gold_agreement=1.0, judge_gold_pairs=6),
+                                                            dict(step=3, loss=0.6, judge_gold_agreement=float("nan"), judge_gold_pairs=0)])
     builtin_model_dir(task_dir, run / "online_gold" / "iter1" / "policy", seed=2)  # a policy that differs from SFT
     # The reward model the "online" run trained with (a random scalar head): the proxy of its curve.
     rm = run / "rm_bt"
