@@ -156,12 +156,17 @@ def test_task_pair_labels_follow_bernoulli(task_dir, split):
 def test_task_pretraining_texts_are_correct_computations(task_dir):
     records = read_lines(task_dir / "pretrain.jsonl")
     assert len(records) == SMALL["pretrain_texts"] and set(records[0]) == {"text"}
-    tasks = []
+    tasks, lines = [], 0
     for r in records:
-        prompt, answer = r["text"].split(" = ")
-        assert score(_user(prompt), answer) == 1.0  # exact, bare answers: the knowledge SFT's demonstrator lacks
-        tasks.append(parse_prompt(prompt)[0])
-    assert {t: tasks.count(t) for t in TASKS} == {t: SMALL["pretrain_texts"] // 4 for t in TASKS}
+        worksheet = [line.split(" = ") for line in r["text"].split("\n")]
+        for prompt, answer in worksheet:  # exact, bare answers: the knowledge SFT's demonstrator lacks
+            assert score(_user(prompt), answer) == 1.0
+        numbers = {prompt.split(" ", 1)[1] if not prompt.startswith("add") else " ".join(sorted(prompt.split()[1:])) for prompt, _ in worksheet}
+        assert len(numbers) == 1 and len({prompt for prompt, _ in worksheet}) == len(worksheet)  # one set of numbers, no line twice
+        tasks.append(parse_prompt(worksheet[0][0])[0])
+        lines += len(worksheet)
+    assert {t: tasks.count(t) for t in TASKS} == {t: SMALL["pretrain_texts"] // 4 for t in TASKS}  # first lines: every sub-task alike
+    assert lines > 2 * len(records)  # most texts are worksheets of several computations
 
 
 def test_task_command_refuses_bad_sizes_at_parse_time(capsys):
