@@ -7,8 +7,8 @@
 #   and without paper 1's length penalty) → OSP (a pairwise judge; SIZE=full: paper 2's ablations) →
 #   evaluation, with the over-optimisation (proxy vs gold) curves.
 #
-#   SIZE=tiny bash run.sh                # a smoke run: every stage once, tiny sizes, ~3 minutes on 2 CPU cores
-#   bash run.sh                          # SIZE=small: 2 CPU cores, about 15 minutes
+#   SIZE=tiny bash run.sh                # a smoke run: every stage once, tiny sizes, a few minutes on 2 CPU cores
+#   bash run.sh                          # SIZE=small: 2 CPU cores, about 19 minutes (over the 15 of the budget: README)
 #   SIZE=full bash run.sh                # small + a BT model of the SFT-like pairs, reward hacking and its remedy,
 #                                        # paper 2's OSP ablations (longer)
 #   SIZE=full RUN=runs/builtin-small-seed0 bash run.sh   # the same, adding to a finished small run
