@@ -491,7 +491,10 @@ def start_iteration(args, sources, dist_info):
                                              path, args.max_prompt_length)
     if dist.is_initialized():
         dist.barrier()  # every rank has read config.json and the record before rank 0 writes them
-    iteration_settings = {k: getattr(args, k) for k in RESULT_SETTINGS}
+    # The ensemble's mode matters only with two or more reward models: a one-model run records none, as
+    # runs made before ensembles did, so they still resume.
+    iteration_settings = {k: getattr(args, k) for k in RESULT_SETTINGS
+                          if k != "ensemble" or len(reward_models(args.rm)) > 1}
     check_settings(here / "settings.json", iteration_settings, start_over=here)
     started = [int(m.group(1)) for p in run.glob("iter*/settings.json")
                if (m := re.fullmatch(r"iter(\d+)", p.parent.name))]
