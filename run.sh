@@ -8,9 +8,9 @@
 #   evaluation, with the over-optimisation (proxy vs gold) curves.
 #
 #   SIZE=tiny bash run.sh                # a smoke run: every stage once, tiny sizes, a few minutes on 2 CPU cores
-#   bash run.sh                          # SIZE=small: 2 CPU cores, about 19 minutes (over the 15 of the budget: README)
+#   bash run.sh                          # SIZE=small: 2 CPU cores, 10-11 minutes (up to ~19 on a slower machine: README)
 #   SIZE=full bash run.sh                # small + a BT model of the SFT-like pairs, reward hacking and its remedy,
-#                                        # paper 2's OSP ablations (longer)
+#                                        # paper 2's OSP ablations (about 17 minutes)
 #   SIZE=full RUN=runs/builtin-small-seed0 bash run.sh   # the same, adding to a finished small run
 #   SIZE=large SEED=1 bash run.sh        # one GPU: all the data, the papers' n = 8 / K = 7, longer OSP
 #   EVAL_SPLIT=dev bash run.sh           # the table on the dev prompts, where the settings were chosen
