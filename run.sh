@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole workflow on the built-in task (data/task.py), from nothing to a results table:
-#   task data → pretraining on raw text of correct computations → SFT on a flawed demonstrator → controls
+#   task data → SFT from scratch on a flawed demonstrator → controls
 #   (SFT on the gold answers; offline DPO on off-policy pairs, paper 1's baseline, and on SFT-like pairs with
 #   human labels, the ideal) → 3 online iterations of iterative DPO (gold reward: the oracle; a Bradley-Terry
 #   reward model of the off-policy pairs; SIZE=full: one of the SFT-like pairs, and a length-biased one with
