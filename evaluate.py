@@ -50,6 +50,9 @@ ONLINE_SERIES = {"online_gold": "iterative DPO, gold reward (oracle)", "online_o
 # The single checkpoints (no iterations): folder, label.
 SINGLE_CHECKPOINTS = {"sft_gold": "SFT on the gold answers (control)", "dpo_offline_offpolicy": "offline DPO, off-policy pairs",
                       "dpo_offline": "offline DPO, SFT-like pairs, human labels (the ideal)"}
+# Paper 1's comparison (its Table 2): an online loop at its last iteration against offline DPO on the
+# same preference data (the reward model's training pairs), paired per prompt. Online series → offline checkpoint.
+VERSUS_OFFLINE = {"online_offpolicy": "dpo_offline_offpolicy", "online": "dpo_offline"}
 COOLER_TEMPERATURE = 0.5  # the SFT reference point "sampled at a lower temperature" (sharpening without training)
 REWARD_MODELS = {"rm_offpolicy": "Bradley-Terry (off-policy pairs)", "rm_bt": "Bradley-Terry (SFT-like pairs)", "rm_biased": "Bradley-Terry (offline pairs: length-biased)",
                  "judge": "pairwise (OSP judge)"}
@@ -120,6 +123,22 @@ def paired_difference(values, baseline, key):
     """Mean per-prompt difference from the baseline (the same prompts) ± its paired standard error."""
     mean, stderr = mean_and_stderr([v - b for v, b in zip(values, baseline, strict=True)])
     return {f"delta_{key}": mean, f"delta_{key}_stderr": stderr}
+
+
+def versus_offline(results, per_prompt):
+    """Each online series of VERSUS_OFFLINE at its last iteration minus the offline DPO checkpoint trained on
+    the same pairs: per-prompt paired differences (greedy and sampled gold), in the Δ SFT columns' format.
+    per_prompt: folder → (greedy gold, mean sampled gold) per prompt, from per_prompt_gold."""
+    offline = {Path(r["folder"]).name: r for r in results if r["series"] is None}
+    comparisons = []
+    for series, name in VERSUS_OFFLINE.items():
+        online = [r for r in results if r["series"] == series]
+        if online and name in offline:
+            last = max(online, key=lambda r: r["t"])
+            a, b = per_prompt[last["folder"]], per_prompt[offline[name]["folder"]]
+            comparisons.append(dict(label=f"{last['label']} − {offline[name]['label']}", **paired_difference(a[0], b[0], "gold"),
+                                    **paired_difference(a[1], b[1], "sampled_gold")))
+    return comparisons
 
 
 def reference_points(sampled, cooler, scored):
@@ -209,6 +228,7 @@ REWARD_ACCURACY_NOTE = (f"reward acc.: how well the reward the checkpoint was tr
                         f"does (pairs whose gold differs by more than {GOLD_GAP}; 0.5 = chance): an online iteration t's reward model "
                         "on π_{t−1}'s samples, an OSP judge on its ranked pairs over all steps.")
 
+VERSUS_HEADER = "| paper 1's comparison: online at its last iteration − offline DPO on the same pairs, paired per prompt | Δ gold (greedy) | Δ gold (T = 1) |"
 # The proxy-vs-gold table's header, and what its KL column is (Scorer.sampled_kl).
 CURVE_HEADER = "| online run | t | KL (k1) | reward model | gold (T = 1) |"
 KL_NOTE = ("KL (k1): the mean over the sampled answers of log π_t(y|x) − log π_SFT(y|x); unbiased, but an average "
@@ -451,11 +471,11 @@ def evaluate_run(run, prompts, args, device):
     def sampled_answers(folder, temperature=1.0):
         return answers(folder, prompts, device, args.max_new_tokens, args.batch_size, args.samples, temperature)
 
-    results, baseline = [], None
+    results, baseline, per_prompt = [], None, {}
     for label, folder, series, step in found:
         greedy, sampled = answers(folder, prompts, device, args.max_new_tokens, args.batch_size, 1, 0.0), sampled_answers(folder)
         summary = summarise(greedy, sampled)
-        values = per_prompt_gold(greedy, sampled)
+        values = per_prompt[str(folder)] = per_prompt_gold(greedy, sampled)
         baseline = baseline or (values if label == "SFT" else None)
         if baseline and label != "SFT":  # paired with SFT's answers to the same prompts
             summary |= paired_difference(values[0], baseline[0], "gold") | paired_difference(values[1], baseline[1], "sampled_gold")
@@ -464,6 +484,7 @@ def evaluate_run(run, prompts, args, device):
         print(f"{label:50s} greedy gold {summary['gold']:.4f} ± {summary['gold_stderr']:.4f}, length {summary['length']:.1f} | "
               f"sampled gold {summary['sampled_gold']:.4f} ± {summary['sampled_gold_stderr']:.4f}, length {summary['sampled_length']:.1f}")
 
+    versus = versus_offline(results, per_prompt)
     # The reward models on the SFT model's own samples (on-policy), and the SFT reference points.
     scorer, on_policy, references = Scorer(device), {}, {}
     if has_model(run / "sft"):
@@ -493,6 +514,9 @@ def evaluate_run(run, prompts, args, device):
                      f"{r['length']:.1f} | {r['sampled_gold']:.3f} ± {r['sampled_gold_stderr']:.3f} | {signed(r, 'sampled_gold')} | "
                      f"{r['sampled_length']:.1f} | {fraction(r['reward_accuracy']) if r['reward_accuracy'] is not None else '—'} | "
                      + " | ".join(f"{r['by_task'].get(t, float('nan')):.3f}" for t in tasks) + " |")
+    if versus:
+        lines += ["", VERSUS_HEADER, "| --- | --- | --- |"]
+        lines += [f"| {v['label']} | {signed(v, 'gold')} | {signed(v, 'sampled_gold')} |" for v in versus]
     if references:
         lines += ["", "| reference point (the SFT model, no training) | gold |", "| --- | --- |"]
         lines += [f"| {label} | {mean:.3f} ± {stderr:.3f} |" for label, (mean, stderr) in references.items()]
@@ -521,7 +545,7 @@ def evaluate_run(run, prompts, args, device):
     plots = plot(run, results, run) + plot_proxy_vs_gold(curves, run)
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     atomic_write_text(run / "results.md", "\n".join(lines) + "\n")
-    evaluation = dict(checkpoints=results, reward_models={label: dict(held_out=e, on_policy=policy) for label, e, policy in rms},
+    evaluation = dict(checkpoints=results, versus_offline=versus, reward_models={label: dict(held_out=e, on_policy=policy) for label, e, policy in rms},
                       references={label: dict(mean=m, stderr=se) for label, (m, se) in references.items()},
                       length_correlations=correlations, judge=judge, proxy_vs_gold=curves)
     atomic_write_text(run / "results.json", json.dumps(evaluation, indent=2) + "\n")
@@ -560,6 +584,12 @@ def across_runs(evaluations, runs):
                          f"{delta(rows, 'sampled_gold')} | {cell([r['sampled_length'] for r in rows], 1)} | "
                          + ("—" if all(r.get("reward_accuracy") is None for r in rows) else cell([r.get("reward_accuracy") for r in rows]))
                          + " |")
+    versus = [v["label"] for v in evaluations[0].get("versus_offline", [])]
+    versus = [[next((v for v in e.get("versus_offline", []) if v["label"] == label), None) for e in evaluations] for label in versus]
+    versus = [rows for rows in versus if None not in rows]
+    if versus:
+        lines += ["", VERSUS_HEADER, "| --- | --- | --- |"]
+        lines += [f"| {rows[0]['label']} | {delta(rows, 'gold')} | {delta(rows, 'sampled_gold')} |" for rows in versus]
     references = [label for label in evaluations[0]["references"] if all(label in e["references"] for e in evaluations)]
     if references:
         lines += ["", "| reference point (the SFT model, no training) | gold |", "| --- | --- |"]

@@ -105,8 +105,16 @@ def test_evaluate_finds_checkpoints_scores_with_gold_and_caches(task_dir, tmp_pa
     assert judged["prefers_longer"] == sum(longer) / len(longer) and judged["gold_agreement"] == sum(agree) / len(agree)
 
     before = (run / "sft" / "eval_samples_T1.jsonl").stat().st_mtime_ns
+    # An offline DPO checkpoint on the SFT-like pairs (here the oracle's weights, with their cached answers) adds
+    # paper 1's comparison: the "online" run's last iteration (SFT's weights) minus it, paired per prompt.
+    shutil.copytree(run / "online_gold" / "iter1" / "policy", run / "dpo_offline")
     run_script(args)  # a rerun reuses the cached answers
     assert (run / "sft" / "eval_samples_T1.jsonl").stat().st_mtime_ns == before
+    [versus] = json.loads((run / "results.json").read_text())["versus_offline"]
+    assert versus["label"] == "iterative DPO, BT on SFT-like pairs, t = 1 − offline DPO, SFT-like pairs, human labels (the ideal)"
+    assert versus["delta_gold"] == pytest.approx(-results[1]["delta_gold"])
+    assert versus["delta_sampled_gold"] == pytest.approx(-results[1]["delta_sampled_gold"]) and results[1]["delta_sampled_gold"] != 0  # the sign is tested
+    assert f"| {versus['label']} | {versus['delta_gold']:+.3f} ± {versus['delta_gold_stderr']:.3f} | " in (run / "results.md").read_text()
 
     # The over-optimisation curves' inputs, recomputed here one sequence at a time from the cached answers.
     curves = evaluation["proxy_vs_gold"]
@@ -157,6 +165,33 @@ def test_across_runs_combines_paired_differences():
     text = across_runs([run(0.03, 0.01), run(0.01, 0.01), run(-0.01, 0.004)], ["a", "b", "c"])
     combined = (0.01 ** 2 + 0.01 ** 2 + 0.004 ** 2) ** 0.5 / 3
     assert f"| +0.010 ± {combined:.3f} (1/3) |" in text
+
+
+def test_versus_offline_pairs_the_last_iteration_with_offline_dpo_on_the_same_pairs():
+    from evaluate import across_runs, versus_offline
+    rows = [dict(label="SFT", folder="r/sft", series=None, t=0),
+            dict(label="offline DPO, off-policy pairs", folder="r/dpo_offline_offpolicy", series=None, t=None),
+            dict(label="BT off-policy, t = 1", folder="r/online_offpolicy/iter1/policy", series="online_offpolicy", t=1),
+            dict(label="BT off-policy, t = 2", folder="r/online_offpolicy/iter2/policy", series="online_offpolicy", t=2),
+            dict(label="oracle, t = 2", folder="r/online_gold/iter2/policy", series="online_gold", t=2)]
+    # (greedy gold, mean sampled gold) per prompt, 3 prompts
+    per_prompt = {"r/sft": ([0.0] * 3, [0.0] * 3), "r/dpo_offline_offpolicy": ([1.0, 0.5, 0.0], [0.5, 0.5, 0.5]),
+                  "r/online_offpolicy/iter1/policy": ([9.0] * 3, [9.0] * 3),  # not the last iteration: unused
+                  "r/online_offpolicy/iter2/policy": ([1.0, 1.0, 1.0], [0.25, 0.5, 0.75]), "r/online_gold/iter2/policy": ([0.0] * 3, [0.0] * 3)}
+    # the SFT-like pair (online, dpo_offline) is absent: no row, rather than a comparison with something else
+    [v] = versus_offline(rows, per_prompt)
+    assert v["label"] == "BT off-policy, t = 2 − offline DPO, off-policy pairs"
+    # greedy differences 0, 0.5, 1: mean 0.5, sample std 0.5, s.e. 0.5/√3; sampled −0.25, 0, 0.25: mean 0, s.e. 0.25/√3
+    assert v["delta_gold"] == pytest.approx(0.5) and v["delta_gold_stderr"] == pytest.approx(0.5 / 3 ** 0.5)
+    assert v["delta_sampled_gold"] == pytest.approx(0.0) and v["delta_sampled_gold_stderr"] == pytest.approx(0.25 / 3 ** 0.5)
+    evaluation = {"checkpoints": [], "versus_offline": [v], "references": {}, "reward_models": {}, "length_correlations": {},
+                  "judge": None, "proxy_vs_gold": {}}
+    text = across_runs([evaluation, evaluation], ["a", "b"])
+    combined = (2 * (0.5 / 3 ** 0.5) ** 2) ** 0.5 / 2
+    assert f"| BT off-policy, t = 2 − offline DPO, off-policy pairs | +0.500 ± {combined:.3f} (0/2) |" in text
+    # results.json written before this comparison existed still combine (no row for it)
+    old = {k: value for k, value in evaluation.items() if k != "versus_offline"}
+    assert "paper 1's comparison" not in across_runs([old, evaluation], ["old", "b"])
 
 
 def test_plots_render_from_synthetic_results(tmp_path):
