@@ -18,7 +18,8 @@ Checkpoints are found by their place in the run folder (those missing are left o
   online_biased_lp/iter{t}/policy/   the same with a length penalty in pair selection
   osp_*/                             online self-preferring runs (the folder name is the variant)
 Per checkpoint: gold mean ± standard error over prompts, its paired difference from SFT (± the paired
-standard error), mean answer length in characters, gold per sub-task. Reference points that need no
+standard error), mean answer length in characters, gold per sub-task; paper 1's comparison: each online loop's
+last iteration minus offline DPO on the same pairs, paired per prompt. Reference points that need no
 training: SFT sampled at T = 0.5, SFT best-of-n picked by gold and by each reward model. Reward
 models: held-out accuracy on labelled pairs (eval.json written by train_rm.py) beside the on-policy
 accuracy, on every pair of the SFT model's own samples whose gold differs (data.task.reward_vs_gold);
