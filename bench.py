@@ -20,7 +20,7 @@ The rows:
             ids, with the same β, batch, lr, AdamW betas and clipping; with and without reference
             log-probs precomputed. The losses of every step must agree (the first is log 2 on
             both sides; later ones follow the two optimisers). TRL is optional: `pip install trl`.
-  logprob   kernels.logprob.token_logprobs (vocabulary chunks, no logits stored) vs the naive
+  logprob   rlhf_kernels.logprob.token_logprobs (vocabulary chunks, no logits stored) vs the naive
             log_softmax(h @ W^T), forward + backward: time, peak memory above the inputs, and
             values and gradients compared.
   sft       one sft.train_step on packed blocks: tokens/s (and MFU on CUDA, against
@@ -375,7 +375,7 @@ def bench_dpo(args, path, device, dtype):
 
 
 def bench_logprob(args, path, device, dtype):
-    from kernels.logprob import token_logprobs
+    from rlhf_kernels.logprob import token_logprobs
     model = Transformer.from_pretrained(path, device=device, dtype=dtype)
     weight = model.lm_head_weight.detach().clone().requires_grad_()
     del model

@@ -1,7 +1,7 @@
 """Shared utilities for every stage: distributed start-up, devices, seeding, schedules,
 JSONL I/O (atomic writes), metrics, FSDP2/DDP wrapping and HF-format checkpoints.
 
-Numerics do not live here (the model is in model.py, log-probs in kernels/logprob.py, each loss
+Numerics do not live here (the model is in model.py, log-probs in rlhf_kernels/logprob.py, each loss
 in the stage that owns it); this module is the plumbing the stages share.
 """
 import argparse

@@ -27,7 +27,7 @@ How it works:
   - `prefill` and `decode_step` are module-level functions of the model, as in gpt-fast: --compile
     swaps in a torch.compile'd decode_step (fixed shapes, one per cache length read: compiled and
     replayed as CUDA graphs);
-  - sampling goes through kernels/sampling.py with one random stream per sample, seeded from
+  - sampling goes through rlhf_kernels/sampling.py with one random stream per sample, seeded from
     (seed, prompt id, sample index) and the step: a sample does not depend on the batch size, the
     slot it lands in, or the number of ranks.
 A prompt that leaves no room for --max-new-tokens in the model's context (max_position_embeddings)
@@ -52,7 +52,7 @@ from common import (InputError, default_dtype, destroy_distributed, encode_promp
                     load_tokenizer, non_negative_float, non_negative_int, positive_fraction, positive_int, print0,
                     process_in_chunks, run_cli, stop_token_ids)
 from data.schema import load_records
-from kernels.sampling import sample
+from rlhf_kernels.sampling import sample
 from model import KVCache, Transformer
 
 SEED_STRIDE = 0x1E3779B97F4A7C15  # odd 61-bit constant: seed of step s = base seed + s · stride (int64)
@@ -82,7 +82,7 @@ def prefill(model, cache, input_ids, lengths):
 
 
 def decode_step(model, cache, tokens, positions, cache_len, seeds, temperature, top_k, top_p, min_p):
-    """One token for every slot: (B,) tokens at (B,) positions -> kernels.sampling.Sampled of (B,)
+    """One token for every slot: (B,) tokens at (B,) positions -> rlhf_kernels.sampling.Sampled of (B,)
     tokens and log-probs. Only the first cache_len positions of the cache are read (a host-side
     bound, more than every position in use: see Engine.decode). Fixed shapes whatever the slots
     hold, and cache_len moves in steps of CACHE_LEN_STEP, so a compiled step sees few shapes."""

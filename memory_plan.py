@@ -19,7 +19,7 @@ from functools import partial
 import torch
 
 # the vocabulary chunk width the log-prob kernel picks, so the plan follows the kernel
-from kernels.logprob import _auto_vocab_chunk_size
+from rlhf_kernels.logprob import _auto_vocab_chunk_size
 from model import ModelConfig
 
 GiB = 2**30
@@ -132,7 +132,7 @@ def memory_plan(config, world_size, micro_batch_size, seq_len, mode, *, parallel
     # A block's backward: its recomputed tensors (with checkpointing) + the activation gradients in
     # flight, ~ one (N, I) and one fp32 (N, H) (saved tensors are freed as their backward runs).
     block_backward = N * (activation_checkpointing * per_token_block + b * I + 4 * H)
-    # The LM head (kernels/logprob.py) never builds (N, V) logits: per vocabulary chunk of Vc columns,
+    # The LM head (rlhf_kernels/logprob.py) never builds (N, V) logits: per vocabulary chunk of Vc columns,
     # two (N, Vc) fp32 buffers (logits + logsumexp / softmax-gradient temporary) and the gradient's
     # cast to b; plus the fp32 (N, H) grad_hidden accumulator. All N tokens counted (an upper bound:
     # prompt and padding tokens are dropped before the matmuls). A reward model's (H -> 1) head: ~0.

@@ -3,7 +3,7 @@
     from model import Transformer
     model = Transformer.from_pretrained("path/to/hf_folder", device="cuda", dtype=torch.bfloat16)
     logits = model(input_ids)                 # (B, T, V)
-    hidden = model.hidden_states(input_ids)   # (B, T, H) final-normed, for kernels/logprob.py
+    hidden = model.hidden_states(input_ids)   # (B, T, H) final-normed, for rlhf_kernels/logprob.py
     model.save_pretrained("out/")             # loads unchanged in transformers.AutoModelForCausalLM
 
 Architecture (one decoder block):  x = x + Attn(RMSNorm(x));  x = x + MLP(RMSNorm(x))
@@ -31,8 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from kernels import first_use_fallback
-from kernels.logprob import token_logprobs
+from rlhf_kernels import first_use_fallback
+from rlhf_kernels.logprob import token_logprobs
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -685,11 +685,11 @@ class Transformer(nn.Module):
     def forward(self, input_ids, position_ids=None, document_ids=None, cache=None, targets=None, temperature=1.0,
                 cache_len=None, num_targets=None):
         """Logits (B, T, V) in the model's dtype (scores (B, T) for a reward model); or, given `targets` (B, T) (-100 = ignored), the
-        per-token log-probs log p(target | prefix) (B, T) in fp32, computed by kernels/logprob.py from
+        per-token log-probs log p(target | prefix) (B, T) in fp32, computed by rlhf_kernels/logprob.py from
         the hidden states and the LM head without materialising the logits. The log-prob path goes
         through forward (not a separate method) so that FSDP's forward hooks gather the LM head.
         num_targets: the number of targets that are not -100, when the caller knows it on the host:
-        the kernel then computes those rows only, without reading the device (see kernels/logprob.py)."""
+        the kernel then computes those rows only, without reading the device (see rlhf_kernels/logprob.py)."""
         hidden = self.hidden_states(input_ids, position_ids, document_ids, cache, cache_len)
         if self.head == "score":  # a scalar per position (B, T); the caller reads the last real token
             return F.linear(hidden, self.score.weight).squeeze(-1).float()

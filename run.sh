@@ -154,5 +154,5 @@ else
 fi
 
 echo "== 7. evaluation with the gold scorer on the $EVAL_SPLIT prompts ($SECONDS s)"
-OMP_NUM_THREADS=$SOLO_THREADS python evaluate.py --run "$RUN" --prompts "$RUN/data/prompts_$EVAL_SPLIT.jsonl"
+OMP_NUM_THREADS=$SOLO_THREADS python eval_runs.py --run "$RUN" --prompts "$RUN/data/prompts_$EVAL_SPLIT.jsonl"
 echo "== done in $SECONDS s"

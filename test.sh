@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The tests, on a fresh clone: creates or reuses .venv, installs what is missing (tools/setup.sh),
-# then runs `pytest test_all.py`. Arguments go to pytest: bash test.sh -k dpo -x
+# The tests, on a fresh clone: creates or reuses .venv, installs what is missing at the tested versions
+# (tools/setup.sh, constraints.txt), then runs `pytest test_all.py`. Arguments go to pytest: bash test.sh -k dpo -x
 set -euo pipefail
 cd "$(dirname "$0")"
 source tools/setup.sh
-python -m pip install -qq -r requirements-test.txt  # wandb and tensorboard, for tests/test_tracking.py
+# wandb and tensorboard, for tests/test_tracking.py; TRL, for the benchmark's DPO row; pinned as requirements.txt
+python -m pip install -qq -r requirements-test.txt ${CONSTRAINTS:+-c "$CONSTRAINTS"}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 python -m pytest -q test_all.py --durations=10 "$@"

@@ -25,12 +25,13 @@ One module per file of the project, in reading order; shared fixtures and writer
 | tests/test_generate.py | greedy = uncached argmax = transformers, stop tokens, seeded samples independent of batch/ranks |
 | tests/test_dpo.py | DPO/IPO/SPCE/cDPO by hand and against TRL's formulas, offline and online runs, resume |
 | tests/test_osp.py | ranked/random pairing, judge symmetry, OSP steps end to end |
-| tests/test_evaluate.py | checkpoints found, gold-scored, answers cached, each row's training reward's on-policy accuracy |
+| tests/test_eval_runs.py | checkpoints found, gold-scored, answers cached, each row's training reward's on-policy accuracy |
 | tests/test_data.py, tests/test_data_extra.py | converters on the published formats, judge templates, the validator, optional fields, unreadable and empty files, `python -m data.*` |
 | tests/test_task.py | the built-in task: gold scorer, splits, tokenizer, labels (and the off-policy pairs' milder length bias), pretraining texts exact, determinism |
 | tests/test_resume.py | `--save-every`: train_rm, DPO with LoRA and OSP killed after a saved state and rerun end bit for bit where an uninterrupted run ends (sft.py under kill -9 of one of 2 ranks: tests/test_sft.py) |
 | tests/test_tracking.py | `--report-to tensorboard / wandb` (offline): the event file and the run read back = metrics.jsonl, run name and config; a missing package stops at parse time |
 | tests/test_bench.py | `python -m bench --tiny`: every row runs and prints both sides; greedy answers, log-probs or DPO losses that differ from transformers', the naive computation or TRL's fail the command |
+| tests/test_setup.py | no top-level name of ours shadows an installed package (and the check names a clash), constraints.txt pins every requirement |
 | tests/test_first_hour.py | a bad numeric flag in any stage (or in a run's config.json) stops it at once, naming the flag, before any file; Ctrl-C is one line and exit 130, finished chunks kept; a missing field shows an example record |
 """
 from tests.test_model import *  # noqa: F401,F403
@@ -49,10 +50,11 @@ from tests.test_reward_interop import *  # noqa: F401,F403
 from tests.test_generate import *  # noqa: F401,F403
 from tests.test_dpo import *  # noqa: F401,F403
 from tests.test_osp import *  # noqa: F401,F403
-from tests.test_evaluate import *  # noqa: F401,F403
+from tests.test_eval_runs import *  # noqa: F401,F403
 from tests.test_data import *  # noqa: F401,F403
 from tests.test_task import *  # noqa: F401,F403
 from tests.test_data_extra import *  # noqa: F401,F403
+from tests.test_setup import *  # noqa: F401,F403
 from tests.test_first_hour import *  # noqa: F401,F403
 from tests.test_tracking import *  # noqa: F401,F403
 from tests.test_resume import *  # noqa: F401,F403

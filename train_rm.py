@@ -125,7 +125,7 @@ def pairwise_logits_ab(model, queries, label_ids, pad_id, device):
     logits of every position (at B = 64, T = 2048, V = 128k that is 32 GiB in bf16 for 2 numbers a
     row). Inference only, on a plain model: the LM head is read outside forward, which FSDP would
     not have gathered. Training reads the label's log-prob through forward(targets=...), which
-    computes it at the label position only (kernels/logprob.py skips ignored positions)."""
+    computes it at the label position only (rlhf_kernels/logprob.py skips ignored positions)."""
     label_ids = torch.tensor(label_ids, device=device)                           # label_token_ids(tokenizer)
     input_ids, lengths = right_pad(queries, pad_id, device)
     hidden = model.hidden_states(input_ids)                                        # (B, T, H)

@@ -1,7 +1,7 @@
 """Convert the papers' public datasets, as the Hugging Face `datasets` library exports them
 (`Dataset.to_json`: JSONL, or a JSON list with lines=False), into this project's JSONL schemas
 (data/schema.py, data/README.md). No network: download/export the data elsewhere, convert here.
-Run from the repo root (or anywhere after `pip install -e .`):
+Run from the repo root:
 
     python -m data.convert --format hh-rlhf       --input hh_train.jsonl  --output data/hh/pairs.jsonl
     python -m data.convert --format ultrafeedback --input uf.jsonl        --output data/uf/pairs.jsonl --min-margin 1.0

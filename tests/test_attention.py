@@ -80,12 +80,12 @@ def test_flex_block_mask_matches_the_dense_mask():
 
 def test_flex_failure_falls_back_to_the_twin_with_one_warning(monkeypatch):
     """If the fused path fails on first use it warns once and the twin answers, then and after."""
-    import kernels
+    import rlhf_kernels
     monkeypatch.setattr(model_module, "use_flex", lambda device: True)
     monkeypatch.setattr(model_module, "flex_attention", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("no compiler")))
     monkeypatch.setattr(model_module, "_compiled_flex", [model_module.flex_attention])
     monkeypatch.setattr(model_module, "attention_block_mask", lambda *args: None)
-    monkeypatch.setattr(kernels, "_broken", set())
+    monkeypatch.setattr(rlhf_kernels, "_broken", set())
     document_ids = packed_document_ids()
     q, k, v = random_qkv(*document_ids.shape)
     expected = packed_attention_twin(q, k, v, document_segments(document_ids))

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 
 import bench
-import kernels.logprob
+import rlhf_kernels.logprob
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
 
@@ -32,11 +32,11 @@ def test_bench_tiny_runs_every_row_and_prints_both_sides(capsys):
 
 @pytest.mark.usefixtures("bench_in_process")
 def test_bench_fails_when_the_two_sides_disagree(monkeypatch, capsys):
-    real_generate, real_logprobs = bench.hf_generate, kernels.logprob.token_logprobs
+    real_generate, real_logprobs = bench.hf_generate, rlhf_kernels.logprob.token_logprobs
     # transformers' greedy answers one token longer; the kernel's log-probs off by 1e-2
     monkeypatch.setattr(bench, "hf_generate",
                         lambda *a, **k: [[s + [0] for s in samples] for samples in real_generate(*a, **k)])
-    monkeypatch.setattr(kernels.logprob, "token_logprobs", lambda *a, **k: real_logprobs(*a, **k) + 1e-2)
+    monkeypatch.setattr(rlhf_kernels.logprob, "token_logprobs", lambda *a, **k: real_logprobs(*a, **k) + 1e-2)
     with pytest.raises(SystemExit, match="disagree in: generate, logprob"):
         bench.main(["--tiny", "--rows", "generate,logprob"])
     out = capsys.readouterr().out

@@ -8,7 +8,7 @@ forward, FlexAttention = the per-document twin, the engine's tokens on the GPU =
 Each check is one function of `device`, run on "cuda" (skipped without a GPU) and on "cpu" at tiny shapes,
 so the normal suite keeps the checks themselves working. Triton runs compiled on a GPU and interpreted on a
 CPU (TRITON_INTERPRET=1, set by conftest.py); a combination that would test something else is skipped with
-the reason (e.g. the interpreter on a GPU). A fast path that falls back to its twin (kernels.first_use_fallback)
+the reason (e.g. the interpreter on a GPU). A fast path that falls back to its twin (rlhf_kernels.first_use_fallback)
 fails the check: a silent fallback would compare the twin with itself.
 
 Test data is fixed on the CPU and then moved to the device, and every check that needs the two sides to make
@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 
 import generate
-import kernels
-import kernels.logprob as logprob
-import kernels.sampling as sampling
+import rlhf_kernels
+import rlhf_kernels.logprob as logprob
+import rlhf_kernels.sampling as sampling
 import model as model_module
-from kernels.logprob import token_logprobs, token_logprobs_reference
-from kernels.sampling import Sampled, sample, sample_reference
+from rlhf_kernels.logprob import token_logprobs, token_logprobs_reference
+from rlhf_kernels.sampling import Sampled, sample, sample_reference
 from model import AttentionInputs, KVCache, Transformer, document_segments, packed_attention, packed_attention_twin
 from tests.helpers import ROOT, tiny_config
 from tests.test_kernels_logprob import IGNORE, logps_and_grads, make_inputs
@@ -68,18 +68,18 @@ def require_triton(device):
 def fast_path(prefix):
     """The block must run the fast paths whose first_use_fallback names start with `prefix` (a Triton kernel,
     compiled FlexAttention), not their PyTorch twins. Fails with the fallback's own message if one gives up."""
-    already = sorted(name for name in kernels._broken if name.startswith(prefix))
+    already = sorted(name for name in rlhf_kernels._broken if name.startswith(prefix))
     assert not already, f"{already} fell back to the PyTorch twin earlier in this process"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
     fallbacks = [str(w.message) for w in caught if "failed on first use" in str(w.message)]
     assert not fallbacks, "\n".join(fallbacks)
-    assert not any(name.startswith(prefix) for name in kernels._broken), sorted(kernels._broken)
+    assert not any(name.startswith(prefix) for name in rlhf_kernels._broken), sorted(rlhf_kernels._broken)
 
 
 @contextmanager
-def rlhf_kernels(value):
+def kernels_env(value):
     """$RLHF_KERNELS = value inside the block (None: unset), as it was after."""
     before = os.environ.pop("RLHF_KERNELS", None)
     if value is not None:
@@ -99,7 +99,7 @@ def relative_error(actual, expected):
 
 
 # ----------------------------------------------------------------------------------------------
-# kernels/logprob.py: Triton = the fp32 reference, forward and both gradients.
+# rlhf_kernels/logprob.py: Triton = the fp32 reference, forward and both gradients.
 
 # (N, V, H, vocab chunk sizes): odd shapes; on a GPU also one with many 1024-wide tiles and 8 chunks (the last partial).
 LOGPROB_SHAPES = {"tiny": [(47, 123, 32, (None, 48))],
@@ -134,7 +134,7 @@ def check_logprob(device, dtype, size, impl="triton"):
         for chunk in chunk_sizes:
             for given in (num_valid, None):
                 case = f"N={N} V={V} H={H} {dtype} chunk={chunk} num_valid={given}"
-                with fast_path("kernels.logprob"):
+                with fast_path("rlhf_kernels.logprob"):
                     actual = logps_and_grads(token_logprobs, hidden, weight, targets, grad_output, temperature=0.7,
                                              impl=impl, vocab_chunk_size=chunk, num_valid=given)
                 for name, a, e in zip(("logp", "grad_hidden", "grad_weight"), actual, expected):
@@ -146,7 +146,7 @@ def check_logprob(device, dtype, size, impl="triton"):
 
 
 # ----------------------------------------------------------------------------------------------
-# kernels/sampling.py: Triton = the PyTorch twin, token for token with the same seeds.
+# rlhf_kernels/sampling.py: Triton = the PyTorch twin, token for token with the same seeds.
 
 SAMPLING_SETTINGS = {  # name: (temperature, top_k, top_p, min_p)
     "greedy": (0.0, 0, 1.0, 0.0),
@@ -226,7 +226,7 @@ def check_sampling(device, size):
         clear = unambiguous_rows(logits, params, seeds)
         logits_on_device, seeds_on_device = logits.to(device), seeds.to(device)
         want = sample_reference(logits_on_device, seeds=seeds_on_device, **params)
-        with fast_path("kernels.sampling"):
+        with fast_path("rlhf_kernels.sampling"):
             got = sample(logits_on_device, seeds=seeds_on_device, impl="triton", **params)
         got, want = (Sampled(*(x.cpu() for x in out)) for out in (got, want))
         assert torch.equal(got.tokens[clear], want.tokens[clear]), (name, got.tokens.tolist(), want.tokens.tolist())
@@ -337,7 +337,7 @@ def check_flex_packed_attention(device, window):
     with fast_path("FlexAttention"):
         flex = run(lambda *x: packed_attention(*x, AttentionInputs(positions, window=window,
                                                                    document_ids=document_ids.to(device))), torch.bfloat16)
-    with rlhf_kernels("torch"):  # the twin's per-document attention with a window would take Flex too
+    with kernels_env("torch"):  # the twin's per-document attention with a window would take Flex too
         twin = run(lambda *x: packed_attention_twin(*x, segments, window), torch.bfloat16)
         exact = run(lambda *x: packed_attention_twin(*x, segments, window), torch.float32)
     for name, f, t, e in zip(("out", "grad_q", "grad_k", "grad_v"), flex, twin, exact):
@@ -392,9 +392,9 @@ def check_engine(device, size):
         sampled = engine.generate(prompts, 2, max_new_tokens, temperature=1.0, base_seeds=seeds)
         return greedy, sampled
 
-    with rlhf_kernels("torch"):  # the reference: the CPU, every kernel its PyTorch twin
+    with kernels_env("torch"):  # the reference: the CPU, every kernel its PyTorch twin
         want_greedy, want_sampled = run(cpu_model)
-    with rlhf_kernels(None), fast_path("kernels.sampling"):
+    with kernels_env(None), fast_path("rlhf_kernels.sampling"):
         got_greedy, got_sampled = run(copy.deepcopy(cpu_model).to(device))
     for p, prompt in enumerate(prompts):
         want = want_greedy[p][0]["tokens"]

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import dpo
-import evaluate
+import eval_runs
 import generate
 import osp
 import sft
@@ -32,7 +32,7 @@ STAGES = {
     "dpo online": (dpo.main, ["--iter", "1", "--run-dir", "out", "--sft", "m", "--rm", "gold", "--prompts", "p.jsonl"]),
     "osp": (osp.main, ["--model", "m", "--prompts", "p.jsonl", "--out", "out"]),
     "generate": (generate.main, ["--model", "m", "--prompts", "p.jsonl", "--out", "out.jsonl"]),
-    "evaluate": (evaluate.main, ["--run", "out", "--summary", "summary.md"]),
+    "evaluate": (eval_runs.main, ["--run", "out", "--summary", "summary.md"]),
 }
 
 BAD_FLAGS = [  # (stage, flag, value, what the error says)

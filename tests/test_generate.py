@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 import common
 import generate
 from common import InputError, init_distributed, load_tokenizer, read_jsonl, write_jsonl
-from kernels.sampling import sample
+from rlhf_kernels.sampling import sample
 from model import KVCache, ModelConfig, Transformer
 from tests.helpers import run_script, run_script_expecting_error, tiny_config
 

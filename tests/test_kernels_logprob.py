@@ -1,12 +1,12 @@
-"""Tests of kernels/logprob.py."""
+"""Tests of rlhf_kernels/logprob.py."""
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import kernels
-import kernels.logprob as logprob
-from kernels.logprob import token_logprobs, token_logprobs_reference
+import rlhf_kernels
+import rlhf_kernels.logprob as logprob
+from rlhf_kernels.logprob import token_logprobs, token_logprobs_reference
 
 IGNORE = -100
 # (atol, rtol) per dtype; gradients are compared after dividing by their largest entry. Forward: every path
@@ -244,7 +244,7 @@ def test_logprob_runs_on_fake_tensors(num_valid):
     # Fake tensors carry shapes and no values, so any read of a device value (nonzero(), .tolist(), bool())
     # raises: forward + backward running here means neither does one on a GPU. impl="auto" would pick Triton
     # under TRITON_INTERPRET=1; fake inputs must go to the chunked loop instead, without marking Triton broken.
-    broken_before = set(kernels._broken)
+    broken_before = set(rlhf_kernels._broken)
     with FakeTensorMode():
         hidden = torch.randn(47, 32, dtype=torch.bfloat16, requires_grad=True)
         weight = torch.randn(123, 32, dtype=torch.bfloat16, requires_grad=True)
@@ -255,7 +255,7 @@ def test_logprob_runs_on_fake_tensors(num_valid):
         assert logps.shape == (47,) and logps.dtype == torch.float32
         assert hidden.grad.shape == hidden.shape and hidden.grad.dtype == torch.bfloat16
         assert weight.grad.shape == weight.shape and weight.grad.dtype == torch.bfloat16
-    assert kernels._broken == broken_before
+    assert rlhf_kernels._broken == broken_before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,4 +1,4 @@
-"""Tests of kernels/sampling.py."""
+"""Tests of rlhf_kernels/sampling.py."""
 import argparse
 import math
 import os
@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-import kernels.sampling as sampling
-from kernels.sampling import sample, sample_reference
+import rlhf_kernels.sampling as sampling
+from rlhf_kernels.sampling import sample, sample_reference
 from tests.helpers import ROOT
 
 IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not sampling.HAS_TRITON, reason="no triton"))]
@@ -319,7 +319,7 @@ try:
     from triton.compiler import ASTSource, compile
 except ImportError as error:
     sys.exit(f"SKIP no ahead-of-time compile API: {error}")
-import kernels.sampling as sampling
+import rlhf_kernels.sampling as sampling
 names = list(inspect.signature(sampling._sample_kernel.fn).parameters)
 for per_row in (False, True):
     scalar_types = ("*fp32", "*i8", "*i32", "*fp32", "*fp32") if per_row else ("fp32", "i32", "i32", "fp32", "fp32")

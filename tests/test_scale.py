@@ -73,17 +73,17 @@ def test_lm_head_logprobs_run_in_the_autocast_dtype(monkeypatch):
 
 
 def test_a_triton_kernel_that_fails_on_first_use_falls_back_to_its_twin(monkeypatch):
-    """kernels.first_use_fallback: the sampling kernel raising on its first call (as a missing
+    """rlhf_kernels.first_use_fallback: the sampling kernel raising on its first call (as a missing
     compiler would) gives one RuntimeWarning and the PyTorch twin's exact result, then and after;
     a kernel that has worked once is not hidden by the fallback."""
-    import kernels
-    import kernels.sampling as sampling
+    import rlhf_kernels
+    import rlhf_kernels.sampling as sampling
 
     def broken(*args, **kwargs):
         raise RuntimeError("triton: no C compiler")
 
-    monkeypatch.setattr(kernels, "_broken", set())
-    monkeypatch.setattr(kernels, "_proven", set())
+    monkeypatch.setattr(rlhf_kernels, "_broken", set())
+    monkeypatch.setattr(rlhf_kernels, "_proven", set())
     monkeypatch.setattr(sampling, "_sample_triton", broken)
     logits = torch.randn(4, 37, generator=torch.Generator().manual_seed(0))
     seeds = torch.arange(4)
@@ -93,8 +93,8 @@ def test_a_triton_kernel_that_fails_on_first_use_falls_back_to_its_twin(monkeypa
     assert torch.equal(got.tokens, expected.tokens) and torch.equal(got.logprobs, expected.logprobs)
     again = sampling.sample(logits, temperature=0.7, top_p=0.9, seeds=seeds, impl="triton")
     assert torch.equal(again.tokens, expected.tokens)
-    kernels._broken.clear()
-    kernels._proven.add("kernels.sampling (Triton)")  # once it has worked, a failure is a real error
+    rlhf_kernels._broken.clear()
+    rlhf_kernels._proven.add("rlhf_kernels.sampling (Triton)")  # once it has worked, a failure is a real error
     with pytest.raises(RuntimeError, match="no C compiler"):
         sampling.sample(logits, seeds=seeds, impl="triton")
 
@@ -120,14 +120,14 @@ def test_a_triton_backward_that_fails_on_first_use_falls_back_too(monkeypatch):
     """The log-prob kernel's forward is often proven under no_grad (reference log-probs) before any
     backward runs; a backward kernel that then fails on its first use still falls back to the
     chunked PyTorch loop, with gradients equal to the reference's."""
-    import kernels
-    import kernels.logprob as logprob
+    import rlhf_kernels
+    import rlhf_kernels.logprob as logprob
 
     def broken(*args, **kwargs):
         raise RuntimeError("triton: backward kernel failed to compile")
 
-    monkeypatch.setattr(kernels, "_broken", set())
-    monkeypatch.setattr(kernels, "_proven", {"kernels.logprob (Triton)"})
+    monkeypatch.setattr(rlhf_kernels, "_broken", set())
+    monkeypatch.setattr(rlhf_kernels, "_proven", {"rlhf_kernels.logprob (Triton)"})
     monkeypatch.setattr(logprob, "_softmax_grad_triton", broken)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(7, 16, generator=g, requires_grad=True)

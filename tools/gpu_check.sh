@@ -9,8 +9,8 @@
 #   (a)  the machine: nvidia-smi, torch / triton / transformers versions, the device, the git commit
 #   (b)  tests/test_cuda.py on the GPU: Triton kernels = their PyTorch twins, cached decode in bf16,
 #        FlexAttention = the per-document twin, the engine's tokens = the CPU's
-#   (c1) python -m kernels.logprob --bench      (fused log-probs vs naive PyTorch and Liger, fwd + bwd)
-#   (c2) python -m kernels.sampling --bench     (sampling kernel vs sort-based top-p and multinomial)
+#   (c1) python -m rlhf_kernels.logprob --bench      (fused log-probs vs naive PyTorch and Liger, fwd + bwd)
+#   (c2) python -m rlhf_kernels.sampling --bench     (sampling kernel vs sort-based top-p and multinomial)
 #   (d)  python memory_trace.py --gpu-check     (training steps vs the fake-tensor trace), if it has the flag
 #   (c3) python generate.py --bench             (engine tokens/s vs transformers' generate), last: it compiles
 #        a decode step per model and batch, and the rows it printed before a timeout stay in the log
@@ -155,7 +155,7 @@ print(f"device: cuda:0 {properties.name}, sm_{properties.major}{properties.minor
       f"{properties.total_memory / 2**30:.0f} GiB, {properties.multi_processor_count} SMs, "
       f"{torch.cuda.device_count()} visible")
 import model
-from kernels.logprob import _cuda_fp32_output
+from rlhf_kernels.logprob import _cuda_fp32_output
 device = torch.device("cuda")
 print(f"cuBLAS bf16 -> fp32 output: mm {_cuda_fp32_output('mm', device, torch.bfloat16)}, "
       f"addmm {_cuda_fp32_output('addmm', device, torch.bfloat16)}; FlexAttention {model.flex_attention is not None}")
@@ -201,15 +201,15 @@ GENERATE_BENCH_PY="import generate; names = '$GENERATE_MODELS'.split(); \
 generate.BENCH_SHAPES = {name: generate.BENCH_SHAPES[name] for name in names}; generate.benchmark()"
 
 if [ "$DRY_RUN" = 1 ]; then
-    run_section c1 "${TIMEOUTS[2]}" "kernels.logprob benchmark (CPU smoke)" \
-        env -u TRITON_INTERPRET "$PYTHON" -m kernels.logprob --bench --cpu-smoke
-    run_section c2 "${TIMEOUTS[3]}" "kernels.sampling benchmark (CPU: the PyTorch path)" \
-        env -u TRITON_INTERPRET "$PYTHON" -m kernels.sampling --bench --cpu
+    run_section c1 "${TIMEOUTS[2]}" "rlhf_kernels.logprob benchmark (CPU smoke)" \
+        env -u TRITON_INTERPRET "$PYTHON" -m rlhf_kernels.logprob --bench --cpu-smoke
+    run_section c2 "${TIMEOUTS[3]}" "rlhf_kernels.sampling benchmark (CPU: the PyTorch path)" \
+        env -u TRITON_INTERPRET "$PYTHON" -m rlhf_kernels.sampling --bench --cpu
 else
-    run_section c1 "${TIMEOUTS[2]}" "kernels.logprob benchmark: N=16384, H=4096, V=128256, bf16, fwd + bwd" \
-        "$PYTHON" -m kernels.logprob --bench --all --warmup-ms 200 --rep-ms 1000
-    run_section c2 "${TIMEOUTS[3]}" "kernels.sampling benchmark: V=128256, batch 1/64/256" \
-        "$PYTHON" -m kernels.sampling --bench --warmup-ms 50 --rep-ms 250
+    run_section c1 "${TIMEOUTS[2]}" "rlhf_kernels.logprob benchmark: N=16384, H=4096, V=128256, bf16, fwd + bwd" \
+        "$PYTHON" -m rlhf_kernels.logprob --bench --all --warmup-ms 200 --rep-ms 1000
+    run_section c2 "${TIMEOUTS[3]}" "rlhf_kernels.sampling benchmark: V=128256, batch 1/64/256" \
+        "$PYTHON" -m rlhf_kernels.sampling --bench --warmup-ms 50 --rep-ms 250
 fi
 
 # ----------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@ and n samples at temperature 1, the distribution the online loop trains on), the
 (data/task.py, r* = correctness − 0.002 · extra characters) grades the answers, and a Markdown
 table + JSON + PNG plots summarise the run. run.sh calls it last.
 
-    python evaluate.py --run runs/builtin --prompts data/builtin/prompts_eval.jsonl
-    python evaluate.py --run runs/builtin-small-seed{0,1,2} --summary runs/builtin-small-seeds.md   # over seeds
+    python eval_runs.py --run runs/builtin --prompts data/builtin/prompts_eval.jsonl
+    python eval_runs.py --run runs/builtin-small-seed{0,1,2} --summary runs/builtin-small-seeds.md   # over seeds
 
 Checkpoints are found by their place in the run folder (those missing are left out of the table):
   sft/                               the SFT model (π_0)

@@ -1,14 +1,14 @@
 """Next-token sampling from a batch of last-position logits: temperature, top-k, top-p (nucleus) and
 min-p, with one random stream per row and no host synchronisation.
 
-    from kernels.sampling import sample
+    from rlhf_kernels.sampling import sample
     out = sample(logits, temperature=0.7, top_p=0.9, seeds=seeds)  # logits (B, V), seeds (B,) int64 or None
     out.tokens                # (B,) int64 sampled ids
     out.logprobs              # (B,) fp32 log q(token), q = the distribution actually sampled from
     out.logprobs_untruncated  # (B,) fp32 log p(token), p = softmax(logits / T): temperature only
 
-    python -m kernels.sampling --bench        # H100: ours vs sort-based top-p and torch.multinomial
-    python -m kernels.sampling --bench --cpu  # the PyTorch path on this machine's CPU
+    python -m rlhf_kernels.sampling --bench        # H100: ours vs sort-based top-p and torch.multinomial
+    python -m rlhf_kernels.sampling --bench --cpu  # the PyTorch path on this machine's CPU
 
 What is sampled. With z = logits * (1 / T) in fp32 and p = softmax(z), the kept set is
 K = {i : z_i >= t}, t = max(t_k, t_p, t_min), where (list the tokens by decreasing z):
@@ -74,7 +74,7 @@ from typing import NamedTuple
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from kernels import first_use_fallback
+from rlhf_kernels import first_use_fallback
 
 try:
     import triton
@@ -278,7 +278,7 @@ def resolve_impl(logits, impl=None):
     """Which implementation sample runs for these logits: impl= wins, then $RLHF_KERNELS, then "auto"."""
     if impl is None:
         impl = os.environ.get("RLHF_KERNELS", "auto")
-        impl = impl if impl in IMPLEMENTATIONS else "auto"  # e.g. "chunked" is meant for kernels/logprob.py
+        impl = impl if impl in IMPLEMENTATIONS else "auto"  # e.g. "chunked" is meant for rlhf_kernels/logprob.py
     assert impl in IMPLEMENTATIONS, f"unknown implementation {impl!r}, expected one of {IMPLEMENTATIONS}"
     if impl == "auto":
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
@@ -303,7 +303,7 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None, i
         return _greedy(logits)
     if resolve_impl(logits, impl) == "torch":
         return _sample_torch(logits, params, seeds, top_k, top_p)
-    return first_use_fallback("kernels.sampling (Triton)", lambda: _sample_triton(logits, params, seeds),
+    return first_use_fallback("rlhf_kernels.sampling (Triton)", lambda: _sample_triton(logits, params, seeds),
                               lambda: _sample_torch(logits, params, seeds, top_k, top_p))
 
 

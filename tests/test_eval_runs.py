@@ -1,4 +1,4 @@
-"""Tests of evaluate.py."""
+"""Tests of eval_runs.py."""
 import itertools
 import json
 import shutil
@@ -13,7 +13,7 @@ from tests.helpers import builtin_model_dir, run_script
 
 
 def test_judge_statistics_on_a_known_case():
-    from evaluate import judge_statistics
+    from eval_runs import judge_statistics
     first, second = ["1 2 3", "4", "5 6", "7"], ["1 2", "8 9", "5 6", "3"]
     gold_difference = [0.5, -1.0, 0.0, 0.05]  # pairs 0 and 1 differ in correctness; 2 and 3 do not (|Δ| ≤ 0.1)
     p_first = [0.9, 0.2, 0.7, 0.6]
@@ -61,7 +61,7 @@ def test_evaluate_finds_checkpoints_scores_with_gold_and_caches(task_dir, tmp_pa
     lengths = [len(encode_prompt(tokenizer, p["messages"])) for p in read_jsonl(task_dir / "prompts_eval.jsonl")]
     limit = max(lengths) - 1
     kept = sum(length <= limit for length in lengths)
-    args = ["evaluate.py", "--run", str(run), "--prompts", str(task_dir / "prompts_eval.jsonl"), "--max-new-tokens", "8",
+    args = ["eval_runs.py", "--run", str(run), "--prompts", str(task_dir / "prompts_eval.jsonl"), "--max-new-tokens", "8",
             "--device", "cpu", "--max-prompt-length", str(limit)]
     stdout = run_script(args)
     assert f"skipped {len(lengths) - kept} of {len(lengths)} prompts" in stdout and f"Held-out prompts: {kept} " in stdout
@@ -154,7 +154,7 @@ def test_evaluate_finds_checkpoints_scores_with_gold_and_caches(task_dir, tmp_pa
 
 
 def test_across_runs_combines_paired_differences():
-    from evaluate import across_runs
+    from eval_runs import across_runs
     def run(delta, stderr):
         rows = [{"label": "SFT", "gold": 0.5, "sampled_gold": 0.4, "sampled_length": 10.0},
                 {"label": "x", "gold": 0.5 + delta, "sampled_gold": 0.4, "sampled_length": 10.0, "delta_gold": delta,
@@ -168,7 +168,7 @@ def test_across_runs_combines_paired_differences():
 
 
 def test_versus_offline_pairs_the_last_iteration_with_offline_dpo_on_the_same_pairs():
-    from evaluate import across_runs, versus_offline
+    from eval_runs import across_runs, versus_offline
     rows = [dict(label="SFT", folder="r/sft", series=None, t=0),
             dict(label="offline DPO, off-policy pairs", folder="r/dpo_offline_offpolicy", series=None, t=None),
             dict(label="BT off-policy, t = 1", folder="r/online_offpolicy/iter1/policy", series="online_offpolicy", t=1),
@@ -197,7 +197,7 @@ def test_versus_offline_pairs_the_last_iteration_with_offline_dpo_on_the_same_pa
 def test_plots_render_from_synthetic_results(tmp_path):
     pytest.importorskip("matplotlib")
     from matplotlib.image import imread
-    from evaluate import plot, plot_proxy_vs_gold
+    from eval_runs import plot, plot_proxy_vs_gold
     # A KL estimate just below 0 is drawn at √KL = 0; the gold-reward run alone has no proxy panel.
     gold_only = {"online_gold": [dict(t=0, gold=0.6, kl=0.0), dict(t=1, gold=0.7, kl=-0.003)]}
     (tmp_path / "gold").mkdir()

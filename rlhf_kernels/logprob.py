@@ -1,13 +1,13 @@
 """Per-token log-probs log p(target | prefix) from the final hidden states and the LM head, without
 materialising the [tokens x vocab] logits.
 
-    from kernels.logprob import token_logprobs
+    from rlhf_kernels.logprob import token_logprobs
     logps = token_logprobs(hidden, lm_head_weight, targets, temperature=1.0)   # (N,) fp32, -100 -> 0.0
     logps = token_logprobs(hidden, lm_head_weight, targets, num_valid=n)       # n = #targets != -100, a host int:
                                                                                # only those n rows are computed
 
-    python -m kernels.logprob --bench              # H100: ours vs naive PyTorch vs Liger (fwd + bwd)
-    python -m kernels.logprob --bench --cpu-smoke  # tiny run of the same code path on a CPU
+    python -m rlhf_kernels.logprob --bench              # H100: ours vs naive PyTorch vs Liger (fwd + bwd)
+    python -m rlhf_kernels.logprob --bench --cpu-smoke  # tiny run of the same code path on a CPU
 
 The math, for token i with final hidden state h_i (H,), LM head W (V, H), target t_i, temperature T:
 
@@ -72,7 +72,7 @@ import time
 import torch
 from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
-from kernels import first_use_fallback
+from rlhf_kernels import first_use_fallback
 
 try:
     import triton
@@ -150,7 +150,7 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, ignore_index=-100, 
                                           vocab_chunk_size, num_valid)
 
     if impl == "triton":  # the kernels compile on first use; if that fails, the chunked PyTorch loop
-        return first_use_fallback("kernels.logprob (Triton)", lambda: run(True), lambda: run(False))
+        return first_use_fallback("rlhf_kernels.logprob (Triton)", lambda: run(True), lambda: run(False))
     return run(False)
 
 
@@ -230,7 +230,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
             return _backward_chunks(h, weight, t, lse, g, 1.0 / ctx.temperature, use_triton, ctx.chunk, grad_weight,
                                     need_grad_hidden)
 
-        grad_h = first_use_fallback("kernels.logprob backward (Triton)", lambda: run(True), lambda: run(False)) \
+        grad_h = first_use_fallback("rlhf_kernels.logprob backward (Triton)", lambda: run(True), lambda: run(False)) \
             if ctx.use_triton else run(False)
         if need_grad_hidden:
             if rows is None:

@@ -1,0 +1,75 @@
+"""Tests of the set-up: no top-level name of ours shadows an installed package (tools/shadowed.py), and the
+README's commands install pinned versions (constraints.txt, tools/setup.sh)."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_shadowed(extra_path=None):
+    env = None if extra_path is None else {**os.environ, "PYTHONPATH": str(extra_path)}
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "shadowed.py")], env=env, capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+
+
+def test_no_top_level_name_shadows_an_installed_package():
+    """transformers ≥ 5.25 imports Hugging Face's `kernels`: a `kernels/` package of ours, first on sys.path
+    when a stage runs from the repository root, broke every stage. Checked against every distribution
+    installed here (CI: requirements.txt + requirements-test.txt; tools/check_versions.sh newest adds
+    evaluate, datasets, accelerate and liger-kernel)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from shadowed import top_level_names
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    names = top_level_names()
+    assert {"common", "model", "sft", "dpo", "osp", "eval_runs", "data", "rlhf_kernels", "tests"} <= names, names
+    assert not {"kernels", "evaluate"} & names  # Hugging Face's: transformers needs one, many users have the other
+    result = run_shadowed()
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_shadow_check_names_a_clash(tmp_path):
+    """The check can fail: a distribution installed with top-level `dpo` and `rlhf_kernels` is named."""
+    info = tmp_path / "clashing_dist-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: clashing-dist\nVersion: 1.0\n")
+    (info / "top_level.txt").write_text("dpo\nrlhf_kernels\nunrelated\n")
+    result = run_shadowed(tmp_path)
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("dpo: ") and lines[1].startswith("rlhf_kernels: "), lines
+    assert all("clashing-dist" in line or "clashing_dist" in line for line in lines), lines
+
+
+def requirement_names(path):
+    names = []
+    for line in (ROOT / path).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            names.append(re.match(r"[A-Za-z0-9_.-]+", line).group(0))
+    return names
+
+
+def canonical(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_constraints_pin_every_requirement():
+    """constraints.txt pins an exact version of everything requirements.txt and requirements-test.txt ask for,
+    torch at the CPU build tools/setup.sh installs, and transformers at or above requirements.txt's floor."""
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[canonical(name)] = version
+    for name in requirement_names("requirements.txt") + requirement_names("requirements-test.txt"):
+        assert canonical(name) in pins, f"constraints.txt does not pin {name}"
+    assert pins["torch"] == "2.13.0"  # tools/setup.sh's CPU pin: the wheel on this project's CI machines
+    floor = re.search(r"^transformers>=([\d.]+)", (ROOT / "requirements.txt").read_text(), re.M).group(1)
+    version = tuple(int(part) for part in pins["transformers"].split(".")[:2])
+    assert version >= tuple(int(part) for part in floor.split(".")[:2])
