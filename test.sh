@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source tools/setup.sh
 # wandb and tensorboard, for tests/test_tracking.py; TRL, for the benchmark's DPO row; pinned as requirements.txt
-python -m pip install -qq -r requirements-test.txt ${CONSTRAINTS:+-c "$CONSTRAINTS"}
+python -m pip install -qq -r requirements-test.txt -c "$CONSTRAINTS"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 python -m pytest -q test_all.py --durations=10 "$@"

@@ -9,7 +9,7 @@
 #   - then requirements.txt under constraints.txt: the exact versions `bash test.sh` passed with (pip installs
 #     what is missing and moves what differs to the pin). Where torch is not the CPU pin (a GPU node,
 #     TORCH_SPEC), the torch, triton and nvidia-* pins are left out: that torch brings its own.
-#     UNPINNED=1: requirements.txt's floors only (what tools/check_versions.sh uses to try other versions);
+#     CONSTRAINTS_FILE=FILE: FILE's pins instead (tools/check_versions.sh tries other versions with it);
 #   - last, tools/shadowed.py: a warning if a package installed here has the name of one of ours.
 if [ -z "${VIRTUAL_ENV:-}" ]; then
   if [ ! -x .venv/bin/python ]; then
@@ -34,16 +34,14 @@ if ! python -c "import torch" 2>/dev/null; then
     python -m pip install -qq "$TORCH_PIN"
   fi
 fi
-CONSTRAINTS=""
-if [ -z "${UNPINNED:-}" ]; then
-  CONSTRAINTS=constraints.txt
-  if [ "$(python -c 'import torch; print("torch==" + torch.__version__.split("+")[0])')" != "$TORCH_PIN" ]; then
-    CONSTRAINTS=$(mktemp)  # another torch (CUDA, TORCH_SPEC): every pin but torch's own stack
-    grep -vE '^(torch|triton|nvidia-[a-z0-9-]*|cuda-[a-z0-9-]*)==' constraints.txt > "$CONSTRAINTS"
-  fi
+CONSTRAINTS=${CONSTRAINTS_FILE:-constraints.txt}  # CONSTRAINTS_FILE: other pins (tools/check_versions.sh's)
+if [ "$CONSTRAINTS" = constraints.txt ] && \
+   [ "$(python -c 'import torch; print("torch==" + torch.__version__.split("+")[0])')" != "$TORCH_PIN" ]; then
+  CONSTRAINTS=$(mktemp)  # another torch (CUDA, TORCH_SPEC): every pin but torch's own stack
+  grep -vE '^(torch|triton|nvidia-[a-z0-9-]*|cuda-[a-z0-9-]*)==' constraints.txt > "$CONSTRAINTS"
 fi
-echo "== installing what is missing from requirements.txt${CONSTRAINTS:+ at the versions of constraints.txt}"
-python -m pip install -qq -r requirements.txt ${CONSTRAINTS:+-c "$CONSTRAINTS"}  # -qq: errors only
+echo "== installing what is missing from requirements.txt, at the versions of $CONSTRAINTS"
+python -m pip install -qq -r requirements.txt -c "$CONSTRAINTS"  # -qq: errors only
 python tools/shadowed.py >&2 || echo "warning: the names above shadow installed packages: uninstall those or expect" \
   "import errors (README, 'Why no package')" >&2
 echo "== python: $(command -v python) ($(python -c 'import sys, torch, transformers as t
