@@ -43,6 +43,6 @@ fi
 echo "== installing what is missing from requirements.txt, at the versions of $CONSTRAINTS"
 python -m pip install -qq -r requirements.txt -c "$CONSTRAINTS"  # -qq: errors only
 python tools/shadowed.py >&2 || echo "warning: the names above shadow installed packages: uninstall those or expect" \
-  "import errors (README, 'Why no package')" >&2
+  "import errors (README, 'Why rlhf_kernels/')" >&2
 echo "== python: $(command -v python) ($(python -c 'import sys, torch, transformers as t
 print(sys.version.split()[0], "torch", torch.__version__, "transformers", t.__version__)'))"
