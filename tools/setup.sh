@@ -36,7 +36,7 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 CONSTRAINTS=${CONSTRAINTS_FILE:-constraints.txt}  # CONSTRAINTS_FILE: other pins (tools/check_versions.sh's)
 if [ "$CONSTRAINTS" = constraints.txt ] && \
-   [ "$(python -c 'import torch; print("torch==" + torch.__version__.split("+")[0])')" != "$TORCH_PIN" ]; then
+   [ "$(python -c 'import importlib.metadata as m; print("torch==" + m.version("torch").split("+")[0])')" != "$TORCH_PIN" ]; then
   CONSTRAINTS=$(mktemp)  # another torch (CUDA, TORCH_SPEC): every pin but torch's own stack
   grep -vE '^(torch|triton|nvidia-[a-z0-9-]*|cuda-[a-z0-9-]*)==' constraints.txt > "$CONSTRAINTS"
 fi
