@@ -19,6 +19,7 @@ best two tokens. A failure on the GPU is then a real difference, not a coin flip
 import copy
 import os
 import subprocess
+import sys
 import warnings
 from contextlib import contextmanager
 
@@ -415,7 +416,7 @@ GPU_CHECK_SECTIONS = ("a", "b", "c1", "c2", "c3", "d")
 
 
 def test_gpu_check_dry_run_writes_every_section(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPU_CHECK_LOG_DIR": str(tmp_path)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPU_CHECK_LOG_DIR": str(tmp_path), "PYTHON": sys.executable}
     result = subprocess.run(["bash", "tools/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=240)
     assert result.returncode == 0, f"{result.stdout[-6000:]}\n{result.stderr[-3000:]}"

@@ -33,16 +33,37 @@ def test_no_top_level_name_shadows_an_installed_package():
 
 
 def test_shadow_check_names_a_clash(tmp_path):
-    """The check can fail: a distribution installed with top-level `dpo` and `rlhf_kernels` is named."""
+    """The check can fail: a distribution installed with top-level `dpo`, `rlhf_kernels` (and `tests`, which is
+    left out) is named, and so is a `common.py` that Python finds with no metadata (as an editable install
+    through a .pth file puts it on the path)."""
     info = tmp_path / "clashing_dist-1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: clashing-dist\nVersion: 1.0\n")
-    (info / "top_level.txt").write_text("dpo\nrlhf_kernels\nunrelated\n")
+    (info / "top_level.txt").write_text("dpo\nrlhf_kernels\ntests\nunrelated\n")
+    (tmp_path / "common.py").write_text("")
     result = run_shadowed(tmp_path)
     assert result.returncode == 1
     lines = result.stdout.splitlines()
-    assert len(lines) == 2 and lines[0].startswith("dpo: ") and lines[1].startswith("rlhf_kernels: "), lines
-    assert all("clashing-dist" in line or "clashing_dist" in line for line in lines), lines
+    assert [line.split(":")[0] for line in lines] == ["common", "dpo", "rlhf_kernels"], lines
+    assert str(tmp_path / "common.py") in lines[0]
+    assert all("the distribution clashing" in line for line in lines[1:]), lines
+
+
+def test_pins_leave_another_torch_and_its_own_dependencies_alone():
+    """tools/pins.py: constraints.txt was made with torch's CPU build. A CUDA build of the same version requires
+    another triton, and torch 2.6 another sympy: their pins would make pip fail or swap the torch."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from pins import applicable_pins
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    lines = ["# made on CPU", "sympy==1.14.0", "torch==2.13.0", "transformers==5.25.0", "triton==3.9.0"]
+    assert applicable_pins(lines, "2.13.0+cpu", ["filelock", "sympy>=1.13.3"]) is None
+    assert applicable_pins(lines, "2.13.0", ["sympy>=1.13.3"]) is None  # macOS: PyPI's CPU wheel, no label
+    cuda = ["sympy>=1.13.3", 'triton==3.7.1; platform_system == "Linux"', "nvidia-cublas==13.1.0.3"]
+    assert applicable_pins(lines, "2.13.0", cuda) == ["# made on CPU", "transformers==5.25.0", "torch==2.13.0"]
+    assert applicable_pins(lines, "2.6.0+cpu", ["sympy==1.13.1"]) == [
+        "# made on CPU", "transformers==5.25.0", "triton==3.9.0", "torch==2.6.0+cpu"]
 
 
 def requirement_names(path):

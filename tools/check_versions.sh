@@ -19,6 +19,8 @@ MODE=${1:-newest}
 case "$MODE" in newest|oldest) ;; *) echo "usage: bash tools/check_versions.sh newest|oldest" >&2; exit 2 ;; esac
 if [ -n "${LOCK:-}" ]; then
   [ "$MODE" = newest ] || { echo "LOCK=1 makes the pins from the newest versions only" >&2; exit 2; }
+  # the pins are CI's: a Linux x86_64 machine with torch's CPU build (no nvidia-*, the triton the tests interpret)
+  [ "$(uname -sm)" = "Linux x86_64" ] || { echo "LOCK=1: the pins are made on Linux x86_64 (CI's machines)" >&2; exit 2; }
   FULL=1
 fi
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/online-rlhf-$MODE.XXXXXX")
@@ -40,7 +42,7 @@ else
   python -m pip install -qq -U --upgrade-strategy eager -r requirements.txt -r requirements-test.txt -c "$CONSTRAINTS_FILE" \
     evaluate datasets accelerate liger-kernel
 fi
-python -m pip freeze --all | sort > "$WORK/freeze.txt"
+python -m pip freeze --all | LC_ALL=C sort > "$WORK/freeze.txt"
 echo "== versions ($(date -u +%Y-%m-%d), Python $(python -c 'import platform; print(platform.python_version())'))"
 grep -iE '^(torch|transformers|tokenizers|safetensors|peft|numpy|trl|triton|kernels|huggingface.hub|accelerate|datasets|evaluate|liger.kernel)==' \
   "$WORK/freeze.txt" | tr '\n' ' '; echo
