@@ -969,6 +969,21 @@ def encode_response(tokenizer, response, end_of_turn=None):
     return encode_text(tokenizer, response) + list(end_of_turn if end_of_turn is not None else end_of_turn_ids(tokenizer))
 
 
+def response_ids(tokenizer, record, end_of_turn=None):
+    """The token ids of each response of a samples record, as training and scoring use them: the sampler's
+    own `response_ids` when the record carries them (exactly the sampled tokens, with the stop token, eos or
+    end-of-turn, only when one was sampled); otherwise each text re-encoded, with the end-of-turn token
+    appended unless its finish_reason says it was cut at --max-new-tokens ("length"). generate.py writes
+    the ids because decoding and re-encoding is not the identity: a word sampled as two tokens can come
+    back as one, and a special token sampled inside a response comes back as a turn marker."""
+    if "response_ids" in record:
+        return record["response_ids"]
+    end_of_turn = end_of_turn if end_of_turn is not None else end_of_turn_ids(tokenizer)
+    reasons = record.get("finish_reasons", ["stop"] * len(record["responses"]))
+    return [encode_response(tokenizer, text, end_of_turn if reason == "stop" else [])
+            for text, reason in zip(record["responses"], reasons)]
+
+
 def encode_rendering(tokenizer, messages):
     """A finished conversation as a reward model reads it: the chat template's whole rendering,
     tokenized as one text. These are exactly the ids of tokenizer.apply_chat_template(messages),

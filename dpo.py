@@ -61,9 +61,11 @@ Losses, with h = [log π(a_w|x) − log π_0(a_w|x)] − [log π(a_l|x) − log 
 
 Two conventions where we knowingly differ from TRL 1.16's DPOTrainer, both chosen so that training
 scores exactly the tokens that generation produced:
-  - a response ends at the end-of-turn token (e.g. <|im_end|>): that is where sampling stops, so it
-    is the last token the policy chose. TRL also trains the chat template's trailing newline after
-    it, a token our samples never contain.
+  - a response that stopped ends at its stop token (e.g. <|im_end|>): that is where sampling stops, so
+    it is the last token the policy chose. TRL also trains the chat template's trailing newline after
+    it, a token our samples never contain. A response cut at --max-new-tokens has no stop token, and
+    none is added: the online pairs carry the sampled token ids (chosen_ids / rejected_ids, from the
+    samples' response_ids; data/README.md), so nothing is re-encoded from the decoded text.
   - prompt and response are tokenized separately (common.encode_prompt + common.encode_response).
     Generation sees exactly the prompt's ids and appends response tokens one by one, so a sampled
     response never shares a token with its prompt; TRL's joint tokenization of prompt + response can
@@ -90,7 +92,7 @@ from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_res
                     encode_prompt, encode_response, end_of_turn_ids, finish_training_state, fraction,
                     gradient_sync, has_model, init_distributed, load_for_training, load_tokenizer,
                     load_training_state, lora_settings, make_optimizer, non_negative_float, non_negative_int,
-                    optimizer_step, positive_float, positive_fraction, positive_int, print0,
+                    optimizer_step, positive_float, positive_fraction, positive_int, print0, response_ids,
                     process_in_chunks, rank_micro_batches, read_jsonl, right_pad, run_cli,
                     save_checkpoint, save_training_state, scale_settings, seed_everything, set_lr, step_limit,
                     stop_token_ids, unwrap, write_jsonl)
@@ -164,9 +166,11 @@ def k3_kl(logps, ref_logps):
 
 
 def tokenize_pairs(tokenizer, pairs, max_length):
-    """Returns (kept pairs, examples): an example is (prompt ids, chosen ids, rejected ids), the
-    responses ending with the end-of-turn token. A response cut by max_length is kept truncated; a
-    pair whose prompt leaves no room is dropped. Both are counted and reported."""
+    """Returns (kept pairs, examples): an example is (prompt ids, chosen ids, rejected ids). A pair made
+    from samples carries its responses' ids (chosen_ids, rejected_ids: exactly the sampled tokens, a stop
+    token only where one was sampled); a pair of texts (human preferences) is encoded, each response
+    ending with the end-of-turn token. A response cut by max_length is kept truncated; a pair whose
+    prompt leaves no room is dropped. Both are counted and reported."""
     end_of_turn = end_of_turn_ids(tokenizer)
     kept, examples, truncated, dropped = [], [], 0, 0
     for pair in pairs:
@@ -175,8 +179,8 @@ def tokenize_pairs(tokenizer, pairs, max_length):
         if room < 1:
             dropped += 1
             continue
-        chosen = encode_response(tokenizer, pair["chosen"], end_of_turn)
-        rejected = encode_response(tokenizer, pair["rejected"], end_of_turn)
+        chosen = pair.get("chosen_ids") or encode_response(tokenizer, pair["chosen"], end_of_turn)
+        rejected = pair.get("rejected_ids") or encode_response(tokenizer, pair["rejected"], end_of_turn)
         truncated += (len(chosen) > room) + (len(rejected) > room)
         kept.append(pair)
         examples.append((prompt, chosen[:room], rejected[:room]))
@@ -419,7 +423,8 @@ def select_pairs(records, selection="max_min", length_penalty=0.0, missing_eos_p
       max_random  the best vs the first other response (the n samples are i.i.d., so a random one);
       random      responses 0 and 1, the higher r̃ chosen.
     A prompt is dropped when its two responses are the same text or their r̃ differ by no more than
-    reward_tolerance. Returns (pairs, counts of dropped prompts by reason)."""
+    reward_tolerance. A record's response_ids go with the pair (chosen_ids, rejected_ids): training
+    scores those tokens. Returns (pairs, counts of dropped prompts by reason)."""
     pairs, dropped = [], {"same_text": 0, "reward_tie": 0}
     for record in records:
         responses, rewards = record["responses"], record["rewards"]
@@ -441,8 +446,10 @@ def select_pairs(records, selection="max_min", length_penalty=0.0, missing_eos_p
         elif adjusted[best] - adjusted[worst] <= reward_tolerance:
             dropped["reward_tie"] += 1
         else:
+            ids = record.get("response_ids")
             pairs.append({"id": record["id"], "prompt": record["prompt"], "chosen": responses[best],
                           "rejected": responses[worst], "margin": adjusted[best] - adjusted[worst],
+                          **({"chosen_ids": ids[best], "rejected_ids": ids[worst]} if ids else {}),
                           **({"source": source} if source else {})})
     return pairs, dropped
 
@@ -551,6 +558,9 @@ def run_iteration(args, sources, dist_info):
     # 3. Pairs (cheap and deterministic: rank 0 writes, the others wait).
     if not (here / "pairs.jsonl").exists():
         rewards = load_records(here / "rewards.jsonl", "rewards")
+        # the token ids training will score, for records of other samplers too (common.response_ids)
+        tokenizer = load_tokenizer(args.sft)
+        rewards = [{**rec, "response_ids": response_ids(tokenizer, rec)} for rec in rewards]
         pairs, dropped = select_pairs(rewards, args.pair_selection, args.length_penalty,
                                       args.missing_eos_penalty, args.reward_tolerance, source=f"iter{t}")
         all_rewards = [r for rec in rewards for r in rec["rewards"]]

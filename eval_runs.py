@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from common import (InputError, atomic_write_text, default_dtype, encode_prompt, encode_response, end_of_turn_ids, has_model, load_tokenizer,
+from common import (InputError, atomic_write_text, default_dtype, encode_prompt, has_model, load_tokenizer, response_ids,
                     non_negative_int, positive_int, read_jsonl, run_cli, stop_token_ids, write_jsonl)
 from data.schema import load_records
 from data.task import GOLD_GAP, parse_prompt, picked_gold, prompt_text, reward_vs_gold, score
@@ -209,13 +209,11 @@ class Scorer:
         when it stopped there; an unbiased estimate of the sequence-level KL)."""
         from dpo import sequence_logps
         (policy_model, tokenizer), (reference_model, _) = self.model(policy), self.model(reference)
-        end_of_turn = end_of_turn_ids(tokenizer)
         prompts, responses = [], []
         for record in records:
-            prompt = encode_prompt(tokenizer, record["prompt"])
-            for text, reason in zip(record["responses"], record["finish_reasons"]):
-                prompts.append(prompt)
-                responses.append(encode_response(tokenizer, text, end_of_turn if reason == "stop" else []))
+            ids = response_ids(tokenizer, record)  # as sampled (common.response_ids)
+            prompts += [encode_prompt(tokenizer, record["prompt"])] * len(ids)
+            responses += ids
         total = 0.0
         for start in range(0, len(prompts), batch_size):
             batch = (prompts[start:start + batch_size], responses[start:start + batch_size], tokenizer.pad_token_id, self.device)

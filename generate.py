@@ -34,8 +34,9 @@ A prompt that leaves no room for --max-new-tokens in the model's context (max_po
 stops the run with an error naming it, before anything is sampled. A prompt longer than
 --max-prompt-length (tokens; default: no limit) is skipped and counted, never truncated: its record
 is absent from the output.
-Output: one JSONL record per prompt (data/README.md, "samples"): id, prompt, responses, num_tokens
-(generated tokens, the stop token included), finish_reasons ("stop" | "length"), and with
+Output: one JSONL record per prompt (data/README.md, "samples"): id, prompt, responses, response_ids
+(the generated token ids, the stop token included: what training scores, common.response_ids), num_tokens
+(their count), finish_reasons ("stop" | "length"), and with
 --logprobs, logprobs (each response's summed log-prob) and token_logprobs (per token), both under
 the temperature-scaled, untruncated distribution — what a teacher-forced forward with
 `temperature` gives, which is what lets DPO/OSP trust them.
@@ -422,8 +423,7 @@ def encode_prompts(tokenizer, records, max_new_tokens, context_length, source=No
 
 def response_text(tokenizer, tokens, stop_ids):
     """A sample's text: its tokens decoded without the final stop token, if it ended on one. The
-    stop token is not part of the response (training re-adds the end-of-turn token when it encodes
-    the response, common.encode_response)."""
+    stop token is not part of the text; training scores the record's response_ids, which keep it."""
     return tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens)
 
 
@@ -439,6 +439,7 @@ def generate_records(engine, tokenizer, records, n, max_new_tokens, temperature=
     for record, outs in zip(records, outputs):
         sample_record = {"id": record["id"], "prompt": record["messages"],
                          "responses": [response_text(tokenizer, o["tokens"], stop_ids) for o in outs],
+                         "response_ids": [o["tokens"] for o in outs],
                          "num_tokens": [len(o["tokens"]) for o in outs],
                          "finish_reasons": [o["finish_reason"] for o in outs]}
         if logprobs:

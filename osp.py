@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_resume_flag, add_scale_flags,
                     add_tracking_flags, already_trained, autocast, cosine_lr, default_dtype,
-                    destroy_distributed, encode_response, end_of_turn_ids, finish_training_state, fraction,
+                    destroy_distributed, finish_training_state, fraction,
                     gathered, gradient_sync, init_distributed, load_for_training, load_frozen, load_tokenizer,
                     load_training_state, lora_settings, make_optimizer, non_negative_float, non_negative_int,
                     optimizer_step, positive_float, positive_fraction, positive_int, print0,
@@ -117,7 +117,8 @@ def sft_view(frozen, policy):
 
 def rollout(engine, tokenizer, prompt_records, args, step, device):
     """1. K responses per prompt from the sampler (the current policy, or π_SFT): texts, a list of
-    K per prompt; whether each was cut at --max-new-tokens without a stop token (the same shape);
+    K per prompt; their token ids as sampled (the stop token included when one was: what the update
+    scores); whether each was cut at --max-new-tokens without a stop token (the same shape);
     and the tokens generated per second (this rank's, for the progress bar).
     Seeds come from (seed, step, prompt id, sample index): no dependence on ranks.
     A sharded sampler is gathered whole once for the rollout (common.gathered), not per token."""
@@ -130,7 +131,8 @@ def rollout(engine, tokenizer, prompt_records, args, step, device):
     tokens = sum(sum(record["num_tokens"]) for record in samples)
     cut = [[reason == "length" for reason in record["finish_reasons"]] for record in samples]
     texts = [record["responses"] for record in samples]
-    return texts, cut, tokens / (time.time() - t0)
+    ids = [record["response_ids"] for record in samples]
+    return texts, ids, cut, tokens / (time.time() - t0)
 
 
 @torch.no_grad()
@@ -202,20 +204,17 @@ def pair_losses(policy, reference, prompt_tokens, chosen_tokens, rejected_tokens
     return per_pair, log_ratios[0] - log_ratios[1], kl.view(2, n).mean(0)
 
 
-def encode_pairs(tokenizer, responses, pairs):
-    """The token ids of each pair's responses, as generation produced them (common.encode_response:
-    the text, then the end-of-turn token): [(chosen ids, rejected ids or None for RAFT)]."""
-    end_of_turn = end_of_turn_ids(tokenizer)
-    return [(encode_response(tokenizer, responses[row][hi], end_of_turn),
-             None if lo is None else encode_response(tokenizer, responses[row][lo], end_of_turn))
-            for row, hi, lo in pairs]
+def pair_ids(ids, pairs):
+    """The token ids of each pair's responses, exactly as sampled (no re-encoding of the decoded text:
+    common.response_ids): [(chosen ids, rejected ids or None for RAFT)]."""
+    return [(ids[row][hi], None if lo is None else ids[row][lo]) for row, hi, lo in pairs]
 
 
 def update(policy, reference, optimizer, prompt_tokens, pairs, pair_tokens, targets, args, step, world_size,
            pad_id, device):
     """4. One optimizer step of the loss, averaged over all pairs of the global batch (every rank
     holds the same number, from its own prompts). pairs: (row, chosen, rejected) as make_pairs gives
-    them, pair_tokens: their token ids (encode_pairs), prompt_tokens: this rank's prompts' ids by row.
+    them, pair_tokens: their token ids (pair_ids), prompt_tokens: this rank's prompts' ids by row.
     Returns the step's metric sums (StepSums, still on the device) and the gradient norm (a tensor):
     no host read here, so memory_trace.py runs this same function on fake tensors."""
     policy.train()
@@ -443,7 +442,7 @@ def main(argv=None):
         messages = [prompts[i]["messages"] for i in mine]
         prompt_records = [prompts[i] for i in mine]
         with sft_view(reference, policy) if args.sampling == "sft" else contextlib.nullcontext():
-            responses, cut, tokens_per_second = rollout(engine, tokenizer, prompt_records, args, step, device)
+            responses, ids, cut, tokens_per_second = rollout(engine, tokenizer, prompt_records, args, step, device)
         bar.set_postfix_str(f"rollout {tokens_per_second:,.0f} tok/s", refresh=False)
         # the judge is read at one position per query, outside forward: gathered whole (common.gathered)
         with sft_view(judge, policy) as judge_model, gathered(judge_model):
@@ -454,7 +453,7 @@ def main(argv=None):
             targets = target_strengths(judge_model, judge_tokenizer, template,
                                        messages, responses, pairs, device)
         my_prompt_tokens = [prompt_tokens[i] for i in mine]
-        pair_tokens = encode_pairs(tokenizer, responses, pairs)
+        pair_tokens = pair_ids(ids, pairs)
         sums, grad_norm = update(policy, reference, optimizer, my_prompt_tokens, pairs, pair_tokens,
                                  targets, args, step, world_size, tokenizer.pad_token_id, device)
         sums.add(length_chars=sum(len(text) for texts in responses for text in texts),

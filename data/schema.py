@@ -13,10 +13,12 @@ below are required unless marked optional. A "message" is {"role": "system"|"use
     prompts   id (str, unique in the file), messages (ending with a user turn)
     pairs     prompt (messages ending with a user turn), chosen (str), rejected (str),
               optional p (float in [0, 1] = P(chosen ≻ rejected), default 1), margin (finite float),
-              source (str), id (str)
+              source (str), id (str), chosen_ids and rejected_ids (non-empty lists of ints ≥ 0: the
+              responses' token ids as sampled, which training scores instead of re-encoding the texts)
     samples   id (str), prompt (messages ending with a user turn), responses (list of n ≥ 1 str),
-              optional num_tokens (n ints ≥ 0), finish_reasons (n of "stop"|"length"),
-              logprobs (n floats: each response's summed log-prob)
+              optional response_ids (n non-empty lists of ints ≥ 0: each response's token ids as sampled,
+              the stop token included when one was), num_tokens (n ints ≥ 0), finish_reasons (n of
+              "stop"|"length"), logprobs (n floats: each response's summed log-prob)
     rewards   a samples record plus rewards (n finite floats)
 
 Each kind requires only what its readers need: a scorer needs a prompt and responses, so samples
@@ -101,6 +103,14 @@ def _check_messages(value, field, ends_with_user):
         raise _Invalid(field, f"must end with a user turn, the last role is {value[-1]['role']!r}")
 
 
+def _is_token_ids(value):
+    return (isinstance(value, list) and len(value) > 0
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value))
+
+
+TOKEN_IDS = "a non-empty list of token ids (ints ≥ 0)"
+
+
 def _check_list(value, field, length, item_ok, item_wanted):
     """A list of `length` items (any length ≥ 1 when length is None), each passing item_ok."""
     if not isinstance(value, list):
@@ -146,6 +156,9 @@ def _check_pairs(record):
     for name in ("source", "id"):
         if name in record:
             _check_string(record[name], f"'{name}'")
+    for name in ("chosen_ids", "rejected_ids"):
+        if name in record and not _is_token_ids(record[name]):
+            raise _Invalid(f"'{name}'", f"expected {TOKEN_IDS}, got {_describe(record[name])}")
 
 
 def _check_samples(record):
@@ -154,7 +167,9 @@ def _check_samples(record):
     responses = _require(record, "responses")
     _check_list(responses, "'responses'", None, lambda r: isinstance(r, str), "a string")
     n = len(responses)
-    # generate.py writes these three; readers that use them fall back when they are absent.
+    # generate.py writes these four; readers that use them fall back when they are absent.
+    if "response_ids" in record:
+        _check_list(record["response_ids"], "'response_ids'", n, _is_token_ids, TOKEN_IDS)
     if "num_tokens" in record:
         _check_list(record["num_tokens"], "'num_tokens'", n,
                     lambda t: isinstance(t, int) and not isinstance(t, bool) and t >= 0, "an integer ≥ 0")

@@ -351,13 +351,22 @@ def test_data_judge_templates_match_paper_and_render_safely():
                  "finish_reasons": []}, "field 'responses': expected at least one item"),
     ("rewards", {"id": "s", "prompt": [{"role": "user", "content": "x"}], "responses": ["a"], "num_tokens": [1],
                  "finish_reasons": ["length"], "rewards": [float("nan")]}, "field 'rewards'[0]: expected a finite number"),
+    ("samples", {"id": "s", "prompt": [{"role": "user", "content": "x"}], "responses": ["a", "b"],
+                 "response_ids": [[3, 4]]}, "field 'response_ids': expected 2 items"),
+    ("samples", {"id": "s", "prompt": [{"role": "user", "content": "x"}], "responses": ["a"],
+                 "response_ids": [[]]}, "field 'response_ids'[0]: expected a non-empty list of token ids"),
+    ("pairs", {"prompt": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": "b", "chosen_ids": [1, -2]},
+     "field 'chosen_ids': expected a non-empty list of token ids"),
+    ("pairs", {"prompt": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": "b", "rejected_ids": "12"},
+     "field 'rejected_ids': expected a non-empty list of token ids"),
 ])
 def test_data_validator_names_file_line_field(tmp_path, kind, record, message):
     good = {"sft": {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
             "prompts": {"id": "ok", "messages": [{"role": "user", "content": "x"}]},
-            "pairs": {"prompt": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": "b"},
+            "pairs": {"prompt": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": "b",
+                      "chosen_ids": [7, 2], "rejected_ids": [8]},
             "samples": {"id": "ok", "prompt": [{"role": "user", "content": "x"}], "responses": ["a"], "num_tokens": [2],
-                        "finish_reasons": ["stop"], "logprobs": [-1.5]},
+                        "finish_reasons": ["stop"], "logprobs": [-1.5], "response_ids": [[7, 2]]},
             "rewards": {"id": "ok", "prompt": [{"role": "user", "content": "x"}], "responses": ["a"], "num_tokens": [2],
                         "finish_reasons": ["stop"], "rewards": [0.5], "extra": "kept"}}[kind]
     path = tmp_path / f"{kind}.jsonl"

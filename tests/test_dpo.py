@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import dpo
-from common import encode_response, init_distributed, load_tokenizer, process_in_chunks, read_jsonl, run_cli, write_jsonl
+from common import (encode_prompt, encode_response, init_distributed, load_tokenizer, process_in_chunks, read_jsonl,
+                    run_cli, stop_token_ids, write_jsonl)
 from data.task import score
 from model import Transformer
 from tests.helpers import ROOT, builtin_model_dir, run_builtin_online, run_script, tiny_config, write_pairs
@@ -455,9 +456,62 @@ def test_online_cdpo_and_rpo_settings_survive_to_iteration_2(dpo_online_run, tin
     pairs, ref = read_jsonl(run / "iter1" / "pairs.jsonl"), read_jsonl(run / "iter1" / "ref_logps.jsonl")
     assert 0 < len(pairs) <= 4  # one batch: step 1 sees every pair
     tokenizer = load_tokenizer(tiny_model_dir)
-    nll = [-r["ref_chosen_logp"] / len(encode_response(tokenizer, p["chosen"])) for p, r in zip(pairs, ref)]
+    nll = [-r["ref_chosen_logp"] / len(p["chosen_ids"]) for p, r in zip(pairs, ref)]
     step1 = read_jsonl(run / "iter1" / "policy" / "metrics.jsonl")[0]
     assert step1["loss"] == pytest.approx(math.log(2) + 0.5 * sum(nll) / len(nll), abs=1e-4)
+
+
+def test_online_pairs_score_exactly_the_sampled_tokens(dpo_online_run, tiny_model_dir):
+    """A response cut at --max-new-tokens is scored without a stop token it never had, and every response
+    as the token ids it was sampled as, not its decoded text re-encoded: each pair's ids are its samples'
+    response_ids, and ref_logps.jsonl is log π_0 of exactly those tokens as transformers computes it."""
+    from transformers import AutoModelForCausalLM
+    run, _ = dpo_online_run
+    tokenizer = load_tokenizer(tiny_model_dir)
+    stops = set(stop_token_ids(tokenizer))
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    cut = 0
+    for t in (1, 2):
+        samples = {r["id"]: r for r in read_jsonl(run / f"iter{t}" / "samples.jsonl")}
+        pairs, ref = read_jsonl(run / f"iter{t}" / "pairs.jsonl"), read_jsonl(run / f"iter{t}" / "ref_logps.jsonl")
+        assert pairs and len(pairs) == len(ref)
+        for pair, logps in zip(pairs, ref):
+            record = samples[pair["id"]]
+            prompt = encode_prompt(tokenizer, pair["prompt"])
+            for side in ("chosen", "rejected"):
+                i = record["responses"].index(pair[side])
+                ids = pair[f"{side}_ids"]
+                assert ids == record["response_ids"][i] and len(ids) == record["num_tokens"][i]
+                assert (ids[-1] in stops) == (record["finish_reasons"][i] == "stop")
+                cut += record["finish_reasons"][i] == "length"
+                with torch.no_grad():
+                    logits = hf(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1].float()
+                expected = logits.log_softmax(-1).gather(1, torch.tensor(ids)[:, None]).sum().item()
+                assert logps[f"ref_{side}_logp"] == pytest.approx(expected, abs=1e-4), (t, side, ids)
+    assert cut > 0  # the fixture's --max-new-tokens 8 cuts some paired responses
+
+
+def test_response_ids_are_the_sampled_ones_or_the_text_with_a_stop_only_where_it_stopped(tiny_model_dir):
+    """common.response_ids and dpo.tokenize_pairs: a record's ids are used as they are (here ids that
+    re-encoding the text would never give); without ids a text gets the end-of-turn token unless it was
+    cut; a human pair (no ids) is a complete answer."""
+    from common import end_of_turn_ids, response_ids
+    tokenizer = load_tokenizer(tiny_model_dir)
+    eot = end_of_turn_ids(tokenizer)
+    prompt = [{"role": "user", "content": "reverse 1 2"}]
+    odd = encode_response(tokenizer, "2 1", [])[::-1]  # tokens the text does not re-encode to
+    record = {"id": "a", "prompt": prompt, "responses": ["2 1", "2"], "finish_reasons": ["stop", "length"]}
+    assert response_ids(tokenizer, record) == [encode_response(tokenizer, "2 1"), encode_response(tokenizer, "2", [])]
+    assert response_ids(tokenizer, {**record, "response_ids": [odd, [5]]}) == [odd, [5]]
+    no_reasons = {k: v for k, v in record.items() if k != "finish_reasons"}
+    assert [ids[-len(eot):] for ids in response_ids(tokenizer, no_reasons)] == [eot, eot]
+    scored = {**record, "response_ids": [odd, [5]], "rewards": [1.0, 0.0]}
+    (pair,), _ = dpo.select_pairs([scored])
+    assert (pair["chosen_ids"], pair["rejected_ids"]) == (odd, [5])
+    human = {"prompt": prompt, "chosen": "2 1", "rejected": "2"}
+    _, examples = dpo.tokenize_pairs(tokenizer, [pair, human], max_length=64)
+    assert examples[0] == (encode_prompt(tokenizer, prompt), odd, [5])
+    assert examples[1][1:] == (encode_response(tokenizer, "2 1"), encode_response(tokenizer, "2"))
 
 
 def test_online_finished_iteration_rerun_with_a_new_flag_stops(dpo_online_run, capsys, dpo_stage_env):

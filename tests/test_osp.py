@@ -21,6 +21,28 @@ def test_ranked_pairs_odd_and_even_k():
     assert ranked_pairs([0.7]) == []
 
 
+def test_rollout_gives_the_sampled_ids_and_the_update_trains_on_them(tiny_model_dir):
+    """osp.py scores each pair's responses as sampled: the rollout's ids are the engine's tokens (a cut one
+    with no stop token), and pair_ids hands exactly those to the update, never the decoded text re-encoded."""
+    from types import SimpleNamespace
+
+    import generate
+    from common import stop_token_ids
+    from osp import pair_ids, rollout
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = Transformer.from_pretrained(tiny_model_dir).eval()
+    engine = generate.Engine(model, 8, stop_token_ids(tokenizer))
+    prompts = [{"id": f"p{i}", "messages": [{"role": "user", "content": f"reverse {i} 7"}]} for i in range(2)]
+    args = SimpleNamespace(k=4, max_new_tokens=3, temperature=1.0, top_p=1.0, seed=0)
+    texts, ids, cut, _ = rollout(engine, tokenizer, prompts, args, step=0, device=torch.device("cpu"))
+    reference = generate.generate_records(engine, tokenizer, prompts, 4, 3, 1.0, top_p=1.0, seed=0 * 1_000_003 + 0)
+    assert ids == [r["response_ids"] for r in reference] and texts == [r["responses"] for r in reference]
+    stops = set(stop_token_ids(tokenizer))
+    assert all((row[-1] not in stops) == c for rows, cuts in zip(ids, cut) for row, c in zip(rows, cuts))
+    assert any(map(any, cut))  # at 3 new tokens some samples are cut
+    assert pair_ids(ids, [(1, 2, 0), (0, 3, None)]) == [(ids[1][2], ids[1][0]), (ids[0][3], None)]
+
+
 def test_missing_eos_penalty_ranks_a_cut_response_lower():
     from osp import make_pairs, penalise_missing_eos
     scores, cut = [[0.9, 0.8, 0.2, 0.1]], [[True, False, False, False]]  # the judge's favourite never ended
