@@ -872,14 +872,21 @@ def full_state_dict(model, dtype=None):
 
 def save_checkpoint(model, out_dir, tokenizer, source_dir=None, dtype=None, save_adapter=False):
     """A full HF-format folder (config, safetensors, tokenizer, generation config) written by rank 0,
-    weights in `dtype` (default: as trained). A LoRA model is saved merged, and with `save_adapter`
-    its adapter also goes to OUT/adapter in PEFT's format (fp32). Collective: call it on every rank."""
+    weights in `dtype` (default: as trained). A LoRA model is saved merged, W + s·BA computed in fp32
+    from W as `source_dir` stores it (the model holds its frozen W in the compute dtype, bf16 on a GPU,
+    which would round most of a small update away) and cast once to `dtype`; the weights LoRA did not
+    touch are the source's, bit for bit when `dtype` is theirs. With `save_adapter` the adapter also
+    goes to OUT/adapter in PEFT's format (fp32). Collective: call it on every rank."""
     from model import save_adapter as write_adapter
+    from model import stored_tensors
 
     # cast on the way (one copy in the saved dtype), except LoRA's: merged in fp32 first
     state = full_state_dict(model, dtype if unwrap(model).lora is None else None)
     if int(os.environ.get("RANK", 0)) == 0:
         lora = unwrap(model).lora
+        if lora is not None and source_dir is not None:  # the frozen weights as stored, not as computed with
+            frozen = [name for name in state if not name.endswith((".lora_A", ".lora_B")) and name != "score.weight"]
+            state.update(stored_tensors(source_dir, set(frozen)))
         if lora is not None and save_adapter:
             write_adapter(Path(out_dir) / "adapter", state, lora, unwrap(model).head, base_model=source_dir)
         unwrap(model).save_pretrained(out_dir, state_dict=state, dtype=dtype, tokenizer=tokenizer)

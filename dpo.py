@@ -99,7 +99,7 @@ from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_res
 from data.schema import load_records
 from data.task import format_reward_vs_gold, gold_scored, reward_vs_gold, score
 from memory_plan import print_stage_plan
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, read_adapter
 
 # ----------------------------------------------------------------------------------------------
 # The math: sequence log-probs and the preference losses.
@@ -511,6 +511,18 @@ def start_iteration(args, sources, dist_info):
     return here, previous_policy, prompts
 
 
+def sampling_policy(args, previous_policy, device, dtype):
+    """π_{t−1} to sample from: its checkpoint; with LoRA after iteration 1, π_0 + iteration t−1's adapter
+    unmerged, the model that was trained, computing as it trained. Its merged checkpoint in bf16 (a
+    GPU's save dtype) is not that model: W + s·BA rounded to bf16 drops most of a small update."""
+    if not (args.lora_rank and args.iter > 1):
+        return Transformer.from_pretrained(previous_policy, device=device, dtype=dtype).eval()
+    lora, adapter = read_adapter(previous_policy / "adapter")
+    policy = Transformer.from_pretrained(args.sft, device=device, dtype=dtype).add_lora(lora, frozen_dtype=dtype)
+    policy.load_state_dict({name: tensor.to(device) for name, tensor in adapter.items()}, strict=False)
+    return policy.eval()
+
+
 def run_iteration(args, sources, dist_info):
     """Online iteration t, top to bottom: sample → score → pair → reference log-probs → train. Each
     sub-step is skipped when its output is complete, so a rerun continues where a crash stopped."""
@@ -523,7 +535,7 @@ def run_iteration(args, sources, dist_info):
     if prompts is not None:
         tokenizer = load_tokenizer(previous_policy)
         dtype = default_dtype(device)
-        policy = Transformer.from_pretrained(previous_policy, device=device, dtype=dtype).eval()
+        policy = sampling_policy(args, previous_policy, device, dtype)
         engine = generate.Engine(policy, args.gen_batch_size, stop_token_ids(tokenizer))
         sampling = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed * 1000 + t)

@@ -484,9 +484,11 @@ class LoRALinear(nn.Linear):
         return y + update * self.scaling
 
 
-def merge_lora(state, scaling):
+def merge_lora(state, scaling, dtype=None):
     """A state dict with LoRA tensors -> the plain checkpoint: W + s · B A for every adapted weight,
-    lora_A / lora_B dropped. Computed in fp32, then cast to W's dtype."""
+    lora_A / lora_B dropped. Computed in fp32, then cast to `dtype` (default: W's). Cast to W's dtype
+    first and then to another, a bf16 W would lose every update smaller than its rounding step: merge
+    into the dtype the checkpoint is saved in, from W as it is on disk (common.save_checkpoint)."""
     merged = {}
     for name, tensor in state.items():
         if name.endswith((".lora_A", ".lora_B")):
@@ -494,7 +496,7 @@ def merge_lora(state, scaling):
         prefix = name.removesuffix(".weight")
         if name.endswith(".weight") and f"{prefix}.lora_A" in state:
             A, B = state[f"{prefix}.lora_A"].float(), state[f"{prefix}.lora_B"].float()
-            tensor = (tensor.float() + scaling * (B @ A)).to(tensor.dtype)
+            tensor = (tensor.float() + scaling * (B @ A)).to(dtype or tensor.dtype)
         merged[name] = tensor
     return merged
 
@@ -752,14 +754,7 @@ class Transformer(nn.Module):
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path}/config.json not found: expected a Hugging Face checkpoint folder")
         config = ModelConfig.from_dict(json.loads((path / "config.json").read_text()))
-        if (path / "model.safetensors.index.json").exists():
-            weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif (path / "model.safetensors").exists():
-            files = ["model.safetensors"]
-        else:
-            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                                    "(for a new model from a config.json use Transformer.from_config)")
+        files = checkpoint_files(path)
         with torch.device("meta"):
             model = cls(config, head=head)
         expected = model.state_dict()
@@ -791,7 +786,7 @@ class Transformer(nn.Module):
 
         state = state_dict if state_dict is not None else self.state_dict()
         if self.lora is not None:  # an adapted model is saved merged: a plain checkpoint any stage loads
-            state = merge_lora(state, self.lora.scaling)
+            state = merge_lora(state, self.lora.scaling, dtype)
         state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items() if k != "inv_freq"}
         saved_dtype = next(iter(state.values())).dtype
         config = dict(self.config.raw)
@@ -805,6 +800,28 @@ class Transformer(nn.Module):
             Path(tmp, "config.json").write_text(json.dumps(config, indent=2) + "\n"),
             tokenizer.save_pretrained(tmp) if tokenizer is not None else None,
         ))
+
+
+def checkpoint_files(path):
+    """The safetensors files of an HF checkpoint folder: model.safetensors, or the shards its index names."""
+    path = Path(path)
+    if (path / "model.safetensors.index.json").exists():
+        return sorted(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    if (path / "model.safetensors").exists():
+        return ["model.safetensors"]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                            "(for a new model from a config.json use Transformer.from_config)")
+
+
+def stored_tensors(path, names):
+    """{name: tensor as stored on disk, in its stored dtype} for those of `names` in the checkpoint folder."""
+    from safetensors import safe_open
+
+    state = {}
+    for file in checkpoint_files(path):
+        with safe_open(str(Path(path) / file), framework="pt", device="cpu") as f:
+            state.update({name: f.get_tensor(name) for name in f.keys() if name in names})
+    return state
 
 
 def atomic_save_folder(path, write_into):

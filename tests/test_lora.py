@@ -261,3 +261,69 @@ def test_lora_reward_model_trains_its_adapters_and_score_head(tiny_model_dir, tm
     initial = load_file(tiny_model_dir / "model.safetensors")
     saved = load_file(tmp_path / "rm" / "model.safetensors")
     assert torch.equal(saved["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])  # frozen
+
+
+def small_update_lora(source, scale=2e-3):
+    """π_0 from `source` with frozen weights in bf16 (a GPU's compute dtype) and an adapter whose update is
+    about as small as ~100 AdamW steps at lr 2e-5 make it: most of it is below bf16's rounding step of W."""
+    torch.manual_seed(1)
+    model = Transformer.from_pretrained(source).add_lora(LORA, frozen_dtype=torch.bfloat16)
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            torch.nn.init.normal_(module.lora_B, std=scale)
+    return model
+
+
+def test_lora_export_merges_into_the_asked_dtype_from_the_source_on_disk(tiny_model_dir, tmp_path, monkeypatch):
+    """--save-dtype float32 after LoRA training in bf16: W + s·BA from the fp32 source, to 1% of the update,
+    and every weight LoRA did not touch the source's bit for bit. (Merged into the bf16 copy the model
+    computes with, the export was off the exact merge by ~15× the update.) In bf16: rounded once."""
+    from common import save_checkpoint
+    monkeypatch.setenv("RLHF_EMULATE_GPU", "1")
+    model = small_update_lora(tiny_model_dir)
+    source = load_file(tiny_model_dir / "model.safetensors")
+    state = model.state_dict()
+    exact = {}
+    for name, tensor in source.items():
+        prefix = name.removesuffix(".weight")
+        if f"{prefix}.lora_A" in state:
+            update = LORA.scaling * (state[f"{prefix}.lora_B"] @ state[f"{prefix}.lora_A"])
+            exact[name] = (tensor.float() + update, update)
+    assert exact and all(t.dtype == torch.float32 for t in source.values())
+    for dtype in (torch.float32, torch.bfloat16):
+        save_checkpoint(model, tmp_path / str(dtype), None, source_dir=tiny_model_dir, dtype=dtype)
+        saved = load_file(tmp_path / str(dtype) / "model.safetensors")
+        assert saved.keys() == source.keys() and {t.dtype for t in saved.values()} == {dtype}
+        for name, tensor in saved.items():
+            if name not in exact:
+                assert torch.equal(tensor, source[name].to(dtype)), name
+            elif dtype == torch.float32:
+                merged, update = exact[name]
+                assert (tensor - merged).abs().max() <= 0.01 * update.abs().max(), name
+            else:
+                assert torch.equal(tensor, exact[name][0].to(dtype)), name
+
+
+def test_online_lora_iteration_samples_from_pi0_plus_its_adapter_unmerged(tiny_model_dir, tmp_path, monkeypatch):
+    """Iteration t + 1 samples from π_0 + iteration t's adapter, computing as training did (bf16 base,
+    adapter unmerged), not from the merged bf16 checkpoint, which loses most of a small update."""
+    from types import SimpleNamespace
+
+    from common import save_checkpoint
+    from dpo import sampling_policy
+    monkeypatch.setenv("RLHF_EMULATE_GPU", "1")
+    model = small_update_lora(tiny_model_dir)
+    policy_dir = tmp_path / "iter1" / "policy"
+    save_checkpoint(model, policy_dir, None, source_dir=tiny_model_dir, dtype=torch.bfloat16, save_adapter=True)
+    args = SimpleNamespace(lora_rank=LORA.rank, iter=2, sft=tiny_model_dir)
+    sampler = sampling_policy(args, policy_dir, "cpu", torch.bfloat16)
+    ids = torch.arange(3, 40).view(1, -1)
+    with torch.no_grad():
+        trained, sampled = model.eval()(ids).float(), sampler(ids).float()
+        merged = Transformer.from_pretrained(policy_dir, dtype=torch.bfloat16).eval()(ids).float()
+        base = Transformer.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()(ids).float()
+    assert torch.equal(sampled, trained)  # the trained model, as it computed
+    update = (trained - base).abs().max()
+    assert update > 0 and (merged - trained).abs().max() > 0.1 * update  # what sampling from the export lost
+    assert sampling_policy(SimpleNamespace(lora_rank=0, iter=2, sft=tiny_model_dir), policy_dir, "cpu",
+                           torch.bfloat16)(ids).float().equal(merged)  # without LoRA: the checkpoint
