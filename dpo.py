@@ -55,7 +55,7 @@ Online, iteration t trains π_0 + the adapter of iteration t − 1, saved in ite
 Losses, with h = [log π(a_w|x) − log π_0(a_w|x)] − [log π(a_l|x) − log π_0(a_l|x)]:
   DPO   −log σ(βh)                               (Rafailov et al. 2023, eq. 7; paper 1 eq. (3))
   IPO   (h − 1/(2β))²                            (Azar et al. 2023, eq. 17) on length-normalised log-probs
-  SPCE  −[p log σ(βh) + (1 − p) log σ(−βh)]      (paper 2, eq. (9)): soft label p; p = 1 is DPO
+  SPCE  −[p log σ(βh) + (1 − p) log σ(−βh)]      (paper 2, eq. (8); its gradient is eq. (9)): soft label p; p = 1 is DPO
   cDPO  SPCE with p = 1 − ε (--label-smoothing ε, with --loss dpo or spce);  RPO: + α · per-token NLL
         of the chosen response (--nll-coef α)
 
@@ -105,24 +105,32 @@ from model import ModelConfig, Transformer, read_adapter
 # The math: sequence log-probs and the preference losses.
 
 
-def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                    beta, loss_type="dpo", target=None, chosen_tokens=None, rejected_tokens=None):
-    """Per-pair losses (B,) from summed response log-probs (B,). `target` is the soft label
-    p = P(chosen ≻ rejected) for SPCE (a tensor (B,) or a float); DPO is SPCE with p = 1.
-    IPO with `chosen_tokens` / `rejected_tokens` (B,) given: each of the four log-probs is first
-    divided by its response's token count (TRL's convention: IPO on per-token mean log-probs, so
-    the target margin 1/(2β) does not depend on response length). DPO and SPCE ignore the counts."""
+def preference_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                      loss_type="dpo", chosen_tokens=None, rejected_tokens=None):
+    """h (B,), the argument of every preference loss, from summed response log-probs (B,): > 0 when
+    the policy raised the chosen response's likelihood, relative to the reference, more than the
+    rejected one's (β h is the difference of DPO's implicit rewards). IPO with `chosen_tokens` /
+    `rejected_tokens` (B,) given: each of the four log-probs is first divided by its response's token
+    count (TRL's convention: IPO on per-token mean log-probs, so the target margin 1/(2β) does not
+    depend on response length). DPO and SPCE ignore the counts."""
     if loss_type == "ipo" and chosen_tokens is not None:
         policy_chosen_logps = policy_chosen_logps / chosen_tokens
         ref_chosen_logps = ref_chosen_logps / chosen_tokens
         policy_rejected_logps = policy_rejected_logps / rejected_tokens
         ref_rejected_logps = ref_rejected_logps / rejected_tokens
-    # h > 0 when the policy raised the chosen response's likelihood, relative to the reference,
-    # more than the rejected one's. β h is the difference of DPO's implicit rewards.
-    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    return (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+
+
+def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    beta, loss_type="dpo", target=None, chosen_tokens=None, rejected_tokens=None):
+    """Per-pair losses (B,) from summed response log-probs (B,), of h = preference_margin(...).
+    `target` is the soft label p = P(chosen ≻ rejected) for SPCE (a tensor (B,) or a float); DPO is
+    SPCE with p = 1."""
+    h = preference_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                          loss_type, chosen_tokens, rejected_tokens)
     if loss_type == "dpo":  # Rafailov et al. 2023, eq. 7
         return -F.logsigmoid(beta * h)
-    if loss_type == "spce":  # paper 2, eq. (9)
+    if loss_type == "spce":  # paper 2, eq. (8)
         # Cross-entropy between the target strength p and the implicit strength σ(βh). Its gradient
         # in h is β(σ(βh) − p): zero exactly when the implicit strength equals the target.
         p = torch.as_tensor(1.0 if target is None else target, dtype=h.dtype, device=h.device)

@@ -23,7 +23,7 @@ Each step, for a batch of prompts x (Algorithm 1, lines 5-10), one function each
   3. pairs: ranked pairing, highest with lowest, second highest with second lowest, ... → K//2 pairs,
      O(K) judge calls instead of O(K²) for all pairs (paper 2 §3.2); and the target strength of each
      pair p = p(y_hi ≻ y_lo | x): the judge's softmax over the "A"/"B" logits, both orders averaged;
-  4. update: SPCE (paper 2, eq. (9)) with implicit strength σ(β h) (eq. (7)) and reference π_SFT;
+  4. update: SPCE (paper 2, eq. (8); its gradient, eq. (9), in Algorithm 1) with implicit strength σ(β h) (eq. (7)) and reference π_SFT;
   5. log: loss, target and implicit strengths, KL to π_SFT, length (and with --gold, the built-in
      task's gold reward and the judge's agreement with it) to metrics.jsonl and a step line.
 The policy starts from --model (π_SFT), which is also the reference; the judge is --judge (π_SFT
@@ -56,7 +56,7 @@ from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_res
                     stop_token_ids, unwrap)
 from data.judge import JUDGE_TEMPLATES
 from data.schema import load_records
-from dpo import k3_kl, preference_loss, token_logps
+from dpo import k3_kl, preference_loss, preference_margin, token_logps
 from generate import Engine, encode_prompts, generate_records
 from memory_plan import print_stage_plan
 from train_rm import judge_template, pairwise_preference
@@ -200,8 +200,9 @@ def pair_losses(policy, reference, prompt_tokens, chosen_tokens, rejected_tokens
     # The token counts make IPO use length-normalised log-probs (dpo.preference_loss, as in dpo.py).
     per_pair = preference_loss(sums[:n], sums[n:], ref_sums[:n], ref_sums[n:], args.beta, args.loss,
                                targets, chosen_tokens=counts[:n], rejected_tokens=counts[n:])
-    log_ratios = (sums.detach() - ref_sums).view(2, n)                    # (chosen, rejected) × B
-    return per_pair, log_ratios[0] - log_ratios[1], kl.view(2, n).mean(0)
+    h = preference_margin(sums[:n].detach(), sums[n:].detach(), ref_sums[:n], ref_sums[n:], args.loss,
+                          chosen_tokens=counts[:n], rejected_tokens=counts[n:])   # the h of the loss
+    return per_pair, h, kl.view(2, n).mean(0)
 
 
 def pair_ids(ids, pairs):

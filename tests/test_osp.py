@@ -43,6 +43,30 @@ def test_rollout_gives_the_sampled_ids_and_the_update_trains_on_them(tiny_model_
     assert pair_ids(ids, [(1, 2, 0), (0, 3, None)]) == [(ids[1][2], ids[1][0]), (ids[0][3], None)]
 
 
+@pytest.mark.parametrize("loss", ["ipo", "dpo", "spce"])
+def test_osp_logs_the_margin_its_loss_uses(tiny_model_dir, loss):
+    """The h osp.py logs (implicit = σ(βh)) is the h of its loss: under IPO, of length-normalised
+    log-probs (the loss is exactly (h − 1/(2β))²); under DPO / SPCE of summed ones."""
+    from types import SimpleNamespace
+
+    from osp import pair_losses
+    torch.manual_seed(0)
+    policy = Transformer.from_pretrained(tiny_model_dir)
+    reference = Transformer.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    args = SimpleNamespace(beta=0.5, loss=loss)
+    prompts, chosen, rejected = [[5, 6, 7], [8, 9]], [[10, 11, 12, 13, 14], [15]], [[16, 17], [18, 19, 20]]
+    per_pair, h, _ = pair_losses(policy, reference, prompts, chosen, rejected, torch.full((2,), 0.7), args, 0, "cpu")
+    if loss == "ipo":
+        assert per_pair.detach() == pytest.approx(((h - 1 / (2 * args.beta)) ** 2).tolist(), abs=1e-6)
+    else:
+        p = 1.0 if loss == "dpo" else 0.7
+        expected = -(p * torch.nn.functional.logsigmoid(args.beta * h) + (1 - p) * torch.nn.functional.logsigmoid(-args.beta * h))
+        assert per_pair.detach() == pytest.approx(expected.tolist(), abs=1e-6)
+
+
 def test_missing_eos_penalty_ranks_a_cut_response_lower():
     from osp import make_pairs, penalise_missing_eos
     scores, cut = [[0.9, 0.8, 0.2, 0.1]], [[True, False, False, False]]  # the judge's favourite never ended
