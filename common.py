@@ -467,9 +467,12 @@ def already_trained(out_dir, overwrite):
 # count fixes everything else: the LR schedule is a function of it, and every stage's batch
 # schedule is fixed by its seed, so the data position is the step.
 
-# Flags that change no result (and the output folder, which may have moved): a resume may change them.
+# Flags that change no result (and the output folder, which may have moved): a resume may change them. The
+# throughput ones (how a step's work is cut up and how much memory it takes) change the result only up to
+# floating-point summation order: a smaller micro-batch after running out of memory is what a resume is for.
 RESUME_FREE_SETTINGS = {"out", "run_dir", "log_every", "report_to", "save_every", "snapshot_every", "device", "overwrite",
-                        "dry_run"}
+                        "dry_run", "micro_batch_size", "gen_batch_size", "chunk_size", "eval_batch_size",
+                        "activation_checkpointing"}
 
 
 def add_resume_flag(parser):
@@ -490,9 +493,12 @@ def resume_settings(args):
 
 def random_streams(rng=None):
     """Every random state a training step may draw from: torch's (CPU and CUDA), Python's, numpy's,
-    and a stage's own random.Random (`rng`)."""
+    and a stage's own random.Random (`rng`), as tensors and plain numbers only, so that the file
+    loads with torch.load(weights_only=True): a resume folder from anyone can then run no code."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
     return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                python=random.getstate(), numpy=np.random.get_state(), stage=rng.getstate() if rng else None)
+                python=random.getstate(), numpy=(kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
+                stage=rng.getstate() if rng else None)
 
 
 def restore_random_streams(saved, rng=None):
@@ -500,7 +506,8 @@ def restore_random_streams(saved, rng=None):
     if saved["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["cuda"])
     random.setstate(saved["python"])
-    np.random.set_state(saved["numpy"])
+    kind, keys, position, has_gauss, gauss = saved["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
     if rng is not None:
         rng.setstate(saved["stage"])
 
@@ -585,7 +592,7 @@ def load_training_state(out_dir, model, optimizer, args, rng=None):
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if saved["world_size"] == world_size:
-        restore_random_streams(torch.load(latest / f"random_rank{rank}.pt", weights_only=False), rng)
+        restore_random_streams(torch.load(latest / f"random_rank{rank}.pt", weights_only=True), rng)
         print0(f"resuming after step {saved['step']} from {latest}")
     else:
         print0(f"resuming after step {saved['step']} from {latest}, saved by {saved['world_size']} ranks, on {world_size}: "

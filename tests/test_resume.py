@@ -76,6 +76,50 @@ def test_dpo_with_lora_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch, ca
     assert saved.dtype == torch.float32
 
 
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_random_streams_load_without_unpickling_code(tmp_path, capsys):
+    """A resume reads each rank's random streams with torch.load(weights_only=True): they are tensors and
+    plain numbers, round-trip exactly, and a file that would run code on load is refused."""
+    import random
+
+    import numpy as np
+    rng = random.Random(3)
+    torch.manual_seed(1), random.seed(2), np.random.seed(4)
+    torch.save(common.random_streams(rng), tmp_path / "streams.pt")
+    first = (torch.rand(3).tolist(), random.random(), np.random.rand(), rng.random())
+    common.restore_random_streams(torch.load(tmp_path / "streams.pt", weights_only=True), rng)
+    assert (torch.rand(3).tolist(), random.random(), np.random.rand(), rng.random()) == first
+    torch.save({"torch": RunsCode()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported"):
+        torch.load(tmp_path / "evil.pt", weights_only=True)
+    assert "code ran" not in capsys.readouterr().out
+
+
+def test_a_resume_may_take_a_smaller_micro_batch(tiny_model_dir, tmp_path, monkeypatch, capsys, in_process_stage):
+    """What a resume is for after running out of memory: the same run with --micro-batch-size 2 instead of 4
+    (and activation checkpointing on) continues from the saved state and ends where the whole run ends,
+    up to floating-point summation order."""
+    write_pairs(tmp_path / "pairs.jsonl", 32)
+    argv = ["--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"), "--batch-size", "8",
+            "--epochs", "1", "--lr", "1e-2", "--lora-rank", "4", "--save-every", "2", "--device", "cpu"]
+    out = tmp_path / "dpo"
+    dpo.main([*argv, "--micro-batch-size", "4", "--out", f"{out}.whole"])
+    with monkeypatch.context() as patch:
+        crash_after_first_save(patch, dpo)
+        with pytest.raises(Crash):
+            dpo.main([*argv, "--micro-batch-size", "4", "--out", str(out)])
+    capsys.readouterr()
+    dpo.main([*argv, "--micro-batch-size", "2", "--activation-checkpointing", "--out", str(out)])
+    assert "resuming after step 2" in capsys.readouterr().out
+    whole, resumed = load_file(f"{out}.whole/model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.allclose(whole[name], resumed[name], atol=1e-5) for name in whole)
+    assert any(not torch.equal(whole[name], load_file(tiny_model_dir / "model.safetensors")[name]) for name in whole)
+
+
 def test_osp_resumes_exactly(task_dir, tmp_path, monkeypatch, capsys, in_process_stage):
     # the prompt batches and the random pairing go on where they stopped; the samples are seeded by step
     sft = builtin_model_dir(task_dir, tmp_path / "sft")
