@@ -23,8 +23,9 @@ Each step, for a batch of prompts x (Algorithm 1, lines 5-10), one function each
   3. pairs: ranked pairing, highest with lowest, second highest with second lowest, ... → K//2 pairs,
      O(K) judge calls instead of O(K²) for all pairs (paper 2 §3.2); and the target strength of each
      pair p = p(y_hi ≻ y_lo | x): the judge's softmax over the "A"/"B" logits, both orders averaged;
-  4. update: SPCE (paper 2, eq. (8); its gradient, eq. (9), in Algorithm 1) with implicit strength σ(β h) (eq. (7)) and reference π_SFT;
-  5. log: loss, target and implicit strengths, KL to π_SFT, length (and with --gold, the built-in
+  4. update: SPCE (paper 2, eq. (8); Algorithm 1 steps by its gradient, eq. (9)) with implicit strength
+     σ(β h) (eq. (7)) and reference π_SFT;
+  5. log: loss, target and implicit strengths, the drift from π_SFT on the pairs (pair_kl), length (and with --gold, the built-in
      task's gold reward and the judge's agreement with it) to metrics.jsonl and a step line.
 The policy starts from --model (π_SFT), which is also the reference; the judge is --judge (π_SFT
 after preference augmentation; --model itself when omitted). Paper 2's TinyLlama settings are the
@@ -182,9 +183,11 @@ def target_strengths(judge, judge_tokenizer, template, prompt_messages, response
 def pair_losses(policy, reference, prompt_tokens, chosen_tokens, rejected_tokens, targets, args, pad_id,
                 device):
     """The loss of each pair of a micro-batch (B,), with h (B,), the implicit preference's argument,
-    and KL(π_θ‖π_SFT) on each pair's responses, averaged (B,) (both detached, for the metrics; the
-    responses are π_θ's own samples, so dpo.k3_kl applies). rejected_tokens None: RAFT, per-token
-    NLL of the best response. reference None: the policy with its adapters off (LoRA)."""
+    and pair_kl (B,): Schulman's k3 of log π_SFT / π_θ on each pair's responses, averaged (both
+    detached, for the metrics). pair_kl tracks how far π_θ drifted from π_SFT on what it trains on;
+    it is no unbiased KL(π_θ‖π_SFT): the responses were sampled at --temperature / --top-p, not from
+    π_θ itself, and picked as the ranking's extremes. rejected_tokens None: RAFT, per-token NLL of
+    the best response. reference None: the policy with its adapters off (LoRA)."""
     responses = chosen_tokens if rejected_tokens is None else chosen_tokens + rejected_tokens
     prompts = prompt_tokens * (len(responses) // len(prompt_tokens))
     # RAFT: the best responses; otherwise chosen and rejected in one forward: (2B, T)
@@ -230,12 +233,12 @@ def update(policy, reference, optimizer, prompt_tokens, pairs, pair_tokens, targ
         prompt_ids = [prompt_tokens[pairs[i][0]] for i in indices]
         micro_targets = targets[indices.start:indices.stop]
         with gradient_sync(policy, sync=m == len(micro_batches) - 1), autocast(policy, device):
-            per_pair, h, kl = pair_losses(policy, reference, prompt_ids, chosen, rejected, micro_targets,
+            per_pair, h, pair_kl = pair_losses(policy, reference, prompt_ids, chosen, rejected, micro_targets,
                                           args, pad_id, device)
             # Mean over the global batch's pairs (× world size: gradients are averaged over ranks).
             (per_pair.sum() / global_pairs * world_size).backward()
         sums.add(loss=per_pair, target=micro_targets, implicit=torch.sigmoid(args.beta * h),
-                 kl=kl, pairs=len(indices))
+                 pair_kl=pair_kl, pairs=len(indices))
     grad_norm = optimizer_step(policy, optimizer, args.grad_clip)
     return sums, grad_norm
 
@@ -263,7 +266,7 @@ def log_step(metrics, totals, step, lr, seconds, args, is_main):
     """5. The step's metrics line (metrics.jsonl) from the reduced sums, and a step line every --log-every."""
     pairs, responses = totals["pairs"], totals["responses"]
     line = dict(step=step + 1, loss=totals["loss"] / pairs, target_strength=totals["target"] / pairs,
-                implicit_strength=totals["implicit"] / pairs, kl=totals["kl"] / pairs,
+                implicit_strength=totals["implicit"] / pairs, pair_kl=totals["pair_kl"] / pairs,
                 grad_norm=totals["grad_norm"], lr=lr,
                 mean_length_chars=totals["length_chars"] / responses,
                 missing_eos=totals["missing_eos"] / responses, ms=seconds * 1000)
@@ -279,7 +282,7 @@ def log_step(metrics, totals, step, lr, seconds, args, is_main):
         tqdm.write(f"step {step + 1}/{args.steps} | loss {line['loss']:.4f} | "
                    f"target {line['target_strength']:.3f} | "
                    f"implicit {line['implicit_strength']:.3f} | "
-                   f"kl {line['kl']:+.3f} | len {line['mean_length_chars']:.1f}{gold_text} | "
+                   f"pair-kl {line['pair_kl']:+.3f} | len {line['mean_length_chars']:.1f}{gold_text} | "
                    f"grad {line['grad_norm']:.3f} | lr {lr:.2e} | {line['ms']:.0f} ms")
 
 

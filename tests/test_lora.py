@@ -230,7 +230,7 @@ def test_osp_fsdp_on_two_ranks_equals_one_and_lora_starts_at_the_reference(lora,
     assert update_one.norm() > 1e-2
     line = read_jsonl(tmp_path / "one" / "metrics.jsonl")[0]
     assert line["loss"] == pytest.approx(0.6931472, abs=1e-6) and line["implicit_strength"] == pytest.approx(0.5, abs=1e-7)
-    assert abs(line["kl"]) < 1e-6
+    assert abs(line["pair_kl"]) < 1e-6
     if lora:
         moved = {n for n in one if (one[n] - initial[n]).abs().max() > 1e-6}
         assert moved and all(n.endswith(("q_proj.weight", "o_proj.weight", "up_proj.weight")) for n in moved)

@@ -145,7 +145,7 @@ def test_osp_steps_run_on_builtin_task_and_change_the_policy(loss, pairing, npro
     else:
         assert line["loss"] == pytest.approx(STEP_ONE_LOSS[loss], rel=1e-6)
         assert 0.0 < line["target_strength"] < 1.0 and line["target_strength"] != 0.5  # the judge's soft targets
-    assert line["implicit_strength"] == pytest.approx(0.5, abs=1e-7) and abs(line["kl"]) < 1e-6
+    assert line["implicit_strength"] == pytest.approx(0.5, abs=1e-7) and abs(line["pair_kl"]) < 1e-6
     assert -1.0 <= line["gold_mean"] <= 1.0 and line["mean_length_chars"] > 0 and line["grad_norm"] > 0
     assert 0.0 <= line["missing_eos"] <= 1.0
     before, after = load_file(sft / "model.safetensors"), load_file(out / "model.safetensors")
