@@ -159,6 +159,8 @@ class MetricsLogger:
     numbers, with `step` as the x-axis, to one tracker run named `run_name` whose config is the
     stage's settings (`config`). Its files sit beside the JSONL: OUT/wandb/ (the project is
     $WANDB_PROJECT, default "online-rlhf"; WANDB_MODE=offline keeps it on disk) or OUT/tensorboard/.
+    A resume continues the tracker's run as the JSONL: wandb the same run (its id is kept in
+    OUT/wandb/run_id), TensorBoard with the events after `resume_step` purged, so no step shows twice.
     The package is imported only here, when asked; add_tracking_flags checked it is installed."""
 
     def __init__(self, path, enabled=True, report_to="none", run_name=None, config=None, resume_step=0):
@@ -175,13 +177,18 @@ class MetricsLogger:
             import wandb
             # No symlinks (wandb/latest-run, debug.log): saving the checkpoint copies OUT's files into
             # the new folder, and a copy would follow them and store the run twice.
+            id_file = folder / "wandb" / "run_id"
+            run_id = id_file.read_text().strip() if resume_step and id_file.exists() else None
             self.wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "online-rlhf"), name=run_name,
-                                        config=config, dir=folder, settings=wandb.Settings(symlink=False))
+                                        config=config, dir=folder, settings=wandb.Settings(symlink=False),
+                                        id=run_id, resume="allow" if run_id else None)
+            atomic_write_text(id_file, self.wandb_run.id + "\n")
         elif report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             # TensorBoard names a run by its folder (`tensorboard --logdir runs/NAME` lists sft/tensorboard,
             # online/iter2/policy/tensorboard, ...); the name and the settings are also kept as text.
-            self.tensorboard = SummaryWriter(folder / "tensorboard")
+            # purge_step: the events of the steps after resume_step (all of them on a fresh start) are hidden
+            self.tensorboard = SummaryWriter(folder / "tensorboard", purge_step=resume_step + 1)
             self.tensorboard.add_text("run_name", run_name or str(folder))
             self.tensorboard.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")  # markdown: keep the layout
 

@@ -68,14 +68,39 @@ def test_tensorboard_gets_the_jsonl_scalars_the_run_name_and_the_settings(tmp_pa
     assert json.loads(texts["config"].strip("`\n")) == CONFIG_AS_JSON
 
 
-def test_wandb_offline_run_gets_the_jsonl_scalars_the_run_name_and_the_settings(tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")
+RESUMED = [dict(step=2, loss=0.55, lr=5e-4, tokens=96), dict(step=3, loss=0.3, lr=0.0, tokens=80),
+           dict(step=4, loss=0.2, lr=0.0, tokens=70)]
+
+
+def test_tensorboard_resume_shows_each_step_once(tmp_path):
+    """A stage that resumes after step 1 logs steps 2, 3, ... again: the events the crashed run wrote for
+    them are purged, so TensorBoard shows each step once, with the resumed run's value, as metrics.jsonl."""
+    pytest.importorskip("tensorboard")
+    first = MetricsLogger(tmp_path / "metrics.jsonl", report_to="tensorboard", run_name="x")
+    for line in LINES:
+        first.log(**line)
+    first.close()
+    resumed = MetricsLogger(tmp_path / "metrics.jsonl", report_to="tensorboard", run_name="x", resume_step=1)
+    for line in RESUMED:
+        resumed.log(**line)
+    resumed.close()
+    scalars, _ = tensorboard_run(tmp_path / "tensorboard")
+    assert read_jsonl(tmp_path / "metrics.jsonl") == LINES[:1] + RESUMED
+    assert scalars["loss"] == [(line["step"], pytest.approx(line["loss"], rel=1e-6)) for line in LINES[:1] + RESUMED]
+
+
+def wandb_offline(tmp_path, monkeypatch):
     # offline: no network and no login; the rest keeps wandb's own files in tmp_path and the test quick
     for name, value in dict(WANDB_MODE="offline", WANDB_ERROR_REPORTING="false", WANDB_SILENT="true", WANDB_CONSOLE="off",
                             WANDB_DISABLE_GIT="true", WANDB_DISABLE_CODE="true", WANDB_X_DISABLE_STATS="true",
                             WANDB_X_DISABLE_META="true", WANDB_PROJECT="tracking-test", WANDB_CONFIG_DIR=str(tmp_path / "config"),
                             WANDB_CACHE_DIR=str(tmp_path / "cache"), WANDB_DATA_DIR=str(tmp_path / "data")).items():
         monkeypatch.setenv(name, value)
+
+
+def test_wandb_offline_run_gets_the_jsonl_scalars_the_run_name_and_the_settings(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    wandb_offline(tmp_path, monkeypatch)
     metrics = MetricsLogger(tmp_path / "out" / "metrics.jsonl", report_to="wandb", run_name="sft runs/x/sft", config=CONFIG)
     try:
         for line in LINES:
@@ -94,6 +119,25 @@ def test_wandb_offline_run_gets_the_jsonl_scalars_the_run_name_and_the_settings(
                for r in records if r.HasField("history")]
     assert [{name: row[name] for name in ("_step", "loss", "lr", "tokens")} for row in history] == \
         [dict(_step=line["step"], loss=line["loss"], lr=line["lr"], tokens=line["tokens"]) for line in LINES]
+
+
+def test_wandb_resume_continues_the_same_run(tmp_path, monkeypatch):
+    """A resume logs into the run it continues (the same run id, resumed), not a second run; a fresh start
+    makes a new one."""
+    wandb = pytest.importorskip("wandb")
+    wandb_offline(tmp_path, monkeypatch)
+    ids = []
+    for lines, resume_step in ((LINES, 0), (RESUMED, 1), (LINES, 0)):
+        metrics = MetricsLogger(tmp_path / "out" / "metrics.jsonl", report_to="wandb", run_name="x", resume_step=resume_step)
+        try:
+            for line in lines:
+                metrics.log(**line)
+            ids.append(metrics.wandb_run.id)
+        finally:
+            metrics.close()
+    wandb.teardown()
+    assert ids[0] == ids[1] != ids[2]
+    assert (tmp_path / "out" / "wandb" / "run_id").read_text().strip() == ids[2]
 
 
 def test_sft_reports_its_loss_name_and_settings_to_tensorboard(tiny_model_dir, tmp_path):
