@@ -50,7 +50,9 @@ after a crash reuses); a --out that holds a model is skipped unless --overwrite.
 LoRA (--lora-rank r, --lora-alpha, --lora-targets; model.add_lora): only the adapters train; the
 reference π_0 is the same model with its adapters off (no second copy, as TRL does with PEFT).
 Online, iteration t trains π_0 + the adapter of iteration t − 1, saved in iter{t−1}/policy/adapter/
-(PEFT's format); policy/ itself holds the merged model, which the next iteration samples from.
+(PEFT's format), and samples from that same π_0 + adapter, unmerged (sampling_policy); policy/ itself
+holds the merged model, W + s·BA from π_0's weights as stored, in --save-dtype (bf16 on a GPU rounds
+most of a small update away: use --save-dtype float32 for an export that keeps it).
 
 Losses, with h = [log π(a_w|x) − log π_0(a_w|x)] − [log π(a_l|x) − log π_0(a_l|x)]:
   DPO   −log σ(βh)                               (Rafailov et al. 2023, eq. 7; paper 1 eq. (3))
