@@ -8,6 +8,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -598,8 +599,17 @@ def load_training_state(out_dir, model, optimizer, args, rng=None):
         dcp.load(state, checkpoint_id=latest, no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    streams = None
     if saved["world_size"] == world_size:
-        restore_random_streams(torch.load(latest / f"random_rank{rank}.pt", weights_only=True), rng)
+        try:  # tensors and numbers only: a file that would run code when unpickled is refused
+            streams = torch.load(latest / f"random_rank{rank}.pt", weights_only=True)
+        except pickle.UnpicklingError:
+            print0(f"resuming after step {saved['step']} from {latest}, whose random streams were saved by an older "
+                   "version as a pickle that could run code when loaded: they are not loaded and start afresh, so "
+                   "the result will not be bit-identical to an uninterrupted run")
+            return saved["step"]
+    if streams is not None:
+        restore_random_streams(streams, rng)
         print0(f"resuming after step {saved['step']} from {latest}")
     else:
         print0(f"resuming after step {saved['step']} from {latest}, saved by {saved['world_size']} ranks, on {world_size}: "
@@ -899,8 +909,11 @@ def save_checkpoint(model, out_dir, tokenizer, source_dir=None, dtype=None, save
     if int(os.environ.get("RANK", 0)) == 0:
         lora = unwrap(model).lora
         if lora is not None and source_dir is not None:  # the frozen weights as stored, not as computed with
-            frozen = [name for name in state if not name.endswith((".lora_A", ".lora_B")) and name != "score.weight"]
-            state.update(stored_tensors(source_dir, set(frozen)))
+            frozen = {name for name in state if not name.endswith((".lora_A", ".lora_B")) and name != "score.weight"}
+            # only where the model's frozen tensor is the stored one in its compute dtype (sft.py --scratch
+            # trains adapters on a random base, which no file holds)
+            state.update({name: tensor for name, tensor in stored_tensors(source_dir, frozen).items()
+                          if torch.equal(tensor.to(state[name].dtype), state[name])})
         if lora is not None and save_adapter:
             write_adapter(Path(out_dir) / "adapter", state, lora, unwrap(model).head, base_model=source_dir)
         unwrap(model).save_pretrained(out_dir, state_dict=state, dtype=dtype, tokenizer=tokenizer)

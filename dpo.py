@@ -189,8 +189,12 @@ def tokenize_pairs(tokenizer, pairs, max_length):
         if room < 1:
             dropped += 1
             continue
-        chosen = pair.get("chosen_ids") or encode_response(tokenizer, pair["chosen"], end_of_turn)
-        rejected = pair.get("rejected_ids") or encode_response(tokenizer, pair["rejected"], end_of_turn)
+        chosen, rejected = (pair[f"{side}_ids"] if f"{side}_ids" in pair else
+                            encode_response(tokenizer, pair[side], end_of_turn) for side in ("chosen", "rejected"))
+        if max(chosen + rejected) >= len(tokenizer):
+            raise InputError(f"pair {pair.get('id', len(kept) + dropped)}: token id {max(chosen + rejected)} is not in the "
+                             f"tokenizer's vocabulary ({len(tokenizer)} ids): its chosen_ids / rejected_ids come from "
+                             "another tokenizer; delete them to train on the texts")
         truncated += (len(chosen) > room) + (len(rejected) > room)
         kept.append(pair)
         examples.append((prompt, chosen[:room], rejected[:room]))
@@ -434,8 +438,10 @@ def select_pairs(records, selection="max_min", length_penalty=0.0, missing_eos_p
       random      responses 0 and 1, the higher r̃ chosen.
     A prompt is dropped when its two responses are the same text or their r̃ differ by no more than
     reward_tolerance. A record's response_ids go with the pair (chosen_ids, rejected_ids): training
-    scores those tokens. Returns (pairs, counts of dropped prompts by reason)."""
-    pairs, dropped = [], {"same_text": 0, "reward_tie": 0}
+    scores those tokens; a pair with a response of no tokens at all (an empty text cut at once, from
+    another sampler) has nothing to score and is dropped. Returns (pairs, counts of dropped prompts by
+    reason)."""
+    pairs, dropped = [], {"same_text": 0, "reward_tie": 0, "empty_response": 0}
     for record in records:
         responses, rewards = record["responses"], record["rewards"]
         finish_reasons = record.get("finish_reasons", [None] * len(responses))
@@ -455,8 +461,9 @@ def select_pairs(records, selection="max_min", length_penalty=0.0, missing_eos_p
             dropped["same_text"] += 1
         elif adjusted[best] - adjusted[worst] <= reward_tolerance:
             dropped["reward_tie"] += 1
+        elif (ids := record.get("response_ids")) and not (ids[best] and ids[worst]):
+            dropped["empty_response"] += 1
         else:
-            ids = record.get("response_ids")
             pairs.append({"id": record["id"], "prompt": record["prompt"], "chosen": responses[best],
                           "rejected": responses[worst], "margin": adjusted[best] - adjusted[worst],
                           **({"chosen_ids": ids[best], "rejected_ids": ids[worst]} if ids else {}),
@@ -527,10 +534,21 @@ def sampling_policy(args, previous_policy, device, dtype):
     GPU's save dtype) is not that model: W + s·BA rounded to bf16 drops most of a small update."""
     if not (args.lora_rank and args.iter > 1):
         return Transformer.from_pretrained(previous_policy, device=device, dtype=dtype).eval()
-    lora, adapter = read_adapter(previous_policy / "adapter")
+    lora, adapter = read_adapter(previous_adapter(args, previous_policy))
     policy = Transformer.from_pretrained(args.sft, device=device, dtype=dtype).add_lora(lora, frozen_dtype=dtype)
-    policy.load_state_dict({name: tensor.to(device) for name, tensor in adapter.items()}, strict=False)
+    unexpected = policy.load_state_dict({name: tensor.to(device) for name, tensor in adapter.items()}, strict=False).unexpected_keys
+    if unexpected:
+        raise InputError(f"{previous_policy / 'adapter'}: tensors {unexpected[:3]} fit no adapter of {args.sft}")
     return policy.eval()
+
+
+def previous_adapter(args, previous_policy):
+    """With LoRA, iteration t > 1 continues iteration t − 1's adapter: its folder, which must exist."""
+    adapter = previous_policy / "adapter"
+    if not (adapter / "adapter_config.json").exists():
+        raise InputError(f"{adapter}: no LoRA adapter; with --lora-rank every iteration from the first must "
+                         f"train with LoRA (delete {args.run_dir} and start over, or drop --lora-rank)")
+    return adapter
 
 
 def run_iteration(args, sources, dist_info):
@@ -635,11 +653,7 @@ def run_iteration(args, sources, dist_info):
         if args.lora_rank:
             # LoRA: π_0 with the adapter so far (π_{t−1} = π_0 + its adapter), so that the reference π_0
             # is this same model with its adapters off
-            adapter = None if t == 1 else previous_policy / "adapter"
-            if adapter is not None and not (adapter / "adapter_config.json").exists():
-                raise InputError(f"{adapter}: no LoRA adapter; with --lora-rank every iteration "
-                                 "from the first must train with LoRA "
-                                 f"(delete {run} and start over, or drop --lora-rank)")
+            adapter = None if t == 1 else previous_adapter(args, previous_policy)
             train(args, dist_info, args.sft, pairs, example_groups, here / "policy", adapter=adapter)
         else:
             train(args, dist_info, previous_policy, pairs, example_groups, here / "policy")

@@ -814,11 +814,13 @@ def checkpoint_files(path):
 
 
 def stored_tensors(path, names):
-    """{name: tensor as stored on disk, in its stored dtype} for those of `names` in the checkpoint folder."""
+    """{name: tensor as stored on disk, in its stored dtype} for those of `names` in the checkpoint folder
+    (none when it holds no weights: a config-only folder, as sft.py --scratch starts from)."""
     from safetensors import safe_open
 
     state = {}
-    for file in checkpoint_files(path):
+    has_weights = (Path(path) / "model.safetensors").exists() or (Path(path) / "model.safetensors.index.json").exists()
+    for file in checkpoint_files(path) if has_weights else []:
         with safe_open(str(Path(path) / file), framework="pt", device="cpu") as f:
             state.update({name: f.get_tensor(name) for name in f.keys() if name in names})
     return state

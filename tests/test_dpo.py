@@ -164,7 +164,7 @@ def test_select_pairs_best_worst_ties_and_length_penalty(tmp_path):
     records = read_jsonl(tmp_path / "rewards.jsonl")
     pairs, dropped = dpo.select_pairs(records, reward_tolerance=0.1)
     assert [(p["id"], p["chosen"], p["rejected"]) for p in pairs] == [("a", "r1", "r2"), ("e", "a much longer answer", "short")]
-    assert dropped == {"same_text": 1, "reward_tie": 2}
+    assert dropped == {"same_text": 1, "reward_tie": 2, "empty_response": 0}
     assert pairs[0]["margin"] == pytest.approx(3.0)
     pairs, _ = dpo.select_pairs(records, length_penalty=0.01, reward_tolerance=0.0)
     assert [(p["chosen"], p["rejected"]) for p in pairs if p["id"] == "e"] == [("short", "a much longer answer")]
@@ -190,7 +190,7 @@ def test_pair_selection_and_missing_eos_penalty():
     swapped = {**record, "rewards": [2.0, 0.5, -1.0, 1.5]}
     assert [(p["chosen"], p["rejected"]) for p in dpo.select_pairs([swapped], "random")[0]] == [("r0", "r1")]
     tied = {**record, "rewards": [1.0, 1.0, 0.0, 0.0]}
-    assert dpo.select_pairs([tied], "random") == ([], {"same_text": 0, "reward_tie": 1})
+    assert dpo.select_pairs([tied], "random") == ([], {"same_text": 0, "reward_tie": 1, "empty_response": 0})
 
 # ----------------------------------------------------------------------------------------------
 # The settings of a run: every spelling of a flag counts, the run's settings carry over, a resume
@@ -300,7 +300,7 @@ def test_a_resume_with_other_settings_stops_and_one_with_the_same_continues(tiny
     assert [r["id"] for r in samples] == ["q0", "q1", "q2", "q3"] and all(len(r["responses"]) == 2 for r in samples)
     assert samples[0]["responses"] == ["first", "second"]  # the finished chunk was kept, not redone
     assert f"no pairs to train on in {run / 'iter1' / 'pairs.jsonl'}" in error
-    assert json.loads((run / "iter1" / "summary.json").read_text())["pairs_dropped"] == {"same_text": 0, "reward_tie": 4}
+    assert json.loads((run / "iter1" / "summary.json").read_text())["pairs_dropped"] == {"same_text": 0, "reward_tie": 4, "empty_response": 0}
 
 
 def test_online_prompts_over_max_prompt_length_are_skipped_not_sampled(tiny_model_dir, tmp_path, capsys, dpo_stage_env):
@@ -512,6 +512,13 @@ def test_response_ids_are_the_sampled_ones_or_the_text_with_a_stop_only_where_it
     _, examples = dpo.tokenize_pairs(tokenizer, [pair, human], max_length=64)
     assert examples[0] == (encode_prompt(tokenizer, prompt), odd, [5])
     assert examples[1][1:] == (encode_response(tokenizer, "2 1"), encode_response(tokenizer, "2"))
+    # another sampler's empty text cut at once has no token to score: the prompt is dropped, and counted
+    empty = {**record, "responses": ["2 1", ""], "rewards": [1.0, 0.0]}
+    assert dpo.select_pairs([{**empty, "response_ids": response_ids(tokenizer, empty)}]) == \
+        ([], {"same_text": 0, "reward_tie": 0, "empty_response": 1})
+    # ids of another tokenizer's vocabulary: one line naming the pair, not an IndexError in the forward
+    with pytest.raises(dpo.InputError, match="not in the tokenizer's vocabulary"):
+        dpo.tokenize_pairs(tokenizer, [{**pair, "rejected_ids": [len(tokenizer)]}], max_length=64)
 
 
 def test_online_finished_iteration_rerun_with_a_new_flag_stops(dpo_online_run, capsys, dpo_stage_env):

@@ -304,6 +304,26 @@ def test_lora_export_merges_into_the_asked_dtype_from_the_source_on_disk(tiny_mo
                 assert torch.equal(tensor, exact[name][0].to(dtype)), name
 
 
+def test_lora_export_of_a_model_trained_from_scratch_keeps_its_own_base(tiny_model_dir, tmp_path):
+    """sft.py --scratch --lora-rank: the frozen base is a random init, which no file holds. The export is
+    that base + s·BA, from a config-only --model folder as from one that holds other weights."""
+    import shutil
+
+    from common import save_checkpoint
+    (tmp_path / "config_only").mkdir()
+    shutil.copy(tiny_model_dir / "config.json", tmp_path / "config_only")
+    torch.manual_seed(2)
+    model = Transformer.from_config(tiny_config(123)).add_lora(LORA)
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            torch.nn.init.normal_(module.lora_B, std=0.1)
+    expected = merge_lora(model.state_dict(), LORA.scaling)
+    for source in (tmp_path / "config_only", tiny_model_dir):
+        save_checkpoint(model, tmp_path / source.name / "out", None, source_dir=source, dtype=torch.float32)
+        saved = load_file(tmp_path / source.name / "out" / "model.safetensors")
+        assert all(torch.equal(saved[name], expected[name]) for name in saved), source
+
+
 def test_online_lora_iteration_samples_from_pi0_plus_its_adapter_unmerged(tiny_model_dir, tmp_path, monkeypatch):
     """Iteration t + 1 samples from π_0 + iteration t's adapter, computing as training did (bf16 base,
     adapter unmerged), not from the merged bf16 checkpoint, which loses most of a small update."""
@@ -327,3 +347,7 @@ def test_online_lora_iteration_samples_from_pi0_plus_its_adapter_unmerged(tiny_m
     assert update > 0 and (merged - trained).abs().max() > 0.1 * update  # what sampling from the export lost
     assert sampling_policy(SimpleNamespace(lora_rank=0, iter=2, sft=tiny_model_dir), policy_dir, "cpu",
                            torch.bfloat16)(ids).float().equal(merged)  # without LoRA: the checkpoint
+    from common import InputError  # an iteration 1 made without LoRA: one line saying so, before any sampling
+    with pytest.raises(InputError, match="every iteration from the first must train with LoRA"):
+        sampling_policy(SimpleNamespace(lora_rank=4, iter=2, sft=tiny_model_dir, run_dir=tmp_path), tmp_path, "cpu",
+                        torch.bfloat16)

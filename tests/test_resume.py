@@ -99,6 +99,27 @@ def test_random_streams_load_without_unpickling_code(tmp_path, capsys):
     assert "code ran" not in capsys.readouterr().out
 
 
+def test_a_state_saved_by_the_old_pickle_format_resumes_without_loading_it(tiny_model_dir, tmp_path, monkeypatch, capsys,
+                                                                          in_process_stage):
+    """Random streams that an older version saved with numpy arrays inside (a pickle weights_only refuses):
+    the resume goes on with fresh streams and says so, instead of a traceback."""
+    import numpy as np
+    write_pairs(tmp_path / "pairs.jsonl", 16)
+    argv = ["--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"), "--batch-size", "8",
+            "--micro-batch-size", "4", "--epochs", "1", "--lr", "1e-2", "--save-every", "1", "--device", "cpu",
+            "--out", str(tmp_path / "dpo")]
+    with monkeypatch.context() as patch:
+        crash_after_first_save(patch, dpo)
+        with pytest.raises(Crash):
+            dpo.main(argv)
+    (streams,) = (tmp_path / "dpo.resume").glob("step*/random_rank0.pt")
+    torch.save(dict(torch=torch.get_rng_state(), cuda=None, numpy=np.random.get_state()), streams)
+    capsys.readouterr()
+    dpo.main(argv)
+    assert "saved by an older version" in capsys.readouterr().out
+    assert (tmp_path / "dpo" / "model.safetensors").exists()
+
+
 def test_a_resume_may_take_a_smaller_micro_batch(tiny_model_dir, tmp_path, monkeypatch, capsys, in_process_stage):
     """What a resume is for after running out of memory: the same run with --micro-batch-size 2 instead of 4
     (and activation checkpointing on) continues from the saved state and ends where the whole run ends,
