@@ -455,7 +455,6 @@ def test_online_cdpo_and_rpo_settings_survive_to_iteration_2(dpo_online_run, tin
     # log 2 and RPO adds α × the mean per-token NLL of the chosen responses, read from log π_0.
     pairs, ref = read_jsonl(run / "iter1" / "pairs.jsonl"), read_jsonl(run / "iter1" / "ref_logps.jsonl")
     assert 0 < len(pairs) <= 4  # one batch: step 1 sees every pair
-    tokenizer = load_tokenizer(tiny_model_dir)
     nll = [-r["ref_chosen_logp"] / len(p["chosen_ids"]) for p, r in zip(pairs, ref)]
     step1 = read_jsonl(run / "iter1" / "policy" / "metrics.jsonl")[0]
     assert step1["loss"] == pytest.approx(math.log(2) + 0.5 * sum(nll) / len(nll), abs=1e-4)
