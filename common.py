@@ -680,7 +680,7 @@ def load_for_training(path, parallel, dist_info, head="lm", scratch=False, activ
     random init) into host memory and broadcasts it, each rank keeping its shards
     (set_model_state_dict with broadcast_from_rank0). For Llama-3-8B that is one 32 GB host copy
     on the node instead of 8, and no rank ever moves a full model to its GPU."""
-    from model import ModelConfig, Transformer, read_adapter
+    from model import ModelConfig, Transformer
 
     device, param_dtype = dist_info.device, default_dtype(dist_info.device)
 
@@ -689,13 +689,10 @@ def load_for_training(path, parallel, dist_info, head="lm", scratch=False, activ
         dtype = param_dtype if lora is not None else torch.float32
         model = Transformer.from_config(path, head=head, dtype=dtype) if scratch else \
             Transformer.from_pretrained(path, head=head, dtype=dtype)
-        if lora is not None:
+        if lora is not None and adapter is not None:
+            add_adapter(model, adapter, param_dtype, expected=lora)
+        elif lora is not None:
             model.add_lora(lora, frozen_dtype=param_dtype)
-            if adapter is not None:
-                adapter_lora, adapter_state = read_adapter(adapter)
-                if adapter_lora != lora:
-                    raise InputError(f"{adapter}: its LoRA settings {adapter_lora} differ from the run's {lora}")
-                model.load_state_dict(adapter_state, strict=False)
         return model
 
     if parallel != "fsdp" or not dist.is_initialized():
@@ -708,6 +705,23 @@ def load_for_training(path, parallel, dist_info, head="lm", scratch=False, activ
     full_state = read_full().state_dict() if dist_info.is_main else {}
     set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full_state
+    return model
+
+
+def add_adapter(model, folder, frozen_dtype, expected=None):
+    """`model` + the PEFT LoRA adapter saved in `folder` (model.add_lora with its settings, which must be
+    `expected`'s when given; the rest frozen in `frozen_dtype`). An adapter tensor that fits no adapted
+    Linear is an error: loaded leniently, B would stay 0 and the model silently be the base."""
+    from model import read_adapter
+
+    lora, state = read_adapter(folder)
+    if expected is not None and lora != expected:
+        raise InputError(f"{folder}: its LoRA settings {lora} differ from the run's {expected}")
+    model.add_lora(lora, frozen_dtype=frozen_dtype)
+    device = next(model.parameters()).device
+    unexpected = model.load_state_dict({name: t.to(device) for name, t in state.items()}, strict=False).unexpected_keys
+    if unexpected:
+        raise InputError(f"{folder}: tensors {unexpected[:3]} fit no adapter of the model")
     return model
 
 
@@ -912,8 +926,9 @@ def save_checkpoint(model, out_dir, tokenizer, source_dir=None, dtype=None, save
             frozen = {name for name in state if not name.endswith((".lora_A", ".lora_B")) and name != "score.weight"}
             # only where the model's frozen tensor is the stored one in its compute dtype (sft.py --scratch
             # trains adapters on a random base, which no file holds)
-            state.update({name: tensor for name, tensor in stored_tensors(source_dir, frozen).items()
-                          if torch.equal(tensor.to(state[name].dtype), state[name])})
+            for name, tensor in stored_tensors(source_dir, frozen):
+                if torch.equal(tensor.to(state[name].dtype), state[name]):
+                    state[name] = tensor
         if lora is not None and save_adapter:
             write_adapter(Path(out_dir) / "adapter", state, lora, unwrap(model).head, base_model=source_dir)
         unwrap(model).save_pretrained(out_dir, state_dict=state, dtype=dtype, tokenizer=tokenizer)

@@ -88,7 +88,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import generate
-from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_resume_flag, add_scale_flags,
+from common import (InputError, MetricsLogger, StepSums, add_adapter, add_lora_flags, add_resume_flag, add_scale_flags,
                     add_tracking_flags, already_trained, atomic_write_text, autocast, batch_schedule,
                     check_settings, checked_number, cosine_lr, default_dtype, destroy_distributed,
                     encode_prompt, encode_response, end_of_turn_ids, finish_training_state, fraction,
@@ -101,7 +101,7 @@ from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_res
 from data.schema import load_records
 from data.task import format_reward_vs_gold, gold_scored, reward_vs_gold, score
 from memory_plan import print_stage_plan
-from model import ModelConfig, Transformer, read_adapter
+from model import ModelConfig, Transformer
 
 # ----------------------------------------------------------------------------------------------
 # The math: sequence log-probs and the preference losses.
@@ -189,8 +189,8 @@ def tokenize_pairs(tokenizer, pairs, max_length):
         if room < 1:
             dropped += 1
             continue
-        chosen, rejected = (pair[f"{side}_ids"] if f"{side}_ids" in pair else
-                            encode_response(tokenizer, pair[side], end_of_turn) for side in ("chosen", "rejected"))
+        chosen = pair.get("chosen_ids") or encode_response(tokenizer, pair["chosen"], end_of_turn)
+        rejected = pair.get("rejected_ids") or encode_response(tokenizer, pair["rejected"], end_of_turn)
         if max(chosen + rejected) >= len(tokenizer):
             raise InputError(f"pair {pair.get('id', len(kept) + dropped)}: token id {max(chosen + rejected)} is not in the "
                              f"tokenizer's vocabulary ({len(tokenizer)} ids): its chosen_ids / rejected_ids come from "
@@ -534,12 +534,8 @@ def sampling_policy(args, previous_policy, device, dtype):
     GPU's save dtype) is not that model: W + s·BA rounded to bf16 drops most of a small update."""
     if not (args.lora_rank and args.iter > 1):
         return Transformer.from_pretrained(previous_policy, device=device, dtype=dtype).eval()
-    lora, adapter = read_adapter(previous_adapter(args, previous_policy))
-    policy = Transformer.from_pretrained(args.sft, device=device, dtype=dtype).add_lora(lora, frozen_dtype=dtype)
-    unexpected = policy.load_state_dict({name: tensor.to(device) for name, tensor in adapter.items()}, strict=False).unexpected_keys
-    if unexpected:
-        raise InputError(f"{previous_policy / 'adapter'}: tensors {unexpected[:3]} fit no adapter of {args.sft}")
-    return policy.eval()
+    policy = Transformer.from_pretrained(args.sft, device=device, dtype=dtype)
+    return add_adapter(policy, previous_adapter(args, previous_policy), dtype).eval()
 
 
 def previous_adapter(args, previous_policy):

@@ -814,16 +814,16 @@ def checkpoint_files(path):
 
 
 def stored_tensors(path, names):
-    """{name: tensor as stored on disk, in its stored dtype} for those of `names` in the checkpoint folder
-    (none when it holds no weights: a config-only folder, as sft.py --scratch starts from)."""
+    """(name, tensor as stored on disk, in its stored dtype) for those of `names` in the checkpoint folder,
+    one at a time (none when it holds no weights: a config-only folder, as sft.py --scratch starts from)."""
     from safetensors import safe_open
 
-    state = {}
     has_weights = (Path(path) / "model.safetensors").exists() or (Path(path) / "model.safetensors.index.json").exists()
     for file in checkpoint_files(path) if has_weights else []:
         with safe_open(str(Path(path) / file), framework="pt", device="cpu") as f:
-            state.update({name: f.get_tensor(name) for name in f.keys() if name in names})
-    return state
+            for name in f.keys():
+                if name in names:
+                    yield name, f.get_tensor(name)
 
 
 def atomic_save_folder(path, write_into):

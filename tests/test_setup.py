@@ -7,6 +7,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))  # tools/ is no package: its scripts import as top-level modules here
+from pins import applicable_pins, canonical  # noqa: E402
+from shadowed import top_level_names  # noqa: E402
+
+sys.path.remove(str(ROOT / "tools"))
 
 
 def run_shadowed(extra_path=None):
@@ -20,11 +25,6 @@ def test_no_top_level_name_shadows_an_installed_package():
     when a stage runs from the repository root, broke every stage. Checked against every distribution
     installed here (CI: requirements.txt + requirements-test.txt; tools/check_versions.sh newest adds
     evaluate, datasets, accelerate and liger-kernel)."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        from shadowed import top_level_names
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
     names = top_level_names()
     assert {"common", "model", "sft", "dpo", "osp", "eval_runs", "data", "rlhf_kernels", "tests"} <= names, names
     assert not {"kernels", "evaluate"} & names  # Hugging Face's: transformers needs one, many users have the other
@@ -52,11 +52,6 @@ def test_shadow_check_names_a_clash(tmp_path):
 def test_pins_leave_another_torch_and_its_own_dependencies_alone():
     """tools/pins.py: constraints.txt was made with torch's CPU build. A CUDA build of the same version requires
     another triton, and torch 2.6 another sympy: their pins would make pip fail or swap the torch."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        from pins import applicable_pins
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
     lines = ["# made on CPU", "sympy==1.14.0", "torch==2.13.0", "transformers==5.25.0", "triton==3.9.0"]
     assert applicable_pins(lines, "2.13.0+cpu", ["filelock", "sympy>=1.13.3"]) is None
     assert applicable_pins(lines, "2.13.0", ["sympy>=1.13.3"]) is None  # macOS: PyPI's CPU wheel, no label
@@ -73,10 +68,6 @@ def requirement_names(path):
         if line:
             names.append(re.match(r"[A-Za-z0-9_.-]+", line).group(0))
     return names
-
-
-def canonical(name):
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def test_constraints_pin_every_requirement():
