@@ -26,6 +26,7 @@ python -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
   fail "Python ≥ 3.11 is needed; $VIRTUAL_ENV has $(python --version 2>&1) (for ./.venv: rm -rf .venv; PYTHON=python3.11 bash $0)"
 python -m pip --version > /dev/null 2>&1 || fail "$VIRTUAL_ENV has no pip (a uv environment?): install pip into it, or use ./.venv"
 TORCH_PIN=$(grep -E '^torch==' constraints.txt) || fail "constraints.txt has no torch== line"
+[ -z "${CONSTRAINTS_FILE:-}" ] || [ -f "$CONSTRAINTS_FILE" ] || fail "CONSTRAINTS_FILE=$CONSTRAINTS_FILE: no such file"
 if ! python -c "import torch" 2>/dev/null; then
   echo "== installing torch"
   if [ -n "${TORCH_SPEC:-}" ] && [ -z "${CONSTRAINTS_FILE:-}" ]; then
