@@ -48,8 +48,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (encode_prompt, load_tokenizer, non_negative_float, positive_float, positive_int, run_cli,
-                    stop_token_ids)
+from runs import non_negative_float, positive_float, positive_int, run_cli
+from tokens import encode_prompt, load_tokenizer, stop_token_ids
 from data import task
 from model import Transformer
 
@@ -303,7 +303,7 @@ def ours_run(path, examples, args, device, precompute):
     batch: (per-step losses, seconds of each step, peak MiB). Without precompute, each step first runs
     the frozen reference model on the batch, as TRL does."""
     import dpo
-    from common import autocast, make_optimizer
+    from training import autocast, make_optimizer
 
     tokenizer = load_tokenizer(path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -313,7 +313,7 @@ def ours_run(path, examples, args, device, precompute):
 
     def reference(model):
         with torch.no_grad(), autocast(model, device):
-            logps, _ = dpo.sequence_logps(model, prompts * 2, chosen_ids + rejected_ids, pad_id, device)
+            logps, _ = losses.sequence_logps(model, prompts * 2, chosen_ids + rejected_ids, pad_id, device)
         return logps.float().split(len(prompts))
 
     def train():
@@ -421,7 +421,7 @@ def bench_logprob(args, path, device, dtype):
 
 def bench_sft(args, path, device, dtype):
     import sft
-    from common import make_optimizer
+    from training import make_optimizer
     model = Transformer.from_pretrained(path, device=device).train()
     optimizer = make_optimizer(model, 1e-5)
     config = model.config

@@ -28,7 +28,7 @@ Iteration t, in runs/NAME/iter{t}/, each sub-step skipped on rerun when its outp
                    paper's algorithm) or only this iteration's (--history last, the authors' code)
   summary.json     mean reward and length of the samples, pairs kept and dropped
   policy.resume/   with --save-every N: the update's training state every N steps, so that a
-                   crash mid-update costs at most N steps (common.save_training_state)
+                   crash mid-update costs at most N steps (training.save_training_state)
 
 Settings of an online run. Each setting comes from, in order: the command line; the iteration's own
 iter{t}/settings.json (a rerun or a resume of iteration t); the run's config.json; the default. The
@@ -68,7 +68,7 @@ scores exactly the tokens that generation produced:
     it, a token our samples never contain. A response cut at --max-new-tokens has no stop token, and
     none is added: the online pairs carry the sampled token ids (chosen_ids / rejected_ids, from the
     samples' response_ids; data/README.md), so nothing is re-encoded from the decoded text.
-  - prompt and response are tokenized separately (common.encode_prompt + common.encode_response).
+  - prompt and response are tokenized separately (tokens.encode_prompt + tokens.encode_response).
     Generation sees exactly the prompt's ids and appends response tokens one by one, so a sampled
     response never shares a token with its prompt; TRL's joint tokenization of prompt + response can
     merge a leading space or newline of the response into the prompt's last token, which scores a
@@ -84,91 +84,19 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import generate
-from common import (InputError, MetricsLogger, StepSums, add_adapter, add_lora_flags, add_resume_flag, add_scale_flags,
-                    add_tracking_flags, already_trained, atomic_write_text, autocast, batch_schedule,
-                    check_settings, checked_number, cosine_lr, default_dtype, destroy_distributed,
-                    encode_prompt, encode_response, end_of_turn_ids, finish_training_state, fraction,
-                    gradient_sync, has_model, init_distributed, load_for_training, load_tokenizer,
-                    load_training_state, lora_settings, make_optimizer, non_negative_float, non_negative_int,
-                    optimizer_step, positive_float, positive_fraction, positive_int, print0, response_ids,
-                    process_in_chunks, rank_micro_batches, read_jsonl, right_pad, run_cli,
-                    save_checkpoint, save_training_state, scale_settings, seed_everything, set_lr, step_limit,
-                    stop_token_ids, unwrap, write_jsonl)
+from parallel import add_adapter, add_lora_flags, add_scale_flags, default_dtype, destroy_distributed, gradient_sync, init_distributed, load_for_training, lora_settings, save_checkpoint, scale_settings, unwrap
+from runs import InputError, MetricsLogger, add_tracking_flags, already_trained, atomic_write_text, check_settings, checked_number, fraction, has_model, non_negative_float, non_negative_int, positive_float, positive_fraction, positive_int, print0, process_in_chunks, read_jsonl, run_cli, step_limit, write_jsonl
+from tokens import encode_prompt, encode_response, end_of_turn_ids, load_tokenizer, response_ids, stop_token_ids
+from training import StepSums, add_resume_flag, autocast, batch_schedule, cosine_lr, finish_training_state, load_training_state, make_optimizer, optimizer_step, rank_micro_batches, save_training_state, seed_everything, set_lr
 from data.schema import load_records
 from data.task import format_reward_vs_gold, gold_scored, reward_vs_gold, score
 from memory_plan import print_stage_plan
 from model import ModelConfig, Transformer
-
-# ----------------------------------------------------------------------------------------------
-# The math: sequence log-probs and the preference losses.
-
-
-def preference_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                      loss_type="dpo", chosen_tokens=None, rejected_tokens=None):
-    """h (B,), the argument of every preference loss, from summed response log-probs (B,): > 0 when
-    the policy raised the chosen response's likelihood, relative to the reference, more than the
-    rejected one's (β h is the difference of DPO's implicit rewards). IPO with `chosen_tokens` /
-    `rejected_tokens` (B,) given: each of the four log-probs is first divided by its response's token
-    count (TRL's convention: IPO on per-token mean log-probs, so the target margin 1/(2β) does not
-    depend on response length). DPO and SPCE ignore the counts."""
-    if loss_type == "ipo" and chosen_tokens is not None:
-        policy_chosen_logps = policy_chosen_logps / chosen_tokens
-        ref_chosen_logps = ref_chosen_logps / chosen_tokens
-        policy_rejected_logps = policy_rejected_logps / rejected_tokens
-        ref_rejected_logps = ref_rejected_logps / rejected_tokens
-    return (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-
-
-def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                    beta, loss_type="dpo", target=None, chosen_tokens=None, rejected_tokens=None):
-    """Per-pair losses (B,) from summed response log-probs (B,), of h = preference_margin(...).
-    `target` is the soft label p = P(chosen ≻ rejected) for SPCE (a tensor (B,) or a float); DPO is
-    SPCE with p = 1."""
-    h = preference_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                          loss_type, chosen_tokens, rejected_tokens)
-    if loss_type == "dpo":  # Rafailov et al. 2023, eq. 7
-        return -F.logsigmoid(beta * h)
-    if loss_type == "spce":  # paper 2, eq. (8)
-        # Cross-entropy between the target strength p and the implicit strength σ(βh). Its gradient
-        # in h is β(σ(βh) − p): zero exactly when the implicit strength equals the target.
-        p = torch.as_tensor(1.0 if target is None else target, dtype=h.dtype, device=h.device)
-        return -(p * F.logsigmoid(beta * h) + (1 - p) * F.logsigmoid(-beta * h))
-    if loss_type == "ipo":  # Azar et al. 2023, eq. 17
-        # A squared loss that pulls h to 1/(2β) instead of pushing it to infinity.
-        return (h - 1 / (2 * beta)) ** 2
-    raise ValueError(f"unknown loss_type {loss_type!r} (dpo, ipo, spce)")
-
-
-def token_logps(model, prompts, responses, pad_id, device):
-    """The log-prob of each response token given its prompt and the response before it: (B, T),
-    0 at prompt and padding positions. prompts/responses: token-id lists; only response tokens are
-    scored (the rest is masked with -100), through the fused LM-head log-prob kernel."""
-    sequences = [p + r for p, r in zip(prompts, responses)]
-    input_ids, _ = right_pad(sequences, pad_id, device)                   # (B, T)
-    targets = torch.full_like(input_ids, -100)
-    for row, (p, r) in enumerate(zip(prompts, responses)):
-        # position t predicts token t+1: response token j (at position len(p)+j) is the target at len(p)+j−1
-        targets[row, len(p) - 1:len(p) + len(r) - 1] = torch.tensor(r, device=device)
-    return model(input_ids, targets=targets, num_targets=sum(map(len, responses)))  # (B, T)
-
-
-def sequence_logps(model, prompts, responses, pad_id, device):
-    """Summed log-probs of each response given its prompt: (logps (B,), num_tokens (B,))."""
-    logps = token_logps(model, prompts, responses, pad_id, device)
-    return logps.sum(1), torch.tensor([len(r) for r in responses], device=device)
-
-
-def k3_kl(logps, ref_logps):
-    """KL(π‖π_ref) of each response (B,), by Schulman's k3 estimator on its tokens (B, T):
-    Σ_t (r_t − 1 − log r_t) with r_t = π_ref(y_t|·) / π(y_t|·). Every term is ≥ 0, and on tokens
-    sampled from π the sum is unbiased: E_π[r_t] = 1 leaves E[−log r_t], the per-token KL (k1 has
-    the same mean, but a batch of it can be negative). A masked position (0 in both) adds 0."""
-    log_r = ref_logps.float() - logps.float()
-    return (log_r.exp() - 1 - log_r).sum(-1)
+from losses import PAIR_SELECTIONS, ensemble_rewards, preference_loss, select_pairs, sequence_logps
+from rewards import reward_models
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,76 +329,6 @@ def train(args, dist_info, start_model, pairs, example_groups, out_dir, adapter=
         torch.cuda.empty_cache()
 
 
-# ----------------------------------------------------------------------------------------------
-# Online iteration: sample → score → pair → train
-
-
-PAIR_SELECTIONS = ("max_min", "max_random", "random")
-
-
-def reward_models(text):
-    """--rm's folders: one, or an ensemble written as folders separated by commas."""
-    return [folder for folder in text.split(",") if folder]
-
-
-def ensemble_rewards(member_rewards, mode="mean"):
-    """One reward per response from K reward models' (a list of K lists): their mean, or with
-    mode "mean_minus_std" the mean minus their standard deviation over members (Coste et al. 2023,
-    uncertainty-weighted optimisation with λ = 1: responses the members disagree on are trusted
-    less, against over-optimisation). One member: its own rewards."""
-    k = len(member_rewards)
-    means = [sum(values) / k for values in zip(*member_rewards)]
-    if mode == "mean" or k == 1:
-        return means
-    stds = [math.sqrt(sum((v - m) ** 2 for v in values) / (k - 1)) for values, m in zip(zip(*member_rewards), means)]
-    return [m - s for m, s in zip(means, stds)]
-
-
-def select_pairs(records, selection="max_min", length_penalty=0.0, missing_eos_penalty=0.0,
-                 reward_tolerance=0.0, source=None):
-    """One (chosen, rejected) pair per prompt, by the adjusted reward
-        r̃ = r − λ·characters − c·[the response hit --max-new-tokens without a stop token]
-    (λ: paper 1 §3.3, 0.001 in its "concise" run; c: TRL's missing_eos_penalty). `selection`, as in
-    paper 1's code (RLHFlow's run_dpo.py, choose_type):
-      max_min     the best vs the worst (paper 1); ties: best is the first maximum, worst the last
-                  minimum, so equal rewards count as a reward tie, not one response paired with itself;
-      max_random  the best vs the first other response (the n samples are i.i.d., so a random one);
-      random      responses 0 and 1, the higher r̃ chosen.
-    A prompt is dropped when its two responses are the same text or their r̃ differ by no more than
-    reward_tolerance. A record's response_ids go with the pair (chosen_ids, rejected_ids): training
-    scores those tokens; a pair with a response of no tokens at all (an empty text cut at once, from
-    another sampler) has nothing to score and is dropped. Returns (pairs, counts of dropped prompts by
-    reason)."""
-    pairs, dropped = [], {"same_text": 0, "reward_tie": 0, "empty_response": 0}
-    for record in records:
-        responses, rewards = record["responses"], record["rewards"]
-        finish_reasons = record.get("finish_reasons", [None] * len(responses))
-        cut = [reason == "length" for reason in finish_reasons]
-        adjusted = [r - length_penalty * len(text) - missing_eos_penalty * c
-                    for r, text, c in zip(rewards, responses, cut)]
-        if selection == "random":
-            first, second = 0, 1
-        else:
-            first = max(range(len(adjusted)), key=lambda i: (adjusted[i], -i))  # the best
-            if selection == "max_min":
-                second = min(range(len(adjusted)), key=lambda i: (adjusted[i], -i))  # the worst
-            else:
-                second = 1 if first == 0 else 0
-        best, worst = (first, second) if adjusted[first] >= adjusted[second] else (second, first)
-        if responses[best] == responses[worst]:
-            dropped["same_text"] += 1
-        elif adjusted[best] - adjusted[worst] <= reward_tolerance:
-            dropped["reward_tie"] += 1
-        elif (ids := record.get("response_ids")) and not (ids[best] and ids[worst]):
-            dropped["empty_response"] += 1
-        else:
-            pairs.append({"id": record["id"], "prompt": record["prompt"], "chosen": responses[best],
-                          "rejected": responses[worst], "margin": adjusted[best] - adjusted[worst],
-                          **({"chosen_ids": ids[best], "rejected_ids": ids[worst]} if ids else {}),
-                          **({"source": source} if source else {})})
-    return pairs, dropped
-
-
 def require_model(path, what):
     """Stop with one line naming `path` unless it holds a model."""
     if path is None:
@@ -577,13 +435,12 @@ def run_iteration(args, sources, dist_info):
             scorer = lambda chunk: [  # noqa: E731
                 {**r, "rewards": [score(r["prompt"], y) for y in r["responses"]]} for r in chunk]
         else:
-            import train_rm
             dtype = default_dtype(device)
             members = [(Transformer.from_pretrained(folder, device=device, dtype=dtype, head="score").eval(),
                         load_tokenizer(folder)) for folder in reward_models(args.rm)]
 
             def scorer(chunk):
-                scored = [train_rm.score_records(rm, rm_tokenizer, chunk, device, args.micro_batch_size * 4, args.max_length)
+                scored = [rewards.score_records(rm, rm_tokenizer, chunk, device, args.micro_batch_size * 4, args.max_length)
                           for rm, rm_tokenizer in members]
                 return [{**r, "rewards": ensemble_rewards([s[i]["rewards"] for s in scored], args.ensemble)}
                         for i, r in enumerate(chunk)]
@@ -594,7 +451,7 @@ def run_iteration(args, sources, dist_info):
     # 3. Pairs (cheap and deterministic: rank 0 writes, the others wait).
     if not (here / "pairs.jsonl").exists():
         rewards = load_records(here / "rewards.jsonl", "rewards")
-        # the token ids training will score, for records of other samplers too (common.response_ids)
+        # the token ids training will score, for records of other samplers too (tokens.response_ids)
         tokenizer = load_tokenizer(args.sft)
         rewards = [{**rec, "response_ids": response_ids(tokenizer, rec)} for rec in rewards]
         pairs, dropped = select_pairs(rewards, args.pair_selection, args.length_penalty,

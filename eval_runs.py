@@ -37,8 +37,9 @@ from pathlib import Path
 
 import torch
 
-from common import (InputError, atomic_write_text, default_dtype, encode_prompt, has_model, load_tokenizer, response_ids,
-                    non_negative_int, positive_int, read_jsonl, run_cli, stop_token_ids, write_jsonl)
+from parallel import default_dtype
+from runs import InputError, atomic_write_text, has_model, non_negative_int, positive_int, read_jsonl, run_cli, write_jsonl
+from tokens import encode_prompt, load_tokenizer, response_ids, stop_token_ids
 from data.schema import load_records
 from data.task import GOLD_GAP, parse_prompt, picked_gold, prompt_text, reward_vs_gold, score
 from generate import Engine, encode_prompts, generate_records
@@ -195,7 +196,7 @@ class Scorer:
     def rewards(self, rm, policy, records):
         """The policy's answer records with `rewards` from the BT reward model in folder rm; once per
         (rm, policy): π_SFT's answers are the t = 0 point of several runs and the on-policy test set."""
-        from train_rm import score_records
+        from rewards import score_records
         key = (str(rm), str(policy))
         if key not in self.scores:
             model, tokenizer = self.model(rm, head="score")
@@ -207,11 +208,11 @@ class Scorer:
         """KL(π ‖ π_ref) estimated on answers sampled from π at temperature 1: the mean over answers of
         log π(y|x) − log π_ref(y|x) (each sequence's summed log-probs, its end-of-turn token included
         when it stopped there; an unbiased estimate of the sequence-level KL)."""
-        from dpo import sequence_logps
+        from losses import sequence_logps
         (policy_model, tokenizer), (reference_model, _) = self.model(policy), self.model(reference)
         prompts, responses = [], []
         for record in records:
-            ids = response_ids(tokenizer, record)  # as sampled (common.response_ids)
+            ids = response_ids(tokenizer, record)  # as sampled (tokens.response_ids)
             prompts += [encode_prompt(tokenizer, record["prompt"])] * len(ids)
             responses += ids
         total = 0.0
@@ -279,7 +280,7 @@ def judge_on_sft_samples(run, device):
     judge, samples = run / "judge", run / "sft" / "eval_samples_T1.jsonl"
     if not (has_model(judge) and samples.exists()):
         return None
-    from train_rm import judge_template, pairwise_preference
+    from rewards import judge_template, pairwise_preference
     prompts, first, second, gold_difference = [], [], [], []
     for record in read_jsonl(samples):
         for i, j in itertools.combinations(range(len(record["responses"])), 2):
@@ -310,7 +311,7 @@ def fraction(value):
 def length_correlations(run):
     """Paper 1's length-bias statistic for each online run's reward model, on its first iteration's
     samples (π_0 = SFT): {series: (mean per-prompt Pearson, prompts used, ...)}."""
-    from train_rm import length_bias
+    from rewards import length_bias
     found, seen = {}, set()
     for series in ONLINE_SERIES:
         rewards, rm = run / series / "iter1" / "rewards.jsonl", series_reward_model(run, series)

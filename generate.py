@@ -35,7 +35,7 @@ stops the run with an error naming it, before anything is sampled. A prompt long
 --max-prompt-length (tokens; default: no limit) is skipped and counted, never truncated: its record
 is absent from the output.
 Output: one JSONL record per prompt (data/README.md, "samples"): id, prompt, responses, response_ids
-(the generated token ids, the stop token included: what training scores, common.response_ids), num_tokens
+(the generated token ids, the stop token included: what training scores, tokens.response_ids), num_tokens
 (their count), finish_reasons ("stop" | "length"), and with
 --logprobs, logprobs (each response's summed log-prob) and token_logprobs (per token), both under
 the temperature-scaled, untruncated distribution — what a teacher-forced forward with
@@ -49,9 +49,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (InputError, default_dtype, destroy_distributed, encode_prompt, fraction, init_distributed,
-                    load_tokenizer, non_negative_float, non_negative_int, positive_fraction, positive_int, print0,
-                    process_in_chunks, run_cli, stop_token_ids)
+from parallel import default_dtype, destroy_distributed, init_distributed
+from runs import InputError, fraction, non_negative_float, non_negative_int, positive_fraction, positive_int, print0, process_in_chunks, run_cli
+from tokens import encode_prompt, load_tokenizer, stop_token_ids
 from data.schema import load_records
 from rlhf_kernels.sampling import sample
 from model import KVCache, Transformer
@@ -393,7 +393,7 @@ class Engine:
 
 def encode_prompts(tokenizer, records, max_new_tokens, context_length, source=None, max_prompt_length=None):
     """(records, token ids) of the prompts generation samples, ids as generation is fed them
-    (common.encode_prompt). A prompt longer than max_prompt_length tokens (None: no limit) is
+    (tokens.encode_prompt). A prompt longer than max_prompt_length tokens (None: no limit) is
     skipped, never truncated (a cut prompt asks another question): it is left out of both lists,
     and the skipped are counted in one line. A kept prompt that leaves no room for max_new_tokens
     in the model's context is a user error naming it (`source`, the prompts file, when known): its

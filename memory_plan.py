@@ -181,7 +181,7 @@ def osp_memory_plan(config, world_size, micro_batch_size, seq_len, prompts_per_r
     def no_grad_forward(tokens):
         return inference_transient_bytes(config, tokens, b)
 
-    whole = P * b if parallel == "fsdp" else 0  # gathered whole for the phase (common.gathered)
+    whole = P * b if parallel == "fsdp" else 0  # gathered whole for the phase (parallel.gathered)
     prefill_count = min(prompts_per_rank, max(1, PREFILL_TOKENS // half))
     phases = {
         "rollout": whole + kv_cache_bytes(config, prefill_count, half, b) + no_grad_forward(prefill_count * half) + sampling_bytes(config, slots, b),
@@ -225,7 +225,7 @@ def format_memory_plan(plan, gpu_gib=80.0, memory_name="GPU"):
 def print_stage_plan(model_path, mode, dist_info, micro_batch_size, seq_len, parallel, activation_checkpointing, **extra):
     """What every training stage prints first, before it loads anything (and all that --dry-run
     does): the plan for its model's config.json and its own settings, on its device."""
-    from common import print0
+    from runs import print0
 
     config = ModelConfig.from_path(model_path)
     on_gpu = dist_info.device.type == "cuda"

@@ -13,7 +13,7 @@ memory trackers (torch.distributed._tools: MemTracker, and FSDPMemTracker for FS
 each op's outputs and the storages' lifetimes, labelling every byte by what it is (parameter,
 gradient, optimizer state, activation, ...). A fake process group of W ranks lets FSDP2 shard
 exactly as on W GPUs while its collectives do nothing, so one CPU process sees one rank's tensors.
-The models are built as the stages build them (common.build_on_meta: meta device, LoRA, FSDP2),
+The models are built as the stages build them (parallel.build_on_meta: meta device, LoRA, FSDP2),
 then given fake storage; the steps are the stages' own functions (trace_stage). Everything is on
 the CPU device (this torch cannot fake CUDA tensors) and takes a GPU run's decisions (bf16 compute,
 fused AdamW, the log-prob kernel's GPU chunk width: emulated_gpu). Ops that read values fail on
@@ -33,6 +33,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
+import rewards
 
 try:  # private torch tools: say which one is missing instead of failing deep inside a trace
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -229,7 +230,7 @@ def format_peak(peak, title="peak per rank"):
 
 
 # ----------------------------------------------------------------------------------------------
-# The stages' own steps, at any shape: build each stage's models as the stage does (common.build_on_meta,
+# The stages' own steps, at any shape: build each stage's models as the stage does (parallel.build_on_meta,
 # the meta-device half of load_for_training / load_frozen), then run the stage's own step function
 # (sft.train_step, train_rm.train_step, dpo.train_step, osp's rollout → judge → update) on fake tensors.
 
@@ -248,7 +249,7 @@ MODES = ("sft", "rm", "dpo", "osp", "sample")
 
 @contextmanager
 def emulated_gpu():
-    """RLHF_EMULATE_GPU=1 for the block (common.emulating_gpu): the stages take a GPU run's decisions
+    """RLHF_EMULATE_GPU=1 for the block (parallel.emulating_gpu): the stages take a GPU run's decisions
     on this CPU: bf16 compute, fused AdamW, the log-prob kernel's GPU chunk width."""
     before = os.environ.get("RLHF_EMULATE_GPU")
     os.environ["RLHF_EMULATE_GPU"] = "1"
@@ -262,8 +263,8 @@ def emulated_gpu():
 
 
 def _build(config, head, parallel, activation_checkpointing, lora, frozen, fake_mode, device="cpu"):
-    """A stage's model: common.build_on_meta, then storage, fake (fake_mode) or real (small weights)."""
-    from common import build_on_meta
+    """A stage's model: parallel.build_on_meta, then storage, fake (fake_mode) or real (small weights)."""
+    from parallel import build_on_meta
     from model import rope_inverse_frequencies
 
     model = build_on_meta(config, head, parallel, torch.bfloat16, activation_checkpointing, lora, frozen)
@@ -313,7 +314,8 @@ def trace_stage(config, mode, world_size=1, seq_len=2048, micro_batch_size=1, lo
     import osp
     import sft
     import train_rm
-    from common import gathered, make_optimizer
+    from parallel import gathered
+    from training import make_optimizer
     from model import KVCache, ModelConfig
 
     assert mode in MODES, mode
@@ -392,7 +394,7 @@ def trace_stage(config, mode, world_size=1, seq_len=2048, micro_batch_size=1, lo
                     def step():
                         rollout_phase()
                         with osp.sft_view(judge, model) as judge_model, gathered(judge_model), torch.no_grad():
-                            train_rm.pairwise_logits_ab(judge_model, judge_queries, (4, 5), 0, device)
+                            rewards.pairwise_logits_ab(judge_model, judge_queries, (4, 5), 0, device)
                         osp.update(model, judge, optimizer, prompt_tokens, pairs, pair_tokens, targets, args, 0,
                                    world_size, 0, device)
             return (measure_cuda_peak if on_gpu else trace_peak)(step, model, optimizer, frozen=frozen_models, steps=steps)
@@ -509,7 +511,7 @@ def gpu_check(dry_run=False):
 
 
 def main():
-    from common import checked_number, non_negative_int, positive_float, positive_int
+    from runs import checked_number, non_negative_int, positive_float, positive_int
 
     parser = argparse.ArgumentParser(description="Per-rank memory of a stage's real step at full shape, on fake tensors, "
                                                  "next to the formula plan (memory_plan.py).")

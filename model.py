@@ -488,7 +488,7 @@ def merge_lora(state, scaling, dtype=None):
     """A state dict with LoRA tensors -> the plain checkpoint: W + s · B A for every adapted weight,
     lora_A / lora_B dropped. Computed in fp32, then cast to `dtype` (default: W's). Cast to W's dtype
     first and then to another, a bf16 W would lose every update smaller than its rounding step: merge
-    into the dtype the checkpoint is saved in, from W as it is on disk (common.save_checkpoint)."""
+    into the dtype the checkpoint is saved in, from W as it is on disk (parallel.save_checkpoint)."""
     merged = {}
     for name, tensor in state.items():
         if name.endswith((".lora_A", ".lora_B")):
@@ -650,7 +650,7 @@ class Transformer(nn.Module):
     def set_activation_checkpointing(self, enabled=True):
         """Recompute each decoder block in the backward instead of keeping its activations: a
         block then keeps only its input, (B, T, H), instead of ~(10 H + 3 I) · B · T values. Call it
-        before FSDP wrapping (common.wrap_model); gradients are identical, the forward runs twice."""
+        before FSDP wrapping (parallel.wrap_model); gradients are identical, the forward runs twice."""
         for layer in self.model.layers:
             layer.checkpoint_activations = enabled
 
@@ -781,7 +781,7 @@ class Transformer(nn.Module):
         """Write config.json + model.safetensors (+ the tokenizer's files) atomically (temp folder,
         then rename), in a form transformers.AutoModelForCausalLM loads unchanged. `state_dict` lets a
         caller pass a full state dict gathered from FSDP shards; `dtype` casts the saved tensors. A
-        model with LoRA adapters is saved merged (W + s·BA); common.save_checkpoint can add the adapter."""
+        model with LoRA adapters is saved merged (W + s·BA); parallel.save_checkpoint can add the adapter."""
         from safetensors.torch import save_file
 
         state = state_dict if state_dict is not None else self.state_dict()

@@ -33,7 +33,7 @@ defaults: K = 7, β = 0.001, lr 2e-6, batch 16 prompts, top-p 0.9, temperature 0
 Ablations: --loss spce|dpo|ipo (DPO/IPO take the higher-ranked response as chosen), --pairing
 ranked|random|best (best = RAFT: NLL on the top-ranked response only), --sampling policy|sft.
 Data parallelism: FSDP2 by default (the policy, the reference and the judge sharded; each is
-gathered whole once for a rollout or a judging pass, common.gathered), or DDP. Paper 2's own setup,
+gathered whole once for a rollout or a judging pass, parallel.gathered), or DDP. Paper 2's own setup,
 Mistral-7B on one 48 GB GPU, is LoRA: --lora-rank 64 --lora-alpha 32 --lr 2e-5 --beta 0.1; the
 reference and the judge are then the policy with its adapters off. A rerun with a finished model
 in --out does nothing (--overwrite trains again).
@@ -47,20 +47,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_resume_flag, add_scale_flags,
-                    add_tracking_flags, already_trained, autocast, cosine_lr, default_dtype,
-                    destroy_distributed, finish_training_state, fraction,
-                    gathered, gradient_sync, init_distributed, load_for_training, load_frozen, load_tokenizer,
-                    load_training_state, lora_settings, make_optimizer, non_negative_float, non_negative_int,
-                    optimizer_step, positive_float, positive_fraction, positive_int, print0,
-                    run_cli, save_checkpoint, save_training_state, scale_settings, seed_everything, set_lr,
-                    stop_token_ids, unwrap)
+from parallel import add_lora_flags, add_scale_flags, default_dtype, destroy_distributed, gathered, gradient_sync, init_distributed, load_for_training, load_frozen, lora_settings, save_checkpoint, scale_settings, unwrap
+from runs import InputError, MetricsLogger, add_tracking_flags, already_trained, fraction, non_negative_float, non_negative_int, positive_float, positive_fraction, positive_int, print0, run_cli
+from tokens import load_tokenizer, stop_token_ids
+from training import StepSums, add_resume_flag, autocast, cosine_lr, finish_training_state, load_training_state, make_optimizer, optimizer_step, save_training_state, seed_everything, set_lr
 from data.judge import JUDGE_TEMPLATES
 from data.schema import load_records
-from dpo import k3_kl, preference_loss, preference_margin, token_logps
+from losses import k3_kl, preference_loss, preference_margin, token_logps
 from generate import Engine, encode_prompts, generate_records
 from memory_plan import print_stage_plan
-from train_rm import judge_template, pairwise_preference
+from rewards import judge_template, pairwise_preference
 
 # ----------------------------------------------------------------------------------------------
 # Pairing
@@ -122,7 +118,7 @@ def rollout(engine, tokenizer, prompt_records, args, step, device):
     scores); whether each was cut at --max-new-tokens without a stop token (the same shape);
     and the tokens generated per second (this rank's, for the progress bar).
     Seeds come from (seed, step, prompt id, sample index): no dependence on ranks.
-    A sharded sampler is gathered whole once for the rollout (common.gathered), not per token."""
+    A sharded sampler is gathered whole once for the rollout (parallel.gathered), not per token."""
     engine.model.eval()
     t0 = time.time()
     with gathered(engine.model), autocast(engine.model, device):
@@ -200,7 +196,7 @@ def pair_losses(policy, reference, prompt_tokens, chosen_tokens, rejected_tokens
     if rejected_tokens is None:
         return -sums / counts, torch.zeros_like(ref_sums), kl
     n = len(prompt_tokens)
-    # The token counts make IPO use length-normalised log-probs (dpo.preference_loss, as in dpo.py).
+    # The token counts make IPO use length-normalised log-probs (losses.preference_loss, as in dpo.py).
     per_pair = preference_loss(sums[:n], sums[n:], ref_sums[:n], ref_sums[n:], args.beta, args.loss,
                                targets, chosen_tokens=counts[:n], rejected_tokens=counts[n:])
     h = preference_margin(sums[:n].detach(), sums[n:].detach(), ref_sums[:n], ref_sums[n:], args.loss,
@@ -210,7 +206,7 @@ def pair_losses(policy, reference, prompt_tokens, chosen_tokens, rejected_tokens
 
 def pair_ids(ids, pairs):
     """The token ids of each pair's responses, exactly as sampled (no re-encoding of the decoded text:
-    common.response_ids): [(chosen ids, rejected ids or None for RAFT)]."""
+    tokens.response_ids): [(chosen ids, rejected ids or None for RAFT)]."""
     return [(ids[row][hi], None if lo is None else ids[row][lo]) for row, hi, lo in pairs]
 
 
@@ -448,7 +444,7 @@ def main(argv=None):
         with sft_view(reference, policy) if args.sampling == "sft" else contextlib.nullcontext():
             responses, ids, cut, tokens_per_second = rollout(engine, tokenizer, prompt_records, args, step, device)
         bar.set_postfix_str(f"rollout {tokens_per_second:,.0f} tok/s", refresh=False)
-        # the judge is read at one position per query, outside forward: gathered whole (common.gathered)
+        # the judge is read at one position per query, outside forward: gathered whole (parallel.gathered)
         with sft_view(judge, policy) as judge_model, gathered(judge_model):
             self_scores = judge_self_scores(judge_model, judge_tokenizer, template,
                                             messages, responses, device)

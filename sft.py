@@ -29,14 +29,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (InputError, MetricsLogger, StepSums, add_lora_flags, add_resume_flag, add_scale_flags,
-                    add_tracking_flags, already_trained, autocast, batch_schedule, cosine_lr, default_dtype,
-                    destroy_distributed, encode_conversation, encode_text, end_of_turn_ids, finish_training_state,
-                    fraction, gradient_sync, init_distributed, load_for_training, load_tokenizer,
-                    load_training_state, lora_settings, make_optimizer, non_negative_float, optimizer_step,
-                    positive_float, positive_int, print0, rank_micro_batches, run_cli,
-                    save_checkpoint, save_training_state, scale_settings, seed_everything, set_lr, step_limit,
-                    unwrap)
+from parallel import add_lora_flags, add_scale_flags, default_dtype, destroy_distributed, gradient_sync, init_distributed, load_for_training, lora_settings, save_checkpoint, scale_settings, unwrap
+from runs import InputError, MetricsLogger, add_tracking_flags, already_trained, fraction, non_negative_float, positive_float, positive_int, print0, run_cli, step_limit
+from tokens import encode_conversation, encode_text, end_of_turn_ids, load_tokenizer
+from training import StepSums, add_resume_flag, autocast, batch_schedule, cosine_lr, finish_training_state, load_training_state, make_optimizer, optimizer_step, rank_micro_batches, save_training_state, seed_everything, set_lr
 from data.schema import load_records
 from memory_plan import print_stage_plan
 
@@ -266,8 +262,8 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------
     # Model
 
-    # fp32 master weights; bf16 compute on GPU (common.autocast / FSDP's policy). Under FSDP built on
-    # the meta device and loaded by rank 0 alone (common.load_for_training).
+    # fp32 master weights; bf16 compute on GPU (training.autocast / FSDP's policy). Under FSDP built on
+    # the meta device and loaded by rank 0 alone (parallel.load_for_training).
     model = load_for_training(args.model, args.parallel, dist_info, scratch=args.scratch,
                               activation_checkpointing=checkpointing, lora=lora)
     total_parameters = unwrap(model).num_parameters()

@@ -39,7 +39,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from common import write_jsonl
+from runs import write_jsonl
 from data.judge import JUDGE_TEMPLATES, judge_sft_records
 from data.schema import ROLES, validate_record
 

@@ -33,7 +33,7 @@ missing a required field is shown what a record of its kind looks like (EXAMPLES
 import json
 import math
 
-from common import InputError, read_jsonl_numbered
+from runs import InputError, read_jsonl_numbered
 
 ROLES = ("system", "user", "assistant")
 FINISH_REASONS = ("stop", "length")

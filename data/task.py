@@ -112,7 +112,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-from common import atomic_write_text, read_jsonl, write_jsonl
+from runs import atomic_write_text, read_jsonl, write_jsonl
 
 TASKS = ("reverse", "sort", "evens", "add")
 TAU = 0.1                  # temperature of the simulated human labeller, σ(Δr*/τ)

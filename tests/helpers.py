@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import read_jsonl, run_cli, write_jsonl
+from runs import read_jsonl, run_cli, write_jsonl
 from data.task import build
 from model import Transformer
 

@@ -6,6 +6,7 @@ import pytest
 
 import bench
 import rlhf_kernels.logprob
+import losses
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
 
@@ -47,7 +48,7 @@ def test_bench_fails_when_the_two_sides_disagree(monkeypatch, capsys):
 @pytest.mark.usefixtures("bench_in_process")
 def test_bench_dpo_fails_when_the_losses_disagree(monkeypatch, capsys):
     import dpo
-    real_loss = dpo.preference_loss
+    real_loss = losses.preference_loss
     monkeypatch.setattr(dpo, "preference_loss", lambda *a, **k: real_loss(*a, **k) * 1.01)
     with pytest.raises(SystemExit, match="disagree in: dpo"):
         bench.main(["--tiny", "--rows", "dpo", "--steps", "1"])

@@ -9,9 +9,10 @@ import sys
 import pytest
 import torch
 
-from common import (Dist, InputError, StepSums, atomic_write_text, batch_schedule, check_settings, cosine_lr,
-                    encode_conversation, encode_prompt, encode_response, end_of_turn_ids, load_tokenizer, optimizer_step,
-                    process_in_chunks, rank_micro_batches, read_jsonl, stop_token_ids, write_jsonl)
+from parallel import Dist
+from runs import InputError, atomic_write_text, check_settings, process_in_chunks, read_jsonl, write_jsonl
+from tokens import encode_conversation, encode_prompt, encode_response, end_of_turn_ids, load_tokenizer, stop_token_ids
+from training import StepSums, batch_schedule, cosine_lr, optimizer_step, rank_micro_batches
 from model import Transformer
 from tests.helpers import ROOT, run_script, tiny_config
 

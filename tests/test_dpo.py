@@ -12,11 +12,13 @@ import pytest
 import torch
 
 import dpo
-from common import (encode_prompt, encode_response, init_distributed, load_tokenizer, process_in_chunks, read_jsonl,
-                    run_cli, stop_token_ids, write_jsonl)
+from parallel import init_distributed
+from runs import process_in_chunks, read_jsonl, run_cli, write_jsonl
+from tokens import encode_prompt, encode_response, load_tokenizer, stop_token_ids
 from data.task import score
 from model import Transformer
 from tests.helpers import ROOT, builtin_model_dir, run_builtin_online, run_script, tiny_config, write_pairs
+import losses
 
 
 def trl_sigmoid_loss(pc, pr, rc, rr, beta, label_smoothing=0.0):
@@ -41,24 +43,24 @@ def test_preference_losses_hand_values():
     # h = (−1 − (−1.5)) − (−2 − (−1.5)) = 0.5 + 0.5 = 1
     args = [torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5]), 0.1]
     log_sigmoid = torch.nn.functional.logsigmoid
-    assert dpo.preference_loss(*args, "dpo").item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.1))), abs=1e-6)
-    assert dpo.preference_loss(*args, "dpo").item() == pytest.approx(0.6443967, abs=1e-6)
-    assert dpo.preference_loss(*args, "ipo").item() == pytest.approx((1 - 5) ** 2, abs=1e-5)
-    spce = dpo.preference_loss(*args, "spce", target=0.7).item()
+    assert losses.preference_loss(*args, "dpo").item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.1))), abs=1e-6)
+    assert losses.preference_loss(*args, "dpo").item() == pytest.approx(0.6443967, abs=1e-6)
+    assert losses.preference_loss(*args, "ipo").item() == pytest.approx((1 - 5) ** 2, abs=1e-5)
+    spce = losses.preference_loss(*args, "spce", target=0.7).item()
     assert spce == pytest.approx(-(0.7 * log_sigmoid(torch.tensor(0.1)) + 0.3 * log_sigmoid(torch.tensor(-0.1))).item(), abs=1e-6)
     assert spce == pytest.approx(0.7 * 0.6443967 + 0.3 * 0.7443967, abs=1e-6)
     with pytest.raises(ValueError):
-        dpo.preference_loss(*args, "hinge-typo")
+        losses.preference_loss(*args, "hinge-typo")
 
 
 def test_preference_losses_match_trl_formulas():
     torch.manual_seed(0)
     pc, pr, rc, rr = (torch.randn(64) * 5 for _ in range(4))
     for beta in (0.01, 0.1, 1.0):
-        assert torch.allclose(dpo.preference_loss(pc, pr, rc, rr, beta, "dpo"), trl_sigmoid_loss(pc, pr, rc, rr, beta), atol=1e-6)
-        assert torch.allclose(dpo.preference_loss(pc, pr, rc, rr, beta, "ipo"), trl_ipo_loss(pc, pr, rc, rr, beta), atol=1e-4)
+        assert torch.allclose(losses.preference_loss(pc, pr, rc, rr, beta, "dpo"), trl_sigmoid_loss(pc, pr, rc, rr, beta), atol=1e-6)
+        assert torch.allclose(losses.preference_loss(pc, pr, rc, rr, beta, "ipo"), trl_ipo_loss(pc, pr, rc, rr, beta), atol=1e-4)
         # cDPO (label smoothing ε) = SPCE with target 1 − ε
-        assert torch.allclose(dpo.preference_loss(pc, pr, rc, rr, beta, "spce", target=0.8),
+        assert torch.allclose(losses.preference_loss(pc, pr, rc, rr, beta, "spce", target=0.8),
                               trl_sigmoid_loss(pc, pr, rc, rr, beta, label_smoothing=0.2), atol=1e-6)
 
 
@@ -68,29 +70,29 @@ def test_ipo_length_normalisation_lives_in_preference_loss():
     torch.manual_seed(0)
     pc, pr, rc, rr = (torch.randn(16) * 20 for _ in range(4))
     chosen_tokens, rejected_tokens = torch.randint(1, 30, (16,)), torch.randint(1, 30, (16,))
-    ipo = dpo.preference_loss(pc, pr, rc, rr, 0.1, "ipo", chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens)
+    ipo = losses.preference_loss(pc, pr, rc, rr, 0.1, "ipo", chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens)
     expected = trl_ipo_loss(pc / chosen_tokens, pr / rejected_tokens, rc / chosen_tokens, rr / rejected_tokens, 0.1)
     assert torch.allclose(ipo, expected, atol=1e-5)
-    assert not torch.allclose(ipo, dpo.preference_loss(pc, pr, rc, rr, 0.1, "ipo"))  # the counts matter
+    assert not torch.allclose(ipo, losses.preference_loss(pc, pr, rc, rr, 0.1, "ipo"))  # the counts matter
     for loss_type in ("dpo", "spce"):
-        assert torch.equal(dpo.preference_loss(pc, pr, rc, rr, 0.1, loss_type, 0.7, chosen_tokens, rejected_tokens),
-                           dpo.preference_loss(pc, pr, rc, rr, 0.1, loss_type, 0.7))
+        assert torch.equal(losses.preference_loss(pc, pr, rc, rr, 0.1, loss_type, 0.7, chosen_tokens, rejected_tokens),
+                           losses.preference_loss(pc, pr, rc, rr, 0.1, loss_type, 0.7))
 
 
 def test_dpo_is_log2_at_the_reference_and_spce_p1_is_dpo():
     logps = torch.randn(8, requires_grad=True)
     other = torch.randn(8, requires_grad=True)
-    loss = dpo.preference_loss(logps, other, logps.detach(), other.detach(), 0.1, "dpo")
+    loss = losses.preference_loss(logps, other, logps.detach(), other.detach(), 0.1, "dpo")
     assert torch.allclose(loss, torch.full((8,), math.log(2)), atol=1e-6)
     loss.sum().backward()
     # at policy = reference the gradient in h is −β·σ(0) = −β/2 per pair, not zero ...
     assert torch.allclose(logps.grad, torch.full((8,), -0.05)) and torch.allclose(other.grad, torch.full((8,), 0.05))
     # ... and zero only when the two responses coincide (or, for SPCE, when the target is 1/2)
     same = torch.randn(4, requires_grad=True)
-    dpo.preference_loss(same, same, same.detach(), same.detach(), 0.1, "dpo").sum().backward()
+    losses.preference_loss(same, same, same.detach(), same.detach(), 0.1, "dpo").sum().backward()
     assert same.grad.abs().max().item() == 0.0
     h_args = (torch.randn(16), torch.randn(16), torch.randn(16), torch.randn(16), 0.3)
-    assert torch.allclose(dpo.preference_loss(*h_args, "spce", target=torch.ones(16)), dpo.preference_loss(*h_args, "dpo"), atol=1e-7)
+    assert torch.allclose(losses.preference_loss(*h_args, "spce", target=torch.ones(16)), losses.preference_loss(*h_args, "dpo"), atol=1e-7)
 
 
 def test_spce_gradient_matches_formula_and_vanishes_at_target():
@@ -99,27 +101,27 @@ def test_spce_gradient_matches_formula_and_vanishes_at_target():
     h = torch.linspace(-4, 4, 17, requires_grad=True)
     p = torch.rand(17)
     zeros = torch.zeros(17)
-    dpo.preference_loss(h, zeros, zeros, zeros, beta, "spce", target=p).sum().backward()
+    losses.preference_loss(h, zeros, zeros, zeros, beta, "spce", target=p).sum().backward()
     assert torch.allclose(h.grad, beta * (torch.sigmoid(beta * h.detach()) - p), atol=1e-6)
     p_star = torch.tensor([0.2, 0.5, 0.9])
     h_star = (torch.log(p_star / (1 - p_star)) / beta).requires_grad_()
-    dpo.preference_loss(h_star, torch.zeros(3), torch.zeros(3), torch.zeros(3), beta, "spce", target=p_star).sum().backward()
+    losses.preference_loss(h_star, torch.zeros(3), torch.zeros(3), torch.zeros(3), beta, "spce", target=p_star).sum().backward()
     assert h_star.grad.abs().max().item() < 1e-6
     # float64 gradcheck of all three losses through all four inputs
     inputs = [torch.randn(5, dtype=torch.float64, requires_grad=True) for _ in range(4)]
     target = torch.full((5,), 0.3, dtype=torch.float64)
     for loss_type in ("dpo", "ipo", "spce"):
-        assert torch.autograd.gradcheck(lambda *x, loss_type=loss_type: dpo.preference_loss(*x, 0.2, loss_type, target=target), inputs)
+        assert torch.autograd.gradcheck(lambda *x, loss_type=loss_type: losses.preference_loss(*x, 0.2, loss_type, target=target), inputs)
 
 
 def test_ipo_minimum_is_at_half_inverse_beta():
     beta = 0.25
     h = torch.linspace(-2, 6, 801, requires_grad=True)
     zeros = torch.zeros(801)
-    loss = dpo.preference_loss(h, zeros, zeros, zeros, beta, "ipo")
+    loss = losses.preference_loss(h, zeros, zeros, zeros, beta, "ipo")
     assert h[loss.argmin()].item() == pytest.approx(1 / (2 * beta), abs=0.011)
     at_minimum = torch.tensor([2.0], requires_grad=True)
-    dpo.preference_loss(at_minimum, torch.zeros(1), torch.zeros(1), torch.zeros(1), beta, "ipo").backward()
+    losses.preference_loss(at_minimum, torch.zeros(1), torch.zeros(1), torch.zeros(1), beta, "ipo").backward()
     assert at_minimum.grad.item() == 0.0
 
 
@@ -128,7 +130,7 @@ def test_sequence_logps_sum_only_response_tokens():
     model = Transformer.from_config(tiny_config(50)).eval()
     prompts, responses = [[1, 2, 3], [4, 5]], [[6, 7], [8, 9, 10, 11]]
     with torch.no_grad():
-        logps, counts = dpo.sequence_logps(model, prompts, responses, pad_id=0, device="cpu")
+        logps, counts = losses.sequence_logps(model, prompts, responses, pad_id=0, device="cpu")
         for row, (p, r) in enumerate(zip(prompts, responses)):
             log_probs = torch.log_softmax(model(torch.tensor([p + r]))[0], -1)
             expected = sum(log_probs[len(p) - 1 + j, token] for j, token in enumerate(r))
@@ -140,12 +142,12 @@ def test_k3_kl_hand_values_and_unbiased_on_policy():
     # one response of two tokens and a masked position: r − 1 − log r per token, 0 where masked
     logps, ref_logps = torch.tensor([[math.log(0.5), math.log(0.2), 0.0]]), torch.tensor([[math.log(0.25), math.log(0.4), 0.0]])
     expected = (0.5 - 1 - math.log(0.5)) + (2.0 - 1 - math.log(2.0))
-    assert dpo.k3_kl(logps, ref_logps).item() == pytest.approx(expected, abs=1e-6)
+    assert losses.k3_kl(logps, ref_logps).item() == pytest.approx(expected, abs=1e-6)
     # over every token y of a vocabulary, weighted by π(y): the exact expectation is KL(π‖π_ref), and
     # no term is negative (k1's terms log π − log π_ref are, where π_ref > π)
     torch.manual_seed(0)
     log_pi, log_ref = torch.log_softmax(torch.randn(20), 0), torch.log_softmax(torch.randn(20), 0)
-    terms = dpo.k3_kl(log_pi[:, None], log_ref[:, None])                                      # (20,) one token each
+    terms = losses.k3_kl(log_pi[:, None], log_ref[:, None])                                      # (20,) one token each
     assert (terms >= 0).all() and ((log_pi - log_ref) < 0).any()
     kl = (log_pi.exp() * (log_pi - log_ref)).sum()
     assert (log_pi.exp() * terms).sum().item() == pytest.approx(kl.item(), rel=1e-5)
@@ -162,11 +164,11 @@ def test_select_pairs_best_worst_ties_and_length_penalty(tmp_path):
     ]
     write_jsonl(tmp_path / "rewards.jsonl", records)
     records = read_jsonl(tmp_path / "rewards.jsonl")
-    pairs, dropped = dpo.select_pairs(records, reward_tolerance=0.1)
+    pairs, dropped = losses.select_pairs(records, reward_tolerance=0.1)
     assert [(p["id"], p["chosen"], p["rejected"]) for p in pairs] == [("a", "r1", "r2"), ("e", "a much longer answer", "short")]
     assert dropped == {"same_text": 1, "reward_tie": 2, "empty_response": 0}
     assert pairs[0]["margin"] == pytest.approx(3.0)
-    pairs, _ = dpo.select_pairs(records, length_penalty=0.01, reward_tolerance=0.0)
+    pairs, _ = losses.select_pairs(records, length_penalty=0.01, reward_tolerance=0.0)
     assert [(p["chosen"], p["rejected"]) for p in pairs if p["id"] == "e"] == [("short", "a much longer answer")]
     assert [p["id"] for p in pairs] == ["a", "d", "e"]
 
@@ -177,7 +179,7 @@ def test_pair_selection_and_missing_eos_penalty():
     record = {"id": "a", "prompt": [{"role": "user", "content": "x"}], "responses": ["r0", "r1", "r2", "r3"],
               "rewards": [0.5, 2.0, -1.0, 1.5], "finish_reasons": ["stop", "length", "stop", "stop"]}
     chosen_rejected = lambda selection, **kw: [(p["chosen"], p["rejected"], p["margin"])  # noqa: E731
-                                               for p in dpo.select_pairs([record], selection, **kw)[0]]
+                                               for p in losses.select_pairs([record], selection, **kw)[0]]
     assert chosen_rejected("max_min") == [("r1", "r2", 3.0)]
     assert chosen_rejected("max_random") == [("r1", "r0", 1.5)]
     assert chosen_rejected("random") == [("r1", "r0", 1.5)]
@@ -188,9 +190,9 @@ def test_pair_selection_and_missing_eos_penalty():
     assert chosen_rejected("random", missing_eos_penalty=2.0) == [("r0", "r1", 0.5)]
     # random pairs take the higher reward as chosen whichever comes first; equal rewards are a tie
     swapped = {**record, "rewards": [2.0, 0.5, -1.0, 1.5]}
-    assert [(p["chosen"], p["rejected"]) for p in dpo.select_pairs([swapped], "random")[0]] == [("r0", "r1")]
+    assert [(p["chosen"], p["rejected"]) for p in losses.select_pairs([swapped], "random")[0]] == [("r0", "r1")]
     tied = {**record, "rewards": [1.0, 1.0, 0.0, 0.0]}
-    assert dpo.select_pairs([tied], "random") == ([], {"same_text": 0, "reward_tie": 1, "empty_response": 0})
+    assert losses.select_pairs([tied], "random") == ([], {"same_text": 0, "reward_tie": 1, "empty_response": 0})
 
 # ----------------------------------------------------------------------------------------------
 # The settings of a run: every spelling of a flag counts, the run's settings carry over, a resume
@@ -430,7 +432,7 @@ def test_online_iterations_run_and_resume(dpo_online_run, capsys, dpo_stage_env)
     assert summary["missing_eos"] == sum(r == "length" for rec in rewards for r in rec["finish_reasons"]) > 0
     settings = json.loads((run / "iter2" / "settings.json").read_text())
     assert (settings["pair_selection"], settings["missing_eos_penalty"]) == ("max_random", 0.5)
-    expected, _ = dpo.select_pairs(rewards, "max_random", missing_eos_penalty=0.5, source="iter2")
+    expected, _ = losses.select_pairs(rewards, "max_random", missing_eos_penalty=0.5, source="iter2")
     assert read_jsonl(run / "iter2" / "pairs.jsonl") == expected
     samples = read_jsonl(run / "iter2" / "samples.jsonl")
     assert [r["id"] for r in samples] == [f"t2-{i}" for i in range(4)] and all(len(r["responses"]) == 4 for r in samples)
@@ -491,10 +493,10 @@ def test_online_pairs_score_exactly_the_sampled_tokens(dpo_online_run, tiny_mode
 
 
 def test_response_ids_are_the_sampled_ones_or_the_text_with_a_stop_only_where_it_stopped(tiny_model_dir):
-    """common.response_ids and dpo.tokenize_pairs: a record's ids are used as they are (here ids that
+    """tokens.response_ids and dpo.tokenize_pairs: a record's ids are used as they are (here ids that
     re-encoding the text would never give); without ids a text gets the end-of-turn token unless it was
     cut; a human pair (no ids) is a complete answer."""
-    from common import end_of_turn_ids, response_ids
+    from tokens import end_of_turn_ids, response_ids
     tokenizer = load_tokenizer(tiny_model_dir)
     eot = end_of_turn_ids(tokenizer)
     prompt = [{"role": "user", "content": "reverse 1 2"}]
@@ -505,7 +507,7 @@ def test_response_ids_are_the_sampled_ones_or_the_text_with_a_stop_only_where_it
     no_reasons = {k: v for k, v in record.items() if k != "finish_reasons"}
     assert [ids[-len(eot):] for ids in response_ids(tokenizer, no_reasons)] == [eot, eot]
     scored = {**record, "response_ids": [odd, [5]], "rewards": [1.0, 0.0]}
-    (pair,), _ = dpo.select_pairs([scored])
+    (pair,), _ = losses.select_pairs([scored])
     assert (pair["chosen_ids"], pair["rejected_ids"]) == (odd, [5])
     human = {"prompt": prompt, "chosen": "2 1", "rejected": "2"}
     _, examples = dpo.tokenize_pairs(tokenizer, [pair, human], max_length=64)
@@ -513,7 +515,7 @@ def test_response_ids_are_the_sampled_ones_or_the_text_with_a_stop_only_where_it
     assert examples[1][1:] == (encode_response(tokenizer, "2 1"), encode_response(tokenizer, "2"))
     # another sampler's empty text cut at once has no token to score: the prompt is dropped, and counted
     empty = {**record, "responses": ["2 1", ""], "rewards": [1.0, 0.0]}
-    assert dpo.select_pairs([{**empty, "response_ids": response_ids(tokenizer, empty)}]) == \
+    assert losses.select_pairs([{**empty, "response_ids": response_ids(tokenizer, empty)}]) == \
         ([], {"same_text": 0, "reward_tie": 0, "empty_response": 1})
     # ids of another tokenizer's vocabulary: one line naming the pair, not an IndexError in the forward
     with pytest.raises(dpo.InputError, match="not in the tokenizer's vocabulary"):

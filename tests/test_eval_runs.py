@@ -6,7 +6,8 @@ import shutil
 import pytest
 import torch
 
-from common import encode_prompt, load_tokenizer, read_jsonl, write_jsonl
+from runs import read_jsonl, write_jsonl
+from tokens import encode_prompt, load_tokenizer
 from data.task import score
 from model import Transformer
 from tests.helpers import builtin_model_dir, run_script
@@ -30,7 +31,7 @@ def test_judge_statistics_on_a_known_case():
 
 
 def test_evaluate_finds_checkpoints_scores_with_gold_and_caches(task_dir, tmp_path):
-    from train_rm import pairwise_preference
+    from rewards import pairwise_preference
     run = tmp_path / "run"
     builtin_model_dir(task_dir, run / "sft")
     shutil.copytree(run / "sft", run / "online" / "iter1" / "policy")

@@ -15,7 +15,7 @@ import generate
 import osp
 import sft
 import train_rm
-from common import fraction, positive_int, run_cli, step_limit, write_jsonl
+from runs import fraction, positive_int, run_cli, step_limit, write_jsonl
 from data.schema import EXAMPLES, load_records, validate_record
 from tests.helpers import ROOT, check_one_line_error
 

@@ -6,9 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import common
+import runs
 import generate
-from common import InputError, init_distributed, load_tokenizer, read_jsonl, write_jsonl
+from parallel import init_distributed
+from runs import InputError, read_jsonl, write_jsonl
+from tokens import load_tokenizer
 from rlhf_kernels.sampling import sample
 from model import KVCache, ModelConfig, Transformer
 from tests.helpers import run_script, run_script_expecting_error, tiny_config
@@ -153,7 +155,7 @@ def test_progress_counts_prompts_as_their_samples_end(tiny_model_dir, tmp_path, 
     # process_in_chunks: one bar over this rank's remaining records (unit: prompt), advanced by the
     # process itself (reports_progress), and for what it did not count, a chunk at a time.
     bars = []
-    monkeypatch.setattr(common, "tqdm", lambda **settings: bars.append(FakeBar(**settings)) or bars[-1])
+    monkeypatch.setattr(runs, "tqdm", lambda **settings: bars.append(FakeBar(**settings)) or bars[-1])
     records = [{"id": i} for i in range(7)]  # chunk_size 3: chunks of 3, 2 and 2
     single = init_distributed("cpu")
 
@@ -161,11 +163,11 @@ def test_progress_counts_prompts_as_their_samples_end(tiny_model_dir, tmp_path, 
         bar.update(len(chunk) - 1)
         return chunk
 
-    common.process_in_chunks(records, tmp_path / "a.jsonl", lambda chunk: chunk, single, chunk_size=3)
-    common.process_in_chunks(records, tmp_path / "b.jsonl", all_but_one_counted, single, chunk_size=3,
+    runs.process_in_chunks(records, tmp_path / "a.jsonl", lambda chunk: chunk, single, chunk_size=3)
+    runs.process_in_chunks(records, tmp_path / "b.jsonl", all_but_one_counted, single, chunk_size=3,
                              reports_progress=True)
     write_jsonl(tmp_path / "c.jsonl.parts-n7-chunks3" / "000000.jsonl", records[:3])  # a run that stopped after chunk 0
-    common.process_in_chunks(records, tmp_path / "c.jsonl", lambda chunk: chunk, single, chunk_size=3)
+    runs.process_in_chunks(records, tmp_path / "c.jsonl", lambda chunk: chunk, single, chunk_size=3)
     assert [(b.total, b.settings["unit"], b.updates) for b in bars] == [
         (7, "prompt", [3, 2, 2]), (7, "prompt", [2, 1, 1, 1, 1, 1]), (4, "prompt", [2, 2])]
     assert read_jsonl(tmp_path / "b.jsonl") == read_jsonl(tmp_path / "c.jsonl") == records

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import generate
-from common import read_jsonl
+from runs import read_jsonl
 from model import LoRALinear, LoRASettings, KVCache, Transformer, merge_lora, read_adapter, save_adapter
 from tests.helpers import run_script, tiny_config, write_pairs, write_sft_data
 
@@ -176,8 +176,9 @@ def test_lora_online_dpo_uses_the_same_model_adapters_off_as_reference(task_dir,
     """Two online iterations with LoRA on the built-in task (gold reward): step 1 of iteration 1 has
     the DPO loss log 2 (policy = reference, adapters fresh); iteration 2 continues iteration 1's
     adapter on π_0, and its reference log-probs (adapters off) are π_0's, computed by a plain π_0."""
-    from common import load_tokenizer
-    from dpo import sequence_logps, tokenize_pairs
+    from tokens import load_tokenizer
+    from dpo import tokenize_pairs
+    from losses import sequence_logps
     from tests.helpers import run_builtin_online
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -278,7 +279,7 @@ def test_lora_export_merges_into_the_asked_dtype_from_the_source_on_disk(tiny_mo
     """--save-dtype float32 after LoRA training in bf16: W + s·BA from the fp32 source, to 1% of the update,
     and every weight LoRA did not touch the source's bit for bit. (Merged into the bf16 copy the model
     computes with, the export was off the exact merge by ~15× the update.) In bf16: rounded once."""
-    from common import save_checkpoint
+    from parallel import save_checkpoint
     monkeypatch.setenv("RLHF_EMULATE_GPU", "1")
     model = small_update_lora(tiny_model_dir)
     source = load_file(tiny_model_dir / "model.safetensors")
@@ -309,7 +310,7 @@ def test_lora_export_of_a_model_trained_from_scratch_keeps_its_own_base(tiny_mod
     that base + s·BA, from a config-only --model folder as from one that holds other weights."""
     import shutil
 
-    from common import save_checkpoint
+    from parallel import save_checkpoint
     (tmp_path / "config_only").mkdir()
     shutil.copy(tiny_model_dir / "config.json", tmp_path / "config_only")
     torch.manual_seed(2)
@@ -329,7 +330,7 @@ def test_online_lora_iteration_samples_from_pi0_plus_its_adapter_unmerged(tiny_m
     adapter unmerged), not from the merged bf16 checkpoint, which loses most of a small update."""
     from types import SimpleNamespace
 
-    from common import save_checkpoint
+    from parallel import save_checkpoint
     from dpo import sampling_policy
     monkeypatch.setenv("RLHF_EMULATE_GPU", "1")
     model = small_update_lora(tiny_model_dir)
@@ -347,7 +348,7 @@ def test_online_lora_iteration_samples_from_pi0_plus_its_adapter_unmerged(tiny_m
     assert update > 0 and (merged - trained).abs().max() > 0.1 * update  # what sampling from the export lost
     assert sampling_policy(SimpleNamespace(lora_rank=0, iter=2, sft=tiny_model_dir), policy_dir, "cpu",
                            torch.bfloat16)(ids).float().equal(merged)  # without LoRA: the checkpoint
-    from common import InputError  # an iteration 1 made without LoRA: one line saying so, before any sampling
+    from runs import InputError
     with pytest.raises(InputError, match="every iteration from the first must train with LoRA"):
         sampling_policy(SimpleNamespace(lora_rank=4, iter=2, sft=tiny_model_dir, run_dir=tmp_path), tmp_path, "cpu",
                         torch.bfloat16)

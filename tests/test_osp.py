@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from common import encode_prompt, load_tokenizer, read_jsonl
+from runs import read_jsonl
+from tokens import encode_prompt, load_tokenizer
 from model import Transformer
 from tests.helpers import builtin_model_dir, run_script, run_script_expecting_error
 
@@ -27,7 +28,7 @@ def test_rollout_gives_the_sampled_ids_and_the_update_trains_on_them(tiny_model_
     from types import SimpleNamespace
 
     import generate
-    from common import stop_token_ids
+    from tokens import stop_token_ids
     from osp import pair_ids, rollout
     tokenizer = load_tokenizer(tiny_model_dir)
     model = Transformer.from_pretrained(tiny_model_dir).eval()
@@ -90,7 +91,7 @@ def test_random_pairs_are_disjoint_and_oriented_by_score():
 
 
 def test_judge_targets_are_symmetric_under_ab_swap(task_dir, tmp_path):
-    from train_rm import pairwise_preference
+    from rewards import pairwise_preference
     folder = builtin_model_dir(task_dir, tmp_path / "judge")
     judge, tokenizer = Transformer.from_pretrained(folder).eval(), load_tokenizer(folder)
     torch.manual_seed(1)

@@ -5,12 +5,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
 import dpo
 import osp
 import train_rm
-from common import read_jsonl
+from runs import read_jsonl
 from tests.helpers import builtin_model_dir, write_pairs
+import training
 
 
 class Crash(Exception):
@@ -27,8 +27,8 @@ def in_process_stage(monkeypatch):
 def crash_after_first_save(monkeypatch, stage):
     """The stage's save_training_state, raising once the first state is on disk: a crash mid-training."""
     def save_then_crash(out_dir, *args, **kwargs):
-        common.save_training_state(out_dir, *args, **kwargs)
-        if common.saved_states(out_dir):
+        training.save_training_state(out_dir, *args, **kwargs)
+        if training.saved_states(out_dir):
             raise Crash
     monkeypatch.setattr(stage, "save_training_state", save_then_crash)
 
@@ -89,9 +89,9 @@ def test_random_streams_load_without_unpickling_code(tmp_path, capsys):
     import numpy as np
     rng = random.Random(3)
     torch.manual_seed(1), random.seed(2), np.random.seed(4)
-    torch.save(common.random_streams(rng), tmp_path / "streams.pt")
+    torch.save(training.random_streams(rng), tmp_path / "streams.pt")
     first = (torch.rand(3).tolist(), random.random(), np.random.rand(), rng.random())
-    common.restore_random_streams(torch.load(tmp_path / "streams.pt", weights_only=True), rng)
+    training.restore_random_streams(torch.load(tmp_path / "streams.pt", weights_only=True), rng)
     assert (torch.rand(3).tolist(), random.random(), np.random.rand(), rng.random()) == first
     torch.save({"torch": RunsCode()}, tmp_path / "evil.pt")
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported"):

@@ -11,10 +11,13 @@ import torch
 
 import dpo
 import train_rm
-from common import closing_ids, encode_prompt, encode_response, load_tokenizer, read_jsonl, write_jsonl
+from runs import read_jsonl, write_jsonl
+from tokens import closing_ids, encode_prompt, encode_response, load_tokenizer
 from data.judge import render_judge_prompt
 from model import Transformer
 from tests.helpers import build_template_tokenizer, tiny_config, write_pairs
+import losses
+import rewards
 
 FAMILIES = ("chatml", "llama3", "mistral")
 LAST_TOKEN = {"chatml": "\n", "llama3": "<|eot_id|>", "mistral": "</s>"}  # the token each family's reward is read at
@@ -35,7 +38,7 @@ def test_a_reward_is_read_at_the_last_token_of_the_templates_full_rendering(fami
     build_template_tokenizer(tmp_path, family)
     tokenizer = load_tokenizer(tmp_path)
     for conversation in CONVERSATIONS:
-        ids, truncated = train_rm.pair_token_ids(tokenizer, conversation[:-1], conversation[-1]["content"], 2048)
+        ids, truncated = rewards.pair_token_ids(tokenizer, conversation[:-1], conversation[-1]["content"], 2048)
         assert ids == tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False) and not truncated
         assert tokenizer.convert_ids_to_tokens(ids[-1]) == LAST_TOKEN[family]
         if tokenizer.bos_token is not None:  # the template writes BOS; tokenizer(text) alone would add a second one
@@ -45,11 +48,11 @@ def test_a_reward_is_read_at_the_last_token_of_the_templates_full_rendering(fami
     if family == "chatml":  # the policy's sequence ends at <|im_end|>; the reward model reads one token further
         prompt, response = CONVERSATIONS[0][:-1], CONVERSATIONS[0][-1]["content"]
         newline = tokenizer.convert_tokens_to_ids("\n")
-        assert train_rm.pair_token_ids(tokenizer, prompt, response, 2048)[0] == encode_prompt(tokenizer, prompt) + encode_response(tokenizer, response) + [newline]
+        assert rewards.pair_token_ids(tokenizer, prompt, response, 2048)[0] == encode_prompt(tokenizer, prompt) + encode_response(tokenizer, response) + [newline]
     # The pairwise judge's query is already the full rendering of its user turn with the generation prompt.
     prompt = CONVERSATIONS[0][:-1]
     query = [{"role": "user", "content": render_judge_prompt(prompt, "cba", "abc", "pairwise")}]
-    assert train_rm.pairwise_query_ids(tokenizer, prompt, "cba", "abc") == \
+    assert rewards.pairwise_query_ids(tokenizer, prompt, "cba", "abc") == \
         tokenizer.apply_chat_template(query, add_generation_prompt=True, tokenize=True, return_dict=False)
 
 
@@ -60,7 +63,7 @@ def test_the_reward_models_pad_never_ends_a_scored_sequence(family, tmp_path):
     build_template_tokenizer(tmp_path, family)
     tokenizer = load_tokenizer(tmp_path)
     tokenizer.pad_token = tokenizer.convert_ids_to_tokens(closing_ids(tokenizer)[-1])
-    assert train_rm.unused_pad_id(tokenizer) not in closing_ids(tokenizer) + [tokenizer.eos_token_id]
+    assert rewards.unused_pad_id(tokenizer) not in closing_ids(tokenizer) + [tokenizer.eos_token_id]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,7 +103,7 @@ def test_exported_reward_model_scores_padded_batches_as_in_transformers(family, 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     _, rm = family_models[family]
     records = [{"id": str(i), "prompt": c[:-1], "responses": [c[-1]["content"]]} for i, c in enumerate(CONVERSATIONS)]
-    ours = train_rm.score_records(train_rm.load_for_inference(rm, "bt", torch.device("cpu")), load_tokenizer(rm), records,
+    ours = rewards.score_records(rewards.load_for_inference(rm, "bt", torch.device("cpu")), load_tokenizer(rm), records,
                                   torch.device("cpu"), batch_size=3, max_length=2048)
     ours = torch.tensor([r["rewards"][0] for r in ours])
     hf, hf_tokenizer = AutoModelForSequenceClassification.from_pretrained(rm).eval(), AutoTokenizer.from_pretrained(rm)
@@ -172,4 +175,4 @@ def test_dpo_scores_with_an_ensemble_of_reward_models_of_other_families(family_m
                       for hf, tok in scorers]
         assert statistics.stdev(scores) > 1e-3  # the members disagree, so the two modes differ
         assert reward == pytest.approx(statistics.mean(scores) - statistics.stdev(scores), abs=1e-4)
-    assert dpo.ensemble_rewards([[1.0, 2.0], [3.0, 2.0]]) == [2.0, 2.0]  # the default mode: the mean
+    assert losses.ensemble_rewards([[1.0, 2.0], [3.0, 2.0]]) == [2.0, 2.0]  # the default mode: the mean

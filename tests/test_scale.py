@@ -14,7 +14,7 @@ sys.path.insert(0, sys.argv[2])  # the repository root (the script itself lives 
 import pytest
 import torch
 import torch.distributed as dist
-from common import destroy_distributed, full_state_dict, init_distributed, load_for_training
+from parallel import destroy_distributed, full_state_dict, init_distributed, load_for_training
 from model import Transformer
 path = sys.argv[1]
 dist_info = init_distributed("cpu")

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sft
-from common import load_tokenizer, read_jsonl, write_jsonl
+from runs import read_jsonl, write_jsonl
+from tokens import load_tokenizer
 from model import Transformer
 from tests.helpers import ROOT, run_main_expecting_error, stage_command, stage_env, run_script, run_script_expecting_error, write_sft_data
 

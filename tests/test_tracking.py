@@ -1,4 +1,4 @@
-"""Experiment tracking (--report-to wandb|tensorboard, common.MetricsLogger): the tracker gets the same
+"""Experiment tracking (--report-to wandb|tensorboard, runs.MetricsLogger): the tracker gets the same
 numbers as metrics.jsonl, the run's name and its settings, read back from its own files; a tracker
 that is not installed stops the stage at parse time with one line naming the pip install."""
 import json
@@ -12,7 +12,7 @@ import dpo
 import osp
 import sft
 import train_rm
-from common import MetricsLogger, read_jsonl, run_cli
+from runs import MetricsLogger, read_jsonl, run_cli
 from tests.helpers import write_sft_data
 
 LINES = [dict(step=1, loss=0.75, lr=1e-3, tokens=120), dict(step=2, loss=0.5, lr=5e-4, tokens=96),

@@ -6,9 +6,12 @@ import pytest
 import torch
 
 import train_rm
-from common import closing_ids, load_tokenizer, read_jsonl, right_pad, write_jsonl
+from runs import read_jsonl, write_jsonl
+from tokens import closing_ids, load_tokenizer, right_pad
 from model import Transformer
 from tests.helpers import run_main_expecting_error, run_script, run_script_expecting_error, tiny_config, write_pairs
+import losses
+import rewards
 
 
 # ----------------------------------------------------------------------------------------------
@@ -18,7 +21,7 @@ from tests.helpers import run_main_expecting_error, run_script, run_script_expec
 def test_bt_loss_hand_values_and_gradient():
     chosen = torch.tensor([1.0, 0.0, -2.0], requires_grad=True)
     rejected = torch.tensor([0.0, 0.0, 1.0], requires_grad=True)
-    loss = train_rm.bt_loss(chosen, rejected)
+    loss = losses.bt_loss(chosen, rejected)
     # −log σ(d) = log(1 + e^−d): d = 1, 0, −3
     expected = torch.tensor([0.31326169, 0.69314718, 3.04858735])
     assert torch.allclose(loss, expected, atol=1e-6)
@@ -26,12 +29,12 @@ def test_bt_loss_hand_values_and_gradient():
     # d/dr_w = −σ(−d) = −(1 − σ(d)); d/dr_l = +σ(−d)
     assert torch.allclose(chosen.grad, -torch.sigmoid(-torch.tensor([1.0, 0.0, -3.0])), atol=1e-6)
     assert torch.allclose(rejected.grad, -chosen.grad)
-    with_margin = train_rm.bt_loss(torch.tensor([2.0]), torch.tensor([0.0]), margin=torch.tensor([1.0]))
+    with_margin = losses.bt_loss(torch.tensor([2.0]), torch.tensor([0.0]), margin=torch.tensor([1.0]))
     assert with_margin.item() == pytest.approx(0.31326169, abs=1e-6)
-    centered = train_rm.bt_loss(torch.tensor([2.0]), torch.tensor([1.0]), center_coef=0.01)
+    centered = losses.bt_loss(torch.tensor([2.0]), torch.tensor([1.0]), center_coef=0.01)
     assert centered.item() == pytest.approx(0.31326169 + 0.01 * 9, abs=1e-6)
     # Large reward gaps stay finite (logsigmoid, not log(sigmoid)).
-    assert torch.isfinite(train_rm.bt_loss(torch.tensor([-200.0]), torch.tensor([200.0]))).all()
+    assert torch.isfinite(losses.bt_loss(torch.tensor([-200.0]), torch.tensor([200.0]))).all()
 
 
 def test_reward_is_read_at_last_real_token_even_when_pad_is_eos():
@@ -40,8 +43,8 @@ def test_reward_is_read_at_last_real_token_even_when_pad_is_eos():
     eos = 3
     sequences = [[5, 6, 7, eos], [8, 9, eos], [10, eos, eos, 11, 12, eos]]  # eos inside a sequence too
     with torch.no_grad():
-        batched = train_rm.sequence_rewards(model, sequences, pad_id=eos, device="cpu")
-        alone = torch.stack([train_rm.sequence_rewards(model, [s], pad_id=eos, device="cpu")[0] for s in sequences])
+        batched = rewards.sequence_rewards(model, sequences, pad_id=eos, device="cpu")
+        alone = torch.stack([rewards.sequence_rewards(model, [s], pad_id=eos, device="cpu")[0] for s in sequences])
         full = torch.stack([model(torch.tensor([s]))[0, -1] for s in sequences])
     assert torch.allclose(batched, alone, atol=1e-5) and torch.allclose(batched, full, atol=1e-5)
 
@@ -52,8 +55,8 @@ def test_pairwise_preference_is_order_symmetric(tiny_model_dir):
     tokenizer = load_tokenizer(tiny_model_dir)
     prompts = [[{"role": "user", "content": "reverse abc"}], [{"role": "user", "content": "hi"}]]
     a, b = ["cba", "hello"], ["abc", ""]
-    p_ab = train_rm.pairwise_preference(model, tokenizer, prompts, a, b, "cpu")
-    p_ba = train_rm.pairwise_preference(model, tokenizer, prompts, b, a, "cpu")
+    p_ab = rewards.pairwise_preference(model, tokenizer, prompts, a, b, "cpu")
+    p_ba = rewards.pairwise_preference(model, tokenizer, prompts, b, a, "cpu")
     assert torch.allclose(p_ab + p_ba, torch.ones(2), atol=1e-6)
     assert ((p_ab > 0) & (p_ab < 1)).all()
 
@@ -68,10 +71,10 @@ def test_pairwise_logits_ab_equal_the_full_logits_at_the_last_real_token(tiny_mo
     model = Transformer.from_config(tiny_config(len(tokenizer), tie_word_embeddings=tied)).eval()
     prompts = [[{"role": "user", "content": "reverse abc"}], [{"role": "user", "content": "hi"}],
                [{"role": "user", "content": "a longer question, padded the least"}]]
-    queries = [train_rm.pairwise_query_ids(tokenizer, p, a, b) for p, a, b in zip(prompts, ["cba", "hello", "x"], ["abc", "", "yz"])]
-    labels = list(train_rm.label_token_ids(tokenizer))
+    queries = [rewards.pairwise_query_ids(tokenizer, p, a, b) for p, a, b in zip(prompts, ["cba", "hello", "x"], ["abc", "", "yz"])]
+    labels = list(rewards.label_token_ids(tokenizer))
     with torch.no_grad():
-        logits_ab = train_rm.pairwise_logits_ab(model, queries, labels, tokenizer.pad_token_id, "cpu")                 # (B, 2)
+        logits_ab = rewards.pairwise_logits_ab(model, queries, labels, tokenizer.pad_token_id, "cpu")                 # (B, 2)
         full = torch.stack([model(torch.tensor([q]))[0, -1] for q in queries])                    # (B, V), one query at a time
         input_ids, lengths = right_pad(queries, tokenizer.pad_token_id)
         targets = torch.full_like(input_ids, -100)
@@ -87,7 +90,7 @@ def test_length_bias_statistic():
                {"responses": ["a", "bb", "ccc"], "rewards": [3.0, 2.0, 1.0]},       # −1
                {"responses": ["a", "bb"], "num_tokens": [5, 5], "rewards": [0.0, 1.0]},  # constant length: left out
                {"responses": ["a", "bbb", "cc"], "rewards": [0.0, 2.0, 1.0]}]      # +1 (characters: no num_tokens)
-    mean, used, skipped = train_rm.length_bias(records)
+    mean, used, skipped = rewards.length_bias(records)
     assert (used, skipped) == (3, 1) and mean == pytest.approx(1 / 3)
 
 
@@ -205,13 +208,13 @@ def test_score_is_the_same_for_any_rank_count_and_chunking(bt_rm, tmp_path):
 
 def test_scoring_reads_only_id_prompt_and_responses(bt_rm):
     """score_records and length_bias work on samples without num_tokens / finish_reasons."""
-    model = train_rm.load_for_inference(bt_rm["rm"], "bt", torch.device("cpu"))
+    model = rewards.load_for_inference(bt_rm["rm"], "bt", torch.device("cpu"))
     tokenizer = load_tokenizer(bt_rm["rm"])
     bare = [{"id": s["id"], "prompt": s["prompt"], "responses": s["responses"]} for s in bt_rm["samples"]]
-    scored = train_rm.score_records(model, tokenizer, bare, torch.device("cpu"), batch_size=5, max_length=2048)
+    scored = rewards.score_records(model, tokenizer, bare, torch.device("cpu"), batch_size=5, max_length=2048)
     assert [set(r) for r in scored] == [{"id", "prompt", "responses", "rewards"}] * len(bare)
     assert torch.allclose(torch.tensor([r["rewards"] for r in scored]), torch.tensor([r["rewards"] for r in bt_rm["scored"]]), atol=1e-5)
-    mean, used, skipped = train_rm.length_bias(scored)
+    mean, used, skipped = rewards.length_bias(scored)
     assert used + skipped == len(bare) and -1.0 <= mean <= 1.0
 
 
@@ -230,7 +233,7 @@ def test_exported_rm_scores_batches_padded_by_its_tokenizer_in_transformers(bt_r
     samples = bt_rm["samples"]
     texts = [hf_tokenizer.apply_chat_template(s["prompt"] + [{"role": "assistant", "content": response}], tokenize=False)
              for s in samples for response in s["responses"]]
-    ours_ids = [train_rm.pair_token_ids(load_tokenizer(rm), s["prompt"], response, 2048)[0]
+    ours_ids = [rewards.pair_token_ids(load_tokenizer(rm), s["prompt"], response, 2048)[0]
                 for s in samples for response in s["responses"]]
     ours = torch.tensor([x for r in bt_rm["scored"] for x in r["rewards"]])
     for side in ("right", "left"):
@@ -309,12 +312,12 @@ def small_builtin_model_dir(task_dir, folder):
 
 def held_out_accuracy_and_loss(model, tokenizer, pairs):
     """(fraction of pairs with r_chosen > r_rejected, mean BT loss) of a reward model."""
-    chosen = [train_rm.pair_token_ids(tokenizer, p["prompt"], p["chosen"], 128)[0] for p in pairs]
-    rejected = [train_rm.pair_token_ids(tokenizer, p["prompt"], p["rejected"], 128)[0] for p in pairs]
+    chosen = [rewards.pair_token_ids(tokenizer, p["prompt"], p["chosen"], 128)[0] for p in pairs]
+    rejected = [rewards.pair_token_ids(tokenizer, p["prompt"], p["rejected"], 128)[0] for p in pairs]
     with torch.no_grad():
-        rewards = torch.cat([train_rm.sequence_rewards(model, chosen[i:i + 128] + rejected[i:i + 128], 0, "cpu").view(2, -1).T
+        rewards = torch.cat([rewards.sequence_rewards(model, chosen[i:i + 128] + rejected[i:i + 128], 0, "cpu").view(2, -1).T
                              for i in range(0, len(pairs), 128)])  # (N, 2): chosen, rejected
-    return (rewards[:, 0] > rewards[:, 1]).float().mean().item(), train_rm.bt_loss(rewards[:, 0], rewards[:, 1]).mean().item()
+    return (rewards[:, 0] > rewards[:, 1]).float().mean().item(), losses.bt_loss(rewards[:, 0], rewards[:, 1]).mean().item()
 
 
 def test_bt_reward_model_learns_builtin_task_above_chance_and_the_untrained_model(task_dir, tmp_path):
@@ -334,7 +337,7 @@ def test_bt_reward_model_learns_builtin_task_above_chance_and_the_untrained_mode
     tokenizer = load_tokenizer(start)
     torch.manual_seed(0)  # the training run's seed: the same new head as training started from
     untrained_accuracy, untrained_loss = held_out_accuracy_and_loss(Transformer.from_pretrained(start, head="score").eval(), tokenizer, held_out)
-    accuracy, loss = held_out_accuracy_and_loss(train_rm.load_for_inference(tmp_path / "rm", "bt", torch.device("cpu")), tokenizer, held_out)
+    accuracy, loss = held_out_accuracy_and_loss(rewards.load_for_inference(tmp_path / "rm", "bt", torch.device("cpu")), tokenizer, held_out)
     assert accuracy >= 0.62, accuracy  # chance is 0.5; the standard error on 1,700 pairs is 0.012
     assert accuracy >= untrained_accuracy + 0.04, (accuracy, untrained_accuracy)
     assert loss <= untrained_loss - 0.03 and untrained_loss == pytest.approx(0.693, abs=0.01), (loss, untrained_loss)
