@@ -95,7 +95,7 @@ from data.schema import load_records
 from data.task import format_reward_vs_gold, gold_scored, reward_vs_gold, score
 from memory_plan import print_stage_plan
 from model import ModelConfig, Transformer
-from losses import PAIR_SELECTIONS, ensemble_rewards, preference_loss, select_pairs, sequence_logps
+from losses import per_token_nll, PAIR_SELECTIONS, ensemble_rewards, preference_loss, select_pairs, sequence_logps
 from rewards import reward_models
 
 
@@ -217,7 +217,7 @@ def train_step(model, optimizer, micro_batches, beta, loss_type, nll_coef, grad_
             per_pair = preference_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type,
                                        target, chosen_tokens, rejected_tokens)
             if nll_coef:  # RPO: keep the chosen response likely (its per-token NLL)
-                per_pair = per_pair - nll_coef * chosen / chosen_tokens
+                per_pair = per_pair + nll_coef * per_token_nll(chosen, chosen_tokens)
             # Mean over the global batch's pairs (× world size: gradients are averaged over ranks).
             loss = (per_pair * weight).sum() / global_pairs * world_size
             loss.backward()

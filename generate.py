@@ -125,8 +125,7 @@ def decode_slots(config, max_len, dtype, free_bytes, cap=MAX_AUTO_SLOTS):
     most cap. A slot holds the key and the value of every layer at every position:
     layers × 2 × n_kv_heads × head_dim × dtype bytes × max_len (Llama-3-8B, bf16, 4096 positions:
     512 MiB). May be 0: the caller says what does not fit."""
-    bytes_per_position = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * dtype.itemsize
-    bytes_per_slot = bytes_per_position * max_len
+    bytes_per_slot = config.kv_bytes_per_position(dtype.itemsize) * max_len
     return min(cap, int(free_bytes * CACHE_MEMORY_FRACTION) // bytes_per_slot)
 
 
@@ -564,9 +563,7 @@ def benchmark(prompt_len=128, new_tokens=256, batches=(64, 256)):
                 torch.cuda.synchronize()
             hf_tps = batch * new_tokens / (time.time() - t0)
             # Bandwidth roofline: every step reads the weights once plus each row's KV cache (mean length).
-            c = ours.config
-            kv_bytes_per_position = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 2  # bf16
-            kv_bytes = batch * (prompt_len + new_tokens / 2) * kv_bytes_per_position
+            kv_bytes = batch * (prompt_len + new_tokens / 2) * ours.config.kv_bytes_per_position(2)  # bf16
             roofline = batch / ((weight_bytes + kv_bytes) / 3.35e12)
             print(f"{name:15s} batch {batch:4d}: ours {ours_tps:9,.0f} tok/s | HF generate {hf_tps:8,.0f} tok/s | "
                   f"{ours_tps / hf_tps:5.2f}x | "

@@ -66,6 +66,12 @@ def sequence_logps(model, prompts, responses, pad_id, device):
     return logps.sum(1), torch.tensor([len(r) for r in responses], device=device)
 
 
+def per_token_nll(logps, num_tokens):
+    """The mean negative log-likelihood per token of each response (B,), from its summed log-probs
+    (B,) and token counts (B,): RPO's added term in dpo.py, RAFT's loss in osp.py."""
+    return -logps / num_tokens
+
+
 def k3_kl(logps, ref_logps):
     """KL(π‖π_ref) of each response (B,), by Schulman's k3 estimator on its tokens (B, T):
     Σ_t (r_t − 1 − log r_t) with r_t = π_ref(y_t|·) / π(y_t|·). Every term is ≥ 0, and on tokens
@@ -120,9 +126,9 @@ def select_pairs(records, selection="max_min", length_penalty=0.0, missing_eos_p
         if selection == "random":
             first, second = 0, 1
         else:
-            first = max(range(len(adjusted)), key=lambda i: (adjusted[i], -i))  # the best
+            first = best_index(adjusted)
             if selection == "max_min":
-                second = min(range(len(adjusted)), key=lambda i: (adjusted[i], -i))  # the worst
+                second = worst_index(adjusted)
             else:
                 second = 1 if first == 0 else 0
         best, worst = (first, second) if adjusted[first] >= adjusted[second] else (second, first)
@@ -154,3 +160,14 @@ def bt_loss(chosen_rewards, rejected_rewards, margin=None, center_coef=0.0):
     if center_coef:
         loss = loss + center_coef * (chosen_rewards + rejected_rewards) ** 2
     return loss
+
+
+def best_index(values):
+    """The index of the best value; of equal ones, the first."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def worst_index(values):
+    """The index of the worst value; of equal ones, the last (so that with all values equal,
+    best_index and worst_index differ: a tie, not a response paired with itself)."""
+    return min(range(len(values)), key=lambda i: (values[i], -i))

@@ -38,7 +38,7 @@ def parameter_counts(config, head="lm"):
 
 def kv_cache_bytes(config, slots, positions, b):
     """A KV cache of `slots` rows × `positions`: k and v, every layer, in b-byte elements."""
-    return slots * positions * config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * b
+    return slots * positions * config.kv_bytes_per_position(b)
 
 
 def sampling_bytes(config, slots, b):

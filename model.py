@@ -106,6 +106,11 @@ class ModelConfig:
             raw=dict(d),
         )
 
+    def kv_bytes_per_position(self, itemsize):
+        """KV-cache bytes of one position of one sequence: k and v, every layer, n_kv_heads × head_dim
+        elements of `itemsize` bytes each (Llama-3-8B in bf16: 128 KiB)."""
+        return self.num_hidden_layers * 2 * self.num_key_value_heads * self.head_dim * itemsize
+
 
 def sliding_window_of(d, model_type):
     """The sliding window of a config dict, or None; one window for every layer, as our attention has.

@@ -53,7 +53,7 @@ from tokens import load_tokenizer, stop_token_ids
 from training import StepSums, add_resume_flag, autocast, cosine_lr, finish_training_state, load_training_state, make_optimizer, optimizer_step, save_training_state, seed_everything, set_lr
 from data.judge import JUDGE_TEMPLATES
 from data.schema import load_records
-from losses import k3_kl, preference_loss, preference_margin, token_logps
+from losses import best_index, k3_kl, per_token_nll, preference_loss, preference_margin, token_logps
 from generate import Engine, encode_prompts, generate_records
 from memory_plan import print_stage_plan
 from rewards import judge_template, pairwise_preference
@@ -81,7 +81,7 @@ def random_pairs(scores, rng):
 
 def best_response(scores):
     """RAFT's choice: the top-ranked response (ties: the lower index, as in ranked_pairs)."""
-    return min(range(len(scores)), key=lambda i: (-scores[i], i))
+    return best_index(scores)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,7 +194,7 @@ def pair_losses(policy, reference, prompt_tokens, chosen_tokens, rejected_tokens
     sums, ref_sums = logps.sum(1), ref_logps.sum(1)
     counts = torch.tensor([len(r) for r in responses], device=device)
     if rejected_tokens is None:
-        return -sums / counts, torch.zeros_like(ref_sums), kl
+        return per_token_nll(sums, counts), torch.zeros_like(ref_sums), kl
     n = len(prompt_tokens)
     # The token counts make IPO use length-normalised log-probs (losses.preference_loss, as in dpo.py).
     per_pair = preference_loss(sums[:n], sums[n:], ref_sums[:n], ref_sums[n:], args.beta, args.loss,

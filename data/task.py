@@ -112,6 +112,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+from losses import best_index
 from runs import atomic_write_text, read_jsonl, write_jsonl
 
 TASKS = ("reverse", "sort", "evens", "add")
@@ -222,7 +223,7 @@ def gold_scored(records):
 def picked_gold(record):
     """The gold of the response a record's `rewards` pick as best of its n (the first of equals)."""
     rewards = record["rewards"]
-    return record["gold"][max(range(len(rewards)), key=lambda i: (rewards[i], -i))]
+    return record["gold"][best_index(rewards)]
 
 
 GOLD_GAP = 0.1  # two answers "differ in correctness" when their gold scores differ by more than this
