@@ -35,8 +35,8 @@ stops the run with an error naming it, before anything is sampled. A prompt long
 --max-prompt-length (tokens; default: no limit) is skipped and counted, never truncated: its record
 is absent from the output.
 Output: one JSONL record per prompt (data/README.md, "samples"): id, prompt, responses, response_ids
-(the generated token ids, the stop token included: what training scores, tokens.response_ids), num_tokens
-(their count), finish_reasons ("stop" | "length"), and with
+(the generated token ids, the stop token included: what training scores, tokens.response_ids),
+num_tokens (their count), finish_reasons ("stop" | "length"), and with
 --logprobs, logprobs (each response's summed log-prob) and token_logprobs (per token), both under
 the temperature-scaled, untruncated distribution — what a teacher-forced forward with
 `temperature` gives, which is what lets DPO/OSP trust them.
@@ -50,13 +50,15 @@ import torch
 import torch.nn.functional as F
 
 from parallel import default_dtype, destroy_distributed, init_distributed
-from runs import InputError, fraction, non_negative_float, non_negative_int, positive_fraction, positive_int, print0, process_in_chunks, run_cli
+from runs import (InputError, fraction, non_negative_float, non_negative_int, positive_fraction,
+                  positive_int, print0, process_in_chunks, run_cli)
 from tokens import encode_prompt, load_tokenizer, stop_token_ids
 from data.schema import load_records
 from rlhf_kernels.sampling import sample
 from model import KVCache, Transformer
 
-SEED_STRIDE = 0x1E3779B97F4A7C15  # odd 61-bit constant: seed of step s = base seed + s · stride (int64)
+# odd 61-bit constant: seed of step s = base seed + s · stride (int64)
+SEED_STRIDE = 0x1E3779B97F4A7C15
 
 
 def sample_seed(seed, prompt_id, sample_index):
@@ -77,18 +79,24 @@ def prefill(model, cache, input_ids, lengths):
     No position_ids: the model's prefill path (positions 0..width-1, plain causal attention, flash
     on GPU); a padded row's keys past its length are never attended and get overwritten."""
     count, width = input_ids.shape
-    hidden = model.hidden_states(input_ids, cache=cache)                               # (count, width, H)
+    # (count, width, H)
+    hidden = model.hidden_states(input_ids, cache=cache)
     last = hidden[torch.arange(count, device=input_ids.device), lengths - 1]            # (count, H)
-    return F.linear(last, model.lm_head_weight)                                          # (count, V)
+    # (count, V)
+    return F.linear(last, model.lm_head_weight)
 
 
-def decode_step(model, cache, tokens, positions, cache_len, seeds, temperature, top_k, top_p, min_p):
-    """One token for every slot: (B,) tokens at (B,) positions -> rlhf_kernels.sampling.Sampled of (B,)
-    tokens and log-probs. Only the first cache_len positions of the cache are read (a host-side
+def decode_step(model, cache, tokens, positions, cache_len, seeds, temperature, top_k, top_p,
+                min_p):
+    """One token for every slot: (B,) tokens at (B,) positions -> rlhf_kernels.sampling.Sampled of
+    (B,) tokens and log-probs. Only the first cache_len positions of the cache are read (a host-side
     bound, more than every position in use: see Engine.decode). Fixed shapes whatever the slots
     hold, and cache_len moves in steps of CACHE_LEN_STEP, so a compiled step sees few shapes."""
-    logits = model(tokens[:, None], position_ids=positions[:, None], cache=cache, cache_len=cache_len)  # (B, 1, V)
-    return sample(logits[:, 0], temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds)
+    # (B, 1, V)
+    logits = model(tokens[:, None], position_ids=positions[:, None], cache=cache,
+                   cache_len=cache_len)
+    return sample(logits[:, 0], temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                  seeds=seeds)
 
 
 eager_decode_step = decode_step
@@ -105,13 +113,17 @@ def compile_decode_step():
 # ----------------------------------------------------------------------------------------------
 # The engine
 
-CACHE_LEN_STEP = 64          # cache lengths (allocated, and read per decode step) are multiples of this
-MAX_AUTO_SLOTS = 512         # decode slots chosen from free GPU memory stop here: past a few hundred a
-                             # decode step is compute-bound and more slots add little throughput
-CACHE_MEMORY_FRACTION = 0.8  # of the free GPU memory, for the KV cache; the rest is for the prefill's
-                             # and the sampler's temporaries and for fragmentation
-DECODE_ROWS_STEP = 8         # on a CPU, a decode step runs the first multiple of this many slots that
-                             # holds every busy one (Engine.decode_rows)
+# cache lengths (allocated, and read per decode step) are multiples of this
+CACHE_LEN_STEP = 64
+# decode slots chosen from free GPU memory stop here: past a few hundred a
+# decode step is compute-bound and more slots add little throughput
+MAX_AUTO_SLOTS = 512
+# of the free GPU memory, for the KV cache; the rest is for the prefill's
+# and the sampler's temporaries and for fragmentation
+CACHE_MEMORY_FRACTION = 0.8
+# on a CPU, a decode step runs the first multiple of this many slots that
+# holds every busy one (Engine.decode_rows)
+DECODE_ROWS_STEP = 8
 PREFILL_TOKENS = 8192        # padded prompt tokens per prefill forward: bounds its activations and
                              # temporary cache (Llama-3-8B: ~2 GiB), and already saturates a GPU
 
@@ -142,27 +154,37 @@ class GenerationState:
     keeps only what it knows without reading the device: which slots are busy, and where their
     positions are."""
 
-    def __init__(self, prompts, n, max_new_tokens, sampling, base_seeds, progress, num_slots, device):
+    def __init__(self, prompts, n, max_new_tokens, sampling, base_seeds, progress, num_slots,
+                 device):
         self.prompts, self.n, self.max_new_tokens = prompts, n, max_new_tokens
-        self.sampling = sampling      # (temperature, top_k, top_p, min_p), in the order sample() takes them
-        self.base_seeds = base_seeds  # per prompt, n ints (sample_seed); None: torch's global generator
-        self.progress = progress      # a tqdm bar or None: one update per prompt whose n samples are done
+        # (temperature, top_k, top_p, min_p), in the order sample() takes them
+        self.sampling = sampling
+        # per prompt, n ints (sample_seed); None: torch's global generator
+        self.base_seeds = base_seeds
+        # a tqdm bar or None: one update per prompt whose n samples are done
+        self.progress = progress
         self.queue = list(range(len(prompts)))        # prompts waiting for slots, in order
         self.results = [[None] * n for _ in prompts]  # per prompt, n dicts once its samples end
         self.samples_left = [n] * len(prompts)
         B = num_slots
-        self.tokens = torch.zeros(B, dtype=torch.long, device=device)     # (B,) what each slot feeds next
-        self.positions = torch.zeros(B, dtype=torch.long, device=device)  # (B,) ... and at which position
-        self.steps = torch.zeros(B, dtype=torch.long, device=device)      # (B,) tokens generated so far
-        self.active = torch.zeros(B, dtype=torch.bool, device=device)     # (B,) the slot holds a sample
-        self.seeds = torch.zeros(B, dtype=torch.long, device=device)      # (B,) the sample's base seed
+        # (B,) what each slot feeds next
+        self.tokens = torch.zeros(B, dtype=torch.long, device=device)
+        # (B,) ... and at which position
+        self.positions = torch.zeros(B, dtype=torch.long, device=device)
+        # (B,) tokens generated so far
+        self.steps = torch.zeros(B, dtype=torch.long, device=device)
+        # (B,) the slot holds a sample
+        self.active = torch.zeros(B, dtype=torch.bool, device=device)
+        # (B,) the sample's base seed
+        self.seeds = torch.zeros(B, dtype=torch.long, device=device)
         self.out_tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
         self.out_logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
         self.rows = torch.arange(B, device=device)
         # Host-side, per slot: the (prompt index, sample index) it holds (None: empty), and the
         # position it feeds at the next decode step minus the decode steps run so far (prompt length
-        # − steps at admission). A slot's position is then known without reading the device: it grows
-        # by one per decode step until the slot is retired, which bounds the cache positions in use.
+        # − steps at admission). A slot's position is then known without reading the device: it
+        # grows by one per decode step until the slot is retired, which bounds the cache positions
+        # in use.
         self.owner = [None] * B
         self.position_offset = [0] * B
         self.decode_steps = 0
@@ -179,13 +201,17 @@ class GenerationState:
         return self.seeds + self.steps * SEED_STRIDE
 
     def record(self, sampled, slot_mask):
-        """Store the sampled token and log-prob of every slot in slot_mask (B,); advance those slots.
-        `sampled` may cover only the first b <= B slots (Engine.decode_rows): the rest are untouched."""
+        """Store the sampled token and log-prob of every slot in slot_mask (B,); advance those
+        slots. `sampled` may cover only the first b <= B slots (Engine.decode_rows): the rest are
+        untouched."""
         b = sampled.tokens.shape[0]
-        slot_mask, tokens, steps = slot_mask[:b], self.tokens[:b], self.steps[:b]  # views: written in place
-        at = (self.rows[:b], steps.clamp(max=self.max_new_tokens - 1))  # each slot's next output column
+        # views: written in place
+        slot_mask, tokens, steps = slot_mask[:b], self.tokens[:b], self.steps[:b]
+        # each slot's next output column
+        at = (self.rows[:b], steps.clamp(max=self.max_new_tokens - 1))
         self.out_tokens[at] = torch.where(slot_mask, sampled.tokens, self.out_tokens[at])
-        self.out_logprobs[at] = torch.where(slot_mask, sampled.logprobs_untruncated, self.out_logprobs[at])
+        self.out_logprobs[at] = torch.where(slot_mask, sampled.logprobs_untruncated,
+                                            self.out_logprobs[at])
         tokens.copy_(torch.where(slot_mask, sampled.tokens, tokens))
         steps.add_(slot_mask.long())
 
@@ -194,7 +220,8 @@ class GenerationState:
         state and the host's bookkeeping."""
         for buffer in cache.k + cache.v:
             buffer[target] = buffer[source]
-        for tensor in (self.tokens, self.positions, self.steps, self.active, self.seeds, self.out_tokens,
+        for tensor in (self.tokens, self.positions, self.steps, self.active, self.seeds,
+                       self.out_tokens,
                        self.out_logprobs):
             tensor[target] = tensor[source]
         self.active[source] = False
@@ -210,8 +237,8 @@ class Engine:
     def __init__(self, model, max_batch, stop_ids, dtype=None, cpu_slots=64):
         """model: a Transformer (eval mode, on its device). max_batch: decode slots; 0 or None: as
         many as fit in free GPU memory (decode_slots), `cpu_slots` on a CPU. stop_ids: tokens that
-        end a sample. dtype: the KV cache's dtype (default: the weights'; bf16 for fp32 weights under
-        autocast). The cache is allocated by generate(), for the call's longest prompt + its
+        end a sample. dtype: the KV cache's dtype (default: the weights'; bf16 for fp32 weights
+        under autocast). The cache is allocated by generate(), for the call's longest prompt + its
         max_new_tokens, and kept for later calls that fit in it: a file of short prompts never pays
         for the longest prompt of another."""
         self.model = model
@@ -224,9 +251,9 @@ class Engine:
 
     def reserve(self, length):
         """A cache of at least `length` positions per slot (at most the context, which no sample may
-        pass): the current one if long enough, else a new one, its length rounded up to a multiple of
-        CACHE_LEN_STEP (so that chunks of similar prompts reuse it) and, without a fixed max_batch,
-        its slots chosen from the memory free once the old one is gone."""
+        pass): the current one if long enough, else a new one, its length rounded up to a multiple
+        of CACHE_LEN_STEP (so that chunks of similar prompts reuse it) and, without a fixed
+        max_batch, its slots chosen from the memory free once the old one is gone."""
         if self.cache is not None and self.cache.max_len >= length:
             return
         self.cache = None
@@ -262,10 +289,11 @@ class Engine:
             raise ValueError(f"n = {n} samples per prompt need at least n decode slots of "
                              f"{self.cache.max_len} positions; {num_slots} {how}")
         sampling = (temperature, top_k, top_p, min_p)
-        state = GenerationState(prompts, n, max_new_tokens, sampling, base_seeds, progress, num_slots,
+        state = GenerationState(prompts, n, max_new_tokens, sampling, base_seeds, progress,
+                                num_slots,
                                 self.device)
-        # Continuous batching: fill the free slots, decode every slot one token, retire the finished,
-        # refill, ... until the queue runs dry and the last sample ends.
+        # Continuous batching: fill the free slots, decode every slot one token, retire the
+        # finished, refill, ... until the queue runs dry and the last sample ends.
         self.admit(state)
         self.retire(state)  # samples that ended on their first token
         while state.queue or state.busy():
@@ -295,8 +323,9 @@ class Engine:
             free = free[len(batch) * n:]
 
     def prefill_batch(self, state, batch, new_slots):
-        """Prefill the prompts `batch` (indices) in one forward, copy each one's keys/values into its
-        n slots (the next n of the list `new_slots`), and sample each of those slots' first token."""
+        """Prefill the prompts `batch` (indices) in one forward, copy each one's keys/values into
+        its n slots (the next n of the list `new_slots`), and sample each of those slots' first
+        token."""
         device, n, count = self.device, state.n, len(batch)
         lengths = [len(state.prompts[p]) for p in batch]
         width = max(lengths)
@@ -305,19 +334,23 @@ class Engine:
             input_ids[row, :lengths[row]] = torch.tensor(state.prompts[p])
         lengths = torch.tensor(lengths, device=device)  # (count,)
         prefill_cache = KVCache(self.model.config, count, width, device, self.cache.k[0].dtype)
-        last_logits = prefill(self.model, prefill_cache, input_ids.to(device), lengths)  # (count, V)
+        # (count, V)
+        last_logits = prefill(self.model, prefill_cache, input_ids.to(device), lengths)
 
         slots = torch.tensor(new_slots, device=device)                         # (count·n,)
-        source_rows = torch.arange(count, device=device).repeat_interleave(n)  # (count·n,) their prompt's row
+        # (count·n,) their prompt's row
+        source_rows = torch.arange(count, device=device).repeat_interleave(n)
         for layer in range(len(self.cache.k)):
             self.cache.k[layer][slots, :, :width] = prefill_cache.k[layer][source_rows]
             self.cache.v[layer][slots, :, :width] = prefill_cache.v[layer][source_rows]
-        owners = [(p, i) for p in batch for i in range(n)]  # (prompt index, sample index) of each slot
+        # (prompt index, sample index) of each slot
+        owners = [(p, i) for p in batch for i in range(n)]
         for slot, (p, i) in zip(new_slots, owners):
             state.owner[slot] = (p, i)
             state.position_offset[slot] = len(state.prompts[p]) - state.decode_steps
         if state.base_seeds is not None:
-            state.seeds[slots] = torch.tensor([state.base_seeds[p][i] for p, i in owners], device=device)
+            state.seeds[slots] = torch.tensor([state.base_seeds[p][i] for p, i in owners],
+                                              device=device)
         slot_mask = torch.zeros_like(state.active)  # (B,) the slots just filled
         slot_mask[slots] = True
         state.steps.masked_fill_(slot_mask, 0)
@@ -334,7 +367,8 @@ class Engine:
     def decode(self, state):
         """One token for every busy slot: a decode step at the fixed shape (b, 1) over the first b
         slots (decode_rows). Empty slots among them decode garbage at position 0, never recorded."""
-        busy = [offset for offset, owner in zip(state.position_offset, state.owner) if owner is not None]
+        busy = [offset for offset, owner in zip(state.position_offset, state.owner)
+                if owner is not None]
         # Every position in use is below cache_len: the step writes and reads no further.
         in_use = max(busy) + state.decode_steps + 1
         cache_len = min(round_up(in_use, CACHE_LEN_STEP), self.cache.max_len)
@@ -342,23 +376,25 @@ class Engine:
         cache = self.cache if b == len(state.owner) else self.cache.first_rows(b)
         seeds = state.step_seeds()
         sampled = decode_step(self.model, cache, state.tokens[:b], state.positions[:b], cache_len,
-                              None if seeds is None else seeds[:b], *state.sampling)  # (b,) tokens, log-probs
+                              # (b,) tokens, log-probs
+                              None if seeds is None else seeds[:b], *state.sampling)
         state.decode_steps += 1
         state.generated_tokens += len(busy)
         state.record(sampled, state.active)
         state.positions.copy_(torch.where(state.active, state.positions + 1, 0))
 
     def decode_rows(self, state):
-        """How many slots, from the first, a decode step runs: all B on a GPU (one shape, so a compiled
-        step is captured once per cache length). On a CPU, which compiles nothing and pays per row,
-        up to the last busy slot, rounded up to a multiple of DECODE_ROWS_STEP: admit fills the lowest
-        free slots first, and once no prompt waits the last samples are moved into the first slots, so
-        the step shrinks as they end."""
+        """How many slots, from the first, a decode step runs: all B on a GPU (one shape, so a
+        compiled step is captured once per cache length). On a CPU, which compiles nothing and pays
+        per row, up to the last busy slot, rounded up to a multiple of DECODE_ROWS_STEP: admit fills
+        the lowest free slots first, and once no prompt waits the last samples are moved into the
+        first slots, so the step shrinks as they end."""
         B = len(state.owner)
         if self.device.type != "cpu" or decode_step is not eager_decode_step:
             return B
         busy = [slot for slot, owner in enumerate(state.owner) if owner is not None]
-        if not state.queue:  # the last samples: gather them into the first slots (a few MB of copies)
+        # the last samples: gather them into the first slots (a few MB of copies)
+        if not state.queue:
             free = [slot for slot in range(len(busy)) if state.owner[slot] is None]
             for source, target in zip(reversed([slot for slot in busy if slot >= len(busy)]), free):
                 state.move(source, target, self.cache)
@@ -380,17 +416,20 @@ class Engine:
             state.owner[slot] = None
             state.samples_left[prompt_index] -= 1
             if state.progress is not None and state.samples_left[prompt_index] == 0:
-                state.progress.set_postfix_str(f"{state.tokens_per_second():,.0f} tok/s", refresh=False)
+                state.progress.set_postfix_str(f"{state.tokens_per_second():,.0f} tok/s",
+                                               refresh=False)
                 state.progress.update(1)
         state.active.logical_and_(~finished)
-        state.positions.masked_fill_(finished, 0)  # an empty slot decodes at position 0, inside any cache_len
+        # an empty slot decodes at position 0, inside any cache_len
+        state.positions.masked_fill_(finished, 0)
 
 
 # ----------------------------------------------------------------------------------------------
 # Prompts records -> samples records
 
 
-def encode_prompts(tokenizer, records, max_new_tokens, context_length, source=None, max_prompt_length=None):
+def encode_prompts(tokenizer, records, max_new_tokens, context_length, source=None,
+                   max_prompt_length=None):
     """(records, token ids) of the prompts generation samples, ids as generation is fed them
     (tokens.encode_prompt). A prompt longer than max_prompt_length tokens (None: no limit) is
     skipped, never truncated (a cut prompt asks another question): it is left out of both lists,
@@ -405,8 +444,10 @@ def encode_prompts(tokenizer, records, max_new_tokens, context_length, source=No
         if len(ids) + max_new_tokens > context_length:
             where = f"{source}: " if source else ""
             raise InputError(f"{where}prompt id {record['id']!r} is {len(ids)} tokens; "
-                             f"with --max-new-tokens {max_new_tokens} it needs {len(ids) + max_new_tokens} positions, "
-                             f"more than the model's context of {context_length} (max_position_embeddings): "
+                             f"with --max-new-tokens {max_new_tokens} it needs "
+                             f"{len(ids) + max_new_tokens} positions, "
+                             f"more than the model's context of {context_length} "
+                             f"(max_position_embeddings): "
                              "lower --max-new-tokens or drop the prompt")
         kept.append(record)
         prompts.append(ids)
@@ -416,7 +457,8 @@ def encode_prompts(tokenizer, records, max_new_tokens, context_length, source=No
                f"longer than --max-prompt-length {max_prompt_length} tokens")
         if not kept:
             raise InputError(f"{source or 'prompts'}: all {len(records)} prompts are "
-                             f"longer than --max-prompt-length {max_prompt_length} tokens: nothing to sample")
+                             f"longer than --max-prompt-length {max_prompt_length} tokens: nothing "
+                             f"to sample")
     return kept, prompts
 
 
@@ -426,18 +468,22 @@ def response_text(tokenizer, tokens, stop_ids):
     return tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens)
 
 
-def generate_records(engine, tokenizer, records, n, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+def generate_records(engine, tokenizer, records, n, max_new_tokens, temperature=1.0, top_k=0,
+                     top_p=1.0, min_p=0.0,
                      seed=0, logprobs=False, progress=None):
     """Samples records (see the module docstring) for a list of prompts records: n responses per
-    prompt, sample i of prompt `id` seeded by sample_seed(seed, id, i). progress: see Engine.generate."""
+    prompt, sample i of prompt `id` seeded by sample_seed(seed, id, i). progress: see
+    Engine.generate."""
     _, prompts = encode_prompts(tokenizer, records, max_new_tokens, engine.context_length)
     base_seeds = [[sample_seed(seed, r["id"], i) for i in range(n)] for r in records]
-    outputs = engine.generate(prompts, n, max_new_tokens, temperature, top_k, top_p, min_p, base_seeds, progress)
+    outputs = engine.generate(prompts, n, max_new_tokens, temperature, top_k, top_p, min_p,
+                              base_seeds, progress)
     stop_ids = set(engine.stop_ids.tolist())
     samples = []
     for record, outs in zip(records, outputs):
         sample_record = {"id": record["id"], "prompt": record["messages"],
-                         "responses": [response_text(tokenizer, o["tokens"], stop_ids) for o in outs],
+                         "responses": [response_text(tokenizer, o["tokens"], stop_ids)
+                                       for o in outs],
                          "response_ids": [o["tokens"] for o in outs],
                          "num_tokens": [len(o["tokens"]) for o in outs],
                          "finish_reasons": [o["finish_reason"] for o in outs]}
@@ -449,7 +495,8 @@ def generate_records(engine, tokenizer, records, n, max_new_tokens, temperature=
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--model", help="HF checkpoint folder of the policy")
     parser.add_argument("--prompts", help="prompts JSONL (id, messages)")
@@ -459,32 +506,42 @@ def main(argv=None):
     parser.add_argument("--n", "--num-samples", dest="n", type=positive_int, default=8,
                         help="samples per prompt (paper 1: 8; paper 2: K = 7)")
     parser.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=positive_fraction, default=1.0, help="nucleus sampling mass (1 = off)")
-    parser.add_argument("--top-k", type=non_negative_int, default=0, help="keep the k most likely tokens (0 = off)")
+    parser.add_argument("--top-p", type=positive_fraction, default=1.0,
+                        help="nucleus sampling mass (1 = off)")
+    parser.add_argument("--top-k", type=non_negative_int, default=0,
+                        help="keep the k most likely tokens (0 = off)")
     parser.add_argument("--min-p", type=fraction, default=0.0,
                         help="drop tokens below min_p × the top probability (0 = off)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=256,
                         help="a sample that reaches it ends with finish_reason 'length'")
     parser.add_argument("--seed", type=int, default=0,
-                        help="global seed; each sample's stream comes from (seed, prompt id, sample index)")
+                        help="global seed; each sample's stream comes from (seed, prompt id, "
+                             "sample index)")
     parser.add_argument("--batch-size", type=non_negative_int, default=0,
-                        help="decode slots (concurrent samples) per rank; 0: as many as fit in free GPU memory "
+                        help="decode slots (concurrent samples) per rank; 0: as many as fit in "
+                             "free GPU memory "
                              "(64 on a CPU)")
     parser.add_argument("--max-prompt-length", type=positive_int, default=None,
-                        help="skip (and count) prompts longer than this many tokens; default: only the context "
+                        help="skip (and count) prompts longer than this many tokens; default: only "
+                             "the context "
                              "limits them")
-    parser.add_argument("--chunk-size", type=positive_int, default=256, help="prompts per resumable chunk")
-    parser.add_argument("--logprobs", action="store_true", help="store per-token and summed log-probs of the samples")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs)")
+    parser.add_argument("--chunk-size", type=positive_int, default=256,
+                        help="prompts per resumable chunk")
+    parser.add_argument("--logprobs", action="store_true",
+                        help="store per-token and summed log-probs of the samples")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step (CUDA graphs)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--bench", action="store_true", help="GPU benchmark against transformers' generate")
+    parser.add_argument("--bench", action="store_true",
+                        help="GPU benchmark against transformers' generate")
     args = parser.parse_args(argv)
     if args.bench:
         return benchmark()
     if not (args.model and args.prompts and args.out):
         parser.error("--model, --prompts and --out are required")
     if args.batch_size and args.n > args.batch_size:
-        parser.error(f"--n {args.n} samples per prompt need --batch-size {args.n} or more (it is {args.batch_size})")
+        parser.error(f"--n {args.n} samples per prompt need --batch-size {args.n} or more (it is "
+                     f"{args.batch_size})")
 
     dist_info = init_distributed(args.device)
     if Path(args.out).exists():
@@ -493,24 +550,31 @@ def main(argv=None):
     records = load_records(args.prompts, "prompts")
     tokenizer = load_tokenizer(args.model)
     device = dist_info.device
-    model = Transformer.from_pretrained(args.model, device=device, dtype=default_dtype(device)).eval()
+    model = Transformer.from_pretrained(args.model, device=device,
+                                        dtype=default_dtype(device)).eval()
     # Every rank checks every prompt (not only its chunks), so a bad one stops all ranks at once.
     context = model.config.max_position_embeddings
-    records, _ = encode_prompts(tokenizer, records, args.max_new_tokens, context, args.prompts, args.max_prompt_length)
+    records, _ = encode_prompts(tokenizer, records, args.max_new_tokens, context, args.prompts,
+                                args.max_prompt_length)
     if args.compile:
         compile_decode_step()
     engine = Engine(model, args.batch_size, stop_token_ids(tokenizer))
     sampling = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed, logprobs=args.logprobs)
+                    top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
+                    logprobs=args.logprobs)
     t0 = time.time()
     # The settings are recorded beside the finished chunks: a resume with other ones stops instead
-    # of mixing two sets of samples in one file (the batch size is not one: samples do not depend on it).
-    settings = dict(model=str(Path(args.model).resolve()), max_prompt_length=args.max_prompt_length, **sampling)
+    # of mixing two sets of samples in one file (the batch size is not one: samples do not depend on
+    # it).
+    settings = dict(model=str(Path(args.model).resolve()), max_prompt_length=args.max_prompt_length,
+                    **sampling)
     process_in_chunks(records, args.out,
-                      lambda chunk, bar: generate_records(engine, tokenizer, chunk, progress=bar, **sampling),
+                      lambda chunk, bar: generate_records(engine, tokenizer, chunk, progress=bar,
+                                                          **sampling),
                       dist_info, chunk_size=args.chunk_size, desc="generating", settings=settings,
                       reports_progress=True)
-    print0(f"wrote {args.out}: {len(records)} prompts × {args.n} samples in {time.time() - t0:.1f} s")
+    print0(f"wrote {args.out}: {len(records)} prompts × {args.n} samples in {time.time() - t0:.1f} "
+           f"s")
     destroy_distributed()
 
 
@@ -519,12 +583,18 @@ def main(argv=None):
 # full length, sampling at temperature 1.0; tokens/s against transformers' generate in the same run.
 
 BENCH_SHAPES = {
-    "SmolLM2-135M": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0),
-    "TinyLlama-1.1B": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                           num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False, rope_theta=10000.0),
-    "Llama-3-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
+    "SmolLM2-135M": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+                         rope_theta=100000.0),
+    "TinyLlama-1.1B": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                           num_attention_heads=32,
+                           num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False,
+                           rope_theta=10000.0),
+    "Llama-3-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                       rope_theta=500000.0),
 }
 
 
@@ -536,7 +606,8 @@ def benchmark(prompt_len=128, new_tokens=256, batches=(64, 256)):
     device = torch.device("cuda")
     compile_decode_step()
     for name, shape in BENCH_SHAPES.items():
-        config = dict(model_type="llama", max_position_embeddings=4096, rms_norm_eps=1e-5, hidden_act="silu", **shape)
+        config = dict(model_type="llama", max_position_embeddings=4096, rms_norm_eps=1e-5,
+                      hidden_act="silu", **shape)
         torch.manual_seed(0)
         ours = Transformer.from_config(config, device=device, dtype=torch.bfloat16).eval()
         hf = LlamaForCausalLM(LlamaConfig(**config)).to(device, torch.bfloat16).eval()
@@ -555,19 +626,25 @@ def benchmark(prompt_len=128, new_tokens=256, batches=(64, 256)):
             torch.cuda.synchronize()
             ours_tps = batch * new_tokens / (time.time() - t0)
             with torch.no_grad():
-                hf.generate(prompts[:, :8], do_sample=True, max_new_tokens=8, min_new_tokens=8, top_k=0, top_p=1.0)
+                hf.generate(prompts[:, :8], do_sample=True, max_new_tokens=8, min_new_tokens=8,
+                            top_k=0, top_p=1.0)
                 torch.cuda.synchronize()
                 t0 = time.time()
-                hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0, top_k=0,
-                            top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+                hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
+                            temperature=1.0, top_k=0,
+                            top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                            pad_token_id=0)
                 torch.cuda.synchronize()
             hf_tps = batch * new_tokens / (time.time() - t0)
-            # Bandwidth roofline: every step reads the weights once plus each row's KV cache (mean length).
-            kv_bytes = batch * (prompt_len + new_tokens / 2) * ours.config.kv_bytes_per_position(2)  # bf16
+            # Bandwidth roofline: every step reads the weights once plus each row's KV cache (mean
+            # length). bf16
+            kv_bytes = batch * (prompt_len + new_tokens / 2) * ours.config.kv_bytes_per_position(2)
             roofline = batch / ((weight_bytes + kv_bytes) / 3.35e12)
-            print(f"{name:15s} batch {batch:4d}: ours {ours_tps:9,.0f} tok/s | HF generate {hf_tps:8,.0f} tok/s | "
+            print(f"{name:15s} batch {batch:4d}: ours {ours_tps:9,.0f} tok/s | HF generate "
+                  f"{hf_tps:8,.0f} tok/s | "
                   f"{ours_tps / hf_tps:5.2f}x | "
-                  f"{100 * ours_tps / roofline:5.1f}% of the {roofline:,.0f} tok/s bandwidth roofline")
+                  f"{100 * ours_tps / roofline:5.1f}% of the {roofline:,.0f} tok/s bandwidth "
+                  f"roofline")
         del ours, hf, engine
         torch.cuda.empty_cache()
 

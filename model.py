@@ -1,4 +1,5 @@
-"""A Llama-family decoder written from scratch: Llama-2/3, TinyLlama, Mistral, Qwen2, Qwen3 (dense), SmolLM2.
+"""A Llama-family decoder written from scratch: Llama-2/3, TinyLlama, Mistral, Qwen2, Qwen3 (dense),
+SmolLM2.
 
     from model import Transformer
     model = Transformer.from_pretrained("path/to/hf_folder", device="cuda", dtype=torch.bfloat16)
@@ -14,8 +15,8 @@ Architecture (one decoder block):  x = x + Attn(RMSNorm(x));  x = x + MLP(RMSNor
   - optional q/k/v bias (Qwen2), optional per-head RMSNorm of q and k before rope (Qwen3),
     tied or untied input/output embeddings.
 
-Parameter names deliberately equal the Hugging Face names (`model.layers.3.self_attn.q_proj.weight`, ...)
-so a checkpoint's state dict loads and saves with no renaming table to get wrong.
+Parameter names deliberately equal the Hugging Face names (`model.layers.3.self_attn.q_proj.weight`,
+...) so a checkpoint's state dict loads and saves with no renaming table to get wrong.
 """
 import json
 import math
@@ -57,33 +58,40 @@ class ModelConfig:
     qkv_bias: bool                     # Qwen2 (always) or attention_bias (Llama, Qwen3)
     o_bias: bool                       # attention_bias (Llama, Qwen3) also biases o_proj
     mlp_bias: bool
-    qk_norm: bool                      # Qwen3: RMSNorm (weights q_norm / k_norm, size head_dim) on each head's q, k
-    sliding_window: int | None         # a token attends at most this many positions back (sliding_window_of)
+    # Qwen3: RMSNorm (weights q_norm / k_norm, size head_dim) on each head's q, k
+    qk_norm: bool
+    # a token attends at most this many positions back (sliding_window_of)
+    sliding_window: int | None
     raw: dict                          # the original config.json contents
 
     @classmethod
     def from_path(cls, path):
         """The config of a checkpoint folder (its config.json) or of a config.json file."""
         path = Path(path)
-        return cls.from_dict(json.loads((path / "config.json" if path.is_dir() else path).read_text()))
+        return cls.from_dict(json.loads((path / "config.json" if path.is_dir()
+                                         else path).read_text()))
 
     @classmethod
     def from_dict(cls, d):
         model_type = d.get("model_type", "llama")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type {model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})")
+            raise ValueError(f"model_type {model_type!r} is not supported (supported: "
+                             f"{SUPPORTED_MODEL_TYPES})")
         if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {d.get('hidden_act')!r} is not supported (only silu / SwiGLU)")
+            raise ValueError(f"hidden_act {d.get('hidden_act')!r} is not supported (only silu / "
+                             f"SwiGLU)")
         # Two config styles exist: older `rope_theta` + `rope_scaling`, newer `rope_parameters`
         # (transformers >= 5) holding rope_type, rope_theta and the scaling keys together.
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         rope_theta = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
-            raise ValueError(f"rope scaling type {rope_type!r} is not supported (default, linear, llama3)")
+            raise ValueError(f"rope scaling type {rope_type!r} is not supported (default, linear, "
+                             f"llama3)")
         attention_bias = bool(d.get("attention_bias", False))
         n_heads = d["num_attention_heads"]
-        # transformers' Qwen3Config defaults head_dim to 128 whatever hidden_size / num_attention_heads is
+        # transformers' Qwen3Config defaults head_dim to 128 whatever hidden_size /
+        # num_attention_heads is
         default_head_dim = 128 if model_type == "qwen3" else d["hidden_size"] // n_heads
         return cls(
             vocab_size=d["vocab_size"],
@@ -107,35 +115,42 @@ class ModelConfig:
         )
 
     def kv_bytes_per_position(self, itemsize):
-        """KV-cache bytes of one position of one sequence: k and v, every layer, n_kv_heads × head_dim
-        elements of `itemsize` bytes each (Llama-3-8B in bf16: 128 KiB)."""
+        """KV-cache bytes of one position of one sequence: k and v, every layer, n_kv_heads ×
+        head_dim elements of `itemsize` bytes each (Llama-3-8B in bf16: 128 KiB)."""
         return self.num_hidden_layers * 2 * self.num_key_value_heads * self.head_dim * itemsize
 
 
 def sliding_window_of(d, model_type):
-    """The sliding window of a config dict, or None; one window for every layer, as our attention has.
-    Mistral: `sliding_window` unless use_sliding_window is false. Qwen2 / Qwen3, read as transformers'
-    config reads them: a window only with use_sliding_window true, and then only on the layers that
-    layer_types marks "sliding_attention" (default: the layers from max_window_layers on, 28 by default).
-    A config that mixes full and sliding layers is refused rather than run with the wrong attention."""
+    """The sliding window of a config dict, or None; one window for every layer, as our attention
+    has. Mistral: `sliding_window` unless use_sliding_window is false. Qwen2 / Qwen3, read as
+    transformers' config reads them: a window only with use_sliding_window true, and then only on
+    the layers that layer_types marks "sliding_attention" (default: the layers from
+    max_window_layers on, 28 by default). A config that mixes full and sliding layers is refused
+    rather than run with the wrong attention."""
     if model_type not in ("qwen2", "qwen3"):
-        return d.get("sliding_window") if d.get("use_sliding_window", model_type == "mistral") else None
+        return d.get("sliding_window") if d.get("use_sliding_window",
+                                                model_type == "mistral") else None
     window = d.get("sliding_window", 4096) if d.get("use_sliding_window", False) else None
     if window is None:
         return None
     n_layers = d["num_hidden_layers"]
-    layer_types = d.get("layer_types") or ["sliding_attention" if i >= d.get("max_window_layers", 28) else "full_attention"
+    layer_types = d.get("layer_types") or ["sliding_attention"
+                                           if i >= d.get("max_window_layers", 28)
+                                           else "full_attention"
                                            for i in range(n_layers)]
     unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
     if unknown or len(layer_types) != n_layers:
-        raise ValueError(f"{model_type} config: layer_types must be {n_layers} of 'full_attention' / 'sliding_attention' "
+        raise ValueError(f"{model_type} config: layer_types must be {n_layers} of 'full_attention' "
+                         f"/ 'sliding_attention' "
                          f"(got {unknown or len(layer_types)})")
     sliding = [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
     if not sliding:
         return None
     if len(sliding) < n_layers:
-        raise ValueError(f"{model_type} config: use_sliding_window puts a sliding window on layers {sliding} of "
-                         f"{n_layers} only (max_window_layers / layer_types); a window on some layers but not "
+        raise ValueError(f"{model_type} config: use_sliding_window puts a sliding window on layers "
+                         f"{sliding} of "
+                         f"{n_layers} only (max_window_layers / layer_types); a window on some "
+                         f"layers but not "
                          "others is not supported, only on all or none")
     return window
 
@@ -145,7 +160,8 @@ def sliding_window_of(d, model_type):
 
 
 def rope_inverse_frequencies(config):
-    """inv_freq[i] = theta^(-2i/D), adjusted by the checkpoint's rope scaling. Shape (D/2,), fp32."""
+    """inv_freq[i] = theta^(-2i/D), adjusted by the checkpoint's rope scaling. Shape (D/2,),
+    fp32."""
     D = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
     scaling = config.rope_scaling
@@ -191,9 +207,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # Normalise in fp32 (bf16 variance loses precision), cast back, then scale. The scale is cast
-        # to x's dtype: under autocast an fp32 master weight then computes exactly as its bf16 copy
-        # does (and the residual stream stays bf16); without autocast the dtypes already agree.
+        # Normalise in fp32 (bf16 variance loses precision), cast back, then scale. The scale is
+        # cast to x's dtype: under autocast an fp32 master weight then computes exactly as its bf16
+        # copy does (and the residual stream stays bf16); without autocast the dtypes already agree.
         x_float = x.float()
         x_float = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight.to(x.dtype) * x_float.to(x.dtype)
@@ -205,23 +221,29 @@ class KVCache:
     its own pace: a forward with position_ids (B, T) writes the new tokens' keys/values at those
     positions and each query at position p attends to slots 0..p of its row. So rows need no
     padding bookkeeping: slots past a row's current position (stale or padding) are never attended,
-    and are overwritten when the row reaches them. Fixed shapes, so a decode step can be compiled."""
+    and are overwritten when the row reaches them. Fixed shapes, so a decode step can be
+    compiled."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.k = [torch.zeros(shape, device=device, dtype=dtype)
+                  for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype)
+                  for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
         if torch.device(device).type == "cuda":
-            # A compiled decode step writes the cache in place: marked static, the buffers may live in
-            # a CUDA graph (otherwise "mutated inputs" keep cudagraphs off), as HF's StaticCache does.
+            # A compiled decode step writes the cache in place: marked static, the buffers may live
+            # in a CUDA graph (otherwise "mutated inputs" keep cudagraphs off), as HF's StaticCache
+            # does.
             for buffer in self.k + self.v:
                 torch._dynamo.mark_static_address(buffer)
 
     def first_rows(self, n):
-        """A cache of the first n rows: views of this one's buffers (what a forward writes lands here)."""
+        """A cache of the first n rows: views of this one's buffers (what a forward writes lands
+        here)."""
         view = object.__new__(KVCache)
-        view.k, view.v, view.max_len = [k[:n] for k in self.k], [v[:n] for v in self.v], self.max_len
+        view.k, view.v, view.max_len = [k[:n] for k in self.k], [v[:n]
+                                                                 for v in self.v], self.max_len
         return view
 
 
@@ -231,10 +253,12 @@ class KVCache:
 # So each case takes the path that keeps its structure implicit:
 #   causal (training, prefill):  SDPA is_causal=True, K/V shared by GQA groups -> flash on GPU;
 #   packed documents:            GPU: FlexAttention with a document-and-causal block mask (blocks of
-#                                other documents are skipped, so cost ~ Σ doc_len², not T²); the twin
+#                                other documents are skipped, so cost ~ Σ doc_len², not T²); the
+# twin
 #                                everywhere else: one causal SDPA per document (the same cost);
 #   KV-cache decode:             only the first `cache_len` slots are read; GQA is folded into the
-#                                query rows so K/V are never repeated, and the mask is (B, 1, g·T, L);
+#                                query rows so K/V are never repeated, and the mask is (B, 1, g·T,
+# L);
 #   sliding window (Mistral):    a key more than `window` positions back is hidden; only matters,
 #                                and only costs anything, for sequences longer than the window.
 
@@ -264,8 +288,10 @@ def causal_attention(q, k, v, window=None, inputs=None):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
     def dense():
-        offset = torch.arange(T, device=q.device)[:, None] - torch.arange(T, device=q.device)  # query − key
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=(offset >= 0) & (offset < window), enable_gqa=gqa)
+        # query − key
+        offset = torch.arange(T, device=q.device)[:, None] - torch.arange(T, device=q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(offset >= 0) & (offset < window),
+                                              enable_gqa=gqa)
 
     if not use_flex(q.device):
         return dense()
@@ -294,7 +320,8 @@ def document_segments(document_ids):
 def packed_attention_twin(q, k, v, segments, window=None):
     """Packed documents, one causal attention per document: exact, and never more than one
     document's (len × len) scores at a time. The path on CPU and the fallback on GPU."""
-    rows = [torch.cat([causal_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], window)
+    rows = [torch.cat([causal_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
+                                        window)
                        for s, e in segments[b]], dim=2) for b in range(q.shape[0])]
     return torch.cat(rows, dim=0)
 
@@ -323,15 +350,18 @@ def attention_block_mask(document_ids, T, device, window=None):
     B = document_ids.shape[0] if document_ids is not None else None
     if torch.device(device).type != "cuda":  # CPU: eager, only tests build one here
         return create_block_mask(keep, B, None, T, T, device=device)
-    if not _compiled_create_block_mask:  # compiled: eager evaluates keep() over all (T × T) pairs at once
+    # compiled: eager evaluates keep() over all (T × T) pairs at once
+    if not _compiled_create_block_mask:
         _compiled_create_block_mask.append(torch.compile(create_block_mask))
     return _compiled_create_block_mask[0](keep, B, None, T, T, device=device)
 
 
 def compiled_flex(q, k, v, block_mask):
-    """FlexAttention compiled once per process (eager FlexAttention would materialise the scores)."""
+    """FlexAttention compiled once per process (eager FlexAttention would materialise the
+    scores)."""
     if not _compiled_flex:
-        _compiled_flex.append(torch.compile(flex_attention))  # lengths vary (DPO, RM): dynamic after the 2nd
+        # lengths vary (DPO, RM): dynamic after the 2nd
+        _compiled_flex.append(torch.compile(flex_attention))
     return _compiled_flex[0](q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -348,7 +378,8 @@ def packed_attention(q, k, v, inputs):
 
     def flex():
         if inputs.block_mask is None:  # once per forward, shared by the layers
-            inputs.block_mask = attention_block_mask(inputs.document_ids, q.shape[2], q.device, inputs.window)
+            inputs.block_mask = attention_block_mask(inputs.document_ids, q.shape[2], q.device,
+                                                     inputs.window)
         return compiled_flex(q, k, v, inputs.block_mask)
 
     return first_use_fallback("FlexAttention (packed documents)", flex, twin)
@@ -377,7 +408,8 @@ def cached_attention(q, k_cache, v_cache, position_ids, cache_len, window=None, 
     k, v = k_cache[:, :, :cache_len], v_cache[:, :, :cache_len]                  # (B, nkv, L, D)
     if mask is None:
         mask = cache_mask(position_ids, cache_len, nh // nkv, window)
-    y = F.scaled_dot_product_attention(q.reshape(B, nkv, (nh // nkv) * T, D), k, v, attn_mask=mask)  # (B, nkv, g·T, D)
+    # (B, nkv, g·T, D)
+    y = F.scaled_dot_product_attention(q.reshape(B, nkv, (nh // nkv) * T, D), k, v, attn_mask=mask)
     return y.reshape(B, nh, T, D)
 
 
@@ -390,31 +422,38 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(H, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(H, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=config.o_bias)
-        # Qwen3's QK-norm: q and k RMS-normalised per head (over D, one weight shared by the heads), which
-        # keeps attention logits from growing in training
+        # Qwen3's QK-norm: q and k RMS-normalised per head (over D, one weight shared by the heads),
+        # which keeps attention logits from growing in training
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
     def forward(self, x, cos, sin, inputs: AttentionInputs, layer_index=0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, D)
+        # (B, nh, T, D)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        # (B, nkv, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:  # before rope, as Qwen3 does; before the branch, so every path below sees it
+        # before rope, as Qwen3 does; before the branch, so every path below sees it
+        if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache, window = inputs.cache, inputs.window
-        if cache is not None and inputs.prefill:  # a fresh cache: keys/values at 0..T-1, plain causal
+        # a fresh cache: keys/values at 0..T-1, plain causal
+        if cache is not None and inputs.prefill:
             cache.k[layer_index][:, :, :T] = k
             cache.v[layer_index][:, :, :T] = v
             y = causal_attention(q, k, v, window)
         elif cache is not None:  # write the new keys/values at their positions, read the cache
-            index = inputs.position_ids[:, None, :, None].expand(B, self.n_kv_heads, T, self.head_dim)
+            index = inputs.position_ids[:, None, :, None].expand(B, self.n_kv_heads, T,
+                                                                 self.head_dim)
             cache.k[layer_index].scatter_(2, index, k.to(cache.k[layer_index].dtype))
             cache.v[layer_index].scatter_(2, index, v.to(cache.v[layer_index].dtype))
             if inputs.cache_mask is None:
-                inputs.cache_mask = cache_mask(inputs.position_ids, inputs.cache_len, self.n_heads // self.n_kv_heads, window)
-            y = cached_attention(q, cache.k[layer_index], cache.v[layer_index], inputs.position_ids, inputs.cache_len,
+                inputs.cache_mask = cache_mask(inputs.position_ids, inputs.cache_len,
+                                               self.n_heads // self.n_kv_heads, window)
+            y = cached_attention(q, cache.k[layer_index], cache.v[layer_index], inputs.position_ids,
+                                 inputs.cache_len,
                                  mask=inputs.cache_mask)
         elif inputs.document_ids is not None:
             y = packed_attention(q, k, v, inputs)
@@ -437,10 +476,10 @@ class MLP(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # LoRA (Hu et al. 2021): a frozen weight W plus a trained low-rank update, y = x Wᵀ + s · (x Aᵀ) Bᵀ
-# with A (r, in), B (out, r) and s = alpha / r. B starts at zero, so an adapted model starts equal to
-# its base. Paper 2 (Table 4) trains Mistral-7B this way: r = 64, alpha = 32. The adapted Linear keeps
-# its HF parameter name (`q_proj.weight`) and adds `q_proj.lora_A` / `q_proj.lora_B`, so a merged
-# state dict (merge_lora) is an ordinary checkpoint and PEFT's key names are one suffix away.
+# with A (r, in), B (out, r) and s = alpha / r. B starts at zero, so an adapted model starts equal
+# to its base. Paper 2 (Table 4) trains Mistral-7B this way: r = 64, alpha = 32. The adapted Linear
+# keeps its HF parameter name (`q_proj.weight`) and adds `q_proj.lora_A` / `q_proj.lora_B`, so a
+# merged state dict (merge_lora) is an ordinary checkpoint and PEFT's key names are one suffix away.
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -469,8 +508,10 @@ class LoRALinear(nn.Linear):
         self.scaling, self.dropout = lora.scaling, nn.Dropout(lora.dropout)
         # the adapter is trained: fp32 master weights whatever the (frozen) base's dtype
         device = linear.weight.device
-        self.lora_A = nn.Parameter(torch.empty(lora.rank, self.in_features, device=device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, lora.rank, device=device, dtype=torch.float32))
+        self.lora_A = nn.Parameter(torch.empty(lora.rank, self.in_features, device=device,
+                                               dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, lora.rank, device=device,
+                                               dtype=torch.float32))
         self.adapters_enabled = True
         self.reset_lora()
 
@@ -485,15 +526,17 @@ class LoRALinear(nn.Linear):
         if not self.adapters_enabled:
             return y
         # (…, in) -> (…, r) -> (…, out): never forms the (out, in) product B A
-        update = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        update = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)),
+                          self.lora_B.to(x.dtype))
         return y + update * self.scaling
 
 
 def merge_lora(state, scaling, dtype=None):
     """A state dict with LoRA tensors -> the plain checkpoint: W + s · B A for every adapted weight,
-    lora_A / lora_B dropped. Computed in fp32, then cast to `dtype` (default: W's). Cast to W's dtype
-    first and then to another, a bf16 W would lose every update smaller than its rounding step: merge
-    into the dtype the checkpoint is saved in, from W as it is on disk (parallel.save_checkpoint)."""
+    lora_A / lora_B dropped. Computed in fp32, then cast to `dtype` (default: W's). Cast to W's
+    dtype first and then to another, a bf16 W would lose every update smaller than its rounding
+    step: merge into the dtype the checkpoint is saved in, from W as it is on disk
+    (parallel.save_checkpoint)."""
     merged = {}
     for name, tensor in state.items():
         if name.endswith((".lora_A", ".lora_B")):
@@ -507,24 +550,32 @@ def merge_lora(state, scaling, dtype=None):
 
 
 # PEFT's on-disk format for an adapter (adapter_config.json + adapter_model.safetensors), so that
-# `peft.PeftModel.from_pretrained(base, folder)` loads what we train: key `q_proj.lora_A` is saved as
-# `base_model.model.<name>.lora_A.weight`; a reward model's new score head as a module to save.
+# `peft.PeftModel.from_pretrained(base, folder)` loads what we train: key `q_proj.lora_A` is saved
+# as `base_model.model.<name>.lora_A.weight`; a reward model's new score head as a module to save.
 PEFT_PREFIX = "base_model.model."
 
 
 def save_adapter(path, state, lora: LoRASettings, head="lm", base_model=None):
-    """Write the adapter tensors of a (full, gathered) state dict to `path` in PEFT's format, atomically."""
+    """Write the adapter tensors of a (full, gathered) state dict to `path` in PEFT's format,
+    atomically."""
     from safetensors.torch import save_file
 
-    tensors = {PEFT_PREFIX + (f"{name}.weight" if name.endswith((".lora_A", ".lora_B")) else name): tensor.detach().cpu().contiguous()
-               for name, tensor in state.items() if name.endswith((".lora_A", ".lora_B")) or name == "score.weight"}
-    config = dict(peft_type="LORA", task_type="CAUSAL_LM" if head == "lm" else "SEQ_CLS", r=lora.rank,
-                  lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=sorted(lora.targets), bias="none",
-                  fan_in_fan_out=False, inference_mode=True, init_lora_weights=True, use_rslora=False, use_dora=False,
+    tensors = {PEFT_PREFIX
+               + (f"{name}.weight" if name.endswith((".lora_A", ".lora_B"))
+                  else name): tensor.detach().cpu().contiguous()
+               for name, tensor in state.items() if name.endswith((".lora_A", ".lora_B"))
+               or name == "score.weight"}
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM" if head == "lm" else "SEQ_CLS",
+                  r=lora.rank,
+                  lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                  target_modules=sorted(lora.targets), bias="none",
+                  fan_in_fan_out=False, inference_mode=True, init_lora_weights=True,
+                  use_rslora=False, use_dora=False,
                   modules_to_save=None if head == "lm" else ["score"],
                   base_model_name_or_path=str(base_model) if base_model is not None else None)
     atomic_save_folder(path, lambda tmp: (
-        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"}),
+        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"),
+                  metadata={"format": "pt"}),
         Path(tmp, "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")))
 
 
@@ -534,16 +585,20 @@ def read_adapter(path):
 
     path = Path(path)
     if not (path / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{path}/adapter_config.json not found: expected a PEFT LoRA adapter folder")
+        raise FileNotFoundError(f"{path}/adapter_config.json not found: expected a PEFT LoRA "
+                                f"adapter folder")
     config = json.loads((path / "adapter_config.json").read_text())
     if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("use_rslora") or config.get("rank_pattern") \
             or config.get("alpha_pattern"):
-        raise ValueError(f"{path}: only plain LoRA adapters are supported (no DoRA, rsLoRA or per-module ranks)")
-    lora = LoRASettings(config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), tuple(sorted(config["target_modules"])))
+        raise ValueError(f"{path}: only plain LoRA adapters are supported (no DoRA, rsLoRA or "
+                         f"per-module ranks)")
+    lora = LoRASettings(config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
+                        tuple(sorted(config["target_modules"])))
     state = {}
     for name, tensor in load_file(str(path / "adapter_model.safetensors")).items():
         name = name.removeprefix(PEFT_PREFIX)
-        state[name.removesuffix(".weight") if name.endswith((".lora_A.weight", ".lora_B.weight")) else name] = tensor
+        state[name.removesuffix(".weight") if name.endswith((".lora_A.weight", ".lora_B.weight"))
+              else name] = tensor
     return lora, state
 
 class DecoderLayer(nn.Module):
@@ -562,7 +617,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, inputs: AttentionInputs, layer_index=0):
         if self.checkpoint_activations and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self.block, x, cos, sin, inputs, layer_index, use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(self.block, x, cos, sin, inputs, layer_index,
+                                                     use_reentrant=False)
         return self.block(x, cos, sin, inputs, layer_index)
 
     def block(self, x, cos, sin, inputs, layer_index):
@@ -584,10 +640,13 @@ class Backbone(nn.Module):
 # The model
 
 
-ARCHITECTURES = {("llama", "lm"): "LlamaForCausalLM", ("mistral", "lm"): "MistralForCausalLM", ("qwen2", "lm"): "Qwen2ForCausalLM",
+ARCHITECTURES = {("llama", "lm"): "LlamaForCausalLM", ("mistral", "lm"): "MistralForCausalLM",
+                 ("qwen2", "lm"): "Qwen2ForCausalLM",
                  ("qwen3", "lm"): "Qwen3ForCausalLM",
-                 ("llama", "score"): "LlamaForSequenceClassification", ("mistral", "score"): "MistralForSequenceClassification",
-                 ("qwen2", "score"): "Qwen2ForSequenceClassification", ("qwen3", "score"): "Qwen3ForSequenceClassification"}
+                 ("llama", "score"): "LlamaForSequenceClassification",
+                 ("mistral", "score"): "MistralForSequenceClassification",
+                 ("qwen2", "score"): "Qwen2ForSequenceClassification",
+                 ("qwen3", "score"): "Qwen3ForSequenceClassification"}
 
 
 class Transformer(nn.Module):
@@ -618,7 +677,8 @@ class Transformer(nn.Module):
         Works on the meta device too (FSDP builds there). Call it before wrapping for FSDP/DDP."""
         unknown = sorted(set(lora.targets) - set(LORA_TARGETS))
         if unknown or not lora.targets:
-            raise ValueError(f"LoRA targets {unknown or '(none)'}: choose among {', '.join(LORA_TARGETS)}")
+            raise ValueError(f"LoRA targets {unknown or '(none)'}: choose among "
+                             f"{', '.join(LORA_TARGETS)}")
         if self.lora is not None:
             raise ValueError("this model already has LoRA adapters")
         for layer in self.model.layers:
@@ -630,7 +690,8 @@ class Transformer(nn.Module):
         for name, parameter in self.named_parameters():
             trained = name.endswith((".lora_A", ".lora_B")) or name == "score.weight"
             parameter.requires_grad_(trained)
-            parameter.data = parameter.data.to(torch.float32 if trained else (frozen_dtype or parameter.dtype))
+            parameter.data = parameter.data.to(torch.float32 if trained
+                                               else (frozen_dtype or parameter.dtype))
         return self
 
     @contextmanager
@@ -655,11 +716,13 @@ class Transformer(nn.Module):
     def set_activation_checkpointing(self, enabled=True):
         """Recompute each decoder block in the backward instead of keeping its activations: a
         block then keeps only its input, (B, T, H), instead of ~(10 H + 3 I) · B · T values. Call it
-        before FSDP wrapping (parallel.wrap_model); gradients are identical, the forward runs twice."""
+        before FSDP wrapping (parallel.wrap_model); gradients are identical, the forward runs
+        twice."""
         for layer in self.model.layers:
             layer.checkpoint_activations = enabled
 
-    def hidden_states(self, input_ids, position_ids=None, document_ids=None, cache=None, cache_len=None):
+    def hidden_states(self, input_ids, position_ids=None, document_ids=None, cache=None,
+                      cache_len=None):
         """Final-normed hidden states (B, T, H).
 
         position_ids (B, T): default 0..T-1.
@@ -677,28 +740,34 @@ class Transformer(nn.Module):
         prefill = cache is not None and position_ids is None
         if position_ids is None:
             position_ids = torch.arange(T, device=device).expand(B, T)
-        inputs = AttentionInputs(position_ids, window=self.config.sliding_window, cache=cache, prefill=prefill,
-                                 cache_len=min(cache_len or cache.max_len, cache.max_len) if cache is not None else None)
+        inputs = AttentionInputs(position_ids, window=self.config.sliding_window, cache=cache,
+                                 prefill=prefill,
+                                 cache_len=min(cache_len or cache.max_len, cache.max_len)
+                                 if cache is not None else None)
         if document_ids is not None and cache is None:
             inputs.document_ids = document_ids
         x = self.model.embed_tokens(input_ids)
-        if torch.is_autocast_enabled(device.type):  # the residual stream in the compute dtype, as bf16 weights give
+        # the residual stream in the compute dtype, as bf16 weights give
+        if torch.is_autocast_enabled(device.type):
             x = x.to(torch.get_autocast_dtype(device.type))
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, inputs, i)
         return self.model.norm(x)
 
-    def forward(self, input_ids, position_ids=None, document_ids=None, cache=None, targets=None, temperature=1.0,
+    def forward(self, input_ids, position_ids=None, document_ids=None, cache=None, targets=None,
+                temperature=1.0,
                 cache_len=None, num_targets=None):
-        """Logits (B, T, V) in the model's dtype (scores (B, T) for a reward model); or, given `targets` (B, T) (-100 = ignored), the
-        per-token log-probs log p(target | prefix) (B, T) in fp32, computed by rlhf_kernels/logprob.py from
-        the hidden states and the LM head without materialising the logits. The log-prob path goes
-        through forward (not a separate method) so that FSDP's forward hooks gather the LM head.
-        num_targets: the number of targets that are not -100, when the caller knows it on the host:
-        the kernel then computes those rows only, without reading the device (see rlhf_kernels/logprob.py)."""
+        """Logits (B, T, V) in the model's dtype (scores (B, T) for a reward model); or, given
+        `targets` (B, T) (-100 = ignored), the per-token log-probs log p(target | prefix) (B, T) in
+        fp32, computed by rlhf_kernels/logprob.py from the hidden states and the LM head without
+        materialising the logits. The log-prob path goes through forward (not a separate method) so
+        that FSDP's forward hooks gather the LM head. num_targets: the number of targets that are
+        not -100, when the caller knows it on the host: the kernel then computes those rows only,
+        without reading the device (see rlhf_kernels/logprob.py)."""
         hidden = self.hidden_states(input_ids, position_ids, document_ids, cache, cache_len)
-        if self.head == "score":  # a scalar per position (B, T); the caller reads the last real token
+        # a scalar per position (B, T); the caller reads the last real token
+        if self.head == "score":
             return F.linear(hidden, self.score.weight).squeeze(-1).float()
         if targets is None:
             return F.linear(hidden, self.lm_head_weight)
@@ -712,13 +781,16 @@ class Transformer(nn.Module):
             dtype = torch.get_autocast_dtype(device_type)
             hidden, weight = hidden.to(dtype), weight.to(dtype)
         with torch.autocast(device_type, enabled=False):
-            logps = token_logprobs(hidden.reshape(B * T, H), weight, targets.reshape(B * T), temperature=temperature,
+            logps = token_logprobs(hidden.reshape(B * T, H), weight, targets.reshape(B * T),
+                                   temperature=temperature,
                                    num_valid=num_targets)
-        # a copy, not a view: FSDP2 warns on every forward whose output is a view (an in-place op on it would skip its hook)
+        # a copy, not a view: FSDP2 warns on every forward whose output is a view (an in-place op on
+        # it would skip its hook)
         return logps.view(B, T).clone()
 
     def init_weights(self, std=None):
-        """Random init for training from scratch: normal(0, initializer_range) linears/embeddings."""
+        """Random init for training from scratch: normal(0, initializer_range)
+        linears/embeddings."""
         std = std if std is not None else self.config.raw.get("initializer_range", 0.02)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -737,12 +809,15 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_config(cls, path_or_dict, device="cpu", dtype=torch.float32, head="lm"):
-        """A randomly initialised model from a config.json (path, folder or dict): training from scratch."""
+        """A randomly initialised model from a config.json (path, folder or dict): training from
+        scratch."""
         d = path_or_dict
-        model = cls(ModelConfig.from_dict(d) if isinstance(d, dict) else ModelConfig.from_path(d), head=head)
+        model = cls(ModelConfig.from_dict(d) if isinstance(d, dict) else ModelConfig.from_path(d),
+                    head=head)
         model.init_weights()
         model = model.to(device=device, dtype=dtype)
-        model.inv_freq = rope_inverse_frequencies(model.config).to(device)  # fp32 whatever the weights' dtype
+        # fp32 whatever the weights' dtype
+        model.inv_freq = rope_inverse_frequencies(model.config).to(device)
         return model
 
     @classmethod
@@ -757,7 +832,8 @@ class Transformer(nn.Module):
 
         path = Path(path)
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path}/config.json not found: expected a Hugging Face checkpoint folder")
+            raise FileNotFoundError(f"{path}/config.json not found: expected a Hugging Face "
+                                    f"checkpoint folder")
         config = ModelConfig.from_dict(json.loads((path / "config.json").read_text()))
         files = checkpoint_files(path)
         with torch.device("meta"):
@@ -769,7 +845,8 @@ class Transformer(nn.Module):
                 for name in f.keys():
                     if name in expected:
                         state[name] = f.get_tensor(name).to(dtype)
-                    elif not (name == "lm_head.weight" and (config.tie_word_embeddings or head == "score")) \
+                    elif not (name == "lm_head.weight"
+                              and (config.tie_word_embeddings or head == "score")) \
                             and not name.endswith("rotary_emb.inv_freq"):
                         raise ValueError(f"{path}/{file}: unexpected tensor {name!r}")
         if head == "score" and "score.weight" not in state:
@@ -777,22 +854,26 @@ class Transformer(nn.Module):
             state["score.weight"] = torch.randn(1, config.hidden_size, dtype=dtype) * std
         missing = sorted(set(expected) - set(state))
         if missing:
-            raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+            raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensors, e.g. "
+                             f"{missing[:3]}")
         model.load_state_dict(state, assign=True, strict=True)
         model.inv_freq = rope_inverse_frequencies(config)  # buffers built on meta need real values
         return model.to(device=device)
 
     def save_pretrained(self, path, state_dict=None, dtype=None, tokenizer=None):
         """Write config.json + model.safetensors (+ the tokenizer's files) atomically (temp folder,
-        then rename), in a form transformers.AutoModelForCausalLM loads unchanged. `state_dict` lets a
-        caller pass a full state dict gathered from FSDP shards; `dtype` casts the saved tensors. A
-        model with LoRA adapters is saved merged (W + s·BA); parallel.save_checkpoint can add the adapter."""
+        then rename), in a form transformers.AutoModelForCausalLM loads unchanged. `state_dict` lets
+        a caller pass a full state dict gathered from FSDP shards; `dtype` casts the saved tensors.
+        A model with LoRA adapters is saved merged (W + s·BA); parallel.save_checkpoint can add the
+        adapter."""
         from safetensors.torch import save_file
 
         state = state_dict if state_dict is not None else self.state_dict()
-        if self.lora is not None:  # an adapted model is saved merged: a plain checkpoint any stage loads
+        # an adapted model is saved merged: a plain checkpoint any stage loads
+        if self.lora is not None:
             state = merge_lora(state, self.lora.scaling, dtype)
-        state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items() if k != "inv_freq"}
+        state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()
+                 if k != "inv_freq"}
         saved_dtype = next(iter(state.values())).dtype
         config = dict(self.config.raw)
         config["torch_dtype"] = str(saved_dtype).removeprefix("torch.")
@@ -808,7 +889,8 @@ class Transformer(nn.Module):
 
 
 def checkpoint_files(path):
-    """The safetensors files of an HF checkpoint folder: model.safetensors, or the shards its index names."""
+    """The safetensors files of an HF checkpoint folder: model.safetensors, or the shards its index
+    names."""
     path = Path(path)
     if (path / "model.safetensors.index.json").exists():
         return sorted(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values()))
@@ -819,8 +901,9 @@ def checkpoint_files(path):
 
 
 def stored_tensors(path, names):
-    """(name, tensor as stored on disk, in its stored dtype) for those of `names` in the checkpoint folder,
-    one at a time (none when it holds no weights: a config-only folder, as sft.py --scratch starts from)."""
+    """(name, tensor as stored on disk, in its stored dtype) for those of `names` in the checkpoint
+    folder, one at a time (none when it holds no weights: a config-only folder, as sft.py --scratch
+    starts from)."""
     from safetensors import safe_open
 
     has_weights = (Path(path) / "model.safetensors").exists() or (Path(path) / "model.safetensors.index.json").exists()
@@ -832,9 +915,9 @@ def stored_tensors(path, names):
 
 
 def atomic_save_folder(path, write_into):
-    """Fill a fresh temp folder beside `path` with write_into(tmp), then swap it in. Files already in
-    `path` that write_into did not produce (tokenizer files, metrics) are carried over, so saving a
-    model into an existing checkpoint folder replaces weights and config but keeps the rest."""
+    """Fill a fresh temp folder beside `path` with write_into(tmp), then swap it in. Files already
+    in `path` that write_into did not produce (tokenizer files, metrics) are carried over, so saving
+    a model into an existing checkpoint folder replaces weights and config but keeps the rest."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*"):  # left by a save that crashed

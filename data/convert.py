@@ -75,7 +75,8 @@ class Report:
     def skip_malformed(self, location, reason):
         if self.strict:
             raise ValueError(f"{location}: {reason}")
-        self.malformed[re.sub(r"\d+", "N", reason)] += 1  # "completions[2]" and "[3]" count as one reason
+        # "completions[2]" and "[3]" count as one reason
+        self.malformed[re.sub(r"\d+", "N", reason)] += 1
         self._example(location, reason)
 
     def skip_filtered(self, location, reason):
@@ -83,12 +84,17 @@ class Report:
         self._example(location, reason)
 
     def summary(self, fmt, input_path, output_path):
-        lines = [f"{fmt}: read {self.read} records from {input_path}, wrote {self.written} to {output_path}"]
-        for title, counter in (("skipped as malformed (--strict makes these errors)", self.malformed),
-                               ("skipped by filters (counted per record or per candidate pair)", self.filtered)):
+        lines = [f"{fmt}: read {self.read} records from {input_path}, wrote {self.written} to "
+                 f"{output_path}"]
+        for title, counter in (("skipped as malformed (--strict makes these errors)",
+                                self.malformed),
+                               ("skipped by filters (counted per record or per candidate pair)",
+                                self.filtered)):
             if counter:
                 lines.append(f"  {title}: {sum(counter.values())}")
-                lines += [f"    {count:>7}  {reason}" for reason, count in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))]
+                lines += [f"    {count:>7}  {reason}"
+                          for reason, count in sorted(counter.items(),
+                                                      key=lambda kv: (-kv[1], kv[0]))]
         if self.examples:
             lines.append("  examples:")
             lines += [f"    {example}" for example in self.examples]
@@ -108,7 +114,8 @@ def read_text(path):
     except UnicodeDecodeError as e:
         newline = b"\n"
         line, line_start = data.count(newline, 0, e.start) + 1, data.rfind(newline, 0, e.start) + 1
-        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {e.start - line_start + 1})") from None
+        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column "
+                         f"{e.start - line_start + 1})") from None
 
 
 def read_input(path, report):
@@ -132,7 +139,8 @@ def read_input(path, report):
             try:
                 record, position = decoder.raw_decode(text, position)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{text.count(chr(10), 0, e.pos) + 1}: not valid JSON ({e.msg})") from None
+                raise ValueError(f"{path}:{text.count(chr(10), 0, e.pos) + 1}: not valid JSON "
+                                 f"({e.msg})") from None
             items.append((f"{path}:{line} (item {len(items) + 1})", record))
     else:
         # split on "\n" only: str.splitlines() would also split inside strings at U+2028 & co.,
@@ -187,7 +195,8 @@ def make_pair(prompt, chosen, rejected, source, margin=None):
     """A pairs record. Response texts are stripped of surrounding whitespace (in every format that
     is layout noise, e.g. HH's space after "Assistant:" or a summary's leading space)."""
     chosen, rejected = chosen.strip(), rejected.strip()
-    pair = {"id": content_id(prompt, chosen, rejected), "prompt": prompt, "chosen": chosen, "rejected": rejected}
+    pair = {"id": content_id(prompt, chosen, rejected), "prompt": prompt, "chosen": chosen,
+            "rejected": rejected}
     if margin is not None:
         pair["margin"] = margin
     pair["source"] = source
@@ -205,7 +214,8 @@ def pair_filter_reason(chosen, rejected):
 
 def scored_pairs(location, prompt, responses, scores, min_margin, source, report):
     """All pairs of responses whose scores differ by ≥ min_margin (ties never kept), higher score
-    chosen, margin = score difference; responses in input order i < j, so output is deterministic."""
+    chosen, margin = score difference; responses in input order i < j, so output is
+    deterministic."""
     pairs = []
     for i in range(len(responses)):
         for j in range(i + 1, len(responses)):
@@ -247,7 +257,8 @@ def parse_hh_transcript(text, name):
         messages.append({"role": role, "content": text[boundary.end():end].strip()})
     for k, message in enumerate(messages):
         if message["role"] != ("user" if k % 2 == 0 else "assistant"):
-            raise Malformed(f"'{name}': turns do not alternate Human/Assistant (turn {k + 1} is {message['role']})")
+            raise Malformed(f"'{name}': turns do not alternate Human/Assistant (turn {k + 1} is "
+                            f"{message['role']})")
     if messages[-1]["role"] != "assistant":
         raise Malformed(f"'{name}': transcript does not end with an Assistant turn")
     return messages
@@ -257,10 +268,12 @@ def hh_pair(location, record, report):
     chosen = parse_hh_transcript(field(record, "chosen"), "chosen")
     rejected = parse_hh_transcript(field(record, "rejected"), "rejected")
     if chosen[:-1] != rejected[:-1]:
-        raise Malformed("prompts of chosen and rejected differ (transcripts share no common prefix)")
+        raise Malformed("prompts of chosen and rejected differ (transcripts share no common "
+                        "prefix)")
     prompt = chosen[:-1]
     if any(not m["content"] for m in prompt):
-        report.skip_filtered(location, "empty turn in the conversation")  # paper 1 drops "empty rounds"
+        # paper 1 drops "empty rounds"
+        report.skip_filtered(location, "empty turn in the conversation")
         return []
     reason = pair_filter_reason(chosen[-1]["content"], rejected[-1]["content"])
     if reason:
@@ -279,10 +292,12 @@ def hh_pair(location, record, report):
 def messages_field(record, name):
     value = field(record, name, list)
     for k, message in enumerate(value):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or "role" not in message:
+        if not isinstance(message, dict) or not isinstance(message.get("content"),
+                                                           str) or "role" not in message:
             raise Malformed(f"field '{name}'[{k}]: expected a message with role and content")
         if message["role"] not in ROLES:
-            raise Malformed(f"field '{name}'[{k}].role: expected one of {'/'.join(ROLES)}, got {message['role']!r}")
+            raise Malformed(f"field '{name}'[{k}].role: expected one of {'/'.join(ROLES)}, got "
+                            f"{message['role']!r}")
     return value
 
 
@@ -291,11 +306,13 @@ def ultrafeedback_binarized(location, record, args, report):
     if not chosen or not rejected or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
         raise Malformed("'chosen'/'rejected' must end with an assistant message")
     prompt = [{"role": m["role"], "content": m["content"].strip()} for m in chosen[:-1]]
-    if [(m["role"], m["content"].strip()) for m in rejected[:-1]] != [(m["role"], m["content"]) for m in prompt]:
+    if [(m["role"], m["content"].strip()) for m in rejected[:-1]] != [(m["role"], m["content"])
+                                                                      for m in prompt]:
         raise Malformed("prompts of chosen and rejected differ")
     if not prompt:  # some exports keep only the assistant message in chosen/rejected
         prompt = user(field(record, "prompt"))
-    score_chosen, score_rejected = field(record, "score_chosen", float), field(record, "score_rejected", float)
+    score_chosen, score_rejected = field(record, "score_chosen",
+                                         float), field(record, "score_rejected", float)
     if score_chosen < score_rejected:
         report.skip_filtered(location, "chosen scored below rejected")
         return []
@@ -314,10 +331,13 @@ def ultrafeedback_raw(location, record, args, report):
         try:
             scores.append(field(completion, args.ultrafeedback_score, float))
         except Malformed as e:
-            raise Malformed(f"completions[{k}]: {e} (choose the score with --ultrafeedback-score)") from None
+            raise Malformed(f"completions[{k}]: {e} (choose the score with "
+                            f"--ultrafeedback-score)") from None
     if len(responses) < 2:
-        raise Malformed(f"field 'completions': expected at least 2 completions, got {len(responses)}")
-    return scored_pairs(location, prompt, responses, scores, args.min_margin, "ultrafeedback", report)
+        raise Malformed(f"field 'completions': expected at least 2 completions, got "
+                        f"{len(responses)}")
+    return scored_pairs(location, prompt, responses, scores, args.min_margin, "ultrafeedback",
+                        report)
 
 
 def ultrafeedback_pairs(location, record, args, report):
@@ -325,7 +345,8 @@ def ultrafeedback_pairs(location, record, args, report):
         return ultrafeedback_binarized(location, record, args, report)
     if "completions" in record:
         return ultrafeedback_raw(location, record, args, report)
-    raise Malformed("neither binarized (chosen/rejected message lists) nor raw (instruction/completions) UltraFeedback")
+    raise Malformed("neither binarized (chosen/rejected message lists) nor raw "
+                    "(instruction/completions) UltraFeedback")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,7 +362,8 @@ def shp_candidate(location, record, report):
     if label not in (0, 1):
         raise Malformed(f"field 'labels': expected 0 or 1, got {label}")
     score_a, score_b = field(record, "score_A", float), field(record, "score_B", float)
-    chosen, rejected, score_chosen, score_rejected = (ref_a, ref_b, score_a, score_b) if label == 1 else (ref_b, ref_a, score_b, score_a)
+    chosen, rejected, score_chosen, score_rejected = (ref_a, ref_b, score_a,
+                                                      score_b) if label == 1 else (ref_b, ref_a, score_b, score_a)
     if score_chosen < score_rejected:
         # "incorrect labels (implied by the other features of the dataset) are eliminated" (paper 1)
         report.skip_filtered(location, "label disagrees with scores")
@@ -376,8 +398,11 @@ def convert_shp(items, args, report):
             per_post[post_id] += 1
             kept.add(index)
         else:
-            report.skip_filtered(location, f"more than {SHP_MAX_PAIRS_PER_POST} pairs for the post (lowest ratios dropped)")
-    return [pair for index, _, _, pair, _ in candidates if index in kept]  # output keeps input order
+            report.skip_filtered(location,
+                                 f"more than {SHP_MAX_PAIRS_PER_POST} pairs for the post (lowest "
+                                 f"ratios dropped)")
+    # output keeps input order
+    return [pair for index, _, _, pair, _ in candidates if index in kept]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,7 +423,8 @@ def parse_helpsteer_prompt(text):
 
 def helpsteer_score(record, attribute):
     """The score a pair is built on: one attribute, or "mean" = mean of helpfulness, correctness
-    and coherence (the attributes where higher is always better; complexity and verbosity are not)."""
+    and coherence (the attributes where higher is always better; complexity and verbosity are
+    not)."""
     names = ("helpfulness", "correctness", "coherence") if attribute == "mean" else (attribute,)
     values = [field(record, name, float) for name in names]
     for name, value in zip(names, values):
@@ -424,13 +450,15 @@ def convert_helpsteer(items, args, report):
         if len(responses) < 2:
             report.skip_filtered(location, "prompt has a single response")
             continue
-        pairs += scored_pairs(location, parse_helpsteer_prompt(prompt), responses, scores, args.min_margin, "helpsteer", report)
+        pairs += scored_pairs(location, parse_helpsteer_prompt(prompt), responses, scores,
+                              args.min_margin, "helpsteer", report)
     return pairs
 
 
 # ----------------------------------------------------------------------------------------------
 # TL;DR comparisons (openai/summarize_from_feedback, "comparisons"): info {id, post, title,
-# subreddit, article, site}, summaries [{text, policy, note}, {…}], choice (index of the better one).
+# subreddit, article, site}, summaries [{text, policy, note}, {…}], choice (index of the better
+# one).
 
 
 def tldr_prompt_text(subreddit, title, post):
@@ -456,7 +484,8 @@ def tldr_pair(location, record, report):
         return []
     summaries = field(record, "summaries", list)
     if len(summaries) != 2 or not all(isinstance(s, dict) for s in summaries):
-        raise Malformed(f"field 'summaries': expected 2 objects with 'text', got {len(summaries)} items")
+        raise Malformed(f"field 'summaries': expected 2 objects with 'text', got {len(summaries)} "
+                        f"items")
     texts = [field(s, "text") for s in summaries]
     choice = field(record, "choice", int)
     if choice not in (0, 1):
@@ -482,7 +511,8 @@ def prompt_of(location, record, report):
         return parse_hh_transcript(record["chosen"], "chosen")[:-1]
     if isinstance(record.get("chosen"), list):             # UltraFeedback binarized
         prompt = messages_field(record, "chosen")[:-1]
-        return [{"role": m["role"], "content": m["content"].strip()} for m in prompt] or user(field(record, "prompt"))
+        return [{"role": m["role"], "content": m["content"].strip()}
+                for m in prompt] or user(field(record, "prompt"))
     if "instruction" in record:                            # UltraFeedback raw
         return user(field(record, "instruction"))
     if "history" in record:                                # SHP
@@ -491,7 +521,8 @@ def prompt_of(location, record, report):
         return tldr_prompt(record, report, location)
     if "messages" in record:                               # chat SFT record / our prompts record
         messages = messages_field(record, "messages")
-        last_user = max((k for k, m in enumerate(messages) if m.get("role") == "user"), default=None)
+        last_user = max((k for k, m in enumerate(messages) if m.get("role") == "user"),
+                        default=None)
         if last_user is None:
             raise Malformed("field 'messages': no user turn")
         return [{"role": m["role"], "content": m["content"]} for m in messages[:last_user + 1]]
@@ -572,7 +603,8 @@ def convert(args):
     if args.format == "hh-rlhf":
         out = per_record(items, report, lambda loc, rec: hh_pair(loc, rec, report))
     elif args.format == "ultrafeedback":
-        out = per_record(items, report, lambda loc, rec: ultrafeedback_pairs(loc, rec, args, report))
+        out = per_record(items, report,
+                         lambda loc, rec: ultrafeedback_pairs(loc, rec, args, report))
     elif args.format == "shp":
         out = convert_shp(items, args, report)
     elif args.format == "helpsteer":
@@ -583,7 +615,8 @@ def convert(args):
         out = convert_prompts(items, args, report)
     else:
         out = convert_judge(items, args, report)
-    # Every output record must fit its schema: a converter bug fails loudly here, not in a later stage.
+    # Every output record must fit its schema: a converter bug fails loudly here, not in a later
+    # stage.
     kind = OUTPUT_KIND.get(args.format, "pairs")
     for k, record in enumerate(out):
         try:
@@ -593,7 +626,8 @@ def convert(args):
     if args.shuffle:
         random.Random(args.seed).shuffle(out)
     if not out:
-        raise SystemExit(f"{report.summary(args.format, args.input, args.output)}\nno records to write; nothing written")
+        raise SystemExit(f"{report.summary(args.format, args.input, args.output)}\nno records to "
+                         f"write; nothing written")
     write_jsonl(args.output, out)
     report.written = len(out)
     return report
@@ -602,28 +636,39 @@ def convert(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m data.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--format", required=True, choices=FORMATS, help="the input's published format (or prompts / judge)")
-    parser.add_argument("--input", required=True, help="a JSONL file or a JSON list file, as `datasets` exports it")
+    parser.add_argument("--format", required=True, choices=FORMATS,
+                        help="the input's published format (or prompts / judge)")
+    parser.add_argument("--input", required=True,
+                        help="a JSONL file or a JSON list file, as `datasets` exports it")
     parser.add_argument("--output", required=True, help="the JSONL file to write (atomically)")
-    parser.add_argument("--strict", action="store_true", help="stop with an error naming file:line at the first malformed record")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop with an error naming file:line at the first malformed record")
     parser.add_argument("--min-margin", type=float, default=None,
-                        help="ultrafeedback / helpsteer: keep pairs whose score difference is ≥ this "
+                        help="ultrafeedback / helpsteer: keep pairs whose score difference is ≥ "
+                             "this "
                              "(default 1.0 for both); ties are never kept")
-    parser.add_argument("--ultrafeedback-score", default="fine-grained_score", choices=("fine-grained_score", "overall_score"),
-                        help="raw UltraFeedback: the completion score to compare (fine-grained_score: mean of the 4 "
+    parser.add_argument("--ultrafeedback-score", default="fine-grained_score",
+                        choices=("fine-grained_score", "overall_score"),
+                        help="raw UltraFeedback: the completion score to compare "
+                             "(fine-grained_score: mean of the 4 "
                              "aspect ratings, 1-5; overall_score: GPT-4's critique score, 1-10)")
-    parser.add_argument("--helpsteer-attribute", default="helpfulness", choices=HELPSTEER_ATTRIBUTES + ("mean",),
-                        help="helpsteer: the attribute pairs are built on; 'mean' = mean of helpfulness, correctness, coherence")
+    parser.add_argument("--helpsteer-attribute", default="helpfulness", choices=HELPSTEER_ATTRIBUTES
+                        + ("mean",),
+                        help="helpsteer: the attribute pairs are built on; 'mean' = mean of "
+                             "helpfulness, correctness, coherence")
     parser.add_argument("--template", default="dialogue",
-                        help=f"judge: the instruction, one of {sorted(JUDGE_TEMPLATES)} or a text file with "
+                        help=f"judge: the instruction, one of {sorted(JUDGE_TEMPLATES)} or a text "
+                             f"file with "
                              "{context}, {response_a}, {response_b}")
-    parser.add_argument("--shuffle", action="store_true", help="shuffle the output records (seeded by --seed)")
+    parser.add_argument("--shuffle", action="store_true",
+                        help="shuffle the output records (seeded by --seed)")
     parser.add_argument("--seed", type=int, default=0, help="seed for --shuffle")
     args = parser.parse_args(argv)
     if args.min_margin is None:
         args.min_margin = DEFAULT_MIN_MARGIN.get(args.format)
     elif args.format not in DEFAULT_MIN_MARGIN:
-        parser.error(f"--min-margin applies to {' and '.join(DEFAULT_MIN_MARGIN)} only (they have absolute scores)")
+        parser.error(f"--min-margin applies to {' and '.join(DEFAULT_MIN_MARGIN)} only (they have "
+                     f"absolute scores)")
     return args
 
 
@@ -631,7 +676,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         report = convert(args)
-    except (ValueError, OSError) as e:  # --strict, a broken JSON list or file, a missing file: one clear line
+    # --strict, a broken JSON list or file, a missing file: one clear line
+    except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
     print(report.summary(args.format, args.input, args.output))
 

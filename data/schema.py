@@ -38,13 +38,17 @@ from runs import InputError, read_jsonl_numbered
 ROLES = ("system", "user", "assistant")
 FINISH_REASONS = ("stop", "length")
 KINDS = ("sft", "prompts", "pairs", "samples", "rewards")
-# The smallest valid record of each kind (the required fields only), quoted by the missing-field error.
+# The smallest valid record of each kind (the required fields only), quoted by the missing-field
+# error.
 EXAMPLES = {
-    "sft": {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]},
+    "sft": {"messages": [{"role": "user", "content": "..."},
+                         {"role": "assistant", "content": "..."}]},
     "prompts": {"id": "p1", "messages": [{"role": "user", "content": "..."}]},
     "pairs": {"prompt": [{"role": "user", "content": "..."}], "chosen": "...", "rejected": "..."},
-    "samples": {"id": "p1", "prompt": [{"role": "user", "content": "..."}], "responses": ["...", "..."]},
-    "rewards": {"id": "p1", "prompt": [{"role": "user", "content": "..."}], "responses": ["...", "..."], "rewards": [0.5, -1.0]},
+    "samples": {"id": "p1", "prompt": [{"role": "user", "content": "..."}],
+                "responses": ["...", "..."]},
+    "rewards": {"id": "p1", "prompt": [{"role": "user", "content": "..."}],
+                "responses": ["...", "..."], "rewards": [0.5, -1.0]},
 }
 
 
@@ -91,11 +95,13 @@ def _check_messages(value, field, ends_with_user):
     for i, message in enumerate(value):
         where = f"{field}[{i}]"
         if not isinstance(message, dict):
-            raise _Invalid(where, f"expected an object with role and content, got {_describe(message)}")
+            raise _Invalid(where,
+                           f"expected an object with role and content, got {_describe(message)}")
         if "role" not in message:
             raise _Invalid(where, "missing key 'role'")
         if message["role"] not in ROLES:
-            raise _Invalid(f"{where}.role", f"expected one of {'/'.join(ROLES)}, got {_describe(message['role'])}")
+            raise _Invalid(f"{where}.role",
+                           f"expected one of {'/'.join(ROLES)}, got {_describe(message['role'])}")
         if "content" not in message:
             raise _Invalid(where, "missing key 'content'")
         _check_string(message["content"], f"{where}.content")
@@ -150,8 +156,11 @@ def _check_pairs(record):
     _check_string(_require(record, "chosen"), "'chosen'")
     _check_string(_require(record, "rejected"), "'rejected'")
     if "p" in record and not (_is_number(record["p"]) and 0.0 <= record["p"] <= 1.0):
-        raise _Invalid("'p'", f"expected a number in [0, 1] (P(chosen ≻ rejected)), got {_describe(record['p'])}")
-    if "margin" in record and not (_is_number(record["margin"]) and math.isfinite(record["margin"])):
+        raise _Invalid("'p'",
+                       f"expected a number in [0, 1] (P(chosen ≻ rejected)), got "
+                       f"{_describe(record['p'])}")
+    if "margin" in record and not (_is_number(record["margin"])
+                                   and math.isfinite(record["margin"])):
         raise _Invalid("'margin'", f"expected a finite number, got {_describe(record['margin'])}")
     for name in ("source", "id"):
         if name in record:
@@ -172,13 +181,15 @@ def _check_samples(record):
         _check_list(record["response_ids"], "'response_ids'", n, _is_token_ids, TOKEN_IDS)
     if "num_tokens" in record:
         _check_list(record["num_tokens"], "'num_tokens'", n,
-                    lambda t: isinstance(t, int) and not isinstance(t, bool) and t >= 0, "an integer ≥ 0")
+                    lambda t: isinstance(t, int) and not isinstance(t, bool) and t >= 0,
+                    "an integer ≥ 0")
     if "finish_reasons" in record:
         _check_list(record["finish_reasons"], "'finish_reasons'", n,
                     lambda f: f in FINISH_REASONS, f"one of {'/'.join(FINISH_REASONS)}")
     if "logprobs" in record:
         # A summed log-prob may legitimately be very negative; NaN never is.
-        _check_list(record["logprobs"], "'logprobs'", n, lambda x: _is_number(x) and not math.isnan(x), "a number")
+        _check_list(record["logprobs"], "'logprobs'", n, lambda x: _is_number(x)
+                    and not math.isnan(x), "a number")
 
 
 def _check_rewards(record):
@@ -209,7 +220,8 @@ def validate_record(record, kind):
     try:
         _CHECKS[kind](record)
     except _Missing as e:
-        raise ValueError(f"{e}; a {kind} record looks like {json.dumps(EXAMPLES[kind])} (see data/README.md)") from None
+        raise ValueError(f"{e}; a {kind} record looks like {json.dumps(EXAMPLES[kind])} (see "
+                         f"data/README.md)") from None
     except _Invalid as e:
         raise ValueError(str(e)) from None
 
@@ -242,7 +254,8 @@ def load_records(path, kind, allow_empty=False):
     numbered = read_jsonl_numbered(path)
     if not numbered and not allow_empty:
         raise InputError(f"{path}: no records (the file is empty)")
-    return validate([record for _, record in numbered], kind, str(path), [line for line, _ in numbered])
+    return validate([record for _, record in numbered], kind, str(path),
+                    [line for line, _ in numbered])
 
 
 def render_context(messages):

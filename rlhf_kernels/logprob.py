@@ -82,29 +82,34 @@ except ImportError:  # e.g. macOS / Windows wheels without Triton: the "chunked"
     HAS_TRITON = False
 
 IMPLEMENTATIONS = ("auto", "triton", "chunked", "torch")
-_MAX_BLOCK_V = 1024  # Triton kernels walk a chunk row in tiles of at most this many columns (tests shrink it)
+# Triton kernels walk a chunk row in tiles of at most this many columns (tests shrink it)
+_MAX_BLOCK_V = 1024
 
 
 # ----------------------------------------------------------------------------------------------
 # The reference: full logits in fp32, log_softmax, gather, mask. Simple enough to trust.
 
 def token_logprobs_reference(hidden, weight, targets, temperature=1.0, ignore_index=-100):
-    """log p(targets) (N,) from hidden (N, H) and weight (V, H), materialising the (N, V) logits in fp32
-    (fp64 when the inputs are fp64, so gradcheck can use it). Ignored positions give 0 and no gradient."""
+    """log p(targets) (N,) from hidden (N, H) and weight (V, H), materialising the (N, V) logits in
+    fp32 (fp64 when the inputs are fp64, so gradcheck can use it). Ignored positions give 0 and no
+    gradient."""
     compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logits = hidden.to(compute_dtype) @ weight.to(compute_dtype).t() / temperature  # (N, V)
     logprobs_all = torch.log_softmax(logits, dim=-1)                                  # (N, V)
     valid = targets != ignore_index                                                   # (N,)
-    safe_targets = torch.where(valid, targets, torch.zeros_like(targets))  # any in-range id; masked below
+    # any in-range id; masked below
+    safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
     logprobs = logprobs_all.gather(1, safe_targets[:, None]).squeeze(1)               # (N,)
-    return torch.where(valid, logprobs, torch.zeros_like(logprobs))  # where(): masked rows get zero gradient
+    # where(): masked rows get zero gradient
+    return torch.where(valid, logprobs, torch.zeros_like(logprobs))
 
 
 # ----------------------------------------------------------------------------------------------
 # Public entry point and the implementation switch.
 
 def resolve_impl(hidden, impl=None):
-    """Which implementation token_logprobs runs for this input: impl= wins, then $RLHF_KERNELS, then "auto"."""
+    """Which implementation token_logprobs runs for this input: impl= wins, then $RLHF_KERNELS, then
+    "auto"."""
     impl = impl or os.environ.get("RLHF_KERNELS", "auto")
     assert impl in IMPLEMENTATIONS, f"unknown implementation {impl!r}, expected one of {IMPLEMENTATIONS}"
     if impl == "auto":
@@ -113,13 +118,15 @@ def resolve_impl(hidden, impl=None):
         # fp64 (gradcheck) stays on the chunked path: the Triton kernels compute in fp32.
         impl = "triton" if triton_runs_here and hidden.dtype != torch.float64 else "chunked"
     if impl == "triton" and is_fake(hidden):
-        # A fake tensor has no memory for a kernel to read; the chunked loop gives the same shapes. (Trying
-        # Triton would also make first_use_fallback give up on it for the rest of the process.)
+        # A fake tensor has no memory for a kernel to read; the chunked loop gives the same shapes.
+        # (Trying Triton would also make first_use_fallback give up on it for the rest of the
+        # process.)
         impl = "chunked"
     return impl
 
 
-def token_logprobs(hidden, weight, targets, temperature=1.0, ignore_index=-100, impl=None, vocab_chunk_size=None,
+def token_logprobs(hidden, weight, targets, temperature=1.0, ignore_index=-100, impl=None,
+                   vocab_chunk_size=None,
                    num_valid=None):
     """Per-token log p(targets[i] | hidden[i]) under softmax(hidden @ weight.T / temperature).
 
@@ -129,16 +136,18 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, ignore_index=-100, 
     gradient. weight may be a tied embedding: its gradient here is simply added to the others.
     impl: "auto" | "triton" | "chunked" | "torch" (the reference); default $RLHF_KERNELS or "auto".
     vocab_chunk_size: logits columns per chunk; None picks one from the number of tokens.
-    num_valid: how many targets are not ignore_index, as a host int (e.g. the sum of the response lengths
-    the targets were built from). Given, only those rows are computed; None computes all N rows and masks
-    the ignored ones (same result, more work). Never read from the device here: see point 4 above.
-    A wrong num_valid fails an assert (at once on a CPU; on a GPU as a device-side assert at the next sync).
+    num_valid: how many targets are not ignore_index, as a host int (e.g. the sum of the response
+    lengths the targets were built from). Given, only those rows are computed; None computes all N
+    rows and masks the ignored ones (same result, more work). Never read from the device here: see
+    point 4 above. A wrong num_valid fails an assert (at once on a CPU; on a GPU as a device-side
+    assert at the next sync).
     """
     assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1], \
         f"expected hidden (N, H) and weight (V, H), got {tuple(hidden.shape)} and {tuple(weight.shape)}"
     assert targets.shape == hidden.shape[:1], f"targets {tuple(targets.shape)} must be (N,) = {hidden.shape[0]}"
     assert temperature > 0, "temperature must be positive"
-    assert num_valid is None or (isinstance(num_valid, int) and 0 <= num_valid <= targets.shape[0]), \
+    assert num_valid is None or (isinstance(num_valid, int)
+                                 and 0 <= num_valid <= targets.shape[0]), \
         f"num_valid must be None or a host int in [0, {targets.shape[0]}], got {num_valid!r}"
     _check_targets(targets, weight.shape[0], ignore_index, num_valid)
     impl = resolve_impl(hidden, impl)
@@ -146,11 +155,14 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, ignore_index=-100, 
         return token_logprobs_reference(hidden, weight, targets, temperature, ignore_index)
     assert hidden.dtype == weight.dtype, f"hidden is {hidden.dtype} but weight is {weight.dtype}"
     def run(use_triton):
-        return ChunkedTokenLogprobs.apply(hidden, weight, targets, float(temperature), ignore_index, use_triton,
+        return ChunkedTokenLogprobs.apply(hidden, weight, targets, float(temperature), ignore_index,
+                                          use_triton,
                                           vocab_chunk_size, num_valid)
 
-    if impl == "triton":  # the kernels compile on first use; if that fails, the chunked PyTorch loop
-        return first_use_fallback("rlhf_kernels.logprob (Triton)", lambda: run(True), lambda: run(False))
+    # the kernels compile on first use; if that fails, the chunked PyTorch loop
+    if impl == "triton":
+        return first_use_fallback("rlhf_kernels.logprob (Triton)", lambda: run(True),
+                                  lambda: run(False))
     return run(False)
 
 
@@ -165,17 +177,19 @@ def _auto_vocab_chunk_size(n_rows, vocab_size, device):
     """Columns per chunk so that one chunk of logits is ~256 MB of fp32 on a GPU (16 MB on a CPU).
     At the benchmark shape (16384 tokens) that is 4096 columns: the matmuls stay large enough to run
     at full speed, and the (n_rows, chunk) buffers stay well under the 2 GB grad_weight itself."""
-    on_gpu = device.type == "cuda" or os.environ.get("RLHF_EMULATE_GPU") == "1"  # (memory_trace.py: a GPU's choices)
+    # (memory_trace.py: a GPU's choices)
+    on_gpu = device.type == "cuda" or os.environ.get("RLHF_EMULATE_GPU") == "1"
     budget = 2**26 if on_gpu else 2**22  # logits elements per chunk
-    chunk = max(256, (budget // max(n_rows, 1)) // 256 * 256)  # a multiple of 256 keeps GEMM tiles whole
+    # a multiple of 256 keeps GEMM tiles whole
+    chunk = max(256, (budget // max(n_rows, 1)) // 256 * 256)
     return min(chunk, vocab_size)
 
 
 class ChunkedTokenLogprobs(torch.autograd.Function):
-    """Forward: for each vocabulary chunk, logits = hidden @ W[chunk]^T in fp32, fold them into a running
-    logsumexp and pick out the target logit. Saves only lse (n,). Backward: recompute each chunk's logits,
-    turn them into G[:, chunk] (the softmax gradient), then grad_weight[chunk] = G^T @ hidden and
-    grad_hidden += G @ W[chunk].
+    """Forward: for each vocabulary chunk, logits = hidden @ W[chunk]^T in fp32, fold them into a
+    running logsumexp and pick out the target logit. Saves only lse (n,). Backward: recompute each
+    chunk's logits, turn them into G[:, chunk] (the softmax gradient), then grad_weight[chunk] = G^T
+    @ hidden and grad_hidden += G @ W[chunk].
 
     Which n rows the loops see (point 4 of the module docstring), decided from host values only:
       num_valid == N:     all rows, as they are.
@@ -186,22 +200,26 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
                           inf/NaN garbage), and their log-probs are set to 0 by a where()."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, ignore_index, use_triton, vocab_chunk_size, num_valid):
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index, use_triton,
+                vocab_chunk_size, num_valid):
         num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
         accumulate_dtype = _accumulate_dtype(weight.dtype)
         rows, valid = _select_rows(targets, ignore_index, num_valid)
-        n = num_tokens if num_valid is None else num_valid  # host ints only: no device read sizes anything
+        # host ints only: no device read sizes anything
+        n = num_tokens if num_valid is None else num_valid
         logprobs = torch.zeros(num_tokens, dtype=accumulate_dtype, device=hidden.device)
         lse = torch.empty(0, dtype=accumulate_dtype, device=hidden.device)
         chunk = vocab_chunk_size or _auto_vocab_chunk_size(n, vocab_size, hidden.device)
         if n > 0:
             h = _take_rows(hidden, rows, valid)                   # (n, H)
-            t = _take_rows(targets, rows, valid).contiguous()     # (n,) all in [0, V), read by the Triton kernels
+            # (n,) all in [0, V), read by the Triton kernels
+            t = _take_rows(targets, rows, valid).contiguous()
             lse, target_logit = _forward_chunks(h, weight, t, 1.0 / temperature, use_triton, chunk)
             if rows is not None:
                 logprobs.index_copy_(0, rows, target_logit - lse)
             else:
-                logprobs = _take_rows(target_logit - lse, None, valid)  # masked rows -> 0 (no-op when valid is None)
+                # masked rows -> 0 (no-op when valid is None)
+                logprobs = _take_rows(target_logit - lse, None, valid)
         ctx.save_for_backward(hidden, weight, targets, rows, lse)
         ctx.temperature, ctx.use_triton, ctx.chunk = temperature, use_triton, chunk
         ctx.ignore_index, ctx.num_valid = ignore_index, num_valid
@@ -212,25 +230,33 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         hidden, weight, targets, rows, lse = ctx.saved_tensors
         need_grad_hidden, need_grad_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n = hidden.shape[0] if ctx.num_valid is None else ctx.num_valid
-        valid = targets != ctx.ignore_index if ctx.num_valid is None else None  # the masked case, as in forward
-        # Ignored rows get exact zeros; when the loops see every row, grad_hidden comes out of them whole.
+        # the masked case, as in forward
+        valid = targets != ctx.ignore_index if ctx.num_valid is None else None
+        # Ignored rows get exact zeros; when the loops see every row, grad_hidden comes out of them
+        # whole.
         grad_hidden = torch.zeros_like(hidden) if need_grad_hidden and rows is not None else None
         grad_weight = None
-        if need_grad_weight:  # when n > 0, every row is written by exactly one chunk: no memset needed
+        # when n > 0, every row is written by exactly one chunk: no memset needed
+        if need_grad_weight:
             make = torch.empty if n > 0 else torch.zeros
             grad_weight = make(weight.shape, dtype=weight.dtype, device=weight.device)
-        nones = (None,) * 6  # targets, temperature, ignore_index, use_triton, vocab_chunk_size, num_valid
+        # targets, temperature, ignore_index, use_triton, vocab_chunk_size, num_valid
+        nones = (None,) * 6
         if n == 0:  # nothing counted: zero gradients (also covers N == 0)
             return (torch.zeros_like(hidden) if need_grad_hidden else None), grad_weight, *nones
         h = _take_rows(hidden, rows, valid)                     # (n, H)
         t = _take_rows(targets, rows, valid).contiguous()       # (n,)
-        g = _take_rows(grad_logprobs, rows, valid)              # (n,) upstream gradient, any values; 0 if masked
+        # (n,) upstream gradient, any values; 0 if masked
+        g = _take_rows(grad_logprobs, rows, valid)
         g = g.to(lse.dtype).contiguous()  # contiguous: .sum()'s backward hands us a stride-0 expand
-        def run(use_triton):  # every grad_weight row is (re)written by its chunk: a failed try leaves nothing behind
-            return _backward_chunks(h, weight, t, lse, g, 1.0 / ctx.temperature, use_triton, ctx.chunk, grad_weight,
+        # every grad_weight row is (re)written by its chunk: a failed try leaves nothing behind
+        def run(use_triton):
+            return _backward_chunks(h, weight, t, lse, g, 1.0 / ctx.temperature, use_triton,
+                                    ctx.chunk, grad_weight,
                                     need_grad_hidden)
 
-        grad_h = first_use_fallback("rlhf_kernels.logprob backward (Triton)", lambda: run(True), lambda: run(False)) \
+        grad_h = first_use_fallback("rlhf_kernels.logprob backward (Triton)", lambda: run(True),
+                                    lambda: run(False)) \
             if ctx.use_triton else run(False)
         if need_grad_hidden:
             if rows is None:
@@ -244,8 +270,9 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
 # Row selection and target checks, from host values only (see point 4 of the module docstring).
 
 def _select_rows(targets, ignore_index, num_valid):
-    """(rows, valid): the indices (num_valid,) of the non-ignored targets when only some count, else None;
-    and the (N,) mask of non-ignored targets when the ignored rows must be masked (num_valid is None)."""
+    """(rows, valid): the indices (num_valid,) of the non-ignored targets when only some count, else
+    None; and the (N,) mask of non-ignored targets when the ignored rows must be masked (num_valid
+    is None)."""
     if num_valid is None:
         return None, targets != ignore_index
     if num_valid == targets.shape[0]:
@@ -254,40 +281,48 @@ def _select_rows(targets, ignore_index, num_valid):
 
 
 def _first_true_rows(mask, count):
-    """Indices (count,) of the True entries of mask (N,), in order, where the caller knows how many there are.
-    nonzero() would have to read the count from the device to size its output; nonzero_static is told it."""
+    """Indices (count,) of the True entries of mask (N,), in order, where the caller knows how many
+    there are. nonzero() would have to read the count from the device to size its output;
+    nonzero_static is told it."""
     try:
         return torch.nonzero_static(mask, size=count).squeeze(1)
-    except NotImplementedError:  # a PyTorch build without a CUDA nonzero_static: a stable sort puts True first
+    # a PyTorch build without a CUDA nonzero_static: a stable sort puts True first
+    except NotImplementedError:
         return torch.argsort((~mask).to(torch.uint8), stable=True)[:count]
 
 
 def _take_rows(x, rows, valid):
-    """The rows of x (N, ...) that the loops see: x[rows] when rows are picked, else x with the rows where
-    valid is False set to 0 (for targets: id 0, any in-range id will do), else x itself."""
+    """The rows of x (N, ...) that the loops see: x[rows] when rows are picked, else x with the rows
+    where valid is False set to 0 (for targets: id 0, any in-range id will do), else x itself."""
     if rows is not None:
         return x[rows]
     if valid is not None:
-        return torch.where(valid.view(-1, *[1] * (x.dim() - 1)), x, 0)  # where(), not *: 0 * NaN would be NaN
+        # where(), not *: 0 * NaN would be NaN
+        return torch.where(valid.view(-1, *[1] * (x.dim() - 1)), x, 0)
     return x
 
 
 def _check_targets(targets, vocab_size, ignore_index, num_valid):
-    """Every target is ignore_index or an id in [0, vocab_size), and num_valid (if given) counts the others.
-    An id outside the vocabulary would otherwise just never match a column: a silent log-prob of -lse."""
+    """Every target is ignore_index or an id in [0, vocab_size), and num_valid (if given) counts the
+    others. An id outside the vocabulary would otherwise just never match a column: a silent
+    log-prob of -lse."""
     valid = targets != ignore_index
     in_range = (valid.logical_not() | ((targets >= 0) & (targets < vocab_size))).all()
-    _assert_without_sync(in_range, f"target ids must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}")
+    _assert_without_sync(in_range,
+                         f"target ids must lie in [0, {vocab_size}) or equal "
+                         f"ignore_index={ignore_index}")
     if num_valid is not None:
-        _assert_without_sync(valid.sum() == num_valid, f"num_valid={num_valid} is not the number of targets "
+        _assert_without_sync(valid.sum() == num_valid,
+                             f"num_valid={num_valid} is not the number of targets "
                                                        f"!= ignore_index={ignore_index}")
 
 
 def _assert_without_sync(condition, message):
-    """assert on a 0-dim bool tensor without waiting for the GPU. On a CPU the value is right there: a plain
-    assert. On a GPU torch._assert_async queues the check as a kernel; if it fails, the process dies with a
-    device-side assert (the message is printed from the device) at the next sync -- loud, but later and not
-    catchable, like any out-of-bounds index on a GPU. Fake tensors have no values: their check is a no-op."""
+    """assert on a 0-dim bool tensor without waiting for the GPU. On a CPU the value is right there:
+    a plain assert. On a GPU torch._assert_async queues the check as a kernel; if it fails, the
+    process dies with a device-side assert (the message is printed from the device) at the next sync
+    -- loud, but later and not catchable, like any out-of-bounds index on a GPU. Fake tensors have
+    no values: their check is a no-op."""
     if condition.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(condition):
         assert bool(condition), message
     else:
@@ -295,7 +330,8 @@ def _assert_without_sync(condition, message):
 
 
 def _forward_chunks(h, weight, targets, inv_temperature, use_triton, chunk):
-    """lse (n,) and target logit (n,), both already divided by the temperature, over all vocabulary chunks."""
+    """lse (n,) and target logit (n,), both already divided by the temperature, over all vocabulary
+    chunks."""
     n, vocab_size = h.shape[0], weight.shape[0]
     accumulate_dtype = _accumulate_dtype(weight.dtype)
     lse = torch.full((n,), -math.inf, dtype=accumulate_dtype, device=h.device)  # running logsumexp
@@ -303,24 +339,32 @@ def _forward_chunks(h, weight, targets, inv_temperature, use_triton, chunk):
     h_mm = _matmul_operand(h)
     update = _lse_update_triton if use_triton else _lse_update_torch
     for start in range(0, vocab_size, chunk):
-        weight_chunk = weight[start:start + chunk]                             # (Vc, H) contiguous rows
-        logits = _matmul(h_mm, weight_chunk.t(), accumulate_dtype)            # (n, Vc) raw, not yet / T
-        update(logits, targets, start, inv_temperature, lse, target_logit)    # in place on lse, target_logit
+        # (Vc, H) contiguous rows
+        weight_chunk = weight[start:start + chunk]
+        # (n, Vc) raw, not yet / T
+        logits = _matmul(h_mm, weight_chunk.t(), accumulate_dtype)
+        # in place on lse, target_logit
+        update(logits, targets, start, inv_temperature, lse, target_logit)
     return lse, target_logit
 
 
-def _backward_chunks(h, weight, targets, lse, g, inv_temperature, use_triton, chunk, grad_weight, need_grad_hidden):
-    """Fills grad_weight (V, H) chunk by chunk (if given) and returns grad_hidden (n, H) in fp32 (or None)."""
+def _backward_chunks(h, weight, targets, lse, g, inv_temperature, use_triton, chunk, grad_weight,
+                     need_grad_hidden):
+    """Fills grad_weight (V, H) chunk by chunk (if given) and returns grad_hidden (n, H) in fp32 (or
+    None)."""
     vocab_size = weight.shape[0]
-    grad_h = torch.zeros(h.shape, dtype=lse.dtype, device=h.device) if need_grad_hidden else None  # (n, H)
+    # (n, H)
+    grad_h = torch.zeros(h.shape, dtype=lse.dtype, device=h.device) if need_grad_hidden else None
     h_mm = _matmul_operand(h)
     softmax_grad = _softmax_grad_triton if use_triton else _softmax_grad_torch
     for start in range(0, vocab_size, chunk):
         weight_chunk = weight[start:start + chunk]                              # (Vc, H)
         logits = _matmul(h_mm, weight_chunk.t(), lse.dtype)                     # (n, Vc) recomputed
-        # G = g (onehot - p) / T, in the weight dtype because that is what the next two matmuls read.
+        # G = g (onehot - p) / T, in the weight dtype because that is what the next two matmuls
+        # read.
         grad_logits = softmax_grad(logits, targets, start, inv_temperature, lse, g, weight.dtype)
-        if grad_weight is not None:  # complete for this chunk: summed over all n tokens inside the matmul
+        # complete for this chunk: summed over all n tokens inside the matmul
+        if grad_weight is not None:
             _matmul(grad_logits.t(), h_mm, weight.dtype, out=grad_weight[start:start + chunk])
         if grad_h is not None:       # a sum over chunks, accumulated in fp32
             _addmm_fp32_(grad_h, grad_logits, weight_chunk)
@@ -342,7 +386,8 @@ def _matmul(a, b, out_dtype, out=None):
         if out_dtype == a.dtype:
             return torch.mm(a, b, out=out)  # cuBLAS accumulates bf16 products in fp32 already
         if out is None and _cuda_fp32_output("mm", a.device, a.dtype):
-            # bf16 x bf16 -> fp32 straight from the GEMM epilogue: the logits are never rounded to bf16.
+            # bf16 x bf16 -> fp32 straight from the GEMM epilogue: the logits are never rounded to
+            # bf16.
             return torch.mm(a, b, out_dtype=out_dtype)
         # PyTorch < 2.8 has no out_dtype: the logits get rounded to bf16 once, as in most RLHF code.
         result = torch.mm(a, b)
@@ -360,7 +405,8 @@ def _addmm_fp32_(accumulator, a, b):
         return accumulator.addmm_(a.to(accumulator.dtype), b.to(accumulator.dtype))
     if _cuda_fp32_output("addmm", a.device, a.dtype):  # beta=1 in the GEMM epilogue: no extra pass
         return torch.addmm(accumulator, a, b, out_dtype=accumulator.dtype, out=accumulator)
-    return accumulator.add_(_matmul(a, b, accumulator.dtype))  # older PyTorch: one (n, H) temporary per chunk
+    # older PyTorch: one (n, H) temporary per chunk
+    return accumulator.add_(_matmul(a, b, accumulator.dtype))
 
 
 _CUDA_FP32_OUTPUT = {}  # (op, device, dtype) -> bool, probed once
@@ -368,8 +414,9 @@ _CUDA_FP32_OUTPUT = {}  # (op, device, dtype) -> bool, probed once
 
 def _cuda_fp32_output(op, device, dtype):
     """Can cuBLAS give fp32 results from bf16/fp16 inputs here? torch.mm(..., out_dtype=) arrived in
-    PyTorch 2.8, addmm into an fp32 accumulator later; requirements.txt allows older versions. Probe once,
-    on real tensors even under FakeTensorMode (a fake probe cannot read its result and would cache "no")."""
+    PyTorch 2.8, addmm into an fp32 accumulator later; requirements.txt allows older versions. Probe
+    once, on real tensors even under FakeTensorMode (a fake probe cannot read its result and would
+    cache "no")."""
     key = (op, str(device), dtype)
     if key not in _CUDA_FP32_OUTPUT:
         with unset_fake_temporarily():
@@ -378,7 +425,8 @@ def _cuda_fp32_output(op, device, dtype):
 
 
 def _probe_cuda_fp32_output(op, device, dtype):
-    """Run op on a tiny bf16/fp16 input with an fp32 result and check the answer (one sync, once per process)."""
+    """Run op on a tiny bf16/fp16 input with an fp32 result and check the answer (one sync, once per
+    process)."""
     try:
         mat = torch.ones(2, 3, device=device, dtype=dtype)
         if op == "mm":
@@ -396,11 +444,14 @@ def _probe_cuda_fp32_output(op, device, dtype):
 # within one (n, Vc) buffer on memory-tight CPUs.
 
 def _lse_update_torch(logits, targets, start, inv_temperature, lse, target_logit):
-    """Fold this chunk (n, Vc) into the running logsumexp lse (n,); record target logits that fall in it."""
+    """Fold this chunk (n, Vc) into the running logsumexp lse (n,); record target logits that fall
+    in it."""
     if inv_temperature != 1.0:  # (a pass over the chunk saved at T = 1)
         logits.mul_(inv_temperature)
-    lse.copy_(torch.logaddexp(lse, torch.logsumexp(logits, dim=1)))  # logaddexp(-inf, x) = x on chunk 0
-    local = targets - start                                          # target's column inside this chunk
+    # logaddexp(-inf, x) = x on chunk 0
+    lse.copy_(torch.logaddexp(lse, torch.logsumexp(logits, dim=1)))
+    # target's column inside this chunk
+    local = targets - start
     in_chunk = (local >= 0) & (local < logits.shape[1])
     picked = logits.gather(1, local.clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1)
     target_logit.copy_(torch.where(in_chunk, picked, target_logit))
@@ -410,7 +461,8 @@ def _softmax_grad_torch(logits, targets, start, inv_temperature, lse, g, out_dty
     """G = g (onehot - p) / T for this chunk (n, Vc), with p = exp(logits / T - lse)."""
     scale = g * inv_temperature                                   # (n,) g_i / T
     grad = logits.mul_(inv_temperature) if inv_temperature != 1.0 else logits
-    grad = grad.sub_(lse[:, None]).exp_()                         # (n, Vc) p, reusing the logits buffer
+    # (n, Vc) p, reusing the logits buffer
+    grad = grad.sub_(lse[:, None]).exp_()
     grad.mul_(-scale[:, None])                                    # -g p / T
     local = targets - start
     in_chunk = (local >= 0) & (local < logits.shape[1])
@@ -421,18 +473,20 @@ def _softmax_grad_torch(logits, targets, start, inv_temperature, lse, g, out_dty
 
 # ----------------------------------------------------------------------------------------------
 # Per-chunk softmax work, Triton version. A program owns BLOCK_ROWS token rows and walks the chunk's
-# columns in (BLOCK_ROWS, BLOCK_V) tiles, so each kernel reads the (n, Vc) fp32 logits exactly once and
-# the backward writes G exactly once. Rows past n_rows in the last program re-read row n_rows - 1 (so
-# no lane ever computes on garbage) and their results are not stored.
+# columns in (BLOCK_ROWS, BLOCK_V) tiles, so each kernel reads the (n, Vc) fp32 logits exactly once
+# and the backward writes G exactly once. Rows past n_rows in the last program re-read row n_rows -
+# 1 (so no lane ever computes on garbage) and their results are not stored.
 
 if HAS_TRITON:
 
     @triton.jit
     def _lse_update_kernel(
         logits_ptr, logits_row_stride,  # (n, Vc) fp32 raw logits of this vocabulary chunk
-        targets_ptr,                    # (n,) int64 target ids, all in [0, V) (ignored rows dropped or set to 0)
+        # (n,) int64 target ids, all in [0, V) (ignored rows dropped or set to 0)
+        targets_ptr,
         lse_ptr,                        # (n,) fp32 running logsumexp, read and updated
-        target_logit_ptr,               # (n,) fp32 target logit / T, written by the chunk that holds it
+        # (n,) fp32 target logit / T, written by the chunk that holds it
+        target_logit_ptr,
         n_rows, n_cols, vocab_start, inv_temperature,
         BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
@@ -447,9 +501,11 @@ if HAS_TRITON:
         for tile_start in range(0, n_cols, BLOCK_V):
             mask = tile_start + cols < n_cols
             x = tl.load(row_ptrs + tile_start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            x = x * inv_temperature                                            # (BLOCK_ROWS, BLOCK_V)
+            # (BLOCK_ROWS, BLOCK_V)
+            x = x * inv_temperature
             m_new = tl.maximum(m, tl.max(x, axis=1))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)  # masked: exp(-inf) = 0
+            # masked: exp(-inf) = 0
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
             m = m_new
         # Merge with the earlier chunks: lse = log(exp(lse_old) + s * exp(m)), stably.
         lse_old = tl.load(lse_ptr + rows)  # -inf before the first chunk
@@ -465,8 +521,10 @@ if HAS_TRITON:
     @triton.jit
     def _softmax_grad_kernel(
         logits_ptr, logits_row_stride,  # (n, Vc) fp32 raw logits of this chunk (recomputed)
-        grad_ptr, grad_row_stride,      # (n, Vc) G in the weight dtype (may alias logits when both fp32)
-        targets_ptr, lse_ptr, g_ptr,    # (n,) int64, (n,) fp32 full-vocabulary lse, (n,) fp32 upstream grad
+        # (n, Vc) G in the weight dtype (may alias logits when both fp32)
+        grad_ptr, grad_row_stride,
+        # (n,) int64, (n,) fp32 full-vocabulary lse, (n,) fp32 upstream grad
+        targets_ptr, lse_ptr, g_ptr,
         n_rows, n_cols, vocab_start, inv_temperature,
         BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
@@ -478,22 +536,25 @@ if HAS_TRITON:
         cols = tl.arange(0, BLOCK_V)[None, :]                           # (1, BLOCK_V)
         lse = tl.load(lse_ptr + rows)[:, None]                          # (BLOCK_ROWS, 1)
         scale = (tl.load(g_ptr + rows) * inv_temperature)[:, None]      # g_i / T
-        local = (tl.load(targets_ptr + rows) - vocab_start)[:, None]    # target column; may lie outside
+        # target column; may lie outside
+        local = (tl.load(targets_ptr + rows) - vocab_start)[:, None]
         for tile_start in range(0, n_cols, BLOCK_V):
             c = tile_start + cols
             mask = row_mask[:, None] & (c < n_cols)
             x = tl.load(row_ptrs + c, mask=mask, other=0.0).to(tl.float32) * inv_temperature
             p = tl.exp(x - lse)
-            grad = scale * (tl.where(c == local, 1.0, 0.0) - p)  # each element read, then written, by us only
+            # each element read, then written, by us only
+            grad = scale * (tl.where(c == local, 1.0, 0.0) - p)
             tl.store(grad_row_ptrs + c, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_config(n_rows, n_cols):
-    """Tiles of ~4096 logits: BLOCK_V columns wide (at most _MAX_BLOCK_V) and as many rows as fit. At the
-    benchmark shape that is 4 rows x 1024 columns, 4096 programs: plenty for 132 SMs."""
+    """Tiles of ~4096 logits: BLOCK_V columns wide (at most _MAX_BLOCK_V) and as many rows as fit.
+    At the benchmark shape that is 4 rows x 1024 columns, 4096 programs: plenty for 132 SMs."""
     block_v = min(triton.next_power_of_2(n_cols), _MAX_BLOCK_V)
     block_rows = min(max(1, 4096 // block_v), triton.next_power_of_2(n_rows))
-    return (triton.cdiv(n_rows, block_rows),), dict(BLOCK_ROWS=block_rows, BLOCK_V=block_v, num_warps=8)
+    return (triton.cdiv(n_rows, block_rows),), dict(BLOCK_ROWS=block_rows, BLOCK_V=block_v,
+                                                    num_warps=8)
 
 
 def _lse_update_triton(logits, targets, start, inv_temperature, lse, target_logit):
@@ -505,7 +566,8 @@ def _lse_update_triton(logits, targets, start, inv_temperature, lse, target_logi
 
 def _softmax_grad_triton(logits, targets, start, inv_temperature, lse, g, out_dtype):
     n, n_cols = logits.shape
-    grad = logits if out_dtype == logits.dtype else torch.empty(logits.shape, dtype=out_dtype, device=logits.device)
+    grad = logits if out_dtype == logits.dtype else torch.empty(logits.shape, dtype=out_dtype,
+                                                                device=logits.device)
     grid, config = _launch_config(n, n_cols)
     _softmax_grad_kernel[grid](logits, logits.stride(0), grad, grad.stride(0), targets, lse, g,
                                n, n_cols, start, inv_temperature, **config)
@@ -526,8 +588,9 @@ def _naive_logprobs(hidden, weight, targets, ignore_index=-100):
 
 def _measure(name, step, params, bench_fn):
     """Run step() once for warm-up, once under the peak-memory counter, then time it with bench_fn.
-    Extra peak memory = peak during one fwd+bwd minus what was allocated before (inputs and weights);
-    it includes the gradients themselves (grad_weight is 1 GB at the benchmark shape) for every method."""
+    Extra peak memory = peak during one fwd+bwd minus what was allocated before (inputs and
+    weights); it includes the gradients themselves (grad_weight is 1 GB at the benchmark shape) for
+    every method."""
     try:
         step()
         for p in params:
@@ -554,7 +617,8 @@ def _measure(name, step, params, bench_fn):
 
 def bench(args):
     if not torch.cuda.is_available() and not args.cpu_smoke:
-        print("--bench needs a CUDA GPU (it times cuBLAS + Triton against naive PyTorch and Liger-Kernel); "
+        print("--bench needs a CUDA GPU (it times cuBLAS + Triton against naive PyTorch and "
+              "Liger-Kernel); "
               "none is visible here. Use `--bench --cpu-smoke` to exercise the code path on a CPU.")
         return 0
     if args.cpu_smoke:
@@ -570,30 +634,37 @@ def bench(args):
         targets[torch.rand(N, device=device) < args.ignore_fraction] = -100
     n_valid = int((targets != -100).sum())
     params = [hidden, weight]
-    print(f"token log-probs, forward + backward: N={N} tokens ({n_valid} not ignored), H={H}, V={V}, bf16, "
+    print(f"token log-probs, forward + backward: N={N} tokens ({n_valid} not ignored), H={H}, "
+          f"V={V}, bf16, "
           f"{torch.cuda.get_device_name()}")
     print(f"fp32 logits from the GEMM: {_cuda_fp32_output('mm', device, dtype)}; "
           f"grad_hidden accumulated inside the GEMM: {_cuda_fp32_output('addmm', device, dtype)}")
 
     import triton.testing
 
-    def bench_fn(step):  # median of CUDA-event timings, L2 flushed before each run, grads reset to None
-        return triton.testing.do_bench(step, warmup=args.warmup_ms, rep=args.rep_ms, grad_to_none=params,
+    # median of CUDA-event timings, L2 flushed before each run, grads reset to None
+    def bench_fn(step):
+        return triton.testing.do_bench(step, warmup=args.warmup_ms, rep=args.rep_ms,
+                                       grad_to_none=params,
                                        return_mode="median")
 
     def make_step(logprob_fn):
         def step():
-            loss = -logprob_fn().sum() / n_valid  # mean token NLL: the SFT loss, same work as Liger's
+            # mean token NLL: the SFT loss, same work as Liger's
+            loss = -logprob_fn().sum() / n_valid
             loss.backward()
         return step
 
     results = {}
     results["ours (triton)"] = _measure("ours (triton)", make_step(
-        lambda: token_logprobs(hidden, weight, targets, impl="triton", num_valid=n_valid)), params, bench_fn)
+        lambda: token_logprobs(hidden, weight, targets, impl="triton", num_valid=n_valid)), params,
+                                        bench_fn)
     if args.all:
         results["ours (chunked torch)"] = _measure("ours (chunked torch)", make_step(
-            lambda: token_logprobs(hidden, weight, targets, impl="chunked", num_valid=n_valid)), params, bench_fn)
-        results["ours, no num_valid"] = _measure("ours, no num_valid", make_step(  # all N rows, masked
+            lambda: token_logprobs(hidden, weight, targets, impl="chunked", num_valid=n_valid)),
+                                                   params, bench_fn)
+        # all N rows, masked
+        results["ours, no num_valid"] = _measure("ours, no num_valid", make_step(
             lambda: token_logprobs(hidden, weight, targets, impl="triton")), params, bench_fn)
     results["naive PyTorch"] = _measure("naive PyTorch", make_step(
         lambda: _naive_logprobs(hidden, weight, targets)), params, bench_fn)
@@ -604,9 +675,11 @@ def bench(args):
         def liger_step():
             out = liger(weight, hidden, targets)
             (out[0] if isinstance(out, tuple) else out).backward()
-        results["Liger fused linear CE"] = _measure("Liger fused linear CE", liger_step, params, bench_fn)
+        results["Liger fused linear CE"] = _measure("Liger fused linear CE", liger_step, params,
+                                                    bench_fn)
     except ImportError:
-        print(f"{'Liger fused linear CE':>22}: liger_kernel is not installed, skipped (pip install liger-kernel)")
+        print(f"{'Liger fused linear CE':>22}: liger_kernel is not installed, skipped (pip install "
+              f"liger-kernel)")
 
     ours = results["ours (triton)"]
     flops = 4 * 2 * n_valid * H * V  # logits, logits recomputed, grad_hidden, grad_weight
@@ -614,15 +687,18 @@ def bench(args):
         print(f"ours: {flops / ours[0] / 1e9:.0f} TFLOP/s counting 4 matmuls of 2*N*H*V")
         for name, other in results.items():
             if other and name != "ours (triton)":
-                print(f"ours / {name}: time {ours[0] / other[0]:.3f}x   memory {ours[1] / other[1]:.3f}x")
+                print(f"ours / {name}: time {ours[0] / other[0]:.3f}x   memory "
+                      f"{ours[1] / other[1]:.3f}x")
 
-    # Accuracy on a slice, against the fp32 reference (the naive path's bf16 logits are shown for scale).
+    # Accuracy on a slice, against the fp32 reference (the naive path's bf16 logits are shown for
+    # scale).
     with torch.no_grad():
         rows = slice(0, min(N, 1024))
         reference = token_logprobs_reference(hidden[rows], weight, targets[rows])
         ours_logps = token_logprobs(hidden[rows], weight, targets[rows], impl="triton")
         naive_logps = _naive_logprobs(hidden[rows], weight, targets[rows])
-        print(f"max |logp - fp32 reference| on {reference.numel()} tokens: ours {(ours_logps - reference).abs().max():.2e}, "
+        print(f"max |logp - fp32 reference| on {reference.numel()} tokens: ours "
+              f"{(ours_logps - reference).abs().max():.2e}, "
               f"naive bf16 logits {(naive_logps - reference).abs().max():.2e}")
     return 0
 
@@ -640,7 +716,8 @@ def _cpu_smoke():
     num_valid = int((targets != -100).sum())  # a CPU tensor: reading it is free
     for impl in ("torch", resolve_impl(hidden)):
         t0 = time.perf_counter()
-        logps = token_logprobs(hidden, weight, targets, impl=impl, vocab_chunk_size=384, num_valid=num_valid)
+        logps = token_logprobs(hidden, weight, targets, impl=impl, vocab_chunk_size=384,
+                               num_valid=num_valid)
         (logps * g).sum().backward()
         ms = (time.perf_counter() - t0) * 1e3
         outputs[impl] = (logps.detach(), hidden.grad, weight.grad)
@@ -648,22 +725,31 @@ def _cpu_smoke():
         print(f"cpu smoke, {impl:>8}: {ms:7.1f} ms  (N={N}, H={H}, V={V}, fwd + bwd)")
     (a, b) = outputs.values()
     errors = [float((x - y).abs().max()) for x, y in zip(a, b)]
-    print(f"max abs difference to the reference: logp {errors[0]:.1e}, grad_hidden {errors[1]:.1e}, "
+    print(f"max abs difference to the reference: logp {errors[0]:.1e}, grad_hidden "
+          f"{errors[1]:.1e}, "
           f"grad_weight {errors[2]:.1e}")
     return 0 if max(errors) < 1e-4 else 1
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Per-token log-probs from hidden states and the LM head: benchmark.")
-    parser.add_argument("--bench", action="store_true", help="time forward + backward against naive PyTorch and Liger (CUDA)")
-    parser.add_argument("--cpu-smoke", action="store_true", help="with --bench: a tiny CPU run of the code path instead")
+    parser = argparse.ArgumentParser(description="Per-token log-probs from hidden states and the "
+                                                 "LM head: benchmark.")
+    parser.add_argument("--bench", action="store_true",
+                        help="time forward + backward against naive PyTorch and Liger (CUDA)")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="with --bench: a tiny CPU run of the code path instead")
     parser.add_argument("--tokens", type=int, default=16384, help="N, number of tokens")
     parser.add_argument("--hidden", type=int, default=4096, help="H, hidden size")
-    parser.add_argument("--vocab", type=int, default=128256, help="V, vocabulary size (Llama-3: 128256)")
-    parser.add_argument("--ignore-fraction", type=float, default=0.0, help="fraction of targets set to -100")
-    parser.add_argument("--all", action="store_true", help="also time the chunked pure-PyTorch path on the GPU")
-    parser.add_argument("--warmup-ms", type=int, default=500, help="do_bench warm-up time per method (ms)")
-    parser.add_argument("--rep-ms", type=int, default=3000, help="do_bench measuring time per method (ms)")
+    parser.add_argument("--vocab", type=int, default=128256,
+                        help="V, vocabulary size (Llama-3: 128256)")
+    parser.add_argument("--ignore-fraction", type=float, default=0.0,
+                        help="fraction of targets set to -100")
+    parser.add_argument("--all", action="store_true",
+                        help="also time the chunked pure-PyTorch path on the GPU")
+    parser.add_argument("--warmup-ms", type=int, default=500,
+                        help="do_bench warm-up time per method (ms)")
+    parser.add_argument("--rep-ms", type=int, default=3000,
+                        help="do_bench measuring time per method (ms)")
     args = parser.parse_args()
     if not args.bench:
         parser.print_help()

@@ -12,7 +12,9 @@ import rlhf_kernels.sampling as sampling
 from rlhf_kernels.sampling import sample, sample_reference
 from tests.helpers import ROOT
 
-IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not sampling.HAS_TRITON, reason="no triton"))]
+IMPLS = ["torch",
+         pytest.param("triton",
+                      marks=pytest.mark.skipif(not sampling.HAS_TRITON, reason="no triton"))]
 
 
 @pytest.fixture
@@ -23,20 +25,24 @@ def small_triton_sizes(monkeypatch):
 
 
 def tied_logits(B, V, seed, scale=2.0):
-    """Logits on a 0.25 grid: ~50 distinct values over V = 123, so most tokens are tied with others."""
+    """Logits on a 0.25 grid: ~50 distinct values over V = 123, so most tokens are tied with
+    others."""
     generator = torch.Generator().manual_seed(seed)
     return torch.round(scale * 4 * torch.randn(B, V, generator=generator)) / 4
 
 
 def row_seeds(n, offset=0):
-    return (torch.arange(n, dtype=torch.int64) + offset) * 0x1E3779B97F4A7C15 - 12345  # wraps: spread, some negative
+    # wraps: spread, some negative
+    return (torch.arange(n, dtype=torch.int64) + offset) * 0x1E3779B97F4A7C15 - 12345
 
 
 def exact_truncated(logits, temperature, top_k, top_p, min_p):
-    """q (B, V) float64 per the module docstring, from the same fp32 z = logits * (1/T) the samplers use.
-    Also returns the margin by which the top-p and min-p cuts are decided (to reject ambiguous test data)."""
+    """q (B, V) float64 per the module docstring, from the same fp32 z = logits * (1/T) the samplers
+    use. Also returns the margin by which the top-p and min-p cuts are decided (to reject ambiguous
+    test data)."""
     B, V = logits.shape
-    params = [p if isinstance(p, torch.Tensor) else torch.full((B,), p) for p in (temperature, top_k, top_p, min_p)]
+    params = [p if isinstance(p, torch.Tensor) else torch.full((B,), p)
+              for p in (temperature, top_k, top_p, min_p)]
     q, margin = torch.zeros(B, V, dtype=torch.float64), math.inf
     for b in range(B):
         T, k, p, mp = (float(x[b]) for x in params)
@@ -68,12 +74,14 @@ def log_softmax_exact(logits, temperature):
     return torch.log_softmax(z, dim=-1)
 
 
-SETTINGS = {  # name: (temperature, top_k, top_p, min_p), chosen so no cut is decided within fp32 rounding
+# name: (temperature, top_k, top_p, min_p), chosen so no cut is decided within fp32 rounding
+SETTINGS = {
     "plain": (0.7, 0, 1.0, 0.0),
     "top-k": (1.0, 7, 1.0, 0.0),
     "top-k, tie at the cut": (1.0, 6, 1.0, 0.0),      # the 5th-7th largest are tied: 7 kept
     "top-p": (0.7, 0, 0.6, 0.0),
-    "top-p, tie at the cut": (0.7, 0, 0.72, 0.0),     # the mass reaches 0.72 inside a 3-way tie: 7 kept, not 6
+    # the mass reaches 0.72 inside a 3-way tie: 7 kept, not 6
+    "top-p, tie at the cut": (0.7, 0, 0.72, 0.0),
     "min-p": (1.0, 0, 1.0, 0.2),
     "joint": (0.8, 20, 0.8, 0.05),
 }
@@ -88,28 +96,35 @@ KEPT_IN_DISTRIBUTION_ROW = {"plain": 123, "top-k": 7, "top-k, tie at the cut": 7
 @pytest.mark.usefixtures("small_triton_sizes")
 def test_sampling_greedy_and_top1_are_argmax(impl):
     logits = torch.randn(5, 123, generator=torch.Generator().manual_seed(0))
-    logits[2, 40] = logits[2, 90] = logits[2].max() + 1.0  # a tie at the max: greedy takes the lowest id
+    # a tie at the max: greedy takes the lowest id
+    logits[2, 40] = logits[2, 90] = logits[2].max() + 1.0
     seeds = row_seeds(5)
     for dtype in (torch.float32, torch.bfloat16):
         x = logits.to(dtype)
-        # a Python 0 takes the argmax without noise; a per-row 0 goes through the kernel's noiseless race
+        # a Python 0 takes the argmax without noise; a per-row 0 goes through the kernel's noiseless
+        # race
         for temperature in (0.0, torch.zeros(5)):
-            out = sample(x, temperature=temperature, top_p=0.5, top_k=3, seeds=seeds, impl=impl)  # truncation is moot
+            # truncation is moot
+            out = sample(x, temperature=temperature, top_p=0.5, top_k=3, seeds=seeds, impl=impl)
             assert torch.equal(out.tokens, x.float().argmax(dim=-1)) and out.tokens[2] == 40
-            assert torch.equal(out.logprobs, torch.zeros(5)) and torch.equal(out.logprobs_untruncated, torch.zeros(5))
+            assert torch.equal(out.logprobs,
+                               torch.zeros(5)) and torch.equal(out.logprobs_untruncated,
+                                                               torch.zeros(5))
     untied = [0, 1, 3, 4]
     for temperature in (1.0, 0.5):
         out = sample(logits, temperature=temperature, top_k=1, seeds=seeds, impl=impl)
         assert torch.equal(out.tokens[untied], logits[untied].argmax(dim=-1))
         assert out.tokens[2] in (40, 90)  # top-k = 1 keeps both tied maxima (documented tie rule)
         assert torch.allclose(out.logprobs[untied], torch.zeros(4), atol=1e-6)
-        expected = log_softmax_exact(logits, temperature).gather(1, out.tokens[:, None]).squeeze(1).float()
+        expected = log_softmax_exact(logits, temperature).gather(1,
+                                                                 out.tokens[:, None]).squeeze(1).float()
         assert torch.allclose(out.logprobs_untruncated, expected, atol=1e-5)
 
 
 @pytest.mark.usefixtures("small_triton_sizes")
 def test_sampling_top1_tie_at_the_max_is_uniform():
-    """Both tied maxima are kept by top-k = 1 and drawn equally often (each ~1000 of 2000, sd 22)."""
+    """Both tied maxima are kept by top-k = 1 and drawn equally often (each ~1000 of 2000, sd
+    22)."""
     logits = torch.randn(1, 123, generator=torch.Generator().manual_seed(0)).repeat(2000, 1)
     logits[:, 40] = logits[:, 90] = 10.0
     tokens = sample_reference(logits, top_k=1, seeds=row_seeds(2000)).tokens
@@ -119,17 +134,18 @@ def test_sampling_top1_tie_at_the_max_is_uniform():
 @pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.usefixtures("small_triton_sizes")
 def test_sampling_reference_never_leaves_kept_set_and_matches_distribution(setting):
-    """40000 draws from one row with many ties. Every token must have q > 0 (q from the float64 oracle),
-    and the counts must pass a chi-square test against q at false-alarm rate 1e-6 (bins with expected
-    count < 5 merged). The seeds are fixed, so the test is deterministic; a correct sampler would fail it
-    for 1 seed choice in a million. A sampler that mixed up the kept set, dropped ties or biased the noise
-    by even 5% on a 1%-token fails it by a wide margin."""
+    """40000 draws from one row with many ties. Every token must have q > 0 (q from the float64
+    oracle), and the counts must pass a chi-square test against q at false-alarm rate 1e-6 (bins
+    with expected count < 5 merged). The seeds are fixed, so the test is deterministic; a correct
+    sampler would fail it for 1 seed choice in a million. A sampler that mixed up the kept set,
+    dropped ties or biased the noise by even 5% on a 1%-token fails it by a wide margin."""
     temperature, top_k, top_p, min_p = SETTINGS[setting]
     N = 40000
     row = tied_logits(1, 123, seed=1)
     q, margin = exact_truncated(row, temperature, top_k, top_p, min_p)
     assert margin > 1e-5, "test data puts a cut within rounding; pick another seed"
-    tokens = sample_reference(row.expand(N, -1), temperature, top_k, top_p, min_p, seeds=row_seeds(N)).tokens
+    tokens = sample_reference(row.expand(N, -1), temperature, top_k, top_p, min_p,
+                              seeds=row_seeds(N)).tokens
     counts = torch.bincount(tokens, minlength=123).double()
     assert counts[q[0] == 0].sum() == 0, "sampled a token outside the kept set"
     expected = N * q[0]
@@ -139,30 +155,36 @@ def test_sampling_reference_never_leaves_kept_set_and_matches_distribution(setti
     keep = expected_bins > 0
     chi2 = float(((observed_bins - expected_bins)[keep] ** 2 / expected_bins[keep]).sum())
     df = int(keep.sum()) - 1
-    z = 4.753  # one-sided normal quantile for 1e-6; Wilson-Hilferty approximation of the chi-square quantile
+    # one-sided normal quantile for 1e-6; Wilson-Hilferty approximation of the chi-square quantile
+    z = 4.753
     critical = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
     assert chi2 < critical, f"chi2 {chi2:.1f} >= {critical:.1f} with {df} degrees of freedom"
-    assert int((q[0] > 0).sum()) == KEPT_IN_DISTRIBUTION_ROW[setting]  # the oracle's tie rule, pinned down
+    # the oracle's tie rule, pinned down
+    assert int((q[0] > 0).sum()) == KEPT_IN_DISTRIBUTION_ROW[setting]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.usefixtures("small_triton_sizes")
 def test_sampling_stays_in_kept_set_with_exact_logprobs(impl):
-    """Odd shapes (B=5, V=123), ties, -inf and -1e9 logits, bf16 and per-row parameters: every token lies in
-    the float64 oracle's kept set, and both log-probs equal the oracle's at that token."""
+    """Odd shapes (B=5, V=123), ties, -inf and -1e9 logits, bf16 and per-row parameters: every token
+    lies in the float64 oracle's kept set, and both log-probs equal the oracle's at that token."""
     repeats = 40 if impl == "torch" else 3
     base = tied_logits(5, 123, seed=2)
     base[1, ::2] = float("-inf")  # masked tokens: never sampled, and must not break the search
     base[3, :60] = -1e9           # a huge range of values for the pivots to cut through
     cases = [(name, dict(zip(("temperature", "top_k", "top_p", "min_p"), params)), torch.float32)
              for name, params in SETTINGS.items() if name != "plain"]
-    per_row = dict(temperature=torch.tensor([0.7, 0.0, 1.3, 1.0, 0.5]), top_k=torch.tensor([0, 3, 10, 200, 1]),
-                   top_p=torch.tensor([0.9, 1.0, 0.5, 0.3, 1.0]), min_p=torch.tensor([0.0, 0.1, 0.0, 0.05, 0.5]))
+    per_row = dict(temperature=torch.tensor([0.7, 0.0, 1.3, 1.0, 0.5]),
+                   top_k=torch.tensor([0, 3, 10, 200, 1]),
+                   top_p=torch.tensor([0.9, 1.0, 0.5, 0.3, 1.0]),
+                   min_p=torch.tensor([0.0, 0.1, 0.0, 0.05, 0.5]))
     cases.append(("per-row", per_row, torch.float32))
-    cases.append(("bf16 top-p", dict(temperature=1.0, top_k=0, top_p=0.75, min_p=0.0), torch.bfloat16))
+    cases.append(("bf16 top-p", dict(temperature=1.0, top_k=0, top_p=0.75, min_p=0.0),
+                  torch.bfloat16))
     for name, params, dtype in cases:
         logits = base.to(dtype).repeat(repeats, 1)
-        expanded = {k: v.repeat(repeats) if isinstance(v, torch.Tensor) else v for k, v in params.items()}
+        expanded = {k: v.repeat(repeats) if isinstance(v, torch.Tensor) else v
+                    for k, v in params.items()}
         q, margin = exact_truncated(logits[:5], **params)
         assert margin > 1e-5, f"{name}: test data puts a cut within rounding"
         q = q.repeat(repeats, 1)
@@ -182,34 +204,43 @@ def test_sampling_stays_in_kept_set_with_exact_logprobs(impl):
 @pytest.mark.skipif(not sampling.HAS_TRITON, reason="no triton")
 @pytest.mark.usefixtures("small_triton_sizes")
 def test_sampling_triton_matches_reference():
-    """Same seeds -> the same tokens (both draw the same noise), log-probs equal to fp32 rounding."""
+    """Same seeds -> the same tokens (both draw the same noise), log-probs equal to fp32
+    rounding."""
     cases = []
     logits = tied_logits(6, 123, seed=3)
     logits[0, :] = 0.5                      # all tokens tied: every cut keeps the whole vocabulary
     logits[1, 100:] = float("-inf")
-    logits[2, 10:70] = 1.0                  # 60 tied tokens at the top-k = 65 boundary: a bracket that ...
-    logits[2, :10] = torch.arange(10) + 3.0  # ... stays larger than the 16-slot buffer, with one value
+    # 60 tied tokens at the top-k = 65 boundary: a bracket that ...
+    logits[2, 10:70] = 1.0
+    # ... stays larger than the 16-slot buffer, with one value
+    logits[2, :10] = torch.arange(10) + 3.0
     logits[2, 70:] = -2.0 - torch.arange(53) * 0.1
     cases += [(logits, dict(temperature=t, top_k=k, top_p=p, min_p=mp))
-              for (t, k, p, mp) in [(1.0, 0, 1.0, 0.0), (0.7, 65, 1.0, 0.0), (0.7, 0, 0.9, 0.0), (1.3, 0, 0.3, 0.0),
+              for (t, k, p, mp) in [(1.0, 0, 1.0, 0.0), (0.7, 65, 1.0, 0.0), (0.7, 0, 0.9, 0.0),
+                                    (1.3, 0, 0.3, 0.0),
                                     (1.0, 5, 0.8, 0.1), (0.9, 0, 1.0, 0.3)]]
-    cases.append((torch.randn(3, 5, generator=torch.Generator().manual_seed(4)), dict(top_p=0.7)))  # V < tile
-    cases.append((torch.randn(2, 1), dict(top_k=1, top_p=0.5)))                                      # V = 1
-    cases.append((tied_logits(4, 300, seed=5).to(torch.bfloat16), dict(temperature=0.6, top_p=0.95)))
+    # V < tile
+    cases.append((torch.randn(3, 5, generator=torch.Generator().manual_seed(4)), dict(top_p=0.7)))
+    # V = 1
+    cases.append((torch.randn(2, 1), dict(top_k=1, top_p=0.5)))
+    cases.append((tied_logits(4, 300, seed=5).to(torch.bfloat16),
+                  dict(temperature=0.6, top_p=0.95)))
     for logits, params in cases:
         seeds = row_seeds(len(logits), offset=7)
         want = sample_reference(logits, seeds=seeds, **params)
         got = sample(logits, seeds=seeds, impl="triton", **params)
-        assert torch.equal(got.tokens, want.tokens), (params, got.tokens.tolist(), want.tokens.tolist())
+        assert torch.equal(got.tokens, want.tokens), (params, got.tokens.tolist(),
+                                                      want.tokens.tolist())
         assert torch.allclose(got.logprobs, want.logprobs, atol=1e-5), params
-        assert torch.allclose(got.logprobs_untruncated, want.logprobs_untruncated, atol=1e-5), params
+        assert torch.allclose(got.logprobs_untruncated, want.logprobs_untruncated,
+                              atol=1e-5), params
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.usefixtures("small_triton_sizes")
 def test_sampling_row_depends_only_on_its_own_seed(impl):
-    """A row's token and log-probs do not change when other rows change, the batch is reordered, or it
-    is sampled alone; different seeds give different draws."""
+    """A row's token and log-probs do not change when other rows change, the batch is reordered, or
+    it is sampled alone; different seeds give different draws."""
     logits = tied_logits(6, 123, seed=6)
     seeds = row_seeds(6)
     params = dict(temperature=0.9, top_p=0.9)
@@ -226,7 +257,8 @@ def test_sampling_row_depends_only_on_its_own_seed(impl):
     assert torch.equal(alone.tokens, full.tokens[4:5])
     assert torch.allclose(alone.logprobs, full.logprobs[4:5], atol=1e-6)
     # Different seeds, same row: the draws differ (a 6-row nucleus of the same logits, 12 seeds).
-    same_row = sample(logits[:1].expand(12, -1), seeds=row_seeds(12, offset=100), impl=impl, **params)
+    same_row = sample(logits[:1].expand(12, -1), seeds=row_seeds(12, offset=100), impl=impl,
+                      **params)
     assert len(set(same_row.tokens.tolist())) > 1
 
 
@@ -269,14 +301,16 @@ def test_sampling_untruncated_fast_path_is_the_general_race():
         general = sample_reference(logits, temperature, min_p=torch.zeros(6), seeds=seeds)
         assert torch.equal(plain.tokens, general.tokens)
         torch.testing.assert_close(plain.logprobs, general.logprobs, rtol=0, atol=1e-6)
-        torch.testing.assert_close(plain.logprobs_untruncated, general.logprobs_untruncated, rtol=0, atol=1e-6)
+        torch.testing.assert_close(plain.logprobs_untruncated, general.logprobs_untruncated, rtol=0,
+                                   atol=1e-6)
     assert not sampling._plain(sampling._params(logits, 1.0, 5, 1.0, 0.0))
 
 
 @pytest.mark.usefixtures("small_triton_sizes")
 def test_sampling_noise_is_the_documented_hash():
-    """The random stream is exactly the documented 32-bit hash of (seed, token id), for any int64 seed,
-    and E = -log(1 - u) is Exp(1) down to small values (what decides whether a 1e-4 token wins)."""
+    """The random stream is exactly the documented 32-bit hash of (seed, token id), for any int64
+    seed, and E = -log(1 - u) is Exp(1) down to small values (what decides whether a 1e-4 token
+    wins)."""
     M = 0xFFFFFFFF
 
     def mix(x):
@@ -297,11 +331,14 @@ def test_sampling_noise_is_the_documented_hash():
         assert [int(k) & M for k in keys[row]] == [key_a, key_b]
         for j, i in enumerate(index.tolist()):
             u = min(((mix(mix(i ^ key_a) ^ key_b) >> 1) + 0.5) * 2.0**-31, 1 - 2.0**-24)
-            assert math.isclose(float(log_e[row, j]), math.log(-math.log1p(-u)), rel_tol=1e-5, abs_tol=1e-5)
+            assert math.isclose(float(log_e[row, j]), math.log(-math.log1p(-u)), rel_tol=1e-5,
+                                abs_tol=1e-5)
     keys = sampling._row_keys(row_seeds(100))
-    e = sampling._log_exponential_noise(keys, torch.arange(10000, dtype=torch.int32)).exp()  # (100, 10000)
+    # (100, 10000)
+    e = sampling._log_exponential_noise(keys, torch.arange(10000, dtype=torch.int32)).exp()
     assert abs(float(e.mean()) - 1) < 0.005                       # 1e6 draws: sd of the mean 0.001
-    assert 70 < int((e < 1e-4).sum()) < 130                       # P(E < 1e-4) = 1e-4: 100 expected, sd 10
+    # P(E < 1e-4) = 1e-4: 100 expected, sd 10
+    assert 70 < int((e < 1e-4).sum()) < 130
 
 
 @pytest.mark.usefixtures("small_triton_sizes")
@@ -338,13 +375,14 @@ print("OK")
 @pytest.mark.skipif(not sampling.HAS_TRITON, reason="no triton")
 @pytest.mark.usefixtures("small_triton_sizes")
 def test_sampling_kernel_compiles_for_h100():
-    """The interpreter does not type-check like the compiler does, so compile the real kernel for sm_90
-    (Triton's bundled ptxas needs no GPU): both parameter layouts, bf16 logits, the default sizes. In a
-    subprocess, since this process runs Triton in interpreter mode. Skipped when this Triton's
-    ahead-of-time API differs from the one it was written against (3.x)."""
+    """The interpreter does not type-check like the compiler does, so compile the real kernel for
+    sm_90 (Triton's bundled ptxas needs no GPU): both parameter layouts, bf16 logits, the default
+    sizes. In a subprocess, since this process runs Triton in interpreter mode. Skipped when this
+    Triton's ahead-of-time API differs from the one it was written against (3.x)."""
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, capture_output=True,
+                            text=True,
                             cwd=ROOT, timeout=300)
     if result.returncode != 0 and "SKIP" in result.stderr:
         pytest.skip(result.stderr.strip().splitlines()[-1])
