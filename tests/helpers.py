@@ -1,5 +1,5 @@
-"""What the tests share: a tiny character-level tokenizer and Llama checkpoint, the built-in task built
-small, data writers, and `run_script` for stage scripts (optionally under torchrun on CPU)."""
+"""What the tests share: a tiny character-level tokenizer and Llama checkpoint, the built-in task
+built small, data writers, and `run_script` for stage scripts (optionally under torchrun on CPU)."""
 import json
 import os
 import subprocess
@@ -27,7 +27,8 @@ CHATML_TEMPLATE = (
 
 
 def build_char_tokenizer(folder):
-    """A character-level HF tokenizer (every printable ASCII char + newline) with ChatML specials."""
+    """A character-level HF tokenizer (every printable ASCII char + newline) with ChatML
+    specials."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -38,21 +39,27 @@ def build_char_tokenizer(folder):
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
-                                        eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
+                                        eos_token="<|im_end|>",
+                                        additional_special_tokens=["<|im_start|>"])
     tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.save_pretrained(folder)
     return len(vocab)
 
 
-# Two more families' chat templates, copied whitespace and all: Llama-3-Instruct's, and Mistral-7B-Instruct's
-# (v0.2/v0.3 style: " [INST] ... [/INST]", then " " + the answer + "</s>"; add_generation_prompt changes nothing).
+# Two more families' chat templates, copied whitespace and all: Llama-3-Instruct's, and
+# Mistral-7B-Instruct's (v0.2/v0.3 style: " [INST] ... [/INST]", then " " + the answer + "</s>";
+# add_generation_prompt changes nothing). Long lines are cut into adjacent strings, which Python
+# joins: the text is the original's, byte for byte.
 LLAMA3_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
-    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}"
     "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
-MISTRAL_TEMPLATE = """{%- if messages[0]['role'] == 'system' %}
+MISTRAL_TEMPLATE = ("""{%- if messages[0]['role'] == 'system' %}
     {%- set system_message = messages[0]['content'] %}
     {%- set loop_messages = messages[1:] %}
 {%- else %}
@@ -62,7 +69,8 @@ MISTRAL_TEMPLATE = """{%- if messages[0]['role'] == 'system' %}
 {{- bos_token }}
 {%- for message in loop_messages %}
     {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
-        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}
+        {{- raise_exception('After the optional system message, conversation roles must """
+                    """alternate user/assistant/user/assistant/...') }}
     {%- endif %}
     {%- if message['role'] == 'user' %}
         {%- if loop.first and system_message is defined %}
@@ -73,10 +81,11 @@ MISTRAL_TEMPLATE = """{%- if messages[0]['role'] == 'system' %}
     {%- elif message['role'] == 'assistant' %}
         {{- ' ' + message['content'] + eos_token}}
     {%- else %}
-        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}
+        {{- raise_exception('Only user and assistant roles are supported, with the exception of """
+                    """an initial optional system message!') }}
     {%- endif %}
 {%- endfor %}
-"""
+""")
 
 
 def build_template_tokenizer(folder, family):
@@ -94,19 +103,24 @@ def build_template_tokenizer(folder, family):
         return build_char_tokenizer(folder)
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
     if family == "llama3":
-        specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                    "<|reserved_special_token_0|>", "<|reserved_special_token_1|>"]
-        tokens, names, template = chars + specials, dict(bos_token=specials[0], eos_token="<|eot_id|>"), LLAMA3_TEMPLATE
+        specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                    "<|end_header_id|>", "<|eot_id|>", "<|reserved_special_token_0|>",
+                    "<|reserved_special_token_1|>"]
+        tokens, template = chars + specials, LLAMA3_TEMPLATE
+        names = dict(bos_token=specials[0], eos_token="<|eot_id|>")
     else:
         specials = ["<unk>", "<s>", "</s>"]
-        tokens, names, template = specials + chars[::-1], dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"), MISTRAL_TEMPLATE
+        tokens, template = specials + chars[::-1], MISTRAL_TEMPLATE
+        names = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     vocab = {token: i for i, token in enumerate(tokens)}
     core = Tokenizer(models.WordLevel(vocab, unk_token=names.get("unk_token", specials[-1])))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
-    core.post_processor = processors.TemplateProcessing(single=f"{names['bos_token']} $A", pair=f"{names['bos_token']} $A $B",
-                                                        special_tokens=[(names["bos_token"], vocab[names["bos_token"]])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, additional_special_tokens=[t for t in specials if t not in names.values()],
+    bos = names["bos_token"]
+    core.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                        special_tokens=[(bos, vocab[bos])])
+    additional = [t for t in specials if t not in names.values()]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, additional_special_tokens=additional,
                                         **names)
     tokenizer.chat_template = template
     tokenizer.save_pretrained(folder)
@@ -114,10 +128,11 @@ def build_template_tokenizer(folder, family):
 
 
 def tiny_config(vocab_size, **overrides):
-    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=vocab_size, hidden_size=64,
-                  intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
-                  hidden_act="silu", bos_token_id=None, eos_token_id=3, pad_token_id=0)
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=vocab_size,
+                  hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+                  rope_theta=10000.0, tie_word_embeddings=True, hidden_act="silu",
+                  bos_token_id=None, eos_token_id=3, pad_token_id=0)
     config.update(overrides)
     return config
 
@@ -145,15 +160,18 @@ def stage_env():
 def stage_command(args, nproc=1):
     """python SCRIPT ARGS, or under torchrun on nproc CPU ranks."""
     if nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={nproc}", *args]
     return [sys.executable, *args]
 
 
 def run_script(args, nproc=1, timeout=600):
     """Run a stage script (optionally under torchrun on CPU) and return its stdout; fail loudly."""
     command = stage_command(args, nproc)
-    result = subprocess.run(command, cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    result = subprocess.run(command, cwd=ROOT, env=stage_env(), capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, (f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n"
+                                    f"{result.stderr[-5000:]}")
     return result.stdout
 
 
@@ -177,7 +195,8 @@ def write_pairs(path, n, seed=0):
     for i in range(n):
         word = "".join(rng.choice("abcdef") for _ in range(rng.randint(3, 6)))
         rows.append({"id": f"p{i}", "prompt": [{"role": "user", "content": f"reverse {word}"}],
-                     "chosen": word[::-1], "rejected": word + "x", "source": "even" if i % 2 == 0 else "odd"})
+                     "chosen": word[::-1], "rejected": word + "x",
+                     "source": "even" if i % 2 == 0 else "odd"})
     write_jsonl(path, rows)
 
 
@@ -190,11 +209,14 @@ def builtin_model_dir(task_dir, folder, seed=0):
     return folder
 
 
-SMALL = dict(seed=0, sft_examples=800, prompts_per_iter=40, eval_prompts=24, pairs_train=3000, pairs_eval=200, pretrain_texts=400)
-TASK_FILES = ("sft.jsonl", "prompts_iter1.jsonl", "prompts_iter2.jsonl", "prompts_iter3.jsonl", "prompts_eval.jsonl",
-              "prompts_dev.jsonl", "pairs_train.jsonl", "pairs_eval.jsonl", "pairs_sftlike_train.jsonl",
-              "pairs_sftlike_eval.jsonl", "pretrain.jsonl", "pairs_offpolicy_train.jsonl", "pairs_offpolicy_eval.jsonl", "stats.json", "model/tokenizer.json",
-              "model/tokenizer_config.json", "model/config.json", "model/generation_config.json")
+SMALL = dict(seed=0, sft_examples=800, prompts_per_iter=40, eval_prompts=24, pairs_train=3000,
+             pairs_eval=200, pretrain_texts=400)
+TASK_FILES = ("sft.jsonl", "prompts_iter1.jsonl", "prompts_iter2.jsonl", "prompts_iter3.jsonl",
+              "prompts_eval.jsonl", "prompts_dev.jsonl", "pairs_train.jsonl", "pairs_eval.jsonl",
+              "pairs_sftlike_train.jsonl", "pairs_sftlike_eval.jsonl", "pretrain.jsonl",
+              "pairs_offpolicy_train.jsonl", "pairs_offpolicy_eval.jsonl", "stats.json",
+              "model/tokenizer.json", "model/tokenizer_config.json", "model/config.json",
+              "model/generation_config.json")
 
 
 def read_lines(path):
@@ -209,7 +231,8 @@ def task_dir(tmp_path_factory):
 
 
 def check_one_line_error(returncode, stderr):
-    """A user error: exit status 2, one `error: ...` line on stderr, no traceback. Returns the line."""
+    """A user error: exit status 2, one `error: ...` line on stderr, no traceback. Returns the
+    line."""
     assert returncode == 2, f"exit status {returncode}:\n{stderr[-3000:]}"
     assert "Traceback" not in stderr, stderr
     errors = [line for line in stderr.splitlines() if "error:" in line]
@@ -219,12 +242,14 @@ def check_one_line_error(returncode, stderr):
 
 def run_script_expecting_error(args):
     """Run a stage script as a user would; it must stop on a user error (check_one_line_error)."""
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=stage_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=stage_env(), capture_output=True,
+                            text=True, timeout=300)
     return check_one_line_error(result.returncode, result.stderr)
 
 
 def run_main_expecting_error(main, argv, capsys):
-    """The same check in this process (no interpreter start-up): run_cli(main) as the script's __main__ does."""
+    """The same check in this process (no interpreter start-up): run_cli(main) as the script's
+    __main__ does."""
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: main(argv))
     return check_one_line_error(exit_info.value.code, capsys.readouterr().err)
@@ -236,8 +261,10 @@ def run_builtin_online(task_dir, tmp_path, *extra, lr="1e-3"):
     import dpo
     sft, run = builtin_model_dir(task_dir, tmp_path / "sft"), tmp_path / "run"
     for t in (1, 2):
-        write_jsonl(tmp_path / f"prompts_{t}.jsonl", read_jsonl(task_dir / f"prompts_iter{t}.jsonl")[:4])
-        dpo.main(["--iter", str(t), "--run-dir", str(run), "--sft", str(sft), "--rm", "gold", "--prompts",
-                  str(tmp_path / "prompts_{t}.jsonl"), "--n", "3", "--max-new-tokens", "8", "--batch-size", "4",
-                  "--micro-batch-size", "4", "--lr", lr, "--epochs", "1", "--device", "cpu", *extra])
+        prompts = read_jsonl(task_dir / f"prompts_iter{t}.jsonl")[:4]
+        write_jsonl(tmp_path / f"prompts_{t}.jsonl", prompts)
+        dpo.main(["--iter", str(t), "--run-dir", str(run), "--sft", str(sft), "--rm", "gold",
+                  "--prompts", str(tmp_path / "prompts_{t}.jsonl"), "--n", "3",
+                  "--max-new-tokens", "8", "--batch-size", "4", "--micro-batch-size", "4",
+                  "--lr", lr, "--epochs", "1", "--device", "cpu", *extra])
     return sft, run

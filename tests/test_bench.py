@@ -21,7 +21,8 @@ def test_bench_tiny_runs_every_row_and_prints_both_sides(capsys):
     bench.main(["--tiny"])
     out = capsys.readouterr().out
     assert "greedy answers equal: 6/6" in out
-    for line in ("greedy tokens/s", "sampled tokens/s", "seconds fwd + bwd", "peak memory above the inputs"):
+    for line in ("greedy tokens/s", "sampled tokens/s", "seconds fwd + bwd",
+                 "peak memory above the inputs"):
         assert line in out and "ours" in out.split(line)[1].splitlines()[0]
     assert out.count("max |ours - naive|") == 3 and "tok/s" in out.split("== sft step")[1]
     if HAS_TRL:  # the DPO rows: losses of each step side by side, both variants of the reference
@@ -36,8 +37,10 @@ def test_bench_fails_when_the_two_sides_disagree(monkeypatch, capsys):
     real_generate, real_logprobs = bench.hf_generate, rlhf_kernels.logprob.token_logprobs
     # transformers' greedy answers one token longer; the kernel's log-probs off by 1e-2
     monkeypatch.setattr(bench, "hf_generate",
-                        lambda *a, **k: [[s + [0] for s in samples] for samples in real_generate(*a, **k)])
-    monkeypatch.setattr(rlhf_kernels.logprob, "token_logprobs", lambda *a, **k: real_logprobs(*a, **k) + 1e-2)
+                        lambda *a, **k: [[s + [0] for s in samples]
+                                         for samples in real_generate(*a, **k)])
+    monkeypatch.setattr(rlhf_kernels.logprob, "token_logprobs",
+                        lambda *a, **k: real_logprobs(*a, **k) + 1e-2)
     with pytest.raises(SystemExit, match="disagree in: generate, logprob"):
         bench.main(["--tiny", "--rows", "generate,logprob"])
     out = capsys.readouterr().out

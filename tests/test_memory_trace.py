@@ -3,20 +3,22 @@ equals the real-tensor peak byte for byte, and the formula plan (memory_plan.py)
 trace and within 20% of it; at full Llama-3-8B shape one trace fits 80 GiB per rank."""
 import pytest
 
-from memory_trace import GiB, LLAMA3_8B, SELF_CHECK_CASES, TINY, check_fake_matches_real, fits, plan_for, trace_stage
+from memory_trace import (GiB, LLAMA3_8B, SELF_CHECK_CASES, TINY, check_fake_matches_real, fits,
+                          plan_for, trace_stage)
 from model import LoRASettings
 from tests.helpers import run_script
 
-SMALL = dict(TINY, hidden_size=256, intermediate_size=640, num_hidden_layers=4, vocab_size=1024, num_attention_heads=8,
-             num_key_value_heads=4)
-CASES = SELF_CHECK_CASES  # (mode, ranks, LoRA, micro-batch): FSDP2 over 2 fake ranks, or one device; K = 3
+SMALL = dict(TINY, hidden_size=256, intermediate_size=640, num_hidden_layers=4, vocab_size=1024,
+             num_attention_heads=8, num_key_value_heads=4)
+# (mode, ranks, LoRA, micro-batch): FSDP2 over 2 fake ranks, or one device; K = 3
+CASES = SELF_CHECK_CASES
 
 
 @pytest.fixture(scope="module")
 def traces():
-    """{case: (real-tensor peak, fake-tensor peak)}: the stage's own step, 2 steps, peak of the second,
-    sequences of 64 tokens. The PyTorch twins of the kernels, as stage runs on a CPU take (not
-    Triton's interpreter)."""
+    """{case: (real-tensor peak, fake-tensor peak)}: the stage's own step, 2 steps, peak of the
+    second, sequences of 64 tokens. The PyTorch twins of the kernels, as stage runs on a CPU take
+    (not Triton's interpreter)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("TRITON_INTERPRET", raising=False)
         return check_fake_matches_real(SMALL, 64)
@@ -26,13 +28,15 @@ def traces():
 def test_traced_peak_equals_the_real_tensor_peak(case, traces):
     real, fake = traces[case]
     assert real == fake  # every category, to the byte
-    assert fake["Total"] > 1e6  # a real step's worth of memory was seen (the weights alone are ~9 MB in bf16)
+    # a real step's worth of memory was seen (the weights alone are ~9 MB in bf16)
+    assert fake["Total"] > 1e6
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_plan_is_never_below_the_trace_and_within_20_percent(case, traces):
     mode, world, lora, micro = CASES[case]
-    plan = plan_for(SMALL, mode, world, 64, micro, LoRASettings(4, 8.0) if lora else None, k=3)
+    plan = plan_for(SMALL, mode, world, 64, micro, LoRASettings(4, 8.0) if lora else None,
+                    k=3)
     ratio = plan["peak"] / traces[case][1]["Total"]
     assert 1.0 <= ratio <= 1.2, (case, ratio)
 
@@ -58,20 +62,24 @@ def test_llama3_8b_dpo_traced_at_full_shape_fits_80_gib_per_rank():
     ok, margin = fits(peak["Total"], 80)
     assert ok and margin > 40, (peak["Total"] / GiB, margin)
     assert 15 * GiB < peak["Total"] <= plan_for(LLAMA3_8B, "dpo", 8, 2048, 1)["peak"]
-    assert peak["OptState"] == pytest.approx(2 * 4 * 8_030_261_248 / 8, rel=1e-3)  # AdamW's two fp32 moments, 1/8
+    # AdamW's two fp32 moments, 1/8
+    assert peak["OptState"] == pytest.approx(2 * 4 * 8_030_261_248 / 8, rel=1e-3)
 
 
 def test_command_line_prints_trace_and_plan():
-    out = run_script(["memory_trace.py", "--config", "tiny", "--mode", "dpo", "--world-size", "2", "--seq-len", "32",
-                      "--lora-rank", "4"])
-    assert "traced: tiny dpo, 2 rank(s)" in out and "memory plan per rank: dpo" in out and "fits 80 GiB" in out
+    out = run_script(["memory_trace.py", "--config", "tiny", "--mode", "dpo", "--world-size", "2",
+                      "--seq-len", "32", "--lora-rank", "4"])
+    assert "traced: tiny dpo, 2 rank(s)" in out and "memory plan per rank: dpo" in out
+    assert "fits 80 GiB" in out
 
 
 def test_command_line_refuses_bad_numbers_naming_the_flag():
     import subprocess
     import sys
     from tests.helpers import ROOT
-    for flag, value, message in (("--k", "1", "must be ≥ 2"), ("--world-size", "0", "must be ≥ 1"), ("--gpu-gib", "-8", "must be > 0")):
-        result = subprocess.run([sys.executable, "memory_trace.py", flag, value], cwd=ROOT, capture_output=True, text=True,
-                                timeout=120)
-        assert result.returncode == 2 and f"argument {flag}: {message}" in result.stderr, result.stderr
+    for flag, value, message in (("--k", "1", "must be ≥ 2"), ("--world-size", "0", "must be ≥ 1"),
+                                 ("--gpu-gib", "-8", "must be > 0")):
+        result = subprocess.run([sys.executable, "memory_trace.py", flag, value], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert f"argument {flag}: {message}" in result.stderr, result.stderr

@@ -21,7 +21,8 @@ def test_task_score_hand_checked():
     assert score(sort, "7 31 18") == pytest.approx(2 / 3)       # one misplaced: LCS 2 of 3
     assert score(sort, "7 18") == pytest.approx(2 / 3)          # one missing
     assert score(sort, "7 18 31 31") == pytest.approx(3 / 4)    # one extra
-    assert score(sort, "7, 18, 31") == pytest.approx(1 - 0.002 * 2)  # two commas are extra characters
+    # two commas are extra characters
+    assert score(sort, "7, 18, 31") == pytest.approx(1 - 0.002 * 2)
     assert score(sort, "Sure! 7 18 31") == pytest.approx(1 - 0.002 * 6)
     assert score(sort, "Sure! 7 18 31 Hope this helps!") == pytest.approx(1 - 0.002 * 23)
     assert score(_user("reverse 1 2 3"), "3 2 1") == 1.0
@@ -40,7 +41,8 @@ def test_task_score_hand_checked():
     assert score(sort, "٧ ١٨ ٣١") == pytest.approx(-0.014)      # non-ASCII digits are not numbers
     assert score(_user("hello"), "7 18 31") == 0.0
     assert score(_user("sort " + "9" * 5000), "1") == 0.0      # absurd prompts are not task prompts
-    assert score(None, "1") == 0.0 and score(sort, None) == 0.0 and score("sort 31 7 18", "7 18 31") == 1.0
+    assert score(None, "1") == 0.0 and score(sort, None) == 0.0
+    assert score("sort 31 7 18", "7 18 31") == 1.0
     # the last user turn is the prompt; a system turn is fine
     assert score([{"role": "system", "content": "be brief"}] + sort, "7 18 31") == 1.0
 
@@ -65,19 +67,24 @@ def test_task_build_is_deterministic(tmp_path, task_dir):
 
 def test_task_prompt_splits_are_disjoint(task_dir):
     ids, texts = [], {}
-    for split in ("iter1", "iter2", "iter3", "eval", "dev"):  # dev: where settings are chosen, never eval's prompts
+    # dev: where settings are chosen, never eval's prompts
+    for split in ("iter1", "iter2", "iter3", "eval", "dev"):
         records = read_lines(task_dir / f"prompts_{split}.jsonl")
-        assert len(records) == (SMALL["eval_prompts"] if split in ("eval", "dev") else SMALL["prompts_per_iter"])
+        size = SMALL["eval_prompts"] if split in ("eval", "dev") else SMALL["prompts_per_iter"]
+        assert len(records) == size
         for r in records:
-            assert r["messages"][-1]["role"] == "user" and parse_prompt(r["messages"][-1]["content"]) is not None
+            assert r["messages"][-1]["role"] == "user"
+            assert parse_prompt(r["messages"][-1]["content"]) is not None
         ids += [r["id"] for r in records]
         texts[split] = {r["messages"][-1]["content"] for r in records}
         assert len(texts[split]) == len(records)
-        assert {parse_prompt(t)[0] for t in texts[split]} == set(TASKS)  # every sub-task in every split
+        # every sub-task in every split
+        assert {parse_prompt(t)[0] for t in texts[split]} == set(TASKS)
     texts["sft"] = {r["messages"][0]["content"] for r in read_lines(task_dir / "sft.jsonl")}
     texts["pretrain"] = {r["text"].split(" = ")[0] for r in read_lines(task_dir / "pretrain.jsonl")}
     assert len(texts["pretrain"]) == SMALL["pretrain_texts"]
-    for split in ("train", "eval", "sftlike_train", "sftlike_eval", "offpolicy_train", "offpolicy_eval"):
+    for split in ("train", "eval", "sftlike_train", "sftlike_eval", "offpolicy_train",
+                  "offpolicy_eval"):
         pairs = read_lines(task_dir / f"pairs_{split}.jsonl")
         ids += [p["id"] for p in pairs]
         texts[f"pairs_{split}"] = {p["prompt"][-1]["content"] for p in pairs}
@@ -94,16 +101,21 @@ def test_task_tokenizer_and_chat_template(task_dir):
     tokenizer = AutoTokenizer.from_pretrained(str(task_dir / "model"))
     assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
     assert tokenizer.pad_token_id != tokenizer.eos_token_id and tokenizer.eos_token == "<|end|>"
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "sort 3 1 2"}]
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": "sort 3 1 2"}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert prompt == "<|bos|><|system|>be brief<|end|><|user|>sort 3 1 2<|end|><|assistant|>"
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": "1 2 3"}], tokenize=False)
-    assert full == prompt + "1 2 3<|end|>"  # assistant turn = header + content + ONE end-of-turn token
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": "1 2 3"}],
+                                         tokenize=False)
+    # assistant turn = header + content + ONE end-of-turn token
+    assert full == prompt + "1 2 3<|end|>"
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     # prompt and response tokenized separately = the whole conversation tokenized at once
     assert encode(full) == encode(prompt) + encode("1 2 3") + [tokenizer.eos_token_id]
-    assert encode(prompt)[:2] == [1, 4] and encode(prompt)[-1] == tokenizer.convert_tokens_to_ids("<|assistant|>")
-    for text in ("sort 31 7 18", "Sure!  7, 18\n31 Hope this helps!", " leading and trailing ", "“quotes” — …"):
+    assert encode(prompt)[:2] == [1, 4]
+    assert encode(prompt)[-1] == tokenizer.convert_tokens_to_ids("<|assistant|>")
+    for text in ("sort 31 7 18", "Sure!  7, 18\n31 Hope this helps!", " leading and trailing ",
+                 "“quotes” — …"):
         assert tokenizer.decode(encode(text)) == text  # one token per character, exact round trip
         assert len(encode(text)) == len(text)
     assert len(encode("A")) == 1 and len(encode("B")) == 1  # judge / pairwise labels
@@ -122,11 +134,16 @@ def test_task_config_builds_llama(task_dir):
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 5e6
-    longest = max(len(tokenizer(tokenizer.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)["input_ids"])
-                  for r in read_lines(task_dir / "sft.jsonl"))
-    assert longest <= 128 <= config.max_position_embeddings  # conversations fit in sft.py --block-size 128
-    ids = tokenizer(tokenizer.apply_chat_template(_user("add 1 2"), tokenize=False, add_generation_prompt=True),
-                    add_special_tokens=False, return_tensors="pt")["input_ids"]
+    def length(messages):
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    longest = max(length(r["messages"]) for r in read_lines(task_dir / "sft.jsonl"))
+    # conversations fit in sft.py --block-size 128
+    assert longest <= 128 <= config.max_position_embeddings
+    prompt = tokenizer.apply_chat_template(_user("add 1 2"), tokenize=False,
+                                           add_generation_prompt=True)
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     assert model(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
 
 
@@ -136,7 +153,8 @@ def test_task_pair_labels_follow_bernoulli(task_dir, split):
     assert {p["source"] for p in pairs} == set(TASKS)
     for p in pairs[:500]:
         assert p["chosen"] != p["rejected"] and p["margin"] != 0
-        assert p["margin"] == pytest.approx(score(p["prompt"], p["chosen"]) - score(p["prompt"], p["rejected"]), abs=1e-6)
+        gold_margin = score(p["prompt"], p["chosen"]) - score(p["prompt"], p["rejected"])
+        assert p["margin"] == pytest.approx(gold_margin, abs=1e-6)
     # y ~ Bernoulli(σ(Δ/τ)): P(label agrees with r*) = σ(|Δ|/τ) per pair; the count of agreements is
     # a sum of independent Bernoullis, so it lies within 4 standard deviations of its mean.
     agree_probs = [1 / (1 + math.exp(-abs(p["margin"]) / TAU)) for p in pairs]
@@ -145,11 +163,13 @@ def test_task_pair_labels_follow_bernoulli(task_dir, split):
     observed = sum(p["margin"] > 0 for p in pairs)
     assert abs(observed - expected) < 4 * std
     assert 0.7 < observed / len(pairs) < 0.92  # noisy, like human labels, but mostly right
-    # the length hook: in the offline data the longer response is usually the chosen one (65%); in the
-    # off-policy pairs less so (a milder verbosity gap: 60%); in pairs of two demonstrator answers it is
-    # not (verbosity only costs gold there). 3000 pairs: one standard error ≈ 0.01.
-    longer = [len(p["chosen"]) > len(p["rejected"]) for p in pairs if len(p["chosen"]) != len(p["rejected"])]
-    bounds = {"train": (0.62, 0.72), "offpolicy_train": (0.56, 0.64), "sftlike_train": (0.35, 0.55)}[split]
+    # the length hook: in the offline data the longer response is usually the chosen one (65%); in
+    # the off-policy pairs less so (a milder verbosity gap: 60%); in pairs of two demonstrator
+    # answers it is not (verbosity only costs gold there). 3000 pairs: one standard error ≈ 0.01.
+    longer = [len(p["chosen"]) > len(p["rejected"])
+              for p in pairs if len(p["chosen"]) != len(p["rejected"])]
+    bounds = {"train": (0.62, 0.72), "offpolicy_train": (0.56, 0.64),
+              "sftlike_train": (0.35, 0.55)}[split]
     assert bounds[0] < sum(longer) / len(longer) < bounds[1]
 
 
@@ -159,13 +179,17 @@ def test_task_pretraining_texts_are_correct_computations(task_dir):
     tasks, lines = [], 0
     for r in records:
         worksheet = [line.split(" = ") for line in r["text"].split("\n")]
-        for prompt, answer in worksheet:  # exact, bare answers: the knowledge SFT's demonstrator lacks
+        # exact, bare answers: the knowledge SFT's demonstrator lacks
+        for prompt, answer in worksheet:
             assert score(_user(prompt), answer) == 1.0
-        numbers = {prompt.split(" ", 1)[1] if not prompt.startswith("add") else " ".join(sorted(prompt.split()[1:])) for prompt, _ in worksheet}
-        assert len(numbers) == 1 and len({prompt for prompt, _ in worksheet}) == len(worksheet)  # one set of numbers, no line twice
+        numbers = {prompt.split(" ", 1)[1] if not prompt.startswith("add")
+                   else " ".join(sorted(prompt.split()[1:])) for prompt, _ in worksheet}
+        # one set of numbers, no line twice
+        assert len(numbers) == 1 and len({prompt for prompt, _ in worksheet}) == len(worksheet)
         tasks.append(parse_prompt(worksheet[0][0])[0])
         lines += len(worksheet)
-    assert {t: tasks.count(t) for t in TASKS} == {t: SMALL["pretrain_texts"] // 4 for t in TASKS}  # first lines: every sub-task alike
+    # first lines: every sub-task alike
+    assert {t: tasks.count(t) for t in TASKS} == {t: SMALL["pretrain_texts"] // 4 for t in TASKS}
     assert lines > 2 * len(records)  # most texts are worksheets of several computations
 
 
@@ -198,33 +222,41 @@ def test_task_demonstrations_have_controlled_noise(task_dir):
         verbose += any(c.isalpha() for c in assistant["content"])
         if parse_prompt(user["content"])[0] == "add":
             operands = [int(s) for s in user["content"].split()[1:]]
-            if sum_without_carries(operands) != target:  # something carries: 60% drop it, then 20% err
+            # something carries: 60% drop it, then 20% err
+            if sum_without_carries(operands) != target:
                 carried.append(numbers == sum_without_carries(operands))
     n = len(records)
     # exact: no mistake (0.8), and for a sum that carries, the carries kept too (0.4)
     assert abs(exact / n - 0.8 * (1 - 0.6 * len(carried) / n)) < 4 * math.sqrt(0.16 / n)
     assert abs(verbose / n - 0.3) < 4 * math.sqrt(0.21 / n)  # P(verbose) = 0.3
-    assert len(carried) > 50 and abs(sum(carried) / len(carried) - 0.6 * 0.8) < 4 * math.sqrt(0.25 / len(carried))
+    assert len(carried) > 50
+    assert abs(sum(carried) / len(carried) - 0.6 * 0.8) < 4 * math.sqrt(0.25 / len(carried))
 
 
 def test_task_score_command(tmp_path, capsys):
-    samples = [{"id": "s0", "prompt": _user("sort 3 1 2"), "responses": ["1 2 3", "Sure! 1 2 3", "3 2 1"],
+    samples = [{"id": "s0", "prompt": _user("sort 3 1 2"),
+                "responses": ["1 2 3", "Sure! 1 2 3", "3 2 1"],
                 "num_tokens": [6, 12, 6], "finish_reasons": ["stop"] * 3},
                {"id": "s1", "prompt": _user("add 5 7"), "responses": ["12"], "num_tokens": [3],
                 "finish_reasons": ["length"]}]
     (tmp_path / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    task_main(["score", "--samples", str(tmp_path / "samples.jsonl"), "--out", str(tmp_path / "scored.jsonl")])
+    task_main(["score", "--samples", str(tmp_path / "samples.jsonl"),
+               "--out", str(tmp_path / "scored.jsonl")])
     scored = read_lines(tmp_path / "scored.jsonl")
-    assert scored[0]["gold"] == pytest.approx([1.0, 1 - 0.012, 1 / 3]) and scored[1]["gold"] == [1.0]
+    assert scored[0]["gold"] == pytest.approx([1.0, 1 - 0.012, 1 / 3])
+    assert scored[1]["gold"] == [1.0]
     assert scored[0]["responses"] == samples[0]["responses"]
-    assert "mean gold 0.8303" in capsys.readouterr().out  # (1 + 0.988 + 1/3 + 1) / 4, over responses
+    # (1 + 0.988 + 1/3 + 1) / 4, over responses
+    assert "mean gold 0.8303" in capsys.readouterr().out
 
 
 def test_task_gold_sft_command_answers_exactly(tmp_path, task_dir):
-    task_main(["gold-sft", "--prompts", str(task_dir / "prompts_iter1.jsonl"), str(task_dir / "prompts_iter2.jsonl"),
+    task_main(["gold-sft", "--prompts", str(task_dir / "prompts_iter1.jsonl"),
+               str(task_dir / "prompts_iter2.jsonl"),
                "--out", str(tmp_path / "gold.jsonl")])
     examples = read_lines(tmp_path / "gold.jsonl")
-    prompts = read_lines(task_dir / "prompts_iter1.jsonl") + read_lines(task_dir / "prompts_iter2.jsonl")
+    prompts = (read_lines(task_dir / "prompts_iter1.jsonl")
+               + read_lines(task_dir / "prompts_iter2.jsonl"))
     assert [e["messages"][:1] for e in examples] == [p["messages"] for p in prompts]
     assert all(score(e["messages"][:1], e["messages"][1]["content"]) == 1.0 for e in examples)
 
@@ -232,37 +264,53 @@ def test_task_gold_sft_command_answers_exactly(tmp_path, task_dir):
 def test_reward_vs_gold_hand_computed():
     from data.task import reward_vs_gold
     records = [
-        # pairs whose gold differs by > 0.1: (0,1) the reward agrees, (0,2) it disagrees; (1,2) |Δ| = 0.05 is skipped
+        # pairs whose gold differs by > 0.1: (0,1) the reward agrees, (0,2) it disagrees; (1,2)
+        # |Δ| = 0.05 is skipped
         {"gold": [1.0, 0.5, 0.45], "rewards": [2.0, 1.0, 3.0]},
         # (0,1) disagrees, (0,2) a tie in reward counts half, (1,2) disagrees
         {"gold": [0.2, 0.9, 0.6], "rewards": [1.0, 0.0, 1.0]},
     ]
     stats = reward_vs_gold(records)
     assert stats["pairs"] == 5 and stats["accuracy"] == pytest.approx((1 + 0 + 0 + 0.5 + 0) / 5)
-    # best-of-n picks: prompt 1 → index 2 (gold 0.45); prompt 2 → first of the two maxima, index 0 (gold 0.2)
+    # best-of-n picks: prompt 1 → index 2 (gold 0.45); prompt 2 → first of the two maxima, index 0
+    # (gold 0.2)
     assert stats["best_of_n_gold"] == pytest.approx((0.45 + 0.2) / 2)
     assert stats["mean_gold"] == pytest.approx(((1.0 + 0.5 + 0.45) / 3 + (0.2 + 0.9 + 0.6) / 3) / 2)
     assert stats["gold_best_of_n"] == pytest.approx((1.0 + 0.9) / 2)
-    assert reward_vs_gold([{"gold": [0.5, 0.5], "rewards": [0.0, 1.0]}])["accuracy"] is None  # nothing to order
+    # nothing to order
+    assert reward_vs_gold([{"gold": [0.5, 0.5], "rewards": [0.0, 1.0]}])["accuracy"] is None
+
+
+def test_gold_agreement_counts_only_pairs_that_differ_in_correctness():
+    from data.task import GOLD_GAP, gold_agreement
+    # gold differences: agree, disagree, tie in reward (½), within GOLD_GAP (not counted)
+    agreement = gold_agreement([0.5, -0.3, 0.2, GOLD_GAP], [1.0, 2.0, 0.0, -1.0])
+    assert agreement == ((1 + 0 + 0.5) / 3, 3)
+    assert gold_agreement([0.05, -0.1], [1.0, 1.0]) == (None, 0)
 
 
 def test_gold_scored_only_on_task_prompts():
     from data.task import gold_scored
-    records = [{"prompt": _user("sort 3 1 2"), "responses": ["1 2 3", "3 2 1"]}, {"prompt": _user("add 5 7"), "responses": ["12"]}]
+    records = [{"prompt": _user("sort 3 1 2"), "responses": ["1 2 3", "3 2 1"]},
+               {"prompt": _user("add 5 7"), "responses": ["12"]}]
     assert [r["gold"] for r in gold_scored(records)] == [[1.0, 1 / 3], [1.0]]
     assert gold_scored(records + [{"prompt": _user("write a poem"), "responses": ["no"]}]) is None
 
 
 def test_label_samples_pairs_answers_and_skips_ties(tmp_path, capsys):
     from data.task import label_samples
-    records = [{"id": "a", "prompt": _user("sort 3 1 2"), "responses": ["1 2 3", "3 2 1", "1 2 3", "Sure! 1 2 3", "2 1 3"]},
+    records = [{"id": "a", "prompt": _user("sort 3 1 2"),
+                "responses": ["1 2 3", "3 2 1", "1 2 3", "Sure! 1 2 3", "2 1 3"]},
                {"id": "b", "prompt": _user("add 5 7"), "responses": ["12", "12"]}]
     pairs = label_samples(records, seed=0, tau=1e-9)  # a labeller with no noise: gold decides
-    # answers (0, 1) and (2, 3) of "a" form pairs, the fifth is left over; "b"'s two answers tie in gold
-    assert [(p["id"], p["chosen"], p["rejected"]) for p in pairs] == [("a-0", "1 2 3", "3 2 1"), ("a-1", "1 2 3", "Sure! 1 2 3")]
+    # answers (0, 1) and (2, 3) of "a" form pairs, the fifth is left over; "b"'s two answers tie in
+    # gold
+    assert [(p["id"], p["chosen"], p["rejected"]) for p in pairs] == [
+        ("a-0", "1 2 3", "3 2 1"), ("a-1", "1 2 3", "Sure! 1 2 3")]
     assert pairs[1]["margin"] == pytest.approx(0.012) and {p["source"] for p in pairs} == {"sort"}
-    noisy = [label_samples([{"id": "c", "prompt": _user("sort 3 1 2"), "responses": ["1 2 3", "1 3 2"]}], seed=s)[0]
-             for s in range(400)]  # Δr* = 1/3: the human agrees with σ(3.33) = 0.966 of the time
+    one = {"id": "c", "prompt": _user("sort 3 1 2"), "responses": ["1 2 3", "1 3 2"]}
+    # Δr* = 1/3: the human agrees with σ(3.33) = 0.966 of the time
+    noisy = [label_samples([one], seed=s)[0] for s in range(400)]
     assert 0.93 < sum(p["chosen"] == "1 2 3" for p in noisy) / 400 < 0.99
     (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     task_main(["label", "--samples", str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "p.jsonl")])
