@@ -494,7 +494,7 @@ def generate_records(engine, tokenizer, records, n, max_new_tokens, temperature=
     return samples
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
@@ -519,12 +519,10 @@ def main(argv=None):
                              "sample index)")
     parser.add_argument("--batch-size", type=non_negative_int, default=0,
                         help="decode slots (concurrent samples) per rank; 0: as many as fit in "
-                             "free GPU memory "
-                             "(64 on a CPU)")
+                             "free GPU memory (64 on a CPU)")
     parser.add_argument("--max-prompt-length", type=positive_int, default=None,
-                        help="skip (and count) prompts longer than this many tokens; default: only "
-                             "the context "
-                             "limits them")
+                        help="skip (and count) prompts longer than this many tokens; default: "
+                             "only the context limits them")
     parser.add_argument("--chunk-size", type=positive_int, default=256,
                         help="prompts per resumable chunk")
     parser.add_argument("--logprobs", action="store_true",
@@ -534,6 +532,11 @@ def main(argv=None):
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--bench", action="store_true",
                         help="GPU benchmark against transformers' generate")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.bench:
         return benchmark()
@@ -564,8 +567,7 @@ def main(argv=None):
                     logprobs=args.logprobs)
     t0 = time.time()
     # The settings are recorded beside the finished chunks: a resume with other ones stops instead
-    # of mixing two sets of samples in one file (the batch size is not one: samples do not depend on
-    # it).
+    # of mixing two sets of samples in one file (not the batch size: samples do not depend on it).
     settings = dict(model=str(Path(args.model).resolve()), max_prompt_length=args.max_prompt_length,
                     **sampling)
     process_in_chunks(records, args.out,
@@ -573,8 +575,8 @@ def main(argv=None):
                                                           **sampling),
                       dist_info, chunk_size=args.chunk_size, desc="generating", settings=settings,
                       reports_progress=True)
-    print0(f"wrote {args.out}: {len(records)} prompts × {args.n} samples in {time.time() - t0:.1f} "
-           f"s")
+    print0(f"wrote {args.out}: {len(records)} prompts × {args.n} samples "
+           f"in {time.time() - t0:.1f} s")
     destroy_distributed()
 
 

@@ -618,8 +618,7 @@ def _measure(name, step, params, bench_fn):
 def bench(args):
     if not torch.cuda.is_available() and not args.cpu_smoke:
         print("--bench needs a CUDA GPU (it times cuBLAS + Triton against naive PyTorch and "
-              "Liger-Kernel); "
-              "none is visible here. Use `--bench --cpu-smoke` to exercise the code path on a CPU.")
+              "Liger-Kernel); none is visible here. Use `--bench --cpu-smoke` to exercise the code path on a CPU.")
         return 0
     if args.cpu_smoke:
         return _cpu_smoke()
@@ -635,8 +634,7 @@ def bench(args):
     n_valid = int((targets != -100).sum())
     params = [hidden, weight]
     print(f"token log-probs, forward + backward: N={N} tokens ({n_valid} not ignored), H={H}, "
-          f"V={V}, bf16, "
-          f"{torch.cuda.get_device_name()}")
+          f"V={V}, bf16, {torch.cuda.get_device_name()}")
     print(f"fp32 logits from the GEMM: {_cuda_fp32_output('mm', device, dtype)}; "
           f"grad_hidden accumulated inside the GEMM: {_cuda_fp32_output('addmm', device, dtype)}")
 
@@ -681,6 +679,13 @@ def bench(args):
         print(f"{'Liger fused linear CE':>22}: liger_kernel is not installed, skipped (pip install "
               f"liger-kernel)")
 
+    _print_ratios(results, n_valid, H, V)
+    _print_accuracy(hidden, weight, targets)
+    return 0
+
+
+def _print_ratios(results, n_valid, H, V):
+    """Our TFLOP/s, and our time and memory as ratios of each other side's."""
     ours = results["ours (triton)"]
     flops = 4 * 2 * n_valid * H * V  # logits, logits recomputed, grad_hidden, grad_weight
     if ours:
@@ -690,17 +695,17 @@ def bench(args):
                 print(f"ours / {name}: time {ours[0] / other[0]:.3f}x   memory "
                       f"{ours[1] / other[1]:.3f}x")
 
-    # Accuracy on a slice, against the fp32 reference (the naive path's bf16 logits are shown for
-    # scale).
-    with torch.no_grad():
-        rows = slice(0, min(N, 1024))
-        reference = token_logprobs_reference(hidden[rows], weight, targets[rows])
-        ours_logps = token_logprobs(hidden[rows], weight, targets[rows], impl="triton")
-        naive_logps = _naive_logprobs(hidden[rows], weight, targets[rows])
-        print(f"max |logp - fp32 reference| on {reference.numel()} tokens: ours "
-              f"{(ours_logps - reference).abs().max():.2e}, "
-              f"naive bf16 logits {(naive_logps - reference).abs().max():.2e}")
-    return 0
+
+@torch.no_grad()
+def _print_accuracy(hidden, weight, targets):
+    """Accuracy on a slice, against the fp32 reference (the naive path's bf16 logits for scale)."""
+    rows = slice(0, min(hidden.shape[0], 1024))
+    reference = token_logprobs_reference(hidden[rows], weight, targets[rows])
+    ours_logps = token_logprobs(hidden[rows], weight, targets[rows], impl="triton")
+    naive_logps = _naive_logprobs(hidden[rows], weight, targets[rows])
+    print(f"max |logp - fp32 reference| on {reference.numel()} tokens: ours "
+          f"{(ours_logps - reference).abs().max():.2e}, "
+          f"naive bf16 logits {(naive_logps - reference).abs().max():.2e}")
 
 
 def _cpu_smoke():
