@@ -1,6 +1,7 @@
-"""The math of learning from preferences, in one place, imported by every stage:
-sequence log-probs, the preference margin h and the DPO / IPO / SPCE losses, the Bradley-Terry
-loss, the k3 KL estimator, and the choice of pairs from scored samples.
+"""The math of learning from preferences, in one place, imported by every stage. In reading order:
+  1. sequence log-probs   log π(y|x) of a response, token by token and summed; per-token NLL; k3 KL
+  2. preference losses    the margin h, DPO's implicit reward, DPO / IPO / SPCE, Bradley-Terry
+  3. pairs from samples   an ensemble's reward, and which two of n scored responses make a pair
 """
 import math
 import torch
@@ -8,43 +9,7 @@ import torch.nn.functional as F
 from tokens import right_pad
 
 # ----------------------------------------------------------------------------------------------
-# The math: sequence log-probs and the preference losses.
-
-
-def preference_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                      loss_type="dpo", chosen_tokens=None, rejected_tokens=None):
-    """h (B,), the argument of every preference loss, from summed response log-probs (B,): > 0 when
-    the policy raised the chosen response's likelihood, relative to the reference, more than the
-    rejected one's (β h is the difference of DPO's implicit rewards). IPO with `chosen_tokens` /
-    `rejected_tokens` (B,) given: each of the four log-probs is first divided by its response's token
-    count (TRL's convention: IPO on per-token mean log-probs, so the target margin 1/(2β) does not
-    depend on response length). DPO and SPCE ignore the counts."""
-    if loss_type == "ipo" and chosen_tokens is not None:
-        policy_chosen_logps = policy_chosen_logps / chosen_tokens
-        ref_chosen_logps = ref_chosen_logps / chosen_tokens
-        policy_rejected_logps = policy_rejected_logps / rejected_tokens
-        ref_rejected_logps = ref_rejected_logps / rejected_tokens
-    return (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-
-
-def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                    beta, loss_type="dpo", target=None, chosen_tokens=None, rejected_tokens=None):
-    """Per-pair losses (B,) from summed response log-probs (B,), of h = preference_margin(...).
-    `target` is the soft label p = P(chosen ≻ rejected) for SPCE (a tensor (B,) or a float); DPO is
-    SPCE with p = 1."""
-    h = preference_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                          loss_type, chosen_tokens, rejected_tokens)
-    if loss_type == "dpo":  # Rafailov et al. 2023, eq. 7
-        return -F.logsigmoid(beta * h)
-    if loss_type == "spce":  # paper 2, eq. (8)
-        # Cross-entropy between the target strength p and the implicit strength σ(βh). Its gradient
-        # in h is β(σ(βh) − p): zero exactly when the implicit strength equals the target.
-        p = torch.as_tensor(1.0 if target is None else target, dtype=h.dtype, device=h.device)
-        return -(p * F.logsigmoid(beta * h) + (1 - p) * F.logsigmoid(-beta * h))
-    if loss_type == "ipo":  # Azar et al. 2023, eq. 17
-        # A squared loss that pulls h to 1/(2β) instead of pushing it to infinity.
-        return (h - 1 / (2 * beta)) ** 2
-    raise ValueError(f"unknown loss_type {loss_type!r} (dpo, ipo, spce)")
+# 1. Sequence log-probs
 
 
 def token_logps(model, prompts, responses, pad_id, device):
@@ -55,7 +20,8 @@ def token_logps(model, prompts, responses, pad_id, device):
     input_ids, _ = right_pad(sequences, pad_id, device)                   # (B, T)
     targets = torch.full_like(input_ids, -100)
     for row, (p, r) in enumerate(zip(prompts, responses)):
-        # position t predicts token t+1: response token j (at position len(p)+j) is the target at len(p)+j−1
+        # position t predicts token t+1: response token j (at position len(p) + j) is the target
+        # at position len(p) + j − 1
         targets[row, len(p) - 1:len(p) + len(r) - 1] = torch.tensor(r, device=device)
     return model(input_ids, targets=targets, num_targets=sum(map(len, responses)))  # (B, T)
 
@@ -82,10 +48,70 @@ def k3_kl(logps, ref_logps):
 
 
 # ----------------------------------------------------------------------------------------------
-# Online iteration: sample → score → pair → train
+# 2. Preference losses
 
 
-PAIR_SELECTIONS = ("max_min", "max_random", "random")
+def preference_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                      ref_rejected_logps, loss_type="dpo", chosen_tokens=None,
+                      rejected_tokens=None):
+    """h (B,), the argument of every preference loss, from summed response log-probs (B,):
+        h = [log π(a_w|x) − log π_ref(a_w|x)] − [log π(a_l|x) − log π_ref(a_l|x)],
+    > 0 when the policy raised the chosen response's likelihood, relative to the reference, more
+    than the rejected one's (β h is the difference of DPO's implicit rewards, implicit_reward).
+    IPO with `chosen_tokens` / `rejected_tokens` (B,) given: each of the four log-probs is first
+    divided by its response's token count (TRL's convention: IPO on per-token mean log-probs, so
+    the target margin 1/(2β) does not depend on response length). DPO and SPCE ignore the counts."""
+    if loss_type == "ipo" and chosen_tokens is not None:
+        policy_chosen_logps = policy_chosen_logps / chosen_tokens
+        ref_chosen_logps = ref_chosen_logps / chosen_tokens
+        policy_rejected_logps = policy_rejected_logps / rejected_tokens
+        ref_rejected_logps = ref_rejected_logps / rejected_tokens
+    return (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+
+
+def implicit_reward(policy_logps, ref_logps, beta):
+    """DPO's implicit reward of each response (B,): r = β log π(y|x)/π_ref(y|x) (Rafailov et al.
+    2023, eq. 5, less the β log Z(x) that cancels within a pair), so that β h = r_w − r_l.
+    dpo.py logs it (TRL's rewards/chosen and rewards/rejected)."""
+    return beta * (policy_logps - ref_logps)
+
+
+def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                    ref_rejected_logps, beta, loss_type="dpo", target=None, chosen_tokens=None,
+                    rejected_tokens=None):
+    """Per-pair losses (B,) from summed response log-probs (B,), of h = preference_margin(...).
+    `target` is the soft label p = P(chosen ≻ rejected) for SPCE (a tensor (B,) or a float); DPO
+    is SPCE with p = 1."""
+    h = preference_margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                          ref_rejected_logps, loss_type, chosen_tokens, rejected_tokens)
+    if loss_type == "dpo":  # Rafailov et al. 2023, eq. 7
+        return -F.logsigmoid(beta * h)
+    if loss_type == "spce":  # paper 2, eq. (8)
+        # Cross-entropy between the target strength p and the implicit strength σ(βh). Its gradient
+        # in h is β(σ(βh) − p): zero exactly when the implicit strength equals the target.
+        p = torch.as_tensor(1.0 if target is None else target, dtype=h.dtype, device=h.device)
+        return -(p * F.logsigmoid(beta * h) + (1 - p) * F.logsigmoid(-beta * h))
+    if loss_type == "ipo":  # Azar et al. 2023, eq. 17
+        # A squared loss that pulls h to 1/(2β) instead of pushing it to infinity.
+        return (h - 1 / (2 * beta)) ** 2
+    raise ValueError(f"unknown loss_type {loss_type!r} (dpo, ipo, spce)")
+
+
+def bt_loss(chosen_rewards, rejected_rewards, margin=None, center_coef=0.0):
+    """Per-pair Bradley-Terry loss −log σ(r_w − r_l − m)  (paper 1 §2.1; m is Llama-2's optional
+    margin, 0 by default), plus the optional reward-centering term c·(r_w + r_l)² (Eisenstein et
+    al. 2023) that pins the rewards' arbitrary offset near 0. Inputs (B,), output (B,)."""
+    difference = chosen_rewards - rejected_rewards
+    if margin is not None:
+        difference = difference - margin
+    loss = -F.logsigmoid(difference)  # logsigmoid is stable for large |difference|
+    if center_coef:
+        loss = loss + center_coef * (chosen_rewards + rejected_rewards) ** 2
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Pairs from scored samples (the online iteration: sample → score → pair → train)
 
 
 def ensemble_rewards(member_rewards, mode="mean"):
@@ -97,8 +123,23 @@ def ensemble_rewards(member_rewards, mode="mean"):
     means = [sum(values) / k for values in zip(*member_rewards)]
     if mode == "mean" or k == 1:
         return means
-    stds = [math.sqrt(sum((v - m) ** 2 for v in values) / (k - 1)) for values, m in zip(zip(*member_rewards), means)]
+    stds = [math.sqrt(sum((v - m) ** 2 for v in values) / (k - 1))
+            for values, m in zip(zip(*member_rewards), means)]
     return [m - s for m, s in zip(means, stds)]
+
+
+def best_index(values):
+    """The index of the best value; of equal ones, the first."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def worst_index(values):
+    """The index of the worst value; of equal ones, the last (so that with all values equal,
+    best_index and worst_index differ: a tie, not a response paired with itself)."""
+    return min(range(len(values)), key=lambda i: (values[i], -i))
+
+
+PAIR_SELECTIONS = ("max_min", "max_random", "random")
 
 
 def select_pairs(records, selection="max_min", length_penalty=0.0, missing_eos_penalty=0.0,
@@ -108,14 +149,15 @@ def select_pairs(records, selection="max_min", length_penalty=0.0, missing_eos_p
     (λ: paper 1 §3.3, 0.001 in its "concise" run; c: TRL's missing_eos_penalty). `selection`, as in
     paper 1's code (RLHFlow's run_dpo.py, choose_type):
       max_min     the best vs the worst (paper 1); ties: best is the first maximum, worst the last
-                  minimum, so equal rewards count as a reward tie, not one response paired with itself;
+                  minimum, so equal rewards count as a reward tie, not one response paired with
+                  itself;
       max_random  the best vs the first other response (the n samples are i.i.d., so a random one);
       random      responses 0 and 1, the higher r̃ chosen.
     A prompt is dropped when its two responses are the same text or their r̃ differ by no more than
     reward_tolerance. A record's response_ids go with the pair (chosen_ids, rejected_ids): training
-    scores those tokens; a pair with a response of no tokens at all (an empty text cut at once, from
-    another sampler) has nothing to score and is dropped. Returns (pairs, counts of dropped prompts by
-    reason)."""
+    scores those tokens; a pair with a response of no tokens at all (an empty text cut at once,
+    from another sampler) has nothing to score and is dropped. Returns (pairs, counts of dropped
+    prompts by reason)."""
     pairs, dropped = [], {"same_text": 0, "reward_tie": 0, "empty_response": 0}
     for record in records:
         responses, rewards = record["responses"], record["rewards"]
@@ -144,30 +186,3 @@ def select_pairs(records, selection="max_min", length_penalty=0.0, missing_eos_p
                           **({"chosen_ids": ids[best], "rejected_ids": ids[worst]} if ids else {}),
                           **({"source": source} if source else {})})
     return pairs, dropped
-
-# ----------------------------------------------------------------------------------------------
-# The math: the BT loss and how a reward is read off the model.
-
-
-def bt_loss(chosen_rewards, rejected_rewards, margin=None, center_coef=0.0):
-    """Per-pair Bradley-Terry loss −log σ(r_w − r_l − m)  (paper 1 §2.1; m is Llama-2's optional
-    margin, 0 by default), plus the optional reward-centering term c·(r_w + r_l)² (Eisenstein et
-    al. 2023) that pins the rewards' arbitrary offset near 0. Inputs (B,), output (B,)."""
-    difference = chosen_rewards - rejected_rewards
-    if margin is not None:
-        difference = difference - margin
-    loss = -F.logsigmoid(difference)  # logsigmoid is stable for large |difference|
-    if center_coef:
-        loss = loss + center_coef * (chosen_rewards + rejected_rewards) ** 2
-    return loss
-
-
-def best_index(values):
-    """The index of the best value; of equal ones, the first."""
-    return max(range(len(values)), key=lambda i: (values[i], -i))
-
-
-def worst_index(values):
-    """The index of the worst value; of equal ones, the last (so that with all values equal,
-    best_index and worst_index differ: a tie, not a response paired with itself)."""
-    return min(range(len(values)), key=lambda i: (values[i], -i))

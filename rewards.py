@@ -1,6 +1,9 @@
-"""Scoring responses: a Bradley-Terry reward model's scalar (train_rm.py trains it), a pairwise
-judge's preference probability (paper 2's P(a ≻ b | x) from the judge's label tokens), and the
-statistics that say how a reward relates to length.
+"""Scoring responses, in reading order:
+  1. a Bradley-Terry reward model's scalar (train_rm.py trains it), and the scorer of dpo.py's
+     online iteration (one model or an ensemble);
+  2. a pairwise judge's preference probability (paper 2's P(a ≻ b | x) from the judge's label
+     tokens);
+  3. statistics of scored samples: how a reward relates to length, and an iteration's summary.
 """
 import json
 from pathlib import Path
@@ -8,9 +11,14 @@ import torch
 import torch.nn.functional as F
 from parallel import default_dtype
 from runs import print0
-from tokens import closing_ids, encode_prompt, encode_rendering, right_pad
+from tokens import closing_ids, encode_prompt, encode_rendering, load_tokenizer, right_pad
 from data.judge import JUDGE_LABELS, JUDGE_TEMPLATES, render_judge_prompt
+from data.task import gold_scored, reward_vs_gold
+from losses import ensemble_rewards
 from model import Transformer
+
+# ----------------------------------------------------------------------------------------------
+# 1. Bradley-Terry reward models
 
 
 def reward_models(text):
@@ -18,13 +26,29 @@ def reward_models(text):
     return [folder for folder in text.split(",") if folder]
 
 
-def sequence_rewards(model, sequences, pad_id, device):
-    """Scalar reward of each token list (B,), read at its last real token (index length − 1).
-    Sequences are right-padded, so padding comes after every real token and, under causal attention,
-    cannot change the hidden state the reward is read from."""
-    input_ids, lengths = right_pad(sequences, pad_id, device)
-    scores = model(input_ids)                                    # (B, T)
-    return scores.gather(1, (lengths - 1)[:, None]).squeeze(1)   # (B,)
+def model_kind(path):
+    """'bt' for a saved reward model (a sequence classifier), 'pairwise' for a causal LM."""
+    architectures = json.loads((Path(path) / "config.json").read_text()).get("architectures", [""])
+    return "bt" if architectures[0].endswith("ForSequenceClassification") else "pairwise"
+
+
+def load_for_inference(path, kind, device):
+    """A saved reward model ('bt': its score head) or pairwise model (an LM), for inference."""
+    dtype = default_dtype(device)
+    head = "score" if kind == "bt" else "lm"
+    model = Transformer.from_pretrained(path, device=device, dtype=dtype, head=head)
+    return model.eval()
+
+
+def unused_pad_id(tokenizer):
+    """A token id that never ends a scored sequence: the pad token when it is none of the tokens the
+    template closes a conversation with (tokens.closing_ids) nor eos, else the unk token or the last
+    vocabulary id."""
+    used = set(closing_ids(tokenizer)) | {tokenizer.eos_token_id}
+    for candidate in (tokenizer.pad_token_id, tokenizer.unk_token_id, len(tokenizer) - 1):
+        if candidate is not None and candidate not in used:
+            return candidate
+    raise ValueError("no token id is free to serve as the reward model's pad_token_id")
 
 
 def pair_token_ids(tokenizer, prompt, response, max_length):
@@ -35,90 +59,13 @@ def pair_token_ids(tokenizer, prompt, response, max_length):
     return ids[:max_length], len(ids) > max_length
 
 
-# ----------------------------------------------------------------------------------------------
-# Pairwise preference model: an LM asked which of two responses is better.
-
-
-def pairwise_query_ids(tokenizer, prompt, response_a, response_b, template="pairwise"):
-    """A comparison query as a user turn of the chat template; the model's next token is "A" or "B".
-    The query is the template's full rendering of that turn with the generation prompt (the ids of
-    apply_chat_template(turn, add_generation_prompt=True)), so a transformers user reads the A/B
-    logits at the same position. `template` is a name in data.judge.JUDGE_TEMPLATES or a template
-    text: paper 1's bare pairwise format by default, paper 2's judge instruction ("dialogue",
-    "summarization") for osp.py."""
-    query = render_judge_prompt(prompt, response_a, response_b, template)
-    return encode_prompt(tokenizer, [{"role": "user", "content": query}])
-
-
-def label_token_ids(tokenizer):
-    """The ids of the two answer tokens (data.judge.JUDGE_LABELS: first / second response better)."""
-    ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in JUDGE_LABELS]
-    if any(len(i) != 1 for i in ids):
-        raise ValueError(f"the answer labels {JUDGE_LABELS} must each be a single token "
-                         f"for the pairwise model, got {ids}")
-    return ids[0][0], ids[1][0]
-
-
-def pairwise_logits_ab(model, queries, label_ids, pad_id, device):
-    """(B, 2) logits of the tokens "A" and "B" at the position after each query: the last real
-    position's hidden state projected onto those two rows of the LM head only, not the (B, T, V)
-    logits of every position (at B = 64, T = 2048, V = 128k that is 32 GiB in bf16 for 2 numbers a
-    row). Inference only, on a plain model: the LM head is read outside forward, which FSDP would
-    not have gathered. Training reads the label's log-prob through forward(targets=...), which
-    computes it at the label position only (rlhf_kernels/logprob.py skips ignored positions)."""
-    label_ids = torch.tensor(label_ids, device=device)                           # label_token_ids(tokenizer)
-    input_ids, lengths = right_pad(queries, pad_id, device)
-    hidden = model.hidden_states(input_ids)                                        # (B, T, H)
-    last = hidden[torch.arange(len(queries), device=device), lengths - 1]          # (B, H)
-    return F.linear(last, model.lm_head_weight[label_ids]).float()                 # (B, 2)
-
-
-@torch.no_grad()
-def pairwise_preference(model, tokenizer, prompts, responses_1, responses_2, device,
-                        template="pairwise", batch_size=64):
-    """P(response_1 ≻ response_2 | prompt) (B,): the softmax over the "A"/"B" logits, P("A") with
-    response_1 shown first averaged with P("B") with the order swapped, so a position bias cancels
-    (paper 1 §2.2; paper 2 §3.2 for the judge's target preference strength)."""
-    first = [pairwise_query_ids(tokenizer, p, a, b, template)
-             for p, a, b in zip(prompts, responses_1, responses_2)]
-    swapped = [pairwise_query_ids(tokenizer, p, b, a, template)
-               for p, a, b in zip(prompts, responses_1, responses_2)]
-    probabilities = []
-    labels = label_token_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id
-    for start in range(0, len(first), batch_size):
-        first_batch = first[start:start + batch_size]
-        swapped_batch = swapped[start:start + batch_size]
-        p_first = pairwise_logits_ab(model, first_batch, labels, pad_id, device).softmax(-1)[:, 0]
-        p_swapped = pairwise_logits_ab(model, swapped_batch, labels, pad_id, device).softmax(-1)[:, 1]
-        probabilities.append((p_first + p_swapped) / 2)
-    return torch.cat(probabilities) if probabilities else torch.zeros(0, device=device)
-
-
-def pearson(xs, ys):
-    """Pearson correlation of two equal-length lists; None when either is constant."""
-    x, y = torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)
-    x, y = x - x.mean(), y - y.mean()
-    denominator = (x.norm() * y.norm()).item()
-    return None if denominator == 0 else (x @ y).item() / denominator
-
-
-def length_bias(records):
-    """Paper 1 Fig. 3: the mean over prompts of the Pearson correlation between the reward and the
-    length (in tokens; characters when token counts are absent) of the n responses to a prompt.
-    Prompts whose lengths or rewards are all equal have no correlation and are left out (counted)."""
-    correlations = []
-    for record in records:
-        lengths = record.get("num_tokens") or [len(r) for r in record["responses"]]
-        c = pearson(record["rewards"], lengths)
-        if c is not None:
-            correlations.append(c)
-    mean = sum(correlations) / len(correlations) if correlations else float("nan")
-    return mean, len(correlations), len(records) - len(correlations)
-
-
-# ----------------------------------------------------------------------------------------------
-# Scoring for the online loop
+def sequence_rewards(model, sequences, pad_id, device):
+    """Scalar reward of each token list (B,), read at its last real token (index length − 1).
+    Sequences are right-padded, so padding comes after every real token and, under causal attention,
+    cannot change the hidden state the reward is read from."""
+    input_ids, lengths = right_pad(sequences, pad_id, device)
+    scores = model(input_ids)                                    # (B, T)
+    return scores.gather(1, (lengths - 1)[:, None]).squeeze(1)   # (B,)
 
 
 def score_records(model, tokenizer, records, device, batch_size, max_length):
@@ -144,17 +91,91 @@ def score_records(model, tokenizer, records, device, batch_size, max_length):
     return out
 
 
-def load_for_inference(path, kind, device):
+def ensemble_scorer(folders, mode, device, batch_size, max_length):
+    """The scorer of dpo.py's online iteration: loads the reward models in `folders` and returns
+    scorer(chunk of samples records) → the records with `rewards`, one per response: each model's
+    reward (score_records, with the model's own tokenizer and template) combined over the models
+    by losses.ensemble_rewards (`mode`: "mean" or "mean_minus_std"; one model: its own reward)."""
     dtype = default_dtype(device)
-    head = "score" if kind == "bt" else "lm"
-    model = Transformer.from_pretrained(path, device=device, dtype=dtype, head=head)
-    return model.eval()
+    members = [(Transformer.from_pretrained(folder, device=device, dtype=dtype,
+                                            head="score").eval(), load_tokenizer(folder))
+               for folder in folders]
+
+    def scorer(chunk):
+        scored = [score_records(rm, rm_tokenizer, chunk, device, batch_size, max_length)
+                  for rm, rm_tokenizer in members]
+        return [{**r, "rewards": ensemble_rewards([s[i]["rewards"] for s in scored], mode)}
+                for i, r in enumerate(chunk)]
+    return scorer
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Pairwise preference model: an LM asked which of two responses is better
+
+
+def pairwise_query_ids(tokenizer, prompt, response_a, response_b, template="pairwise"):
+    """A comparison query as a user turn of the chat template; the model's next token is "A" or "B".
+    The query is the template's full rendering of that turn with the generation prompt (the ids of
+    apply_chat_template(turn, add_generation_prompt=True)), so a transformers user reads the A/B
+    logits at the same position. `template` is a name in data.judge.JUDGE_TEMPLATES or a template
+    text: paper 1's bare pairwise format by default, paper 2's judge instruction ("dialogue",
+    "summarization") for osp.py."""
+    query = render_judge_prompt(prompt, response_a, response_b, template)
+    return encode_prompt(tokenizer, [{"role": "user", "content": query}])
+
+
+def label_token_ids(tokenizer):
+    """The ids of the two answer tokens (data.judge.JUDGE_LABELS: first / second response
+    better)."""
+    ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in JUDGE_LABELS]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"the answer labels {JUDGE_LABELS} must each be a single token "
+                         f"for the pairwise model, got {ids}")
+    return ids[0][0], ids[1][0]
+
+
+def pairwise_logits_ab(model, queries, label_ids, pad_id, device):
+    """(B, 2) logits of the tokens "A" and "B" at the position after each query: the last real
+    position's hidden state projected onto those two rows of the LM head only, not the (B, T, V)
+    logits of every position (at B = 64, T = 2048, V = 128k that is 32 GiB in bf16 for 2 numbers a
+    row). Inference only, on a plain model: the LM head is read outside forward, which FSDP would
+    not have gathered. Training reads the label's log-prob through forward(targets=...), which
+    computes it at the label position only (rlhf_kernels/logprob.py skips ignored positions)."""
+    label_ids = torch.tensor(label_ids, device=device)                    # label_token_ids(...)
+    input_ids, lengths = right_pad(queries, pad_id, device)
+    hidden = model.hidden_states(input_ids)                                 # (B, T, H)
+    last = hidden[torch.arange(len(queries), device=device), lengths - 1]   # (B, H)
+    return F.linear(last, model.lm_head_weight[label_ids]).float()          # (B, 2)
+
+
+@torch.no_grad()
+def pairwise_preference(model, tokenizer, prompts, responses_1, responses_2, device,
+                        template="pairwise", batch_size=64):
+    """P(response_1 ≻ response_2 | prompt) (B,): the softmax over the "A"/"B" logits, P("A") with
+    response_1 shown first averaged with P("B") with the order swapped, so a position bias cancels
+    (paper 1 §2.2; paper 2 §3.2 for the judge's target preference strength)."""
+    first = [pairwise_query_ids(tokenizer, p, a, b, template)
+             for p, a, b in zip(prompts, responses_1, responses_2)]
+    swapped = [pairwise_query_ids(tokenizer, p, b, a, template)
+               for p, a, b in zip(prompts, responses_1, responses_2)]
+    probabilities = []
+    labels = label_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id
+    for start in range(0, len(first), batch_size):
+        first_batch = first[start:start + batch_size]
+        swapped_batch = swapped[start:start + batch_size]
+        p_first = pairwise_logits_ab(model, first_batch, labels, pad_id,
+                                     device).softmax(-1)[:, 0]
+        p_swapped = pairwise_logits_ab(model, swapped_batch, labels, pad_id,
+                                       device).softmax(-1)[:, 1]
+        probabilities.append((p_first + p_swapped) / 2)
+    return torch.cat(probabilities) if probabilities else torch.zeros(0, device=device)
 
 
 def judge_template(path, template=None, default="pairwise"):
-    """The A/B instruction of a pairwise model or judge: `template` (a name in data.judge.JUDGE_TEMPLATES
-    or a text file) when given, else the one it was trained with (judge_template.txt in its folder,
-    written by training), else `default`."""
+    """The A/B instruction of a pairwise model or judge: `template` (a name in
+    data.judge.JUDGE_TEMPLATES or a text file) when given, else the one it was trained with
+    (judge_template.txt in its folder, written by training), else `default`."""
     saved = Path(path) / "judge_template.txt"
     if not template and saved.exists():
         return saved.read_text()
@@ -162,18 +183,51 @@ def judge_template(path, template=None, default="pairwise"):
     return JUDGE_TEMPLATES.get(template) or Path(template).read_text()
 
 
-def model_kind(path):
-    """'bt' for a saved reward model (a sequence classifier), 'pairwise' for a causal LM."""
-    architectures = json.loads((Path(path) / "config.json").read_text()).get("architectures", [""])
-    return "bt" if architectures[0].endswith("ForSequenceClassification") else "pairwise"
+# ----------------------------------------------------------------------------------------------
+# 3. Statistics of scored samples
 
 
-def unused_pad_id(tokenizer):
-    """A token id that never ends a scored sequence: the pad token when it is none of the tokens the
-    template closes a conversation with (tokens.closing_ids) nor eos, else the unk token or the last
-    vocabulary id."""
-    used = set(closing_ids(tokenizer)) | {tokenizer.eos_token_id}
-    for candidate in (tokenizer.pad_token_id, tokenizer.unk_token_id, len(tokenizer) - 1):
-        if candidate is not None and candidate not in used:
-            return candidate
-    raise ValueError("no token id is free to serve as the reward model's pad_token_id")
+def pearson(xs, ys):
+    """Pearson correlation of two equal-length lists; None when either is constant."""
+    x, y = torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)
+    x, y = x - x.mean(), y - y.mean()
+    denominator = (x.norm() * y.norm()).item()
+    return None if denominator == 0 else (x @ y).item() / denominator
+
+
+def length_bias(records):
+    """Paper 1 Fig. 3: the mean over prompts of the Pearson correlation between the reward and the
+    length (in tokens; characters when token counts are absent) of the n responses to a prompt.
+    Prompts whose lengths or rewards are all equal have no correlation and are left out
+    (counted)."""
+    correlations = []
+    for record in records:
+        lengths = record.get("num_tokens") or [len(r) for r in record["responses"]]
+        c = pearson(record["rewards"], lengths)
+        if c is not None:
+            correlations.append(c)
+    mean = sum(correlations) / len(correlations) if correlations else float("nan")
+    return mean, len(correlations), len(records) - len(correlations)
+
+
+def samples_summary(t, scored, pairs, dropped):
+    """summary.json of dpo.py's iteration t: the samples' mean reward and length, how many were cut
+    at --max-new-tokens without a stop token, pairs kept and dropped (by reason); on the built-in
+    task, how the reward agrees with the gold reward on the policy's own samples
+    (data.task.reward_vs_gold). Returns (summary, the gold-scored records or None)."""
+    all_rewards = [r for rec in scored for r in rec["rewards"]]
+    total_chars = sum(len(x) for rec in scored for x in rec["responses"])
+    summary = dict(iteration=t, prompts=len(scored), samples=len(all_rewards),
+                   mean_reward=sum(all_rewards) / len(all_rewards),
+                   mean_length_chars=total_chars / len(all_rewards))
+    if all("num_tokens" in rec for rec in scored):  # samples of other generators may lack it
+        total_tokens = sum(n for rec in scored for n in rec["num_tokens"])
+        summary["mean_tokens"] = total_tokens / len(all_rewards)
+    # samples cut at --max-new-tokens without a stop token (--missing-eos-penalty lowers their r̃)
+    finish_reasons = [reason for rec in scored for reason in rec.get("finish_reasons", [])]
+    summary["missing_eos"] = sum(reason == "length" for reason in finish_reasons)
+    summary.update(pairs_kept=len(pairs), pairs_dropped=dropped)
+    gold = gold_scored(scored)
+    if gold is not None:
+        summary["reward_vs_gold"] = reward_vs_gold(gold)
+    return summary, gold

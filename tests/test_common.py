@@ -1,18 +1,24 @@
-"""Tests of common.py: chat encoding, schedule and batches, step metrics, settings records, JSONL, user errors,
+"""Tests of the shared modules (runs.py, parallel.py, training.py, tokens.py): chat encoding,
+schedule and batches, step metrics, settings records, chunked processing, JSONL, user errors,
 checkpoint folders."""
+import argparse
 import json
 import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from parallel import Dist
-from runs import InputError, atomic_write_text, check_settings, process_in_chunks, read_jsonl, write_jsonl
-from tokens import encode_conversation, encode_prompt, encode_response, end_of_turn_ids, load_tokenizer, stop_token_ids
-from training import StepSums, batch_schedule, cosine_lr, optimizer_step, rank_micro_batches
+from runs import (InputError, atomic_write_text, changed_settings, check_settings,
+                  process_in_chunks, read_jsonl, write_jsonl)
+from tokens import (encode_conversation, encode_prompt, encode_response, end_of_turn_ids,
+                    load_tokenizer, stop_token_ids)
+from training import (StepSums, batch_schedule, cosine_lr, load_training_state, optimizer_step,
+                      rank_micro_batches, save_training_state)
 from model import Transformer
 from tests.helpers import ROOT, run_script, tiny_config
 
@@ -40,26 +46,32 @@ def test_chat_encoding_masks_only_assistant_tokens(tiny_model_dir):
 
 
 # ----------------------------------------------------------------------------------------------
-# common.py utilities
+# The training loop's parts (training.py) and run management (runs.py)
 
 
 def test_cosine_schedule_warmup_and_decay():
     lrs = [cosine_lr(s, 100, 1.0, warmup_ratio=0.03) for s in range(100)]
     assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
     assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # monotone decay after warmup
-    assert lrs[-1] == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(torch.pi * 96 / 97)).item()), abs=1e-6)
-    # min_lr_ratio: the decay runs from the peak down to min_lr_ratio × peak, the cosine rescaled between them
-    assert cosine_lr(50, 100, 2.0, warmup_ratio=0.0, min_lr_ratio=0.1) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))
+    last = 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 96 / 97)).item())
+    assert lrs[-1] == pytest.approx(last, abs=1e-6)
+    # min_lr_ratio: the decay runs from the peak down to min_lr_ratio × peak, the cosine rescaled
+    # between them
+    assert cosine_lr(50, 100, 2.0, warmup_ratio=0.0, min_lr_ratio=0.1) == pytest.approx(
+        2.0 * (0.1 + 0.9 * 0.5))
     assert cosine_lr(100, 100, 2.0, warmup_ratio=0.0, min_lr_ratio=0.1) == pytest.approx(0.2)
     assert cosine_lr(0, 100, 2.0, warmup_ratio=0.0, min_lr_ratio=0.1) == pytest.approx(2.0)
 
 
 def test_batch_schedule_covers_every_item_once_per_epoch():
     schedule = batch_schedule(10, batch_size=4, epochs=2, seed=0)
-    assert [len(b) for b in schedule] == [4, 4, 2, 4, 4, 2]  # an epoch's last batch is smaller, nothing dropped
-    assert sorted(sum(schedule[:3], [])) == list(range(10)) and sorted(sum(schedule[3:], [])) == list(range(10))
+    # an epoch's last batch is smaller, nothing dropped
+    assert [len(b) for b in schedule] == [4, 4, 2, 4, 4, 2]
+    assert sorted(sum(schedule[:3], [])) == list(range(10))
+    assert sorted(sum(schedule[3:], [])) == list(range(10))
     assert schedule[:3] != schedule[3:]  # a fresh shuffle each epoch
-    assert batch_schedule(10, 4, 2, seed=0) == schedule and batch_schedule(10, 4, 2, seed=1) != schedule
+    assert batch_schedule(10, 4, 2, seed=0) == schedule
+    assert batch_schedule(10, 4, 2, seed=1) != schedule
     assert batch_schedule(10, 4, 1.5, seed=0) == schedule[:5]  # ceil(1.5 × 3) steps
     assert batch_schedule(10, 4, 2, seed=0, max_steps=2) == schedule[:2]
     with pytest.raises(InputError, match="no training examples"):
@@ -70,7 +82,8 @@ def test_batch_schedule_covers_every_item_once_per_epoch():
 def test_rank_micro_batches_share_a_batch_exactly_once(batch_len, world_size, micro):
     batch = list(range(100, 100 + batch_len))
     shares = [rank_micro_batches(batch, rank, world_size, micro) for rank in range(world_size)]
-    assert len({len(s) for s in shares}) == 1  # the same number of micro-batches on every rank (FSDP needs it)
+    # the same number of micro-batches on every rank (FSDP needs it)
+    assert len({len(s) for s in shares}) == 1
     assert all(len(m) == micro for s in shares for m in s)
     flat = [i for s in shares for m in s for i in m]
     assert sorted(i for i in flat if i >= 0) == batch  # every item once, the rest is padding (-1)
@@ -92,18 +105,42 @@ def test_optimizer_step_returns_the_unclipped_norm_and_clips():
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     norm = optimizer_step(model, optimizer, grad_clip=1.0)
     assert isinstance(norm, torch.Tensor) and norm.item() == pytest.approx(5.0)
-    assert model.weight.data[0].tolist() == pytest.approx([-0.6, -0.8, 0.0])  # the step used the clipped gradient
+    # the step used the clipped gradient
+    assert model.weight.data[0].tolist() == pytest.approx([-0.6, -0.8, 0.0])
     assert model.weight.grad is None
 
 
 def test_check_settings_records_then_refuses_a_change(tmp_path):
     record = tmp_path / "step" / "settings.json"
-    check_settings(record, {"n": 2, "temperature": 1.0, "prompts": ("a", "b")}, start_over=tmp_path / "step")
+    start_over = tmp_path / "step"
+    check_settings(record, {"n": 2, "temperature": 1.0, "prompts": ("a", "b")}, start_over)
     before = record.read_text()
-    check_settings(record, {"n": 2, "temperature": 1.0, "prompts": ["a", "b"]}, start_over=tmp_path / "step")  # same: continue
+    # the same settings (a tuple is stored as a list): continue
+    check_settings(record, {"n": 2, "temperature": 1.0, "prompts": ["a", "b"]}, start_over)
     with pytest.raises(InputError, match=r"n 2 → 4.*delete .*step"):
-        check_settings(record, {"n": 4, "temperature": 1.0, "prompts": ["a", "b"]}, start_over=tmp_path / "step")
-    assert record.read_text() == before and json.loads(before)["n"] == 2  # the record is never rewritten
+        check_settings(record, {"n": 4, "temperature": 1.0, "prompts": ["a", "b"]}, start_over)
+    # the record is never rewritten
+    assert record.read_text() == before and json.loads(before)["n"] == 2
+
+
+def test_one_settings_diff_for_records_and_resumes(tmp_path):
+    """runs.changed_settings, behind check_settings and the resume check: compared as JSON stores
+    them (a tuple as a list, a path as text), a name the record lacks reads as None. A resume with
+    another setting stops before loading anything (training.load_training_state)."""
+    saved = {"lr": 0.001, "prompts": ["a"], "out": "runs/x"}
+    assert changed_settings(saved, {"lr": 0.001, "prompts": ("a",), "out": Path("runs/x")}) == []
+    changed = changed_settings(saved, {"lr": 0.5, "beta": 0.1})
+    assert changed == ["beta None → 0.1", "lr 0.001 → 0.5"]  # sorted by name
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    args = argparse.Namespace(save_every=1, lr=0.1, out=str(tmp_path / "out"), micro_batch_size=2)
+    save_training_state(tmp_path / "out", 1, 2, model, optimizer, args)
+    args.micro_batch_size = 1  # a throughput flag (RESUME_FREE_SETTINGS): a resume may change it
+    assert load_training_state(tmp_path / "out", model, optimizer, args) == 1
+    args.lr = 0.5
+    with pytest.raises(InputError, match=r"step1 was saved with other settings \(lr 0.1 → 0.5\): "
+                                         r"rerun with those to continue, or delete .*out.resume"):
+        load_training_state(tmp_path / "out", model, optimizer, args)
 
 
 def test_process_in_chunks_resumes_without_loss_or_duplication(tmp_path):
@@ -121,17 +158,21 @@ def test_process_in_chunks_resumes_without_loss_or_duplication(tmp_path):
         process_in_chunks(records, tmp_path / "out.jsonl", process, single, chunk_size=3)
     assert not (tmp_path / "out.jsonl").exists()
     calls.clear()
-    process_in_chunks(records, tmp_path / "out.jsonl", lambda chunk: calls.append(chunk) or [{**r, "double": 2 * r["id"]} for r in chunk],
-                      single, chunk_size=3)
+    def process_again(chunk):
+        calls.append(chunk)
+        return [{**r, "double": 2 * r["id"]} for r in chunk]
+
+    process_in_chunks(records, tmp_path / "out.jsonl", process_again, single, chunk_size=3)
     # 10 records in 4 chunks of 3, 2, 3, 2: chunks 0 and 1 were kept from the crashed run
     assert [[r["id"] for r in chunk] for chunk in calls] == [[5, 6, 7], [8, 9]]
     assert read_jsonl(tmp_path / "out.jsonl") == [{"id": i, "double": 2 * i} for i in range(10)]
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
 
 
-@pytest.mark.parametrize("num_records,world_size,chunk_size", [(7, 2, 64), (1, 2, 64), (0, 2, 4), (10, 3, 2), (100, 8, 64),
-                                                               (9, 8, 1)])
-def test_process_in_chunks_gives_every_rank_an_equal_share(tmp_path, num_records, world_size, chunk_size):
+@pytest.mark.parametrize("num_records,world_size,chunk_size",
+                         [(7, 2, 64), (1, 2, 64), (0, 2, 4), (10, 3, 2), (100, 8, 64), (9, 8, 1)])
+def test_process_in_chunks_gives_every_rank_an_equal_share(tmp_path, num_records, world_size,
+                                                           chunk_size):
     """Ranks simulated one after the other in this process (no process group: no barriers); rank 0
     last, since it merges. Every rank's share is within one chunk's rounding of the others', every
     record is processed once, and the output is in input order."""
@@ -139,7 +180,8 @@ def test_process_in_chunks_gives_every_rank_an_equal_share(tmp_path, num_records
     done_by = {}
 
     def process(chunk, rank):
-        assert chunk and len(chunk) <= chunk_size  # never called for an empty chunk, never over chunk_size
+        # never called for an empty chunk, never over chunk_size
+        assert chunk and len(chunk) <= chunk_size
         done_by.update({r["id"]: rank for r in chunk})
         return [{**r, "rank": rank} for r in chunk]
 
@@ -150,25 +192,29 @@ def test_process_in_chunks_gives_every_rank_an_equal_share(tmp_path, num_records
     assert [r["id"] for r in out] == list(range(num_records)) and len(done_by) == num_records
     shares = [sum(rank == r for r in done_by.values()) for rank in range(world_size)]
     chunks_per_rank = math.ceil(num_records / (world_size * chunk_size))
-    assert max(shares) - min(shares) <= chunks_per_rank  # each of a rank's chunks is at most one record short
+    # each of a rank's chunks is at most one record short
+    assert max(shares) - min(shares) <= chunks_per_rank
     if num_records >= world_size:
         assert min(shares) > 0  # nobody idles while another rank works
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
 
 
 def test_process_in_chunks_under_torchrun_every_rank_works_or_finishes(tmp_path):
-    """Two real ranks (gloo): 7 records split 4 + 3, and 1 record, which leaves rank 1 nothing to do;
-    it must still reach the barriers (else rank 0 would wait into the timeout) and the output is right."""
+    """Two real ranks (gloo): 7 records split 4 + 3, and 1 record, which leaves rank 1 nothing to
+    do; it must still reach the barriers (else rank 0 would wait into the timeout) and the output
+    is right."""
     script = tmp_path / "chunks.py"
     script.write_text(f"""import sys
 sys.path.insert(0, {str(ROOT)!r})
-from common import destroy_distributed, init_distributed, process_in_chunks
+from parallel import destroy_distributed, init_distributed
+from runs import process_in_chunks
 dist_info = init_distributed("cpu")
 def process(chunk):
     assert chunk, "called for an empty chunk"
     return [{{**r, "rank": dist_info.rank}} for r in chunk]
 for n in (7, 1):
-    process_in_chunks([{{"id": i}} for i in range(n)], {str(tmp_path)!r} + f"/out{{n}}.jsonl", process, dist_info, chunk_size=64)
+    process_in_chunks([{{"id": i}} for i in range(n)], {str(tmp_path)!r} + f"/out{{n}}.jsonl",
+                      process, dist_info, chunk_size=64)
 destroy_distributed()
 """)
     run_script([str(script)], nproc=2, timeout=120)
@@ -195,14 +241,19 @@ def test_jsonl_roundtrip_atomic_and_errors_name_the_line(tmp_path):
 
 
 def test_user_errors_are_one_line_without_traceback(tmp_path):
-    """run_cli: an InputError or a missing file becomes `error: ...` and exit status 2; a bug keeps its traceback."""
-    code = "from common import run_cli, load_tokenizer\nrun_cli(lambda: load_tokenizer({path!r}))"
-    result = subprocess.run([sys.executable, "-c", code.format(path=str(tmp_path / "nope"))], cwd=ROOT, capture_output=True, text=True)
+    """run_cli: an InputError or a missing file becomes `error: ...` and exit status 2; a bug keeps
+    its traceback."""
+    code = "from runs import run_cli\nfrom tokens import load_tokenizer\n"
+    missing = code + "run_cli(lambda: load_tokenizer({path!r}))".format(path=str(tmp_path / "nope"))
+    result = subprocess.run([sys.executable, "-c", missing], cwd=ROOT, capture_output=True,
+                            text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == f"error: {tmp_path / 'nope'}: no such model folder (expected a local Hugging Face checkpoint folder)"
-    result = subprocess.run([sys.executable, "-c", "from common import run_cli\nrun_cli(lambda: 1 / 0)"], cwd=ROOT,
-                            capture_output=True, text=True)
-    assert result.returncode == 1 and "Traceback" in result.stderr and "ZeroDivisionError" in result.stderr
+    assert result.stderr.strip() == (f"error: {tmp_path / 'nope'}: no such model folder "
+                                     "(expected a local Hugging Face checkpoint folder)")
+    bug = "from runs import run_cli\nrun_cli(lambda: 1 / 0)"
+    result = subprocess.run([sys.executable, "-c", bug], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "ZeroDivisionError" in result.stderr
 
 
 def test_checkpoint_save_cleans_crashed_temp_folders_and_uses_usual_permissions(tmp_path):

@@ -13,11 +13,11 @@ import torch
 
 import dpo
 from parallel import init_distributed
-from runs import process_in_chunks, read_jsonl, run_cli, write_jsonl
+from runs import InputError, process_in_chunks, read_jsonl, run_cli, write_jsonl
 from tokens import encode_prompt, encode_response, load_tokenizer, stop_token_ids
 from data.task import score
 from model import Transformer
-from tests.helpers import ROOT, builtin_model_dir, run_builtin_online, run_script, tiny_config, write_pairs
+from tests.helpers import ROOT, run_builtin_online, run_script, tiny_config, write_pairs
 import losses
 
 
@@ -41,13 +41,16 @@ def trl_ipo_loss(pc, pr, rc, rr, beta):
 
 def test_preference_losses_hand_values():
     # h = (−1 − (−1.5)) − (−2 − (−1.5)) = 0.5 + 0.5 = 1
-    args = [torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5]), 0.1]
+    args = [torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5]),
+            0.1]
     log_sigmoid = torch.nn.functional.logsigmoid
-    assert losses.preference_loss(*args, "dpo").item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.1))), abs=1e-6)
+    assert losses.preference_loss(*args,
+                                  "dpo").item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.1))), abs=1e-6)
     assert losses.preference_loss(*args, "dpo").item() == pytest.approx(0.6443967, abs=1e-6)
     assert losses.preference_loss(*args, "ipo").item() == pytest.approx((1 - 5) ** 2, abs=1e-5)
     spce = losses.preference_loss(*args, "spce", target=0.7).item()
-    assert spce == pytest.approx(-(0.7 * log_sigmoid(torch.tensor(0.1)) + 0.3 * log_sigmoid(torch.tensor(-0.1))).item(), abs=1e-6)
+    assert spce == pytest.approx(-(0.7 * log_sigmoid(torch.tensor(0.1))
+                                   + 0.3 * log_sigmoid(torch.tensor(-0.1))).item(), abs=1e-6)
     assert spce == pytest.approx(0.7 * 0.6443967 + 0.3 * 0.7443967, abs=1e-6)
     with pytest.raises(ValueError):
         losses.preference_loss(*args, "hinge-typo")
@@ -57,11 +60,14 @@ def test_preference_losses_match_trl_formulas():
     torch.manual_seed(0)
     pc, pr, rc, rr = (torch.randn(64) * 5 for _ in range(4))
     for beta in (0.01, 0.1, 1.0):
-        assert torch.allclose(losses.preference_loss(pc, pr, rc, rr, beta, "dpo"), trl_sigmoid_loss(pc, pr, rc, rr, beta), atol=1e-6)
-        assert torch.allclose(losses.preference_loss(pc, pr, rc, rr, beta, "ipo"), trl_ipo_loss(pc, pr, rc, rr, beta), atol=1e-4)
+        assert torch.allclose(losses.preference_loss(pc, pr, rc, rr, beta, "dpo"),
+                              trl_sigmoid_loss(pc, pr, rc, rr, beta), atol=1e-6)
+        assert torch.allclose(losses.preference_loss(pc, pr, rc, rr, beta, "ipo"),
+                              trl_ipo_loss(pc, pr, rc, rr, beta), atol=1e-4)
         # cDPO (label smoothing ε) = SPCE with target 1 − ε
         assert torch.allclose(losses.preference_loss(pc, pr, rc, rr, beta, "spce", target=0.8),
-                              trl_sigmoid_loss(pc, pr, rc, rr, beta, label_smoothing=0.2), atol=1e-6)
+                              trl_sigmoid_loss(pc, pr, rc, rr, beta, label_smoothing=0.2),
+                              atol=1e-6)
 
 
 def test_ipo_length_normalisation_lives_in_preference_loss():
@@ -70,12 +76,16 @@ def test_ipo_length_normalisation_lives_in_preference_loss():
     torch.manual_seed(0)
     pc, pr, rc, rr = (torch.randn(16) * 20 for _ in range(4))
     chosen_tokens, rejected_tokens = torch.randint(1, 30, (16,)), torch.randint(1, 30, (16,))
-    ipo = losses.preference_loss(pc, pr, rc, rr, 0.1, "ipo", chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens)
-    expected = trl_ipo_loss(pc / chosen_tokens, pr / rejected_tokens, rc / chosen_tokens, rr / rejected_tokens, 0.1)
+    ipo = losses.preference_loss(pc, pr, rc, rr, 0.1, "ipo", chosen_tokens=chosen_tokens,
+                                 rejected_tokens=rejected_tokens)
+    expected = trl_ipo_loss(pc / chosen_tokens, pr / rejected_tokens, rc / chosen_tokens,
+                            rr / rejected_tokens, 0.1)
     assert torch.allclose(ipo, expected, atol=1e-5)
-    assert not torch.allclose(ipo, losses.preference_loss(pc, pr, rc, rr, 0.1, "ipo"))  # the counts matter
+    # the counts matter
+    assert not torch.allclose(ipo, losses.preference_loss(pc, pr, rc, rr, 0.1, "ipo"))
     for loss_type in ("dpo", "spce"):
-        assert torch.equal(losses.preference_loss(pc, pr, rc, rr, 0.1, loss_type, 0.7, chosen_tokens, rejected_tokens),
+        assert torch.equal(losses.preference_loss(pc, pr, rc, rr, 0.1, loss_type, 0.7,
+                                                  chosen_tokens, rejected_tokens),
                            losses.preference_loss(pc, pr, rc, rr, 0.1, loss_type, 0.7))
 
 
@@ -86,13 +96,16 @@ def test_dpo_is_log2_at_the_reference_and_spce_p1_is_dpo():
     assert torch.allclose(loss, torch.full((8,), math.log(2)), atol=1e-6)
     loss.sum().backward()
     # at policy = reference the gradient in h is −β·σ(0) = −β/2 per pair, not zero ...
-    assert torch.allclose(logps.grad, torch.full((8,), -0.05)) and torch.allclose(other.grad, torch.full((8,), 0.05))
+    assert torch.allclose(logps.grad,
+                          torch.full((8,), -0.05)) and torch.allclose(other.grad,
+                                                                      torch.full((8,), 0.05))
     # ... and zero only when the two responses coincide (or, for SPCE, when the target is 1/2)
     same = torch.randn(4, requires_grad=True)
     losses.preference_loss(same, same, same.detach(), same.detach(), 0.1, "dpo").sum().backward()
     assert same.grad.abs().max().item() == 0.0
     h_args = (torch.randn(16), torch.randn(16), torch.randn(16), torch.randn(16), 0.3)
-    assert torch.allclose(losses.preference_loss(*h_args, "spce", target=torch.ones(16)), losses.preference_loss(*h_args, "dpo"), atol=1e-7)
+    assert torch.allclose(losses.preference_loss(*h_args, "spce", target=torch.ones(16)),
+                          losses.preference_loss(*h_args, "dpo"), atol=1e-7)
 
 
 def test_spce_gradient_matches_formula_and_vanishes_at_target():
@@ -105,7 +118,8 @@ def test_spce_gradient_matches_formula_and_vanishes_at_target():
     assert torch.allclose(h.grad, beta * (torch.sigmoid(beta * h.detach()) - p), atol=1e-6)
     p_star = torch.tensor([0.2, 0.5, 0.9])
     h_star = (torch.log(p_star / (1 - p_star)) / beta).requires_grad_()
-    losses.preference_loss(h_star, torch.zeros(3), torch.zeros(3), torch.zeros(3), beta, "spce", target=p_star).sum().backward()
+    losses.preference_loss(h_star, torch.zeros(3), torch.zeros(3), torch.zeros(3), beta, "spce",
+                           target=p_star).sum().backward()
     assert h_star.grad.abs().max().item() < 1e-6
     # float64 gradcheck of all three losses through all four inputs
     inputs = [torch.randn(5, dtype=torch.float64, requires_grad=True) for _ in range(4)]
@@ -121,7 +135,8 @@ def test_ipo_minimum_is_at_half_inverse_beta():
     loss = losses.preference_loss(h, zeros, zeros, zeros, beta, "ipo")
     assert h[loss.argmin()].item() == pytest.approx(1 / (2 * beta), abs=0.011)
     at_minimum = torch.tensor([2.0], requires_grad=True)
-    losses.preference_loss(at_minimum, torch.zeros(1), torch.zeros(1), torch.zeros(1), beta, "ipo").backward()
+    losses.preference_loss(at_minimum, torch.zeros(1), torch.zeros(1), torch.zeros(1), beta,
+                           "ipo").backward()
     assert at_minimum.grad.item() == 0.0
 
 
@@ -140,14 +155,16 @@ def test_sequence_logps_sum_only_response_tokens():
 
 def test_k3_kl_hand_values_and_unbiased_on_policy():
     # one response of two tokens and a masked position: r − 1 − log r per token, 0 where masked
-    logps, ref_logps = torch.tensor([[math.log(0.5), math.log(0.2), 0.0]]), torch.tensor([[math.log(0.25), math.log(0.4), 0.0]])
+    logps, ref_logps = torch.tensor([[math.log(0.5), math.log(0.2),
+                                      0.0]]), torch.tensor([[math.log(0.25), math.log(0.4), 0.0]])
     expected = (0.5 - 1 - math.log(0.5)) + (2.0 - 1 - math.log(2.0))
     assert losses.k3_kl(logps, ref_logps).item() == pytest.approx(expected, abs=1e-6)
-    # over every token y of a vocabulary, weighted by π(y): the exact expectation is KL(π‖π_ref), and
-    # no term is negative (k1's terms log π − log π_ref are, where π_ref > π)
+    # over every token y of a vocabulary, weighted by π(y): the exact expectation is KL(π‖π_ref),
+    # and no term is negative (k1's terms log π − log π_ref are, where π_ref > π)
     torch.manual_seed(0)
     log_pi, log_ref = torch.log_softmax(torch.randn(20), 0), torch.log_softmax(torch.randn(20), 0)
-    terms = losses.k3_kl(log_pi[:, None], log_ref[:, None])                                      # (20,) one token each
+    # (20,) one token each
+    terms = losses.k3_kl(log_pi[:, None], log_ref[:, None])
     assert (terms >= 0).all() and ((log_pi - log_ref) < 0).any()
     kl = (log_pi.exp() * (log_pi - log_ref)).sum()
     assert (log_pi.exp() * terms).sum().item() == pytest.approx(kl.item(), rel=1e-5)
@@ -155,30 +172,41 @@ def test_k3_kl_hand_values_and_unbiased_on_policy():
 
 def test_select_pairs_best_worst_ties_and_length_penalty(tmp_path):
     records = [
-        {"id": "a", "prompt": [{"role": "user", "content": "x"}], "responses": ["r0", "r1", "r2"], "rewards": [0.5, 2.0, -1.0]},
-        {"id": "b", "prompt": [{"role": "user", "content": "y"}], "responses": ["same", "same"], "rewards": [1.0, 0.0]},
-        {"id": "c", "prompt": [{"role": "user", "content": "z"}], "responses": ["p", "q", "s"], "rewards": [1.0, 1.0, 1.0]},
-        {"id": "d", "prompt": [{"role": "user", "content": "w"}], "responses": ["u", "v"], "rewards": [0.30, 0.25]},
+        {"id": "a", "prompt": [{"role": "user", "content": "x"}], "responses": ["r0", "r1", "r2"],
+         "rewards": [0.5, 2.0, -1.0]},
+        {"id": "b", "prompt": [{"role": "user", "content": "y"}], "responses": ["same", "same"],
+         "rewards": [1.0, 0.0]},
+        {"id": "c", "prompt": [{"role": "user", "content": "z"}], "responses": ["p", "q", "s"],
+         "rewards": [1.0, 1.0, 1.0]},
+        {"id": "d", "prompt": [{"role": "user", "content": "w"}], "responses": ["u", "v"],
+         "rewards": [0.30, 0.25]},
         # the longer answer wins on raw reward, the shorter one after a length penalty of 0.01/char
-        {"id": "e", "prompt": [{"role": "user", "content": "v"}], "responses": ["short", "a much longer answer"], "rewards": [1.0, 1.1]},
+        {"id": "e", "prompt": [{"role": "user", "content": "v"}],
+         "responses": ["short", "a much longer answer"], "rewards": [1.0, 1.1]},
     ]
     write_jsonl(tmp_path / "rewards.jsonl", records)
     records = read_jsonl(tmp_path / "rewards.jsonl")
     pairs, dropped = losses.select_pairs(records, reward_tolerance=0.1)
-    assert [(p["id"], p["chosen"], p["rejected"]) for p in pairs] == [("a", "r1", "r2"), ("e", "a much longer answer", "short")]
+    assert [(p["id"], p["chosen"], p["rejected"]) for p in pairs] == [("a", "r1", "r2"),
+                                                                      ("e", "a much longer answer", "short")]
     assert dropped == {"same_text": 1, "reward_tie": 2, "empty_response": 0}
     assert pairs[0]["margin"] == pytest.approx(3.0)
     pairs, _ = losses.select_pairs(records, length_penalty=0.01, reward_tolerance=0.0)
-    assert [(p["chosen"], p["rejected"]) for p in pairs if p["id"] == "e"] == [("short", "a much longer answer")]
+    assert [(p["chosen"], p["rejected"]) for p in pairs
+            if p["id"] == "e"] == [("short", "a much longer answer")]
     assert [p["id"] for p in pairs] == ["a", "d", "e"]
 
 
 
 def test_pair_selection_and_missing_eos_penalty():
-    # rewards 0.5, 2.0, −1.0, 1.5: best 1, worst 2; responses 0 and 1 for "random"; best vs the first other for "max_random"
-    record = {"id": "a", "prompt": [{"role": "user", "content": "x"}], "responses": ["r0", "r1", "r2", "r3"],
-              "rewards": [0.5, 2.0, -1.0, 1.5], "finish_reasons": ["stop", "length", "stop", "stop"]}
-    chosen_rejected = lambda selection, **kw: [(p["chosen"], p["rejected"], p["margin"])  # noqa: E731
+    # rewards 0.5, 2.0, −1.0, 1.5: best 1, worst 2; responses 0 and 1 for "random"; best vs the
+    # first other for "max_random"
+    record = {"id": "a", "prompt": [{"role": "user", "content": "x"}],
+              "responses": ["r0", "r1", "r2", "r3"],
+              "rewards": [0.5, 2.0, -1.0, 1.5],
+              "finish_reasons": ["stop", "length", "stop", "stop"]}
+    # noqa: E731
+    chosen_rejected = lambda selection, **kw: [(p["chosen"], p["rejected"], p["margin"])
                                                for p in losses.select_pairs([record], selection, **kw)[0]]
     assert chosen_rejected("max_min") == [("r1", "r2", 3.0)]
     assert chosen_rejected("max_random") == [("r1", "r0", 1.5)]
@@ -190,9 +218,12 @@ def test_pair_selection_and_missing_eos_penalty():
     assert chosen_rejected("random", missing_eos_penalty=2.0) == [("r0", "r1", 0.5)]
     # random pairs take the higher reward as chosen whichever comes first; equal rewards are a tie
     swapped = {**record, "rewards": [2.0, 0.5, -1.0, 1.5]}
-    assert [(p["chosen"], p["rejected"]) for p in losses.select_pairs([swapped], "random")[0]] == [("r0", "r1")]
+    assert [(p["chosen"], p["rejected"])
+            for p in losses.select_pairs([swapped], "random")[0]] == [("r0", "r1")]
     tied = {**record, "rewards": [1.0, 1.0, 0.0, 0.0]}
-    assert losses.select_pairs([tied], "random") == ([], {"same_text": 0, "reward_tie": 1, "empty_response": 0})
+    assert losses.select_pairs([tied], "random") == ([],
+                                                     {"same_text": 0, "reward_tie": 1,
+                                                      "empty_response": 0})
 
 # ----------------------------------------------------------------------------------------------
 # The settings of a run: every spelling of a flag counts, the run's settings carry over, a resume
@@ -207,8 +238,9 @@ def dpo_stage_env(monkeypatch):
 
 
 def cli_error(argv, capsys):
-    """Run dpo.main(argv) as `python dpo.py` does (under run_cli); expect a user error: exit status 2
-    and exactly one `error:` line on stderr (progress bars aside), no traceback. Returns that line."""
+    """Run dpo.main(argv) as `python dpo.py` does (under run_cli); expect a user error: exit status
+    2 and exactly one `error:` line on stderr (progress bars aside), no traceback. Returns that
+    line."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: dpo.main([str(a) for a in argv]))
@@ -226,45 +258,55 @@ def write_config(run, **settings):
 
 def test_settings_every_spelling_beats_the_runs_config_and_abbreviations_are_rejected(tmp_path, capsys):
     run = tmp_path / "run"
-    write_config(run, sft="sft", rm="gold", prompts="p.jsonl", lr=1e-3, temperature=0.7, length_penalty=0.01,
+    write_config(run, sft="sft", rm="gold", prompts="p.jsonl", lr=1e-3, temperature=0.7,
+                 length_penalty=0.01,
                  label_smoothing=0.1, nll_coef=0.5, micro_batch_size=2)
     base = ["--iter", "2", "--run-dir", str(run)]
     for spelling in (["--lr=0.5"], ["--lr", "0.5"]):
         args, sources = dpo.resolve_settings(base + spelling)
         assert args.lr == 0.5 and sources["lr"] == "command line"
-        assert (args.temperature, args.label_smoothing, args.nll_coef, args.micro_batch_size) == (0.7, 0.1, 0.5, 2)
+        assert (args.temperature, args.label_smoothing, args.nll_coef,
+                args.micro_batch_size) == (0.7, 0.1, 0.5, 2)
         assert sources["temperature"] == sources["label_smoothing"] == "config.json"
         assert args.n == 8 and sources["n"] == "default"
-    # a flag given with the parser's default value still beats the run's config (the old bug compared values/strings)
+    # a flag given with the parser's default value still beats the run's config (the old bug
+    # compared values/strings)
     args, sources = dpo.resolve_settings(base + ["--temperature", "1.0", "--num-samples", "3"])
-    assert (args.temperature, args.n) == (1.0, 3) and sources["temperature"] == sources["n"] == "command line"
-    assert dpo.resolve_settings(["--iter", "2", "--run", str(run)])[0].lr == 1e-3  # --run is an alias, not an abbreviation
+    assert (args.temperature, args.n) == (1.0,
+                                          3) and sources["temperature"] == sources["n"] == "command line"
+    # --run is an alias, not an abbreviation
+    assert dpo.resolve_settings(["--iter", "2", "--run", str(run)])[0].lr == 1e-3
     # the iteration's own record (a rerun or resume of iteration 2) comes before config.json
     (run / "iter2").mkdir()
     (run / "iter2" / "settings.json").write_text(json.dumps({"lr": 2e-3}))
     args, sources = dpo.resolve_settings(base)
-    assert args.lr == 2e-3 and sources["lr"] == "iter2/settings.json" and sources["temperature"] == "config.json"
+    assert (args.lr == 2e-3 and sources["lr"] == "iter2/settings.json"
+            and sources["temperature"] == "config.json")
     for abbreviation in (["--temp", "0.3"], ["--length-pen", "0.02"], ["--label-smooth=0"]):
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
             dpo.resolve_settings(base + abbreviation)
-        assert exit_info.value.code == 2 and f"unrecognized arguments: {abbreviation[0]}" in capsys.readouterr().err
+        assert (exit_info.value.code == 2
+                and f"unrecognized arguments: {abbreviation[0]}" in capsys.readouterr().err)
 
 
 def test_every_flag_is_a_run_setting_or_deliberately_not_one():
-    """A new flag must be sorted: saved with the run (RUN_SETTINGS) or listed here with the reason."""
-    dests = {action.dest for action in dpo.build_parser()._actions}
-    not_saved = {"help", "pairs", "model", "out", "overwrite",  # offline mode
+    """A new flag must be sorted: saved with the run (RUN_SETTINGS) or listed here with the
+    reason."""
+    dests = set(vars(dpo.build_parser().parse_args([])))
+    not_saved = {"pairs", "model", "out", "overwrite",          # offline mode
                  "iter", "run_dir",                              # which iteration, not how
                  "device", "parallel", "log_every", "report_to", # where it runs and what it prints
                  "dry_run",                                      # print the memory plan and exit
-                 "save_adapter"}                                 # online, LoRA's adapter is always saved
+                 # online, LoRA's adapter is always saved
+                 "save_adapter"}
     assert dests - set(dpo.RUN_SETTINGS) == not_saved
     assert set(dpo.RUN_SETTINGS) <= dests and len(set(dpo.RUN_SETTINGS)) == len(dpo.RUN_SETTINGS)
 
 
 def write_prompts(path, count, prefix="q"):
-    write_jsonl(path, [{"id": f"{prefix}{i}", "messages": [{"role": "user", "content": f"reverse {w}"}]}
+    write_jsonl(path,
+                [{"id": f"{prefix}{i}", "messages": [{"role": "user", "content": f"reverse {w}"}]}
                        for i, w in enumerate(["abc", "bd", "fed", "ca", "eeb", "dc"][:count])])
 
 
@@ -273,10 +315,13 @@ def test_a_resume_with_other_settings_stops_and_one_with_the_same_continues(tiny
     records in one samples.jsonl); rerun with --n 2: continue from the finished chunk."""
     write_prompts(tmp_path / "prompts_1.jsonl", 4)
     run = tmp_path / "run"
-    argv = ["--iter", "1", "--run-dir", str(run), "--sft", str(tiny_model_dir), "--rm", "gold", "--prompts",
-            str(tmp_path / "prompts_{t}.jsonl"), "--max-new-tokens", "4", "--batch-size", "8", "--micro-batch-size", "8",
+    argv = ["--iter", "1", "--run-dir", str(run), "--sft", str(tiny_model_dir), "--rm", "gold",
+            "--prompts",
+            str(tmp_path / "prompts_{t}.jsonl"), "--max-new-tokens", "4", "--batch-size", "8",
+            "--micro-batch-size", "8",
             "--epochs", "1", "--device", "cpu", "--chunk-size", "2", "--gen-batch-size", "4"]
-    # What a run killed after its first sampling chunk leaves: its settings record, one finished chunk.
+    # What a run killed after its first sampling chunk leaves: its settings record, one finished
+    # chunk.
     args, sources = dpo.resolve_settings(argv + ["--n", "2"])
     dpo.start_iteration(args, sources, init_distributed("cpu"))
     prompts = read_jsonl(tmp_path / "prompts_1.jsonl")
@@ -284,9 +329,11 @@ def test_a_resume_with_other_settings_stops_and_one_with_the_same_continues(tiny
     def killed_after_one_chunk(chunk):
         if chunk[0]["id"] != "q0":
             raise KeyboardInterrupt
-        return [{"id": r["id"], "prompt": r["messages"], "responses": ["first", "second"]} for r in chunk]
+        return [{"id": r["id"], "prompt": r["messages"], "responses": ["first", "second"]}
+                for r in chunk]
     with pytest.raises(KeyboardInterrupt):
-        process_in_chunks(prompts, run / "iter1" / "samples.jsonl", killed_after_one_chunk, init_distributed("cpu"), chunk_size=2)
+        process_in_chunks(prompts, run / "iter1" / "samples.jsonl", killed_after_one_chunk,
+                          init_distributed("cpu"), chunk_size=2)
     parts = sorted(p for p in (run / "iter1").rglob("*") if p.is_file())
     before = {p: p.read_bytes() for p in parts}
 
@@ -299,27 +346,32 @@ def test_a_resume_with_other_settings_stops_and_one_with_the_same_continues(tiny
     # task's, so every prompt is a reward tie and the iteration then stops: no pairs to train on.)
     error = cli_error(argv + ["--n", "2"], capsys)
     samples = read_jsonl(run / "iter1" / "samples.jsonl")
-    assert [r["id"] for r in samples] == ["q0", "q1", "q2", "q3"] and all(len(r["responses"]) == 2 for r in samples)
+    assert [r["id"] for r in samples] == ["q0", "q1", "q2",
+                                          "q3"] and all(len(r["responses"]) == 2 for r in samples)
     assert samples[0]["responses"] == ["first", "second"]  # the finished chunk was kept, not redone
     assert f"no pairs to train on in {run / 'iter1' / 'pairs.jsonl'}" in error
-    assert json.loads((run / "iter1" / "summary.json").read_text())["pairs_dropped"] == {"same_text": 0, "reward_tie": 4, "empty_response": 0}
+    assert (json.loads((run / "iter1" / "summary.json").read_text())["pairs_dropped"] == {"same_text": 0, "reward_tie": 4, "empty_response": 0})
 
 
 def test_online_prompts_over_max_prompt_length_are_skipped_not_sampled(tiny_model_dir, tmp_path, capsys, dpo_stage_env):
     """--max-prompt-length: the longer prompts are counted in one line and absent from samples,
     rewards and the summary; the setting is recorded with the iteration."""
-    write_prompts(tmp_path / "prompts.jsonl", 4)  # 30, 29, 30 and 29 tokens with the character tokenizer
+    # 30, 29, 30 and 29 tokens with the character tokenizer
+    write_prompts(tmp_path / "prompts.jsonl", 4)
     run = tmp_path / "run"
-    argv = ["--iter", "1", "--run-dir", run, "--sft", tiny_model_dir, "--rm", "gold", "--prompts", tmp_path / "prompts.jsonl",
-            "--iterations", "1", "--n", "2", "--max-new-tokens", "4", "--device", "cpu", "--max-prompt-length", "29"]
-    # The gold reward gives 0 to prompts that are not the built-in task's: every prompt is a tie, and
-    # the iteration stops after pairing with nothing to train on.
+    argv = ["--iter", "1", "--run-dir", run, "--sft", tiny_model_dir, "--rm", "gold", "--prompts",
+            tmp_path / "prompts.jsonl",
+            "--iterations", "1", "--n", "2", "--max-new-tokens", "4", "--device", "cpu",
+            "--max-prompt-length", "29"]
+    # The gold reward gives 0 to prompts that are not the built-in task's: every prompt is a tie,
+    # and the iteration stops after pairing with nothing to train on.
     capsys.readouterr()
     with pytest.raises(SystemExit):
         run_cli(lambda: dpo.main([str(a) for a in argv]))
     printed = capsys.readouterr()
     assert f"no pairs to train on in {run / 'iter1' / 'pairs.jsonl'}" in printed.err
-    assert f"skipped 2 of 4 prompts in {tmp_path / 'prompts.jsonl'} longer than --max-prompt-length 29 tokens" in printed.out
+    assert (f"skipped 2 of 4 prompts in {tmp_path / 'prompts.jsonl'} longer than "
+            f"--max-prompt-length 29 tokens" in printed.out)
     assert [r["id"] for r in read_jsonl(run / "iter1" / "samples.jsonl")] == ["q1", "q3"]
     assert [r["id"] for r in read_jsonl(run / "iter1" / "rewards.jsonl")] == ["q1", "q3"]
     assert json.loads((run / "iter1" / "summary.json").read_text())["prompts"] == 2
@@ -333,16 +385,22 @@ def test_online_prompts_over_max_prompt_length_are_skipped_not_sampled(tiny_mode
 def test_user_errors_name_what_to_fix(tiny_model_dir, tmp_path, capsys, dpo_stage_env):
     write_prompts(tmp_path / "prompts.jsonl", 2)
     def online(sft, rm="gold"):
-        return ["--iter", "1", "--run-dir", tmp_path / "run", "--sft", sft, "--rm", rm, "--prompts", tmp_path / "prompts.jsonl",
+        return ["--iter", "1", "--run-dir", tmp_path / "run", "--sft", sft, "--rm", rm, "--prompts",
+                tmp_path / "prompts.jsonl",
                 "--device", "cpu"]
     error = cli_error(online(tmp_path / "no_sft"), capsys)
-    assert f"--sft {tmp_path / 'no_sft'}: no such model folder" in error and "iteration 0" not in error
+    assert (f"--sft {tmp_path / 'no_sft'}: no such model folder" in error
+            and "iteration 0" not in error)
     (tmp_path / "empty_folder").mkdir()
-    assert f"--sft {tmp_path / 'empty_folder'}: holds no model" in cli_error(online(tmp_path / "empty_folder"), capsys)
-    assert f"--rm {tmp_path / 'no_rm'}: no such model folder" in cli_error(online(tiny_model_dir, tmp_path / "no_rm"), capsys)
-    assert not (tmp_path / "run" / "config.json").exists()  # nothing recorded for a run that could not start
+    assert (f"--sft {tmp_path / 'empty_folder'}: holds no "
+            f"model" in cli_error(online(tmp_path / "empty_folder"), capsys))
+    assert (f"--rm {tmp_path / 'no_rm'}: no such model "
+            f"folder" in cli_error(online(tiny_model_dir, tmp_path / "no_rm"), capsys))
+    # nothing recorded for a run that could not start
+    assert not (tmp_path / "run" / "config.json").exists()
     # iteration 2 before iteration 1 has a policy: the settings come from config.json
-    write_config(tmp_path / "run2", sft=str(tiny_model_dir), rm="gold", prompts=str(tmp_path / "prompts.jsonl"))
+    write_config(tmp_path / "run2", sft=str(tiny_model_dir), rm="gold",
+                 prompts=str(tmp_path / "prompts.jsonl"))
     error = cli_error(["--iter", "2", "--run-dir", tmp_path / "run2", "--device", "cpu"], capsys)
     assert str(tmp_path / "run2" / "iter1" / "policy") in error and "run iteration 1 first" in error
     # offline: a missing model folder, an empty pairs file, pairs that all vanish at --max-length
@@ -351,8 +409,12 @@ def test_user_errors_name_what_to_fix(tiny_model_dir, tmp_path, capsys, dpo_stag
     offline = ["--out", tmp_path / "out", "--device", "cpu"]
     assert f"--model {tmp_path / 'no_model'}: no such model folder" in cli_error(
         offline + ["--pairs", tmp_path / "pairs.jsonl", "--model", tmp_path / "no_model"], capsys)
-    assert str(tmp_path / "empty.jsonl") in cli_error(offline + ["--pairs", tmp_path / "empty.jsonl", "--model", tiny_model_dir], capsys)
-    error = cli_error(offline + ["--pairs", tmp_path / "pairs.jsonl", "--model", tiny_model_dir, "--max-length", "5"], capsys)
+    assert str(tmp_path / "empty.jsonl") in cli_error(offline
+                                                      + ["--pairs", tmp_path / "empty.jsonl",
+                                                         "--model", tiny_model_dir], capsys)
+    error = cli_error(offline
+                      + ["--pairs", tmp_path / "pairs.jsonl", "--model", tiny_model_dir,
+                         "--max-length", "5"], capsys)
     assert str(tmp_path / "pairs.jsonl") in error and "--max-length 5" in error
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
@@ -360,10 +422,14 @@ def test_user_errors_name_what_to_fix(tiny_model_dir, tmp_path, capsys, dpo_stag
 def test_dpo_script_reports_user_errors_in_one_line(tmp_path):
     """The script itself runs main under run_cli: status 2, one line, no traceback."""
     write_pairs(tmp_path / "pairs.jsonl", 2)
-    command = [sys.executable, "dpo.py", "--pairs", str(tmp_path / "pairs.jsonl"), "--model", str(tmp_path / "nope"),
+    command = [sys.executable, "dpo.py", "--pairs", str(tmp_path / "pairs.jsonl"), "--model",
+               str(tmp_path / "nope"),
                "--out", str(tmp_path / "out"), "--device", "cpu"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 2 and result.stderr.strip() == f"error: --model {tmp_path / 'nope'}: no such model folder"
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert (result.returncode == 2
+            and result.stderr.strip() == f"error: --model {tmp_path / 'nope'}: no such model "
+                                         f"folder")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,8 +439,10 @@ def test_dpo_script_reports_user_errors_in_one_line(tmp_path):
 @pytest.mark.parametrize("parallel", ["fsdp"])
 def test_offline_dpo_two_ranks_match_one_and_move_toward_chosen(parallel, tiny_model_dir, tmp_path):
     write_pairs(tmp_path / "pairs.jsonl", 16)
-    common_args = ["dpo.py", "--pairs", str(tmp_path / "pairs.jsonl"), "--model", str(tiny_model_dir), "--beta", "0.5",
-                   "--lr", "1e-3", "--batch-size", "8", "--micro-batch-size", "2", "--epochs", "2", "--device", "cpu",
+    common_args = ["dpo.py", "--pairs", str(tmp_path / "pairs.jsonl"), "--model",
+                   str(tiny_model_dir), "--beta", "0.5",
+                   "--lr", "1e-3", "--batch-size", "8", "--micro-batch-size", "2", "--epochs", "2",
+                   "--device", "cpu",
                    "--parallel", parallel, "--log-every", "1"]
     run_in_process(common_args[1:] + ["--out", str(tmp_path / "one")])
     run_script(common_args + ["--out", str(tmp_path / "two")], nproc=2)
@@ -385,13 +453,16 @@ def test_offline_dpo_two_ranks_match_one_and_move_toward_chosen(parallel, tiny_m
     metrics = read_jsonl(tmp_path / "one" / "metrics.jsonl")
     assert len(metrics) == 4
     assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # step 0: policy = reference
-    assert metrics[-1]["reward_margin"] > metrics[0]["reward_margin"] and metrics[-1]["loss"] < metrics[0]["loss"]
-    assert {"rewards_chosen", "rewards_rejected", "reward_accuracy", "log_ratio", "grad_norm", "lr", "tokens_per_s"} <= set(metrics[0])
+    assert (metrics[-1]["reward_margin"] > metrics[0]["reward_margin"]
+            and metrics[-1]["loss"] < metrics[0]["loss"])
+    assert {"rewards_chosen", "rewards_rejected", "reward_accuracy", "log_ratio", "grad_norm", "lr",
+            "tokens_per_s"} <= set(metrics[0])
     assert len(read_jsonl(tmp_path / "one" / "ref_logps.jsonl")) == 16
 
 
 def run_in_process(argv):
-    """dpo.main(argv) in this process, as a stage script runs (see dpo_stage_env); returns its stdout."""
+    """dpo.main(argv) in this process, as a stage script runs (see dpo_stage_env); returns its
+    stdout."""
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as out:
         patch.delenv("TRITON_INTERPRET", raising=False)
         dpo.main(argv)
@@ -408,37 +479,52 @@ def dpo_online_run(tiny_model_dir, tmp_path_factory):
     for t in (1, 2):
         write_prompts(tmp / f"prompts_{t}.jsonl", 4, prefix=f"t{t}-")
     run = tmp / "run"
-    first = ["--iter", "1", "--run-dir", str(run), "--sft", str(tiny_model_dir), "--rm", str(tmp / "rm"),
-             "--prompts", str(tmp / "prompts_{t}.jsonl"), "--n", "4", "--max-new-tokens", "8", "--batch-size", "4",
-             "--micro-batch-size", "2", "--lr", "1e-3", "--epochs", "1", "--device", "cpu", "--chunk-size", "2",
-             "--label-smoothing", "0.1", "--nll-coef", "0.5", "--pair-selection", "max_random", "--missing-eos-penalty", "0.5"]
-    outputs = [run_in_process(first), run_in_process(["--iter", "2", "--run-dir", str(run), "--device", "cpu"])]
+    first = ["--iter", "1", "--run-dir", str(run), "--sft", str(tiny_model_dir), "--rm",
+             str(tmp / "rm"),
+             "--prompts", str(tmp / "prompts_{t}.jsonl"), "--n", "4", "--max-new-tokens", "8",
+             "--batch-size", "4",
+             "--micro-batch-size", "2", "--lr", "1e-3", "--epochs", "1", "--device", "cpu",
+             "--chunk-size", "2",
+             "--label-smoothing", "0.1", "--nll-coef", "0.5", "--pair-selection", "max_random",
+             "--missing-eos-penalty", "0.5"]
+    outputs = [run_in_process(first),
+               run_in_process(["--iter", "2", "--run-dir", str(run), "--device", "cpu"])]
     return run, outputs
 
 
 def test_online_iterations_run_and_resume(dpo_online_run, capsys, dpo_stage_env):
-    """Every sub-step's file appears, iteration 2 starts from iteration 1's policy and trains on both
-    iterations' pairs, and a rerun skips what is finished."""
+    """Every sub-step's file appears, iteration 2 starts from iteration 1's policy and trains on
+    both iterations' pairs, and a rerun skips what is finished."""
     run, _ = dpo_online_run
     for t in (1, 2):
-        for name in ("settings.json", "samples.jsonl", "rewards.jsonl", "pairs.jsonl", "ref_logps.jsonl", "summary.json",
+        for name in ("settings.json", "samples.jsonl", "rewards.jsonl", "pairs.jsonl",
+                     "ref_logps.jsonl", "summary.json",
                      "policy/model.safetensors"):
             assert (run / f"iter{t}" / name).exists(), (t, name)
     summary = json.loads((run / "iter2" / "summary.json").read_text())
-    assert summary["prompts"] == 4 and summary["pairs_kept"] + sum(summary["pairs_dropped"].values()) == 4
-    assert "reward_vs_gold" not in summary  # "reverse abc" is no built-in task prompt: no gold to compare with
-    # iteration 1's pair selection and missing-EOS penalty, read back by iteration 2, decide its pairs
+    assert (summary["prompts"] == 4 and summary["pairs_kept"]
+            + sum(summary["pairs_dropped"].values()) == 4)
+    # "reverse abc" is no built-in task prompt: no gold to compare with
+    assert "reward_vs_gold" not in summary
+    # iteration 1's pair selection and missing-EOS penalty, read back by iteration 2, decide its
+    # pairs
     rewards = read_jsonl(run / "iter2" / "rewards.jsonl")
-    assert summary["missing_eos"] == sum(r == "length" for rec in rewards for r in rec["finish_reasons"]) > 0
+    assert summary["missing_eos"] == sum(r == "length" for rec in rewards
+                                         for r in rec["finish_reasons"]) > 0
     settings = json.loads((run / "iter2" / "settings.json").read_text())
     assert (settings["pair_selection"], settings["missing_eos_penalty"]) == ("max_random", 0.5)
-    expected, _ = losses.select_pairs(rewards, "max_random", missing_eos_penalty=0.5, source="iter2")
+    expected, _ = losses.select_pairs(rewards, "max_random", missing_eos_penalty=0.5,
+                                      source="iter2")
     assert read_jsonl(run / "iter2" / "pairs.jsonl") == expected
     samples = read_jsonl(run / "iter2" / "samples.jsonl")
-    assert [r["id"] for r in samples] == [f"t2-{i}" for i in range(4)] and all(len(r["responses"]) == 4 for r in samples)
+    assert [r["id"] for r in samples] == [f"t2-{i}"
+                                          for i in range(4)] and all(len(r["responses"]) == 4
+                                                                     for r in samples)
     steps2 = len(read_jsonl(run / "iter2" / "policy" / "metrics.jsonl"))
-    pairs_total = len(read_jsonl(run / "iter1" / "pairs.jsonl")) + len(read_jsonl(run / "iter2" / "pairs.jsonl"))
-    assert steps2 == math.ceil(pairs_total / 4)  # --history all: iteration 2 trains on both iterations' pairs
+    pairs_total = (len(read_jsonl(run / "iter1" / "pairs.jsonl"))
+                   + len(read_jsonl(run / "iter2" / "pairs.jsonl")))
+    # --history all: iteration 2 trains on both iterations' pairs
+    assert steps2 == math.ceil(pairs_total / 4)
     before = (run / "iter2" / "policy" / "model.safetensors").stat().st_mtime_ns
     dpo.main(["--iter", "2", "--run-dir", str(run), "--device", "cpu"])
     assert "iteration 2 complete" in capsys.readouterr().out
@@ -449,9 +535,11 @@ def test_online_cdpo_and_rpo_settings_survive_to_iteration_2(dpo_online_run, tin
     """The old code forgot --label-smoothing and --nll-coef at iteration 2 (cDPO/RPO became DPO)."""
     run, (_, out2) = dpo_online_run
     record = json.loads((run / "iter2" / "settings.json").read_text())
-    assert (record["label_smoothing"], record["nll_coef"], record["lr"], record["n"]) == (0.1, 0.5, 1e-3, 4)
+    assert (record["label_smoothing"], record["nll_coef"], record["lr"],
+            record["n"]) == (0.1, 0.5, 1e-3, 4)
     assert json.loads((run / "iter1" / "settings.json").read_text()) == record
-    assert any(line.split()[:3] == ["label_smoothing", "0.1", "config.json"] for line in out2.splitlines())
+    assert any(line.split()[:3] == ["label_smoothing", "0.1", "config.json"]
+               for line in out2.splitlines())
     assert "cDPO ε 0.1, RPO α 0.5" in out2
     # RPO really is in the loss: at step 1 of iteration 1 (policy = reference, h = 0) cDPO's loss is
     # log 2 and RPO adds α × the mean per-token NLL of the chosen responses, read from log π_0.
@@ -463,9 +551,10 @@ def test_online_cdpo_and_rpo_settings_survive_to_iteration_2(dpo_online_run, tin
 
 
 def test_online_pairs_score_exactly_the_sampled_tokens(dpo_online_run, tiny_model_dir):
-    """A response cut at --max-new-tokens is scored without a stop token it never had, and every response
-    as the token ids it was sampled as, not its decoded text re-encoded: each pair's ids are its samples'
-    response_ids, and ref_logps.jsonl is log π_0 of exactly those tokens as transformers computes it."""
+    """A response cut at --max-new-tokens is scored without a stop token it never had, and every
+    response as the token ids it was sampled as, not its decoded text re-encoded: each pair's ids
+    are its samples' response_ids, and ref_logps.jsonl is log π_0 of exactly those tokens as
+    transformers computes it."""
     from transformers import AutoModelForCausalLM
     run, _ = dpo_online_run
     tokenizer = load_tokenizer(tiny_model_dir)
@@ -488,21 +577,24 @@ def test_online_pairs_score_exactly_the_sampled_tokens(dpo_online_run, tiny_mode
                 with torch.no_grad():
                     logits = hf(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1].float()
                 expected = logits.log_softmax(-1).gather(1, torch.tensor(ids)[:, None]).sum().item()
-                assert logps[f"ref_{side}_logp"] == pytest.approx(expected, abs=1e-4), (t, side, ids)
+                assert logps[f"ref_{side}_logp"] == pytest.approx(expected,
+                                                                  abs=1e-4), (t, side, ids)
     assert cut > 0  # the fixture's --max-new-tokens 8 cuts some paired responses
 
 
 def test_response_ids_are_the_sampled_ones_or_the_text_with_a_stop_only_where_it_stopped(tiny_model_dir):
-    """tokens.response_ids and dpo.tokenize_pairs: a record's ids are used as they are (here ids that
-    re-encoding the text would never give); without ids a text gets the end-of-turn token unless it was
-    cut; a human pair (no ids) is a complete answer."""
-    from tokens import end_of_turn_ids, response_ids
+    """tokens.response_ids and tokens.tokenize_pairs: a record's ids are used as they are (here ids
+    that re-encoding the text would never give); without ids a text gets the end-of-turn token
+    unless it was cut; a human pair (no ids) is a complete answer."""
+    from tokens import end_of_turn_ids, response_ids, tokenize_pairs
     tokenizer = load_tokenizer(tiny_model_dir)
     eot = end_of_turn_ids(tokenizer)
     prompt = [{"role": "user", "content": "reverse 1 2"}]
     odd = encode_response(tokenizer, "2 1", [])[::-1]  # tokens the text does not re-encode to
-    record = {"id": "a", "prompt": prompt, "responses": ["2 1", "2"], "finish_reasons": ["stop", "length"]}
-    assert response_ids(tokenizer, record) == [encode_response(tokenizer, "2 1"), encode_response(tokenizer, "2", [])]
+    record = {"id": "a", "prompt": prompt, "responses": ["2 1", "2"],
+              "finish_reasons": ["stop", "length"]}
+    assert response_ids(tokenizer, record) == [encode_response(tokenizer, "2 1"),
+                                               encode_response(tokenizer, "2", [])]
     assert response_ids(tokenizer, {**record, "response_ids": [odd, [5]]}) == [odd, [5]]
     no_reasons = {k: v for k, v in record.items() if k != "finish_reasons"}
     assert [ids[-len(eot):] for ids in response_ids(tokenizer, no_reasons)] == [eot, eot]
@@ -510,22 +602,27 @@ def test_response_ids_are_the_sampled_ones_or_the_text_with_a_stop_only_where_it
     (pair,), _ = losses.select_pairs([scored])
     assert (pair["chosen_ids"], pair["rejected_ids"]) == (odd, [5])
     human = {"prompt": prompt, "chosen": "2 1", "rejected": "2"}
-    _, examples = dpo.tokenize_pairs(tokenizer, [pair, human], max_length=64)
+    _, examples = tokenize_pairs(tokenizer, [pair, human], max_length=64)
     assert examples[0] == (encode_prompt(tokenizer, prompt), odd, [5])
     assert examples[1][1:] == (encode_response(tokenizer, "2 1"), encode_response(tokenizer, "2"))
-    # another sampler's empty text cut at once has no token to score: the prompt is dropped, and counted
+    # another sampler's empty text cut at once has no token to score: the prompt is dropped, and
+    # counted
     empty = {**record, "responses": ["2 1", ""], "rewards": [1.0, 0.0]}
     assert losses.select_pairs([{**empty, "response_ids": response_ids(tokenizer, empty)}]) == \
         ([], {"same_text": 0, "reward_tie": 0, "empty_response": 1})
-    # ids of another tokenizer's vocabulary: one line naming the pair, not an IndexError in the forward
-    with pytest.raises(dpo.InputError, match="not in the tokenizer's vocabulary"):
-        dpo.tokenize_pairs(tokenizer, [{**pair, "rejected_ids": [len(tokenizer)]}], max_length=64)
+    # ids of another tokenizer's vocabulary: one line naming the pair, not an IndexError in the
+    # forward
+    with pytest.raises(InputError, match="not in the tokenizer's vocabulary"):
+        tokenize_pairs(tokenizer, [{**pair, "rejected_ids": [len(tokenizer)]}], max_length=64)
 
 
-def test_online_finished_iteration_rerun_with_a_new_flag_stops(dpo_online_run, capsys, dpo_stage_env):
-    """The old code printed "iteration 2 complete" and rewrote config.json with settings never used."""
+def test_online_finished_iteration_rerun_with_a_new_flag_stops(dpo_online_run, capsys,
+                                                               dpo_stage_env):
+    """The old code printed "iteration 2 complete" and rewrote config.json with settings never
+    used."""
     run, _ = dpo_online_run
-    records = [run / "config.json", run / "iter2" / "settings.json", run / "iter2" / "policy" / "model.safetensors"]
+    records = [run / "config.json", run / "iter2" / "settings.json",
+               run / "iter2" / "policy" / "model.safetensors"]
     before = [(p.read_bytes(), p.stat().st_mtime_ns) for p in records]
     error = cli_error(["--iter", "2", "--run-dir", run, "--device", "cpu", "--lr", "0.5"], capsys)
     assert "lr 0.001 → 0.5" in error and str(run / "iter2" / "settings.json") in error
@@ -533,16 +630,19 @@ def test_online_finished_iteration_rerun_with_a_new_flag_stops(dpo_online_run, c
 
 
 def test_online_iterations_on_builtin_task_with_gold_reward(task_dir, tmp_path, dpo_stage_env):
-    """run.sh's oracle control: two online iterations on the built-in task scored by the gold reward.
-    Every pair's chosen response has the higher gold score, and step 1 of iteration 1 (policy =
-    reference) has the DPO loss log 2."""
+    """run.sh's oracle control: two online iterations on the built-in task scored by the gold
+    reward. Every pair's chosen response has the higher gold score, and step 1 of iteration 1
+    (policy = reference) has the DPO loss log 2."""
     _, run = run_builtin_online(task_dir, tmp_path)
     for t in (1, 2):
         rewards = read_jsonl(run / f"iter{t}" / "rewards.jsonl")
-        assert len(rewards) == 4 and all(r["rewards"] == [score(r["prompt"], y) for y in r["responses"]] for r in rewards)
+        assert len(rewards) == 4 and all(r["rewards"] == [score(r["prompt"], y)
+                                                          for y in r["responses"]] for r in rewards)
         pairs = read_jsonl(run / f"iter{t}" / "pairs.jsonl")
-        assert pairs and all(score(p["prompt"], p["chosen"]) > score(p["prompt"], p["rejected"]) for p in pairs)
+        assert pairs and all(score(p["prompt"], p["chosen"]) > score(p["prompt"], p["rejected"])
+                             for p in pairs)
     step1 = read_jsonl(run / "iter1" / "policy" / "metrics.jsonl")[0]
     assert step1["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    assert step1["rewards_chosen"] == pytest.approx(0, abs=1e-5) and step1["log_ratio"] == pytest.approx(0, abs=1e-5)
+    assert step1["rewards_chosen"] == pytest.approx(0,
+                                                    abs=1e-5) and step1["log_ratio"] == pytest.approx(0, abs=1e-5)
     assert (run / "iter2" / "policy" / "model.safetensors").exists()

@@ -19,13 +19,14 @@ class Crash(Exception):
 
 @pytest.fixture
 def in_process_stage(monkeypatch):
-    """A stage's main() in this process as `python STAGE.py` runs it: the PyTorch kernels on CPU (the
-    Triton interpreter, far slower, is for the kernel tests)."""
+    """A stage's main() in this process as `python STAGE.py` runs it: the PyTorch kernels on CPU
+    (the Triton interpreter, far slower, is for the kernel tests)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
 def crash_after_first_save(monkeypatch, stage):
-    """The stage's save_training_state, raising once the first state is on disk: a crash mid-training."""
+    """The stage's save_training_state, raising once the first state is on disk: a crash
+    mid-training."""
     def save_then_crash(out_dir, *args, **kwargs):
         training.save_training_state(out_dir, *args, **kwargs)
         if training.saved_states(out_dir):
@@ -45,31 +46,41 @@ def run_interrupted_and_whole(stage, argv, out, monkeypatch, capsys):
     capsys.readouterr()
     stage.main([*argv, "--out", str(out)])
     assert "resuming after step 2" in capsys.readouterr().out
-    assert not out.with_name(out.name + ".resume").exists()  # a finished stage leaves no state behind
+    # a finished stage leaves no state behind
+    assert not out.with_name(out.name + ".resume").exists()
     whole = f"{out}.whole"
     return (load_file(f"{whole}/model.safetensors"), load_file(out / "model.safetensors"),
             read_jsonl(f"{whole}/metrics.jsonl"), read_jsonl(out / "metrics.jsonl"))
 
 
 def same_run(whole, resumed, whole_lines, resumed_lines):
-    assert whole.keys() == resumed.keys() and all(torch.equal(whole[name], resumed[name]) for name in whole)
-    drop_timing = lambda lines: [{k: v for k, v in line.items() if k not in ("ms", "tokens_per_s")} for line in lines]  # noqa: E731
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[name], resumed[name])
+                                                  for name in whole)
+    # noqa: E731
+    drop_timing = lambda lines: [{k: v for k, v in line.items() if k not in ("ms", "tokens_per_s")}
+                                 for line in lines]
     assert drop_timing(resumed_lines) == drop_timing(whole_lines) and len(whole_lines) >= 4
 
 
-def test_reward_model_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch, capsys, in_process_stage):
+def test_reward_model_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch, capsys,
+                                      in_process_stage):
     write_pairs(tmp_path / "pairs.jsonl", 32)
-    argv = ["train", "--type", "bt", "--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"),
-            "--batch-size", "8", "--micro-batch-size", "4", "--epochs", "1", "--lr", "1e-3", "--save-every", "2",
+    argv = ["train", "--type", "bt", "--model", str(tiny_model_dir), "--pairs",
+            str(tmp_path / "pairs.jsonl"),
+            "--batch-size", "8", "--micro-batch-size", "4", "--epochs", "1", "--lr", "1e-3",
+            "--save-every", "2",
             "--device", "cpu"]
     same_run(*run_interrupted_and_whole(train_rm, argv, tmp_path / "rm", monkeypatch, capsys))
 
 
-def test_dpo_with_lora_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch, capsys, in_process_stage):
+def test_dpo_with_lora_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch, capsys,
+                                       in_process_stage):
     # LoRA: only the adapters (and their AdamW state) are saved; the frozen base comes from --model
     write_pairs(tmp_path / "pairs.jsonl", 32)
-    argv = ["--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"), "--batch-size", "8",
-            "--micro-batch-size", "4", "--epochs", "1", "--lr", "1e-2", "--lora-rank", "4", "--lora-dropout", "0.1",
+    argv = ["--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"),
+            "--batch-size", "8",
+            "--micro-batch-size", "4", "--epochs", "1", "--lr", "1e-2", "--lora-rank", "4",
+            "--lora-dropout", "0.1",
             "--save-every", "2", "--device", "cpu"]
     same_run(*run_interrupted_and_whole(dpo, argv, tmp_path / "dpo", monkeypatch, capsys))
     saved = next(iter(load_file(tmp_path / "dpo" / "model.safetensors").values()))
@@ -82,8 +93,9 @@ class RunsCode:
 
 
 def test_random_streams_load_without_unpickling_code(tmp_path, capsys):
-    """A resume reads each rank's random streams with torch.load(weights_only=True): they are tensors and
-    plain numbers, round-trip exactly, and a file that would run code on load is refused."""
+    """A resume reads each rank's random streams with torch.load(weights_only=True): they are
+    tensors and plain numbers, round-trip exactly, and a file that would run code on load is
+    refused."""
     import random
 
     import numpy as np
@@ -101,12 +113,14 @@ def test_random_streams_load_without_unpickling_code(tmp_path, capsys):
 
 def test_a_state_saved_by_the_old_pickle_format_resumes_without_loading_it(tiny_model_dir, tmp_path, monkeypatch, capsys,
                                                                           in_process_stage):
-    """Random streams that an older version saved with numpy arrays inside (a pickle weights_only refuses):
-    the resume goes on with fresh streams and says so, instead of a traceback."""
+    """Random streams that an older version saved with numpy arrays inside (a pickle weights_only
+    refuses): the resume goes on with fresh streams and says so, instead of a traceback."""
     import numpy as np
     write_pairs(tmp_path / "pairs.jsonl", 16)
-    argv = ["--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"), "--batch-size", "8",
-            "--micro-batch-size", "4", "--epochs", "1", "--lr", "1e-2", "--save-every", "1", "--device", "cpu",
+    argv = ["--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"),
+            "--batch-size", "8",
+            "--micro-batch-size", "4", "--epochs", "1", "--lr", "1e-2", "--save-every", "1",
+            "--device", "cpu",
             "--out", str(tmp_path / "dpo")]
     with monkeypatch.context() as patch:
         crash_after_first_save(patch, dpo)
@@ -120,13 +134,16 @@ def test_a_state_saved_by_the_old_pickle_format_resumes_without_loading_it(tiny_
     assert (tmp_path / "dpo" / "model.safetensors").exists()
 
 
-def test_a_resume_may_take_a_smaller_micro_batch(tiny_model_dir, tmp_path, monkeypatch, capsys, in_process_stage):
-    """What a resume is for after running out of memory: the same run with --micro-batch-size 2 instead of 4
-    (and activation checkpointing on) continues from the saved state and ends where the whole run ends,
-    up to floating-point summation order."""
+def test_a_resume_may_take_a_smaller_micro_batch(tiny_model_dir, tmp_path, monkeypatch, capsys,
+                                                 in_process_stage):
+    """What a resume is for after running out of memory: the same run with --micro-batch-size 2
+    instead of 4 (and activation checkpointing on) continues from the saved state and ends where the
+    whole run ends, up to floating-point summation order."""
     write_pairs(tmp_path / "pairs.jsonl", 32)
-    argv = ["--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"), "--batch-size", "8",
-            "--epochs", "1", "--lr", "1e-2", "--lora-rank", "4", "--save-every", "2", "--device", "cpu"]
+    argv = ["--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"),
+            "--batch-size", "8",
+            "--epochs", "1", "--lr", "1e-2", "--lora-rank", "4", "--save-every", "2", "--device",
+            "cpu"]
     out = tmp_path / "dpo"
     dpo.main([*argv, "--micro-batch-size", "4", "--out", f"{out}.whole"])
     with monkeypatch.context() as patch:
@@ -138,13 +155,17 @@ def test_a_resume_may_take_a_smaller_micro_batch(tiny_model_dir, tmp_path, monke
     assert "resuming after step 2" in capsys.readouterr().out
     whole, resumed = load_file(f"{out}.whole/model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.allclose(whole[name], resumed[name], atol=1e-5) for name in whole)
-    assert any(not torch.equal(whole[name], load_file(tiny_model_dir / "model.safetensors")[name]) for name in whole)
+    assert any(not torch.equal(whole[name], load_file(tiny_model_dir / "model.safetensors")[name])
+               for name in whole)
 
 
 def test_osp_resumes_exactly(task_dir, tmp_path, monkeypatch, capsys, in_process_stage):
-    # the prompt batches and the random pairing go on where they stopped; the samples are seeded by step
+    # the prompt batches and the random pairing go on where they stopped; the samples are seeded by
+    # step
     sft = builtin_model_dir(task_dir, tmp_path / "sft")
-    argv = ["--model", str(sft), "--prompts", str(task_dir / "prompts_iter1.jsonl"), "--steps", "4", "--batch-size", "2",
-            "--k", "4", "--max-new-tokens", "6", "--lr", "1e-2", "--beta", "0.1", "--loss", "dpo", "--pairing", "random",
+    argv = ["--model", str(sft), "--prompts", str(task_dir / "prompts_iter1.jsonl"), "--steps", "4",
+            "--batch-size", "2",
+            "--k", "4", "--max-new-tokens", "6", "--lr", "1e-2", "--beta", "0.1", "--loss", "dpo",
+            "--pairing", "random",
             "--save-every", "2", "--device", "cpu"]
     same_run(*run_interrupted_and_whole(osp, argv, tmp_path / "osp", monkeypatch, capsys))
