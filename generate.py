@@ -4,7 +4,8 @@ samples with, and a command line.
     python generate.py --model runs/builtin/sft --prompts data/builtin/prompts_iter1.jsonl \\
         --out runs/builtin/samples.jsonl --n 8 --temperature 1.0 --max-new-tokens 64 --seed 0
     torchrun --nproc_per_node 8 generate.py --model /ckpt/llama3-8b-sft --prompts prompts.jsonl \\
-        --out samples.jsonl --num-samples 8 --temperature 1.0 --top-p 1.0 --top-k 0 --max-new-tokens 2048
+        --out samples.jsonl --num-samples 8 --temperature 1.0 --top-p 1.0 --top-k 0 \\
+        --max-new-tokens 2048
     python generate.py --bench        # GPU: tokens/s against transformers' generate
 
 How it works:
@@ -221,8 +222,7 @@ class GenerationState:
         for buffer in cache.k + cache.v:
             buffer[target] = buffer[source]
         for tensor in (self.tokens, self.positions, self.steps, self.active, self.seeds,
-                       self.out_tokens,
-                       self.out_logprobs):
+                       self.out_tokens, self.out_logprobs):
             tensor[target] = tensor[source]
         self.active[source] = False
         self.positions[source] = 0
@@ -290,8 +290,7 @@ class Engine:
                              f"{self.cache.max_len} positions; {num_slots} {how}")
         sampling = (temperature, top_k, top_p, min_p)
         state = GenerationState(prompts, n, max_new_tokens, sampling, base_seeds, progress,
-                                num_slots,
-                                self.device)
+                                num_slots, self.device)
         # Continuous batching: fill the free slots, decode every slot one token, retire the
         # finished, refill, ... until the queue runs dry and the last sample ends.
         self.admit(state)
@@ -447,7 +446,7 @@ def encode_prompts(tokenizer, records, max_new_tokens, context_length, source=No
                              f"with --max-new-tokens {max_new_tokens} it needs "
                              f"{len(ids) + max_new_tokens} positions, "
                              f"more than the model's context of {context_length} "
-                             f"(max_position_embeddings): "
+                             "(max_position_embeddings): "
                              "lower --max-new-tokens or drop the prompt")
         kept.append(record)
         prompts.append(ids)
@@ -457,8 +456,8 @@ def encode_prompts(tokenizer, records, max_new_tokens, context_length, source=No
                f"longer than --max-prompt-length {max_prompt_length} tokens")
         if not kept:
             raise InputError(f"{source or 'prompts'}: all {len(records)} prompts are "
-                             f"longer than --max-prompt-length {max_prompt_length} tokens: nothing "
-                             f"to sample")
+                             f"longer than --max-prompt-length {max_prompt_length} tokens: "
+                             "nothing to sample")
     return kept, prompts
 
 
@@ -515,8 +514,8 @@ def build_parser():
     parser.add_argument("--max-new-tokens", type=positive_int, default=256,
                         help="a sample that reaches it ends with finish_reason 'length'")
     parser.add_argument("--seed", type=int, default=0,
-                        help="global seed; each sample's stream comes from (seed, prompt id, "
-                             "sample index)")
+                        help="global seed; each sample's stream comes from "
+                             "(seed, prompt id, sample index)")
     parser.add_argument("--batch-size", type=non_negative_int, default=0,
                         help="decode slots (concurrent samples) per rank; 0: as many as fit in "
                              "free GPU memory (64 on a CPU)")
@@ -638,15 +637,14 @@ def benchmark(prompt_len=128, new_tokens=256, batches=(64, 256)):
                             pad_token_id=0)
                 torch.cuda.synchronize()
             hf_tps = batch * new_tokens / (time.time() - t0)
-            # Bandwidth roofline: every step reads the weights once plus each row's KV cache (mean
-            # length). bf16
+            # Bandwidth roofline: every step reads the weights once plus each row's KV cache
+            # (mean length). bf16
             kv_bytes = batch * (prompt_len + new_tokens / 2) * ours.config.kv_bytes_per_position(2)
             roofline = batch / ((weight_bytes + kv_bytes) / 3.35e12)
-            print(f"{name:15s} batch {batch:4d}: ours {ours_tps:9,.0f} tok/s | HF generate "
-                  f"{hf_tps:8,.0f} tok/s | "
-                  f"{ours_tps / hf_tps:5.2f}x | "
-                  f"{100 * ours_tps / roofline:5.1f}% of the {roofline:,.0f} tok/s bandwidth "
-                  f"roofline")
+            print(f"{name:15s} batch {batch:4d}: ours {ours_tps:9,.0f} tok/s | "
+                  f"HF generate {hf_tps:8,.0f} tok/s | {ours_tps / hf_tps:5.2f}x | "
+                  f"{100 * ours_tps / roofline:5.1f}% of the {roofline:,.0f} tok/s "
+                  "bandwidth roofline")
         del ours, hf, engine
         torch.cuda.empty_cache()
 

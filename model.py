@@ -78,16 +78,16 @@ class ModelConfig:
             raise ValueError(f"model_type {model_type!r} is not supported (supported: "
                              f"{SUPPORTED_MODEL_TYPES})")
         if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {d.get('hidden_act')!r} is not supported (only silu / "
-                             f"SwiGLU)")
+            raise ValueError(f"hidden_act {d.get('hidden_act')!r} is not supported "
+                             "(only silu / SwiGLU)")
         # Two config styles exist: older `rope_theta` + `rope_scaling`, newer `rope_parameters`
         # (transformers >= 5) holding rope_type, rope_theta and the scaling keys together.
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         rope_theta = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
-            raise ValueError(f"rope scaling type {rope_type!r} is not supported (default, linear, "
-                             f"llama3)")
+            raise ValueError(f"rope scaling type {rope_type!r} is not supported "
+                             "(default, linear, llama3)")
         attention_bias = bool(d.get("attention_bias", False))
         n_heads = d["num_attention_heads"]
         # transformers' Qwen3Config defaults head_dim to 128 whatever hidden_size /
@@ -140,18 +140,17 @@ def sliding_window_of(d, model_type):
                                            for i in range(n_layers)]
     unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
     if unknown or len(layer_types) != n_layers:
-        raise ValueError(f"{model_type} config: layer_types must be {n_layers} of 'full_attention' "
-                         f"/ 'sliding_attention' "
+        raise ValueError(f"{model_type} config: layer_types must be {n_layers} of "
+                         "'full_attention' / 'sliding_attention' "
                          f"(got {unknown or len(layer_types)})")
     sliding = [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
     if not sliding:
         return None
     if len(sliding) < n_layers:
-        raise ValueError(f"{model_type} config: use_sliding_window puts a sliding window on layers "
-                         f"{sliding} of "
-                         f"{n_layers} only (max_window_layers / layer_types); a window on some "
-                         f"layers but not "
-                         "others is not supported, only on all or none")
+        raise ValueError(f"{model_type} config: use_sliding_window puts a sliding window on "
+                         f"layers {sliding} of {n_layers} only (max_window_layers / layer_types); "
+                         "a window on some layers but not others is not supported, "
+                         "only on all or none")
     return window
 
 
@@ -296,8 +295,8 @@ def causal_attention(q, k, v, window=None, inputs=None):
     if not use_flex(q.device):
         return dense()
     def flex():
-        block_mask = inputs.block_mask if inputs is not None and inputs.block_mask is not None else \
-            attention_block_mask(None, T, q.device, window)
+        block_mask = (inputs.block_mask if inputs is not None and inputs.block_mask is not None
+                      else attention_block_mask(None, T, q.device, window))
         if inputs is not None:
             inputs.block_mask = block_mask
         return compiled_flex(q, k, v, block_mask)
@@ -334,7 +333,8 @@ _compiled_flex, _compiled_create_block_mask = [], []
 
 
 def use_flex(device):
-    return flex_attention is not None and device.type == "cuda" and os.environ.get("RLHF_KERNELS") != "torch"
+    return (flex_attention is not None and device.type == "cuda"
+            and os.environ.get("RLHF_KERNELS") != "torch")
 
 
 def attention_block_mask(document_ids, T, device, window=None):
@@ -416,7 +416,9 @@ def cached_attention(q, k_cache, v_cache, position_ids, cache_len, window=None, 
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads,
+                                                        config.num_key_value_heads,
+                                                        config.head_dim)
         H = config.hidden_size
         self.q_proj = nn.Linear(H, self.n_heads * self.head_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(H, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
@@ -453,8 +455,7 @@ class Attention(nn.Module):
                 inputs.cache_mask = cache_mask(inputs.position_ids, inputs.cache_len,
                                                self.n_heads // self.n_kv_heads, window)
             y = cached_attention(q, cache.k[layer_index], cache.v[layer_index], inputs.position_ids,
-                                 inputs.cache_len,
-                                 mask=inputs.cache_mask)
+                                 inputs.cache_len, mask=inputs.cache_mask)
         elif inputs.document_ids is not None:
             y = packed_attention(q, k, v, inputs)
         else:
@@ -585,13 +586,13 @@ def read_adapter(path):
 
     path = Path(path)
     if not (path / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{path}/adapter_config.json not found: expected a PEFT LoRA "
-                                f"adapter folder")
+        raise FileNotFoundError(f"{path}/adapter_config.json not found: "
+                                "expected a PEFT LoRA adapter folder")
     config = json.loads((path / "adapter_config.json").read_text())
-    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("use_rslora") or config.get("rank_pattern") \
-            or config.get("alpha_pattern"):
-        raise ValueError(f"{path}: only plain LoRA adapters are supported (no DoRA, rsLoRA or "
-                         f"per-module ranks)")
+    if (config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("use_rslora")
+            or config.get("rank_pattern") or config.get("alpha_pattern")):
+        raise ValueError(f"{path}: only plain LoRA adapters are supported "
+                         "(no DoRA, rsLoRA or per-module ranks)")
     lora = LoRASettings(config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
                         tuple(sorted(config["target_modules"])))
     state = {}
@@ -832,8 +833,8 @@ class Transformer(nn.Module):
 
         path = Path(path)
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path}/config.json not found: expected a Hugging Face "
-                                    f"checkpoint folder")
+            raise FileNotFoundError(f"{path}/config.json not found: "
+                                    "expected a Hugging Face checkpoint folder")
         config = ModelConfig.from_dict(json.loads((path / "config.json").read_text()))
         files = checkpoint_files(path)
         with torch.device("meta"):
@@ -893,7 +894,8 @@ def checkpoint_files(path):
     names."""
     path = Path(path)
     if (path / "model.safetensors.index.json").exists():
-        return sorted(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values()))
+        return sorted(set(
+            json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values()))
     if (path / "model.safetensors").exists():
         return ["model.safetensors"]
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
@@ -906,7 +908,8 @@ def stored_tensors(path, names):
     starts from)."""
     from safetensors import safe_open
 
-    has_weights = (Path(path) / "model.safetensors").exists() or (Path(path) / "model.safetensors.index.json").exists()
+    has_weights = ((Path(path) / "model.safetensors").exists()
+                   or (Path(path) / "model.safetensors.index.json").exists())
     for file in checkpoint_files(path) if has_weights else []:
         with safe_open(str(Path(path) / file), framework="pt", device="cpu") as f:
             for name in f.keys():

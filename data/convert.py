@@ -3,13 +3,16 @@
 (data/schema.py, data/README.md). No network: download/export the data elsewhere, convert here.
 Run from the repo root:
 
-    python -m data.convert --format hh-rlhf       --input hh_train.jsonl  --output data/hh/pairs.jsonl
-    python -m data.convert --format ultrafeedback --input uf.jsonl        --output data/uf/pairs.jsonl --min-margin 1.0
-    python -m data.convert --format shp           --input shp_train.json  --output data/shp/pairs.jsonl
-    python -m data.convert --format helpsteer     --input helpsteer.jsonl --output data/hs/pairs.jsonl --helpsteer-attribute helpfulness
-    python -m data.convert --format tldr          --input comparisons.jsonl --output data/tldr/pairs.jsonl
-    python -m data.convert --format prompts       --input any.jsonl       --output data/hh/prompts.jsonl
-    python -m data.convert --format judge         --input pairs.jsonl     --output judge_sft.jsonl --template dialogue
+    python -m data.convert --format hh-rlhf --input hh_train.jsonl --output data/hh/pairs.jsonl
+    python -m data.convert --format ultrafeedback --input uf.jsonl --output data/uf/pairs.jsonl \\
+        --min-margin 1.0
+    python -m data.convert --format shp --input shp_train.json --output data/shp/pairs.jsonl
+    python -m data.convert --format helpsteer --input helpsteer.jsonl \\
+        --output data/hs/pairs.jsonl --helpsteer-attribute helpfulness
+    python -m data.convert --format tldr --input comparisons.jsonl --output data/tldr/pairs.jsonl
+    python -m data.convert --format prompts --input any.jsonl --output data/hh/prompts.jsonl
+    python -m data.convert --format judge --input pairs.jsonl --output judge_sft.jsonl \\
+        --template dialogue
     # add --strict to stop at the first malformed record (an error naming file:line)
 
 Every input record is accounted for: the summary prints how many were read and written, and how many
@@ -20,15 +23,18 @@ were skipped for each reason, with up to 5 examples (file:line). Two kinds of sk
     responses, tied scores, a margin below --min-margin, SHP score ratio ≤ 2, ...). Always counted,
     never an error: real datasets contain such records.
 Formats and choices (details in data/README.md):
-  hh-rlhf        full transcripts "\\n\\nHuman: ...\\n\\nAssistant: ..." → shared prompt + final responses
+  hh-rlhf        full transcripts "\\n\\nHuman: ...\\n\\nAssistant: ..." → shared prompt + final
+                 responses
   ultrafeedback  binarized (H4: chosen/rejected message lists, score_chosen/score_rejected) or raw
                  (openbmb: instruction + completions), detected per record; all non-tied pairs
   shp            score_ratio > 2, at most 5 pairs per post_id (highest ratios first)
-  helpsteer      responses to the same prompt paired when --helpsteer-attribute differs by ≥ --min-margin
-  tldr           "SUBREDDIT: r/{subreddit}\\nTITLE: {title}\\nPOST: {post}\\nTL;DR:" + the two summaries
-                 (no TITLE line for a post without a title)
+  helpsteer      responses to the same prompt paired when --helpsteer-attribute differs by
+                 ≥ --min-margin
+  tldr           "SUBREDDIT: r/{subreddit}\\nTITLE: {title}\\nPOST: {post}\\nTL;DR:" + the two
+                 summaries (no TITLE line for a post without a title)
   prompts        a prompt set from any of the above (or chat `messages` records), deduplicated
-  judge          preference augmentation (paper 2): each pair → two LLM-as-a-judge SFT examples (A/B orders)
+  judge          preference augmentation (paper 2): each pair → two LLM-as-a-judge SFT examples
+                 (A/B orders)
 Same input + flags (+ --seed with --shuffle) → the same output bytes.
 """
 import argparse
@@ -268,8 +274,8 @@ def hh_pair(location, record, report):
     chosen = parse_hh_transcript(field(record, "chosen"), "chosen")
     rejected = parse_hh_transcript(field(record, "rejected"), "rejected")
     if chosen[:-1] != rejected[:-1]:
-        raise Malformed("prompts of chosen and rejected differ (transcripts share no common "
-                        "prefix)")
+        raise Malformed("prompts of chosen and rejected differ "
+                        "(transcripts share no common prefix)")
     prompt = chosen[:-1]
     if any(not m["content"] for m in prompt):
         # paper 1 drops "empty rounds"
@@ -303,11 +309,12 @@ def messages_field(record, name):
 
 def ultrafeedback_binarized(location, record, args, report):
     chosen, rejected = messages_field(record, "chosen"), messages_field(record, "rejected")
-    if not chosen or not rejected or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+    if (not chosen or not rejected or chosen[-1]["role"] != "assistant"
+            or rejected[-1]["role"] != "assistant"):
         raise Malformed("'chosen'/'rejected' must end with an assistant message")
     prompt = [{"role": m["role"], "content": m["content"].strip()} for m in chosen[:-1]]
-    if [(m["role"], m["content"].strip()) for m in rejected[:-1]] != [(m["role"], m["content"])
-                                                                      for m in prompt]:
+    if ([(m["role"], m["content"].strip()) for m in rejected[:-1]]
+            != [(m["role"], m["content"]) for m in prompt]):
         raise Malformed("prompts of chosen and rejected differ")
     if not prompt:  # some exports keep only the assistant message in chosen/rejected
         prompt = user(field(record, "prompt"))
@@ -331,10 +338,10 @@ def ultrafeedback_raw(location, record, args, report):
         try:
             scores.append(field(completion, args.ultrafeedback_score, float))
         except Malformed as e:
-            raise Malformed(f"completions[{k}]: {e} (choose the score with "
-                            f"--ultrafeedback-score)") from None
+            raise Malformed(f"completions[{k}]: {e} "
+                            "(choose the score with --ultrafeedback-score)") from None
     if len(responses) < 2:
-        raise Malformed(f"field 'completions': expected at least 2 completions, got "
+        raise Malformed("field 'completions': expected at least 2 completions, got "
                         f"{len(responses)}")
     return scored_pairs(location, prompt, responses, scores, args.min_margin, "ultrafeedback",
                         report)
@@ -362,8 +369,8 @@ def shp_candidate(location, record, report):
     if label not in (0, 1):
         raise Malformed(f"field 'labels': expected 0 or 1, got {label}")
     score_a, score_b = field(record, "score_A", float), field(record, "score_B", float)
-    chosen, rejected, score_chosen, score_rejected = (ref_a, ref_b, score_a,
-                                                      score_b) if label == 1 else (ref_b, ref_a, score_b, score_a)
+    chosen, rejected, score_chosen, score_rejected = ((ref_a, ref_b, score_a, score_b) if label == 1
+                                                      else (ref_b, ref_a, score_b, score_a))
     if score_chosen < score_rejected:
         # "incorrect labels (implied by the other features of the dataset) are eliminated" (paper 1)
         report.skip_filtered(location, "label disagrees with scores")
@@ -399,8 +406,8 @@ def convert_shp(items, args, report):
             kept.add(index)
         else:
             report.skip_filtered(location,
-                                 f"more than {SHP_MAX_PAIRS_PER_POST} pairs for the post (lowest "
-                                 f"ratios dropped)")
+                                 f"more than {SHP_MAX_PAIRS_PER_POST} pairs for the post "
+                                 "(lowest ratios dropped)")
     # output keeps input order
     return [pair for index, _, _, pair, _ in candidates if index in kept]
 
@@ -484,8 +491,8 @@ def tldr_pair(location, record, report):
         return []
     summaries = field(record, "summaries", list)
     if len(summaries) != 2 or not all(isinstance(s, dict) for s in summaries):
-        raise Malformed(f"field 'summaries': expected 2 objects with 'text', got {len(summaries)} "
-                        f"items")
+        raise Malformed("field 'summaries': expected 2 objects with 'text', "
+                        f"got {len(summaries)} items")
     texts = [field(s, "text") for s in summaries]
     choice = field(record, "choice", int)
     if choice not in (0, 1):
@@ -567,7 +574,8 @@ def convert_judge(items, args, report):
             report.skip_malformed(location, f"not a pairs record: {e}")
             continue
         # One empty side is allowed (OSP asks the judge about responses against the empty one, ∅).
-        reason = "identical responses" if record["chosen"].strip() == record["rejected"].strip() else None
+        reason = ("identical responses" if record["chosen"].strip() == record["rejected"].strip()
+                  else None)
         if reason is None and record.get("p", 1.0) == 0.5:
             reason = "no preference (p = 0.5)"
         if reason:
@@ -626,8 +634,8 @@ def convert(args):
     if args.shuffle:
         random.Random(args.seed).shuffle(out)
     if not out:
-        raise SystemExit(f"{report.summary(args.format, args.input, args.output)}\nno records to "
-                         f"write; nothing written")
+        raise SystemExit(f"{report.summary(args.format, args.input, args.output)}\n"
+                         "no records to write; nothing written")
     write_jsonl(args.output, out)
     report.written = len(out)
     return report
@@ -644,22 +652,20 @@ def parse_args(argv=None):
     parser.add_argument("--strict", action="store_true",
                         help="stop with an error naming file:line at the first malformed record")
     parser.add_argument("--min-margin", type=float, default=None,
-                        help="ultrafeedback / helpsteer: keep pairs whose score difference is ≥ "
-                             "this "
-                             "(default 1.0 for both); ties are never kept")
+                        help="ultrafeedback / helpsteer: keep pairs whose score difference is "
+                             "≥ this (default 1.0 for both); ties are never kept")
     parser.add_argument("--ultrafeedback-score", default="fine-grained_score",
                         choices=("fine-grained_score", "overall_score"),
                         help="raw UltraFeedback: the completion score to compare "
                              "(fine-grained_score: mean of the 4 "
                              "aspect ratings, 1-5; overall_score: GPT-4's critique score, 1-10)")
-    parser.add_argument("--helpsteer-attribute", default="helpfulness", choices=HELPSTEER_ATTRIBUTES
-                        + ("mean",),
+    parser.add_argument("--helpsteer-attribute", default="helpfulness",
+                        choices=HELPSTEER_ATTRIBUTES + ("mean",),
                         help="helpsteer: the attribute pairs are built on; 'mean' = mean of "
                              "helpfulness, correctness, coherence")
     parser.add_argument("--template", default="dialogue",
-                        help=f"judge: the instruction, one of {sorted(JUDGE_TEMPLATES)} or a text "
-                             f"file with "
-                             "{context}, {response_a}, {response_b}")
+                        help=f"judge: the instruction, one of {sorted(JUDGE_TEMPLATES)} "
+                             "or a text file with {context}, {response_a}, {response_b}")
     parser.add_argument("--shuffle", action="store_true",
                         help="shuffle the output records (seeded by --seed)")
     parser.add_argument("--seed", type=int, default=0, help="seed for --shuffle")
@@ -667,8 +673,8 @@ def parse_args(argv=None):
     if args.min_margin is None:
         args.min_margin = DEFAULT_MIN_MARGIN.get(args.format)
     elif args.format not in DEFAULT_MIN_MARGIN:
-        parser.error(f"--min-margin applies to {' and '.join(DEFAULT_MIN_MARGIN)} only (they have "
-                     f"absolute scores)")
+        parser.error(f"--min-margin applies to {' and '.join(DEFAULT_MIN_MARGIN)} only "
+                     "(they have absolute scores)")
     return args
 
 

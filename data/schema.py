@@ -1,8 +1,8 @@
 """The JSONL schemas every stage reads and writes, and the validator each stage runs on its inputs.
 
     from data.schema import load_records, validate, render_context
-    prompts = load_records("data/builtin/prompts_iter1.jsonl", "prompts")   # read + validate
-    validate(records, "pairs", "pairs.jsonl")                                # records already in memory
+    prompts = load_records("data/builtin/prompts_iter1.jsonl", "prompts")  # read + validate
+    validate(records, "pairs", "pairs.jsonl")                              # records already loaded
 
 One JSON object per line. Extra fields are allowed everywhere (stages pass them through); the fields
 below are required unless marked optional. A "message" is {"role": "system"|"user"|"assistant",
@@ -12,13 +12,15 @@ below are required unless marked optional. A "message" is {"role": "system"|"use
               plain text, no chat template, the loss on every token
     prompts   id (str, unique in the file), messages (ending with a user turn)
     pairs     prompt (messages ending with a user turn), chosen (str), rejected (str),
-              optional p (float in [0, 1] = P(chosen ≻ rejected), default 1), margin (finite float),
-              source (str), id (str), chosen_ids and rejected_ids (non-empty lists of ints ≥ 0: the
-              responses' token ids as sampled, which training scores instead of re-encoding the texts)
+              optional p (float in [0, 1] = P(chosen ≻ rejected), default 1),
+              margin (finite float), source (str), id (str), chosen_ids and rejected_ids
+              (non-empty lists of ints ≥ 0: the responses' token ids as sampled, which training
+              scores instead of re-encoding the texts)
     samples   id (str), prompt (messages ending with a user turn), responses (list of n ≥ 1 str),
-              optional response_ids (n non-empty lists of ints ≥ 0: each response's token ids as sampled,
-              the stop token included when one was), num_tokens (n ints ≥ 0), finish_reasons (n of
-              "stop"|"length"), logprobs (n floats: each response's summed log-prob)
+              optional response_ids (n non-empty lists of ints ≥ 0: each response's token ids as
+              sampled, the stop token included when one was), num_tokens (n ints ≥ 0),
+              finish_reasons (n of "stop"|"length"), logprobs (n floats: each response's summed
+              log-prob)
     rewards   a samples record plus rewards (n finite floats)
 
 Each kind requires only what its readers need: a scorer needs a prompt and responses, so samples
@@ -157,7 +159,7 @@ def _check_pairs(record):
     _check_string(_require(record, "rejected"), "'rejected'")
     if "p" in record and not (_is_number(record["p"]) and 0.0 <= record["p"] <= 1.0):
         raise _Invalid("'p'",
-                       f"expected a number in [0, 1] (P(chosen ≻ rejected)), got "
+                       "expected a number in [0, 1] (P(chosen ≻ rejected)), got "
                        f"{_describe(record['p'])}")
     if "margin" in record and not (_is_number(record["margin"])
                                    and math.isfinite(record["margin"])):
@@ -220,8 +222,8 @@ def validate_record(record, kind):
     try:
         _CHECKS[kind](record)
     except _Missing as e:
-        raise ValueError(f"{e}; a {kind} record looks like {json.dumps(EXAMPLES[kind])} (see "
-                         f"data/README.md)") from None
+        raise ValueError(f"{e}; a {kind} record looks like {json.dumps(EXAMPLES[kind])} "
+                         "(see data/README.md)") from None
     except _Invalid as e:
         raise ValueError(str(e)) from None
 

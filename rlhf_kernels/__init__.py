@@ -17,12 +17,11 @@ def first_use_fallback(name, fast, twin):
         return fast()
     try:
         result = fast()
-    # noqa: BLE001 -- any failure of an unproven kernel: fall back, loudly
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 -- any failure of an unproven kernel: fall back
         _broken.add(name)
-        warnings.warn(f"{name}: the fast kernel failed on first use ({type(error).__name__}: "
-                      f"{error}); "
-                      "using its PyTorch twin from now on", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"{name}: the fast kernel failed on first use "
+                      f"({type(error).__name__}: {error}); using its PyTorch twin from now on",
+                      RuntimeWarning, stacklevel=2)
         return twin()
     _proven.add(name)
     return result

@@ -2,11 +2,12 @@
 materialising the [tokens x vocab] logits.
 
     from rlhf_kernels.logprob import token_logprobs
-    logps = token_logprobs(hidden, lm_head_weight, targets, temperature=1.0)   # (N,) fp32, -100 -> 0.0
-    logps = token_logprobs(hidden, lm_head_weight, targets, num_valid=n)       # n = #targets != -100, a host int:
-                                                                               # only those n rows are computed
+    # (N,) fp32; a position whose target is -100 (ignored) gets 0.0
+    logps = token_logprobs(hidden, lm_head_weight, targets, temperature=1.0)
+    # the same, computing only the n rows whose target != -100 (n: a host int the caller knows)
+    logps = token_logprobs(hidden, lm_head_weight, targets, num_valid=n)
 
-    python -m rlhf_kernels.logprob --bench              # H100: ours vs naive PyTorch vs Liger (fwd + bwd)
+    python -m rlhf_kernels.logprob --bench              # H100: ours vs naive PyTorch vs Liger
     python -m rlhf_kernels.logprob --bench --cpu-smoke  # tiny run of the same code path on a CPU
 
 The math, for token i with final hidden state h_i (H,), LM head W (V, H), target t_i, temperature T:
@@ -22,7 +23,8 @@ coefficient, SFT by 1/n_tokens), the chain rule gives G_ij = g_i (onehot - p_ij)
     grad_hidden = G @ W        (N, H)          grad_weight = G^T @ hidden        (V, H)
 
 Implementations, all with the same signature (pick one with impl= or RLHF_KERNELS=...):
-  - "torch":   token_logprobs_reference: full fp32 logits, log_softmax, gather. The twin the tests trust.
+  - "torch":   token_logprobs_reference: full fp32 logits, log_softmax, gather. The twin the
+               tests trust.
   - "chunked": the algorithm below with plain PyTorch ops. Runs anywhere; what CPU runs and CI use.
   - "triton":  the same algorithm with two Triton kernels for the per-chunk softmax work.
   - "auto":    "triton" on CUDA (and on CPU under TRITON_INTERPRET=1, for tests), else "chunked".
@@ -54,14 +56,14 @@ Design (why it looks the way it does):
      no grad at all, e.g. reference-model log-probs: 1).
   4. Ignored positions (target == ignore_index) are dropped before any matmul: prompts and padding
      are often half of an RLHF batch, and skipping them halves the work. But the matmul shapes are
-     chosen on the host, so the host must know how many rows remain. Reading that count back from the
-     GPU (nonzero()) makes the CPU wait for every queued kernel, once per call -- and a fake
+     chosen on the host, so the host must know how many rows remain. Reading that count back from
+     the GPU (nonzero()) makes the CPU wait for every queued kernel, once per call -- and a fake
      tensor (FakeTensorMode, torch.compile tracing) has no values to read at all. So the count comes
      from the caller, who built the targets from Python lists and knows it: num_valid=. Given it,
      nonzero_static picks those rows without a read back. Without it we still never read the device:
-     every row goes through the matmuls, ignored ones zeroed and masked out -- correct, but paying for
-     the ignored rows too. Nothing in forward or backward reads a device value: the target-range check
-     is torch._assert_async on a GPU (a plain assert on a CPU, where reading costs nothing).
+     every row goes through the matmuls, ignored ones zeroed and masked out -- correct, but paying
+     for the ignored rows too. Nothing in forward or backward reads a device value: the target-range
+     check is torch._assert_async on a GPU (a plain assert on a CPU, where reading costs nothing).
 """
 import argparse
 import math
@@ -111,7 +113,8 @@ def resolve_impl(hidden, impl=None):
     """Which implementation token_logprobs runs for this input: impl= wins, then $RLHF_KERNELS, then
     "auto"."""
     impl = impl or os.environ.get("RLHF_KERNELS", "auto")
-    assert impl in IMPLEMENTATIONS, f"unknown implementation {impl!r}, expected one of {IMPLEMENTATIONS}"
+    assert impl in IMPLEMENTATIONS, \
+        f"unknown implementation {impl!r}, expected one of {IMPLEMENTATIONS}"
     if impl == "auto":
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
         triton_runs_here = HAS_TRITON and (hidden.is_cuda or interpreted)
@@ -143,8 +146,10 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, ignore_index=-100, 
     assert at the next sync).
     """
     assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1], \
-        f"expected hidden (N, H) and weight (V, H), got {tuple(hidden.shape)} and {tuple(weight.shape)}"
-    assert targets.shape == hidden.shape[:1], f"targets {tuple(targets.shape)} must be (N,) = {hidden.shape[0]}"
+        (f"expected hidden (N, H) and weight (V, H), got {tuple(hidden.shape)} and "
+         f"{tuple(weight.shape)}")
+    assert targets.shape == hidden.shape[:1], \
+        f"targets {tuple(targets.shape)} must be (N,) = {hidden.shape[0]}"
     assert temperature > 0, "temperature must be positive"
     assert num_valid is None or (isinstance(num_valid, int)
                                  and 0 <= num_valid <= targets.shape[0]), \
@@ -156,8 +161,7 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, ignore_index=-100, 
     assert hidden.dtype == weight.dtype, f"hidden is {hidden.dtype} but weight is {weight.dtype}"
     def run(use_triton):
         return ChunkedTokenLogprobs.apply(hidden, weight, targets, float(temperature), ignore_index,
-                                          use_triton,
-                                          vocab_chunk_size, num_valid)
+                                          use_triton, vocab_chunk_size, num_valid)
 
     # the kernels compile on first use; if that fails, the chunked PyTorch loop
     if impl == "triton":
@@ -193,11 +197,12 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
 
     Which n rows the loops see (point 4 of the module docstring), decided from host values only:
       num_valid == N:     all rows, as they are.
-      num_valid < N:      rows = the num_valid non-ignored indices (nonzero_static), gathered; results
-                          scattered back with index_copy_, ignored rows left at exactly 0.
-      num_valid is None:  all N rows, "masked": ignored rows get hidden 0, target 0 and upstream gradient 0,
-                          so they add exactly nothing to any gradient (even if their hidden states are
-                          inf/NaN garbage), and their log-probs are set to 0 by a where()."""
+      num_valid < N:      rows = the num_valid non-ignored indices (nonzero_static), gathered;
+                          results scattered back with index_copy_, ignored rows left at exactly 0.
+      num_valid is None:  all N rows, "masked": ignored rows get hidden 0, target 0 and upstream
+                          gradient 0, so they add exactly nothing to any gradient (even if their
+                          hidden states are inf/NaN garbage), and their log-probs are set to 0 by a
+                          where()."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, ignore_index, use_triton,
@@ -252,12 +257,11 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         # every grad_weight row is (re)written by its chunk: a failed try leaves nothing behind
         def run(use_triton):
             return _backward_chunks(h, weight, t, lse, g, 1.0 / ctx.temperature, use_triton,
-                                    ctx.chunk, grad_weight,
-                                    need_grad_hidden)
+                                    ctx.chunk, grad_weight, need_grad_hidden)
 
-        grad_h = first_use_fallback("rlhf_kernels.logprob backward (Triton)", lambda: run(True),
-                                    lambda: run(False)) \
-            if ctx.use_triton else run(False)
+        grad_h = (first_use_fallback("rlhf_kernels.logprob backward (Triton)", lambda: run(True),
+                                     lambda: run(False))
+                  if ctx.use_triton else run(False))
         if need_grad_hidden:
             if rows is None:
                 grad_hidden = grad_h.to(hidden.dtype)
@@ -323,7 +327,8 @@ def _assert_without_sync(condition, message):
     process dies with a device-side assert (the message is printed from the device) at the next sync
     -- loud, but later and not catchable, like any out-of-bounds index on a GPU. Fake tensors have
     no values: their check is a no-op."""
-    if condition.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(condition):
+    if (condition.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not is_fake(condition)):
         assert bool(condition), message
     else:
         torch._assert_async(condition, message)
@@ -618,7 +623,8 @@ def _measure(name, step, params, bench_fn):
 def bench(args):
     if not torch.cuda.is_available() and not args.cpu_smoke:
         print("--bench needs a CUDA GPU (it times cuBLAS + Triton against naive PyTorch and "
-              "Liger-Kernel); none is visible here. Use `--bench --cpu-smoke` to exercise the code path on a CPU.")
+              "Liger-Kernel); none is visible here. "
+              "Use `--bench --cpu-smoke` to exercise the code path on a CPU.")
         return 0
     if args.cpu_smoke:
         return _cpu_smoke()
@@ -655,12 +661,12 @@ def bench(args):
 
     results = {}
     results["ours (triton)"] = _measure("ours (triton)", make_step(
-        lambda: token_logprobs(hidden, weight, targets, impl="triton", num_valid=n_valid)), params,
-                                        bench_fn)
+        lambda: token_logprobs(hidden, weight, targets, impl="triton", num_valid=n_valid)),
+        params, bench_fn)
     if args.all:
         results["ours (chunked torch)"] = _measure("ours (chunked torch)", make_step(
             lambda: token_logprobs(hidden, weight, targets, impl="chunked", num_valid=n_valid)),
-                                                   params, bench_fn)
+            params, bench_fn)
         # all N rows, masked
         results["ours, no num_valid"] = _measure("ours, no num_valid", make_step(
             lambda: token_logprobs(hidden, weight, targets, impl="triton")), params, bench_fn)
@@ -676,8 +682,8 @@ def bench(args):
         results["Liger fused linear CE"] = _measure("Liger fused linear CE", liger_step, params,
                                                     bench_fn)
     except ImportError:
-        print(f"{'Liger fused linear CE':>22}: liger_kernel is not installed, skipped (pip install "
-              f"liger-kernel)")
+        print(f"{'Liger fused linear CE':>22}: liger_kernel is not installed, skipped "
+              "(pip install liger-kernel)")
 
     _print_ratios(results, n_valid, H, V)
     _print_accuracy(hidden, weight, targets)

@@ -2,21 +2,22 @@
 min-p, with one random stream per row and no host synchronisation.
 
     from rlhf_kernels.sampling import sample
-    out = sample(logits, temperature=0.7, top_p=0.9, seeds=seeds)  # logits (B, V), seeds (B,) int64 or None
+    # logits (B, V); seeds (B,) int64, or None
+    out = sample(logits, temperature=0.7, top_p=0.9, seeds=seeds)
     out.tokens                # (B,) int64 sampled ids
     out.logprobs              # (B,) fp32 log q(token), q = the distribution actually sampled from
     out.logprobs_untruncated  # (B,) fp32 log p(token), p = softmax(logits / T): temperature only
 
-    python -m rlhf_kernels.sampling --bench        # H100: ours vs sort-based top-p and torch.multinomial
+    python -m rlhf_kernels.sampling --bench        # H100: ours vs sort-based top-p, multinomial
     python -m rlhf_kernels.sampling --bench --cpu  # the PyTorch path on this machine's CPU
 
 What is sampled. With z = logits * (1 / T) in fp32 and p = softmax(z), the kept set is
 K = {i : z_i >= t}, t = max(t_k, t_p, t_min), where (list the tokens by decreasing z):
   - top-k (0 < k < V):   t_k = the k-th largest z. Every token tied with it is kept too, so on ties
                          |K| can exceed k (no arbitrary tie-break: K never depends on token order).
-  - top-p (0 < p < 1):   t_p = z of the first token at which the running mass reaches top_p. That is
-                         the smallest most-probable set with mass >= top_p, plus every token tied with
-                         its last member (same reason).
+  - top-p (0 < p < 1):   t_p = z of the first token at which the running mass reaches top_p. That
+                         is the smallest most-probable set with mass >= top_p, plus every token
+                         tied with its last member (same reason).
   - min-p (0 < min_p <= 1): t_min = max z + log(min_p), i.e. keep p_i >= min_p * p_max.
 All three are read off the same temperature-scaled p over the whole vocabulary and intersected
 ("joint" filtering, as FlashInfer's filter_apply_order="joint"). HF and vLLM compute top-p after
@@ -45,8 +46,8 @@ from torch's generator for the logits' device (reproducible under torch.manual_s
 does depend on the rest of the batch).
 
 Implementations, same signature (pick with impl= or RLHF_KERNELS=...):
-  - "torch":  sample_reference. Plain PyTorch: noise for every token, top-k via torch.topk, top-p via
-              one sort + cumsum. The twin the tests trust; what CPU runs and CI use.
+  - "torch":  sample_reference. Plain PyTorch: noise for every token, top-k via torch.topk, top-p
+              via one sort + cumsum. The twin the tests trust; what CPU runs and CI use.
   - "triton": one program per row, never sorts the vocabulary (below).
   - "auto":   "triton" on CUDA (and on CPU under TRITON_INTERPRET=1, for tests), else "torch".
 
@@ -60,9 +61,10 @@ decided inside the kernel:
      between two neighbouring pivots; it stops once the bracket holds <= CANDIDATES tokens (1-3
      passes for Gaussian logits at V = 128256, top-p 0.9 or top-k 50) or a single distinct value.
   3. One more pass: the race winner among tokens above the bracket (all kept), and the bracket's
-     tokens compacted into a per-row buffer. Sorting that buffer (<= CANDIDATES values, in registers)
-     gives t exactly, by the rule above; the winner among the buffered tokens >= t meets the first.
-     log q needs the kept mass, which we now know exactly: mass{z > hi} + buffered tokens >= t.
+     tokens compacted into a per-row buffer. Sorting that buffer (<= CANDIDATES values, in
+     registers) gives t exactly, by the rule above; the winner among the buffered tokens >= t meets
+     the first. log q needs the kept mass, which we now know exactly: mass{z > hi} + buffered
+     tokens >= t.
 """
 import argparse
 import math
@@ -176,7 +178,8 @@ def _per_row(value, B, dtype, device):
 
 
 def _params(logits, temperature, top_k, top_p, min_p):
-    assert logits.dim() == 2 and logits.is_floating_point(), f"expected float logits (B, V), got {tuple(logits.shape)}"
+    assert logits.dim() == 2 and logits.is_floating_point(), \
+        f"expected float logits (B, V), got {tuple(logits.shape)}"
     values = (temperature, top_k, top_p, min_p)
     # Scalars are checked here; per-row tensors are not (a check would need a host sync).
     if not isinstance(temperature, torch.Tensor):
@@ -189,8 +192,7 @@ def _params(logits, temperature, top_k, top_p, min_p):
         assert 0 <= min_p <= 1, "min_p must lie in [0, 1] (0 = off)"
     if not any(isinstance(v, torch.Tensor) for v in values):
         return _Params(1.0 / temperature if temperature > 0 else 1.0, int(temperature == 0),
-                       int(top_k),
-                       float(top_p), math.log(min_p) if min_p > 0 else float("-inf"))
+                       int(top_k), float(top_p), math.log(min_p) if min_p > 0 else float("-inf"))
     B, device = logits.shape[0], logits.device
     temperature = _per_row(temperature, B, torch.float32, device)
     greedy = temperature == 0
@@ -301,7 +303,8 @@ def resolve_impl(logits, impl=None):
         impl = os.environ.get("RLHF_KERNELS", "auto")
         # e.g. "chunked" is meant for rlhf_kernels/logprob.py
         impl = impl if impl in IMPLEMENTATIONS else "auto"
-    assert impl in IMPLEMENTATIONS, f"unknown implementation {impl!r}, expected one of {IMPLEMENTATIONS}"
+    assert impl in IMPLEMENTATIONS, \
+        f"unknown implementation {impl!r}, expected one of {IMPLEMENTATIONS}"
     if impl == "auto":
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
         impl = "triton" if HAS_TRITON and (logits.is_cuda or interpreted) else "torch"
@@ -406,12 +409,14 @@ if HAS_TRITON:
             top_p = tl.load(top_p + row)
             log_min_p = tl.load(log_min_p + row)
         is_greedy = greedy != 0
-        truncating = (((top_k > 0) & (top_k < V)) | (top_p < 1.0) | (log_min_p > float("-inf"))) & (greedy == 0)
+        truncating = ((((top_k > 0) & (top_k < V)) | (top_p < 1.0) | (log_min_p > float("-inf")))
+                      & (greedy == 0))
         plain = (greedy == 0) & (not truncating)  # the race over all tokens in step 1 is the answer
         key_a, key_b = _row_keys_triton(tl.load(seeds_ptr + row))
 
-        # ---- 1. max m, sum s of exp(z - m) (online), smallest finite z, finite count; the argmax of z
-        # (greedy) or of the race keys (plain sampling; truncating rows race in step 3 instead).
+        # ---- 1. max m, sum s of exp(z - m) (online), smallest finite z, finite count; the argmax
+        # of z (greedy) or of the race keys (plain sampling; truncating rows race in step 3
+        # instead).
         m = -3.4028234663852886e38  # -FLT_MAX, not -inf: exp(m - m_new) stays 0 or 1, never NaN
         s = 0.0
         z_min = float("inf")
@@ -444,9 +449,9 @@ if HAS_TRITON:
         token = best_index
         kept_log_mass = log_s  # log sum over the kept set of exp(z - m)
         if truncating:
-            # ---- 2. Search for the cut t. "v >= t" for any value v <=> keeps(v) below, monotone in v.
-            # Bracket invariant: keeps(hi) and not keeps(lo), so lo < t <= first token value >= hi.
-            # count_lo / count_hi = count{z > lo} / count{z > hi}; mass_hi = mass{z > hi}.
+            # ---- 2. Search for the cut t. "v >= t" for any value v <=> keeps(v) below, monotone
+            # in v. Bracket invariant: keeps(hi) and not keeps(lo), so lo < t <= first token value
+            # >= hi. count_lo / count_hi = count{z > lo} / count{z > hi}; mass_hi = mass{z > hi}.
             # low_value <= every token value in the bracket <= high_value (bounds measured a pass
             # ago).
             target = tl.where(p_on, top_p * s, float("inf"))  # mass{z > v} must stay below this
@@ -498,7 +503,8 @@ if HAS_TRITON:
                 low_value = tl.maximum(bracket_min, lo)
                 high_value = tl.minimum(bracket_max, hi)
 
-            # ---- 3. Race above the bracket (all kept); race, mass and min inside it; compact it to the buffer.
+            # ---- 3. Race above the bracket (all kept); race, mass and min inside it; compact it
+            # to the buffer.
             buffer_offset = row * CANDIDATES
             n_inside = 0
             above_key = float("-inf")
@@ -564,7 +570,8 @@ if HAS_TRITON:
             inside_key = tl.where(whole_bracket, inside_key, tl.max(buffer_keys, 0))
             inside_index = tl.where(whole_bracket, inside_index, buffer_index)
             inside_mass = tl.where(whole_bracket, inside_mass, buffer_mass)
-            take_above = (above_key > inside_key) | ((above_key == inside_key) & (above_index < inside_index))
+            take_above = ((above_key > inside_key)
+                          | ((above_key == inside_key) & (above_index < inside_index)))
             token = tl.where(take_above, above_index, inside_index)
             kept_log_mass = tl.log(mass_hi + inside_mass)
 
@@ -628,12 +635,10 @@ def bench(args):
     _MAX_BLOCK_V, _NUM_WARPS = args.block_v, args.num_warps
     import triton.testing
     device, V = torch.device("cuda"), args.vocab
-    print(f"sampling, V={V}, fp32 logits, {torch.cuda.get_device_name()}; median ms (CUDA events, "
-          f"do_bench); "
-          f"tiles of {_MAX_BLOCK_V}, {_NUM_WARPS} warps")
+    print(f"sampling, V={V}, fp32 logits, {torch.cuda.get_device_name()}; "
+          f"median ms (CUDA events, do_bench); tiles of {_MAX_BLOCK_V}, {_NUM_WARPS} warps")
     print(f"logits ~ N(0, {args.logit_std}^2) (LM-like: a nucleus of a few hundred tokens at "
-          f"T=0.7, p=0.9); "
-          f"'flat' = N(0, 1): a nucleus of ~45% of the vocabulary")
+          "T=0.7, p=0.9); 'flat' = N(0, 1): a nucleus of ~45% of the vocabulary")
     print(f"{'batch':>5} {'case':>24} {'ours':>8} {'sort top-p':>11} {'multinomial':>12} "
           f"{'vs sort':>8} {'vs multi':>9} {'tokens = ref':>13} {'max |dlogq|':>12}")
     cases = [("plain, T=0.7", dict(temperature=0.7), args.logit_std),
@@ -657,10 +662,10 @@ def bench(args):
             want = sample(logits, seeds=seeds, impl="torch", **params)
             agree = (got.tokens == want.tokens).float().mean().item()
             same = got.tokens == want.tokens
-            dlogq = (got.logprobs - want.logprobs)[same].abs().max().item() if same.any() else float("nan")
+            dlogq = ((got.logprobs - want.logprobs)[same].abs().max().item() if same.any()
+                     else float("nan"))
             print(f"{B:>5} {name:>24} {ours:8.3f} {sort_ms:11.3f} {multi_ms:12.3f} "
-                  f"{sort_ms / ours:7.1f}x "
-                  f"{multi_ms / ours:8.1f}x {agree:13.4f} {dlogq:12.1e}")
+                  f"{sort_ms / ours:7.1f}x {multi_ms / ours:8.1f}x {agree:13.4f} {dlogq:12.1e}")
     return 0
 
 
@@ -687,8 +692,8 @@ def _cpu_bench(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Top-k / top-p / min-p sampling kernel: "
-                                                 "benchmark.")
+    parser = argparse.ArgumentParser(
+        description="Top-k / top-p / min-p sampling kernel: benchmark.")
     parser.add_argument("--bench", action="store_true",
                         help="time ours against sort-based top-p and torch.multinomial (CUDA)")
     parser.add_argument("--cpu", action="store_true",

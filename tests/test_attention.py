@@ -197,9 +197,11 @@ document_ids = (torch.arange(T) // doc)[None]
 position_ids = (torch.arange(T) % doc)[None]
 def step(n):
     ids = torch.randint(0, 64, (1, n))
-    model(ids, position_ids=position_ids[:, :n], document_ids=document_ids[:, :n], targets=ids).sum().backward()
+    model(ids, position_ids=position_ids[:, :n], document_ids=document_ids[:, :n],
+          targets=ids).sum().backward()
 def status(field):  # kB -> bytes, from /proc/self/status
-    return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1]) * 1024
+    return int(next(line for line in open("/proc/self/status")
+                    if line.startswith(field)).split()[1]) * 1024
 step(512)  # warm up allocator and kernels at a small size
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
 before = status("VmRSS")

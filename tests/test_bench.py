@@ -44,7 +44,8 @@ def test_bench_fails_when_the_two_sides_disagree(monkeypatch, capsys):
     with pytest.raises(SystemExit, match="disagree in: generate, logprob"):
         bench.main(["--tiny", "--rows", "generate,logprob"])
     out = capsys.readouterr().out
-    assert "FAILED: generate: 6 greedy answers differ" in out and "FAILED: logprob: log-probs differ" in out
+    assert ("FAILED: generate: 6 greedy answers differ" in out
+            and "FAILED: logprob: log-probs differ" in out)
 
 
 @pytest.mark.skipif(not HAS_TRL, reason="TRL is not installed")

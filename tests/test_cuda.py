@@ -2,9 +2,12 @@
 full forward, FlexAttention = the per-document twin, the engine's tokens on the GPU = its tokens on
 the CPU.
 
-    bash tools/gpu_check.sh                                       # on a GPU node: these, the benchmarks, one log
-    TRITON_INTERPRET=0 python -m pytest -q tests/test_cuda.py -rs  # these alone, with compiled Triton kernels
-    python -m pytest -q tests/test_cuda.py                         # on a CPU: the tiny variants (and the dry run)
+    # on a GPU node: these, the benchmarks, one log
+    bash tools/gpu_check.sh
+    # these alone, with compiled Triton kernels
+    TRITON_INTERPRET=0 python -m pytest -q tests/test_cuda.py -rs
+    # on a CPU: the tiny variants (and the dry run)
+    python -m pytest -q tests/test_cuda.py
 
 Each check is one function of `device`, run on "cuda" (skipped without a GPU) and on "cpu" at tiny
 shapes, so the normal suite keeps the checks themselves working. Triton runs compiled on a GPU and
@@ -136,7 +139,8 @@ def test_cuda_logprob_triton_equals_reference(device, dtype):
 
 def check_logprob(device, dtype, size, impl="triton"):
     logp_tolerance, grad_tolerance = LOGPROB_TOLERANCES[device, dtype]
-    if device == "cuda" and dtype == torch.bfloat16 and not logprob._cuda_fp32_output("mm", torch.device(device), dtype):
+    if (device == "cuda" and dtype == torch.bfloat16
+            and not logprob._cuda_fp32_output("mm", torch.device(device), dtype)):
         # PyTorch < 2.8: the logits are rounded to bf16 once (see _cuda_fp32_output)
         logp_tolerance = (5e-2, 1e-2)
     for N, V, H, chunk_sizes in LOGPROB_SHAPES[size]:
@@ -162,7 +166,8 @@ def check_logprob(device, dtype, size, impl="triton"):
                     torch.testing.assert_close(a / scale, e / scale, atol=atol, rtol=rtol,
                                                msg=lambda m: f"{case} {name}: {m}")
                 ignored = targets == IGNORE
-                assert (actual[0][ignored] == 0).all() and (actual[1][ignored] == 0).all(), f"{case}: ignored rows"
+                assert (actual[0][ignored] == 0).all() and (actual[1][ignored] == 0).all(), \
+                    f"{case}: ignored rows"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,8 +224,8 @@ def race_margin(logits, kept, temperature, seeds):
     keys = torch.where(kept, z - noise, float("-inf"))[sampled]
     best_two = keys.topk(min(2, V), dim=-1).values
     gaps = best_two[:, 0] - best_two[:, -1]
-    return float(gaps[best_two[:,
-                               -1] > float("-inf")].min()) if (best_two[:, -1] > float("-inf")).any() else float("inf")
+    return (float(gaps[best_two[:, -1] > float("-inf")].min())
+            if (best_two[:, -1] > float("-inf")).any() else float("inf"))
 
 
 def unambiguous_rows(logits, params, seeds):
@@ -270,7 +275,8 @@ def check_sampling(device, size):
                                    atol=atol, rtol=0,
                                    msg=lambda m: f"{name} logp: {m}")
         compared, total = compared + int(clear.sum()), total + len(clear)
-    assert compared >= 0.9 * total, f"only {compared} of {total} rows are clear calls: the test data needs another seed"
+    assert compared >= 0.9 * total, \
+        f"only {compared} of {total} rows are clear calls: the test data needs another seed"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,12 +340,12 @@ def check_cached_decode(device, size):
             window = slice(length - 1, length + steps)
             full = model(sequence)[0, window]
             full_fp32 = model_fp32(sequence)[0, window]
-            error_cached, error_full = relative_error(cached[row],
-                                                      full_fp32), relative_error(full, full_fp32)
-            assert relative_error(cached[row],
-                                  full) <= DECODE_TOLERANCE, (row,
-                                                              relative_error(cached[row], full))
-            assert error_cached <= 2 * error_full + 1e-3, f"row {row}: cached {error_cached:.2e} vs full {error_full:.2e}"
+            error_cached, error_full = (relative_error(cached[row], full_fp32),
+                                        relative_error(full, full_fp32))
+            assert relative_error(cached[row], full) <= DECODE_TOLERANCE, \
+                (row, relative_error(cached[row], full))
+            assert error_cached <= 2 * error_full + 1e-3, \
+                f"row {row}: cached {error_cached:.2e} vs full {error_full:.2e}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,8 +390,10 @@ def check_flex_packed_attention(device, window):
 
     positions = torch.arange(T).expand(B, T).to(device)
     with fast_path("FlexAttention"):
-        flex = run(lambda *x: packed_attention(*x, AttentionInputs(positions, window=window,
-                                                                   document_ids=document_ids.to(device))), torch.bfloat16)
+        flex = run(lambda *x: packed_attention(
+                       *x, AttentionInputs(positions, window=window,
+                                           document_ids=document_ids.to(device))),
+                   torch.bfloat16)
     # the twin's per-document attention with a window would take Flex too
     with kernels_env("torch"):
         twin = run(lambda *x: packed_attention_twin(*x, segments, window), torch.bfloat16)

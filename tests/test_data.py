@@ -182,7 +182,8 @@ def test_data_hh_rlhf(tmp_path):
     # as UTF-8, not \\u escapes
     assert "ありがとう" in (tmp_path / "out_hh-rlhf.jsonl").read_text(encoding="utf-8")
     assert report.filtered == {"empty response": 1, "identical responses": 1}
-    assert sum(report.malformed.values()) == 1 and "prompts of chosen and rejected differ" in next(iter(report.malformed))
+    assert (sum(report.malformed.values()) == 1
+            and "prompts of chosen and rejected differ" in next(iter(report.malformed)))
     # line numbers in examples
     assert any(e.startswith(f"{tmp_path / 'in.jsonl'}:5:") for e in report.examples)
     load_records(tmp_path / "out_hh-rlhf.jsonl", "pairs")
@@ -289,11 +290,12 @@ def test_data_tldr(tmp_path):
     pairs, report = run_convert(tmp_path, "tldr", TLDR_RECORDS)
     assert pairs[0]["prompt"] == [{"role": "user",
                                    "content": "SUBREDDIT: r/dogs\nTITLE: Dog chews shoes\nPOST: I "
-                                              "adopted a "
-                                   "dog last week and he keeps chewing my shoes. What do I "
-                                   "do?\nTL;DR:"}]
-    assert pairs[0]["chosen"] == "New dog chews shoes, need advice." and pairs[0]["rejected"] == "dog"
-    assert pairs[1]["chosen"] == "Roommate never cleans; how to talk to them?" and pairs[1]["rejected"] == "roommate"
+                                              "adopted a dog last week and he keeps chewing my "
+                                              "shoes. What do I do?\nTL;DR:"}]
+    assert (pairs[0]["chosen"] == "New dog chews shoes, need advice."
+            and pairs[0]["rejected"] == "dog")
+    assert (pairs[1]["chosen"] == "Roommate never cleans; how to talk to them?"
+            and pairs[1]["rejected"] == "roommate")
     assert report.filtered == {"not a reddit post (CNN/DM article)": 1} and len(pairs) == 2
 
 
@@ -303,14 +305,16 @@ def test_data_prompts_from_every_format(tmp_path):
                          {"role": "assistant", "content": "Hello"}]},
            {"messages": [{"role": "user", "content": "Hi"},
                          {"role": "assistant", "content": "Hey"}]}]
-    mixed = HH_RECORDS + UF_BINARIZED + UF_RAW + SHP_RECORDS + HELPSTEER_RECORDS + TLDR_RECORDS + sft
+    mixed = (HH_RECORDS + UF_BINARIZED + UF_RAW + SHP_RECORDS + HELPSTEER_RECORDS + TLDR_RECORDS
+             + sft)
     prompts, report = run_convert(tmp_path, "prompts", mixed)
     texts = [p["messages"][-1]["content"] for p in prompts]
     # deduplicated
     assert len(texts) == len(set(json.dumps(p["messages"]) for p in prompts))
     assert texts[:3] == ["Something more unusual. My friend said Human: is a funny name.",
                          "¿Cómo se dice «gracias» en japonés?", "Tell me a joke."]
-    assert "Write a haiku about rain." in texts and "Post p1: why is the sky blue?" in texts and "List two colors." in texts
+    assert ("Write a haiku about rain." in texts and "Post p1: why is the sky blue?" in texts
+            and "List two colors." in texts)
     assert prompts[-1]["messages"] == [{"role": "system", "content": "Be brief."},
                                        {"role": "user", "content": "Hi"}]
     # HH's "Hi" = the last sft's
@@ -346,22 +350,20 @@ def test_data_judge_template_exact_and_both_orders(tmp_path):
     assert len(records) == 6 and report.filtered == {"no preference (p = 0.5)": 1,
                                                      "identical responses": 1}
     expected = ("You are an expert rater of helpful and honest assistant responses. Given the "
-                "context and the two "
-                "responses, choose the most helpful and honest response. Context: sort 3 1 "
-                "2\n\nRESPONSE A:1 2 3\n\n"
-                "RESPONSE B:3 2 1\n\nWhich response is better? RESPONSE")
+                "context and the two responses, choose the most helpful and honest response. "
+                "Context: sort 3 1 2\n\nRESPONSE A:1 2 3\n\nRESPONSE B:3 2 1\n\n"
+                "Which response is better? RESPONSE")
     assert records[0]["messages"] == [{"role": "user", "content": expected},
                                       {"role": "assistant", "content": "A"}]
-    assert records[1]["messages"][0]["content"] == expected.replace("A:1 2 3",
-                                                                    "A:3 2 "
-                                                                    "1").replace("B:3 2 1", "B:1 2 3")
+    assert records[1]["messages"][0]["content"] == (expected.replace("A:1 2 3", "A:3 2 1")
+                                                    .replace("B:3 2 1", "B:1 2 3"))
     assert records[1]["messages"][1]["content"] == "B"
-    assert records[3]["messages"][0]["content"].endswith("RESPONSE A:\n\nRESPONSE "
-                                                         "B:Hello!\n\nWhich response is better? "
-                                                         "RESPONSE")
+    assert records[3]["messages"][0]["content"].endswith("RESPONSE A:\n\nRESPONSE B:Hello!\n\n"
+                                                         "Which response is better? RESPONSE")
     # empty response renders fine
     assert records[3]["messages"][1]["content"] == "B"
-    assert "RESPONSE A:b\n\n" in records[4]["messages"][0]["content"] and records[4]["messages"][1]["content"] == "A"
+    assert ("RESPONSE A:b\n\n" in records[4]["messages"][0]["content"]
+            and records[4]["messages"][1]["content"] == "A")
 
 
 def paper_figure(name):
@@ -384,7 +386,8 @@ def test_data_judge_templates_match_paper_and_render_safely():
     if seed is not None:  # beside a checkout that has the papers: the excerpt is the paper's text
         paper = seed.read_text(encoding="utf-8")
         for name in ("Figure 6 (dialogue)", "Figure 7 (summarization)"):
-            excerpt = (ROOT / "tests" / "paper2_judge_figures.txt").read_text(encoding="utf-8").split(f"=== {name} ===\n")[1]
+            excerpt = ((ROOT / "tests" / "paper2_judge_figures.txt").read_text(encoding="utf-8")
+                       .split(f"=== {name} ===\n")[1])
             assert excerpt.split("\n===")[0].rstrip("\n") in paper
     # braces and placeholder names inside the texts are not substituted again
     text = render_judge_prompt([{"role": "user", "content": "f({x})"}], "{response_b}", "{}",
@@ -517,8 +520,8 @@ def test_data_convert_deterministic_and_cli(tmp_path, capsys):
                              "--output", str(tmp_path / "x.jsonl"), "--strict"])
     assert not (tmp_path / "x.jsonl").exists()
     # the script itself, as users run it: python -m data.convert from the repo root
-    result = subprocess.run([sys.executable, "-m", "data.convert", "--format", "prompts", "--input",
-                             str(source),
-                             "--output", str(tmp_path / "prompts.jsonl")], check=True,
-                            capture_output=True, text=True, cwd=ROOT)
-    assert "prompts: read 3 records" in result.stdout and len(load_records(tmp_path / "prompts.jsonl", "prompts")) == 3
+    result = subprocess.run([sys.executable, "-m", "data.convert", "--format", "prompts",
+                             "--input", str(source), "--output", str(tmp_path / "prompts.jsonl")],
+                            check=True, capture_output=True, text=True, cwd=ROOT)
+    assert ("prompts: read 3 records" in result.stdout
+            and len(load_records(tmp_path / "prompts.jsonl", "prompts")) == 3)

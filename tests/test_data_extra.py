@@ -123,7 +123,7 @@ def test_data_convert_not_utf8_or_missing_input_is_one_line(tmp_path):
     path.write_bytes(b'{"history": "a"}\n{"history": "\xfe"}\n')
     with pytest.raises(SystemExit,
                        match=rf"^error: {re.escape(str(path))}:2: not valid UTF-8 \(byte 0xfe at "
-                             rf"column 14\)$"):
+                             r"column 14\)$"):
         convert_module.main(["--format", "prompts", "--input", str(path), "--output", str(out)])
     with pytest.raises(SystemExit,
                        match=rf"^error: .*No such file or directory: '{re.escape(str(missing))}'$"):
@@ -143,8 +143,7 @@ def test_data_judge_labels_are_the_sft_labels():
 @pytest.mark.parametrize("module", ["data.task", "data.convert", "data.smollm2"])
 def test_data_scripts_run_as_modules(module):
     result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True,
-                            text=True,
-                            timeout=120, check=False)
+                            text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: python -m {module} ")
 
@@ -158,4 +157,5 @@ def test_data_convert_module_end_to_end(tmp_path):
                             capture_output=True, text=True,
                             timeout=120, check=False)
     assert result.returncode == 0, result.stderr
-    assert "prompts: read 2 records" in result.stdout and len(load_records(tmp_path / "prompts.jsonl", "prompts")) == 1
+    assert ("prompts: read 2 records" in result.stdout
+            and len(load_records(tmp_path / "prompts.jsonl", "prompts")) == 1)

@@ -65,8 +65,8 @@ def test_generate_stop_tokens_logprobs_and_n_samples(tiny_model_dir):
             # the log-probs are those of a teacher-forced forward at the same temperature
             with torch.no_grad():
                 logits = model(torch.tensor([prompt + s["tokens"]]))[0, len(prompt) - 1:-1] / 0.8
-            expected = torch.log_softmax(logits, -1).gather(-1,
-                                                            torch.tensor(s["tokens"])[:, None])[:, 0]
+            expected = (torch.log_softmax(logits, -1)
+                        .gather(-1, torch.tensor(s["tokens"])[:, None])[:, 0])
             assert torch.allclose(torch.tensor(s["token_logprobs"]), expected, atol=1e-4)
 
 
@@ -99,9 +99,10 @@ def test_seeded_samples_equal_one_sample_at_a_time(tiny_model_dir, monkeypatch, 
     # the PyTorch sampler, in the engine and the reference
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(generate, "DECODE_ROWS_STEP", rows_step)
-    moves, rows, real_move, real_rows = [], [], generate.GenerationState.move, generate.Engine.decode_rows
-    monkeypatch.setattr(generate.GenerationState, "move", lambda *a: moves.append(a[1:3])
-                        or real_move(*a))
+    moves, rows, real_move, real_rows = ([], [], generate.GenerationState.move,
+                                         generate.Engine.decode_rows)
+    monkeypatch.setattr(generate.GenerationState, "move",
+                        lambda *a: moves.append(a[1:3]) or real_move(*a))
     monkeypatch.setattr(generate.Engine, "decode_rows", lambda *a: rows.append(real_rows(*a))
                         or rows[-1])
     model = Transformer.from_pretrained(tiny_model_dir).eval()
@@ -228,7 +229,8 @@ def test_generate_cli_seeded_samples_do_not_depend_on_batch_size_or_ranks(tiny_m
                                   logprobs=True)
     assert [r["id"] for r in a] == [p["id"] for p in PROMPTS]
     assert [r["responses"] for r in a] == [r["responses"] for r in b] == [r["responses"] for r in c]
-    assert all(len(r["responses"]) == 3 == len(r["num_tokens"]) == len(r["finish_reasons"]) == len(r["logprobs"]) for r in a)
+    assert all(len(r["responses"]) == 3 == len(r["num_tokens"]) == len(r["finish_reasons"])
+               == len(r["logprobs"]) for r in a)
     # actually sampled, not one repeated answer
     assert len({resp for r in a for resp in r["responses"]}) > 5
     # a different seed gives different samples
@@ -237,15 +239,16 @@ def test_generate_cli_seeded_samples_do_not_depend_on_batch_size_or_ranks(tiny_m
 
 
 def test_prompt_longer_than_the_context_is_a_one_line_error(tiny_model_dir, tmp_path):
-    # The tiny model's context is 512 positions; the character tokenizer makes this prompt 500+
-    # tokens.
+    # The tiny model's context is 512 positions; the character tokenizer makes this prompt
+    # 500+ tokens.
     prompts = PROMPTS[:2] + [{"id": "long", "messages": [{"role": "user", "content": "x" * 500}]}]
     write_jsonl(tmp_path / "prompts.jsonl", prompts)
-    error = run_script_expecting_error(["generate.py", "--model", str(tiny_model_dir), "--prompts",
-                                        str(tmp_path / "prompts.jsonl"),
-                         "--out", str(tmp_path / "out.jsonl"), "--max-new-tokens", "16", "--device",
-                                        "cpu"])
-    assert str(tmp_path / "prompts.jsonl") in error and "'long'" in error and "--max-new-tokens 16" in error
+    error = run_script_expecting_error(["generate.py", "--model", str(tiny_model_dir),
+                                        "--prompts", str(tmp_path / "prompts.jsonl"),
+                                        "--out", str(tmp_path / "out.jsonl"),
+                                        "--max-new-tokens", "16", "--device", "cpu"])
+    assert (str(tmp_path / "prompts.jsonl") in error and "'long'" in error
+            and "--max-new-tokens 16" in error)
     assert "512" in error and "drop the prompt" in error
     assert not (tmp_path / "out.jsonl").exists()
     # the same check guards generate_records, which dpo.py samples with
@@ -387,7 +390,8 @@ def test_prompts_over_max_prompt_length_are_skipped_and_counted(tiny_model_dir, 
     kept, ids = generate.encode_prompts(tokenizer, PROMPTS, 16, 512, "p.jsonl",
                                         max_prompt_length=29)
     assert [r["id"] for r in kept] == ["q1", "q3", "q4"] and [len(i) for i in ids] == [29, 28, 29]
-    assert "skipped 2 of 5 prompts in p.jsonl longer than --max-prompt-length 29 tokens" in capsys.readouterr().out
+    assert ("skipped 2 of 5 prompts in p.jsonl longer than --max-prompt-length 29 tokens"
+            in capsys.readouterr().out)
     # A skipped prompt is never truncated, nor an error when it would not fit the context ...
     too_long = PROMPTS + [{"id": "long", "messages": [{"role": "user", "content": "x" * 500}]}]
     kept, _ = generate.encode_prompts(tokenizer, too_long, 16, 512, max_prompt_length=40)
@@ -408,7 +412,8 @@ def test_prompts_over_max_prompt_length_are_skipped_and_counted(tiny_model_dir, 
                                       "--max-new-tokens", "3", "--device", "cpu",
                                       "--max-prompt-length", "29"])
     generate.main()
-    assert f"skipped 2 of 5 prompts in {tmp_path / 'prompts.jsonl'} longer than --max-prompt-length 29 tokens" in capsys.readouterr().out
+    assert (f"skipped 2 of 5 prompts in {tmp_path / 'prompts.jsonl'} longer than "
+            "--max-prompt-length 29 tokens" in capsys.readouterr().out)
     assert [(r["id"], len(r["responses"]))
             for r in read_jsonl(tmp_path / "out.jsonl")] == [("q1", 2), ("q3", 2), ("q4", 2)]
 

@@ -72,7 +72,8 @@ def check_against_reference(impl, dtype, temperature=1.0, vocab_chunk_size=None,
         assert_close(a / scale, e / scale, tolerance["logp" if name == "logp" else "grad"],
                      f"{impl} {dtype} {name}")
     ignored = targets == IGNORE
-    assert (actual[0][ignored] == 0).all() and (actual[1][ignored] == 0).all(), "ignored rows must be exactly 0"
+    assert (actual[0][ignored] == 0).all() and (actual[1][ignored] == 0).all(), \
+        "ignored rows must be exactly 0"
     return actual
 
 
@@ -84,7 +85,8 @@ def test_logprob_reference_gradcheck_float64():
                                              ignore_fraction=0.3, seed=1)
     assert (targets == IGNORE).any() and (targets != IGNORE).any()
     hidden.requires_grad_(), weight.requires_grad_()
-    assert torch.autograd.gradcheck(lambda h, w: token_logprobs_reference(h, w, targets, temperature=0.7), (hidden, weight))
+    assert torch.autograd.gradcheck(
+        lambda h, w: token_logprobs_reference(h, w, targets, temperature=0.7), (hidden, weight))
 
 
 def test_logprob_chunked_gradcheck_float64():
@@ -107,7 +109,8 @@ def test_logprob_chunked_gradcheck_float64():
                          ids=["one_chunk", "chunks48_T0.7"])
 @pytest.mark.parametrize("pass_num_valid", [True, False], ids=["num_valid", "masked"])
 def test_logprob_matches_reference(impl, dtype, vocab_chunk_size, temperature, pass_num_valid):
-    # V=123 is not a multiple of anything: one chunk is 123 columns in a 128-wide tile; chunks of 48 leave 27.
+    # V=123 is not a multiple of anything: one chunk is 123 columns in a 128-wide tile; chunks of
+    # 48 leave 27.
     check_against_reference(impl, dtype, temperature=temperature, vocab_chunk_size=vocab_chunk_size,
                             pass_num_valid=pass_num_valid)
 

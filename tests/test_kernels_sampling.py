@@ -116,8 +116,8 @@ def test_sampling_greedy_and_top1_are_argmax(impl):
         assert torch.equal(out.tokens[untied], logits[untied].argmax(dim=-1))
         assert out.tokens[2] in (40, 90)  # top-k = 1 keeps both tied maxima (documented tie rule)
         assert torch.allclose(out.logprobs[untied], torch.zeros(4), atol=1e-6)
-        expected = log_softmax_exact(logits, temperature).gather(1,
-                                                                 out.tokens[:, None]).squeeze(1).float()
+        expected = (log_softmax_exact(logits, temperature).gather(1, out.tokens[:, None])
+                    .squeeze(1).float())
         assert torch.allclose(out.logprobs_untruncated, expected, atol=1e-5)
 
 
@@ -190,7 +190,8 @@ def test_sampling_stays_in_kept_set_with_exact_logprobs(impl):
         q = q.repeat(repeats, 1)
         out = sample(logits, seeds=row_seeds(len(logits)), impl=impl, **expanded)
         q_token = q.gather(1, out.tokens[:, None]).squeeze(1)
-        assert (q_token > 0).all(), f"{name}: sampled outside the kept set at rows {(q_token == 0).nonzero().tolist()}"
+        assert (q_token > 0).all(), \
+            f"{name}: sampled outside the kept set at rows {(q_token == 0).nonzero().tolist()}"
         temperature = expanded["temperature"]
         greedy = torch.as_tensor(temperature) == 0
         want_logq = torch.where(greedy, 0.0, q_token.log()).float()
@@ -271,7 +272,8 @@ def test_sampling_seeds_none_uses_torch_generator(impl):
     torch.manual_seed(123)
     b = sample(logits, top_k=20, impl=impl)
     assert torch.equal(a.tokens, b.tokens)
-    assert a.tokens.dtype == torch.int64 and a.logprobs.dtype == torch.float32 and a.tokens.shape == (4,)
+    assert (a.tokens.dtype == torch.int64 and a.logprobs.dtype == torch.float32
+            and a.tokens.shape == (4,))
 
 
 @pytest.mark.usefixtures("small_triton_sizes")
@@ -359,15 +361,19 @@ except ImportError as error:
 import rlhf_kernels.sampling as sampling
 names = list(inspect.signature(sampling._sample_kernel.fn).parameters)
 for per_row in (False, True):
-    scalar_types = ("*fp32", "*i8", "*i32", "*fp32", "*fp32") if per_row else ("fp32", "i32", "i32", "fp32", "fp32")
-    types = ["*bf16", "i32", "i32", "*i64", *scalar_types, "*fp32", "*i32", "*i64", "*fp32", "*fp32"]
+    scalar_types = (("*fp32", "*i8", "*i32", "*fp32", "*fp32") if per_row
+                    else ("fp32", "i32", "i32", "fp32", "fp32"))
+    types = ["*bf16", "i32", "i32", "*i64", *scalar_types,
+             "*fp32", "*i32", "*i64", "*fp32", "*fp32"]
     constants = {"PER_ROW": per_row, "BLOCK_V": 1024, "NUM_PIVOTS": 8, "CANDIDATES": 1024}
     try:
-        source = ASTSource(fn=sampling._sample_kernel, signature=dict(zip(names, types + ["constexpr"] * 4)),
+        source = ASTSource(fn=sampling._sample_kernel,
+                           signature=dict(zip(names, types + ["constexpr"] * 4)),
                            constexprs={(names.index(k),): v for k, v in constants.items()})
     except TypeError as error:
         sys.exit(f"SKIP a different ASTSource API: {error}")
-    assert "cubin" in compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm
+    assert "cubin" in compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 8}).asm
 print("OK")
 """
 

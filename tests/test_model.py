@@ -236,8 +236,8 @@ def test_model_targets_path_equals_log_softmax_of_logits():
 
 def test_new_reward_head_is_initialised_like_transformers(tmp_path):
     """A reward head started on a causal-LM checkpoint: normal(0, initializer_range), as
-    transformers'
-    *ForSequenceClassification (and so TRL's RewardTrainer) initialises it; 0.02 when the config has none."""
+    transformers' *ForSequenceClassification (and so TRL's RewardTrainer) initialises it; 0.02
+    when the config has none."""
     for initializer_range in (0.02, 0.2):
         folder = tmp_path / str(initializer_range)
         torch.manual_seed(0)
