@@ -57,8 +57,8 @@ def test_cosine_schedule_warmup_and_decay():
     assert lrs[-1] == pytest.approx(last, abs=1e-6)
     # min_lr_ratio: the decay runs from the peak down to min_lr_ratio × peak, the cosine rescaled
     # between them
-    assert cosine_lr(50, 100, 2.0, warmup_ratio=0.0, min_lr_ratio=0.1) == pytest.approx(
-        2.0 * (0.1 + 0.9 * 0.5))
+    halfway = 2.0 * (0.1 + 0.9 * 0.5)
+    assert cosine_lr(50, 100, 2.0, warmup_ratio=0.0, min_lr_ratio=0.1) == pytest.approx(halfway)
     assert cosine_lr(100, 100, 2.0, warmup_ratio=0.0, min_lr_ratio=0.1) == pytest.approx(0.2)
     assert cosine_lr(0, 100, 2.0, warmup_ratio=0.0, min_lr_ratio=0.1) == pytest.approx(2.0)
 
@@ -158,6 +158,7 @@ def test_process_in_chunks_resumes_without_loss_or_duplication(tmp_path):
         process_in_chunks(records, tmp_path / "out.jsonl", process, single, chunk_size=3)
     assert not (tmp_path / "out.jsonl").exists()
     calls.clear()
+
     def process_again(chunk):
         calls.append(chunk)
         return [{**r, "double": 2 * r["id"]} for r in chunk]

@@ -41,12 +41,13 @@ def trl_ipo_loss(pc, pr, rc, rr, beta):
 
 def test_preference_losses_hand_values():
     # h = (−1 − (−1.5)) − (−2 − (−1.5)) = 0.5 + 0.5 = 1
-    args = [torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5]),
-            0.1]
+    args = [torch.tensor([-1.0]), torch.tensor([-2.0]),  # the policy's chosen, rejected log-probs
+            torch.tensor([-1.5]), torch.tensor([-1.5]),  # the reference's
+            0.1]                                         # β
     log_sigmoid = torch.nn.functional.logsigmoid
-    assert losses.preference_loss(*args,
-                                  "dpo").item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.1))), abs=1e-6)
-    assert losses.preference_loss(*args, "dpo").item() == pytest.approx(0.6443967, abs=1e-6)
+    dpo_loss = losses.preference_loss(*args, "dpo").item()
+    assert dpo_loss == pytest.approx(-math.log(1 / (1 + math.exp(-0.1))), abs=1e-6)
+    assert dpo_loss == pytest.approx(0.6443967, abs=1e-6)
     assert losses.preference_loss(*args, "ipo").item() == pytest.approx((1 - 5) ** 2, abs=1e-5)
     spce = losses.preference_loss(*args, "spce", target=0.7).item()
     assert spce == pytest.approx(-(0.7 * log_sigmoid(torch.tensor(0.1))
@@ -96,9 +97,8 @@ def test_dpo_is_log2_at_the_reference_and_spce_p1_is_dpo():
     assert torch.allclose(loss, torch.full((8,), math.log(2)), atol=1e-6)
     loss.sum().backward()
     # at policy = reference the gradient in h is −β·σ(0) = −β/2 per pair, not zero ...
-    assert torch.allclose(logps.grad,
-                          torch.full((8,), -0.05)) and torch.allclose(other.grad,
-                                                                      torch.full((8,), 0.05))
+    assert torch.allclose(logps.grad, torch.full((8,), -0.05))
+    assert torch.allclose(other.grad, torch.full((8,), 0.05))
     # ... and zero only when the two responses coincide (or, for SPCE, when the target is 1/2)
     same = torch.randn(4, requires_grad=True)
     losses.preference_loss(same, same, same.detach(), same.detach(), 0.1, "dpo").sum().backward()
@@ -125,7 +125,9 @@ def test_spce_gradient_matches_formula_and_vanishes_at_target():
     inputs = [torch.randn(5, dtype=torch.float64, requires_grad=True) for _ in range(4)]
     target = torch.full((5,), 0.3, dtype=torch.float64)
     for loss_type in ("dpo", "ipo", "spce"):
-        assert torch.autograd.gradcheck(lambda *x, loss_type=loss_type: losses.preference_loss(*x, 0.2, loss_type, target=target), inputs)
+        def loss(*x, loss_type=loss_type):
+            return losses.preference_loss(*x, 0.2, loss_type, target=target)
+        assert torch.autograd.gradcheck(loss, inputs)
 
 
 def test_ipo_minimum_is_at_half_inverse_beta():
@@ -155,16 +157,15 @@ def test_sequence_logps_sum_only_response_tokens():
 
 def test_k3_kl_hand_values_and_unbiased_on_policy():
     # one response of two tokens and a masked position: r − 1 − log r per token, 0 where masked
-    logps, ref_logps = torch.tensor([[math.log(0.5), math.log(0.2),
-                                      0.0]]), torch.tensor([[math.log(0.25), math.log(0.4), 0.0]])
+    logps = torch.tensor([[math.log(0.5), math.log(0.2), 0.0]])
+    ref_logps = torch.tensor([[math.log(0.25), math.log(0.4), 0.0]])
     expected = (0.5 - 1 - math.log(0.5)) + (2.0 - 1 - math.log(2.0))
     assert losses.k3_kl(logps, ref_logps).item() == pytest.approx(expected, abs=1e-6)
     # over every token y of a vocabulary, weighted by π(y): the exact expectation is KL(π‖π_ref),
     # and no term is negative (k1's terms log π − log π_ref are, where π_ref > π)
     torch.manual_seed(0)
     log_pi, log_ref = torch.log_softmax(torch.randn(20), 0), torch.log_softmax(torch.randn(20), 0)
-    # (20,) one token each
-    terms = losses.k3_kl(log_pi[:, None], log_ref[:, None])
+    terms = losses.k3_kl(log_pi[:, None], log_ref[:, None])  # (20,) one token each
     assert (terms >= 0).all() and ((log_pi - log_ref) < 0).any()
     kl = (log_pi.exp() * (log_pi - log_ref)).sum()
     assert (log_pi.exp() * terms).sum().item() == pytest.approx(kl.item(), rel=1e-5)
@@ -187,15 +188,14 @@ def test_select_pairs_best_worst_ties_and_length_penalty(tmp_path):
     write_jsonl(tmp_path / "rewards.jsonl", records)
     records = read_jsonl(tmp_path / "rewards.jsonl")
     pairs, dropped = losses.select_pairs(records, reward_tolerance=0.1)
-    assert [(p["id"], p["chosen"], p["rejected"]) for p in pairs] == [("a", "r1", "r2"),
-                                                                      ("e", "a much longer answer", "short")]
+    chosen_rejected = [(p["id"], p["chosen"], p["rejected"]) for p in pairs]
+    assert chosen_rejected == [("a", "r1", "r2"), ("e", "a much longer answer", "short")]
     assert dropped == {"same_text": 1, "reward_tie": 2, "empty_response": 0}
     assert pairs[0]["margin"] == pytest.approx(3.0)
     pairs, _ = losses.select_pairs(records, length_penalty=0.01, reward_tolerance=0.0)
-    assert [(p["chosen"], p["rejected"]) for p in pairs
-            if p["id"] == "e"] == [("short", "a much longer answer")]
+    pair_e = [(p["chosen"], p["rejected"]) for p in pairs if p["id"] == "e"]
+    assert pair_e == [("short", "a much longer answer")]
     assert [p["id"] for p in pairs] == ["a", "d", "e"]
-
 
 
 def test_pair_selection_and_missing_eos_penalty():
@@ -205,9 +205,11 @@ def test_pair_selection_and_missing_eos_penalty():
               "responses": ["r0", "r1", "r2", "r3"],
               "rewards": [0.5, 2.0, -1.0, 1.5],
               "finish_reasons": ["stop", "length", "stop", "stop"]}
-    # noqa: E731
-    chosen_rejected = lambda selection, **kw: [(p["chosen"], p["rejected"], p["margin"])
-                                               for p in losses.select_pairs([record], selection, **kw)[0]]
+
+    def chosen_rejected(selection, **kw):
+        pairs, _ = losses.select_pairs([record], selection, **kw)
+        return [(p["chosen"], p["rejected"], p["margin"]) for p in pairs]
+
     assert chosen_rejected("max_min") == [("r1", "r2", 3.0)]
     assert chosen_rejected("max_random") == [("r1", "r0", 1.5)]
     assert chosen_rejected("random") == [("r1", "r0", 1.5)]
@@ -218,12 +220,12 @@ def test_pair_selection_and_missing_eos_penalty():
     assert chosen_rejected("random", missing_eos_penalty=2.0) == [("r0", "r1", 0.5)]
     # random pairs take the higher reward as chosen whichever comes first; equal rewards are a tie
     swapped = {**record, "rewards": [2.0, 0.5, -1.0, 1.5]}
-    assert [(p["chosen"], p["rejected"])
-            for p in losses.select_pairs([swapped], "random")[0]] == [("r0", "r1")]
+    pairs, _ = losses.select_pairs([swapped], "random")
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("r0", "r1")]
     tied = {**record, "rewards": [1.0, 1.0, 0.0, 0.0]}
-    assert losses.select_pairs([tied], "random") == ([],
-                                                     {"same_text": 0, "reward_tie": 1,
-                                                      "empty_response": 0})
+    dropped = {"same_text": 0, "reward_tie": 1, "empty_response": 0}
+    assert losses.select_pairs([tied], "random") == ([], dropped)
+
 
 # ----------------------------------------------------------------------------------------------
 # The settings of a run: every spelling of a flag counts, the run's settings carry over, a resume
@@ -256,11 +258,11 @@ def write_config(run, **settings):
     (run / "config.json").write_text(json.dumps(settings))
 
 
-def test_settings_every_spelling_beats_the_runs_config_and_abbreviations_are_rejected(tmp_path, capsys):
+def test_settings_every_spelling_beats_the_runs_config_and_abbreviations_are_rejected(tmp_path,
+                                                                                       capsys):
     run = tmp_path / "run"
     write_config(run, sft="sft", rm="gold", prompts="p.jsonl", lr=1e-3, temperature=0.7,
-                 length_penalty=0.01,
-                 label_smoothing=0.1, nll_coef=0.5, micro_batch_size=2)
+                 length_penalty=0.01, label_smoothing=0.1, nll_coef=0.5, micro_batch_size=2)
     base = ["--iter", "2", "--run-dir", str(run)]
     for spelling in (["--lr=0.5"], ["--lr", "0.5"]):
         args, sources = dpo.resolve_settings(base + spelling)
@@ -272,8 +274,8 @@ def test_settings_every_spelling_beats_the_runs_config_and_abbreviations_are_rej
     # a flag given with the parser's default value still beats the run's config (the old bug
     # compared values/strings)
     args, sources = dpo.resolve_settings(base + ["--temperature", "1.0", "--num-samples", "3"])
-    assert (args.temperature, args.n) == (1.0,
-                                          3) and sources["temperature"] == sources["n"] == "command line"
+    assert (args.temperature, args.n) == (1.0, 3)
+    assert sources["temperature"] == sources["n"] == "command line"
     # --run is an alias, not an abbreviation
     assert dpo.resolve_settings(["--iter", "2", "--run", str(run)])[0].lr == 1e-3
     # the iteration's own record (a rerun or resume of iteration 2) comes before config.json
@@ -294,34 +296,34 @@ def test_every_flag_is_a_run_setting_or_deliberately_not_one():
     """A new flag must be sorted: saved with the run (RUN_SETTINGS) or listed here with the
     reason."""
     dests = set(vars(dpo.build_parser().parse_args([])))
-    not_saved = {"pairs", "model", "out", "overwrite",          # offline mode
-                 "iter", "run_dir",                              # which iteration, not how
-                 "device", "parallel", "log_every", "report_to", # where it runs and what it prints
-                 "dry_run",                                      # print the memory plan and exit
-                 # online, LoRA's adapter is always saved
-                 "save_adapter"}
+    not_saved = {"pairs", "model", "out", "overwrite",           # offline mode
+                 "iter", "run_dir",                               # which iteration, not how
+                 "device", "parallel", "log_every", "report_to",  # where it runs, what it prints
+                 "dry_run",                                       # print the memory plan and exit
+                 "save_adapter"}                                  # online, LoRA always saves it
     assert dests - set(dpo.RUN_SETTINGS) == not_saved
     assert set(dpo.RUN_SETTINGS) <= dests and len(set(dpo.RUN_SETTINGS)) == len(dpo.RUN_SETTINGS)
 
 
 def write_prompts(path, count, prefix="q"):
-    write_jsonl(path,
-                [{"id": f"{prefix}{i}", "messages": [{"role": "user", "content": f"reverse {w}"}]}
-                       for i, w in enumerate(["abc", "bd", "fed", "ca", "eeb", "dc"][:count])])
+    records = [{"id": f"{prefix}{i}", "messages": [{"role": "user", "content": f"reverse {w}"}]}
+               for i, w in enumerate(["abc", "bd", "fed", "ca", "eeb", "dc"][:count])]
+    write_jsonl(path, records)
 
 
-def test_a_resume_with_other_settings_stops_and_one_with_the_same_continues(tiny_model_dir, tmp_path, capsys, dpo_stage_env):
+def test_a_resume_with_other_settings_stops_and_one_with_the_same_continues(tiny_model_dir,
+                                                                            tmp_path, capsys,
+                                                                            dpo_stage_env):
     """Killed mid-sampling with --n 2, rerun with --n 4: stop (the old code mixed 2- and 4-response
     records in one samples.jsonl); rerun with --n 2: continue from the finished chunk."""
     write_prompts(tmp_path / "prompts_1.jsonl", 4)
     run = tmp_path / "run"
     argv = ["--iter", "1", "--run-dir", str(run), "--sft", str(tiny_model_dir), "--rm", "gold",
-            "--prompts",
-            str(tmp_path / "prompts_{t}.jsonl"), "--max-new-tokens", "4", "--batch-size", "8",
-            "--micro-batch-size", "8",
-            "--epochs", "1", "--device", "cpu", "--chunk-size", "2", "--gen-batch-size", "4"]
-    # What a run killed after its first sampling chunk leaves: its settings record, one finished
-    # chunk.
+            "--prompts", str(tmp_path / "prompts_{t}.jsonl"), "--max-new-tokens", "4",
+            "--batch-size", "8", "--micro-batch-size", "8", "--epochs", "1", "--device", "cpu",
+            "--chunk-size", "2", "--gen-batch-size", "4"]
+    # What a run killed after its first sampling chunk leaves: its settings record and one
+    # finished chunk.
     args, sources = dpo.resolve_settings(argv + ["--n", "2"])
     dpo.start_iteration(args, sources, init_distributed("cpu"))
     prompts = read_jsonl(tmp_path / "prompts_1.jsonl")
@@ -346,23 +348,24 @@ def test_a_resume_with_other_settings_stops_and_one_with_the_same_continues(tiny
     # task's, so every prompt is a reward tie and the iteration then stops: no pairs to train on.)
     error = cli_error(argv + ["--n", "2"], capsys)
     samples = read_jsonl(run / "iter1" / "samples.jsonl")
-    assert [r["id"] for r in samples] == ["q0", "q1", "q2",
-                                          "q3"] and all(len(r["responses"]) == 2 for r in samples)
+    assert [r["id"] for r in samples] == ["q0", "q1", "q2", "q3"]
+    assert all(len(r["responses"]) == 2 for r in samples)
     assert samples[0]["responses"] == ["first", "second"]  # the finished chunk was kept, not redone
     assert f"no pairs to train on in {run / 'iter1' / 'pairs.jsonl'}" in error
-    assert (json.loads((run / "iter1" / "summary.json").read_text())["pairs_dropped"] == {"same_text": 0, "reward_tie": 4, "empty_response": 0})
+    summary = json.loads((run / "iter1" / "summary.json").read_text())
+    assert summary["pairs_dropped"] == {"same_text": 0, "reward_tie": 4, "empty_response": 0}
 
 
-def test_online_prompts_over_max_prompt_length_are_skipped_not_sampled(tiny_model_dir, tmp_path, capsys, dpo_stage_env):
+def test_online_prompts_over_max_prompt_length_are_skipped_not_sampled(tiny_model_dir, tmp_path,
+                                                                       capsys, dpo_stage_env):
     """--max-prompt-length: the longer prompts are counted in one line and absent from samples,
     rewards and the summary; the setting is recorded with the iteration."""
     # 30, 29, 30 and 29 tokens with the character tokenizer
     write_prompts(tmp_path / "prompts.jsonl", 4)
     run = tmp_path / "run"
-    argv = ["--iter", "1", "--run-dir", run, "--sft", tiny_model_dir, "--rm", "gold", "--prompts",
-            tmp_path / "prompts.jsonl",
-            "--iterations", "1", "--n", "2", "--max-new-tokens", "4", "--device", "cpu",
-            "--max-prompt-length", "29"]
+    argv = ["--iter", "1", "--run-dir", run, "--sft", tiny_model_dir, "--rm", "gold",
+            "--prompts", tmp_path / "prompts.jsonl", "--iterations", "1", "--n", "2",
+            "--max-new-tokens", "4", "--device", "cpu", "--max-prompt-length", "29"]
     # The gold reward gives 0 to prompts that are not the built-in task's: every prompt is a tie,
     # and the iteration stops after pairing with nothing to train on.
     capsys.readouterr()
@@ -384,18 +387,19 @@ def test_online_prompts_over_max_prompt_length_are_skipped_not_sampled(tiny_mode
 
 def test_user_errors_name_what_to_fix(tiny_model_dir, tmp_path, capsys, dpo_stage_env):
     write_prompts(tmp_path / "prompts.jsonl", 2)
+
     def online(sft, rm="gold"):
-        return ["--iter", "1", "--run-dir", tmp_path / "run", "--sft", sft, "--rm", rm, "--prompts",
-                tmp_path / "prompts.jsonl",
-                "--device", "cpu"]
+        return ["--iter", "1", "--run-dir", tmp_path / "run", "--sft", sft, "--rm", rm,
+                "--prompts", tmp_path / "prompts.jsonl", "--device", "cpu"]
+
     error = cli_error(online(tmp_path / "no_sft"), capsys)
     assert (f"--sft {tmp_path / 'no_sft'}: no such model folder" in error
             and "iteration 0" not in error)
     (tmp_path / "empty_folder").mkdir()
-    assert (f"--sft {tmp_path / 'empty_folder'}: holds no "
-            f"model" in cli_error(online(tmp_path / "empty_folder"), capsys))
-    assert (f"--rm {tmp_path / 'no_rm'}: no such model "
-            f"folder" in cli_error(online(tiny_model_dir, tmp_path / "no_rm"), capsys))
+    error = cli_error(online(tmp_path / "empty_folder"), capsys)
+    assert f"--sft {tmp_path / 'empty_folder'}: holds no model" in error
+    error = cli_error(online(tiny_model_dir, tmp_path / "no_rm"), capsys)
+    assert f"--rm {tmp_path / 'no_rm'}: no such model folder" in error
     # nothing recorded for a run that could not start
     assert not (tmp_path / "run" / "config.json").exists()
     # iteration 2 before iteration 1 has a policy: the settings come from config.json
@@ -407,14 +411,14 @@ def test_user_errors_name_what_to_fix(tiny_model_dir, tmp_path, capsys, dpo_stag
     write_pairs(tmp_path / "pairs.jsonl", 4)
     (tmp_path / "empty.jsonl").write_text("")
     offline = ["--out", tmp_path / "out", "--device", "cpu"]
-    assert f"--model {tmp_path / 'no_model'}: no such model folder" in cli_error(
-        offline + ["--pairs", tmp_path / "pairs.jsonl", "--model", tmp_path / "no_model"], capsys)
-    assert str(tmp_path / "empty.jsonl") in cli_error(offline
-                                                      + ["--pairs", tmp_path / "empty.jsonl",
-                                                         "--model", tiny_model_dir], capsys)
-    error = cli_error(offline
-                      + ["--pairs", tmp_path / "pairs.jsonl", "--model", tiny_model_dir,
-                         "--max-length", "5"], capsys)
+    error = cli_error(offline + ["--pairs", tmp_path / "pairs.jsonl",
+                                 "--model", tmp_path / "no_model"], capsys)
+    assert f"--model {tmp_path / 'no_model'}: no such model folder" in error
+    error = cli_error(offline + ["--pairs", tmp_path / "empty.jsonl", "--model", tiny_model_dir],
+                      capsys)
+    assert str(tmp_path / "empty.jsonl") in error
+    error = cli_error(offline + ["--pairs", tmp_path / "pairs.jsonl", "--model", tiny_model_dir,
+                                 "--max-length", "5"], capsys)
     assert str(tmp_path / "pairs.jsonl") in error and "--max-length 5" in error
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
@@ -422,14 +426,12 @@ def test_user_errors_name_what_to_fix(tiny_model_dir, tmp_path, capsys, dpo_stag
 def test_dpo_script_reports_user_errors_in_one_line(tmp_path):
     """The script itself runs main under run_cli: status 2, one line, no traceback."""
     write_pairs(tmp_path / "pairs.jsonl", 2)
-    command = [sys.executable, "dpo.py", "--pairs", str(tmp_path / "pairs.jsonl"), "--model",
-               str(tmp_path / "nope"),
-               "--out", str(tmp_path / "out"), "--device", "cpu"]
+    command = [sys.executable, "dpo.py", "--pairs", str(tmp_path / "pairs.jsonl"),
+               "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "out"), "--device", "cpu"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
                             check=False)
-    assert (result.returncode == 2
-            and result.stderr.strip() == f"error: --model {tmp_path / 'nope'}: no such model "
-                                         f"folder")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: --model {tmp_path / 'nope'}: no such model folder"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -439,15 +441,15 @@ def test_dpo_script_reports_user_errors_in_one_line(tmp_path):
 @pytest.mark.parametrize("parallel", ["fsdp"])
 def test_offline_dpo_two_ranks_match_one_and_move_toward_chosen(parallel, tiny_model_dir, tmp_path):
     write_pairs(tmp_path / "pairs.jsonl", 16)
-    common_args = ["dpo.py", "--pairs", str(tmp_path / "pairs.jsonl"), "--model",
-                   str(tiny_model_dir), "--beta", "0.5",
-                   "--lr", "1e-3", "--batch-size", "8", "--micro-batch-size", "2", "--epochs", "2",
-                   "--device", "cpu",
-                   "--parallel", parallel, "--log-every", "1"]
+    common_args = ["dpo.py", "--pairs", str(tmp_path / "pairs.jsonl"),
+                   "--model", str(tiny_model_dir), "--beta", "0.5", "--lr", "1e-3",
+                   "--batch-size", "8", "--micro-batch-size", "2", "--epochs", "2",
+                   "--device", "cpu", "--parallel", parallel, "--log-every", "1"]
     run_in_process(common_args[1:] + ["--out", str(tmp_path / "one")])
     run_script(common_args + ["--out", str(tmp_path / "two")], nproc=2)
     from safetensors.torch import load_file
-    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    one = load_file(tmp_path / "one" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "model.safetensors")
     for name in one:
         assert (one[name] - two[name]).abs().max().item() <= 1e-5, name
     metrics = read_jsonl(tmp_path / "one" / "metrics.jsonl")
@@ -461,8 +463,8 @@ def test_offline_dpo_two_ranks_match_one_and_move_toward_chosen(parallel, tiny_m
 
 
 def run_in_process(argv):
-    """dpo.main(argv) in this process, as a stage script runs (see dpo_stage_env); returns its
-    stdout."""
+    """dpo.main(argv) in this process, as a stage script runs (see dpo_stage_env).
+    Returns its stdout."""
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as out:
         patch.delenv("TRITON_INTERPRET", raising=False)
         dpo.main(argv)
@@ -479,12 +481,10 @@ def dpo_online_run(tiny_model_dir, tmp_path_factory):
     for t in (1, 2):
         write_prompts(tmp / f"prompts_{t}.jsonl", 4, prefix=f"t{t}-")
     run = tmp / "run"
-    first = ["--iter", "1", "--run-dir", str(run), "--sft", str(tiny_model_dir), "--rm",
-             str(tmp / "rm"),
-             "--prompts", str(tmp / "prompts_{t}.jsonl"), "--n", "4", "--max-new-tokens", "8",
-             "--batch-size", "4",
-             "--micro-batch-size", "2", "--lr", "1e-3", "--epochs", "1", "--device", "cpu",
-             "--chunk-size", "2",
+    first = ["--iter", "1", "--run-dir", str(run), "--sft", str(tiny_model_dir),
+             "--rm", str(tmp / "rm"), "--prompts", str(tmp / "prompts_{t}.jsonl"),
+             "--n", "4", "--max-new-tokens", "8", "--batch-size", "4", "--micro-batch-size", "2",
+             "--lr", "1e-3", "--epochs", "1", "--device", "cpu", "--chunk-size", "2",
              "--label-smoothing", "0.1", "--nll-coef", "0.5", "--pair-selection", "max_random",
              "--missing-eos-penalty", "0.5"]
     outputs = [run_in_process(first),
@@ -498,28 +498,26 @@ def test_online_iterations_run_and_resume(dpo_online_run, capsys, dpo_stage_env)
     run, _ = dpo_online_run
     for t in (1, 2):
         for name in ("settings.json", "samples.jsonl", "rewards.jsonl", "pairs.jsonl",
-                     "ref_logps.jsonl", "summary.json",
-                     "policy/model.safetensors"):
+                     "ref_logps.jsonl", "summary.json", "policy/model.safetensors"):
             assert (run / f"iter{t}" / name).exists(), (t, name)
     summary = json.loads((run / "iter2" / "summary.json").read_text())
-    assert (summary["prompts"] == 4 and summary["pairs_kept"]
-            + sum(summary["pairs_dropped"].values()) == 4)
+    assert summary["prompts"] == 4
+    assert summary["pairs_kept"] + sum(summary["pairs_dropped"].values()) == 4
     # "reverse abc" is no built-in task prompt: no gold to compare with
     assert "reward_vs_gold" not in summary
-    # iteration 1's pair selection and missing-EOS penalty, read back by iteration 2, decide its
-    # pairs
+    # iteration 1's pair selection and missing-EOS penalty, read back by iteration 2, decide
+    # its pairs
     rewards = read_jsonl(run / "iter2" / "rewards.jsonl")
-    assert summary["missing_eos"] == sum(r == "length" for rec in rewards
-                                         for r in rec["finish_reasons"]) > 0
+    cut = sum(r == "length" for rec in rewards for r in rec["finish_reasons"])
+    assert summary["missing_eos"] == cut > 0
     settings = json.loads((run / "iter2" / "settings.json").read_text())
     assert (settings["pair_selection"], settings["missing_eos_penalty"]) == ("max_random", 0.5)
     expected, _ = losses.select_pairs(rewards, "max_random", missing_eos_penalty=0.5,
                                       source="iter2")
     assert read_jsonl(run / "iter2" / "pairs.jsonl") == expected
     samples = read_jsonl(run / "iter2" / "samples.jsonl")
-    assert [r["id"] for r in samples] == [f"t2-{i}"
-                                          for i in range(4)] and all(len(r["responses"]) == 4
-                                                                     for r in samples)
+    assert [r["id"] for r in samples] == [f"t2-{i}" for i in range(4)]
+    assert all(len(r["responses"]) == 4 for r in samples)
     steps2 = len(read_jsonl(run / "iter2" / "policy" / "metrics.jsonl"))
     pairs_total = (len(read_jsonl(run / "iter1" / "pairs.jsonl"))
                    + len(read_jsonl(run / "iter2" / "pairs.jsonl")))
@@ -535,15 +533,16 @@ def test_online_cdpo_and_rpo_settings_survive_to_iteration_2(dpo_online_run, tin
     """The old code forgot --label-smoothing and --nll-coef at iteration 2 (cDPO/RPO became DPO)."""
     run, (_, out2) = dpo_online_run
     record = json.loads((run / "iter2" / "settings.json").read_text())
-    assert (record["label_smoothing"], record["nll_coef"], record["lr"],
-            record["n"]) == (0.1, 0.5, 1e-3, 4)
+    settings = (record["label_smoothing"], record["nll_coef"], record["lr"], record["n"])
+    assert settings == (0.1, 0.5, 1e-3, 4)
     assert json.loads((run / "iter1" / "settings.json").read_text()) == record
     assert any(line.split()[:3] == ["label_smoothing", "0.1", "config.json"]
                for line in out2.splitlines())
     assert "cDPO ε 0.1, RPO α 0.5" in out2
     # RPO really is in the loss: at step 1 of iteration 1 (policy = reference, h = 0) cDPO's loss is
     # log 2 and RPO adds α × the mean per-token NLL of the chosen responses, read from log π_0.
-    pairs, ref = read_jsonl(run / "iter1" / "pairs.jsonl"), read_jsonl(run / "iter1" / "ref_logps.jsonl")
+    pairs = read_jsonl(run / "iter1" / "pairs.jsonl")
+    ref = read_jsonl(run / "iter1" / "ref_logps.jsonl")
     assert 0 < len(pairs) <= 4  # one batch: step 1 sees every pair
     nll = [-r["ref_chosen_logp"] / len(p["chosen_ids"]) for p, r in zip(pairs, ref)]
     step1 = read_jsonl(run / "iter1" / "policy" / "metrics.jsonl")[0]
@@ -563,7 +562,8 @@ def test_online_pairs_score_exactly_the_sampled_tokens(dpo_online_run, tiny_mode
     cut = 0
     for t in (1, 2):
         samples = {r["id"]: r for r in read_jsonl(run / f"iter{t}" / "samples.jsonl")}
-        pairs, ref = read_jsonl(run / f"iter{t}" / "pairs.jsonl"), read_jsonl(run / f"iter{t}" / "ref_logps.jsonl")
+        pairs = read_jsonl(run / f"iter{t}" / "pairs.jsonl")
+        ref = read_jsonl(run / f"iter{t}" / "ref_logps.jsonl")
         assert pairs and len(pairs) == len(ref)
         for pair, logps in zip(pairs, ref):
             record = samples[pair["id"]]
@@ -577,12 +577,13 @@ def test_online_pairs_score_exactly_the_sampled_tokens(dpo_online_run, tiny_mode
                 with torch.no_grad():
                     logits = hf(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1].float()
                 expected = logits.log_softmax(-1).gather(1, torch.tensor(ids)[:, None]).sum().item()
-                assert logps[f"ref_{side}_logp"] == pytest.approx(expected,
-                                                                  abs=1e-4), (t, side, ids)
+                recorded = logps[f"ref_{side}_logp"]
+                assert recorded == pytest.approx(expected, abs=1e-4), (t, side, ids)
     assert cut > 0  # the fixture's --max-new-tokens 8 cuts some paired responses
 
 
-def test_response_ids_are_the_sampled_ones_or_the_text_with_a_stop_only_where_it_stopped(tiny_model_dir):
+def test_response_ids_are_the_sampled_ones_or_the_text_with_a_stop_only_where_it_stopped(
+        tiny_model_dir):
     """tokens.response_ids and tokens.tokenize_pairs: a record's ids are used as they are (here ids
     that re-encoding the text would never give); without ids a text gets the end-of-turn token
     unless it was cut; a human pair (no ids) is a complete answer."""
@@ -605,21 +606,21 @@ def test_response_ids_are_the_sampled_ones_or_the_text_with_a_stop_only_where_it
     _, examples = tokenize_pairs(tokenizer, [pair, human], max_length=64)
     assert examples[0] == (encode_prompt(tokenizer, prompt), odd, [5])
     assert examples[1][1:] == (encode_response(tokenizer, "2 1"), encode_response(tokenizer, "2"))
-    # another sampler's empty text cut at once has no token to score: the prompt is dropped, and
-    # counted
+    # another sampler's empty text cut at once has no token to score: the prompt is dropped
+    # and counted
     empty = {**record, "responses": ["2 1", ""], "rewards": [1.0, 0.0]}
-    assert losses.select_pairs([{**empty, "response_ids": response_ids(tokenizer, empty)}]) == \
-        ([], {"same_text": 0, "reward_tie": 0, "empty_response": 1})
-    # ids of another tokenizer's vocabulary: one line naming the pair, not an IndexError in the
-    # forward
+    selected = losses.select_pairs([{**empty, "response_ids": response_ids(tokenizer, empty)}])
+    assert selected == ([], {"same_text": 0, "reward_tie": 0, "empty_response": 1})
+    # ids of another tokenizer's vocabulary: one line naming the pair, not an IndexError in
+    # the forward
     with pytest.raises(InputError, match="not in the tokenizer's vocabulary"):
         tokenize_pairs(tokenizer, [{**pair, "rejected_ids": [len(tokenizer)]}], max_length=64)
 
 
 def test_online_finished_iteration_rerun_with_a_new_flag_stops(dpo_online_run, capsys,
                                                                dpo_stage_env):
-    """The old code printed "iteration 2 complete" and rewrote config.json with settings never
-    used."""
+    """The old code printed "iteration 2 complete" and rewrote config.json with settings
+    never used."""
     run, _ = dpo_online_run
     records = [run / "config.json", run / "iter2" / "settings.json",
                run / "iter2" / "policy" / "model.safetensors"]
@@ -636,13 +637,14 @@ def test_online_iterations_on_builtin_task_with_gold_reward(task_dir, tmp_path, 
     _, run = run_builtin_online(task_dir, tmp_path)
     for t in (1, 2):
         rewards = read_jsonl(run / f"iter{t}" / "rewards.jsonl")
-        assert len(rewards) == 4 and all(r["rewards"] == [score(r["prompt"], y)
-                                                          for y in r["responses"]] for r in rewards)
+        assert len(rewards) == 4
+        assert all(r["rewards"] == [score(r["prompt"], y) for y in r["responses"]]
+                   for r in rewards)
         pairs = read_jsonl(run / f"iter{t}" / "pairs.jsonl")
         assert pairs and all(score(p["prompt"], p["chosen"]) > score(p["prompt"], p["rejected"])
                              for p in pairs)
     step1 = read_jsonl(run / "iter1" / "policy" / "metrics.jsonl")[0]
     assert step1["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    assert step1["rewards_chosen"] == pytest.approx(0,
-                                                    abs=1e-5) and step1["log_ratio"] == pytest.approx(0, abs=1e-5)
+    assert step1["rewards_chosen"] == pytest.approx(0, abs=1e-5)
+    assert step1["log_ratio"] == pytest.approx(0, abs=1e-5)
     assert (run / "iter2" / "policy" / "model.safetensors").exists()

@@ -23,8 +23,8 @@ from tests.helpers import ROOT, check_one_line_error
 # ----------------------------------------------------------------------------------------------
 # Numeric flags are checked by argparse: exit status 2, `error: argument --flag: must be ...`.
 
-# Each stage's required flags; the paths do not exist, so any file the stage wrote would show up in
-# tmp_path.
+# Each stage's required flags; the paths do not exist, so any file the stage wrote would show
+# up in tmp_path.
 STAGES = {
     "sft": (sft.main, ["--model", "m", "--data", "d.jsonl", "--out", "out"]),
     "rm train": (train_rm.main, ["train", "--model", "m", "--pairs", "p.jsonl", "--out", "out"]),
@@ -32,9 +32,8 @@ STAGES = {
                  ["score", "--rm", "m", "--samples", "s.jsonl", "--out", "out.jsonl"]),
     "rm eval": (train_rm.main, ["eval", "--rm", "m", "--pairs", "p.jsonl"]),
     "dpo offline": (dpo.main, ["--pairs", "p.jsonl", "--model", "m", "--out", "out"]),
-    "dpo online": (dpo.main,
-                   ["--iter", "1", "--run-dir", "out", "--sft", "m", "--rm", "gold", "--prompts",
-                    "p.jsonl"]),
+    "dpo online": (dpo.main, ["--iter", "1", "--run-dir", "out", "--sft", "m", "--rm", "gold",
+                              "--prompts", "p.jsonl"]),
     "osp": (osp.main, ["--model", "m", "--prompts", "p.jsonl", "--out", "out"]),
     "generate": (generate.main, ["--model", "m", "--prompts", "p.jsonl", "--out", "out.jsonl"]),
     "evaluate": (eval_runs.main, ["--run", "out", "--summary", "summary.md"]),
@@ -145,14 +144,15 @@ def test_a_bad_number_stops_the_stage_before_any_work(stage, flag, value, messag
 
 def test_good_edge_values_are_accepted():
     args = sft.parse_args(["--model", "m", "--data", "d", "--out", "o", "--max-steps", "-1",
-                           "--lora-rank", "0", "--grad-clip", "0",
-                           "--warmup-ratio", "1", "--lora-dropout", "0"])
+                           "--lora-rank", "0", "--grad-clip", "0", "--warmup-ratio", "1",
+                           "--lora-dropout", "0"])
     assert (args.max_steps, args.lora_rank, args.grad_clip, args.warmup_ratio) == (-1, 0, 0.0, 1.0)
-    args = dpo.build_parser().parse_args(["--top-p", "1", "--top-k", "0", "--label-smoothing",
-                                          "0.49", "--gen-batch-size", "0"])
+    args = dpo.build_parser().parse_args(["--top-p", "1", "--top-k", "0",
+                                          "--label-smoothing", "0.49", "--gen-batch-size", "0"])
     assert (args.top_p, args.top_k, args.label_smoothing, args.gen_batch_size) == (1.0, 0, 0.49, 0)
-    assert osp.parse_args(["--model", "m", "--prompts", "p", "--out", "o", "--k", "1", "--pairing",
-                           "best"]).k == 1
+    args = osp.parse_args(["--model", "m", "--prompts", "p", "--out", "o", "--k", "1",
+                           "--pairing", "best"])
+    assert args.k == 1
     # the checks also take numbers (settings read back from a file), and refuse a float for an int
     assert positive_int(3) == 3 and fraction(0) == 0 and step_limit(-1) == -1
     with pytest.raises(Exception, match="expected an integer, got 2.5"):
@@ -162,7 +162,8 @@ def test_good_edge_values_are_accepted():
 def test_generate_greedy_is_allowed_and_n_must_fit_the_batch(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     required = STAGES["generate"][1]
-    # --temperature 0 is greedy: accepted by argparse (the run then stops on the missing prompts file, nothing written)
+    # --temperature 0 is greedy: accepted by argparse (the run then stops on the missing prompts
+    # file, nothing written)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: generate.main(required + ["--temperature", "0", "--device", "cpu"]))
@@ -194,12 +195,11 @@ def test_a_bad_value_read_back_from_the_run_is_a_one_line_error(setting, value, 
         run_cli(lambda: dpo.main(["--iter", "2", "--run-dir", str(run)]))
     error = check_one_line_error(exit_info.value.code, capsys.readouterr().err)
     assert f"{run / 'config.json'}: {message}" in error, error
-    assert sorted(p.name
-                  for p in run.iterdir()) == ["config.json"] and json.loads((run / "config.json").read_text()) == config
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+    assert json.loads((run / "config.json").read_text()) == config
     # the command line wins over the file, so it also mends it
     flag = {"lr": ["--lr", "1e-6"], "n": ["--n", "2"], "lora_dropout": ["--lora-dropout", "0"],
-            "batch_size": ["--batch-size", "2"],
-            "loss": ["--loss", "dpo"]}[setting]
+            "batch_size": ["--batch-size", "2"], "loss": ["--loss", "dpo"]}[setting]
     args, sources = dpo.resolve_settings(["--iter", "2", "--run-dir", str(run)] + flag)
     assert sources[setting] == "command line"
 
@@ -230,23 +230,23 @@ def test_ctrl_c_during_generation_keeps_the_finished_chunks(tiny_model_dir, tmp_
     """A real SIGINT to `python generate.py` once its first chunk is written."""
     write_jsonl(tmp_path / "prompts.jsonl",
                 [{"id": f"q{i}", "messages": [{"role": "user", "content": f"say {i}"}]}
-                                             for i in range(400)])
+                 for i in range(400)])
     out = tmp_path / "samples.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("TRITON_INTERPRET", None)
-    process = subprocess.Popen([sys.executable, "generate.py", "--model", str(tiny_model_dir),
-                                "--prompts", str(tmp_path / "prompts.jsonl"),
-                                "--out", str(out), "--n", "4", "--max-new-tokens", "200",
-                                "--chunk-size", "4", "--device", "cpu"],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True,
-                               # Ctrl-C's default action even when pytest runs as a background job,
-                               # which a non-interactive shell starts with SIGINT ignored
-                               # (inherited)
+    command = [sys.executable, "generate.py", "--model", str(tiny_model_dir),
+               "--prompts", str(tmp_path / "prompts.jsonl"), "--out", str(out), "--n", "4",
+               "--max-new-tokens", "200", "--chunk-size", "4", "--device", "cpu"]
+    # preexec_fn: Ctrl-C's default action even when pytest runs as a background job, which a
+    # non-interactive shell starts with SIGINT ignored (inherited)
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
-        while not list(tmp_path.glob("samples.jsonl.parts-*/000000.jsonl")) and process.poll() is None and time.time() < deadline:
+        first_chunk = "samples.jsonl.parts-*/000000.jsonl"
+        while (not list(tmp_path.glob(first_chunk)) and process.poll() is None
+               and time.time() < deadline):
             time.sleep(0.05)
         assert process.poll() is None, "generate.py ended before it could be interrupted"
         process.send_signal(signal.SIGINT)
@@ -257,10 +257,9 @@ def test_ctrl_c_during_generation_keeps_the_finished_chunks(tiny_model_dir, tmp_
     assert process.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr, stderr
     lines = [line for line in stderr.splitlines() if "interrupted" in line]
-    assert len(lines) == 1 and lines[0] == ("interrupted: the outputs finished so far are kept; "
-                                            "rerun the same command "
-                                            "to resume (finished work is skipped; an unfinished "
-                                            "training run starts over)"), stderr[-3000:]
+    expected = ("interrupted: the outputs finished so far are kept; rerun the same command to "
+                "resume (finished work is skipped; an unfinished training run starts over)")
+    assert len(lines) == 1 and lines[0] == expected, stderr[-3000:]
     (parts,) = tmp_path.glob("samples.jsonl.parts-*")
     assert ((parts / "000000.jsonl").exists() and (parts / "settings.json").exists()
             and not out.exists())
@@ -284,9 +283,9 @@ def test_a_missing_field_shows_an_example_record(tmp_path):
 
 
 def test_usage_texts_run_the_data_scripts_as_modules():
-    # `python data/task.py` fails (its imports need the repo root on the path); `python -m
-    # data.task` works. Every usage text a stage prints with --help, and the README, must say the
-    # second.
+    # `python data/task.py` fails (its imports need the repo root on the path);
+    # `python -m data.task` works. Every usage text a stage prints with --help, and the README,
+    # must say the second.
     texts = {path.name: path.read_text()
              for path in [*ROOT.glob("*.py"), *ROOT.glob("data/*.py"), ROOT / "README.md"]}
     wrong = [name for name, text in texts.items() if "python data/" in text]

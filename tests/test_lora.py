@@ -16,8 +16,8 @@ LORA = LoRASettings(rank=4, alpha=8.0, dropout=0.0)
 
 
 def adapted_model(seed=0, lora=LORA, head="lm", perturb=True):
-    """A tiny random model with adapters; `perturb`: B drawn at random (as after training), not
-    0."""
+    """A tiny random model with adapters; `perturb`: B drawn at random (as after training),
+    not 0."""
     torch.manual_seed(seed)
     model = Transformer.from_config(tiny_config(50), head=head).add_lora(lora)
     if perturb:
@@ -58,8 +58,8 @@ def test_adapters_off_is_the_base_model_bit_for_bit():
         with model.adapters_disabled():
             off = model(input_ids, targets=input_ids)
             off_logits = model(input_ids)
-        assert torch.equal(off_logits,
-                           base(input_ids)) and torch.equal(off, base(input_ids, targets=input_ids))
+        assert torch.equal(off_logits, base(input_ids))
+        assert torch.equal(off, base(input_ids, targets=input_ids))
         assert (adapted - off_logits).abs().max() > 1e-3  # the adapters do change the model
         assert torch.equal(model(input_ids), adapted)       # and are back on after the block
 
@@ -88,7 +88,8 @@ def test_a_lora_model_saves_merged_and_its_adapter_loads_in_peft(tmp_path, tiny_
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    model = Transformer.from_pretrained(tiny_model_dir).add_lora(LoRASettings(4, 8.0, 0.0, ("down_proj", "q_proj", "v_proj")))
+    settings = LoRASettings(4, 8.0, 0.0, ("down_proj", "q_proj", "v_proj"))
+    model = Transformer.from_pretrained(tiny_model_dir).add_lora(settings)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, LoRALinear):
@@ -141,10 +142,9 @@ def test_lora_keeps_the_frozen_base_in_the_compute_dtype():
         Transformer.from_config(tiny_config(50)).add_lora(LoRASettings(4, 8.0, targets=("qkv",)))
 
 
-SFT_ARGS = ["--block-size", "64", "--batch-size", "8", "--micro-batch-size", "2", "--max-steps",
-            "3", "--lr", "1e-2",
-            "--device", "cpu", "--lora-rank", "4", "--lora-alpha", "8", "--lora-targets",
-            "q,v,down", "--save-adapter"]
+SFT_ARGS = ["--block-size", "64", "--batch-size", "8", "--micro-batch-size", "2",
+            "--max-steps", "3", "--lr", "1e-2", "--device", "cpu", "--lora-rank", "4",
+            "--lora-alpha", "8", "--lora-targets", "q,v,down", "--save-adapter"]
 
 
 @pytest.fixture(scope="module")
@@ -152,14 +152,15 @@ def lora_sft_one(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("lora_sft")
     write_sft_data(folder / "sft.jsonl", n=48)
     run_script(["sft.py", "--model", str(tiny_model_dir), "--data", str(folder / "sft.jsonl"),
-                "--out", str(folder / "one"),
-                *SFT_ARGS])
+                "--out", str(folder / "one"), *SFT_ARGS])
     return folder
 
 
-def test_lora_sft_trains_only_adapters_and_saves_merged_plus_peft_adapter(lora_sft_one, tiny_model_dir):
+def test_lora_sft_trains_only_adapters_and_saves_merged_plus_peft_adapter(lora_sft_one,
+                                                                          tiny_model_dir):
     out = lora_sft_one / "one"
-    merged, initial = load_file(out / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
+    merged = load_file(out / "model.safetensors")
+    initial = load_file(tiny_model_dir / "model.safetensors")
     assert merged.keys() == initial.keys()
     changed = {n for n in merged if not torch.equal(merged[n], initial[n])}
     assert changed and all(n.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight"))
@@ -177,8 +178,7 @@ def test_lora_sft_trains_only_adapters_and_saves_merged_plus_peft_adapter(lora_s
 @pytest.mark.parametrize("parallel", ["fsdp"])
 def test_lora_sft_on_two_ranks_equals_one(parallel, lora_sft_one, tiny_model_dir, tmp_path):
     run_script(["sft.py", "--model", str(tiny_model_dir), "--data", str(lora_sft_one / "sft.jsonl"),
-                "--out",
-                str(tmp_path / "two"), "--parallel", parallel, *SFT_ARGS], nproc=2)
+                "--out", str(tmp_path / "two"), "--parallel", parallel, *SFT_ARGS], nproc=2)
     _, one = read_adapter(lora_sft_one / "one" / "adapter")
     _, two = read_adapter(tmp_path / "two" / "adapter")
     assert one.keys() == two.keys()
@@ -186,11 +186,11 @@ def test_lora_sft_on_two_ranks_equals_one(parallel, lora_sft_one, tiny_model_dir
         assert (one[name] - two[name]).abs().max().item() <= 1e-5, name
 
 
-def test_lora_online_dpo_uses_the_same_model_adapters_off_as_reference(task_dir, tmp_path, monkeypatch):
-    """Two online iterations with LoRA on the built-in task (gold reward): step 1 of iteration 1 has
-    the DPO loss log 2 (policy = reference, adapters fresh); iteration 2 continues iteration 1's
-    adapter on π_0, and its reference log-probs (adapters off) are π_0's, computed by a plain
-    π_0."""
+def test_lora_online_dpo_uses_the_same_model_adapters_off_as_reference(task_dir, tmp_path,
+                                                                       monkeypatch):
+    """Two online iterations with LoRA on the built-in task (gold reward): step 1 of iteration 1
+    has the DPO loss log 2 (policy = reference, adapters fresh); iteration 2 continues iteration
+    1's adapter on π_0, and its reference log-probs (adapters off) are those of a plain π_0."""
     from tokens import load_tokenizer, tokenize_pairs
     from losses import sequence_logps
     from tests.helpers import run_builtin_online
@@ -198,8 +198,8 @@ def test_lora_online_dpo_uses_the_same_model_adapters_off_as_reference(task_dir,
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     sft, run = run_builtin_online(task_dir, tmp_path, "--lora-rank", "4", lr="1e-2")
     step1 = read_jsonl(run / "iter1" / "policy" / "metrics.jsonl")[0]
-    assert step1["loss"] == pytest.approx(0.6931472,
-                                          abs=1e-5) and step1["log_ratio"] == pytest.approx(0, abs=1e-6)
+    assert step1["loss"] == pytest.approx(0.6931472, abs=1e-5)
+    assert step1["log_ratio"] == pytest.approx(0, abs=1e-6)
     assert (run / "iter1" / "policy" / "adapter" / "adapter_config.json").exists()
     tokenizer = load_tokenizer(sft)
     _, examples = tokenize_pairs(tokenizer, read_jsonl(run / "iter2" / "pairs.jsonl"), 4096)
@@ -221,13 +221,12 @@ def test_lora_online_dpo_uses_the_same_model_adapters_off_as_reference(task_dir,
 
 
 def osp_args(sft, prompts, out, *extra):
-    return ["osp.py", "--model", str(sft), "--prompts", str(prompts), "--out", str(out), "--steps",
-            "2", "--batch-size", "2",
-            "--k", "3", "--max-new-tokens", "6", "--lr", "1e-2", "--beta", "0.1", "--device", "cpu",
-            *extra]
-# (--loss dpo in the rank comparison: SPCE's gradient β(σ(βh) − p) at h = 0 with a judge target p ≈
-# 0.5001 is a difference of nearly equal numbers, whose float noise AdamW then normalises up to
-# full-size steps)
+    return ["osp.py", "--model", str(sft), "--prompts", str(prompts), "--out", str(out),
+            "--steps", "2", "--batch-size", "2", "--k", "3", "--max-new-tokens", "6",
+            "--lr", "1e-2", "--beta", "0.1", "--device", "cpu", *extra]
+# (--loss dpo in the rank comparison: SPCE's gradient β(σ(βh) − p) at h = 0 with a judge target
+# p ≈ 0.5001 is a difference of nearly equal numbers, whose float noise AdamW then normalises up
+# to full-size steps)
 
 
 @pytest.fixture(scope="module")
@@ -237,22 +236,24 @@ def osp_sft(task_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_osp_fsdp_on_two_ranks_equals_one_and_lora_starts_at_the_reference(lora, osp_sft, task_dir, tmp_path):
+def test_osp_fsdp_on_two_ranks_equals_one_and_lora_starts_at_the_reference(lora, osp_sft,
+                                                                           task_dir, tmp_path):
     """Without LoRA: OSP with the policy, reference and judge under FSDP2 on 2 ranks (each rollout
     and judging pass on a gathered model) gives the update one process gives. With LoRA (paper 2's
     setup: the reference and the judge are the policy with its adapters off), one process: step 1 is
     at the reference and only the adapted weights move. Both: step 1 has loss log 2, implicit
     strength 1/2, KL 0. (LoRA's 2 ranks = 1 is test_lora_sft_on_two_ranks_equals_one.)"""
-    extra = ["--loss", "dpo"] + (["--lora-rank", "4", "--lora-targets", "q,o,up", "--save-adapter"]
-                                 if lora else [])
+    lora_args = ["--lora-rank", "4", "--lora-targets", "q,o,up", "--save-adapter"]
+    extra = ["--loss", "dpo"] + (lora_args if lora else [])
     prompts = task_dir / "prompts_iter1.jsonl"
     run_script(osp_args(osp_sft, prompts, tmp_path / "one", *extra))
-    one, initial = load_file(tmp_path / "one" / "model.safetensors"), load_file(osp_sft / "model.safetensors")
+    one = load_file(tmp_path / "one" / "model.safetensors")
+    initial = load_file(osp_sft / "model.safetensors")
     update_one = torch.cat([(one[n] - initial[n]).flatten() for n in one])
     assert update_one.norm() > 1e-2
     line = read_jsonl(tmp_path / "one" / "metrics.jsonl")[0]
-    assert line["loss"] == pytest.approx(0.6931472,
-                                         abs=1e-6) and line["implicit_strength"] == pytest.approx(0.5, abs=1e-7)
+    assert line["loss"] == pytest.approx(0.6931472, abs=1e-6)
+    assert line["implicit_strength"] == pytest.approx(0.5, abs=1e-7)
     assert abs(line["pair_kl"]) < 1e-6
     if lora:
         moved = {n for n in one if (one[n] - initial[n]).abs().max() > 1e-6}
@@ -267,20 +268,20 @@ def test_osp_fsdp_on_two_ranks_equals_one_and_lora_starts_at_the_reference(lora,
     # of unused tokens, moves its weight by noise × lr / noise.)
     update_two = torch.cat([(two[n] - initial[n]).flatten() for n in one])
     assert (update_one - update_two).norm() <= 1e-2 * update_one.norm()
-    metrics_one, metrics_two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
-    assert [m["loss"] for m in metrics_two] == pytest.approx([m["loss"] for m in metrics_one],
-                                                             abs=1e-5)
+    metrics_one = read_jsonl(tmp_path / "one" / "metrics.jsonl")
+    metrics_two = read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    losses_one = [m["loss"] for m in metrics_one]
+    assert [m["loss"] for m in metrics_two] == pytest.approx(losses_one, abs=1e-5)
     # AdamW would hide a gradient scaled wrongly across ranks; the gradient norm does not
-    assert [m["grad_norm"]
-            for m in metrics_two] == pytest.approx([m["grad_norm"] for m in metrics_one], rel=1e-3)
+    grad_norms_one = [m["grad_norm"] for m in metrics_one]
+    assert [m["grad_norm"] for m in metrics_two] == pytest.approx(grad_norms_one, rel=1e-3)
 
 
 def test_lora_reward_model_trains_its_adapters_and_score_head(tiny_model_dir, tmp_path):
     write_pairs(tmp_path / "pairs.jsonl", 16)
-    run_script(["train_rm.py", "train", "--type", "bt", "--model", str(tiny_model_dir), "--pairs",
-                str(tmp_path / "pairs.jsonl"),
-                "--out", str(tmp_path / "rm"), "--batch-size", "8", "--micro-batch-size", "4",
-                "--max-steps", "2", "--lr", "1e-2",
+    run_script(["train_rm.py", "train", "--type", "bt", "--model", str(tiny_model_dir),
+                "--pairs", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "rm"),
+                "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2", "--lr", "1e-2",
                 "--device", "cpu", "--lora-rank", "4", "--save-adapter"])
     lora, adapter = read_adapter(tmp_path / "rm" / "adapter")
     assert "score.weight" in adapter and lora.rank == 4
@@ -304,11 +305,12 @@ def small_update_lora(source, scale=2e-3):
     return model
 
 
-def test_lora_export_merges_into_the_asked_dtype_from_the_source_on_disk(tiny_model_dir, tmp_path, monkeypatch):
-    """--save-dtype float32 after LoRA training in bf16: W + s·BA from the fp32 source, to 1% of the update,
-    and every weight LoRA did not touch the source's bit for bit. (Merged into the bf16 copy the
-    model computes with, the export was off the exact merge by ~15× the update.) In bf16: rounded
-    once."""
+def test_lora_export_merges_into_the_asked_dtype_from_the_source_on_disk(tiny_model_dir, tmp_path,
+                                                                         monkeypatch):
+    """--save-dtype float32 after LoRA training in bf16: W + s·BA from the fp32 source, to 1% of
+    the update, and every weight LoRA did not touch the source's bit for bit. (Merged into the
+    bf16 copy the model computes with, the export was off the exact merge by ~15× the update.)
+    In bf16: rounded once."""
     from parallel import save_checkpoint
     monkeypatch.setenv("RLHF_EMULATE_GPU", "1")
     model = small_update_lora(tiny_model_dir)
@@ -357,7 +359,8 @@ def test_lora_export_of_a_model_trained_from_scratch_keeps_its_own_base(tiny_mod
         assert all(torch.equal(saved[name], expected[name]) for name in saved), source
 
 
-def test_online_lora_iteration_samples_from_pi0_plus_its_adapter_unmerged(tiny_model_dir, tmp_path, monkeypatch):
+def test_online_lora_iteration_samples_from_pi0_plus_its_adapter_unmerged(tiny_model_dir,
+                                                                          tmp_path, monkeypatch):
     """Iteration t + 1 samples from π_0 + iteration t's adapter, computing as training did (bf16
     base, adapter unmerged), not from the merged bf16 checkpoint, which loses most of a small
     update."""
@@ -381,12 +384,11 @@ def test_online_lora_iteration_samples_from_pi0_plus_its_adapter_unmerged(tiny_m
     update = (trained - base).abs().max()
     # what sampling from the export lost
     assert update > 0 and (merged - trained).abs().max() > 0.1 * update
-    assert sampling_policy(SimpleNamespace(lora_rank=0, iter=2, sft=tiny_model_dir), policy_dir,
-                           "cpu",
-                           # without LoRA: the checkpoint
-                           torch.bfloat16)(ids).float().equal(merged)
+    # without LoRA: the checkpoint
+    checkpoint = sampling_policy(SimpleNamespace(lora_rank=0, iter=2, sft=tiny_model_dir),
+                                 policy_dir, "cpu", torch.bfloat16)
+    assert checkpoint(ids).float().equal(merged)
     from runs import InputError
     with pytest.raises(InputError, match="every iteration from the first must train with LoRA"):
         sampling_policy(SimpleNamespace(lora_rank=4, iter=2, sft=tiny_model_dir, run_dir=tmp_path),
-                        tmp_path, "cpu",
-                        torch.bfloat16)
+                        tmp_path, "cpu", torch.bfloat16)

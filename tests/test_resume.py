@@ -54,21 +54,21 @@ def run_interrupted_and_whole(stage, argv, out, monkeypatch, capsys):
 
 
 def same_run(whole, resumed, whole_lines, resumed_lines):
-    assert whole.keys() == resumed.keys() and all(torch.equal(whole[name], resumed[name])
-                                                  for name in whole)
-    # noqa: E731
-    drop_timing = lambda lines: [{k: v for k, v in line.items() if k not in ("ms", "tokens_per_s")}
-                                 for line in lines]
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+
+    def drop_timing(lines):
+        return [{k: v for k, v in line.items() if k not in ("ms", "tokens_per_s")}
+                for line in lines]
     assert drop_timing(resumed_lines) == drop_timing(whole_lines) and len(whole_lines) >= 4
 
 
 def test_reward_model_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch, capsys,
                                       in_process_stage):
     write_pairs(tmp_path / "pairs.jsonl", 32)
-    argv = ["train", "--type", "bt", "--model", str(tiny_model_dir), "--pairs",
-            str(tmp_path / "pairs.jsonl"),
-            "--batch-size", "8", "--micro-batch-size", "4", "--epochs", "1", "--lr", "1e-3",
-            "--save-every", "2",
+    argv = ["train", "--type", "bt", "--model", str(tiny_model_dir),
+            "--pairs", str(tmp_path / "pairs.jsonl"), "--batch-size", "8",
+            "--micro-batch-size", "4", "--epochs", "1", "--lr", "1e-3", "--save-every", "2",
             "--device", "cpu"]
     same_run(*run_interrupted_and_whole(train_rm, argv, tmp_path / "rm", monkeypatch, capsys))
 
@@ -78,10 +78,8 @@ def test_dpo_with_lora_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch, ca
     # LoRA: only the adapters (and their AdamW state) are saved; the frozen base comes from --model
     write_pairs(tmp_path / "pairs.jsonl", 32)
     argv = ["--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"),
-            "--batch-size", "8",
-            "--micro-batch-size", "4", "--epochs", "1", "--lr", "1e-2", "--lora-rank", "4",
-            "--lora-dropout", "0.1",
-            "--save-every", "2", "--device", "cpu"]
+            "--batch-size", "8", "--micro-batch-size", "4", "--epochs", "1", "--lr", "1e-2",
+            "--lora-rank", "4", "--lora-dropout", "0.1", "--save-every", "2", "--device", "cpu"]
     same_run(*run_interrupted_and_whole(dpo, argv, tmp_path / "dpo", monkeypatch, capsys))
     saved = next(iter(load_file(tmp_path / "dpo" / "model.safetensors").values()))
     assert saved.dtype == torch.float32
@@ -111,17 +109,17 @@ def test_random_streams_load_without_unpickling_code(tmp_path, capsys):
     assert "code ran" not in capsys.readouterr().out
 
 
-def test_a_state_saved_by_the_old_pickle_format_resumes_without_loading_it(tiny_model_dir, tmp_path, monkeypatch, capsys,
-                                                                          in_process_stage):
+def test_a_state_saved_by_the_old_pickle_format_resumes_without_loading_it(tiny_model_dir,
+                                                                           tmp_path, monkeypatch,
+                                                                           capsys,
+                                                                           in_process_stage):
     """Random streams that an older version saved with numpy arrays inside (a pickle weights_only
     refuses): the resume goes on with fresh streams and says so, instead of a traceback."""
     import numpy as np
     write_pairs(tmp_path / "pairs.jsonl", 16)
     argv = ["--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"),
-            "--batch-size", "8",
-            "--micro-batch-size", "4", "--epochs", "1", "--lr", "1e-2", "--save-every", "1",
-            "--device", "cpu",
-            "--out", str(tmp_path / "dpo")]
+            "--batch-size", "8", "--micro-batch-size", "4", "--epochs", "1", "--lr", "1e-2",
+            "--save-every", "1", "--device", "cpu", "--out", str(tmp_path / "dpo")]
     with monkeypatch.context() as patch:
         crash_after_first_save(patch, dpo)
         with pytest.raises(Crash):
@@ -141,9 +139,8 @@ def test_a_resume_may_take_a_smaller_micro_batch(tiny_model_dir, tmp_path, monke
     whole run ends, up to floating-point summation order."""
     write_pairs(tmp_path / "pairs.jsonl", 32)
     argv = ["--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.jsonl"),
-            "--batch-size", "8",
-            "--epochs", "1", "--lr", "1e-2", "--lora-rank", "4", "--save-every", "2", "--device",
-            "cpu"]
+            "--batch-size", "8", "--epochs", "1", "--lr", "1e-2", "--lora-rank", "4",
+            "--save-every", "2", "--device", "cpu"]
     out = tmp_path / "dpo"
     dpo.main([*argv, "--micro-batch-size", "4", "--out", f"{out}.whole"])
     with monkeypatch.context() as patch:
@@ -153,19 +150,19 @@ def test_a_resume_may_take_a_smaller_micro_batch(tiny_model_dir, tmp_path, monke
     capsys.readouterr()
     dpo.main([*argv, "--micro-batch-size", "2", "--activation-checkpointing", "--out", str(out)])
     assert "resuming after step 2" in capsys.readouterr().out
-    whole, resumed = load_file(f"{out}.whole/model.safetensors"), load_file(out / "model.safetensors")
+    whole = load_file(f"{out}.whole/model.safetensors")
+    resumed = load_file(out / "model.safetensors")
     assert all(torch.allclose(whole[name], resumed[name], atol=1e-5) for name in whole)
     assert any(not torch.equal(whole[name], load_file(tiny_model_dir / "model.safetensors")[name])
                for name in whole)
 
 
 def test_osp_resumes_exactly(task_dir, tmp_path, monkeypatch, capsys, in_process_stage):
-    # the prompt batches and the random pairing go on where they stopped; the samples are seeded by
-    # step
+    # the prompt batches and the random pairing go on where they stopped; the samples are seeded
+    # by step
     sft = builtin_model_dir(task_dir, tmp_path / "sft")
-    argv = ["--model", str(sft), "--prompts", str(task_dir / "prompts_iter1.jsonl"), "--steps", "4",
-            "--batch-size", "2",
-            "--k", "4", "--max-new-tokens", "6", "--lr", "1e-2", "--beta", "0.1", "--loss", "dpo",
-            "--pairing", "random",
+    argv = ["--model", str(sft), "--prompts", str(task_dir / "prompts_iter1.jsonl"),
+            "--steps", "4", "--batch-size", "2", "--k", "4", "--max-new-tokens", "6",
+            "--lr", "1e-2", "--beta", "0.1", "--loss", "dpo", "--pairing", "random",
             "--save-every", "2", "--device", "cpu"]
     same_run(*run_interrupted_and_whole(osp, argv, tmp_path / "osp", monkeypatch, capsys))

@@ -22,15 +22,14 @@ import rewards
 FAMILIES = ("chatml", "llama3", "mistral")
 # the token each family's reward is read at
 LAST_TOKEN = {"chatml": "\n", "llama3": "<|eot_id|>", "mistral": "</s>"}
-# different lengths; a system turn, a second turn, spaces the Llama-3 template trims, an empty
-# answer
+# different lengths; a system turn, a second turn, spaces the Llama-3 template trims, an
+# empty answer
 CONVERSATIONS = [
     [{"role": "user", "content": "reverse abc"}, {"role": "assistant", "content": "cba"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
      {"role": "assistant", "content": " hello there "}],
     [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
-     {"role": "user", "content": "and 3+3?"},
-     {"role": "assistant", "content": "6"}],
+     {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}],
     [{"role": "user", "content": "say nothing"}, {"role": "assistant", "content": ""}],
 ]
 
@@ -45,8 +44,8 @@ def test_a_reward_is_read_at_the_last_token_of_the_templates_full_rendering(fami
     for conversation in CONVERSATIONS:
         ids, truncated = rewards.pair_token_ids(tokenizer, conversation[:-1],
                                                 conversation[-1]["content"], 2048)
-        assert ids == tokenizer.apply_chat_template(conversation, tokenize=True,
-                                                    return_dict=False) and not truncated
+        expected = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False)
+        assert ids == expected and not truncated
         assert tokenizer.convert_ids_to_tokens(ids[-1]) == LAST_TOKEN[family]
         # the template writes BOS; tokenizer(text) alone would add a second one
         if tokenizer.bos_token is not None:
@@ -57,16 +56,16 @@ def test_a_reward_is_read_at_the_last_token_of_the_templates_full_rendering(fami
     if family == "chatml":
         prompt, response = CONVERSATIONS[0][:-1], CONVERSATIONS[0][-1]["content"]
         newline = tokenizer.convert_tokens_to_ids("\n")
-        assert rewards.pair_token_ids(tokenizer, prompt, response,
-                                      2048)[0] == encode_prompt(tokenizer,
-                                                                prompt) + encode_response(tokenizer, response) + [newline]
-    # The pairwise judge's query is already the full rendering of its user turn with the generation
-    # prompt.
+        ids, _ = rewards.pair_token_ids(tokenizer, prompt, response, 2048)
+        policy_ids = encode_prompt(tokenizer, prompt) + encode_response(tokenizer, response)
+        assert ids == policy_ids + [newline]
+    # The pairwise judge's query is already the full rendering of its user turn with the
+    # generation prompt.
     prompt = CONVERSATIONS[0][:-1]
     query = [{"role": "user", "content": render_judge_prompt(prompt, "cba", "abc", "pairwise")}]
-    assert rewards.pairwise_query_ids(tokenizer, prompt, "cba", "abc") == \
-        tokenizer.apply_chat_template(query, add_generation_prompt=True, tokenize=True,
-                                      return_dict=False)
+    expected = tokenizer.apply_chat_template(query, add_generation_prompt=True, tokenize=True,
+                                             return_dict=False)
+    assert rewards.pairwise_query_ids(tokenizer, prompt, "cba", "abc") == expected
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -120,11 +119,12 @@ def test_exported_reward_model_scores_padded_batches_as_in_transformers(family, 
     _, rm = family_models[family]
     records = [{"id": str(i), "prompt": c[:-1], "responses": [c[-1]["content"]]}
                for i, c in enumerate(CONVERSATIONS)]
-    ours = rewards.score_records(rewards.load_for_inference(rm, "bt", torch.device("cpu")),
-                                 load_tokenizer(rm), records,
-                                  torch.device("cpu"), batch_size=3, max_length=2048)
+    model = rewards.load_for_inference(rm, "bt", torch.device("cpu"))
+    ours = rewards.score_records(model, load_tokenizer(rm), records, torch.device("cpu"),
+                                 batch_size=3, max_length=2048)
     ours = torch.tensor([r["rewards"][0] for r in ours])
-    hf, hf_tokenizer = AutoModelForSequenceClassification.from_pretrained(rm).eval(), AutoTokenizer.from_pretrained(rm)
+    hf = AutoModelForSequenceClassification.from_pretrained(rm).eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(rm)
     assert hf.config.pad_token_id == hf_tokenizer.pad_token_id not in closing_ids(hf_tokenizer)
     for side in ("right", "left"):
         hf_tokenizer.padding_side = side
@@ -141,8 +141,9 @@ def test_exported_reward_model_scores_padded_batches_as_in_transformers(family, 
 
 
 @pytest.mark.parametrize("policy_family, rm_family", [("chatml", "llama3"), ("llama3", "chatml")])
-def test_dpo_scores_with_a_reward_model_of_another_tokenizer_and_template(policy_family, rm_family, family_models, tmp_path,
-                                                                         monkeypatch):
+def test_dpo_scores_with_a_reward_model_of_another_tokenizer_and_template(policy_family, rm_family,
+                                                                          family_models, tmp_path,
+                                                                          monkeypatch):
     """dpo.py --rm with a reward model whose vocabulary and chat template differ from the policy's
     (a ChatML policy and a Llama-3 reward model, and back): each sampled response is re-rendered
     from its text with the reward model's template, so its reward is the reward model's score of
@@ -153,14 +154,14 @@ def test_dpo_scores_with_a_reward_model_of_another_tokenizer_and_template(policy
     _, rm = family_models[rm_family]
     write_jsonl(tmp_path / "prompts.jsonl",
                 [{"id": f"q{i}", "messages": [{"role": "user", "content": f"reverse {w}"}]}
-                                             for i, w in enumerate(["abc", "fedc"])])
-    dpo.main(["--iter", "1", "--run-dir", str(tmp_path / "run"), "--sft", str(policy), "--rm",
-              str(rm), "--prompts",
-              str(tmp_path / "prompts.jsonl"), "--iterations", "1", "--n", "2", "--max-new-tokens",
-              "4", "--batch-size", "4", "--micro-batch-size", "4",
+                 for i, w in enumerate(["abc", "fedc"])])
+    dpo.main(["--iter", "1", "--run-dir", str(tmp_path / "run"), "--sft", str(policy),
+              "--rm", str(rm), "--prompts", str(tmp_path / "prompts.jsonl"), "--iterations", "1",
+              "--n", "2", "--max-new-tokens", "4", "--batch-size", "4", "--micro-batch-size", "4",
               "--epochs", "1", "--device", "cpu"])
     records = read_jsonl(tmp_path / "run" / "iter1" / "rewards.jsonl")
-    hf, hf_tokenizer = AutoModelForSequenceClassification.from_pretrained(rm).eval(), AutoTokenizer.from_pretrained(rm)
+    hf = AutoModelForSequenceClassification.from_pretrained(rm).eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(rm)
     policy_tokenizer = load_tokenizer(policy)
     for record in records:
         for response, reward in zip(record["responses"], record["rewards"]):
@@ -170,12 +171,14 @@ def test_dpo_scores_with_a_reward_model_of_another_tokenizer_and_template(policy
             with torch.no_grad():
                 assert hf(**alone).logits[0, 0].item() == pytest.approx(reward, abs=1e-4)
             # ... and the policy's tokenizer would have given the reward model other tokens entirely
-            assert policy_tokenizer.apply_chat_template(conversation, tokenize=True,
-                                                        return_dict=False) != alone["input_ids"][0].tolist()
+            policy_ids = policy_tokenizer.apply_chat_template(conversation, tokenize=True,
+                                                              return_dict=False)
+            assert policy_ids != alone["input_ids"][0].tolist()
     assert json.loads((tmp_path / "run" / "iter1" / "summary.json").read_text())["samples"] == 4
 
 
-def test_dpo_scores_with_an_ensemble_of_reward_models_of_other_families(family_models, tmp_path, monkeypatch, capsys):
+def test_dpo_scores_with_an_ensemble_of_reward_models_of_other_families(family_models, tmp_path,
+                                                                        monkeypatch, capsys):
     """--rm A,B --ensemble mean_minus_std: each response's reward is the mean of the members' own
     transformers scores minus their standard deviation (Coste et al. 2023), each member reading the
     conversation with its own tokenizer and template. One member with mean_minus_std is refused."""
@@ -186,11 +189,10 @@ def test_dpo_scores_with_an_ensemble_of_reward_models_of_other_families(family_m
     members = [family_models[family][1] for family in ("llama3", "chatml", "mistral")]
     write_jsonl(tmp_path / "prompts.jsonl",
                 [{"id": "q0", "messages": [{"role": "user", "content": "reverse abc"}]}])
-    argv = ["--iter", "1", "--run-dir", str(tmp_path / "run"), "--sft", str(policy), "--prompts",
-            str(tmp_path / "prompts.jsonl"),
-            "--iterations", "1", "--n", "3", "--max-new-tokens", "4", "--batch-size", "4",
-            "--micro-batch-size", "4", "--epochs", "1",
-            "--device", "cpu", "--ensemble", "mean_minus_std"]
+    argv = ["--iter", "1", "--run-dir", str(tmp_path / "run"), "--sft", str(policy),
+            "--prompts", str(tmp_path / "prompts.jsonl"), "--iterations", "1", "--n", "3",
+            "--max-new-tokens", "4", "--batch-size", "4", "--micro-batch-size", "4",
+            "--epochs", "1", "--device", "cpu", "--ensemble", "mean_minus_std"]
     with pytest.raises(SystemExit):
         dpo.main(argv + ["--rm", str(members[0])])
     assert "--ensemble mean_minus_std needs two or more reward models" in capsys.readouterr().err

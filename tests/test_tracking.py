@@ -30,8 +30,10 @@ def tensorboard_run(folder):
     events.Reload()
     scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)]
                for tag in events.Tags()["scalars"]}
-    texts = {tag.removesuffix("/text_summary"): events.Tensors(tag)[0].tensor_proto.string_val[0].decode()
-             for tag in events.Tags()["tensors"]}
+
+    def text(tag):
+        return events.Tensors(tag)[0].tensor_proto.string_val[0].decode()
+    texts = {tag.removesuffix("/text_summary"): text(tag) for tag in events.Tags()["tensors"]}
     return scalars, texts
 
 
@@ -97,20 +99,21 @@ def test_tensorboard_resume_shows_each_step_once(tmp_path):
 
 
 def wandb_offline(tmp_path, monkeypatch):
-    # offline: no network and no login; the rest keeps wandb's own files in tmp_path and the test
-    # quick
+    # offline: no network and no login; the rest keeps wandb's own files in tmp_path and the
+    # test quick
     for name, value in dict(WANDB_MODE="offline", WANDB_ERROR_REPORTING="false",
                             WANDB_SILENT="true", WANDB_CONSOLE="off",
                             WANDB_DISABLE_GIT="true", WANDB_DISABLE_CODE="true",
-                            WANDB_X_DISABLE_STATS="true",
-                            WANDB_X_DISABLE_META="true", WANDB_PROJECT="tracking-test",
+                            WANDB_X_DISABLE_STATS="true", WANDB_X_DISABLE_META="true",
+                            WANDB_PROJECT="tracking-test",
                             WANDB_CONFIG_DIR=str(tmp_path / "config"),
                             WANDB_CACHE_DIR=str(tmp_path / "cache"),
                             WANDB_DATA_DIR=str(tmp_path / "data")).items():
         monkeypatch.setenv(name, value)
 
 
-def test_wandb_offline_run_gets_the_jsonl_scalars_the_run_name_and_the_settings(tmp_path, monkeypatch):
+def test_wandb_offline_run_gets_the_jsonl_scalars_the_run_name_and_the_settings(tmp_path,
+                                                                                monkeypatch):
     wandb = pytest.importorskip("wandb")
     wandb_offline(tmp_path, monkeypatch)
     metrics = MetricsLogger(tmp_path / "out" / "metrics.jsonl", report_to="wandb",
@@ -122,8 +125,8 @@ def test_wandb_offline_run_gets_the_jsonl_scalars_the_run_name_and_the_settings(
         metrics.close()  # wandb.finish()
         wandb.teardown()  # stops wandb's service process: nothing outlives the test
     runs = list((tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(runs) == 1 and not any(p.is_symlink()
-                                      for p in (tmp_path / "out" / "wandb").iterdir())
+    assert len(runs) == 1
+    assert not any(p.is_symlink() for p in (tmp_path / "out" / "wandb").iterdir())
     records = wandb_records(runs[0])
     run = next(r.run for r in records if r.HasField("run"))
     assert (run.display_name, run.project) == ("sft runs/x/sft", "tracking-test")
@@ -132,9 +135,9 @@ def test_wandb_offline_run_gets_the_jsonl_scalars_the_run_name_and_the_settings(
     history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json)
                 for item in r.history.item}
                for r in records if r.HasField("history")]
-    assert [{name: row[name] for name in ("_step", "loss", "lr", "tokens")} for row in history] == \
-        [dict(_step=line["step"], loss=line["loss"], lr=line["lr"], tokens=line["tokens"])
-         for line in LINES]
+    logged = [{name: row[name] for name in ("_step", "loss", "lr", "tokens")} for row in history]
+    assert logged == [dict(_step=line["step"], loss=line["loss"], lr=line["lr"],
+                           tokens=line["tokens"]) for line in LINES]
 
 
 def test_wandb_resume_continues_the_same_run(tmp_path, monkeypatch):
@@ -162,9 +165,8 @@ def test_sft_reports_its_loss_name_and_settings_to_tensorboard(tiny_model_dir, t
     write_sft_data(tmp_path / "sft.jsonl", n=16)
     out = tmp_path / "sft"
     sft.main(["--model", str(tiny_model_dir), "--scratch", "--data", str(tmp_path / "sft.jsonl"),
-              "--out", str(out),
-              "--block-size", "64", "--batch-size", "4", "--micro-batch-size", "4", "--max-steps",
-              "3", "--device", "cpu",
+              "--out", str(out), "--block-size", "64", "--batch-size", "4",
+              "--micro-batch-size", "4", "--max-steps", "3", "--device", "cpu",
               "--report-to", "tensorboard"])
     lines = read_jsonl(out / "metrics.jsonl")
     # kept in --out through the checkpoint's save
@@ -201,7 +203,8 @@ def test_report_to_is_not_a_setting_an_online_run_records():
 
 
 @pytest.mark.parametrize("tracker", ["wandb", "tensorboard"])
-def test_a_missing_tracker_stops_the_stage_at_parse_time_with_the_pip_line(tracker, tmp_path, monkeypatch, capsys):
+def test_a_missing_tracker_stops_the_stage_at_parse_time_with_the_pip_line(tracker, tmp_path,
+                                                                           monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     # as if not installed: find_spec is None, import fails
     monkeypatch.setitem(sys.modules, tracker, None)
@@ -211,7 +214,7 @@ def test_a_missing_tracker_stops_the_stage_at_parse_time_with_the_pip_line(track
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err, err
     errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and errors[0].endswith(f"error: argument --report-to: {tracker} is not "
-                                                   f"installed; "
-                                                   f"run: pip install {tracker}"), err
+    expected = (f"error: argument --report-to: {tracker} is not installed; "
+                f"run: pip install {tracker}")
+    assert len(errors) == 1 and errors[0].endswith(expected), err
     assert list(tmp_path.iterdir()) == []  # before any work or any file
