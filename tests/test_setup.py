@@ -1,5 +1,6 @@
 """Tests of the set-up: no top-level name of ours shadows an installed package (tools/shadowed.py),
 and the README's commands install pinned versions (constraints.txt, tools/setup.sh)."""
+import json
 import os
 import re
 import subprocess
@@ -96,3 +97,26 @@ def test_constraints_pin_every_requirement():
     floor = re.search(r"^transformers>=([\d.]+)", requirements, re.M).group(1)
     version = tuple(int(part) for part in pins["transformers"].split(".")[:2])
     assert version >= tuple(int(part) for part in floor.split(".")[:2])
+
+
+def test_compare_runs_leaves_out_timing_fields_and_nothing_else(tmp_path):
+    """tools/compare_runs.py, the check that a rearrangement left a run's outputs unchanged: equal
+    up to timing fields passes; a changed loss, a changed byte of a weights file, or a file in one
+    folder only fails, naming the file."""
+    from tools.compare_runs import main
+    for name, loss in (("a", 0.5), ("b", 0.5)):
+        (tmp_path / name / "logs").mkdir(parents=True)
+        (tmp_path / name / "metrics.jsonl").write_text(
+            json.dumps(dict(step=1, loss=loss, ms=10 + len(name), tokens_per_s=3.0)) + "\n")
+        (tmp_path / name / "model.safetensors").write_bytes(b"\x00\x01")
+        (tmp_path / name / "logs" / "lane.log").write_text(name)  # logs are skipped
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert main([a, b]) == 0
+    (tmp_path / "b" / "metrics.jsonl").write_text(json.dumps(dict(step=1, loss=0.25, ms=1)) + "\n")
+    assert main([a, b]) == 1
+    (tmp_path / "b" / "metrics.jsonl").write_text((tmp_path / "a" / "metrics.jsonl").read_text())
+    (tmp_path / "b" / "model.safetensors").write_bytes(b"\x00\x02")
+    assert main([a, b]) == 1
+    (tmp_path / "b" / "model.safetensors").write_bytes(b"\x00\x01")
+    (tmp_path / "b" / "extra.jsonl").write_text("{}\n")
+    assert main([a, b]) == 1
