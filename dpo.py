@@ -406,7 +406,7 @@ def train_step(model, optimizer, micro_batches, *, beta, loss_type, nll_coef, gr
                                        beta, loss_type, batch.target, chosen_tokens,
                                        rejected_tokens)
             if nll_coef:  # RPO: keep the chosen response likely (its per-token NLL)
-                per_pair = per_pair + nll_coef * per_token_nll(chosen, chosen_tokens)
+                per_pair = per_pair + per_token_nll(chosen, chosen_tokens, weight=nll_coef)
             # Mean over the global batch's pairs (× world size: gradients are averaged over ranks).
             loss = (per_pair * batch.weight).sum() / global_pairs * world_size
             loss.backward()

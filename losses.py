@@ -32,9 +32,12 @@ def sequence_logps(model, prompts, responses, pad_id, device):
     return logps.sum(1), torch.tensor([len(r) for r in responses], device=device)
 
 
-def per_token_nll(logps, num_tokens):
+def per_token_nll(logps, num_tokens, weight=None):
     """The mean negative log-likelihood per token of each response (B,), from its summed log-probs
-    (B,) and token counts (B,): RPO's added term in dpo.py, RAFT's loss in osp.py."""
+    (B,) and token counts (B,): SFT's loss, RAFT's in osp.py; with a `weight` α, α times it,
+    rounded as −(α · log-probs) / tokens (RPO's added term in dpo.py)."""
+    if weight is not None:
+        logps = weight * logps
     return -logps / num_tokens
 
 

@@ -395,7 +395,9 @@ def checked_read_back(action, value, path):
         if action.choices is not None and value not in action.choices:
             choices = ", ".join(map(str, action.choices))
             raise argparse.ArgumentTypeError(f"must be one of {choices}, got {value!r}")
-    except argparse.ArgumentTypeError as error:
+    except (argparse.ArgumentTypeError, TypeError, ValueError) as error:
+        if not isinstance(error, argparse.ArgumentTypeError):  # a plain type=int: argparse's words
+            error = f"invalid {getattr(action.type, '__name__', action.type)} value: {value!r}"
         raise InputError(f"{path}: {action.dest} {error}; fix it there or give "
                          f"{action.option_strings[0]} on the command line") from None
     return value

@@ -648,3 +648,15 @@ def test_online_iterations_on_builtin_task_with_gold_reward(task_dir, tmp_path, 
     assert step1["rewards_chosen"] == pytest.approx(0, abs=1e-5)
     assert step1["log_ratio"] == pytest.approx(0, abs=1e-5)
     assert (run / "iter2" / "policy" / "model.safetensors").exists()
+
+
+def test_per_token_nll_rounds_as_before_for_any_rpo_weight():
+    """RPO's term, α · per-token NLL, is computed as −(α · log-prob sum) / tokens: bit for bit the
+    expression training used before it moved to losses.py, for α that is no power of two too."""
+    torch.manual_seed(0)
+    logps, tokens = torch.randn(4096) * 50, torch.randint(1, 300, (4096,))
+    per_pair = torch.randn(4096)
+    for alpha in (0.3, 0.01, 1.0):
+        assert torch.equal(per_pair + losses.per_token_nll(logps, tokens, weight=alpha),
+                           per_pair - alpha * logps / tokens)
+    assert torch.equal(losses.per_token_nll(logps, tokens), -logps / tokens)

@@ -183,6 +183,7 @@ def test_generate_greedy_is_allowed_and_n_must_fit_the_batch(tmp_path, monkeypat
     ("lora_dropout", 1.5, "lora_dropout must be in [0, 1)"),
     ("batch_size", 2.5, "batch_size expected an integer, got 2.5"),
     ("loss", "dpx", "loss must be one of dpo, ipo, spce, got 'dpx'"),
+    ("seed", "abc", "seed invalid int value: 'abc'"),  # a plain type=int
 ])
 def test_a_bad_value_read_back_from_the_run_is_a_one_line_error(setting, value, message, tmp_path,
                                                                 capsys):
@@ -199,7 +200,8 @@ def test_a_bad_value_read_back_from_the_run_is_a_one_line_error(setting, value, 
     assert json.loads((run / "config.json").read_text()) == config
     # the command line wins over the file, so it also mends it
     flag = {"lr": ["--lr", "1e-6"], "n": ["--n", "2"], "lora_dropout": ["--lora-dropout", "0"],
-            "batch_size": ["--batch-size", "2"], "loss": ["--loss", "dpo"]}[setting]
+            "batch_size": ["--batch-size", "2"], "loss": ["--loss", "dpo"],
+            "seed": ["--seed", "1"]}[setting]
     args, sources = dpo.resolve_settings(["--iter", "2", "--run-dir", str(run)] + flag)
     assert sources[setting] == "command line"
 
