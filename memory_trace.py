@@ -367,6 +367,7 @@ def _rollout_phase(config, sampler, mode, slots, prompts_per_rank, seq_len, devi
     import generate
     from model import KVCache
     from parallel import gathered
+    from training import autocast
 
     half = seq_len // 2
     engine = generate.Engine(sampler, slots, [0], dtype=torch.bfloat16)
@@ -375,9 +376,13 @@ def _rollout_phase(config, sampler, mode, slots, prompts_per_rank, seq_len, devi
     tokens, seeds = torch.zeros(slots, dtype=torch.long), torch.arange(slots)
     positions = torch.full((slots,), seq_len - 1)
 
+    # osp's own autocast rule (training.autocast: bf16 over a one-device fp32 policy, none under
+    # FSDP, whose parameters are cast already); the sample mode's model always under bf16
+    amp = (torch.autocast(device.type, torch.bfloat16) if mode == "sample"
+           else autocast(sampler, device))
+
     def rollout_phase():
-        with gathered(sampler), torch.no_grad(), torch.autocast(device.type, torch.bfloat16,
-                                                                enabled=mode == "sample"):
+        with gathered(sampler), torch.no_grad(), amp:
             engine.reserve(seq_len)  # allocated once, then kept for the run (Engine.reserve)
             prefill_cache = KVCache(config, prefill_count, half, device, torch.bfloat16)
             generate.prefill(sampler, prefill_cache,

@@ -83,3 +83,11 @@ def test_command_line_refuses_bad_numbers_naming_the_flag():
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 2, result.stderr
         assert f"argument {flag}: {message}" in result.stderr, result.stderr
+
+
+def test_osp_on_one_device_traces_its_rollout_under_its_own_autocast():
+    """One device, no LoRA: osp's rollout runs the fp32 policy under bf16 autocast into a bf16 KV
+    cache, as osp.py does (training.autocast); the trace once ran it without and stopped on a
+    float query against bf16 keys."""
+    peak = trace_stage(TINY, "osp", world_size=1, seq_len=32, k=3, micro_batch_size=2)
+    assert peak["Total"] > 0
