@@ -199,6 +199,18 @@ def apply_rope(x, cos, sin):
 # Layers
 
 
+def recomputed(fn, *inputs):
+    """fn(*inputs), keeping for the backward only the inputs: the backward runs fn again and
+    differentiates that, the same kernels in the same order, so the gradients are bit for bit those
+    of fn itself. For cheap elementwise work (RMSNorm, SwiGLU's gate) whose intermediates would
+    otherwise stay alive from the forward to the backward: per layer, one (tokens, hidden) and one
+    (tokens, intermediate) tensor fewer. No randomness inside, so no RNG state is kept."""
+    if not torch.is_grad_enabled():
+        return fn(*inputs)
+    return torch.utils.checkpoint.checkpoint(fn, *inputs, use_reentrant=False,
+                                             preserve_rng_state=False)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -206,6 +218,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        return recomputed(self.normalise, x)
+
+    def normalise(self, x):
         # Normalise in fp32 (bf16 variance loses precision), cast back, then scale. The scale is
         # cast to x's dtype: under autocast an fp32 master weight then computes exactly as its bf16
         # copy does (and the residual stream stays bf16); without autocast the dtypes already agree.
@@ -472,7 +487,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(I, H, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(recomputed(swiglu, self.gate_proj(x), self.up_proj(x)))
+
+
+def swiglu(gate, up):
+    """SwiGLU's gated activation (Shazeer 2020): silu(x W_gateᵀ) ⊙ x W_upᵀ."""
+    return F.silu(gate) * up
 
 
 # ----------------------------------------------------------------------------------------------

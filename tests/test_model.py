@@ -245,3 +245,38 @@ def test_new_reward_head_is_initialised_like_transformers(tmp_path):
                                             initializer_range=initializer_range)).save_pretrained(folder)
         head = Transformer.from_pretrained(folder, head="score").score.weight
         assert head.shape == (1, 256) and abs(head.std().item() / initializer_range - 1) < 0.15
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16 autocast", "activation checkpointing"])
+def test_recomputed_norms_and_gates_give_the_same_gradients_bit_for_bit(precision, monkeypatch):
+    """model.recomputed keeps only RMSNorm's and SwiGLU's inputs for the backward and runs them
+    again there: every gradient and the loss equal, to the bit, those of the plain forward that
+    keeps their intermediates (under autocast too, whose state the recompute must restore)."""
+    import model as model_module
+
+    def run():
+        torch.manual_seed(0)
+        model = Transformer.from_config(tiny_config(50, num_hidden_layers=3))
+        randomize_biases_and_norms(model)
+        model.set_activation_checkpointing(precision == "activation checkpointing")
+        input_ids = torch.randint(0, 50, (3, 24))
+        targets = torch.randint(0, 50, (3, 24))
+        kept = {}  # the storages autograd keeps for the backward: bytes each
+
+        def keep(tensor):
+            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16 autocast"), \
+                torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            loss = model(input_ids, targets=targets).float().sum()
+        loss.backward()
+        return loss, {name: p.grad for name, p in model.named_parameters()}, sum(kept.values())
+
+    loss, grads, kept = run()
+    monkeypatch.setattr(model_module, "recomputed", lambda fn, *inputs: fn(*inputs))
+    plain_loss, plain_grads, plain_kept = run()
+    assert torch.equal(loss, plain_loss)
+    assert all(torch.equal(grads[name], plain_grads[name]) for name in grads)
+    if precision != "activation checkpointing":  # (there a block keeps only its input anyway)
+        assert kept < plain_kept
