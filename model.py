@@ -487,7 +487,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(I, H, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(recomputed(swiglu, self.gate_proj(x), self.up_proj(x)))
+        if torch.is_grad_enabled():  # kept for the backward: the gate's and up's outputs only
+            return self.down_proj(recomputed(swiglu, self.gate_proj(x), self.up_proj(x)))
+        # no backward (sampling, reference passes): silu(gate) made before up exists, one
+        # (tokens, intermediate) tensor fewer at once
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def swiglu(gate, up):
