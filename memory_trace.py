@@ -378,11 +378,12 @@ def _rollout_phase(config, sampler, mode, slots, prompts_per_rank, seq_len, devi
 
     # osp's own autocast rule (training.autocast: bf16 over a one-device fp32 policy, none under
     # FSDP, whose parameters are cast already); the sample mode's model always under bf16
-    amp = (torch.autocast(device.type, torch.bfloat16) if mode == "sample"
-           else autocast(sampler, device))
+    def amp():
+        return (torch.autocast(device.type, torch.bfloat16) if mode == "sample"
+                else autocast(sampler, device))
 
     def rollout_phase():
-        with gathered(sampler), torch.no_grad(), amp:
+        with gathered(sampler), torch.no_grad(), amp():
             engine.reserve(seq_len)  # allocated once, then kept for the run (Engine.reserve)
             prefill_cache = KVCache(config, prefill_count, half, device, torch.bfloat16)
             generate.prefill(sampler, prefill_cache,
