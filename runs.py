@@ -52,14 +52,16 @@ class InputError(ValueError):
 
 def run_cli(main):
     """Run a stage's main(): InputError and FileNotFoundError become `error: ...` on stderr, exit 2;
-    Ctrl-C (KeyboardInterrupt) becomes one line saying how to resume, exit 130 (128 + SIGINT)."""
+    Ctrl-C (KeyboardInterrupt) becomes one line saying how to resume, exit 130 (128 + SIGINT).
+    Under torchrun a rank leaves without the interpreter's teardown (os._exit), see below."""
     rank, world_size = rank_and_world_size()
+    status = 0
     try:
         main()
     except (InputError, FileNotFoundError) as error:
         prefix = f"[rank {rank}] " if world_size > 1 else ""
         print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        status = 2
     except KeyboardInterrupt:
         # Under torchrun every rank gets the SIGINT: one line, from rank 0. Every output is written
         # atomically (a temp file, then a rename) and each stage skips the work already written, so
@@ -68,12 +70,20 @@ def run_cli(main):
             print("\ninterrupted: the outputs finished so far are kept; rerun the same command to "
                   "resume (finished work is skipped; an unfinished training run starts over)",
                   file=sys.stderr, flush=True)
+        status = 130
+    if world_size > 1:
+        # Every output is written and closed by now (the metrics log too). Leave at once, without
+        # the interpreter's teardown. PyTorch keeps the gloo process group alive past
+        # destroy_process_group (FSDP's DTensor caches hold its device mesh), so its threads still
+        # run while the interpreter tears down, and now and then a rank aborts there after its
+        # work is done ("terminate called without an active exception", SIGABRT; torchrun then
+        # fails the run). After an error or Ctrl-C the group is not destroyed at all (that could
+        # wait on a rank that is gone); the OS closes the connections.
         sys.stdout.flush()
-        if dist.is_initialized():
-            # No destroy_process_group: it may wait on a rank that is gone. Skip the interpreter's
-            # teardown too, for the same reason; the OS closes the connections.
-            os._exit(130)
-        sys.exit(130)
+        sys.stderr.flush()
+        os._exit(status)
+    if status:
+        sys.exit(status)
 
 
 # ----------------------------------------------------------------------------------------------

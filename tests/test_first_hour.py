@@ -220,9 +220,11 @@ def test_keyboard_interrupt_is_one_line_and_exit_130(capsys, monkeypatch):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert (len(lines) == 1 and lines[0].startswith("interrupted: ")
             and "rerun the same command to resume" in lines[0])
-    # under torchrun every rank is interrupted: rank 0 alone says so
+    # under torchrun every rank is interrupted: rank 0 alone says so (and leaves with os._exit,
+    # which would end pytest here: made a SystemExit)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(os, "_exit", lambda status: sys.exit(status))
     with pytest.raises(SystemExit) as exit_info:
         run_cli(interrupted)
     assert exit_info.value.code == 130 and capsys.readouterr().err == ""
