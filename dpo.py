@@ -9,7 +9,8 @@ With h = [log π(a_w|x) − log π_0(a_w|x)] − [log π(a_l|x) − log π_0(a_l
 
 One online iteration t (run_iteration), each step skipped on a rerun once its output is complete:
   1. sample   n responses per prompt of chunk t from π_{t−1} (π_0 = the SFT model)
-  2. score    every response by the reward model (an ensemble, or the built-in task's gold reward)
+  2. score    every response by the reward model (or an ensemble), or by a verifier: a Python
+              function in TRL's convention, --rm FILE.py:function (--rm gold: the task's r*)
   3. pair     per prompt, the best vs the worst response by reward − λ·length (losses.select_pairs)
   4. ref      log π_0 of each pair's chosen and rejected response, once, without gradients
   5. train    DPO from π_{t−1}, reference π_0, on the pairs so far
@@ -51,12 +52,13 @@ from training import (StepSums, add_resume_flag, autocast, batch_schedule, cosin
                       make_optimizer, optimizer_step, rank_micro_batches, save_training_state,
                       seed_everything, set_lr)
 from data.schema import load_records
-from data.task import format_reward_vs_gold, score
+from data.task import format_reward_vs_gold
 from memory_plan import print_stage_plan
 from model import ModelConfig, Transformer
 from losses import (PAIR_SELECTIONS, implicit_reward, per_token_nll, preference_loss,
                     select_pairs, sequence_logps)
-from rewards import ensemble_scorer, reward_models, samples_summary
+from rewards import (ensemble_scorer, is_reward_function, load_reward_function,
+                     reward_function_settings, reward_models, samples_summary, verifier_scorer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,7 +86,9 @@ def build_parser(flags=None):
     flag("--iter", type=positive_int, help="run online iteration t (1-based)")
     flag("--run-dir", "--run", dest="run_dir", help="the run's folder (iter{t}/, config.json)")
     flag("--sft", help="the SFT model: π_0, the first policy and the reference")
-    flag("--rm", help="reward model folder(s), comma-separated (an ensemble), or 'gold'")
+    flag("--rm", help="reward model folder(s), comma-separated (an ensemble); or a verifier, "
+         "FILE.py:function or package.module:function in TRL's reward-function convention "
+         "(rewards.py); or 'gold', the built-in task's gold reward")
     flag("--ensemble", choices=["mean", "mean_minus_std"], default="mean",
          help="an ensemble's reward: the mean, or mean − std (Coste et al. 2023)")
     flag("--prompts", help="prompts JSONL; with '{t}' in the name, one file per iteration")
@@ -187,19 +191,18 @@ def sample(args, dist_info, previous_policy, prompts, here):
 
 
 def score_samples(args, dist_info, here):
-    """2. Each response's reward, to rewards.jsonl: the reward model's, an ensemble's, or with
-    --rm gold the built-in task's gold reward r* (the oracle control)."""
+    """2. Each response's reward, to rewards.jsonl: the reward model's, an ensemble's, or a
+    verifier's (rewards.verifier_rewards; --rm gold: the built-in task's r*, the oracle control)."""
     samples = load_records(here / "samples.jsonl", "samples")
-    if args.rm == "gold":
-        def scorer(chunk):
-            return [{**r, "rewards": [score(r["prompt"], y) for y in r["responses"]]}
-                    for r in chunk]
+    if is_reward_function(args.rm):
+        scorer = verifier_scorer(args.rm)
     else:
         scorer = ensemble_scorer(reward_models(args.rm), args.ensemble, dist_info.device,
                                  args.micro_batch_size * 4, args.max_length)
     process_in_chunks(samples, here / "rewards.jsonl", scorer, dist_info,
                       chunk_size=args.chunk_size, desc=f"iter {args.iter}: scoring",
-                      settings=dict(rm=args.rm, max_length=args.max_length))
+                      settings=dict(**reward_function_settings(args.rm),
+                                    max_length=args.max_length))
 
 
 def make_pairs(args, dist_info, here):
@@ -498,7 +501,8 @@ def check_mode(parser, args):
         if not (args.sft and args.rm and args.prompts):
             parser.error(f"online mode needs --sft, --rm and --prompts: give them at iteration 1 "
                          f"(later iterations read them from {Path(args.run_dir) / 'config.json'})")
-        if args.ensemble != "mean" and len(reward_models(args.rm)) < 2:
+        if args.ensemble != "mean" and (is_reward_function(args.rm)
+                                        or len(reward_models(args.rm)) < 2):
             parser.error(f"--ensemble {args.ensemble} needs two or more reward models "
                          "(--rm A,B,...)")
     elif not (args.pairs and args.model and args.out):
@@ -530,7 +534,9 @@ def start_iteration(args, sources, dist_info):
     run, t = Path(args.run_dir), args.iter
     here = run / f"iter{t}"
     require_model(args.sft, "--sft", sources["sft"])
-    if args.rm != "gold":
+    if is_reward_function(args.rm):
+        load_reward_function(args.rm)  # a verifier that cannot load stops here, before sampling
+    else:
         for folder in reward_models(args.rm):
             require_model(folder, "--rm", sources["rm"])
     previous_policy = Path(args.sft) if t == 1 else run / f"iter{t - 1}" / "policy"

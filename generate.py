@@ -467,6 +467,11 @@ def response_text(tokenizer, tokens, stop_ids):
     return tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens)
 
 
+def prompt_columns(record):
+    """A prompt record's fields besides id and messages (an `answer` a verifier checks, say)."""
+    return {key: value for key, value in record.items() if key not in ("id", "messages")}
+
+
 def generate_records(engine, tokenizer, records, n, max_new_tokens, temperature=1.0, top_k=0,
                      top_p=1.0, min_p=0.0,
                      seed=0, logprobs=False, progress=None):
@@ -486,6 +491,9 @@ def generate_records(engine, tokenizer, records, n, max_new_tokens, temperature=
                          "response_ids": [o["tokens"] for o in outs],
                          "num_tokens": [len(o["tokens"]) for o in outs],
                          "finish_reasons": [o["finish_reason"] for o in outs]}
+        columns = prompt_columns(record)
+        if columns:  # the prompt record's other fields, for a verifier (rewards.verifier_rewards)
+            sample_record["columns"] = columns
         if logprobs:
             sample_record["logprobs"] = [sum(o["token_logprobs"]) for o in outs]
             sample_record["token_logprobs"] = [o["token_logprobs"] for o in outs]

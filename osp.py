@@ -68,11 +68,12 @@ from training import (StepSums, add_resume_flag, autocast, cosine_lr, finish_tra
                       seed_everything, set_lr)
 from data.judge import JUDGE_TEMPLATES
 from data.schema import load_records
+from data.task import GOLD_GAP
 from losses import (best_index, k3_kl, per_token_nll, preference_loss, preference_margin,
                     token_logps)
-from generate import Engine, encode_prompts, generate_records
+from generate import Engine, encode_prompts, generate_records, prompt_columns
 from memory_plan import print_stage_plan
-from rewards import judge_template, pairwise_preference
+from rewards import judge_template, load_reward_function, pairwise_preference, verifier_rewards
 
 # ----------------------------------------------------------------------------------------------
 # Flags
@@ -136,8 +137,11 @@ def parse_args(argv=None):
                              f"with {{context}}, {{response_a}}, {{response_b}}; default: the "
                              "judge's judge_template.txt (a train_rm.py pairwise model), "
                              "else 'dialogue'")
-    parser.add_argument("--gold", action="store_true",
-                        help="log agreement of the judge with the built-in task's gold scorer")
+    parser.add_argument("--gold", nargs="?", const="gold", default=None, metavar="VERIFIER",
+                        help="log each step's reward by a verifier and the judge's agreement with "
+                             "it: FILE.py:function or package.module:function in TRL's "
+                             "reward-function convention (rewards.py); bare --gold: the built-in "
+                             "task's gold reward")
     parser.add_argument("--grad-clip", type=non_negative_float, default=1.0,
                         help="max gradient norm (0: off)")
     parser.add_argument("--snapshot-every", type=non_negative_int, default=0,
@@ -220,6 +224,7 @@ class Models(NamedTuple):
     tokenizer: object
     judge_tokenizer: object
     template: str            # the judge's A/B instruction
+    gold: object = None      # --gold's verifier (rewards.load_reward_function), or None
 
 
 def osp_step(args, step, prompt_records, prompt_ids, models, engine, optimizer, pairing_rng,
@@ -248,7 +253,7 @@ def osp_step(args, step, prompt_records, prompt_ids, models, engine, optimizer, 
     sums.add(length_chars=sum(len(text) for texts in responses for text in texts),
              responses=sum(map(len, responses)), missing_eos=sum(map(sum, cut)))
     if args.gold:
-        sums.add(**gold_sums(messages, responses, pairs, targets))
+        sums.add(**gold_sums(models.gold, args.gold, prompt_records, responses, pairs, targets))
     return sums, grad_norm, tokens_per_second
 
 
@@ -422,14 +427,15 @@ def sft_view(frozen, policy):
 # The step's metrics
 
 
-def gold_sums(prompt_messages, responses, pairs, targets):
-    """The built-in task's gold reward r* of the step's samples, and on the pairs whose gold scores
-    differ by more than data.task.GOLD_GAP (as in reward_vs_gold) and the judge is not
-    indifferent, whether the judge's target sides with gold. Sums, for StepSums; the comparison
-    with the targets stays on the device."""
-    from data.task import GOLD_GAP, score as gold_score
-    gold = [[gold_score(messages, text) for text in texts]
-            for messages, texts in zip(prompt_messages, responses)]
+def gold_sums(function, spec, prompt_records, responses, pairs, targets):
+    """The verifier's reward of the step's samples (--gold; bare, the built-in task's r*), and on
+    the pairs whose rewards differ by more than data.task.GOLD_GAP (as in reward_vs_gold) and the
+    judge is not indifferent, whether the judge's target sides with the verifier. Sums, for
+    StepSums; the comparison with the targets stays on the device."""
+    records = [{"id": record["id"], "prompt": record["messages"], "responses": texts,
+                "columns": prompt_columns(record)}
+               for record, texts in zip(prompt_records, responses)]
+    gold = verifier_rewards(function, spec, records)
     sums = dict(gold=sum(map(sum, gold)))
     if pairs and pairs[0].rejected is not None:
         signs = [float(gold[row][hi] > gold[row][lo] + GOLD_GAP)
@@ -488,7 +494,8 @@ def load_models(args, dist_info, scale, template):
     same_judge = args.judge in (None, args.model)
     judge = reference if same_judge else load_frozen(args.judge, args.parallel, dist_info)
     judge_tokenizer = tokenizer if same_judge else load_tokenizer(args.judge)
-    return Models(policy, reference, judge, tokenizer, judge_tokenizer, template)
+    gold = load_reward_function(args.gold) if args.gold else None
+    return Models(policy, reference, judge, tokenizer, judge_tokenizer, template, gold)
 
 
 def sampling_engine(args, models, dist_info):

@@ -1,16 +1,23 @@
 """Scoring responses, in reading order:
   1. a Bradley-Terry reward model's scalar (train_rm.py trains it), and the scorer of dpo.py's
      online iteration (one model or an ensemble);
-  2. a pairwise judge's preference probability (paper 2's P(a ≻ b | x) from the judge's label
+  2. a verifier: a Python function in TRL's reward-function convention (`--rm FILE.py:function`;
+     the built-in task's gold reward r* is one, `--rm gold`);
+  3. a pairwise judge's preference probability (paper 2's P(a ≻ b | x) from the judge's label
      tokens);
-  3. statistics of scored samples: how a reward relates to length, and an iteration's summary.
+  4. statistics of scored samples: how a reward relates to length, and an iteration's summary.
 """
+import hashlib
+import importlib
+import importlib.util
 import json
+import math
+import numbers
 from pathlib import Path
 import torch
 import torch.nn.functional as F
 from parallel import default_dtype
-from runs import print0
+from runs import InputError, print0
 from tokens import closing_ids, encode_prompt, encode_rendering, load_tokenizer, right_pad
 from data.judge import JUDGE_LABELS, JUDGE_TEMPLATES, render_judge_prompt
 from data.task import gold_scored, reward_vs_gold
@@ -110,7 +117,116 @@ def ensemble_scorer(folders, mode, device, batch_size, max_length):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Pairwise preference model: an LM asked which of two responses is better
+# 2. Verifiers: a Python function in TRL's reward-function convention
+#
+# `--rm FILE.py:function` or `--rm package.module:function` (`--rm gold`: data.task.gold_reward,
+# the built-in task's r*). The function is called on a batch, as TRL's trainers call their
+# `reward_funcs`:   function(prompts=[...], completions=[...], **columns) -> list[float]
+# Our prompts are conversations, so, as in TRL's conversational format, a prompt is its list of
+# messages and a completion a one-message list [{"role": "assistant", "content": text}]; `columns`
+# are the prompt records' other fields (an `answer` field of prompts.jsonl, say), one list each,
+# aligned with the completions. `completion_ids` (the sampled token ids) come too, as in TRL, when
+# the records carry them.
+
+
+def is_reward_function(spec):
+    """--rm names a function (gold, FILE.py:name or package.module:name), not model folders."""
+    return spec == "gold" or (":" in spec and not Path(spec).is_dir())
+
+
+def load_reward_function(spec):
+    """The function --rm names; InputError, saying why, when it cannot be loaded."""
+    if spec == "gold":
+        spec = "data.task:gold_reward"
+    source, _, name = spec.rpartition(":")
+    if not source or not name.isidentifier():
+        raise InputError(f"--rm {spec}: expected FILE.py:function or package.module:function")
+    if source.endswith(".py"):
+        path = Path(source)
+        if not path.is_file():
+            raise InputError(f"--rm {spec}: no file {path}")
+        module_spec = importlib.util.spec_from_file_location(f"reward_function_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as error:
+            raise InputError(f"--rm {spec}: loading {path} failed: {type(error).__name__}: "
+                             f"{error}") from error
+    else:
+        try:
+            module = importlib.import_module(source)
+        except ImportError as error:
+            raise InputError(f"--rm {spec}: cannot import {source}: {error}") from error
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise InputError(f"--rm {spec}: {source} has no function {name}")
+    return function
+
+
+def reward_function_settings(spec):
+    """What a run records of --rm: the spec, and for a FILE.py the hash of its source, so a resume
+    after the file changed stops (runs.check_settings) instead of mixing two verifiers' rewards."""
+    source = spec.rpartition(":")[0]
+    if source.endswith(".py") and Path(source).is_file():
+        return dict(rm=spec, rm_sha256=hashlib.sha256(Path(source).read_bytes()).hexdigest())
+    return dict(rm=spec)
+
+
+def verifier_rewards(function, spec, records, columns=None):
+    """One reward per response of each record ({id, prompt, responses[, response_ids]}), from one
+    call of `function` on all of them; a list of lists. `columns`: per record, the prompt record's
+    other fields (default: the record's `columns`). InputError naming the record when the function
+    raises, returns a list of the wrong length or a value that is not a finite number; a failing
+    batch is retried record by record to find which."""
+    if columns is None:
+        columns = [record.get("columns", {}) for record in records]
+    names = sorted({name for fields in columns for name in fields})
+    owners = [(record, fields) for record, fields in zip(records, columns)
+              for _ in record["responses"]]
+    batch = dict(prompts=[record["prompt"] for record, _ in owners],
+                 completions=[[{"role": "assistant", "content": text}]
+                              for record in records for text in record["responses"]])
+    if all("response_ids" in record for record in records):
+        batch["completion_ids"] = [ids for record in records for ids in record["response_ids"]]
+    batch.update({name: [fields.get(name) for _, fields in owners] for name in names})
+    try:
+        values = function(**batch)
+    except Exception as error:
+        if len(records) > 1:  # which record? each alone, the first that fails says
+            for i in range(len(records)):
+                verifier_rewards(function, spec, records[i:i + 1], columns[i:i + 1])
+        raise InputError(f"--rm {spec} raised on record {records[0]['id']!r}: "
+                         f"{type(error).__name__}: {error}") from error
+    values = list(values) if isinstance(values, (list, tuple)) else values
+    if not isinstance(values, list) or len(values) != len(owners):
+        got = f"{len(values)} values" if isinstance(values, list) else type(values).__name__
+        raise InputError(f"--rm {spec} returned {got} for {len(owners)} completions (records "
+                         f"{records[0]['id']!r} to {records[-1]['id']!r}); it must return one "
+                         f"float per completion")
+    rewards, k = [], 0
+    for record in records:
+        own = values[k:k + len(record["responses"])]
+        k += len(own)
+        for value in own:
+            if not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise InputError(f"--rm {spec} returned {value!r} for a response of record "
+                                 f"{record['id']!r}: a reward must be a finite number")
+        rewards.append([float(value) for value in own])
+    return rewards
+
+
+def verifier_scorer(spec):
+    """dpo.py's scorer for a verifier: records → the records with their `rewards`."""
+    function = load_reward_function(spec)
+
+    def scorer(chunk):
+        rewards = verifier_rewards(function, spec, chunk)
+        return [{**record, "rewards": values} for record, values in zip(chunk, rewards)]
+    return scorer
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Pairwise preference model: an LM asked which of two responses is better
 
 
 def pairwise_query_ids(tokenizer, prompt, response_a, response_b, template="pairwise"):
@@ -184,7 +300,7 @@ def judge_template(path, template=None, default="pairwise"):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Statistics of scored samples
+# 4. Statistics of scored samples
 
 
 def pearson(xs, ys):

@@ -20,7 +20,8 @@ below are required unless marked optional. A "message" is {"role": "system"|"use
               optional response_ids (n non-empty lists of ints ≥ 0: each response's token ids as
               sampled, the stop token included when one was), num_tokens (n ints ≥ 0),
               finish_reasons (n of "stop"|"length"), logprobs (n floats: each response's summed
-              log-prob)
+              log-prob), columns (an object: the prompt record's other fields, which a verifier
+              reads, rewards.verifier_rewards)
     rewards   a samples record plus rewards (n finite floats)
 
 Each kind requires only what its readers need: a scorer needs a prompt and responses, so samples
@@ -178,7 +179,7 @@ def _check_samples(record):
     responses = _require(record, "responses")
     _check_list(responses, "'responses'", None, lambda r: isinstance(r, str), "a string")
     n = len(responses)
-    # generate.py writes these four; readers that use them fall back when they are absent.
+    # generate.py writes these (and columns); readers that use them fall back when absent.
     if "response_ids" in record:
         _check_list(record["response_ids"], "'response_ids'", n, _is_token_ids, TOKEN_IDS)
     if "num_tokens" in record:
@@ -192,6 +193,8 @@ def _check_samples(record):
         # A summed log-prob may legitimately be very negative; NaN never is.
         _check_list(record["logprobs"], "'logprobs'", n, lambda x: _is_number(x)
                     and not math.isnan(x), "a number")
+    if "columns" in record and not isinstance(record["columns"], dict):
+        raise _Invalid("'columns'", f"expected an object, got {_describe(record['columns'])}")
 
 
 def _check_rewards(record):

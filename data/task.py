@@ -223,6 +223,14 @@ def score(prompt_messages, response_text):
     return float(correctness(task, target, numbers) - penalty)
 
 
+def gold_reward(prompts, completions, **columns):
+    """The gold reward r* (`score`) as a verifier in TRL's reward-function convention (dpo.py's
+    `--rm gold`, rewards.verifier_rewards): a batch of prompts (message lists) and completions
+    ([{"role": "assistant", "content": text}], or the text itself) → one float each."""
+    return [score(prompt, completion if isinstance(completion, str) else completion[0]["content"])
+            for prompt, completion in zip(prompts, completions)]
+
+
 def gold_scored(records):
     """Samples records ({prompt, responses, ...}) with `gold` added, or None unless every prompt is
     a built-in task prompt (so a stage run on other data reports nothing rather than zeros)."""

@@ -660,3 +660,103 @@ def test_per_token_nll_rounds_as_before_for_any_rpo_weight():
         assert torch.equal(per_pair + losses.per_token_nll(logps, tokens, weight=alpha),
                            per_pair - alpha * logps / tokens)
     assert torch.equal(losses.per_token_nll(logps, tokens), -logps / tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# Verifier rewards: --rm FILE.py:function in TRL's reward-function convention
+
+VERIFIER = '''import json, math
+LOG = {log!r}
+
+def reward(prompts, completions, answer, level, **kwargs):
+    """TRL's convention: conversational completions, the prompt records' columns by name."""
+    with open(LOG, "a") as f:
+        f.write(json.dumps(dict(prompts=prompts, completions=completions, answer=answer,
+                                level=level, extra=sorted(kwargs))) + "\\n")
+    return [float(c[0]["content"].count(a[0])) + 0.25 * len(c[0]["content"]) + 0.001 * l
+            for c, a, l in zip(completions, answer, level)]
+
+def raises_on_q2(prompts, completions, answer, **kwargs):
+    if "bac" in answer:  # q2's
+        raise ValueError("cannot read this answer")
+    return [1.0] * len(completions)
+
+def one_short(completions, **kwargs):
+    return [0.0] * (len(completions) - 1)
+
+def not_a_number(completions, **kwargs):
+    return [math.nan] + [0.0] * (len(completions) - 1)
+'''
+
+
+def write_verifier_task(tmp_path):
+    """Four prompts with an `answer` and a `level` column, and the verifier file."""
+    words = ["abc", "bca", "cab", "dab"]
+    write_jsonl(tmp_path / "prompts.jsonl",
+                [{"id": f"q{i}", "messages": [{"role": "user", "content": f"reverse {w}"}],
+                  "answer": w[::-1], "level": i} for i, w in enumerate(words)])
+    path = tmp_path / "verify.py"
+    path.write_text(VERIFIER.format(log=str(tmp_path / "calls.jsonl")))
+    return path
+
+
+def test_verifier_in_trl_convention_scores_an_online_iteration(tiny_model_dir, tmp_path,
+                                                                dpo_stage_env):
+    """--rm verify.py:reward scores iteration 1: the function gets TRL's arguments (prompts,
+    conversational completions, completion_ids, each prompt column as a list aligned with the
+    completions), and rewards.jsonl holds exactly the values it returns, which then make the
+    pairs as a reward model's would."""
+    import importlib.util
+    verifier = write_verifier_task(tmp_path)
+    run = tmp_path / "run"
+    dpo.main([str(a) for a in ["--iter", "1", "--run-dir", run, "--sft", tiny_model_dir,
+                               "--rm", f"{verifier}:reward", "--prompts",
+                               tmp_path / "prompts.jsonl", "--iterations", "1", "--n", "3",
+                               "--max-new-tokens", "6", "--device", "cpu", "--max-steps", "1"]])
+    samples = read_jsonl(run / "iter1" / "samples.jsonl")
+    rewards = read_jsonl(run / "iter1" / "rewards.jsonl")
+    assert [r["columns"] for r in samples] == [{"answer": w[::-1], "level": i}
+                                               for i, w in enumerate(["abc", "bca", "cab", "dab"])]
+    # the values rewards.jsonl holds are the function's own, recomputed here from the samples
+    spec = importlib.util.spec_from_file_location("verify_again", verifier)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for record in rewards:
+        expected = [float(text.count(record["columns"]["answer"][0])) + 0.25 * len(text)
+                    + 0.001 * record["columns"]["level"] for text in record["responses"]]
+        assert record["rewards"] == expected
+    # what the function was called with: TRL's arguments, aligned response by response
+    calls = read_jsonl(tmp_path / "calls.jsonl")
+    flat = [(r["prompt"], text, r["columns"]["answer"], r["columns"]["level"])
+            for r in samples for text in r["responses"]]
+    called = [(p, c, a, level) for call in calls for p, c, a, level
+              in zip(call["prompts"], call["completions"], call["answer"], call["level"])]
+    assert called == [(p, [{"role": "assistant", "content": text}], a, level)
+                      for p, text, a, level in flat]
+    assert all(call["extra"] == ["completion_ids"] for call in calls)
+    # the pairs: best against worst by the verifier's rewards, as for a reward model
+    by_id = {r["id"]: r for r in rewards}
+    for pair in read_jsonl(run / "iter1" / "pairs.jsonl"):
+        record = by_id[pair["id"]]
+        best = record["rewards"].index(max(record["rewards"]))
+        assert pair["chosen"] == record["responses"][best]
+    settings = json.loads((run / "iter1" / "settings.json").read_text())
+    assert settings["rm"] == f"{verifier}:reward"
+
+
+@pytest.mark.parametrize("name, message", [
+    ("raises_on_q2", "raised on record 'q2': ValueError: cannot read this answer"),
+    ("one_short", "returned 11 values for 12 completions"),
+    ("not_a_number", "returned nan for a response of record 'q0'"),
+    ("missing", "has no function missing"),
+])
+def test_a_failing_verifier_stops_with_the_record_and_nothing_half_written(
+        name, message, tiny_model_dir, tmp_path, capsys, dpo_stage_env):
+    verifier = write_verifier_task(tmp_path)
+    run = tmp_path / "run"
+    error = cli_error(["--iter", "1", "--run-dir", run, "--sft", tiny_model_dir,
+                       "--rm", f"{verifier}:{name}", "--prompts", tmp_path / "prompts.jsonl",
+                       "--iterations", "1", "--n", "3", "--max-new-tokens", "4",
+                       "--device", "cpu"], capsys)
+    assert message in error, error
+    assert not (run / "iter1" / "rewards.jsonl").exists()

@@ -139,6 +139,11 @@ def test_osp_steps_run_on_builtin_task_and_change_the_policy(loss, pairing, npro
             "--out", str(out), "--steps", "1", "--batch-size", "2", "--k", "3",
             "--max-new-tokens", "6", "--lr", "1e-3", "--beta", str(BETA),
             "--loss", loss, "--pairing", pairing, "--gold", "--device", "cpu"]
+    if loss == "ipo":  # --gold with a verifier in TRL's convention: here the length in characters
+        (tmp_path / "verify.py").write_text(
+            "def length(prompts, completions, **columns):\n"
+            "    return [len(c[0]['content']) for c in completions]\n")
+        args.insert(args.index("--gold") + 1, f"{tmp_path / 'verify.py'}:length")
     # a separate judge folder recording its template, as train_rm.py writes it
     if (loss, pairing) == ("spce", "ranked"):
         judge = tmp_path / "judge"
@@ -168,7 +173,10 @@ def test_osp_steps_run_on_builtin_task_and_change_the_policy(loss, pairing, npro
         # the judge's soft targets
         assert 0.0 < line["target_strength"] < 1.0 and line["target_strength"] != 0.5
     assert line["implicit_strength"] == pytest.approx(0.5, abs=1e-7) and abs(line["pair_kl"]) < 1e-6
-    assert -1.0 <= line["gold_mean"] <= 1.0
+    if loss == "ipo":
+        assert line["gold_mean"] == pytest.approx(line["mean_length_chars"], rel=1e-6)
+    else:
+        assert -1.0 <= line["gold_mean"] <= 1.0
     assert line["mean_length_chars"] > 0 and line["grad_norm"] > 0
     assert 0.0 <= line["missing_eos"] <= 1.0
     before, after = load_file(sft / "model.safetensors"), load_file(out / "model.safetensors")
