@@ -47,8 +47,9 @@ from runs import (InputError, atomic_write_text, has_model, non_negative_int, po
 from tokens import encode_prompt, load_tokenizer, response_ids, stop_token_ids
 from data.schema import load_records
 from data.task import (GOLD_GAP, gold_agreement, parse_prompt, picked_gold, prompt_text,
-                       reward_vs_gold, score)
+                       reward_vs_gold)
 from generate import Engine, encode_prompts, generate_records
+from rewards import load_reward_function, verifier_rewards
 from model import ModelConfig, Transformer
 
 
@@ -89,22 +90,30 @@ def iteration_policies(folder):
     return {int(p.parent.name.removeprefix("iter")): p for p in folder.glob("iter*/policy")}
 
 
-def answers(folder, prompts, device, max_new_tokens, batch_size, n, temperature):
-    """The checkpoint's answers (n per prompt) with gold scores, cached in
-    eval_samples_T{temperature}.jsonl."""
+def answers(folder, prompts, device, max_new_tokens, batch_size, n, temperature, gold):
+    """The checkpoint's answers (n per prompt), cached in eval_samples_T{temperature}.jsonl, with
+    their `gold`: the rewards of --gold's verifier (rewards.verifier_rewards; default the built-in
+    task's r*), computed afresh each time, so cached answers are never graded by another one.
+    `gold`: (function, spec)."""
     cached = folder / f"eval_samples_T{temperature:g}.jsonl"
     # Answers written before the model (a checkpoint trained again with --overwrite) are stale.
+    records = None
     if cached.exists() and cached.stat().st_mtime >= (folder / "model.safetensors").stat().st_mtime:
         records = read_jsonl(cached)
-        if [(r["id"], len(r["responses"])) for r in records] == [(p["id"], n) for p in prompts]:
-            return records
-    tokenizer = load_tokenizer(folder)
-    model = Transformer.from_pretrained(folder, device=device, dtype=default_dtype(device)).eval()
-    engine = Engine(model, batch_size, stop_token_ids(tokenizer), cpu_slots=256)
-    records = generate_records(engine, tokenizer, prompts, n, max_new_tokens, temperature, seed=0)
-    for record in records:
-        record["gold"] = [score(record["prompt"], r) for r in record["responses"]]
-    write_jsonl(cached, records)
+        if [(r["id"], len(r["responses"])) for r in records] != [(p["id"], n) for p in prompts]:
+            records = None
+    fresh = records is None
+    if fresh:
+        tokenizer = load_tokenizer(folder)
+        model = Transformer.from_pretrained(folder, device=device,
+                                            dtype=default_dtype(device)).eval()
+        engine = Engine(model, batch_size, stop_token_ids(tokenizer), cpu_slots=256)
+        records = generate_records(engine, tokenizer, prompts, n, max_new_tokens, temperature,
+                                   seed=0)
+    for record, rewards in zip(records, verifier_rewards(*gold, records)):
+        record["gold"] = rewards
+    if fresh:
+        write_jsonl(cached, records)
     return records
 
 
@@ -118,6 +127,12 @@ def mean_and_stderr(values):
     return mean, std / math.sqrt(len(values))
 
 
+def sub_task(record):
+    """A built-in prompt's sub-task; for other prompts their `task` column, else "all"."""
+    parsed = parse_prompt(prompt_text(record["prompt"]))
+    return parsed[0] if parsed else str(record.get("columns", {}).get("task", "all"))
+
+
 def summarise(greedy, sampled):
     """Greedy: gold mean ± s.e. over prompts, exact-answer rate, length, per sub-task. Sampled
     (temperature 1, what the online loop trains on): gold and length, per-prompt means."""
@@ -125,7 +140,7 @@ def summarise(greedy, sampled):
     mean, stderr = mean_and_stderr(gold)
     by_task = {}
     for record, g in zip(greedy, gold):
-        by_task.setdefault(parse_prompt(prompt_text(record["prompt"]))[0], []).append(g)
+        by_task.setdefault(sub_task(record), []).append(g)
     sampled_mean, sampled_stderr = mean_and_stderr([sum(r["gold"]) / len(r["gold"])
                                                     for r in sampled])
     sampled_length = (sum(len(y) for r in sampled for y in r["responses"])
@@ -673,13 +688,15 @@ def evaluate_run(run, prompts, args, device):
         raise InputError(f"{run}: no checkpoints (sft/, dpo_offline/, online*/iter*/policy/, "
                          "osp_*/ with a model.safetensors)")
     prompts = held_out_prompts(found[0][1], prompts, args)
+    gold = (load_reward_function(args.gold), args.gold)
 
     def greedy_answers(folder):
-        return answers(folder, prompts, device, args.max_new_tokens, args.batch_size, 1, 0.0)
+        return answers(folder, prompts, device, args.max_new_tokens, args.batch_size, 1, 0.0,
+                       gold)
 
     def sampled_answers(folder, temperature=1.0):
         return answers(folder, prompts, device, args.max_new_tokens, args.batch_size,
-                       args.samples, temperature)
+                       args.samples, temperature, gold)
 
     results, per_prompt = score_checkpoints(found, greedy_answers, sampled_answers)
     versus = versus_offline(results, per_prompt)
@@ -847,6 +864,10 @@ def main(argv=None):
     parser.add_argument("--max-prompt-length", type=positive_int, default=None,
                         help="skip (and count) prompts longer than this many tokens; default: only "
                              "the context limits them")
+    parser.add_argument("--gold", default="gold", metavar="VERIFIER",
+                        help="what grades the answers: a verifier, FILE.py:function or "
+                             "package.module:function in TRL's reward-function convention "
+                             "(rewards.py); default: the built-in task's gold reward")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     args = parser.parse_args(argv)
     if args.batch_size and args.samples > args.batch_size:

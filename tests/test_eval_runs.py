@@ -209,6 +209,15 @@ def test_evaluate_finds_checkpoints_scores_with_gold_and_caches(task_dir, tmp_pa
     _check_judge(run, judge, evaluation["judge"])
     _check_versus_offline(run, args, results)
     _check_curves(run, rm, tokenizer, evaluation)
+    # --gold with a verifier in TRL's convention (here an answer's length in characters) grades
+    # the cached answers afresh: each checkpoint's greedy gold is then its mean answer length
+    (tmp_path / "verify.py").write_text("def length(prompts, completions, **columns):\n"
+                                        "    return [len(c[0]['content']) for c in completions]\n")
+    run_script(args + ["--gold", f"{tmp_path / 'verify.py'}:length"])
+    rows = json.loads((run / "results.json").read_text())["checkpoints"]
+    assert len(rows) >= len(results)
+    assert all(row["gold"] == pytest.approx(row["length"]) for row in rows)
+    assert any(row["length"] > 1 for row in rows)  # not the built-in gold, which is at most 1
 
 
 def test_across_runs_combines_paired_differences():
