@@ -43,7 +43,8 @@ tests/helpers.py (the session-scoped ones are registered by conftest.py). What e
                             independent of batch/ranks
   test_dpo.py               DPO/IPO/SPCE/cDPO by hand and against TRL's formulas, offline and online
                             runs, resume, online pairs scored as the tokens sampled (reference
-                            log-probs = transformers', no stop token on a cut response)
+                            log-probs = transformers', no stop token on a cut response), a
+                            verifier in TRL's convention scores an iteration (rewards = its values)
   test_osp.py               ranked/random pairing, judge symmetry, OSP steps end to end
   test_eval_runs.py         checkpoints found, gold-scored, answers cached, each row's training
                             reward's on-policy accuracy
@@ -51,7 +52,8 @@ tests/helpers.py (the session-scoped ones are registered by conftest.py). What e
                             optional fields, unreadable and empty files, `python -m data.*`
   test_task.py              the built-in task: gold scorer, splits, tokenizer, labels (and the
                             off-policy pairs' milder length bias), pretraining texts exact,
-                            determinism
+                            determinism; data/arith.py (the SmolLM2 task): answers worked out
+                            again, its verifier in TRL's convention
   test_resume.py            `--save-every`: train_rm, DPO with LoRA and OSP killed after a saved
                             state and rerun end bit for bit where an uninterrupted run ends (sft.py
                             under kill -9 of one of 2 ranks: tests/test_sft.py); a smaller

@@ -2,6 +2,7 @@
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -315,3 +316,60 @@ def test_label_samples_pairs_answers_and_skips_ties(tmp_path, capsys):
     (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     task_main(["label", "--samples", str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "p.jsonl")])
     assert len(read_lines(tmp_path / "p.jsonl")) == 2 and "2 pairs" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# data/arith.py: the real-model task (SmolLM2) and its verifier
+
+
+def test_arith_verifier_hand_checked_in_trl_convention():
+    from data.arith import correct, last_number
+    assert last_number("The answer is 68.") == 68 and last_number("no digits") is None
+    assert last_number("12 - 20 = -8") == -8
+    completions = [[{"role": "assistant", "content": text}]
+                   for text in ("68", "The answer is 68.", "23 + 45 = 68", "68 + 1 = 69",
+                                "sixty-eight", "")]
+    assert correct(prompts=[[]] * 6, completions=completions, answer=[68] * 6) == [
+        1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    assert correct(prompts=[[]], completions=["It is 7"], answer=[7], task=["times"]) == [1.0]
+
+
+def arith_answer(question):
+    """The answer to a data/arith.py question, worked out from its text here."""
+    from data.arith import WORDS
+    numbers = [int(n) for n in re.findall(r"[0-9]+", question)]
+    words = [w for w in re.findall(r"[a-z]+", question) if w in WORDS]
+    if words:
+        return len(words)
+    if "largest" in question:
+        return max(numbers)
+    if re.search(r" - |minus|Subtract", question):
+        return abs(numbers[0] - numbers[1])
+    if re.search(r" x |times|Multiply", question):
+        return numbers[0] * numbers[1]
+    return numbers[0] + numbers[1]
+
+
+def test_arith_answers_are_right_and_pairs_put_the_right_one_first(tmp_path):
+    """Every prompt's answer worked out again from its question; the pairs' chosen side right and
+    the rejected wrong by the verifier; the files pass the validator and depend only on the seed."""
+    from data.arith import TASKS, build, correct
+    from data.schema import load_records
+    for folder in ("a", "b"):
+        build(tmp_path / folder, seed=3, prompts_per_iter=20, eval_prompts=10, pairs_train=30,
+              pairs_eval=10)
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert len(names) == 8 and all((tmp_path / "a" / n).read_bytes()
+                                   == (tmp_path / "b" / n).read_bytes() for n in names)
+    ids = []
+    for split in ("iter1", "iter2", "iter3", "dev", "eval"):
+        for record in load_records(tmp_path / "a" / f"prompts_{split}.jsonl", "prompts"):
+            assert record["answer"] == arith_answer(record["messages"][0]["content"])
+            ids.append(record["id"])
+    assert len(ids) == len(set(ids)) == 80
+    pairs = load_records(tmp_path / "a" / "pairs_train.jsonl", "pairs")
+    assert len(pairs) == 30 and {p["source"] for p in pairs} == set(TASKS)
+    for pair in pairs:
+        answer = arith_answer(pair["prompt"][0]["content"])
+        assert correct([pair["prompt"]] * 2, [pair["chosen"], pair["rejected"]],
+                       [answer] * 2) == [1.0, 0.0]
