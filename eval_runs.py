@@ -48,7 +48,7 @@ from tokens import encode_prompt, load_tokenizer, response_ids, stop_token_ids
 from data.schema import load_records
 from data.task import (GOLD_GAP, gold_agreement, parse_prompt, picked_gold, prompt_text,
                        reward_vs_gold)
-from generate import Engine, encode_prompts, generate_records
+from generate import Engine, encode_prompts, generate_records, prompt_columns
 from rewards import load_reward_function, verifier_rewards
 from model import ModelConfig, Transformer
 
@@ -110,7 +110,9 @@ def answers(folder, prompts, device, max_new_tokens, batch_size, n, temperature,
         engine = Engine(model, batch_size, stop_token_ids(tokenizer), cpu_slots=256)
         records = generate_records(engine, tokenizer, prompts, n, max_new_tokens, temperature,
                                    seed=0)
-    for record, rewards in zip(records, verifier_rewards(*gold, records)):
+    # the prompts' own fields, not the cache's: an answer corrected since is graded as it is now
+    columns = [prompt_columns(prompt) for prompt in prompts]
+    for record, rewards in zip(records, verifier_rewards(*gold, records, columns)):
         record["gold"] = rewards
     if fresh:
         write_jsonl(cached, records)

@@ -165,6 +165,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.gold:
+        load_reward_function(args.gold)  # a verifier that cannot load stops here, before any work
     dist_info = init_distributed(args.device)
     seed_everything(args.seed)
     scale = start_run(args, dist_info)  # None: already trained, or --dry-run
@@ -253,7 +255,8 @@ def osp_step(args, step, prompt_records, prompt_ids, models, engine, optimizer, 
     sums.add(length_chars=sum(len(text) for texts in responses for text in texts),
              responses=sum(map(len, responses)), missing_eos=sum(map(sum, cut)))
     if args.gold:
-        sums.add(**gold_sums(models.gold, args.gold, prompt_records, responses, pairs, targets))
+        sums.add(**gold_sums(models.gold, args.gold, prompt_records, responses, ids, pairs,
+                             targets))
     return sums, grad_norm, tokens_per_second
 
 
@@ -427,14 +430,14 @@ def sft_view(frozen, policy):
 # The step's metrics
 
 
-def gold_sums(function, spec, prompt_records, responses, pairs, targets):
+def gold_sums(function, spec, prompt_records, responses, ids, pairs, targets):
     """The verifier's reward of the step's samples (--gold; bare, the built-in task's r*), and on
     the pairs whose rewards differ by more than data.task.GOLD_GAP (as in reward_vs_gold) and the
     judge is not indifferent, whether the judge's target sides with the verifier. Sums, for
     StepSums; the comparison with the targets stays on the device."""
     records = [{"id": record["id"], "prompt": record["messages"], "responses": texts,
-                "columns": prompt_columns(record)}
-               for record, texts in zip(prompt_records, responses)]
+                "response_ids": response_ids, "columns": prompt_columns(record)}
+               for record, texts, response_ids in zip(prompt_records, responses, ids)]
     gold = verifier_rewards(function, spec, records)
     sums = dict(gold=sum(map(sum, gold)))
     if pairs and pairs[0].rejected is not None:

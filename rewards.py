@@ -7,12 +7,15 @@
      tokens);
   4. statistics of scored samples: how a reward relates to length, and an iteration's summary.
 """
+import copy
+import functools
 import hashlib
 import importlib
 import importlib.util
 import json
 import math
 import numbers
+import sys
 from pathlib import Path
 import torch
 import torch.nn.functional as F
@@ -123,44 +126,70 @@ def ensemble_scorer(folders, mode, device, batch_size, max_length):
 # the built-in task's r*). The function is called on a batch, as TRL's trainers call their
 # `reward_funcs`:   function(prompts=[...], completions=[...], **columns) -> list[float]
 # Our prompts are conversations, so, as in TRL's conversational format, a prompt is its list of
-# messages and a completion a one-message list [{"role": "assistant", "content": text}]; `columns`
-# are the prompt records' other fields (an `answer` field of prompts.jsonl, say), one list each,
-# aligned with the completions. `completion_ids` (the sampled token ids) come too, as in TRL, when
-# the records carry them.
+# messages and a completion a one-message list [{"role": "assistant", "content": text}], each a
+# copy of its own; `columns` are the prompt records' other fields (an `answer` field of
+# prompts.jsonl, say), one list each, aligned with the completions. Also as TRL passes them:
+# `completion_ids` (the sampled token ids, when the records carry them), `trainer_state` (None:
+# there is no TRL trainer here) and `log_extra` / `log_metric` (accepted and dropped).
+# A value may be any real number (numpy and 0-d tensor scalars too); None counts 0.0, as in TRL's
+# OnlineDPOTrainer (which sums the functions' rewards with nansum).
+
+ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra",
+             "log_metric")
 
 
 def is_reward_function(spec):
-    """--rm names a function (gold, FILE.py:name or package.module:name), not model folders."""
-    return spec == "gold" or (":" in spec and not Path(spec).is_dir())
+    """--rm names a function (gold, FILE.py:name or package.module:name), not model folders (one,
+    or an ensemble separated by commas, where a folder's name may hold a ':')."""
+    return spec == "gold" or ("," not in spec and ":" in spec and not Path(spec).is_dir())
 
 
+@functools.lru_cache(maxsize=None)
 def load_reward_function(spec):
-    """The function --rm names; InputError, saying why, when it cannot be loaded."""
+    """The function a verifier spec names, loaded once per process; InputError, saying why, when
+    it cannot be. A FILE.py is imported as a module named after the file, with its folder on
+    sys.path (after ours), so it can import files beside it and pickle its functions (a process
+    pool that puts a timeout on each check)."""
     if spec == "gold":
         spec = "data.task:gold_reward"
     source, _, name = spec.rpartition(":")
     if not source or not name.isidentifier():
-        raise InputError(f"--rm {spec}: expected FILE.py:function or package.module:function")
-    if source.endswith(".py"):
-        path = Path(source)
-        if not path.is_file():
-            raise InputError(f"--rm {spec}: no file {path}")
-        module_spec = importlib.util.spec_from_file_location(f"reward_function_{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as error:
-            raise InputError(f"--rm {spec}: loading {path} failed: {type(error).__name__}: "
-                             f"{error}") from error
-    else:
-        try:
+        raise InputError(f"verifier {spec}: expected FILE.py:function or package.module:function")
+    try:
+        if source.endswith(".py"):
+            module = import_file(Path(source))
+        else:
             module = importlib.import_module(source)
-        except ImportError as error:
-            raise InputError(f"--rm {spec}: cannot import {source}: {error}") from error
+    except InputError:
+        raise
+    except Exception as error:  # an ImportError, or whatever the module raised as it loaded
+        raise InputError(f"verifier {spec}: importing {source} failed: {type(error).__name__}: "
+                         f"{error}") from error
     function = getattr(module, name, None)
     if not callable(function):
-        raise InputError(f"--rm {spec}: {source} has no function {name}")
+        raise InputError(f"verifier {spec}: {source} has no function {name}")
     return function
+
+
+def import_file(path):
+    if not path.is_file():
+        raise InputError(f"verifier: no file {path}")
+    path = path.resolve()
+    name = path.stem
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) != str(path):
+        # the name is another module's (a library's, or another verifier's): a private one
+        name = f"{name}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+    if str(path.parent) not in sys.path:
+        sys.path.append(str(path.parent))
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # before it runs: dataclasses and pickling look it up there
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def reward_function_settings(spec):
@@ -175,44 +204,75 @@ def reward_function_settings(spec):
 def verifier_rewards(function, spec, records, columns=None):
     """One reward per response of each record ({id, prompt, responses[, response_ids]}), from one
     call of `function` on all of them; a list of lists. `columns`: per record, the prompt record's
-    other fields (default: the record's `columns`). InputError naming the record when the function
-    raises, returns a list of the wrong length or a value that is not a finite number; a failing
-    batch is retried record by record to find which."""
+    other fields (default: the record's `columns`, as generate.py wrote them). InputError naming
+    the record when the function raises, returns the wrong number of values or one that is not a
+    finite number; a failing batch is retried record by record to find which."""
     if columns is None:
         columns = [record.get("columns", {}) for record in records]
     names = sorted({name for fields in columns for name in fields})
+    clashes = [name for name in names if name in ARGUMENTS]
+    if clashes:
+        raise InputError(f"verifier {spec}: the prompts' field {clashes[0]!r} would replace the "
+                         f"verifier's own argument of that name; rename the field")
     owners = [(record, fields) for record, fields in zip(records, columns)
               for _ in record["responses"]]
-    batch = dict(prompts=[record["prompt"] for record, _ in owners],
+    batch = dict(prompts=[copy.deepcopy(record["prompt"]) for record, _ in owners],
                  completions=[[{"role": "assistant", "content": text}]
-                              for record in records for text in record["responses"]])
+                              for record in records for text in record["responses"]],
+                 trainer_state=None, log_extra=ignore, log_metric=ignore)
     if all("response_ids" in record for record in records):
-        batch["completion_ids"] = [ids for record in records for ids in record["response_ids"]]
-    batch.update({name: [fields.get(name) for _, fields in owners] for name in names})
+        batch["completion_ids"] = [list(ids) for record in records
+                                   for ids in record["response_ids"]]
+    batch.update({name: [copy.deepcopy(fields.get(name)) for _, fields in owners]
+                  for name in names})
     try:
         values = function(**batch)
     except Exception as error:
-        if len(records) > 1:  # which record? each alone, the first that fails says
+        if len(records) > 1:  # which record? each alone: the first that fails says
             for i in range(len(records)):
                 verifier_rewards(function, spec, records[i:i + 1], columns[i:i + 1])
-        raise InputError(f"--rm {spec} raised on record {records[0]['id']!r}: "
+            raise InputError(f"verifier {spec} raised on the batch of records "
+                             f"{records[0]['id']!r} to {records[-1]['id']!r}, though on no record "
+                             f"alone: {type(error).__name__}: {error}") from error
+        raise InputError(f"verifier {spec} raised on record {records[0]['id']!r}: "
                          f"{type(error).__name__}: {error}") from error
-    values = list(values) if isinstance(values, (list, tuple)) else values
-    if not isinstance(values, list) or len(values) != len(owners):
-        got = f"{len(values)} values" if isinstance(values, list) else type(values).__name__
-        raise InputError(f"--rm {spec} returned {got} for {len(owners)} completions (records "
-                         f"{records[0]['id']!r} to {records[-1]['id']!r}); it must return one "
-                         f"float per completion")
+    try:  # a list, tuple, generator, numpy array or tensor
+        values = None if isinstance(values, (str, bytes, dict)) else list(values)
+    except TypeError:  # not iterable
+        values = None
+    if values is None or len(values) != len(owners):
+        got = "no list" if values is None else f"{len(values)} values"
+        raise InputError(f"verifier {spec} returned {got} for {len(owners)} completions "
+                         f"(records {records[0]['id']!r} to {records[-1]['id']!r}); it must "
+                         f"return one number per completion")
     rewards, k = [], 0
     for record in records:
-        own = values[k:k + len(record["responses"])]
-        k += len(own)
-        for value in own:
-            if not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise InputError(f"--rm {spec} returned {value!r} for a response of record "
-                                 f"{record['id']!r}: a reward must be a finite number")
-        rewards.append([float(value) for value in own])
+        n = len(record["responses"])
+        own = [reward_value(value, spec, record) for value in values[k:k + n]]
+        k += n
+        rewards.append(own)
     return rewards
+
+
+def reward_value(value, spec, record):
+    """A verifier's value as a float: any finite real number (a numpy or 0-d tensor scalar too);
+    None is 0.0 (TRL's OnlineDPOTrainer: nansum)."""
+    if value is None:
+        return 0.0
+    if hasattr(value, "item") and not isinstance(value, numbers.Real):
+        value = value.item()  # a 0-d tensor or numpy value
+    try:
+        number = float(value) if isinstance(value, numbers.Real) else math.nan
+    except OverflowError:  # an int beyond float's range
+        number = math.inf
+    if not math.isfinite(number):
+        raise InputError(f"verifier {spec} returned {value!r} for a response of record "
+                         f"{record['id']!r}: a reward must be a finite number")
+    return number
+
+
+def ignore(*args, **kwargs):
+    """TRL's log_extra / log_metric, which have nowhere to go here."""
 
 
 def verifier_scorer(spec):

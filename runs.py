@@ -7,6 +7,7 @@ The bottom layer of the shared modules: it imports none of them (tokens.py, para
 training.py import it).
 """
 import argparse
+import atexit
 import json
 import math
 import os
@@ -72,13 +73,14 @@ def run_cli(main):
                   file=sys.stderr, flush=True)
         status = 130
     if world_size > 1:
-        # Every output is written and closed by now (the metrics log too). Leave at once, without
-        # the interpreter's teardown. PyTorch keeps the gloo process group alive past
+        # Leave without the interpreter's teardown, once the atexit handlers (wandb's finish, a
+        # verifier's own) have run. PyTorch keeps the gloo process group alive past
         # destroy_process_group (FSDP's DTensor caches hold its device mesh), so its threads still
         # run while the interpreter tears down, and now and then a rank aborts there after its
         # work is done ("terminate called without an active exception", SIGABRT; torchrun then
         # fails the run). After an error or Ctrl-C the group is not destroyed at all (that could
         # wait on a rank that is gone); the OS closes the connections.
+        atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

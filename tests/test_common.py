@@ -229,9 +229,10 @@ destroy_distributed()
 def test_ranks_leave_without_interpreter_teardown(outcome, tmp_path):
     """Under torchrun, run_cli leaves with os._exit once main() returns or fails: an FSDP run keeps
     the gloo group alive past destroy_process_group, and its threads racing the interpreter's
-    teardown aborted a rank now and then in CI after the work was done. The atexit handler below
-    runs only on the interpreter's way out, so its file must not appear; the printed lines must,
-    and the exit status must be main()'s."""
+    teardown aborted a rank now and then in CI after the work was done. The atexit handlers still
+    run (wandb's finish, a verifier's own: their file must appear); the teardown does not (an
+    object's __del__, which it would call, must not write its file). The printed lines come out
+    and the exit status is main()'s."""
     script = tmp_path / "leave.py"
     script.write_text(f"""import atexit, pathlib, sys
 sys.path.insert(0, {str(ROOT)!r})
@@ -239,12 +240,18 @@ import torch
 from torch.distributed.fsdp import fully_shard
 from parallel import destroy_distributed, init_distributed
 from runs import InputError, run_cli
+class Teardown:
+    def __del__(self):
+        pathlib.Path({str(tmp_path)!r}, f"teardown{{self.rank}}").touch()
 def main():
     dist_info = init_distributed("cpu")
     layer = torch.nn.Linear(4, 4)
     fully_shard(layer)
     layer(torch.ones(2, 4)).sum().backward()
-    atexit.register(pathlib.Path({str(tmp_path)!r}, f"teardown{{dist_info.rank}}").touch)
+    atexit.register(pathlib.Path({str(tmp_path)!r}, f"atexit{{dist_info.rank}}").touch)
+    global marker
+    marker = Teardown()
+    marker.rank = dist_info.rank
     print(f"rank {{dist_info.rank}} done", end="")  # no newline: flushed by run_cli, not by print
     if {outcome!r} == "error":
         raise InputError("bad input")
@@ -256,6 +263,7 @@ run_cli(main)
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert ("rank 0 done" in result.stdout) and ("rank 1 done" in result.stdout), result.stdout
+    assert sorted(p.name for p in tmp_path.glob("atexit*")) == ["atexit0", "atexit1"]
     assert list(tmp_path.glob("teardown*")) == []
     if outcome == "done":
         assert result.returncode == 0, result.stderr[-3000:]

@@ -686,6 +686,11 @@ def one_short(completions, **kwargs):
 
 def not_a_number(completions, **kwargs):
     return [math.nan] + [0.0] * (len(completions) - 1)
+
+def only_on_a_batch(completions, **kwargs):
+    if len(completions) > 3:
+        raise RuntimeError("batch too big")
+    return [0.0] * len(completions)
 '''
 
 
@@ -733,7 +738,8 @@ def test_verifier_in_trl_convention_scores_an_online_iteration(tiny_model_dir, t
               in zip(call["prompts"], call["completions"], call["answer"], call["level"])]
     assert called == [(p, [{"role": "assistant", "content": text}], a, level)
                       for p, text, a, level in flat]
-    assert all(call["extra"] == ["completion_ids"] for call in calls)
+    assert all(call["extra"] == ["completion_ids", "log_extra", "log_metric", "trainer_state"]
+               for call in calls)
     # the pairs: best against worst by the verifier's rewards, as for a reward model
     by_id = {r["id"]: r for r in rewards}
     for pair in read_jsonl(run / "iter1" / "pairs.jsonl"):
@@ -749,6 +755,8 @@ def test_verifier_in_trl_convention_scores_an_online_iteration(tiny_model_dir, t
     ("one_short", "returned 11 values for 12 completions"),
     ("not_a_number", "returned nan for a response of record 'q0'"),
     ("missing", "has no function missing"),
+    ("only_on_a_batch", "raised on the batch of records 'q0' to 'q3', though on no record alone: "
+                        "RuntimeError: batch too big"),
 ])
 def test_a_failing_verifier_stops_with_the_record_and_nothing_half_written(
         name, message, tiny_model_dir, tmp_path, capsys, dpo_stage_env):
@@ -760,3 +768,45 @@ def test_a_failing_verifier_stops_with_the_record_and_nothing_half_written(
                        "--device", "cpu"], capsys)
     assert message in error, error
     assert not (run / "iter1" / "rewards.jsonl").exists()
+
+
+def test_verifier_values_arguments_and_imports_as_in_trl(tmp_path):
+    """What TRL accepts, accepted here: numpy arrays, tensors, generators, None (0.0, as TRL's
+    OnlineDPOTrainer's nansum), a `trainer_state` parameter; each completion gets its own copy of
+    the prompt; a FILE.py imports a file beside it; a prompt field named like one of the
+    verifier's own arguments stops with its name instead of replacing the argument."""
+    import numpy as np
+    from rewards import load_reward_function, verifier_rewards
+    from runs import InputError
+    (tmp_path / "helper_words.py").write_text("def size(text):\n    return len(text)\n")
+    (tmp_path / "kinds.py").write_text(
+        "import numpy as np, torch\n"
+        "from helper_words import size\n"
+        "def as_numpy(completions, **kw):\n"
+        "    return np.array([size(c[0]['content']) for c in completions], dtype=np.float32)\n"
+        "def as_tensor(completions, **kw):\n"
+        "    return torch.tensor([float(size(c[0]['content'])) for c in completions])\n"
+        "def as_generator(completions, **kw):\n"
+        "    return (None if size(c[0]['content']) == 1 else True for c in completions)\n"
+        "def with_state(prompts, completions, trainer_state, **kw):\n"
+        "    assert trainer_state is None\n"
+        "    kw['log_metric']('x', 1.0)\n"
+        "    for p in prompts:\n"
+        "        p.append({'role': 'assistant', 'content': 'seen'})\n"
+        "    return [float(len(p)) for p in prompts]\n")
+    records = [{"id": "a", "prompt": [{"role": "user", "content": "q"}], "responses": ["xy", "z"],
+                "response_ids": [[1, 2], [3]]}]
+    values = {name: verifier_rewards(load_reward_function(f"{tmp_path / 'kinds.py'}:{name}"),
+                                     name, records)
+              for name in ("as_numpy", "as_tensor", "as_generator", "with_state")}
+    assert values == {"as_numpy": [[2.0, 1.0]], "as_tensor": [[2.0, 1.0]],
+                      "as_generator": [[1.0, 0.0]], "with_state": [[2.0, 2.0]]}
+    assert records[0]["prompt"] == [{"role": "user", "content": "q"}]  # the record's untouched
+    assert all(type(v) is float for rows in values.values() for row in rows for v in row)
+    gold = load_reward_function("gold")
+    for name in ("completions", "prompts", "completion_ids"):
+        with pytest.raises(InputError, match=f"the prompts' field '{name}' would replace"):
+            verifier_rewards(gold, "gold", records, columns=[{name: [1]}])
+    with pytest.raises(InputError, match="returned 10{400} for a response of record 'a'"):
+        verifier_rewards(lambda completions, **kw: [10 ** 400, 0], "big", records)
+    assert verifier_rewards(lambda **kw: [np.float64(0.5), 0], "np", records) == [[0.5, 0.0]]
