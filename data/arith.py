@@ -10,26 +10,31 @@ from. Generated locally, no hub.
 
 A prompt record carries its answer and sub-task as columns, which the verifier reads (TRL passes a
 dataset's other columns to its reward functions the same way; rewards.verifier_rewards):
-    {"id": "iter1-00000", "messages": [{"role": "user", "content": "What is 23 + 45? ..."}],
-     "answer": 68, "task": "sum"}
+    {"id": "iter1-00000", "messages": [{"role": "user", "content": "What is 7 + 5? ..."}],
+     "answer": 12, "task": "sum"}
 
 THE SUB-TASKS (the `task` column), each asked in one of a few phrasings, each ending in
 "Answer with the number only.":
-    sum         two two-digit numbers added                  "What is 23 + 45?"
-    difference  the smaller of two two-digit numbers taken from the larger
-    times       the times tables, 2-12 × 2-12                "What is 7 times 8?"
-    largest     the largest of four two-digit numbers        "Which is the largest: 12, 57, 33, 41?"
-    count       how many words a list of 3-7 words has       "How many words are in this list: ..."
+    sum       two one-digit numbers added             "What is 7 + 5?"
+    times     the times tables, 2-12 × 2-12           "What is 7 times 8?"
+    largest   the largest of three numbers 1-99       "Which is the largest: 12, 57, 33?"
+    smallest  the smallest of three numbers 1-99      "Which is the smallest: 12, 57, 33?"
+    first     the first of a list of four numbers     "What is the first number in this list: ...?"
+    last      the last of a list of four numbers      "What is the last number in this list: ...?"
+Chosen with SmolLM2-135M-Instruct (the Q4_1 GGUF, dequantized) on 16 prompts each, greedy / best
+of 4 at T = 1: sum 0.62 / 0.38, times 0.56 / 0.44, largest 0.62 / 0.25, smallest 0.50 / 0.44,
+first 0.81 / 0.50, last 0.81 / 0.50; left out because it scored (nearly) 0 both ways: two-digit
+sums, differences, "what comes before / after", doubling, counting the words or numbers of a list.
 
 THE VERIFIER `correct`: 1.0 when the last whole number in the reply is the answer, else 0.0 (a
-reply "The answer is 68." is right; "68 + 1 = 69" is wrong). The last number, as in GSM8K-style
+reply "The answer is 12." is right; "12 + 1 = 13" is wrong). The last number, as in GSM8K-style
 checkers, since a chat model often restates the question before answering.
 
 THE OFF-POLICY PREFERENCE PAIRS (pairs_*.jsonl), for a Bradley-Terry reward model (paper 1's
 setting: pairs not sampled from the policy): per prompt, a right answer against a wrong one (off
-by a little, or the answer of another operation), each written in one of the same few styles
-("68", "The answer is 68.", "23 + 45 = 68"), drawn independently of which side is right, so style
-says nothing about correctness. The chosen side is the right one.
+by 1-10), each written in one of the same few styles ("12", "The answer is 12.", "7 + 5 = 12"),
+drawn independently of which side is right, so style says nothing about correctness. The chosen
+side is the right one.
 """
 import argparse
 import json
@@ -39,37 +44,33 @@ from pathlib import Path
 
 from runs import atomic_write_text, write_jsonl
 
-TASKS = ("sum", "difference", "times", "largest", "count")
-WORDS = ("apple", "river", "chair", "green", "cloud", "table", "music", "stone", "light", "paper",
-         "house", "bread", "sugar", "horse", "glass", "water", "plant", "smile", "train", "heart")
+TASKS = ("sum", "times", "largest", "smallest", "first", "last")
 SUFFIX = " Answer with the number only."
 PHRASINGS = {
     "sum": ("What is {a} + {b}?", "What is {a} plus {b}?", "Add {a} and {b}."),
-    "difference": ("What is {a} - {b}?", "What is {a} minus {b}?", "Subtract {b} from {a}."),
     "times": ("What is {a} times {b}?", "What is {a} x {b}?", "Multiply {a} by {b}."),
     "largest": ("Which is the largest: {items}?", "What is the largest number among {items}?"),
-    "count": ("How many words are in this list: {items}?", "Count the words: {items}."),
+    "smallest": ("Which is the smallest: {items}?", "What is the smallest number among {items}?"),
+    "first": ("What is the first number in this list: {items}?",),
+    "last": ("What is the last number in this list: {items}?",),
 }
+LISTS = {"largest": (3, max), "smallest": (3, min), "first": (4, lambda xs: xs[0]),
+         "last": (4, lambda xs: xs[-1])}
 ANSWER_STYLES = ("{n}", "{n}.", "The answer is {n}.", "Answer: {n}", "{work} = {n}")
 NUMBER = re.compile(r"-?[0-9]+")
 
 
 def make_question(rng, task):
-    """(question text, answer, the worked form "a + b" used by one answer style)."""
-    if task == "count":
-        words = rng.sample(WORDS, rng.randint(3, 7))
-        return rng.choice(PHRASINGS[task]).format(items=", ".join(words)), len(words), None
-    if task == "largest":
-        numbers = rng.sample(range(10, 100), 4)
+    """(question text, answer, the worked form "a + b" used by one answer style, or None)."""
+    if task in LISTS:
+        size, pick = LISTS[task]
+        numbers = rng.sample(range(1, 100), size)
         text = rng.choice(PHRASINGS[task]).format(items=", ".join(map(str, numbers)))
-        return text, max(numbers), None
+        return text, pick(numbers), None
     if task == "times":
         a, b = rng.randint(2, 12), rng.randint(2, 12)
         return rng.choice(PHRASINGS[task]).format(a=a, b=b), a * b, f"{a} x {b}"
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
-    if task == "difference":
-        a, b = max(a, b), min(a, b)
-        return rng.choice(PHRASINGS[task]).format(a=a, b=b), a - b, f"{a} - {b}"
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
     return rng.choice(PHRASINGS[task]).format(a=a, b=b), a + b, f"{a} + {b}"
 
 
