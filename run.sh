@@ -29,6 +29,8 @@ export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=5
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 SIZE=${SIZE:-small}
+# SIZE=smollm2: the loop on a real pretrained model (SmolLM2-135M-Instruct) with a verifier, its own workflow
+[ "$SIZE" != smollm2 ] || exec bash tools/run_smollm2.sh
 SEED=${SEED:-0}
 RUN=${RUN:-runs/builtin-$SIZE-seed$SEED}
 DATA=data/builtin
@@ -49,7 +51,7 @@ case "$SIZE" in
          EXTRA_RM_RUNS=1; OSP_VARIANTS=$ABLATIONS ;;  # small + the reward-hacking runs + paper 2's ablations
   large) PROMPTS=1024; RM_PAIRS=20000; JUDGE_PAIRS=20000; DPO_PAIRS=20000; N=8; K=7; OSP_STEPS=200; OSP_BATCH=16
          EXTRA_RM_RUNS=1; OSP_VARIANTS=$ABLATIONS; LANES=${LANES:-1} ;;  # one GPU: one lane
-  *) echo "SIZE must be tiny, small, full or large" >&2; exit 2 ;;
+  *) echo "SIZE must be tiny, small, full, large or smollm2" >&2; exit 2 ;;
 esac
 LANES=${LANES:-2}
 SOLO_THREADS=$((OMP_NUM_THREADS * LANES))  # threads of a stage that runs alone (2, 7)

