@@ -24,13 +24,13 @@
 # added) continues where it stopped. Results: $RUN/results.md (+ results.json, PNG plots).
 set -euo pipefail
 cd "$(dirname "$0")"
+# SIZE=smollm2: the loop on a real pretrained model (SmolLM2-135M-Instruct) with a verifier, its own workflow
+[ "${SIZE:-}" != smollm2 ] || exec bash tools/run_smollm2.sh
 source tools/setup.sh  # .venv (or the active environment), with what is missing installed
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=5
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 SIZE=${SIZE:-small}
-# SIZE=smollm2: the loop on a real pretrained model (SmolLM2-135M-Instruct) with a verifier, its own workflow
-[ "$SIZE" != smollm2 ] || exec bash tools/run_smollm2.sh
 SEED=${SEED:-0}
 RUN=${RUN:-runs/builtin-$SIZE-seed$SEED}
 DATA=data/builtin
