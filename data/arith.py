@@ -89,16 +89,20 @@ def correct(prompts, completions, answer, **columns):
     return [float(last_number(text) == int(a)) for text, a in zip(texts, answer)]
 
 
-def prompt_records(rng, split, count):
-    """`count` prompts of split `split`, the sub-tasks in turn (each equally often)."""
-    records = []
+def questions(rng, count):
+    """`count` questions, the sub-tasks in turn (each equally often): (i, task, text with the
+    suffix, answer, worked form or None)."""
     for i in range(count):
         task = TASKS[i % len(TASKS)]
-        text, answer, _ = make_question(rng, task)
-        records.append({"id": f"{split}-{i:05d}",
-                        "messages": [{"role": "user", "content": text + SUFFIX}],
-                        "answer": answer, "task": task})
-    return records
+        text, answer, work = make_question(rng, task)
+        yield i, task, text + SUFFIX, answer, work
+
+
+def prompt_records(rng, split, count):
+    """`count` prompts of split `split`, the answer and sub-task as columns."""
+    return [{"id": f"{split}-{i:05d}", "messages": [{"role": "user", "content": text}],
+             "answer": answer, "task": task}
+            for i, task, text, answer, _ in questions(rng, count)]
 
 
 def wrong_answer(rng, answer):
@@ -116,16 +120,10 @@ def styled(rng, number, work):
 
 def preference_pairs(rng, split, count):
     """Off-policy pairs: a right answer (chosen) against a wrong one, styles drawn independently."""
-    pairs = []
-    for i in range(count):
-        task = TASKS[i % len(TASKS)]
-        text, answer, work = make_question(rng, task)
-        pairs.append({"id": f"{split}-{i:05d}",
-                      "prompt": [{"role": "user", "content": text + SUFFIX}],
-                      "chosen": styled(rng, answer, work),
-                      "rejected": styled(rng, wrong_answer(rng, answer), work),
-                      "source": task})
-    return pairs
+    return [{"id": f"{split}-{i:05d}", "prompt": [{"role": "user", "content": text}],
+             "chosen": styled(rng, answer, work),
+             "rejected": styled(rng, wrong_answer(rng, answer), work), "source": task}
+            for i, task, text, answer, work in questions(rng, count)]
 
 
 def build(out, seed=0, prompts_per_iter=256, eval_prompts=240, pairs_train=4000, pairs_eval=500):
