@@ -501,6 +501,11 @@ def check_mode(parser, args):
         if not (args.sft and args.rm and args.prompts):
             parser.error(f"online mode needs --sft, --rm and --prompts: give them at iteration 1 "
                          f"(later iterations read them from {Path(args.run_dir) / 'config.json'})")
+        if is_reward_function(args.rm):
+            try:
+                load_reward_function(args.rm)  # a verifier that cannot load stops here
+            except InputError as error:
+                parser.error(f"argument --rm: {error}")
         if args.ensemble != "mean" and (is_reward_function(args.rm)
                                         or len(reward_models(args.rm)) < 2):
             parser.error(f"--ensemble {args.ensemble} needs two or more reward models "
@@ -534,9 +539,7 @@ def start_iteration(args, sources, dist_info):
     run, t = Path(args.run_dir), args.iter
     here = run / f"iter{t}"
     require_model(args.sft, "--sft", sources["sft"])
-    if is_reward_function(args.rm):
-        load_reward_function(args.rm)  # a verifier that cannot load stops here, before sampling
-    else:
+    if not is_reward_function(args.rm):  # a verifier was loaded by check_mode
         for folder in reward_models(args.rm):
             require_model(folder, "--rm", sources["rm"])
     previous_policy = Path(args.sft) if t == 1 else run / f"iter{t - 1}" / "policy"

@@ -49,7 +49,7 @@ from data.schema import load_records
 from data.task import (GOLD_GAP, gold_agreement, parse_prompt, picked_gold, prompt_text,
                        reward_vs_gold)
 from generate import Engine, encode_prompts, generate_records, prompt_columns
-from rewards import load_reward_function, verifier_rewards
+from rewards import load_reward_function, verifier_flag, verifier_rewards
 from model import ModelConfig, Transformer
 
 
@@ -866,7 +866,7 @@ def main(argv=None):
     parser.add_argument("--max-prompt-length", type=positive_int, default=None,
                         help="skip (and count) prompts longer than this many tokens; default: only "
                              "the context limits them")
-    parser.add_argument("--gold", default="gold", metavar="VERIFIER",
+    parser.add_argument("--gold", default="gold", metavar="VERIFIER", type=verifier_flag,
                         help="what grades the answers: a verifier, FILE.py:function or "
                              "package.module:function in TRL's reward-function convention "
                              "(rewards.py); default: the built-in task's gold reward")

@@ -73,7 +73,8 @@ from losses import (best_index, k3_kl, per_token_nll, preference_loss, preferenc
                     token_logps)
 from generate import Engine, encode_prompts, generate_records, prompt_columns
 from memory_plan import print_stage_plan
-from rewards import judge_template, load_reward_function, pairwise_preference, verifier_rewards
+from rewards import (judge_template, load_reward_function, pairwise_preference, verifier_flag,
+                     verifier_rewards)
 
 # ----------------------------------------------------------------------------------------------
 # Flags
@@ -138,6 +139,7 @@ def parse_args(argv=None):
                              "judge's judge_template.txt (a train_rm.py pairwise model), "
                              "else 'dialogue'")
     parser.add_argument("--gold", nargs="?", const="gold", default=None, metavar="VERIFIER",
+                        type=verifier_flag,
                         help="log each step's reward by a verifier and the judge's agreement with "
                              "it: FILE.py:function or package.module:function in TRL's "
                              "reward-function convention (rewards.py); bare --gold: the built-in "
@@ -165,8 +167,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.gold:
-        load_reward_function(args.gold)  # a verifier that cannot load stops here, before any work
     dist_info = init_distributed(args.device)
     seed_everything(args.seed)
     scale = start_run(args, dist_info)  # None: already trained, or --dry-run

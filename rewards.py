@@ -7,6 +7,7 @@
      tokens);
   4. statistics of scored samples: how a reward relates to length, and an iteration's summary.
 """
+import argparse
 import copy
 import functools
 import hashlib
@@ -169,6 +170,16 @@ def load_reward_function(spec):
     if not callable(function):
         raise InputError(f"verifier {spec}: {source} has no function {name}")
     return function
+
+
+def verifier_flag(spec):
+    """An argparse `type=` for a verifier flag (osp.py / eval_runs.py --gold): the spec, once its
+    function loads; otherwise the flag's error, at parse time, before any work or file."""
+    try:
+        load_reward_function(spec)
+    except InputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+    return spec
 
 
 def import_file(path):

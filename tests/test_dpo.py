@@ -762,10 +762,18 @@ def test_a_failing_verifier_stops_with_the_record_and_nothing_half_written(
         name, message, tiny_model_dir, tmp_path, capsys, dpo_stage_env):
     verifier = write_verifier_task(tmp_path)
     run = tmp_path / "run"
-    error = cli_error(["--iter", "1", "--run-dir", run, "--sft", tiny_model_dir,
-                       "--rm", f"{verifier}:{name}", "--prompts", tmp_path / "prompts.jsonl",
-                       "--iterations", "1", "--n", "3", "--max-new-tokens", "4",
-                       "--device", "cpu"], capsys)
+    argv = ["--iter", "1", "--run-dir", run, "--sft", tiny_model_dir,
+            "--rm", f"{verifier}:{name}", "--prompts", tmp_path / "prompts.jsonl",
+            "--iterations", "1", "--n", "3", "--max-new-tokens", "4", "--device", "cpu"]
+    if name == "missing":  # refused at parse time, as argparse refuses a flag: nothing written
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(lambda: dpo.main([str(a) for a in argv]))
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "error: argument --rm: verifier" in error, error
+        assert not run.exists()
+    else:
+        error = cli_error(argv, capsys)
     assert message in error, error
     assert not (run / "iter1" / "rewards.jsonl").exists()
 

@@ -113,6 +113,12 @@ BAD_FLAGS = [  # (stage, flag, value, what the error says)
     ("evaluate", "--samples", "0", "must be ≥ 1"),
     ("evaluate", "--max-new-tokens", "0", "must be ≥ 1"),
     ("evaluate", "--batch-size", "-1", "must be ≥ 0"),
+    # a verifier that cannot load (rewards.load_reward_function)
+    ("dpo online", "--rm", "verify.py:reward", "verifier: no file verify.py"),
+    ("dpo online", "--rm", "data.task:no_such", "data.task has no function no_such"),
+    ("osp", "--gold", "verify.py:reward", "verifier: no file verify.py"),
+    ("osp", "--gold", "no_such_module_x:f", "importing no_such_module_x failed"),
+    ("evaluate", "--gold", "data.task:score x", "expected FILE.py:function or package.module"),
 ]
 
 
