@@ -58,7 +58,8 @@ from model import ModelConfig, Transformer
 from losses import (PAIR_SELECTIONS, implicit_reward, per_token_nll, preference_loss,
                     select_pairs, sequence_logps)
 from rewards import (ensemble_scorer, is_reward_function, load_reward_function,
-                     reward_function_settings, reward_models, samples_summary, verifier_scorer)
+                     reward_function_settings, reward_models, samples_summary, verifier_flag,
+                     verifier_scorer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,6 +90,9 @@ def build_parser(flags=None):
     flag("--rm", help="reward model folder(s), comma-separated (an ensemble); or a verifier, "
          "FILE.py:function or package.module:function in TRL's reward-function convention "
          "(rewards.py); or 'gold', the built-in task's gold reward")
+    flag("--gold", type=verifier_flag, metavar="VERIFIER",
+         help="a verifier (as --rm) that summary.json compares the reward with on the policy's "
+         "samples (reward_vs_gold; default: the built-in task's r* on its prompts)")
     flag("--ensemble", choices=["mean", "mean_minus_std"], default="mean",
          help="an ensemble's reward: the mean, or mean − std (Coste et al. 2023)")
     flag("--prompts", help="prompts JSONL; with '{t}' in the name, one file per iteration")
@@ -216,14 +220,14 @@ def make_pairs(args, dist_info, here):
     pairs, dropped = select_pairs(scored, args.pair_selection, args.length_penalty,
                                   args.missing_eos_penalty, args.reward_tolerance,
                                   source=f"iter{t}")
-    summary, gold = samples_summary(t, scored, pairs, dropped)
+    summary, gold = samples_summary(t, scored, pairs, dropped, args.gold)
     if dist_info.is_main:
         atomic_write_text(here / "summary.json", json.dumps(summary, indent=2) + "\n")
         write_jsonl(here / "pairs.jsonl", pairs)
         print0(f"iter {t}: mean reward {summary['mean_reward']:.4f}, "
                f"mean length {summary['mean_length_chars']:.1f} chars, "
                f"{len(pairs)} pairs kept, dropped {dropped}")
-        if gold is not None and args.rm != "gold":
+        if gold is not None and args.rm != (args.gold or "gold"):
             run_name = f"{Path(args.run_dir).name}, iteration {t}"
             samples_name = f"π_{t - 1}'s samples ({run_name})"
             print0(format_reward_vs_gold(summary["reward_vs_gold"], samples_name))
@@ -468,7 +472,9 @@ RESULT_SETTINGS = INPUT_SETTINGS + SAMPLING_SETTINGS + PAIRING_SETTINGS + TRAINI
 # Saved in config.json (a batch size that fits the memory should carry over), free on a resume.
 THROUGHPUT_SETTINGS = ("micro_batch_size", "gen_batch_size", "chunk_size",
                        "activation_checkpointing", "save_every")
-RUN_SETTINGS = RESULT_SETTINGS + THROUGHPUT_SETTINGS
+# What summary.json reports: saved in config.json, free on a resume (make_pairs writes it again).
+REPORT_SETTINGS = ("gold",)
+RUN_SETTINGS = RESULT_SETTINGS + THROUGHPUT_SETTINGS + REPORT_SETTINGS
 
 
 def resolve_settings(argv=None):
@@ -510,6 +516,8 @@ def check_mode(parser, args):
                                         or len(reward_models(args.rm)) < 2):
             parser.error(f"--ensemble {args.ensemble} needs two or more reward models "
                          "(--rm A,B,...)")
+    elif args.gold:
+        parser.error("--gold is for online mode (--iter): it checks the online samples' rewards")
     elif not (args.pairs and args.model and args.out):
         parser.error("offline mode needs --pairs, --model and --out "
                      "(or --iter and --run-dir for online mode)")

@@ -94,13 +94,15 @@ def answers(folder, prompts, device, max_new_tokens, batch_size, n, temperature,
     """The checkpoint's answers (n per prompt), cached in eval_samples_T{temperature}.jsonl, with
     their `gold`: the rewards of --gold's verifier (rewards.verifier_rewards; default the built-in
     task's r*), computed afresh each time, so cached answers are never graded by another one.
-    `gold`: (function, spec)."""
+    Sampled answers keep each one's summed log-prob under the sampling distribution (`logprobs`;
+    at T = 1 log π(y|x), Scorer.sampled_kl's first term). `gold`: (function, spec)."""
     cached = folder / f"eval_samples_T{temperature:g}.jsonl"
     # Answers written before the model (a checkpoint trained again with --overwrite) are stale.
     records = None
     if cached.exists() and cached.stat().st_mtime >= (folder / "model.safetensors").stat().st_mtime:
         records = read_jsonl(cached)
-        if [(r["id"], len(r["responses"])) for r in records] != [(p["id"], n) for p in prompts]:
+        if ([(r["id"], len(r["responses"])) for r in records] != [(p["id"], n) for p in prompts]
+                or (temperature and not all("logprobs" in r for r in records))):
             records = None
     fresh = records is None
     if fresh:
@@ -109,7 +111,9 @@ def answers(folder, prompts, device, max_new_tokens, batch_size, n, temperature,
                                             dtype=default_dtype(device)).eval()
         engine = Engine(model, batch_size, stop_token_ids(tokenizer), cpu_slots=256)
         records = generate_records(engine, tokenizer, prompts, n, max_new_tokens, temperature,
-                                   seed=0)
+                                   seed=0, logprobs=temperature > 0)
+        for record in records:
+            record.pop("token_logprobs", None)
     # the prompts' own fields, not the cache's: an answer corrected since is graded as it is now
     columns = [prompt_columns(prompt) for prompt in prompts]
     for record, rewards in zip(records, verifier_rewards(*gold, records, columns)):
@@ -255,26 +259,28 @@ class Scorer:
         return self.scores[key]
 
     @torch.no_grad()
-    def sampled_kl(self, policy, reference, records, batch_size=256):
+    def sampled_kl(self, reference, records, batch_size=32):
         """KL(π ‖ π_ref) estimated on answers sampled from π at temperature 1: the mean over
         answers of log π(y|x) − log π_ref(y|x) (each sequence's summed log-probs, its end-of-turn
-        token included when it stopped there; an unbiased estimate of the sequence-level KL)."""
+        token included when it stopped there; an unbiased estimate of the sequence-level KL).
+        log π(y|x) is the one the sampler computed (answers' `logprobs`), so only π_ref runs, on
+        batches of answers of about the same length (less padding)."""
         from losses import sequence_logps
-        (policy_model, tokenizer), (reference_model, _) = self.model(policy), self.model(reference)
+        reference_model, tokenizer = self.model(reference)
         prompts, responses = [], []
         for record in records:
             ids = response_ids(tokenizer, record)  # as sampled (tokens.response_ids)
             prompts += [encode_prompt(tokenizer, record["prompt"])] * len(ids)
             responses += ids
-        total = 0.0
-        for start in range(0, len(prompts), batch_size):
-            batch = (prompts[start:start + batch_size], responses[start:start + batch_size],
-                     tokenizer.pad_token_id, self.device)
-            total += (sequence_logps(policy_model, *batch)[0]
-                      - sequence_logps(reference_model, *batch)[0]).sum().item()
-        if str(policy) != str(reference):
-            del self.models[(str(policy), "lm")]  # each policy is scored once; the reference stays
-        return total / len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+        reference_logps = 0.0
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            reference_logps += sequence_logps(reference_model, [prompts[i] for i in rows],
+                                              [responses[i] for i in rows],
+                                              tokenizer.pad_token_id, self.device)[0].sum().item()
+        policy_logps = sum(x for record in records for x in record["logprobs"])
+        return (policy_logps - reference_logps) / len(prompts)
 
 
 REWARD_ACCURACY_NOTE = (
@@ -323,7 +329,7 @@ def proxy_vs_gold(run, sampled_answers, scorer):
         for t, folder in [(0, sft)] + policies:
             records = sampled_answers(folder)
             gold = [g for r in records for g in r["gold"]]
-            kl = scorer.sampled_kl(folder, sft, records) if t else 0.0
+            kl = scorer.sampled_kl(sft, records) if t else 0.0
             point = dict(t=t, gold=sum(gold) / len(gold), kl=kl)
             if rm is not None:
                 rewards = [x for r in scorer.rewards(rm, folder, records) for x in r["rewards"]]
@@ -430,7 +436,12 @@ def label_iterations(ax, series, xs, ys, points, labelled):
                                   alpha=0.7))
 
 
-def plot_proxy_vs_gold(curves, out):
+def gold_name(spec):
+    """What the plots and tables call the gold reward: the built-in task's r*, or the verifier."""
+    return "gold r*" if spec == "gold" else f"gold ({spec})"
+
+
+def plot_proxy_vs_gold(curves, out, gold="gold r*"):
     """over_optimisation.png, after Gao et al. 2023 (fig. 1): the mean gold (left) and the mean
     reward of the run's own reward model (right) of each online run's sampled answers, against
     √KL(π_t ‖ π_SFT); one line per run, each point labelled with its iteration t. A BT reward is
@@ -455,7 +466,7 @@ def plot_proxy_vs_gold(curves, out):
             rewards = [p["reward"] - points[0]["reward"] for p in points]
             proxy_ax.plot(root_kl, rewards, "--", **series_style(series))
             label_iterations(proxy_ax, series, root_kl, rewards, points, labelled[proxy_ax])
-    gold_ax.set(title="gold r* (held-out prompts, sampled at T = 1)", ylabel="mean gold r*")
+    gold_ax.set(title=f"{gold} (held-out prompts, sampled at T = 1)", ylabel=f"mean {gold}")
     if proxied:
         proxy_ax.set(title="proxy: the run's own reward model",
                      ylabel="mean reward − its value at t = 0")
@@ -469,7 +480,7 @@ def plot_proxy_vs_gold(curves, out):
     return [out / "over_optimisation.png"]
 
 
-def plot(run, results, out):
+def plot(run, results, out, gold="gold r*"):
     """gold_per_iteration.png: the gold of greedy and of sampled answers per online iteration
     (± s.e.), the single checkpoints as horizontal lines, the legends below the panels; and
     training_curves.png (both skipped, with a note, without matplotlib)."""
@@ -494,7 +505,7 @@ def plot(run, results, out):
         for i, r in enumerate(flat):  # single checkpoints: horizontal lines
             ax.axhline(r[key], linewidth=1.5, label=r["label"], **reference_style(i))
         ax.set_xticks(sorted({0} | {r["t"] for r in results if r["series"]}))
-        ax.set(xlabel="online iteration t (0 = SFT)", ylabel="mean gold r*, held-out prompts",
+        ax.set(xlabel="online iteration t (0 = SFT)", ylabel=f"mean {gold}, held-out prompts",
                title=title)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
@@ -605,11 +616,13 @@ def signed(row, key):
 
 def checkpoint_table(results, tasks, prompt_count, args):
     """results.md's opening note and its table of checkpoints."""
-    lines = [f"Held-out prompts: {prompt_count} ({args.prompts}); gold score r* in [-1, 1], mean ± "
+    gold, exact = (("gold score r* in [-1, 1]", "r* = 1") if args.gold == "gold" else
+                   (f"gold = the verifier {args.gold}'s reward", "gold = 1"))
+    lines = [f"Held-out prompts: {prompt_count} ({args.prompts}); {gold}, mean ± "
              "standard error over prompts; greedy answers, and "
              f"{args.samples} answers per prompt sampled at temperature 1; Δ SFT = the paired "
              "difference from the SFT model on the same prompts ± its standard error; exact = "
-             "fraction of greedy answers with r* = 1; per-sub-task columns are greedy gold. "
+             f"fraction of greedy answers with {exact}; per-sub-task columns are greedy gold. "
              + REWARD_ACCURACY_NOTE, "",
              "| checkpoint | gold (greedy) | Δ SFT | exact | length | gold (T = 1) | Δ SFT | "
              "length (T = 1) | reward acc. | " + " | ".join(tasks) + " |",
@@ -714,7 +727,8 @@ def evaluate_run(run, prompts, args, device):
 
     lines = results_markdown(results, len(prompts), args, versus, references, rms, correlations,
                              judge, curves)
-    plots = plot(run, results, run) + plot_proxy_vs_gold(curves, run)
+    plots = (plot(run, results, run, gold_name(args.gold))
+             + plot_proxy_vs_gold(curves, run, gold_name(args.gold)))
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     atomic_write_text(run / "results.md", "\n".join(lines) + "\n")
     evaluation = dict(checkpoints=results, versus_offline=versus,

@@ -397,11 +397,12 @@ def length_bias(records):
     return mean, len(correlations), len(records) - len(correlations)
 
 
-def samples_summary(t, scored, pairs, dropped):
+def samples_summary(t, scored, pairs, dropped, gold=None):
     """summary.json of dpo.py's iteration t: the samples' mean reward and length, how many were cut
-    at --max-new-tokens without a stop token, pairs kept and dropped (by reason); on the built-in
-    task, how the reward agrees with the gold reward on the policy's own samples
-    (data.task.reward_vs_gold). Returns (summary, the gold-scored records or None)."""
+    at --max-new-tokens without a stop token, pairs kept and dropped (by reason); and how the reward
+    agrees with a gold reward on the policy's own samples (data.task.reward_vs_gold): the verifier
+    `gold` (a spec, dpo.py --gold), else on the built-in task its r*. Returns (summary, the
+    gold-scored records or None)."""
     all_rewards = [r for rec in scored for r in rec["rewards"]]
     total_chars = sum(len(x) for rec in scored for x in rec["responses"])
     summary = dict(iteration=t, prompts=len(scored), samples=len(all_rewards),
@@ -414,7 +415,11 @@ def samples_summary(t, scored, pairs, dropped):
     finish_reasons = [reason for rec in scored for reason in rec.get("finish_reasons", [])]
     summary["missing_eos"] = sum(reason == "length" for reason in finish_reasons)
     summary.update(pairs_kept=len(pairs), pairs_dropped=dropped)
-    gold = gold_scored(scored)
+    if gold is None:
+        gold = gold_scored(scored)
+    else:
+        gold = [{**record, "gold": values} for record, values in
+                zip(scored, verifier_rewards(load_reward_function(gold), gold, scored))]
     if gold is not None:
         summary["reward_vs_gold"] = reward_vs_gold(gold)
     return summary, gold

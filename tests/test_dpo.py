@@ -676,6 +676,9 @@ def reward(prompts, completions, answer, level, **kwargs):
     return [float(c[0]["content"].count(a[0])) + 0.25 * len(c[0]["content"]) + 0.001 * l
             for c, a, l in zip(completions, answer, level)]
 
+def shorter(completions, **kwargs):  # a second verifier, for --gold
+    return [-float(len(c[0]["content"])) for c in completions]
+
 def raises_on_q2(prompts, completions, answer, **kwargs):
     if "bac" in answer:  # q2's
         raise ValueError("cannot read this answer")
@@ -748,6 +751,33 @@ def test_verifier_in_trl_convention_scores_an_online_iteration(tiny_model_dir, t
         assert pair["chosen"] == record["responses"][best]
     settings = json.loads((run / "iter1" / "settings.json").read_text())
     assert settings["rm"] == f"{verifier}:reward"
+
+
+def test_gold_verifier_checks_the_reward_on_the_policys_samples(tiny_model_dir, tmp_path,
+                                                                dpo_stage_env, capsys):
+    """--gold VERIFIER: summary.json's reward_vs_gold compares the reward (--rm) with that
+    verifier's values on the same samples, recomputed here with data.task.reward_vs_gold; the
+    next iteration reads --gold back from config.json, and offline mode refuses it."""
+    from data.task import reward_vs_gold
+    verifier = write_verifier_task(tmp_path)
+    run = tmp_path / "run"
+    argv = ["--run-dir", run, "--sft", tiny_model_dir, "--rm", f"{verifier}:reward",
+            "--gold", f"{verifier}:shorter", "--prompts", tmp_path / "prompts.jsonl",
+            "--iterations", "1", "--n", "3", "--max-new-tokens", "6", "--device", "cpu",
+            "--max-steps", "1"]
+    dpo.main([str(a) for a in ["--iter", "1"] + argv])
+    rewards = read_jsonl(run / "iter1" / "rewards.jsonl")
+    gold = [{**r, "gold": [-float(len(text)) for text in r["responses"]]} for r in rewards]
+    stats = json.loads((run / "iter1" / "summary.json").read_text())["reward_vs_gold"]
+    assert stats == reward_vs_gold(gold) and stats["pairs"] > 0
+    assert "reward vs gold on π_0's samples" in capsys.readouterr().out
+    _, sources = dpo.resolve_settings(["--iter", "2", "--run-dir", str(run)])
+    assert sources["gold"] == "config.json"
+    with pytest.raises(SystemExit) as exit_info:
+        dpo.main(["--pairs", "p.jsonl", "--model", str(tiny_model_dir), "--out",
+                  str(tmp_path / "o"), "--gold", f"{verifier}:shorter"])
+    assert exit_info.value.code == 2
+    assert "error: --gold is for online mode" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name, message", [
