@@ -19,8 +19,10 @@ The rows:
   dpo       one DPO step (dpo.train_step: forward of chosen + rejected, loss, backward, AdamW) vs
             TRL's DPOTrainer on the same pairs, tokenized once by TRL so both sides see the same
             ids, with the same β, batch, lr, AdamW betas and clipping; with and without reference
-            log-probs precomputed. The losses of every step must agree (the first is log 2 on
-            both sides; later ones follow the two optimisers). TRL is optional: `pip install trl`.
+            log-probs precomputed; with activation checkpointing on both sides (TRL's default:
+            DPOConfig's gradient_checkpointing=True) and off on both (dpo.py's default on a CPU).
+            The losses of every step must agree (the first is log 2 on both sides; later ones
+            follow the two optimisers). TRL is optional: `pip install trl`.
   logprob   rlhf_kernels.logprob.token_logprobs (vocabulary chunks, no logits stored) vs the naive
             log_softmax(h @ W^T), forward + backward: time, peak memory above the inputs, and
             values and gradients compared.
@@ -267,11 +269,12 @@ def bench_generate(args, path, device, dtype):
 # (b) a DPO step vs TRL's DPOTrainer
 
 
-def trl_run(path, pairs, args, device, precompute, out_dir):
+def trl_run(path, pairs, args, device, precompute, checkpointing, out_dir):
     """TRL's DPOTrainer for args.steps steps: (its tokenized dataset, per-step losses, seconds of
     each step, peak MiB). Defaults that would make the comparison unequal are set to ours:
     constant lr without warm-up, AdamW betas (0.9, 0.95), no weight decay, clipping at 1, no
-    shuffling effect (every step sees the whole set of args.pairs pairs)."""
+    shuffling effect (every step sees the whole set of args.pairs pairs); gradient checkpointing
+    as `checkpointing` says (TRL's own default is on)."""
     import datasets
     import transformers
     from trl import DPOConfig, DPOTrainer
@@ -300,7 +303,8 @@ def trl_run(path, pairs, args, device, precompute, out_dir):
             lr_scheduler_type="constant", warmup_steps=0, adam_beta2=0.95, weight_decay=0.0,
             max_grad_norm=1.0, logging_steps=1, report_to="none", save_strategy="no",
             precompute_ref_log_probs=precompute, max_length=None, use_cpu=device.type == "cpu",
-            bf16=device.type == "cuda", disable_tqdm=True, seed=0, dataloader_num_workers=0)
+            bf16=device.type == "cuda", disable_tqdm=True, seed=0, dataloader_num_workers=0,
+            gradient_checkpointing=checkpointing)
     steps = StepTimes()
     tokenizer = load_tokenizer(path)
 
@@ -321,10 +325,12 @@ def trl_run(path, pairs, args, device, precompute, out_dir):
     return trainer.train_dataset, losses, steps.times, peak
 
 
-def ours_run(path, examples, args, device, precompute):
+def ours_run(path, examples, args, device, precompute, checkpointing):
     """dpo.train_step for args.steps steps on `examples` (prompt, chosen, rejected ids), all in one
-    batch: (per-step losses, seconds of each step, peak MiB). Without precompute, each step first
-    runs the frozen reference model on the batch, as TRL does."""
+    batch: (per-step losses, seconds of each step, peak MiB, --trace's table or None). Without
+    precompute, each step first
+    runs the frozen reference model on the batch, as TRL does. `checkpointing`: each block's
+    activations recomputed in the backward (dpo.py --activation-checkpointing)."""
     import dpo
     from training import autocast, make_optimizer
 
@@ -342,29 +348,40 @@ def ours_run(path, examples, args, device, precompute):
 
     def train():
         model = Transformer.from_pretrained(path, device=device).train()
+        model.set_activation_checkpointing(checkpointing)
         optimizer = make_optimizer(model, args.lr)
+        references = ()
         if precompute:  # the policy before its first step is the reference (as TRL does it)
-            ref_chosen, ref_rejected = reference(model)
+            ref_logps = reference(model)
         else:           # a frozen copy beside the policy, run on every batch
-            frozen = Transformer.from_pretrained(path, device=device).eval().requires_grad_(False)
+            references = (Transformer.from_pretrained(path, device=device).eval()
+                          .requires_grad_(False),)
         weight = torch.ones(len(examples), device=device)
+
+        def step():
+            ref_chosen, ref_rejected = ref_logps if precompute else reference(references[0])
+            batch = [dpo.PairBatch(prompts, chosen_ids, rejected_ids, weight, ref_chosen,
+                                   ref_rejected, target=None)]
+            sums, _ = dpo.train_step(model, optimizer, batch, beta=args.beta, loss_type="dpo",
+                                     nll_coef=0.0, grad_clip=1.0, global_pairs=len(examples),
+                                     pad_id=pad_id, world_size=1, device=device)
+            return sums
+
         for _ in range(args.steps):
             synchronize(device)
             start = time.perf_counter()
-            if not precompute:
-                ref_chosen, ref_rejected = reference(frozen)
-            batch = [dpo.PairBatch(prompts, chosen_ids, rejected_ids, weight, ref_chosen,
-                                   ref_rejected, target=None)]
-            sums, grad_norm = dpo.train_step(model, optimizer, batch, beta=args.beta,
-                                             loss_type="dpo", nll_coef=0.0, grad_clip=1.0,
-                                             global_pairs=len(examples), pad_id=pad_id,
-                                             world_size=1, device=device)
-            losses.append(sums.reduce(device)["loss"] / len(examples))
+            losses.append(step().reduce(device)["loss"] / len(examples))
             synchronize(device)
             times.append(time.perf_counter() - start)
+        return model, optimizer, references, step
 
-    peak, _ = peak_memory_mib(train, device)
-    return losses, times, peak
+    peak, (model, optimizer, references, step) = peak_memory_mib(train, device)
+    trace = None
+    if args.trace:  # what is alive at the peak of one more step, by kind (memory_trace.py)
+        from memory_trace import format_peak, trace_peak
+        trace = format_peak(trace_peak(step, model, optimizer, frozen=references, steps=1),
+                            "   our step's tensors at its peak (memory_trace.py's categories)")
+    return losses, times, peak, trace
 
 
 def bench_dpo(args, path, device, dtype):
@@ -374,19 +391,23 @@ def bench_dpo(args, path, device, dtype):
         print(f"\n== dpo: skipped, TRL is not installed ({TRL_INSTALL})")
         return
     pairs = benchmark_pairs(args.pairs, args.words)
-    for precompute in (True, False):
+    settings = [(checkpointing, precompute) for checkpointing in args.checkpointing
+                for precompute in (True, False)]
+    for checkpointing, precompute in settings:
         with tempfile.TemporaryDirectory() as out_dir:
             dataset, trl_losses, trl_times, trl_peak = trl_run(path, pairs, args, device,
-                                                               precompute, out_dir)
+                                                               precompute, checkpointing, out_dir)
         examples = [(row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) for row in dataset]
         lengths = ([len(p) + len(c) for p, c, _ in examples]
                    + [len(p) + len(r) for p, _, r in examples])
         reference = "precomputed" if precompute else "computed each step"
-        header(f"dpo step, reference log-probs {reference}", device, dtype,
+        header(f"dpo step, reference log-probs {reference}, activation checkpointing "
+               f"{'on' if checkpointing else 'off'} on both sides", device, dtype,
                f"{len(examples)} pairs in one batch, sequences of {min(lengths)}-{max(lengths)} "
                f"tokens (mean {statistics.mean(lengths):.0f}), beta {args.beta}, lr {args.lr}, "
                f"{args.steps} steps")
-        our_losses, our_times, our_peak = ours_run(path, examples, args, device, precompute)
+        our_losses, our_times, our_peak, trace = ours_run(path, examples, args, device,
+                                                          precompute, checkpointing)
         print("   losses, step by step: "
               + ", ".join(f"{a:.6f} / {b:.6f}" for a, b in zip(our_losses, trl_losses))
               + " (ours / TRL)")
@@ -399,6 +420,8 @@ def bench_dpo(args, path, device, dtype):
                    statistics.median(trl_times[timed_steps]), "s", False)
         if our_peak is not None:
             ratio_line("peak memory above the start", our_peak, trl_peak, "MiB", False)
+        if trace:
+            print(trace)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,6 +533,12 @@ def parse_args(argv=None):
                         help="dpo: optimizer steps per side")
     parser.add_argument("--beta", type=positive_float, default=0.1, help="dpo: beta")
     parser.add_argument("--lr", type=positive_float, default=1e-5, help="dpo: learning rate")
+    parser.add_argument("--checkpointing", choices=("both", "on", "off"), default="both",
+                        help="dpo: activation checkpointing on both sides, off on both, or each "
+                             "in turn (on is TRL's default, off dpo.py's on a CPU)")
+    parser.add_argument("--trace", action="store_true",
+                        help="dpo: after each of our rows, the tensors alive at our step's peak by "
+                             "kind (memory_trace.trace_peak on real tensors: one more step)")
     parser.add_argument("--loss-tolerance", type=non_negative_float, default=1e-4,
                         help="dpo: allowed loss difference")
     parser.add_argument("--logprob-tokens", type=positive_int, default=None,
@@ -537,6 +566,7 @@ def parse_args(argv=None):
     if args.gen_rows < args.n:
         parser.error(f"--gen-rows {args.gen_rows} must hold the --n {args.n} samples of a prompt")
     args.rows = args.rows.split(",")
+    args.checkpointing = dict(both=(True, False), on=(True,), off=(False,))[args.checkpointing]
     return args
 
 

@@ -26,8 +26,10 @@ def test_bench_tiny_runs_every_row_and_prints_both_sides(capsys):
         assert line in out and "ours" in out.split(line)[1].splitlines()[0]
     assert out.count("max |ours - naive|") == 3 and "tok/s" in out.split("== sft step")[1]
     if HAS_TRL:  # the DPO rows: losses of each step side by side, both variants of the reference
-        assert out.count("losses, step by step: 0.693147 / 0.693147") == 2
-        assert out.count("seconds per step (median)") == 2
+        # reference precomputed or run each step, activation checkpointing on or off
+        assert out.count("losses, step by step: 0.693147 / 0.693147") == 4
+        assert out.count("seconds per step (median)") == 4
+        assert out.count("activation checkpointing on on both sides") == 2
     else:
         assert "dpo: skipped, TRL is not installed (pip install trl)" in out
 
@@ -67,3 +69,20 @@ def test_bench_refuses_bad_flags(capsys):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not HAS_TRL, reason="TRL is not installed")
+@pytest.mark.usefixtures("bench_in_process")
+def test_bench_dpo_trace_shows_what_checkpointing_keeps(capsys):
+    """--trace prints our step's tensors at its peak by kind; with activation checkpointing (on
+    both sides, TRL's default) the activations kept are fewer than without it."""
+    bench.main(["--tiny", "--rows", "dpo", "--steps", "1", "--trace"])
+    out = capsys.readouterr().out
+    activations = {}
+    for part in out.split("\n== dpo step")[1:]:
+        setting = "on" if "activation checkpointing on" in part.splitlines()[0] else "off"
+        assert "Optstate" in part and "Total" in part
+        kept = float(part.split("Activation")[1].split()[0])
+        activations.setdefault(setting, []).append(kept)
+    assert len(activations["on"]) == len(activations["off"]) == 2
+    assert max(activations["on"]) < min(activations["off"])
