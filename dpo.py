@@ -166,8 +166,8 @@ def run_iteration(args, sources, dist_info):
         sample(args, dist_info, previous_policy, prompts, here)
     if not (here / "rewards.jsonl").exists():
         score_samples(args, dist_info, here)
-    if not (here / "pairs.jsonl").exists():
-        make_pairs(args, dist_info, here)
+    if not (here / "pairs.jsonl").exists() or summarised_against(here) != (args.gold or "gold"):
+        make_pairs(args, dist_info, here)  # again when --gold changed: summary.json says which
     if not has_model(here / "policy"):
         pairs, example_groups = pairs_so_far(args, here)
         # With LoRA, π_{t−1} = π_0 + the adapter so far: π_0 is this same model, adapters off.
@@ -232,6 +232,13 @@ def make_pairs(args, dist_info, here):
             samples_name = f"π_{t - 1}'s samples ({run_name})"
             print0(format_reward_vs_gold(summary["reward_vs_gold"], samples_name))
     barrier()
+
+
+def summarised_against(here):
+    """The gold reward iter{t}/summary.json compared the reward with ("gold": the built-in r*;
+    older summaries name none and used r*); None without a summary."""
+    summary = here / "summary.json"
+    return json.loads(summary.read_text()).get("gold", "gold") if summary.exists() else None
 
 
 def pairs_so_far(args, here):
@@ -472,7 +479,8 @@ RESULT_SETTINGS = INPUT_SETTINGS + SAMPLING_SETTINGS + PAIRING_SETTINGS + TRAINI
 # Saved in config.json (a batch size that fits the memory should carry over), free on a resume.
 THROUGHPUT_SETTINGS = ("micro_batch_size", "gen_batch_size", "chunk_size",
                        "activation_checkpointing", "save_every")
-# What summary.json reports: saved in config.json, free on a resume (make_pairs writes it again).
+# What summary.json reports: saved in config.json, free on a resume (run_iteration makes the
+# summary again when it names another gold).
 REPORT_SETTINGS = ("gold",)
 RUN_SETTINGS = RESULT_SETTINGS + THROUGHPUT_SETTINGS + REPORT_SETTINGS
 

@@ -94,15 +94,15 @@ def answers(folder, prompts, device, max_new_tokens, batch_size, n, temperature,
     """The checkpoint's answers (n per prompt), cached in eval_samples_T{temperature}.jsonl, with
     their `gold`: the rewards of --gold's verifier (rewards.verifier_rewards; default the built-in
     task's r*), computed afresh each time, so cached answers are never graded by another one.
-    Sampled answers keep each one's summed log-prob under the sampling distribution (`logprobs`;
-    at T = 1 log π(y|x), Scorer.sampled_kl's first term). `gold`: (function, spec)."""
+    Answers sampled at T = 1 keep each one's summed log-prob log π(y|x) (`logprobs`, the sampler's:
+    Scorer.sampled_kl's first term). `gold`: (function, spec)."""
     cached = folder / f"eval_samples_T{temperature:g}.jsonl"
     # Answers written before the model (a checkpoint trained again with --overwrite) are stale.
     records = None
     if cached.exists() and cached.stat().st_mtime >= (folder / "model.safetensors").stat().st_mtime:
         records = read_jsonl(cached)
         if ([(r["id"], len(r["responses"])) for r in records] != [(p["id"], n) for p in prompts]
-                or (temperature and not all("logprobs" in r for r in records))):
+                or (temperature == 1 and not all("logprobs" in r for r in records))):
             records = None
     fresh = records is None
     if fresh:
@@ -111,7 +111,7 @@ def answers(folder, prompts, device, max_new_tokens, batch_size, n, temperature,
                                             dtype=default_dtype(device)).eval()
         engine = Engine(model, batch_size, stop_token_ids(tokenizer), cpu_slots=256)
         records = generate_records(engine, tokenizer, prompts, n, max_new_tokens, temperature,
-                                   seed=0, logprobs=temperature > 0)
+                                   seed=0, logprobs=temperature == 1)
         for record in records:
             record.pop("token_logprobs", None)
     # the prompts' own fields, not the cache's: an answer corrected since is graded as it is now
@@ -203,15 +203,18 @@ def reference_points(sampled, cooler, scored):
     return points
 
 
-def training_reward_accuracy(folder, series, t):
+def training_reward_accuracy(folder, series, t, gold="gold"):
     """How well the reward a checkpoint was trained with ordered that training's own samples as
     gold does (data.task.reward_vs_gold): an online iteration t's reward model on π_{t−1}'s
     samples (its summary.json), an OSP run's judge on the policy's samples over all its steps
-    (metrics.jsonl, --gold: each step's agreement weighted by its decided pairs); else None."""
+    (metrics.jsonl, --gold: each step's agreement weighted by its decided pairs); else None. An
+    online iteration's only where its summary compared with the same `gold` as this evaluation."""
     if series is not None:
-        summary = folder.parent / "summary.json"
-        stats = json.loads(summary.read_text()).get("reward_vs_gold") if summary.exists() else None
-        return stats["accuracy"] if stats and series != "online_gold" else None
+        path = folder.parent / "summary.json"
+        summary = json.loads(path.read_text()) if path.exists() else {}
+        stats = summary.get("reward_vs_gold")
+        same_gold = summary.get("gold", "gold") == gold
+        return stats["accuracy"] if stats and same_gold and series != "online_gold" else None
     metrics = folder / "metrics.jsonl"
     if folder.name.startswith("osp_") and metrics.exists():
         # a step with no decided pair logs NaN
@@ -259,28 +262,37 @@ class Scorer:
         return self.scores[key]
 
     @torch.no_grad()
-    def sampled_kl(self, reference, records, batch_size=32):
+    def sampled_kl(self, policy, reference, records, batch_size=32):
         """KL(π ‖ π_ref) estimated on answers sampled from π at temperature 1: the mean over
         answers of log π(y|x) − log π_ref(y|x) (each sequence's summed log-probs, its end-of-turn
         token included when it stopped there; an unbiased estimate of the sequence-level KL).
-        log π(y|x) is the one the sampler computed (answers' `logprobs`), so only π_ref runs, on
-        batches of answers of about the same length (less padding)."""
+        In fp32 (a CPU) log π(y|x) is the one the sampler computed (answers' `logprobs`), so only
+        π_ref runs; in bf16 the sampler's numbers are not a forward's, whose rounding would not
+        cancel in the difference, so π runs too. Batches of answers of about the same length."""
         from losses import sequence_logps
-        reference_model, tokenizer = self.model(reference)
+        models = [self.model(reference)[0]]
+        exact = default_dtype(self.device) == torch.float32
+        if not exact:
+            models.append(self.model(policy)[0])
+        tokenizer = self.model(reference)[1]
         prompts, responses = [], []
         for record in records:
             ids = response_ids(tokenizer, record)  # as sampled (tokens.response_ids)
             prompts += [encode_prompt(tokenizer, record["prompt"])] * len(ids)
             responses += ids
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
-        reference_logps = 0.0
+        totals = [0.0] * len(models)  # Σ log π_ref(y|x) [, Σ log π(y|x)]
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            reference_logps += sequence_logps(reference_model, [prompts[i] for i in rows],
-                                              [responses[i] for i in rows],
-                                              tokenizer.pad_token_id, self.device)[0].sum().item()
-        policy_logps = sum(x for record in records for x in record["logprobs"])
-        return (policy_logps - reference_logps) / len(prompts)
+            batch = ([prompts[i] for i in rows], [responses[i] for i in rows],
+                     tokenizer.pad_token_id, self.device)
+            for k, model in enumerate(models):
+                totals[k] += sequence_logps(model, *batch)[0].sum().item()
+        if not exact:
+            del self.models[(str(policy), "lm")]  # each policy is scored once; the reference stays
+        policy_logps = (sum(x for record in records for x in record["logprobs"]) if exact
+                        else totals[1])
+        return (policy_logps - totals[0]) / len(prompts)
 
 
 REWARD_ACCURACY_NOTE = (
@@ -329,7 +341,7 @@ def proxy_vs_gold(run, sampled_answers, scorer):
         for t, folder in [(0, sft)] + policies:
             records = sampled_answers(folder)
             gold = [g for r in records for g in r["gold"]]
-            kl = scorer.sampled_kl(sft, records) if t else 0.0
+            kl = scorer.sampled_kl(folder, sft, records) if t else 0.0
             point = dict(t=t, gold=sum(gold) / len(gold), kl=kl)
             if rm is not None:
                 rewards = [x for r in scorer.rewards(rm, folder, records) for x in r["rewards"]]
@@ -573,7 +585,7 @@ def held_out_prompts(first, prompts, args):
     return prompts
 
 
-def score_checkpoints(found, greedy_answers, sampled_answers):
+def score_checkpoints(found, greedy_answers, sampled_answers, gold):
     """Each checkpoint's summary (summarise), its paired difference from SFT's answers to the same
     prompts, and the accuracy of the reward it was trained with; printed one line each. Returns
     (results, per_prompt: folder → per_prompt_gold)."""
@@ -587,7 +599,8 @@ def score_checkpoints(found, greedy_answers, sampled_answers):
             summary |= (paired_difference(values[0], baseline[0], "gold")
                         | paired_difference(values[1], baseline[1], "sampled_gold"))
         results.append(dict(label=label, folder=str(folder), series=series, t=step, **summary,
-                            reward_accuracy=training_reward_accuracy(folder, series, step)))
+                            reward_accuracy=training_reward_accuracy(folder, series, step,
+                                                                     gold)))
         print(f"{label:50s} greedy gold {summary['gold']:.4f} ± {summary['gold_stderr']:.4f}, "
               f"length {summary['length']:.1f} | sampled gold {summary['sampled_gold']:.4f} ± "
               f"{summary['sampled_gold_stderr']:.4f}, length {summary['sampled_length']:.1f}")
@@ -713,7 +726,7 @@ def evaluate_run(run, prompts, args, device):
         return answers(folder, prompts, device, args.max_new_tokens, args.batch_size,
                        args.samples, temperature, gold)
 
-    results, per_prompt = score_checkpoints(found, greedy_answers, sampled_answers)
+    results, per_prompt = score_checkpoints(found, greedy_answers, sampled_answers, args.gold)
     versus = versus_offline(results, per_prompt)
     scorer = Scorer(device)
     on_policy, references = sft_reward_checks(run, sampled_answers, scorer)

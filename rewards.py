@@ -415,11 +415,13 @@ def samples_summary(t, scored, pairs, dropped, gold=None):
     finish_reasons = [reason for rec in scored for reason in rec.get("finish_reasons", [])]
     summary["missing_eos"] = sum(reason == "length" for reason in finish_reasons)
     summary.update(pairs_kept=len(pairs), pairs_dropped=dropped)
-    if gold is None:
+    spec = gold
+    if spec is None:
         gold = gold_scored(scored)
     else:
         gold = [{**record, "gold": values} for record, values in
-                zip(scored, verifier_rewards(load_reward_function(gold), gold, scored))]
+                zip(scored, verifier_rewards(load_reward_function(spec), spec, scored))]
     if gold is not None:
         summary["reward_vs_gold"] = reward_vs_gold(gold)
+        summary["gold"] = spec or "gold"
     return summary, gold

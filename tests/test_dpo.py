@@ -768,9 +768,18 @@ def test_gold_verifier_checks_the_reward_on_the_policys_samples(tiny_model_dir, 
     dpo.main([str(a) for a in ["--iter", "1"] + argv])
     rewards = read_jsonl(run / "iter1" / "rewards.jsonl")
     gold = [{**r, "gold": [-float(len(text)) for text in r["responses"]]} for r in rewards]
-    stats = json.loads((run / "iter1" / "summary.json").read_text())["reward_vs_gold"]
+    summary = json.loads((run / "iter1" / "summary.json").read_text())
+    stats = summary["reward_vs_gold"]
     assert stats == reward_vs_gold(gold) and stats["pairs"] > 0
+    assert summary["gold"] == f"{verifier}:shorter"
     assert "reward vs gold on π_0's samples" in capsys.readouterr().out
+    # the finished iteration again with another --gold: its summary says the new one, and is it
+    policy = (run / "iter1" / "policy" / "model.safetensors").stat().st_mtime_ns
+    dpo.main(["--iter", "1", "--run-dir", str(run), "--gold", f"{verifier}:reward"])
+    summary = json.loads((run / "iter1" / "summary.json").read_text())
+    assert summary["gold"] == f"{verifier}:reward"
+    assert summary["reward_vs_gold"]["accuracy"] == 1.0  # the reward against itself
+    assert (run / "iter1" / "policy" / "model.safetensors").stat().st_mtime_ns == policy
     _, sources = dpo.resolve_settings(["--iter", "2", "--run-dir", str(run)])
     assert sources["gold"] == "config.json"
     with pytest.raises(SystemExit) as exit_info:

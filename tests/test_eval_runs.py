@@ -304,3 +304,37 @@ def test_plots_render_from_synthetic_results(tmp_path):
                row("iterative DPO, BT reward model, t = 2", "online", 2)]
     assert [p.name for p in plot(tmp_path, results, tmp_path)] == ["gold_per_iteration.png",
                                                                    "training_curves.png"]
+
+
+def test_sampled_kl_of_a_copy_of_the_reference(tiny_model_dir, tmp_path, monkeypatch):
+    """KL of π_0's copy from π_0 on its own samples: in fp32 the sampler's log π(y|x) against a
+    forward of π_ref, equal up to rounding; in bf16 both from the same forward, so exactly 0 (the
+    sampler's bf16 numbers would leave a positive floor)."""
+    import eval_runs
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    prompts = [{"id": f"p{i}", "messages": [{"role": "user", "content": f"say {i}"}]}
+               for i in range(3)]
+    zero = (lambda prompts, completions, **columns: [0.0] * len(completions), "zero")
+    cpu = torch.device("cpu")
+    records = eval_runs.answers(copy, prompts, cpu, 8, 0, 2, 1.0, zero)
+    assert all(len(r["logprobs"]) == 2 for r in records)
+    assert abs(eval_runs.Scorer(cpu).sampled_kl(copy, tiny_model_dir, records)) < 1e-5
+    monkeypatch.setattr(eval_runs, "default_dtype", lambda device: torch.bfloat16)
+    assert eval_runs.Scorer(cpu).sampled_kl(copy, tiny_model_dir, records) == 0.0
+
+
+def test_reward_accuracy_only_against_the_same_gold(tmp_path):
+    """An online iteration's "reward acc." is its summary's, where that summary compared the reward
+    with the gold this evaluation grades with (an older summary names none: the built-in r*)."""
+    from eval_runs import training_reward_accuracy
+    policy = tmp_path / "online" / "iter1" / "policy"
+    policy.mkdir(parents=True)
+    summary = dict(reward_vs_gold=dict(accuracy=0.75, pairs=8))
+    (policy.parent / "summary.json").write_text(json.dumps(summary))
+    assert training_reward_accuracy(policy, "online", 1) == 0.75
+    assert training_reward_accuracy(policy, "online", 1, "v.py:f") is None
+    (policy.parent / "summary.json").write_text(json.dumps(summary | dict(gold="v.py:f")))
+    assert training_reward_accuracy(policy, "online", 1, "v.py:f") == 0.75
+    assert training_reward_accuracy(policy, "online", 1) is None
+    assert training_reward_accuracy(policy, "online_gold", 1, "v.py:f") is None

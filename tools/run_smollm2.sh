@@ -83,5 +83,5 @@ echo "== evaluation with the verifier on $EVAL_PROMPTS held-out prompts ($SECOND
 summary=(); [ ${#runs[@]} -gt 1 ] && summary=(--summary runs/smollm2-seeds.md)
 OMP_NUM_THREADS=$((OMP_NUM_THREADS * 2)) python eval_runs.py --run "${runs[@]}" \
     --prompts "${runs[0]}/data/prompts_eval.jsonl" --gold $VERIFIER --max-new-tokens 32 --samples $EVAL_SAMPLES \
-    "${summary[@]}"
+    ${summary[@]+"${summary[@]}"}
 echo "== done in $SECONDS s"
