@@ -31,7 +31,9 @@ gold differs (data.task.reward_vs_gold); the BT model's reward–length correlat
 length-bias statistic); the judge's preference for length. Over-optimisation (Gao et al. 2023's
 "proxy vs gold"): per online run and iteration, the reward model's mean reward of the policy's
 samples, their gold, and the KL to π_0 (over_optimisation.png). Answers are kept in each
-checkpoint's folder (eval_samples_T{temperature}.jsonl), so a rerun only evaluates what is new.
+checkpoint's folder (eval_samples_T{temperature}.jsonl), so a rerun only evaluates what is new;
+`--prepare NAME ...` only writes those answers, for the checkpoints under the run's folders NAME
+(a workflow answers with what it has finished while the rest still trains; tools/run_smollm2.sh).
 """
 import argparse
 import itertools
@@ -258,7 +260,16 @@ class Scorer:
         key = (str(rm), str(policy))
         if key not in self.scores:
             model, tokenizer = self.model(rm, head="score")
-            self.scores[key] = score_records(model, tokenizer, records, self.device, 256, 1024)
+            # one answer at a time, in batches of about the same length (less padding)
+            single = [((i, j), {**record, "responses": [text]})
+                      for i, record in enumerate(records)
+                      for j, text in enumerate(record["responses"])]
+            single.sort(key=lambda item: len(str(item[1]["prompt"])) + len(item[1]["responses"][0]))
+            scored = score_records(model, tokenizer, [r for _, r in single], self.device, 32, 1024)
+            rewards = [[None] * len(record["responses"]) for record in records]
+            for ((i, j), _), record in zip(single, scored):
+                rewards[i][j] = record["rewards"][0]
+            self.scores[key] = [{**record, "rewards": own} for record, own in zip(records, rewards)]
         return self.scores[key]
 
     @torch.no_grad()
@@ -709,8 +720,10 @@ def results_markdown(results, prompt_count, args, versus, references, rms, corre
     return lines
 
 
-def evaluate_run(run, prompts, args, device):
-    """Evaluate every checkpoint of one run; write results.md, results.json and the plots."""
+def answer_sets(run, prompts, args, device):
+    """(the run's checkpoints, the prompts they answer (held_out_prompts), greedy_answers(folder),
+    sampled_answers(folder, temperature)): the answers every table is made of, cached in each
+    checkpoint's folder (`answers`)."""
     found = checkpoints(run)
     if not found:
         raise InputError(f"{run}: no checkpoints (sft/, dpo_offline/, online*/iter*/policy/, "
@@ -726,6 +739,24 @@ def evaluate_run(run, prompts, args, device):
         return answers(folder, prompts, device, args.max_new_tokens, args.batch_size,
                        args.samples, temperature, gold)
 
+    return found, prompts, greedy_answers, sampled_answers
+
+
+def prepare_answers(run, names, prompts, args, device):
+    """--prepare: the answers of the checkpoints under the run's folders `names`, and the SFT
+    model's at the cooler temperature too, cached for the evaluation; nothing else."""
+    found, _, greedy_answers, sampled_answers = answer_sets(run, prompts, args, device)
+    for label, folder, _, _ in found:
+        if folder.relative_to(run).parts[0] in names:
+            greedy_answers(folder), sampled_answers(folder)
+            if label == "SFT":
+                sampled_answers(folder, COOLER_TEMPERATURE)
+            print(f"answers of {label} ready ({folder})")
+
+
+def evaluate_run(run, prompts, args, device):
+    """Evaluate every checkpoint of one run; write results.md, results.json and the plots."""
+    found, prompts, greedy_answers, sampled_answers = answer_sets(run, prompts, args, device)
     results, per_prompt = score_checkpoints(found, greedy_answers, sampled_answers, args.gold)
     versus = versus_offline(results, per_prompt)
     scorer = Scorer(device)
@@ -897,14 +928,21 @@ def main(argv=None):
                         help="what grades the answers: a verifier, FILE.py:function or "
                              "package.module:function in TRL's reward-function convention "
                              "(rewards.py); default: the built-in task's gold reward")
+    parser.add_argument("--prepare", nargs="+", metavar="NAME",
+                        help="only answer (and cache) with the checkpoints under these folders of "
+                             "the run (sft, online_gold, ...): an evaluation later uses them")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     args = parser.parse_args(argv)
+    if args.prepare and (len(args.run) > 1 or args.summary):
+        parser.error("--prepare takes one --run and no --summary")
     if args.batch_size and args.samples > args.batch_size:
         parser.error(f"--samples {args.samples} per prompt need --batch-size {args.samples} or "
                      f"more (it is {args.batch_size})")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     prompts = load_records(args.prompts, "prompts")
     runs = [Path(r) for r in args.run]
+    if args.prepare:
+        return prepare_answers(runs[0], set(args.prepare), prompts, args, device)
     evaluations = [evaluate_run(run, prompts, args, device) for run in runs]
     if args.summary:
         text = across_runs(evaluations, runs)

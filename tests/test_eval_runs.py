@@ -338,3 +338,36 @@ def test_reward_accuracy_only_against_the_same_gold(tmp_path):
     assert training_reward_accuracy(policy, "online", 1, "v.py:f") == 0.75
     assert training_reward_accuracy(policy, "online", 1) is None
     assert training_reward_accuracy(policy, "online_gold", 1, "v.py:f") is None
+
+
+def test_prepare_answers_only_named_folders_and_rewards_in_order(tiny_model_dir, tmp_path):
+    """--prepare caches the answers of the named folders' checkpoints only (and SFT's cooler ones),
+    which the evaluation then reads; Scorer.rewards, which scores answers in length order, gives
+    each answer its own reward, as score_records in the records' order does."""
+    import eval_runs
+    from rewards import score_records
+    run = tmp_path / "run"
+    for name in ("sft", "dpo_offline"):
+        shutil.copytree(tiny_model_dir, run / name)
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts, [{"id": f"p{i}", "messages": [{"role": "user", "content": "ab" * i}]}
+                          for i in range(1, 6)])
+    verifier = tmp_path / "v.py"
+    verifier.write_text("def length(completions, **kw):\n"
+                        "    return [len(c[0]['content']) for c in completions]\n")
+    eval_runs.main(["--run", str(run), "--prompts", str(prompts), "--max-new-tokens", "6",
+                    "--samples", "3", "--device", "cpu", "--gold", f"{verifier}:length",
+                    "--prepare", "sft"])
+    assert sorted(p.name for p in (run / "sft").glob("eval_samples_*")) == [
+        "eval_samples_T0.5.jsonl", "eval_samples_T0.jsonl", "eval_samples_T1.jsonl"]
+    assert not list((run / "dpo_offline").glob("eval_samples_*"))
+    records = read_jsonl(run / "sft" / "eval_samples_T1.jsonl")
+    assert all(r["gold"] == [len(t) for t in r["responses"]] for r in records)
+    rm = tmp_path / "rm"
+    shutil.copytree(tiny_model_dir, rm)
+    scorer = eval_runs.Scorer(torch.device("cpu"))
+    model, tokenizer = scorer.model(rm, head="score")
+    expected = score_records(model, tokenizer, records, torch.device("cpu"), 256, 1024)
+    for got, want in zip(scorer.rewards(rm, run / "sft", records), expected):
+        assert got["rewards"] == pytest.approx(want["rewards"], abs=1e-5)
+        assert len(set(want["rewards"])) > 1  # distinct rewards: an order mix-up shows

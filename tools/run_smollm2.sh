@@ -23,6 +23,7 @@ DATA=data/arith
 # core, a BT step ~15 s.
 ITERS=2; PROMPTS=48; N=4; RM_PAIRS=256; RM_EVAL_PAIRS=128; DPO_PAIRS=128; EVAL_PROMPTS=96; EVAL_SAMPLES=2
 VERIFIER=data/arith.py:correct
+EVAL=(--gold $VERIFIER --max-new-tokens 32 --samples $EVAL_SAMPLES)  # + --prompts: the first $EVAL_PROMPTS
 
 echo "== 1. SmolLM2-135M-Instruct and the task ($SECONDS s)"
 if [ ! -f "$MODEL/model.safetensors" ]; then
@@ -46,13 +47,17 @@ one_seed() {
   head -n $RM_EVAL_PAIRS $DATA/pairs_eval.jsonl > "$RUN/data/pairs_eval.jsonl"
   local ONLINE=(--sft "$RUN/sft" --prompts "$RUN/data/prompts_iter{t}.jsonl" --iterations $ITERS --n $N
                 --max-new-tokens 32 --epochs 2 "${DPO[@]}" "${COMMON[@]}")
-  # the lanes take about as long: ~13 and ~15 min on one core each
+  # the reward-model lane takes ~15 min on one core; the verifier lane ~9, then answers the held-out
+  # prompts with its checkpoints (eval_runs.py --prepare) while the other trains
   verifier_lane() {
     echo "== seed $SEED: online iterative DPO, the verifier as reward ($SECONDS s)"
     for t in $(seq $ITERS); do python dpo.py --iter $t --run-dir "$RUN/online_gold" --rm $VERIFIER "${ONLINE[@]}"; done
     echo "== seed $SEED: offline DPO on the reward model's off-policy pairs ($SECONDS s)"
     python dpo.py --model "$RUN/sft" --pairs "$RUN/data/pairs_dpo.jsonl" --out "$RUN/dpo_offline_offpolicy" \
         --epochs 1 "${DPO[@]}" "${COMMON[@]}"
+    echo "== seed $SEED: this lane's checkpoints answer the held-out prompts, for the evaluation ($SECONDS s)"
+    python eval_runs.py --run "$RUN" --prompts "$RUN/data/prompts_eval.jsonl" "${EVAL[@]}" \
+        --prepare sft online_gold dpo_offline_offpolicy
   }
   reward_model_lane() {
     echo "== seed $SEED: a BT reward model from SmolLM2 on the off-policy pairs ($SECONDS s)"
@@ -82,6 +87,6 @@ for seed in $SEEDS; do one_seed "$seed"; runs+=("runs/smollm2-seed$seed"); done
 echo "== evaluation with the verifier on $EVAL_PROMPTS held-out prompts ($SECONDS s)"
 summary=(); [ ${#runs[@]} -gt 1 ] && summary=(--summary runs/smollm2-seeds.md)
 OMP_NUM_THREADS=$((OMP_NUM_THREADS * 2)) python eval_runs.py --run "${runs[@]}" \
-    --prompts "${runs[0]}/data/prompts_eval.jsonl" --gold $VERIFIER --max-new-tokens 32 --samples $EVAL_SAMPLES \
+    --prompts "${runs[0]}/data/prompts_eval.jsonl" "${EVAL[@]}" \
     ${summary[@]+"${summary[@]}"}
 echo "== done in $SECONDS s"
