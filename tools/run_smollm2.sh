@@ -19,8 +19,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 SEEDS=${SEEDS:-0 1 2}
 MODEL=${MODEL:-models/smollm2-135m}
 DATA=data/arith
-# Sized for 3 seeds in ~an hour on 2 cores: a LoRA DPO step of 16 pairs (~100 tokens each) takes ~26 s on one
-# core, a BT step ~15 s.
+# Sized for 3 seeds within an hour on 2 cores (56 min 45 s measured): a LoRA DPO step of 16 pairs (~100 tokens
+# each) takes ~20 s on one core, a BT step ~15 s.
 ITERS=2; PROMPTS=48; N=4; RM_PAIRS=256; RM_EVAL_PAIRS=128; DPO_PAIRS=128; EVAL_PROMPTS=96; EVAL_SAMPLES=2
 VERIFIER=data/arith.py:correct
 EVAL=(--gold $VERIFIER --max-new-tokens 32 --samples $EVAL_SAMPLES)  # + --prompts: the first $EVAL_PROMPTS
