@@ -8,11 +8,13 @@
   4. statistics of scored samples: how a reward relates to length, and an iteration's summary.
 """
 import argparse
+import asyncio
 import copy
 import functools
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import numbers
@@ -129,7 +131,8 @@ def ensemble_scorer(folders, mode, device, batch_size, max_length):
 # Our prompts are conversations, so, as in TRL's conversational format, a prompt is its list of
 # messages and a completion a one-message list [{"role": "assistant", "content": text}], each a
 # copy of its own; `columns` are the prompt records' other fields (an `answer` field of
-# prompts.jsonl, say), one list each, aligned with the completions. Also as TRL passes them:
+# prompts.jsonl, say) and their `id`, one list each, aligned with the completions (TRL passes every
+# dataset column but the prompt). An `async def` function is awaited. Also as TRL passes them:
 # `completion_ids` (the sampled token ids, when the records carry them), `trainer_state` (None:
 # there is no TRL trainer here) and `log_extra` / `log_metric` (accepted and dropped).
 # A value may be any real number (numpy and 0-d tensor scalars too); None counts 0.0, as in TRL's
@@ -236,8 +239,11 @@ def verifier_rewards(function, spec, records, columns=None):
                                    for ids in record["response_ids"]]
     batch.update({name: [copy.deepcopy(fields.get(name)) for _, fields in owners]
                   for name in names})
+    batch.setdefault("id", [record["id"] for record, _ in owners])
     try:
         values = function(**batch)
+        if inspect.isawaitable(values):  # an async def verifier, as TRL's GRPOTrainer awaits it
+            values = asyncio.run(values)
     except Exception as error:
         if len(records) > 1:  # which record? each alone: the first that fails says
             for i in range(len(records)):

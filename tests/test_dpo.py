@@ -741,7 +741,8 @@ def test_verifier_in_trl_convention_scores_an_online_iteration(tiny_model_dir, t
               in zip(call["prompts"], call["completions"], call["answer"], call["level"])]
     assert called == [(p, [{"role": "assistant", "content": text}], a, level)
                       for p, text, a, level in flat]
-    assert all(call["extra"] == ["completion_ids", "log_extra", "log_metric", "trainer_state"]
+    assert all(call["extra"] == ["completion_ids", "id", "log_extra", "log_metric",
+                                 "trainer_state"]
                for call in calls)
     # the pairs: best against worst by the verifier's rewards, as for a reward model
     by_id = {r["id"]: r for r in rewards}
@@ -857,3 +858,10 @@ def test_verifier_values_arguments_and_imports_as_in_trl(tmp_path):
     with pytest.raises(InputError, match="returned 10{400} for a response of record 'a'"):
         verifier_rewards(lambda completions, **kw: [10 ** 400, 0], "big", records)
     assert verifier_rewards(lambda **kw: [np.float64(0.5), 0], "np", records) == [[0.5, 0.0]]
+    # the record's id is a column, as TRL passes every dataset column; an async verifier is awaited
+    assert verifier_rewards(lambda completions, id, **kw: [float(i == "a") for i in id], "id",
+                            records) == [[1.0, 1.0]]
+
+    async def later(completions, **kw):
+        return [float(len(c[0]["content"])) for c in completions]
+    assert verifier_rewards(later, "async", records) == [[2.0, 1.0]]
