@@ -20,7 +20,8 @@ The rows:
             TRL's DPOTrainer on the same pairs, tokenized once by TRL so both sides see the same
             ids, with the same β, batch, lr, AdamW betas and clipping; with and without reference
             log-probs precomputed; with activation checkpointing on both sides (TRL's default:
-            DPOConfig's gradient_checkpointing=True) and off on both (dpo.py's default on a CPU).
+            DPOConfig's gradient_checkpointing=True) and off on both (dpo.py's default on a CPU;
+            ours still recomputes RMSNorm and SwiGLU's product in the backward, model.recomputed).
             The losses of every step must agree (the first is log 2 on both sides; later ones
             follow the two optimisers). TRL is optional: `pip install trl`.
   logprob   rlhf_kernels.logprob.token_logprobs (vocabulary chunks, no logits stored) vs the naive
