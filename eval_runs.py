@@ -97,13 +97,15 @@ def answers(folder, prompts, device, max_new_tokens, batch_size, n, temperature,
     their `gold`: the rewards of --gold's verifier (rewards.verifier_rewards; default the built-in
     task's r*), computed afresh each time, so cached answers are never graded by another one.
     Answers sampled at T = 1 keep each one's summed log-prob log π(y|x) (`logprobs`, the sampler's:
-    Scorer.sampled_kl's first term). `gold`: (function, spec)."""
+    Scorer.sampled_kl's first term). Each record keeps the `max_new_tokens` it was answered with:
+    answers cut at another cap are answered again. `gold`: (function, spec)."""
     cached = folder / f"eval_samples_T{temperature:g}.jsonl"
     # Answers written before the model (a checkpoint trained again with --overwrite) are stale.
     records = None
     if cached.exists() and cached.stat().st_mtime >= (folder / "model.safetensors").stat().st_mtime:
         records = read_jsonl(cached)
-        if ([(r["id"], len(r["responses"])) for r in records] != [(p["id"], n) for p in prompts]
+        if ([(r["id"], len(r["responses"]), r.get("max_new_tokens")) for r in records]
+                != [(p["id"], n, max_new_tokens) for p in prompts]
                 or (temperature == 1 and not all("logprobs" in r for r in records))):
             records = None
     fresh = records is None
@@ -116,6 +118,7 @@ def answers(folder, prompts, device, max_new_tokens, batch_size, n, temperature,
                                    seed=0, logprobs=temperature == 1)
         for record in records:
             record.pop("token_logprobs", None)
+            record["max_new_tokens"] = max_new_tokens
     # the prompts' own fields, not the cache's: an answer corrected since is graded as it is now
     columns = [prompt_columns(prompt) for prompt in prompts]
     for record, rewards in zip(records, verifier_rewards(*gold, records, columns)):

@@ -363,6 +363,13 @@ def test_prepare_answers_only_named_folders_and_rewards_in_order(tiny_model_dir,
     assert not list((run / "dpo_offline").glob("eval_samples_*"))
     records = read_jsonl(run / "sft" / "eval_samples_T1.jsonl")
     assert all(r["gold"] == [len(t) for t in r["responses"]] for r in records)
+    # answers cut at another --max-new-tokens are not graded again: they are answered again
+    zero = (lambda prompts, completions, **columns: [0.0] * len(completions), "zero")
+    shorter = eval_runs.answers(run / "sft", read_jsonl(prompts), torch.device("cpu"), 2, 0, 3,
+                                1.0, zero)
+    assert max(n for r in shorter for n in r["num_tokens"]) <= 2 < max(
+        n for r in records for n in r["num_tokens"])
+    assert read_jsonl(run / "sft" / "eval_samples_T1.jsonl")[0]["max_new_tokens"] == 2
     rm = tmp_path / "rm"
     shutil.copytree(tiny_model_dir, rm)
     scorer = eval_runs.Scorer(torch.device("cpu"))
