@@ -284,11 +284,9 @@ class Scorer:
         π_ref runs; in bf16 the sampler's numbers are not a forward's, whose rounding would not
         cancel in the difference, so π runs too. Batches of answers of about the same length."""
         from losses import sequence_logps
-        models = [self.model(reference)[0]]
+        reference_model, tokenizer = self.model(reference)
         exact = default_dtype(self.device) == torch.float32
-        if not exact:
-            models.append(self.model(policy)[0])
-        tokenizer = self.model(reference)[1]
+        models = [reference_model] if exact else [reference_model, self.model(policy)[0]]
         prompts, responses = [], []
         for record in records:
             ids = response_ids(tokenizer, record)  # as sampled (tokens.response_ids)
@@ -938,6 +936,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.prepare and (len(args.run) > 1 or args.summary):
         parser.error("--prepare takes one --run and no --summary")
+    for name in args.prepare or ():
+        if not (Path(args.run[0]) / name).is_dir():
+            parser.error(f"argument --prepare: no folder {name} in the run {args.run[0]}")
     if args.batch_size and args.samples > args.batch_size:
         parser.error(f"--samples {args.samples} per prompt need --batch-size {args.samples} or "
                      f"more (it is {args.batch_size})")

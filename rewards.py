@@ -403,11 +403,11 @@ def length_bias(records):
     return mean, len(correlations), len(records) - len(correlations)
 
 
-def samples_summary(t, scored, pairs, dropped, gold=None):
+def samples_summary(t, scored, pairs, dropped, gold_spec=None):
     """summary.json of dpo.py's iteration t: the samples' mean reward and length, how many were cut
     at --max-new-tokens without a stop token, pairs kept and dropped (by reason); and how the reward
     agrees with a gold reward on the policy's own samples (data.task.reward_vs_gold): the verifier
-    `gold` (a spec, dpo.py --gold), else on the built-in task its r*. Returns (summary, the
+    `gold_spec` (dpo.py --gold), else on the built-in task its r*. Returns (summary, the
     gold-scored records or None)."""
     all_rewards = [r for rec in scored for r in rec["rewards"]]
     total_chars = sum(len(x) for rec in scored for x in rec["responses"])
@@ -421,13 +421,13 @@ def samples_summary(t, scored, pairs, dropped, gold=None):
     finish_reasons = [reason for rec in scored for reason in rec.get("finish_reasons", [])]
     summary["missing_eos"] = sum(reason == "length" for reason in finish_reasons)
     summary.update(pairs_kept=len(pairs), pairs_dropped=dropped)
-    spec = gold
-    if spec is None:
+    if gold_spec is None:
         gold = gold_scored(scored)
     else:
+        function = load_reward_function(gold_spec)
         gold = [{**record, "gold": values} for record, values in
-                zip(scored, verifier_rewards(load_reward_function(spec), spec, scored))]
+                zip(scored, verifier_rewards(function, gold_spec, scored))]
     if gold is not None:
         summary["reward_vs_gold"] = reward_vs_gold(gold)
-        summary["gold"] = spec or "gold"
+        summary["gold"] = gold_spec or "gold"
     return summary, gold

@@ -37,6 +37,7 @@ STAGES = {
     "osp": (osp.main, ["--model", "m", "--prompts", "p.jsonl", "--out", "out"]),
     "generate": (generate.main, ["--model", "m", "--prompts", "p.jsonl", "--out", "out.jsonl"]),
     "evaluate": (eval_runs.main, ["--run", "out", "--summary", "summary.md"]),
+    "evaluate one run": (eval_runs.main, ["--run", "out"]),
 }
 
 BAD_FLAGS = [  # (stage, flag, value, what the error says)
@@ -116,9 +117,11 @@ BAD_FLAGS = [  # (stage, flag, value, what the error says)
     # a verifier that cannot load (rewards.load_reward_function)
     ("dpo online", "--rm", "verify.py:reward", "verifier: no file verify.py"),
     ("dpo online", "--rm", "data.task:no_such", "data.task has no function no_such"),
+    ("dpo online", "--gold", "verify.py:reward", "verifier: no file verify.py"),
     ("osp", "--gold", "verify.py:reward", "verifier: no file verify.py"),
     ("osp", "--gold", "no_such_module_x:f", "importing no_such_module_x failed"),
     ("evaluate", "--gold", "data.task:score x", "expected FILE.py:function or package.module"),
+    ("evaluate one run", "--prepare", "onlne_gold", "no folder onlne_gold in the run"),
 ]
 
 
